@@ -1,0 +1,202 @@
+"""The extraction driver: plan shards, run them on Ray actors, commit the cache.
+
+The driver never imports ``transformers``: backbones live only in the worker processes,
+which are gone when extraction returns, so a training step in the same process holds no
+backbone in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.util import ActorPool
+from tqdm.auto import tqdm
+
+from extract.backbones import BackboneLoadSpec
+from pipeline.cache import CacheBuilder, CacheRoot, plan_shards
+from pipeline.config import BackboneConfig, ExtractConfig
+from pipeline.errors import UniptError
+
+
+@dataclass
+class ExtractionRequest:
+    key: str
+    key_fields: dict[str, Any]
+    cache_root: CacheRoot
+    examples: pa.Table  # example_id, text, label, split
+    label_names: list[str]
+    load_spec: BackboneLoadSpec
+    backbone: BackboneConfig
+    extract: ExtractConfig
+    backbone_name: str = ""
+
+
+@dataclass
+class ExtractionResult:
+    path: Path
+    cache_hit: bool
+    seconds: float = 0.0
+    examples: int = 0
+    tokens: int = 0
+    bytes_written: int = 0
+    shards_run: int = 0
+    shards_resumed: int = 0
+    workers: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def run_extraction(
+    request: ExtractionRequest, ray_address: str | None = None, progress: bool = True
+) -> ExtractionResult:
+    if request.cache_root.has(request.key):
+        return ExtractionResult(path=request.cache_root.path(request.key), cache_hit=True)
+    if request.examples.num_rows == 0:
+        raise UniptError("the dataset is empty after loading and filtering; nothing to extract")
+
+    t0 = time.perf_counter()
+    started_ray = _ensure_ray(ray_address)
+    try:
+        return _extract(request, progress, t0)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _ensure_ray(address: str | None) -> bool:
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    return True
+
+
+def _worker_layout(setting: int | str) -> tuple[int, dict[str, float], int]:
+    """(worker count, Ray resources per worker, torch threads per worker)."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if setting == "auto":
+        count = gpus if gpus > 0 else 1
+    else:
+        count = int(setting)
+    if gpus > 0:
+        threads = max(1, cpus // max(count, 1))
+        return count, {"num_gpus": 1, "num_cpus": 1}, threads
+    per_worker = max(1, cpus // count)
+    return count, {"num_cpus": per_worker}, per_worker
+
+
+def _extract(request: ExtractionRequest, progress: bool, t0: float) -> ExtractionResult:
+    from extract.worker import ExtractionWorker
+
+    count, resources, threads = _worker_layout(request.extract.workers)
+    remote_worker = ray.remote(**resources)(ExtractionWorker)
+    workers = [remote_worker.remote(request.load_spec, threads) for _ in range(count)]
+    try:
+        description = ray.get(workers[0].describe.remote())
+        layers = _resolve_layers(request.backbone.layers, description["num_hidden_states"])
+        hidden_sizes = {layer: int(description["hidden_sizes"][layer]) for layer in layers}
+
+        examples = request.examples
+        shards = plan_shards(
+            examples.num_rows,
+            request.extract.shard_size,
+            request.backbone.max_length,
+            request.extract.chunk_rows,
+        )
+        builder = CacheBuilder(request.cache_root, request.key)
+        attrs = {
+            "key_fields": request.key_fields,
+            "backbone": {"name": request.backbone_name, **description},
+            "layers": layers,
+            "hidden_sizes": {str(k): v for k, v in hidden_sizes.items()},
+            "dtype": request.extract.dtype,
+            "max_length": request.backbone.max_length,
+            "label_names": request.label_names,
+            "chunk_rows": request.extract.chunk_rows,
+        }
+        builder.create(
+            hidden_sizes,
+            shards[-1].row_base + shards[-1].row_capacity,
+            request.extract.chunk_rows,
+            request.extract.dtype,
+            request.extract.compression_level,
+            attrs,
+        )
+        finished = builder.finished_shards()
+        todo = [s for s in shards if s.shard_id not in finished]
+        texts = examples.column("text").to_pylist()
+        store_path = str(builder.path)
+
+        totals = {"tokens": 0, "bytes": 0, "forward_s": 0.0, "write_s": 0.0}
+        resumed_examples = sum(s.num_examples for s in shards if s.shard_id in finished)
+        bar = tqdm(
+            total=examples.num_rows,
+            initial=resumed_examples,
+            unit="ex",
+            desc="extract",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        pool = ActorPool(workers)
+        jobs = pool.map_unordered(
+            lambda actor, shard: actor.run_shard.remote(
+                store_path,
+                shard,
+                texts[shard.example_start : shard.example_stop],
+                layers,
+                request.backbone.max_length,
+                request.backbone.batch_size,
+                request.extract.dtype,
+            ),
+            todo,
+        )
+        for stats in jobs:
+            for name in totals:
+                totals[name] += stats[name]
+            bar.update(stats["examples"])
+            bar.set_postfix(tokens=totals["tokens"], MB=f"{totals['bytes'] / 2**20:.0f}", refresh=False)
+        bar.close()
+
+        metadata = examples.select(["example_id", "label", "split"])
+        path = builder.commit(
+            shards,
+            metadata,
+            {
+                "extraction": {
+                    "workers": count,
+                    "shards": len(shards),
+                    "forward_s": round(totals["forward_s"], 3),
+                    "write_s": round(totals["write_s"], 3),
+                }
+            },
+        )
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+    return ExtractionResult(
+        path=path,
+        cache_hit=False,
+        seconds=time.perf_counter() - t0,
+        examples=examples.num_rows,
+        tokens=totals["tokens"],
+        bytes_written=totals["bytes"],
+        shards_run=len(todo),
+        shards_resumed=len(finished),
+        workers=count,
+        stats=totals,
+    )
+
+
+def _resolve_layers(layers: str | list[int], num_hidden_states: int) -> list[int]:
+    if layers == "all":
+        return list(range(num_hidden_states))
+    bad = [layer for layer in layers if not 0 <= layer < num_hidden_states]
+    if bad:
+        raise UniptError(
+            f"backbone.layers {bad} out of range: this backbone has hidden states 0..{num_hidden_states - 1}"
+        )
+    return list(layers)

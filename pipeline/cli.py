@@ -1,0 +1,278 @@
+"""The ``unipt`` command line: the one place that wires dataset -> extract -> cache -> train -> record."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import CacheReader, CacheRoot
+from pipeline.config import ExperimentConfig, load_config
+from pipeline.datasets import DatasetTable, load_dataset
+from pipeline.errors import UniptError
+from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
+from pipeline.runs import new_run_id, package_versions, project_commit, write_run_record
+
+
+@dataclass
+class Prepared:
+    """What a config resolves to before any stage runs: the data, the backbone and the cache key."""
+
+    config: ExperimentConfig
+    dataset: DatasetTable
+    backbone: BackboneIdentity
+    key_fields: dict[str, Any]
+    key: str
+    cache_root: CacheRoot
+
+
+def prepare(config: ExperimentConfig) -> Prepared:
+    dataset = load_dataset(config.dataset)
+    backbone = backbone_identity(config.backbone)
+    fields = cache_key_fields(dataset.fingerprint, backbone, config.backbone, config.extract)
+    return Prepared(
+        config, dataset, backbone, fields, cache_key(fields), CacheRoot(config.storage.cache_root)
+    )
+
+
+def _say(message: str) -> None:
+    print(f"unipt: {message}", file=sys.stderr, flush=True)
+
+
+def do_extract(prep: Prepared, ray_address: str | None, progress: bool):
+    # Imported here so `unipt train` never loads the extraction stack.
+    from extract.backbones import BackboneLoadSpec
+    from extract.runner import ExtractionRequest, run_extraction
+
+    if prep.cache_root.has(prep.key):
+        _say(f"cache hit {prep.key}: reusing {prep.cache_root.path(prep.key)} (no backbone forward pass)")
+    else:
+        counts = prep.dataset.split_counts()
+        _say(
+            f"cache miss {prep.key}: extracting {len(prep.dataset)} examples "
+            f"(train {counts['train']}, val {counts['val']}, test {counts['test']}) "
+            f"with {prep.config.backbone.name_or_path}"
+        )
+    load_target = prep.backbone.local_dir
+    request = ExtractionRequest(
+        key=prep.key,
+        key_fields=prep.key_fields,
+        cache_root=prep.cache_root,
+        examples=prep.dataset.table,
+        label_names=prep.dataset.label_names,
+        load_spec=BackboneLoadSpec(load_target, None, prep.config.backbone.trust_remote_code),
+        backbone=prep.config.backbone,
+        extract=prep.config.extract,
+        backbone_name=prep.config.backbone.name_or_path,
+    )
+    result = run_extraction(request, ray_address=ray_address, progress=progress)
+    if not result.cache_hit:
+        resumed = f", {result.shards_resumed} shards resumed" if result.shards_resumed else ""
+        _say(
+            f"extracted {result.examples} examples, {result.tokens} tokens in {result.seconds:.1f}s "
+            f"on {result.workers} worker(s){resumed} -> {result.path}"
+        )
+    return result
+
+
+def do_train(prep: Prepared, progress: bool) -> dict[str, Any]:
+    from train.loop import train_classifier
+    from train.probe import linear_probe
+
+    reader = CacheReader(
+        prep.cache_root.path(prep.key),
+        expect={"dataset_fingerprint": prep.dataset.fingerprint, "backbone": prep.key_fields["backbone"]},
+    )
+    result = train_classifier(reader, prep.config.train, prep.config.seed, progress=progress)
+    metrics = dict(result.metrics)
+    if prep.config.train.linear_probe:
+        metrics.update(linear_probe(reader, prep.config.seed))
+    return {
+        "metrics": metrics,
+        "history": result.history,
+        "layer_weights": result.layer_weights,
+        "cache_bytes": reader.nbytes_on_disk(),
+    }
+
+
+def _record(prep: Prepared, trained: dict[str, Any], cache_hit: bool, timings: dict[str, float]) -> Path:
+    identity = {"config": prep.config.model_dump(mode="json"), "cache_key": prep.key}
+    record = {
+        "run_id": new_run_id(identity),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": prep.config.model_dump(mode="json"),
+        "seed": prep.config.seed,
+        "dataset": {
+            "source": prep.dataset.source,
+            "fingerprint": prep.dataset.fingerprint,
+            "num_examples": len(prep.dataset),
+            "splits": prep.dataset.split_counts(),
+            "label_names": prep.dataset.label_names,
+        },
+        "cache": {
+            "key": prep.key,
+            "key_fields": prep.key_fields,
+            "path": str(prep.cache_root.path(prep.key)),
+            "hit": cache_hit,
+            "bytes_on_disk": trained["cache_bytes"],
+        },
+        "metrics": trained["metrics"],
+        "history": trained["history"],
+        "layer_weights": trained["layer_weights"],
+        "timings": timings,
+        "versions": package_versions(),
+        "project_commit": project_commit(),
+    }
+    return write_run_record(prep.config.storage.runs_root, record)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    prep = prepare(_load(args))
+    extraction = do_extract(prep, args.ray_address, not args.no_progress)
+    t1 = time.perf_counter()
+    trained = do_train(prep, not args.no_progress)
+    timings = {
+        "extract_s": round(extraction.seconds, 3),
+        "train_s": round(time.perf_counter() - t1, 3),
+        "total_s": round(time.perf_counter() - t0, 3),
+    }
+    run_dir = _record(prep, trained, extraction.cache_hit, timings)
+    _summary(trained, extraction.cache_hit, timings, run_dir)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    prep = prepare(_load(args))
+    do_extract(prep, args.ray_address, not args.no_progress)
+    print(prep.cache_root.path(prep.key))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    prep = prepare(_load(args))
+    if not prep.cache_root.has(prep.key):
+        raise UniptError(
+            f"no cache {prep.key} for this config under {prep.cache_root.root}; "
+            f"run `unipt extract {args.config}` first (or `unipt run`)"
+        )
+    _say(f"cache hit {prep.key}: training from {prep.cache_root.path(prep.key)} (no backbone forward pass)")
+    trained = do_train(prep, not args.no_progress)
+    timings = {
+        "extract_s": 0.0,
+        "train_s": round(time.perf_counter() - t0, 3),
+        "total_s": round(time.perf_counter() - t0, 3),
+    }
+    run_dir = _record(prep, trained, True, timings)
+    _summary(trained, True, timings, run_dir)
+    return 0
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    root = CacheRoot(args.cache_root or ".unipt/cache")
+    for key in root.keys():
+        reader = CacheReader(root.path(key))
+        print(
+            f"{key}  {reader.attrs.get('backbone', {}).get('name', '?'):<28} "
+            f"{reader.num_examples:>7} ex  {reader.attrs.get('total_tokens', 0):>9} tok  "
+            f"{_human_bytes(reader.nbytes_on_disk()):>9}"
+        )
+    return 0
+
+
+def _summary(trained: dict[str, Any], cache_hit: bool, timings: dict[str, float], run_dir: Path) -> None:
+    m = trained["metrics"]
+    probe = f" (linear probe {m['probe_test_acc']:.4f})" if "probe_test_acc" in m else ""
+    print(
+        f"test_acc {m['test_acc']:.4f}{probe} | val_acc {m['val_acc']:.4f} | "
+        f"extract {timings['extract_s']:.1f}s ({'cache hit' if cache_hit else 'cache miss'}) | "
+        f"train {m['train_seconds']:.1f}s ({m['seconds_per_epoch']:.1f}s/epoch) | "
+        f"cache {_human_bytes(trained['cache_bytes'])} | run {run_dir}",
+        flush=True,
+    )
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _load(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = list(args.set or [])
+    if args.cache_root:
+        overrides.append(f"storage.cache_root={args.cache_root}")
+    if args.runs_root:
+        overrides.append(f"storage.runs_root={args.runs_root}")
+    return load_config(args.config, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unipt",
+        description=(
+            "UniPT from activation caches: extract a frozen backbone's hidden states once "
+            "(Ray -> Zarr), then tune UniPT on them as often as you like, with no backbone in memory."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def experiment(name: str, help_text: str, handler) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", help="experiment YAML, e.g. configs/rt_minilm.yaml")
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+        )
+        p.add_argument("--cache-root", help="directory of activation caches (default: storage.cache_root)")
+        p.add_argument("--runs-root", help="directory of run records (default: storage.runs_root)")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        p.set_defaults(handler=handler)
+        return p
+
+    run = experiment(
+        "run", "extract (or reuse) the cache, train UniPT on it, and write a run record", cmd_run
+    )
+    run.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    ext = experiment(
+        "extract",
+        "build the activation cache for a config (a no-op if it exists); prints its path",
+        cmd_extract,
+    )
+    ext.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    experiment("train", "train UniPT from an existing cache; never loads the backbone", cmd_train)
+
+    cache = sub.add_parser("cache", help="inspect activation caches", description="inspect activation caches")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    ls = cache_sub.add_parser("ls", help="list committed caches")
+    ls.add_argument("--cache-root", help="directory of activation caches (default: .unipt/cache)")
+    ls.set_defaults(handler=cmd_cache_ls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UniptError as exc:
+        print(f"unipt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "unipt: interrupted; finished shards are kept and the next run resumes from them", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Experiment configuration: a validated YAML file plus ``--set key=value`` overrides.
+
+Unknown keys and wrong types are errors (``extra="forbid"``): a typo in a config must never
+silently fall back to a default and produce a different experiment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import UniptError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(_Strict):
+    """How examples are assigned to train/val/test when the data has no split column."""
+
+    train: float = Field(0.8, gt=0, lt=1)
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+    group_column: str | None = Field(
+        None, description="Examples sharing this column's value land in one split (e.g. movie)."
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {total:.4f}")
+        return self
+
+
+class DatasetConfig(_Strict):
+    source: str = Field(
+        ..., description="'bundled:rotten_tomatoes', 'bundled:bbc_news', or a .csv/.jsonl/.parquet path"
+    )
+    text_column: str = "text"
+    label_column: str = "label"
+    id_column: str | None = None
+    split_column: str | None = Field(None, description="Column holding train/val/test; else `split` is used.")
+    split: SplitConfig = SplitConfig()
+    limit: int | None = Field(
+        None, gt=0, description="Keep this many examples (a seeded sample) for quick runs."
+    )
+
+
+class BackboneConfig(_Strict):
+    name_or_path: str = Field(..., description="'bundled:all-minilm-l6-v2', a local HF folder, or a hub id")
+    revision: str | None = None
+    layers: Literal["all"] | list[int] = "all"
+    max_length: int = Field(128, gt=1, le=8192)
+    batch_size: int = Field(64, gt=0)
+    trust_remote_code: bool = False
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_sorted_unique(cls, layers: Literal["all"] | list[int]) -> Literal["all"] | list[int]:
+        if layers != "all":
+            if not layers:
+                raise ValueError("layers must be 'all' or a non-empty list of hidden-state indices")
+            if sorted(set(layers)) != list(layers):
+                raise ValueError("layers must be sorted and unique, e.g. [0, 3, 6]")
+        return layers
+
+
+class ExtractConfig(_Strict):
+    workers: int | Literal["auto"] = Field(
+        "auto", description="Ray actors; 'auto' = one per GPU, or one CPU worker using all cores."
+    )
+    shard_size: int = Field(512, gt=0, description="Examples per shard (the unit of work and of resume).")
+    dtype: Literal["float16", "float32"] = "float16"
+    chunk_rows: int = Field(4096, gt=0, description="Token rows per Zarr chunk.")
+    compression_level: int = Field(3, ge=0, le=9)
+
+
+class TrainConfig(_Strict):
+    embed_size: int | None = Field(None, gt=0, description="UniPT output width; default = backbone width.")
+    downsample_factor: int = Field(2, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    block_examples: int = Field(256, gt=0, description="Examples read per cache block (shuffle unit).")
+    shuffle_buffer_blocks: int = Field(4, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    linear_probe: bool = Field(True, description="Also fit the last-layer linear-probe baseline.")
+
+
+class StorageConfig(_Strict):
+    cache_root: str = ".unipt/cache"
+    runs_root: str = ".unipt/runs"
+
+
+class ExperimentConfig(_Strict):
+    name: str
+    seed: int = 0
+    dataset: DatasetConfig
+    backbone: BackboneConfig
+    extract: ExtractConfig = ExtractConfig()
+    train: TrainConfig = TrainConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.epochs=3`` -> (['train', 'epochs'], 3); the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UniptError(f"override {text!r} is not KEY=VALUE; write it like --set train.epochs=3")
+    return key.split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UniptError(f"override {text!r}: {part!r} is not a section of the config")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UniptError(f"config file {path} not found; pass a YAML file such as configs/rt_minilm.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UniptError(f"config {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(raw, dict):
+        raise UniptError(f"config {path} must be a mapping of sections (dataset, backbone, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UniptError(f"config {path}: {_describe(exc)}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = "unknown key (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)

@@ -1,0 +1,266 @@
+"""Load a dataset into one normalized table and give it a content fingerprint.
+
+Every source (bundled dataset, CSV, JSONL, Parquet) becomes a pyarrow table with columns
+``example_id, text, label, split``, sorted by split then id. The fingerprint hashes that
+table's content, so it does not depend on file order or format, and it covers the split
+assignment: training on a cache built from another version of the data is impossible
+without the fingerprint (and so the cache key) changing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from pipeline.bundled import bundled_data_path, is_bundled
+from pipeline.config import DatasetConfig
+from pipeline.errors import UniptError
+from pipeline.hashing import canonical_json
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+}
+
+
+@dataclass(frozen=True)
+class DatasetTable:
+    """A normalized dataset: ``table`` columns are example_id, text, label (int), split."""
+
+    table: pa.Table
+    label_names: list[str]
+    fingerprint: str
+    source: str
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def split_counts(self) -> dict[str, int]:
+        counts = Counter(self.table.column("split").to_pylist())
+        return {split: counts.get(split, 0) for split in SPLITS}
+
+
+@dataclass
+class _RawExamples:
+    texts: list[str]
+    labels: list[str]
+    ids: list[str] | None = None
+    groups: list[str] | None = None
+    splits: list[str] | None = None
+
+
+def load_dataset(config: DatasetConfig) -> DatasetTable:
+    raw = _read_source(config)
+    return normalize(raw, config)
+
+
+def _read_source(config: DatasetConfig) -> _RawExamples:
+    if is_bundled(config.source):
+        name = config.source.removeprefix("bundled:")
+        if name == "rotten_tomatoes":
+            return _rotten_tomatoes(bundled_data_path(config.source))
+        if name == "bbc_news":
+            return _bbc_news(bundled_data_path(config.source))
+        raise UniptError(
+            f"bundled dataset {config.source!r} is not a text dataset; use rotten_tomatoes or bbc_news"
+        )
+    return _read_table_file(Path(config.source), config)
+
+
+def _rotten_tomatoes(path: Path) -> _RawExamples:
+    table = pa_csv.read_csv(path)
+    # The corpus mixes critics' snippets (fresh/rotten) with plot summaries; only snippets are labelled.
+    table = table.filter(pc.not_equal(table.column("category"), "plot"))
+    return _RawExamples(
+        texts=table.column("text").to_pylist(),
+        labels=table.column("category").to_pylist(),
+        groups=table.column("movie_name").to_pylist(),
+    )
+
+
+def _bbc_news(root: Path) -> _RawExamples:
+    texts, labels, ids = [], [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for file in sorted(class_dir.glob("*.txt")):
+            data = file.read_bytes()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = data.decode("latin-1")  # a few BBC articles are Windows-1252/latin-1 encoded
+            texts.append(text)
+            labels.append(class_dir.name)
+            ids.append(f"{class_dir.name}/{file.stem}")
+    return _RawExamples(texts=texts, labels=labels, ids=ids)
+
+
+def _read_table_file(path: Path, config: DatasetConfig) -> _RawExamples:
+    if not path.is_file():
+        raise UniptError(
+            f"dataset file {path} not found; set dataset.source to an existing .csv/.jsonl/.parquet"
+        )
+    suffixes = "".join(path.suffixes).lower()
+    try:
+        if ".parquet" in suffixes:
+            table = pq.read_table(path)
+        elif ".jsonl" in suffixes or ".json" in suffixes:
+            table = pa_json.read_json(path)
+        elif ".csv" in suffixes or ".tsv" in suffixes:
+            delimiter = "\t" if ".tsv" in suffixes else ","
+            table = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
+        else:
+            raise UniptError(f"dataset file {path} has an unknown format; use .csv, .tsv, .jsonl or .parquet")
+    except pa.ArrowInvalid as exc:
+        message = str(exc).splitlines()[0]
+        if "UTF8" in message or "utf8" in message.lower():
+            raise UniptError(
+                f"dataset file {path} is not valid UTF-8 ({message}); re-encode it as UTF-8"
+            ) from exc
+        raise UniptError(f"dataset file {path} could not be parsed: {message}") from exc
+
+    def column(name: str | None, setting: str) -> list | None:
+        if name is None:
+            return None
+        if name not in table.column_names:
+            raise UniptError(
+                f"column {name!r} not found in {path} (columns: {', '.join(table.column_names)}); "
+                f"set dataset.{setting}"
+            )
+        return table.column(name).to_pylist()
+
+    return _RawExamples(
+        texts=column(config.text_column, "text_column"),
+        labels=column(config.label_column, "label_column"),
+        ids=column(config.id_column, "id_column"),
+        groups=column(config.split.group_column, "split.group_column"),
+        splits=column(config.split_column, "split_column"),
+    )
+
+
+def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
+    if not raw.texts:
+        raise UniptError(f"dataset {config.source} has no examples; check the file and any filters")
+    texts = [_clean_text(text, index) for index, text in enumerate(raw.texts)]
+    labels = [_clean_label(label, index) for index, label in enumerate(raw.labels)]
+    label_names = sorted(set(labels), key=_natural_key)
+    if len(label_names) < 2:
+        raise UniptError(
+            f"dataset {config.source} has a single label {label_names}; classification needs two or more"
+        )
+    ids = [str(i) for i in raw.ids] if raw.ids is not None else _content_ids(texts, labels)
+    duplicates = [i for i, n in Counter(ids).items() if n > 1]
+    if duplicates:
+        raise UniptError(
+            f"dataset {config.source}: id {duplicates[0]!r} appears more than once; ids must be unique"
+        )
+
+    if raw.splits is not None:
+        splits = [_clean_split(split, index) for index, split in enumerate(raw.splits)]
+    else:
+        groups = raw.groups if raw.groups is not None else ids
+        splits = [_assign_split(str(group), config) for group in groups]
+
+    label_index = {name: i for i, name in enumerate(label_names)}
+    rows = sorted(zip(splits, ids, texts, labels, strict=True), key=lambda r: (SPLITS.index(r[0]), r[1]))
+    if config.limit is not None and config.limit < len(rows):
+        rows = _seeded_sample(rows, config.limit, config.split.seed)
+
+    fingerprint = _fingerprint(rows, label_names)
+    table = pa.table(
+        {
+            "example_id": pa.array([r[1] for r in rows], pa.string()),
+            "text": pa.array([r[2] for r in rows], pa.string()),
+            "label": pa.array([label_index[r[3]] for r in rows], pa.int64()),
+            "split": pa.array([r[0] for r in rows], pa.string()),
+        }
+    )
+    return DatasetTable(table=table, label_names=label_names, fingerprint=fingerprint, source=config.source)
+
+
+def _clean_text(text: object, index: int) -> str:
+    if text is None or not isinstance(text, str):
+        raise UniptError(f"row {index}: text is {text!r}, not a string; fill or drop rows without text")
+    text = unicodedata.normalize("NFC", text).strip()
+    if not text:
+        raise UniptError(f"row {index}: text is empty; drop empty rows from the dataset")
+    return text
+
+
+def _clean_label(label: object, index: int) -> str:
+    if label is None or (isinstance(label, float) and math.isnan(label)):
+        raise UniptError(f"row {index}: label is missing (NaN/null); fill or drop unlabelled rows")
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    return str(label).strip()
+
+
+def _clean_split(split: object, index: int) -> str:
+    name = _SPLIT_ALIASES.get(str(split).strip().lower())
+    if name is None:
+        raise UniptError(f"row {index}: split {split!r} is not one of train/val/test (or validation/dev)")
+    return name
+
+
+def _natural_key(name: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(name))
+    except ValueError:
+        return (1, name)
+
+
+def _unit_hash(*parts: object) -> float:
+    """A deterministic number in [0, 1) for the given parts: same input, same value, any machine."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _assign_split(group: str, config: DatasetConfig) -> str:
+    u = _unit_hash("split", config.split.seed, group)
+    if u < config.split.train:
+        return "train"
+    if u < config.split.train + config.split.val:
+        return "val"
+    return "test"
+
+
+def _content_ids(texts: list[str], labels: list[str]) -> list[str]:
+    """Ids derived from content so they survive reordering; exact duplicates get a suffix."""
+    seen: Counter[str] = Counter()
+    ids = []
+    for text, label in zip(texts, labels, strict=True):
+        base = hashlib.sha256(f"{label}\x1f{text}".encode()).hexdigest()[:16]
+        ids.append(base if seen[base] == 0 else f"{base}-{seen[base]}")
+        seen[base] += 1
+    return ids
+
+
+def _seeded_sample(rows: list[tuple], limit: int, seed: int) -> list[tuple]:
+    ranked = sorted(range(len(rows)), key=lambda i: _unit_hash("sample", seed, rows[i][1]))
+    return [rows[i] for i in sorted(ranked[:limit])]
+
+
+def _fingerprint(rows: list[tuple], label_names: list[str]) -> str:
+    digest = hashlib.sha256()
+    digest.update(
+        canonical_json({"columns": ["split", "example_id", "text", "label"], "labels": label_names}).encode(
+            "utf-8"
+        )
+    )
+    for row in rows:
+        digest.update(canonical_json(list(row)).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()

@@ -1,0 +1,119 @@
+"""Identities that make caches content-addressed: the backbone's and the cache key.
+
+A cache key is the hash of everything that determines the bytes in a cache: the dataset
+fingerprint, the backbone's weights/config/tokenizer hashes, the stored layers, max length,
+dtype, and the cache format version. Change any of them and the key changes; change none and
+the existing cache is reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import FORMAT_VERSION
+from pipeline.bundled import bundled_model_path, is_bundled
+from pipeline.config import BackboneConfig, ExtractConfig
+from pipeline.errors import UniptError
+from pipeline.hashing import sha256_file, sha256_files, sha256_json
+
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "preprocessor_config.json",
+)
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+@dataclass(frozen=True)
+class BackboneIdentity:
+    """What a backbone *is*, independent of where it sits on disk."""
+
+    name: str
+    revision: str | None
+    weights_sha256: str
+    config_sha256: str
+    tokenizer_sha256: str
+    local_dir: str  # where this machine loads it from; not part of the identity hash
+
+    def key_fields(self) -> dict[str, Any]:
+        fields = asdict(self)
+        fields.pop("local_dir")
+        fields.pop("name")  # the same weights under another name or path are the same backbone
+        return fields
+
+
+def resolve_model_dir(config: BackboneConfig) -> Path:
+    """A local folder holding the backbone's files: bundled, a local path, or a hub snapshot."""
+    if is_bundled(config.name_or_path):
+        return bundled_model_path(config.name_or_path)
+    path = Path(config.name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists() or config.name_or_path.startswith((".", "/", "~")):
+        raise UniptError(
+            f"backbone path {config.name_or_path} is not a folder with a config.json and weights"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(config.name_or_path, revision=config.revision, allow_patterns=_HUB_FILES)
+        )
+    except Exception as exc:  # network, auth or missing repo: all mean "cannot get the files"
+        raise UniptError(
+            f"backbone {config.name_or_path!r} is neither a local folder nor reachable on the model hub "
+            f"({type(exc).__name__}); download it and set backbone.name_or_path to its folder"
+        ) from exc
+
+
+def backbone_identity(config: BackboneConfig) -> BackboneIdentity:
+    model_dir = resolve_model_dir(config)
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise UniptError(
+            f"backbone folder {model_dir} has no config.json; is it a Hugging Face model folder?"
+        )
+    weights = sorted({p for pattern in _WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
+    if not weights:
+        raise UniptError(f"backbone folder {model_dir} has no weights (*.safetensors or pytorch_model.bin)")
+    tokenizer = [model_dir / name for name in _TOKENIZER_FILES if (model_dir / name).is_file()]
+    return BackboneIdentity(
+        name=config.name_or_path,
+        revision=config.revision,
+        weights_sha256=sha256_files(weights),
+        config_sha256=sha256_file(config_file),
+        tokenizer_sha256=sha256_files(tokenizer) if tokenizer else "none",
+        local_dir=str(model_dir),
+    )
+
+
+def cache_key_fields(
+    dataset_fingerprint: str,
+    backbone: BackboneIdentity,
+    backbone_config: BackboneConfig,
+    extract_config: ExtractConfig,
+) -> dict[str, Any]:
+    """Everything that determines a cache's bytes; hashed into the key and kept in the store."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset_fingerprint": dataset_fingerprint,
+        "backbone": backbone.key_fields(),
+        "layers": backbone_config.layers,
+        "max_length": backbone_config.max_length,
+        "dtype": extract_config.dtype,
+        "preprocessing": {"truncation": True, "special_tokens": True},
+    }
+
+
+def cache_key(fields: dict[str, Any]) -> str:
+    # 32 hex chars (128 bits) keep directory names short with no realistic collision risk.
+    return sha256_json(fields)[:32]

@@ -1,0 +1,65 @@
+"""Run records: one directory per run holding everything needed to know and redo it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.hashing import sha256_json
+
+RECORD_FILE = "record.json"
+_PACKAGES = ("unipt-cache", "torch", "transformers", "zarr", "ray", "pyarrow", "numpy")
+
+
+def new_run_id(identity: dict[str, Any]) -> str:
+    """Time-ordered and unique: a timestamp, a hash of what was run, and a random suffix."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{sha256_json(identity)[:8]}-{uuid.uuid4().hex[:4]}"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def project_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_run_record(runs_root: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``<runs_root>/<run_id>/record.json`` (atomically) and the resolved config as YAML."""
+    run_dir = Path(runs_root) / record["run_id"]
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(record["config"], sort_keys=False))
+    tmp = run_dir / f".{RECORD_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, run_dir / RECORD_FILE)
+    return run_dir
+
+
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / RECORD_FILE).read_text())

@@ -1,0 +1,1 @@
+"""Train stage: UniPT tuned from activation caches. Never imports a backbone or ``transformers``."""
