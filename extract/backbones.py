@@ -11,17 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from extract.spec import BackboneLoadSpec
+
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class BackboneLoadSpec:
-    """Where and how a worker loads the backbone (a local folder or a hub id)."""
-
-    name_or_path: str
-    revision: str | None = None
-    trust_remote_code: bool = False
-    device: str = "auto"
 
 
 @dataclass

@@ -17,7 +17,7 @@ import ray
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
-from extract.backbones import BackboneLoadSpec
+from extract.spec import BackboneLoadSpec
 from pipeline.cache import CacheBuilder, CacheRoot, plan_shards
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.errors import UniptError

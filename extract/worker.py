@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from extract.backbones import BackboneLoadSpec, HFTextBackbone
+from extract.spec import BackboneLoadSpec
 from pipeline.cache import ShardSpec, write_shard
 
 
@@ -14,6 +14,9 @@ class ExtractionWorker:
     """Wrapped with ``ray.remote`` by the driver; one instance per GPU (or CPU slot)."""
 
     def __init__(self, spec: BackboneLoadSpec, num_threads: int) -> None:
+        # Imported here, in the worker process: the driver that wraps this class stays free of transformers.
+        from extract.backbones import HFTextBackbone
+
         torch.set_num_threads(max(1, num_threads))
         self.backbone = HFTextBackbone(spec)
 

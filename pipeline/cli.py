@@ -45,8 +45,8 @@ def _say(message: str) -> None:
 
 def do_extract(prep: Prepared, ray_address: str | None, progress: bool):
     # Imported here so `unipt train` never loads the extraction stack.
-    from extract.backbones import BackboneLoadSpec
     from extract.runner import ExtractionRequest, run_extraction
+    from extract.spec import BackboneLoadSpec
 
     if prep.cache_root.has(prep.key):
         _say(f"cache hit {prep.key}: reusing {prep.cache_root.path(prep.key)} (no backbone forward pass)")

@@ -201,11 +201,12 @@ def _clean_text(text: object, index: int) -> str:
 
 
 def _clean_label(label: object, index: int) -> str:
-    if label is None or (isinstance(label, float) and math.isnan(label)):
-        raise UniptError(f"row {index}: label is missing (NaN/null); fill or drop unlabelled rows")
     if isinstance(label, float) and label.is_integer():
         label = int(label)
-    return str(label).strip()
+    text = "" if label is None or (isinstance(label, float) and math.isnan(label)) else str(label).strip()
+    if not text:
+        raise UniptError(f"row {index}: label is missing (NaN/null/empty); fill or drop unlabelled rows")
+    return text
 
 
 def _clean_split(split: object, index: int) -> str:

@@ -99,7 +99,7 @@ def train_classifier(
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_sum += float(loss) * len(batch.labels)
+            loss_sum += loss.item() * len(batch.labels)
             seen += len(batch.labels)
         val = evaluate(model, val_data, device, len(reader.label_names)) if len(val_data) else {}
         record = {

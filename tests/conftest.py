@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny random BERT saved like a hub model, a small labelled CSV, a Ray session."""
+
+from __future__ import annotations
+
+import csv
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.bundled import bundled_model_path
+
+POSITIVE = ["great", "wonderful", "superb", "moving", "brilliant", "charming", "funny"]
+NEGATIVE = ["awful", "boring", "dull", "terrible", "weak", "clumsy", "tedious"]
+FILLER = ["the", "film", "movie", "plot", "actors", "story", "was", "is", "a", "and", "very", "quite"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, width-32 BERT with random weights and the real MiniLM tokenizer files."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).eval().save_pretrained(path, safe_serialization=True)
+    source = bundled_model_path("bundled:all-minilm-l6-v2")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, path / name)
+    return path
+
+
+def make_sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.choices(FILLER, k=rng.randint(4, 14)) + rng.choices(
+            POSITIVE if label == "pos" else NEGATIVE, k=rng.randint(1, 3)
+        )
+        rng.shuffle(words)
+        rows.append({"id": f"r{i:04d}", "text": " ".join(words), "label": label})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "sentiment.csv", make_sentiment_rows(240))
+
+
+def write_config(path: Path, dataset_source: str, backbone: str, root: Path, **sections: dict) -> Path:
+    config = {
+        "name": "test",
+        "seed": 0,
+        "dataset": {
+            "source": dataset_source,
+            "id_column": "id",
+            "split": {"train": 0.6, "val": 0.2, "test": 0.2},
+        },
+        "backbone": {"name_or_path": backbone, "max_length": 32, "batch_size": 16},
+        "extract": {"shard_size": 64, "chunk_rows": 256},
+        "train": {"epochs": 12, "batch_size": 16, "lr": 1.0e-2, "block_examples": 32, "linear_probe": True},
+        "storage": {"cache_root": str(root / "cache"), "runs_root": str(root / "runs")},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path) -> Path:
+    return write_config(tmp_path / "tiny.yaml", str(sentiment_csv), str(tiny_bert_dir), tmp_path)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for every in-process extraction test (starting Ray takes seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``unipt`` in a fresh interpreter, as a user would."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"unipt {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result

@@ -1,0 +1,75 @@
+"""Ray extraction with a tiny random BERT: what is cached is exactly what the backbone produced."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from extract.backbones import HFTextBackbone
+from extract.spec import BackboneLoadSpec
+from pipeline.cache import CacheReader, plan_shards
+from pipeline.cli import do_extract, prepare
+from pipeline.config import load_config
+from pipeline.errors import UniptError
+
+
+@pytest.fixture
+def prepared(tiny_config):
+    return prepare(load_config(tiny_config))
+
+
+def test_cache_holds_exactly_what_the_backbone_produced(ray_session, prepared, tiny_bert_dir):
+    result = do_extract(prepared, None, progress=False)
+    assert not result.cache_hit and result.examples == 240
+    reader = CacheReader(result.path)
+    assert reader.layers == [0, 1, 2]  # embeddings + 2 layers
+    assert reader.hidden_sizes == {0: 32, 1: 32, 2: 32}
+    assert reader.attrs["dtype"] == "float16" and reader.attrs["key_fields"] == prepared.key_fields
+
+    backbone = HFTextBackbone(BackboneLoadSpec(str(tiny_bert_dir)))
+    config = prepared.config
+    texts = prepared.dataset.table.column("text").to_pylist()
+    shards = plan_shards(
+        len(texts), config.extract.shard_size, config.backbone.max_length, config.extract.chunk_rows
+    )
+    assert len(shards) == 4
+    for shard in shards:
+        encoded = backbone.encode(
+            texts[shard.example_start : shard.example_stop],
+            reader.layers,
+            config.backbone.max_length,
+            config.backbone.batch_size,
+        )
+        for layer in reader.layers:
+            rows = [reader.read_example(i, layer) for i in range(shard.example_start, shard.example_stop)]
+            np.testing.assert_array_equal(np.concatenate(rows), encoded.layers[layer])  # bit for bit
+
+    # And the cached tokens are the unpadded, single-example forward pass up to fp16 rounding.
+    tokens = backbone.tokenizer(texts[5], return_tensors="pt")
+    with torch.no_grad():
+        states = backbone.model(**tokens, output_hidden_states=True).hidden_states
+    for layer in reader.layers:
+        np.testing.assert_allclose(
+            reader.read_example(5, layer), states[layer][0].numpy(), atol=2e-2, rtol=1e-2
+        )
+
+
+def test_second_extraction_is_a_cache_hit(ray_session, prepared):
+    first = do_extract(prepared, None, progress=False)
+    t0 = time.perf_counter()
+    second = do_extract(prepared, None, progress=False)
+    assert second.cache_hit and second.path == first.path
+    assert time.perf_counter() - t0 < 2.0  # no worker, no backbone load
+
+
+def test_layer_subset_and_out_of_range(ray_session, tiny_config):
+    subset = prepare(load_config(tiny_config, ["backbone.layers=[0, 2]"]))
+    reader = CacheReader(do_extract(subset, None, progress=False).path)
+    assert reader.layers == [0, 2]
+    wrong = prepare(load_config(tiny_config, ["backbone.layers=[0, 7]"]))
+    with pytest.raises(UniptError, match=r"layers \[7\] out of range"):
+        do_extract(wrong, None, progress=False)
+    assert not wrong.cache_root.has(wrong.key)
