@@ -221,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
             "UniPT from activation caches: extract a frozen backbone's hidden states once "
             "(Ray -> Zarr), then tune UniPT on them as often as you like, with no backbone in memory."
         ),
+        epilog=(
+            "examples:\n"
+            "  unipt run configs/rt_minilm.yaml                      # extract if needed, train, record\n"
+            "  unipt run configs/rt_minilm.yaml --set train.epochs=3 # override any config value\n"
+            "  unipt extract configs/rt_minilm.yaml --ray-address auto  # extract on a running Ray cluster\n"
+            "  unipt train configs/rt_minilm.yaml                    # tune again from the cache only\n"
+            "  unipt cache ls                                        # list committed caches"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
