@@ -138,6 +138,8 @@ def train_classifier(
 @torch.no_grad()
 def evaluate(model: UniPTClassifier, data: CacheBatches, device: torch.device, num_classes: int) -> dict:
     model.eval()
+    if len(data) == 0:
+        return {"acc": float("nan"), "f1": float("nan"), "layer_weights": []}
     predictions, labels, weights = [], [], []
     for batch in data.epoch(0):
         logits, layer_weights = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
