@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.exceptions import RayError
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
@@ -62,9 +63,23 @@ def run_extraction(
     started_ray = _ensure_ray(ray_address)
     try:
         return _extract(request, progress, t0)
+    except RayError as exc:
+        raise UniptError(
+            f"extraction failed in a Ray worker: {_root_cause(exc)}; finished shards are kept under "
+            f"{request.cache_root.partial_path(request.key)} and the same command resumes from them"
+        ) from exc
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's one-line message, without Ray's wrapping and traceback."""
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    message = str(cause or exc).strip().splitlines()
+    return f"{type(cause or exc).__name__}: {message[-1] if message else ''}"
 
 
 def _ensure_ray(address: str | None) -> bool:

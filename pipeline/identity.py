@@ -18,7 +18,6 @@ from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_file, sha256_files, sha256_json
 
-_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -82,9 +81,16 @@ def backbone_identity(config: BackboneConfig) -> BackboneIdentity:
         raise UniptError(
             f"backbone folder {model_dir} has no config.json; is it a Hugging Face model folder?"
         )
-    weights = sorted({p for pattern in _WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
+    weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
-        raise UniptError(f"backbone folder {model_dir} has no weights (*.safetensors or pytorch_model.bin)")
+        pickled = sorted(p.name for p in model_dir.glob("*.bin"))
+        if pickled:
+            # Pickled checkpoints can run arbitrary code when loaded; we only load safetensors.
+            raise UniptError(
+                f"backbone folder {model_dir} has only pickled weights ({pickled[0]}); convert them to "
+                "safetensors (model.save_pretrained(dir, safe_serialization=True))"
+            )
+        raise UniptError(f"backbone folder {model_dir} has no *.safetensors weights")
     tokenizer = [model_dir / name for name in _TOKENIZER_FILES if (model_dir / name).is_file()]
     return BackboneIdentity(
         name=config.name_or_path,

@@ -73,3 +73,38 @@ def test_layer_subset_and_out_of_range(ray_session, tiny_config):
     with pytest.raises(UniptError, match=r"layers \[7\] out of range"):
         do_extract(wrong, None, progress=False)
     assert not wrong.cache_root.has(wrong.key)
+
+
+def test_pickle_only_backbone_is_refused_before_any_work(tmp_path, tiny_bert_dir, sentiment_csv):
+    import shutil
+
+    from tests.conftest import write_config
+
+    pickled = tmp_path / "pickled-bert"
+    shutil.copytree(tiny_bert_dir, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    config = write_config(tmp_path / "c.yaml", str(sentiment_csv), str(pickled), tmp_path)
+    with pytest.raises(
+        UniptError, match=r"only pickled weights \(pytorch_model.bin\); convert them to safetensors"
+    ):
+        prepare(load_config(config))
+
+
+def test_worker_failure_is_one_clear_error_and_nothing_is_committed(
+    ray_session, tmp_path, tiny_bert_dir, sentiment_csv
+):
+    import shutil
+
+    from tests.conftest import write_config
+
+    broken = tmp_path / "broken-bert"
+    shutil.copytree(tiny_bert_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download
+    prep = prepare(load_config(write_config(tmp_path / "c.yaml", str(sentiment_csv), str(broken), tmp_path)))
+    with pytest.raises(
+        UniptError, match="extraction failed in a Ray worker: .+; finished shards are kept"
+    ) as info:
+        do_extract(prep, None, progress=False)
+    assert "\n" not in str(info.value)
+    assert not prep.cache_root.has(prep.key) and prep.cache_root.keys() == []
