@@ -65,7 +65,7 @@ def run_extraction(
         return _extract(request, progress, t0)
     except RayError as exc:
         raise UniptError(
-            f"extraction failed in a Ray worker: {_root_cause(exc)}; finished shards are kept under "
+            f"extraction failed in a Ray worker: {_root_cause(exc)}; any finished shards are kept under "
             f"{request.cache_root.partial_path(request.key)} and the same command resumes from them"
         ) from exc
     finally:

@@ -3,38 +3,47 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import run_cli
 
-# Runs a CLI command in-process, then fails if the process ever imported transformers.
+# Runs a CLI command in a fresh interpreter, then fails if that process ever imported a backbone.
 NO_BACKBONE_CHECK = """
 import sys
 from pipeline.cli import main
-rc = main({argv!r})
-loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'extract') and m != 'extract')
-assert rc == 0, rc
-assert not any(m.startswith('transformers') or m == 'extract.backbones' for m in loaded), loaded
+assert main({argv!r}) == 0
+backbone = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers' or m == 'extract.backbones')
+assert not backbone, backbone
 print('NO_BACKBONE_IN_PROCESS')
 """
+
+
+def run_cli_without_backbone(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-c", NO_BACKBONE_CHECK.format(argv=list(args))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NO_BACKBONE_IN_PROCESS" in result.stdout
+    return result
 
 
 def _records(runs_root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(runs_root.glob("*/record.json"))]
 
 
-def test_run_twice_reuses_cache_and_reproduces_metrics(tiny_config, tmp_path):
-    import subprocess
+def _without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history]
 
-    first = subprocess.run(
-        [sys.executable, "-c", NO_BACKBONE_CHECK.format(argv=["run", str(tiny_config), "--no-progress"])],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "NO_BACKBONE_IN_PROCESS" in first.stdout  # extraction ran in Ray workers, not here
+
+def test_run_twice_reuses_cache_and_reproduces_metrics(tiny_config, tmp_path):
+    first = run_cli_without_backbone(
+        "run", str(tiny_config), "--no-progress"
+    )  # extraction ran in Ray workers
     assert "cache miss" in first.stderr and "cache miss" in first.stdout
 
     second = run_cli("run", str(tiny_config), "--no-progress")
@@ -45,9 +54,7 @@ def test_run_twice_reuses_cache_and_reproduces_metrics(tiny_config, tmp_path):
     assert one["cache"]["key"] == two["cache"]["key"]
     assert (one["cache"]["hit"], two["cache"]["hit"]) == (False, True)
     assert one["metrics"]["test_acc"] == two["metrics"]["test_acc"]
-    assert one["history"] == [
-        {**h, "seconds": one["history"][i]["seconds"]} for i, h in enumerate(two["history"])
-    ]
+    assert _without_timing(one["history"]) == _without_timing(two["history"])
     assert one["dataset"]["fingerprint"] == two["dataset"]["fingerprint"]
     for field in ("config", "seed", "metrics", "versions"):
         assert field in one
@@ -59,16 +66,7 @@ def test_run_twice_reuses_cache_and_reproduces_metrics(tiny_config, tmp_path):
 
 def test_train_process_never_imports_the_backbone(tiny_config):
     run_cli("extract", str(tiny_config), "--no-progress")
-    import subprocess
-
-    result = subprocess.run(
-        [sys.executable, "-c", NO_BACKBONE_CHECK.format(argv=["train", str(tiny_config), "--no-progress"])],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "NO_BACKBONE_IN_PROCESS" in result.stdout
+    result = run_cli_without_backbone("train", str(tiny_config), "--no-progress")
     assert "test_acc" in result.stdout
 
 

@@ -103,7 +103,7 @@ def test_worker_failure_is_one_clear_error_and_nothing_is_committed(
     weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download
     prep = prepare(load_config(write_config(tmp_path / "c.yaml", str(sentiment_csv), str(broken), tmp_path)))
     with pytest.raises(
-        UniptError, match="extraction failed in a Ray worker: .+; finished shards are kept"
+        UniptError, match="extraction failed in a Ray worker: .+; any finished shards are kept"
     ) as info:
         do_extract(prep, None, progress=False)
     assert "\n" not in str(info.value)
