@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from extract.spec import BackboneLoadSpec
+from pipeline.bundled import bundled_model_path, is_bundled
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -39,11 +40,14 @@ class HFTextBackbone:
             if spec.device == "auto" and torch.cuda.is_available()
             else ("cpu" if spec.device == "auto" else spec.device)
         )
+        source = (
+            str(bundled_model_path(spec.name_or_path)) if is_bundled(spec.name_or_path) else spec.name_or_path
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(
-            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
         model = AutoModel.from_pretrained(
-            spec.name_or_path,
+            source,
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=True,  # never unpickle weights from a model folder

@@ -132,6 +132,12 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
             "max_length": request.backbone.max_length,
             "label_names": request.label_names,
             "chunk_rows": request.extract.chunk_rows,
+            "layout": {
+                "shard_size": request.extract.shard_size,
+                "chunk_rows": request.extract.chunk_rows,
+                "total_rows": shards[-1].row_base + shards[-1].row_capacity,
+                "compression_level": request.extract.compression_level,
+            },
         }
         builder.create(
             hidden_sizes,

@@ -137,12 +137,16 @@ class CacheBuilder:
         compression_level: int,
         attrs: dict[str, Any],
     ) -> None:
-        """Create the arrays, or keep an existing partial store built for the same key (resume)."""
+        """Create the arrays, or keep an existing partial store with the same key and layout (resume).
+
+        ``attrs["layout"]`` describes how rows are laid out (shard size, chunk rows, ...); those
+        settings are not part of the key, so a partial store laid out differently is discarded.
+        """
         if (self.path / "zarr.json").is_file():
-            existing = zarr.open_group(self.path, mode="r").attrs.get("cache_key")
-            if existing == self.key:
+            existing = zarr.open_group(self.path, mode="r").attrs
+            if existing.get("cache_key") == self.key and existing.get("layout") == attrs.get("layout"):
                 return
-            shutil.rmtree(self.path)  # leftovers under our key's partial name but not ours: unusable
+            shutil.rmtree(self.path)  # an unfinished store we cannot resume: start over
         self.path.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(self.path, mode="w", zarr_format=3)
         for layer, hidden in sorted(hidden_sizes.items()):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.bundled import is_bundled
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.datasets import DatasetTable, load_dataset
@@ -57,14 +58,19 @@ def do_extract(prep: Prepared, ray_address: str | None, progress: bool):
             f"(train {counts['train']}, val {counts['val']}, test {counts['test']}) "
             f"with {prep.config.backbone.name_or_path}"
         )
-    load_target = prep.backbone.local_dir
+    name = prep.config.backbone.name_or_path
+    # Workers may run on other nodes: bundled and hub models are resolved there; local folders go as paths.
+    is_local_folder = not is_bundled(name) and Path(name).expanduser().exists()
+    load_target = prep.backbone.local_dir if is_local_folder else name
     request = ExtractionRequest(
         key=prep.key,
         key_fields=prep.key_fields,
         cache_root=prep.cache_root,
         examples=prep.dataset.table,
         label_names=prep.dataset.label_names,
-        load_spec=BackboneLoadSpec(load_target, None, prep.config.backbone.trust_remote_code),
+        load_spec=BackboneLoadSpec(
+            load_target, prep.config.backbone.revision, prep.config.backbone.trust_remote_code
+        ),
         backbone=prep.config.backbone,
         extract=prep.config.extract,
         backbone_name=prep.config.backbone.name_or_path,

@@ -117,3 +117,16 @@ def test_unknown_layer_is_a_clear_error(tmp_path):
 def test_keys_cannot_escape_the_root(tmp_path):
     with pytest.raises(UniptError, match="not a hex digest"):
         CacheRoot(tmp_path).path("../etc")
+
+
+def test_partial_store_resumes_only_with_the_same_layout(tmp_path):
+    root = CacheRoot(tmp_path)
+    builder = CacheBuilder(root, KEY)
+    layout = {"layout": {"shard_size": 2, "chunk_rows": 8}}
+    builder.create({0: 4}, 16, 8, "float16", 3, layout)
+    shard = plan_shards(2, 2, max_tokens=4, chunk_rows=8)[0]
+    write_shard(builder.path, shard, {0: np.ones((5, 4), np.float16)}, [2, 3])
+    builder.create({0: 4}, 16, 8, "float16", 3, layout)  # same layout: the finished shard is kept
+    assert builder.finished_shards() == {0: [2, 3]}
+    builder.create({0: 4}, 32, 16, "float16", 3, {"layout": {"shard_size": 2, "chunk_rows": 16}})
+    assert builder.finished_shards() == {}  # another layout: start over rather than mix row ranges
