@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 
 from pipeline.bundled import bundled_model_path
+from pipeline.cache import CacheBuilder, CacheRoot, plan_shards, write_shard
 
 POSITIVE = ["great", "wonderful", "superb", "moving", "brilliant", "charming", "funny"]
 NEGATIVE = ["awful", "boring", "dull", "terrible", "weak", "clumsy", "tedious"]
@@ -114,3 +117,51 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"unipt {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+KEY = "ab" * 16
+
+
+def build_cache(
+    root: CacheRoot,
+    lengths: list[int],
+    widths: dict[int, int],
+    shard_size: int = 3,
+    chunk_rows: int = 8,
+    commit: bool = True,
+    splits: list[str] | None = None,
+):
+    """A committed (or, with commit=False, partial) cache of random fp16 tokens; returns them."""
+    rng = np.random.default_rng(0)
+    shards = plan_shards(len(lengths), shard_size, max_tokens=max(lengths), chunk_rows=chunk_rows)
+    builder = CacheBuilder(root, KEY)
+    attrs = {
+        "layers": sorted(widths),
+        "hidden_sizes": {str(k): v for k, v in widths.items()},
+        "label_names": ["a", "b"],
+        "key_fields": {"dataset_fingerprint": "f1"},
+    }
+    total_rows = shards[-1].row_base + shards[-1].row_capacity
+    builder.create(widths, total_rows, chunk_rows, "float16", 3, attrs)
+    tokens = {
+        layer: [rng.standard_normal((n, w)).astype(np.float16) for n in lengths]
+        for layer, w in widths.items()
+    }
+    for shard in shards:
+        part = slice(shard.example_start, shard.example_stop)
+        write_shard(
+            builder.path,
+            shard,
+            {layer: np.concatenate(t[part]) for layer, t in tokens.items()},
+            lengths[part],
+        )
+    examples = pa.table(
+        {
+            "example_id": [str(i) for i in range(len(lengths))],
+            "label": [i % 2 for i in range(len(lengths))],
+            "split": splits or ["train"] * len(lengths),
+        }
+    )
+    if commit:
+        builder.commit(shards, examples, {})
+    return tokens, shards

@@ -8,57 +8,13 @@ import pytest
 
 from pipeline.cache import CacheBuilder, CacheReader, CacheRoot, plan_shards, write_shard
 from pipeline.errors import UniptError
-
-KEY = "ab" * 16
-
-
-def _build(
-    root: CacheRoot,
-    lengths: list[int],
-    widths: dict[int, int],
-    shard_size: int = 3,
-    chunk_rows: int = 8,
-    commit: bool = True,
-):
-    rng = np.random.default_rng(0)
-    shards = plan_shards(len(lengths), shard_size, max_tokens=max(lengths), chunk_rows=chunk_rows)
-    builder = CacheBuilder(root, KEY)
-    attrs = {
-        "layers": sorted(widths),
-        "hidden_sizes": {str(k): v for k, v in widths.items()},
-        "label_names": ["a", "b"],
-        "key_fields": {"dataset_fingerprint": "f1"},
-    }
-    total_rows = shards[-1].row_base + shards[-1].row_capacity
-    builder.create(widths, total_rows, chunk_rows, "float16", 3, attrs)
-    tokens = {
-        layer: [rng.standard_normal((n, w)).astype(np.float16) for n in lengths]
-        for layer, w in widths.items()
-    }
-    for shard in shards:
-        part = slice(shard.example_start, shard.example_stop)
-        write_shard(
-            builder.path,
-            shard,
-            {layer: np.concatenate(t[part]) for layer, t in tokens.items()},
-            lengths[part],
-        )
-    examples = pa.table(
-        {
-            "example_id": [str(i) for i in range(len(lengths))],
-            "label": [i % 2 for i in range(len(lengths))],
-            "split": ["train"] * len(lengths),
-        }
-    )
-    if commit:
-        builder.commit(shards, examples, {})
-    return tokens, shards
+from tests.conftest import KEY, build_cache
 
 
 def test_round_trip_is_exact(tmp_path):
     root = CacheRoot(tmp_path)
     lengths = [5, 1, 9, 3, 7, 2, 8]
-    tokens, _ = _build(root, lengths, {0: 4, 2: 6})
+    tokens, _ = build_cache(root, lengths, {0: 4, 2: 6})
     reader = CacheReader(root.path(KEY))
     assert reader.num_examples == 7 and reader.layers == [0, 2]
     assert reader.attrs["total_tokens"] == sum(lengths)
@@ -81,7 +37,7 @@ def test_shards_start_on_chunk_boundaries():
 
 def test_incomplete_store_is_invisible_and_refused(tmp_path):
     root = CacheRoot(tmp_path)
-    _build(root, [3, 4, 5], {0: 4}, commit=False)
+    build_cache(root, [3, 4, 5], {0: 4}, commit=False)
     assert not root.has(KEY) and root.keys() == []
     with pytest.raises(UniptError, match="incomplete"):
         CacheReader(root.partial_path(KEY))
@@ -91,7 +47,7 @@ def test_incomplete_store_is_invisible_and_refused(tmp_path):
 
 def test_commit_refuses_missing_shards(tmp_path):
     root = CacheRoot(tmp_path)
-    _, shards = _build(root, [3, 4, 5, 6], {0: 4}, shard_size=2, commit=False)
+    _, shards = build_cache(root, [3, 4, 5, 6], {0: 4}, shard_size=2, commit=False)
     (root.partial_path(KEY) / "_shards" / "000001.json").unlink()
     with pytest.raises(UniptError, match=r"shards \[1\] are not written"):
         CacheBuilder(root, KEY).commit(
@@ -101,7 +57,7 @@ def test_commit_refuses_missing_shards(tmp_path):
 
 def test_cache_for_other_data_is_refused(tmp_path):
     root = CacheRoot(tmp_path)
-    _build(root, [3, 4], {0: 4})
+    build_cache(root, [3, 4], {0: 4})
     CacheReader(root.path(KEY), expect={"dataset_fingerprint": "f1"})
     with pytest.raises(UniptError, match="built for another dataset fingerprint"):
         CacheReader(root.path(KEY), expect={"dataset_fingerprint": "f2"})
@@ -109,7 +65,7 @@ def test_cache_for_other_data_is_refused(tmp_path):
 
 def test_unknown_layer_is_a_clear_error(tmp_path):
     root = CacheRoot(tmp_path)
-    _build(root, [3, 4], {0: 4})
+    build_cache(root, [3, 4], {0: 4})
     with pytest.raises(UniptError, match=r"layer 5 is not in cache"):
         CacheReader(root.path(KEY)).read_example(0, 5)
 
