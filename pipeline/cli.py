@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.bundled import is_bundled
 from pipeline.cache import CacheReader, CacheRoot
@@ -17,6 +17,9 @@ from pipeline.datasets import DatasetTable, load_dataset
 from pipeline.errors import UniptError
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
 from pipeline.runs import new_run_id, package_versions, project_commit, write_run_record
+
+if TYPE_CHECKING:
+    from extract.runner import ExtractionResult
 
 
 @dataclass
@@ -44,7 +47,7 @@ def _say(message: str) -> None:
     print(f"unipt: {message}", file=sys.stderr, flush=True)
 
 
-def do_extract(prep: Prepared, ray_address: str | None, progress: bool):
+def do_extract(prep: Prepared, ray_address: str | None, progress: bool) -> ExtractionResult:
     # Imported here so `unipt train` never loads the extraction stack.
     from extract.runner import ExtractionRequest, run_extraction
     from extract.spec import BackboneLoadSpec
@@ -73,7 +76,7 @@ def do_extract(prep: Prepared, ray_address: str | None, progress: bool):
         ),
         backbone=prep.config.backbone,
         extract=prep.config.extract,
-        backbone_name=prep.config.backbone.name_or_path,
+        backbone_name=name,
     )
     result = run_extraction(request, ray_address=ray_address, progress=progress)
     if not result.cache_hit:
@@ -106,11 +109,11 @@ def do_train(prep: Prepared, progress: bool) -> dict[str, Any]:
 
 
 def _record(prep: Prepared, trained: dict[str, Any], cache_hit: bool, timings: dict[str, float]) -> Path:
-    identity = {"config": prep.config.model_dump(mode="json"), "cache_key": prep.key}
+    config = prep.config.model_dump(mode="json")
     record = {
-        "run_id": new_run_id(identity),
+        "run_id": new_run_id({"config": config, "cache_key": prep.key}),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": prep.config.model_dump(mode="json"),
+        "config": config,
         "seed": prep.config.seed,
         "dataset": {
             "source": prep.dataset.source,
@@ -136,20 +139,26 @@ def _record(prep: Prepared, trained: dict[str, Any], cache_hit: bool, timings: d
     return write_run_record(prep.config.storage.runs_root, record)
 
 
+def _train_and_record(
+    prep: Prepared, cache_hit: bool, extract_seconds: float, started: float, progress: bool
+) -> int:
+    train_started = time.perf_counter()
+    trained = do_train(prep, progress)
+    timings = {
+        "extract_s": round(extract_seconds, 3),
+        "train_s": round(time.perf_counter() - train_started, 3),
+        "total_s": round(time.perf_counter() - started, 3),
+    }
+    run_dir = _record(prep, trained, cache_hit, timings)
+    _summary(trained, cache_hit, timings, run_dir)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     prep = prepare(_load(args))
     extraction = do_extract(prep, args.ray_address, not args.no_progress)
-    t1 = time.perf_counter()
-    trained = do_train(prep, not args.no_progress)
-    timings = {
-        "extract_s": round(extraction.seconds, 3),
-        "train_s": round(time.perf_counter() - t1, 3),
-        "total_s": round(time.perf_counter() - t0, 3),
-    }
-    run_dir = _record(prep, trained, extraction.cache_hit, timings)
-    _summary(trained, extraction.cache_hit, timings, run_dir)
-    return 0
+    return _train_and_record(prep, extraction.cache_hit, extraction.seconds, started, not args.no_progress)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -160,7 +169,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     prep = prepare(_load(args))
     if not prep.cache_root.has(prep.key):
         raise UniptError(
@@ -168,15 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"run `unipt extract {args.config}` first (or `unipt run`)"
         )
     _say(f"cache hit {prep.key}: training from {prep.cache_root.path(prep.key)} (no backbone forward pass)")
-    trained = do_train(prep, not args.no_progress)
-    timings = {
-        "extract_s": 0.0,
-        "train_s": round(time.perf_counter() - t0, 3),
-        "total_s": round(time.perf_counter() - t0, 3),
-    }
-    run_dir = _record(prep, trained, True, timings)
-    _summary(trained, True, timings, run_dir)
-    return 0
+    return _train_and_record(prep, True, 0.0, started, not args.no_progress)
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
