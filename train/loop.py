@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from pipeline.cache import CacheReader
 from pipeline.config import TrainConfig
+from pipeline.errors import UniptError
 from train.loader import CacheBatches
 from train.metrics import accuracy, macro_f1
 from train.unipt import UniPTClassifier
@@ -29,7 +30,7 @@ def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise UniptError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     return torch.device(setting)
 
 
@@ -69,7 +70,7 @@ def train_classifier(
 
     train_data, val_data, test_data = batches("train", True), batches("val", False), batches("test", False)
     if len(train_data) == 0:
-        raise RuntimeError("the cache has no training examples")
+        raise UniptError("the cache has no training examples; check the dataset's split settings")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     total_steps = config.epochs * len(train_data)
     warmup = max(1, int(config.warmup_ratio * total_steps))
@@ -77,7 +78,7 @@ def train_classifier(
     loss_fn = nn.CrossEntropyLoss()
 
     history: list[dict[str, float]] = []
-    best_state, best_val, best_epoch = None, -1.0, -1
+    best_state, best_val, best_epoch = None, -math.inf, -1
     t0 = time.perf_counter()
     epochs = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress, dynamic_ncols=True)
     for epoch in epochs:
@@ -120,10 +121,10 @@ def train_classifier(
 
     model.load_state_dict(best_state)
     test = evaluate(model, test_data, device, len(reader.label_names))
-    val = evaluate(model, val_data, device, len(reader.label_names)) if len(val_data) else {}
+    best = history[best_epoch - 1]  # its validation metrics were measured with exactly these weights
     metrics = {
-        "val_acc": val.get("acc", float("nan")),
-        "val_f1": val.get("f1", float("nan")),
+        "val_acc": best.get("val_acc", float("nan")),
+        "val_f1": best.get("val_f1", float("nan")),
         "test_acc": test["acc"],
         "test_f1": test["f1"],
         "best_epoch": best_epoch,

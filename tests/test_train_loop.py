@@ -1,0 +1,38 @@
+"""The training loop on a small synthetic cache: determinism, and a split without validation."""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.cache import CacheReader, CacheRoot
+from pipeline.config import TrainConfig
+from tests.conftest import KEY, build_cache
+from train.loop import train_classifier
+
+LENGTHS = [4, 6, 3, 5, 7, 2, 6, 5, 4, 3, 6, 5]
+
+
+def _reader(tmp_path, splits):
+    build_cache(CacheRoot(tmp_path), LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=5, splits=splits)
+    return CacheReader(CacheRoot(tmp_path).path(KEY))
+
+
+def test_same_seed_same_result(tmp_path):
+    reader = _reader(tmp_path, ["train"] * 8 + ["val"] * 2 + ["test"] * 2)
+    config = TrainConfig(epochs=3, batch_size=4, block_examples=3, embed_size=8)
+    one, two = (train_classifier(reader, config, seed=7, progress=False) for _ in range(2))
+    assert [h["train_loss"] for h in one.history] == [h["train_loss"] for h in two.history]
+    assert one.layer_weights == two.layer_weights
+    assert one.metrics["best_epoch"] == two.metrics["best_epoch"]
+    three = train_classifier(reader, config, seed=8, progress=False)
+    assert [h["train_loss"] for h in three.history] != [h["train_loss"] for h in one.history]
+
+
+def test_without_validation_the_lowest_training_loss_wins(tmp_path):
+    reader = _reader(tmp_path, ["train"] * 10 + ["test"] * 2)
+    result = train_classifier(
+        reader, TrainConfig(epochs=3, batch_size=4, embed_size=8), seed=0, progress=False
+    )
+    losses = [h["train_loss"] for h in result.history]
+    assert result.metrics["best_epoch"] == losses.index(min(losses)) + 1
+    assert math.isnan(result.metrics["val_acc"]) and 0.0 <= result.metrics["test_acc"] <= 1.0
