@@ -131,17 +131,10 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
             "dtype": request.extract.dtype,
             "max_length": request.backbone.max_length,
             "label_names": request.label_names,
-            "chunk_rows": request.extract.chunk_rows,
-            "layout": {
-                "shard_size": request.extract.shard_size,
-                "chunk_rows": request.extract.chunk_rows,
-                "total_rows": shards[-1].row_base + shards[-1].row_capacity,
-                "compression_level": request.extract.compression_level,
-            },
         }
         builder.create(
             hidden_sizes,
-            shards[-1].row_base + shards[-1].row_capacity,
+            shards,
             request.extract.chunk_rows,
             request.extract.dtype,
             request.extract.compression_level,

@@ -42,6 +42,7 @@ from zarr.codecs import BloscCodec
 
 from pipeline import FORMAT_VERSION
 from pipeline.errors import UniptError
+from pipeline.hashing import sha256_json
 
 OFFSETS = "offsets"
 EXAMPLES_FILE = "examples.parquet"
@@ -131,7 +132,7 @@ class CacheBuilder:
     def create(
         self,
         hidden_sizes: dict[int, int],
-        total_rows: int,
+        shards: Sequence[ShardSpec],
         chunk_rows: int,
         dtype: str,
         compression_level: int,
@@ -139,12 +140,19 @@ class CacheBuilder:
     ) -> None:
         """Create the arrays, or keep an existing partial store with the same key and layout (resume).
 
-        ``attrs["layout"]`` describes how rows are laid out (shard size, chunk rows, ...); those
-        settings are not part of the key, so a partial store laid out differently is discarded.
+        The row layout (shard plan, chunk rows, compression) is not part of the cache key, so a
+        partial store laid out differently is discarded rather than mixed with new shards.
         """
+        layout = {
+            "plan_sha256": sha256_json(
+                [[s.example_start, s.example_stop, s.row_base, s.row_capacity] for s in shards]
+            ),
+            "chunk_rows": chunk_rows,
+            "compression_level": compression_level,
+        }
         if (self.path / "zarr.json").is_file():
             existing = zarr.open_group(self.path, mode="r").attrs
-            if existing.get("cache_key") == self.key and existing.get("layout") == attrs.get("layout"):
+            if existing.get("cache_key") == self.key and existing.get("layout") == layout:
                 return
             shutil.rmtree(self.path)  # an unfinished store we cannot resume: start over
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,14 +160,20 @@ class CacheBuilder:
         for layer, hidden in sorted(hidden_sizes.items()):
             group.create_array(
                 name=layer_array_name(layer),
-                shape=(total_rows, hidden),
+                shape=(shards[-1].row_base + shards[-1].row_capacity, hidden),
                 chunks=(chunk_rows, hidden),
                 dtype=_DTYPES[dtype],
                 compressors=[BloscCodec(cname="zstd", clevel=compression_level, shuffle="shuffle")],
                 fill_value=0,
             )
         group.attrs.update(
-            {**attrs, "cache_key": self.key, "format_version": FORMAT_VERSION, "complete": False}
+            {
+                **attrs,
+                "layout": layout,
+                "cache_key": self.key,
+                "format_version": FORMAT_VERSION,
+                "complete": False,
+            }
         )
         (self.path / SHARD_MARKERS).mkdir(exist_ok=True)
 

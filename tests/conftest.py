@@ -141,8 +141,7 @@ def build_cache(
         "label_names": ["a", "b"],
         "key_fields": {"dataset_fingerprint": "f1"},
     }
-    total_rows = shards[-1].row_base + shards[-1].row_capacity
-    builder.create(widths, total_rows, chunk_rows, "float16", 3, attrs)
+    builder.create(widths, shards, chunk_rows, "float16", 3, attrs)
     tokens = {
         layer: [rng.standard_normal((n, w)).astype(np.float16) for n in lengths]
         for layer, w in widths.items()

@@ -78,11 +78,15 @@ def test_keys_cannot_escape_the_root(tmp_path):
 def test_partial_store_resumes_only_with_the_same_layout(tmp_path):
     root = CacheRoot(tmp_path)
     builder = CacheBuilder(root, KEY)
-    layout = {"layout": {"shard_size": 2, "chunk_rows": 8}}
-    builder.create({0: 4}, 16, 8, "float16", 3, layout)
-    shard = plan_shards(2, 2, max_tokens=4, chunk_rows=8)[0]
-    write_shard(builder.path, shard, {0: np.ones((5, 4), np.float16)}, [2, 3])
-    builder.create({0: 4}, 16, 8, "float16", 3, layout)  # same layout: the finished shard is kept
+    shards = plan_shards(4, 2, max_tokens=4, chunk_rows=8)
+    builder.create({0: 4}, shards, 8, "float16", 3, {})
+    write_shard(builder.path, shards[0], {0: np.ones((5, 4), np.float16)}, [2, 3])
+    builder.create({0: 4}, shards, 8, "float16", 3, {})  # same layout: the finished shard is kept
     assert builder.finished_shards() == {0: [2, 3]}
-    builder.create({0: 4}, 32, 16, "float16", 3, {"layout": {"shard_size": 2, "chunk_rows": 16}})
+    other_plan = plan_shards(4, 1, max_tokens=4, chunk_rows=8)  # another shard size
+    builder.create({0: 4}, other_plan, 8, "float16", 3, {})
     assert builder.finished_shards() == {}  # another layout: start over rather than mix row ranges
+    builder.create({0: 4}, other_plan, 8, "float16", 3, {})
+    write_shard(builder.path, other_plan[0], {0: np.ones((2, 4), np.float16)}, [2])
+    builder.create({0: 4}, other_plan, 16, "float16", 3, {})  # another chunk size
+    assert builder.finished_shards() == {}
