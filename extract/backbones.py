@@ -35,11 +35,8 @@ class HFTextBackbone:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        self.device = torch.device(
-            "cuda"
-            if spec.device == "auto" and torch.cuda.is_available()
-            else ("cpu" if spec.device == "auto" else spec.device)
-        )
+        auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto_device if spec.device == "auto" else spec.device)
         source = (
             str(bundled_model_path(spec.name_or_path)) if is_bundled(spec.name_or_path) else spec.name_or_path
         )

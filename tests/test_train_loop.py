@@ -36,3 +36,11 @@ def test_without_validation_the_lowest_training_loss_wins(tmp_path):
     losses = [h["train_loss"] for h in result.history]
     assert result.metrics["best_epoch"] == losses.index(min(losses)) + 1
     assert math.isnan(result.metrics["val_acc"]) and 0.0 <= result.metrics["test_acc"] <= 1.0
+
+
+def test_linear_probe_reports_nan_for_a_missing_split(tmp_path):
+    from train.probe import linear_probe
+
+    reader = _reader(tmp_path, ["train"] * 10 + ["test"] * 2)
+    result = linear_probe(reader)
+    assert math.isnan(result["probe_val_acc"]) and 0.0 <= result["probe_test_acc"] <= 1.0

@@ -17,6 +17,8 @@ def pooled_features(reader: CacheReader, split: str, layer: int) -> tuple[torch.
     for batch in CacheBatches(reader, split, [layer], batch_size=512).epoch(0):
         features.append(masked_mean(batch.hidden[0], batch.mask))
         labels.append(batch.labels)
+    if not features:  # an empty split: no batches, and accuracy on it is NaN
+        return torch.zeros(0, reader.hidden_sizes[layer]), torch.zeros(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
 
 
