@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -19,9 +18,12 @@ from ray.util import ActorPool
 from tqdm.auto import tqdm
 
 from extract.spec import BackboneLoadSpec
-from pipeline.cache import CacheBuilder, CacheRoot, plan_shards
+from pipeline.cache import CacheRoot
+from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_writer import CacheBuilder
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.errors import UniptError
+from pipeline.storage import Location
 
 
 @dataclass
@@ -39,7 +41,7 @@ class ExtractionRequest:
 
 @dataclass
 class ExtractionResult:
-    path: Path
+    path: Location
     cache_hit: bool
     seconds: float = 0.0
     examples: int = 0
@@ -55,9 +57,12 @@ def run_extraction(
     request: ExtractionRequest, ray_address: str | None = None, progress: bool = True
 ) -> ExtractionResult:
     if request.cache_root.has(request.key):
-        return ExtractionResult(path=request.cache_root.path(request.key), cache_hit=True)
+        return ExtractionResult(path=request.cache_root.location(request.key), cache_hit=True)
     if request.examples.num_rows == 0:
         raise UniptError("the dataset is empty after loading and filtering; nothing to extract")
+    published = CacheBuilder(request.cache_root, request.key).publish_if_committed()
+    if published is not None:
+        return ExtractionResult(path=published, cache_hit=True)
 
     t0 = time.perf_counter()
     started_ray = _ensure_ray(ray_address)
@@ -66,7 +71,7 @@ def run_extraction(
     except RayError as exc:
         raise UniptError(
             f"extraction failed in a Ray worker: {_root_cause(exc)}; any finished shards are kept under "
-            f"{request.cache_root.partial_path(request.key)} and the same command resumes from them"
+            f"{request.cache_root.partial_location(request.key)} and the same command resumes from them"
         ) from exc
     finally:
         if started_ray:
@@ -116,34 +121,37 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
         hidden_sizes = {layer: int(description["hidden_sizes"][layer]) for layer in layers}
 
         examples = request.examples
-        shards = plan_shards(
-            examples.num_rows,
-            request.extract.shard_size,
-            request.backbone.max_length,
-            request.extract.chunk_rows,
+        ext = request.extract
+        layout = StoreLayout(
+            layers=tuple(LayerSpec(layer, hidden_sizes[layer]) for layer in layers),
+            num_examples=examples.num_rows,
+            max_length=request.backbone.max_length,
+            shard_size=ext.shard_size,
+            chunk_rows=ext.chunk_rows,
+            dtype=ext.dtype,
+            codec=ext.codec,
+            shuffle=ext.shuffle,
+            compression_level=ext.compression_level,
+            chunks_per_file=ext.chunks_per_file,
         )
+        shards = layout.shards()
         builder = CacheBuilder(request.cache_root, request.key)
+        fields = request.key_fields
         attrs = {
-            "key_fields": request.key_fields,
-            "backbone": {"name": request.backbone_name, **description},
-            "layers": layers,
-            "hidden_sizes": {str(k): v for k, v in hidden_sizes.items()},
-            "dtype": request.extract.dtype,
-            "max_length": request.backbone.max_length,
+            "key_fields": fields,
+            "dataset_fingerprint": fields["dataset_fingerprint"],
+            "backbone": {"name": request.backbone_name, **fields["backbone"], **description},
+            "tokenizer": {
+                "class": description.get("tokenizer"),
+                "sha256": fields["backbone"].get("tokenizer_sha256"),
+            },
             "label_names": request.label_names,
         }
-        builder.create(
-            hidden_sizes,
-            shards,
-            request.extract.chunk_rows,
-            request.extract.dtype,
-            request.extract.compression_level,
-            attrs,
-        )
+        builder.create(layout, attrs)
         finished = builder.finished_shards()
         todo = [s for s in shards if s.shard_id not in finished]
         texts = examples.column("text").to_pylist()
-        store_path = str(builder.path)
+        location = builder.location
 
         totals = {"tokens": 0, "bytes": 0, "forward_s": 0.0, "write_s": 0.0}
         resumed_examples = sum(s.num_examples for s in shards if s.shard_id in finished)
@@ -158,13 +166,11 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
         pool = ActorPool(workers)
         jobs = pool.map_unordered(
             lambda actor, shard: actor.run_shard.remote(
-                store_path,
+                location,
+                layout,
                 shard,
                 texts[shard.example_start : shard.example_stop],
-                layers,
-                request.backbone.max_length,
                 request.backbone.batch_size,
-                request.extract.dtype,
             ),
             todo,
         )
@@ -177,7 +183,7 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
 
         metadata = examples.select(["example_id", "label", "split"])
         path = builder.commit(
-            shards,
+            layout,
             metadata,
             {
                 "extraction": {

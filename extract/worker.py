@@ -7,7 +7,9 @@ import time
 import torch
 
 from extract.spec import BackboneLoadSpec
-from pipeline.cache import ShardSpec, write_shard
+from pipeline.cache_layout import ShardSpec, StoreLayout
+from pipeline.cache_writer import write_shard
+from pipeline.storage import Location
 
 
 class ExtractionWorker:
@@ -25,18 +27,19 @@ class ExtractionWorker:
 
     def run_shard(
         self,
-        store_path: str,
+        location: Location,
+        layout: StoreLayout,
         shard: ShardSpec,
         texts: list[str],
-        layers: list[int],
-        max_length: int,
         batch_size: int,
-        dtype: str,
     ) -> dict:
         t0 = time.perf_counter()
-        encoded = self.backbone.encode(texts, layers, max_length, batch_size, dtype)
+        layers = [spec.index for spec in layout.layers]
+        # fp16 stores take the fp16 output as is; the other dtypes are encoded from float32.
+        compute_dtype = "float16" if layout.dtype == "float16" else "float32"
+        encoded = self.backbone.encode(texts, layers, layout.max_length, batch_size, compute_dtype)
         t1 = time.perf_counter()
-        nbytes = write_shard(store_path, shard, encoded.layers, encoded.lengths)
+        nbytes = write_shard(location, layout, shard, encoded.layers, encoded.lengths)
         return {
             "shard_id": shard.shard_id,
             "examples": shard.num_examples,

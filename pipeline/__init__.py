@@ -3,5 +3,5 @@
 Nothing here imports ``extract`` or ``train`` (except :mod:`pipeline.cli`, which wires the stages).
 """
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the on-disk activation cache format; part of every cache key."""

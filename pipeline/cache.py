@@ -1,36 +1,35 @@
 """The activation cache: one Zarr v3 store per (dataset, backbone, settings) cache key.
 
-Layout of ``<cache_root>/<key>/``::
+Layout of ``<cache_root>/<key>/`` (the root is a local directory or an fsspec URL such as
+``s3://bucket/caches``)::
 
-    zarr.json            group attributes: format version, cache key and the fields hashed into it
-                         (dataset fingerprint, backbone weights/config/tokenizer hashes, layers,
-                         max length, dtype), hidden sizes, label names, counts, ``complete: true``
-    layer_00/ ...        one array per stored hidden state, shape [rows, hidden], dtype fp16 by
-                         default, chunked along rows (tokens) and Blosc/zstd-compressed
+    zarr.json            group attributes: format version, cache key and the fields hashed into it,
+                         dataset fingerprint, backbone identity (name, revision, weights/config/tokenizer
+                         sha256, model type), tokenizer, layer list, hidden sizes, feature-map grids,
+                         dtype, max length, label names, counts, the store layout, ``complete: true``
+    layer_00/ ...        one array per stored hidden state, [rows, width], chunked along rows
+    layer_00_scale/ ...  (int8 stores only) float32 [rows]: each token's dequantization scale
     offsets/             int64 [num_examples, 2]: example i's tokens are rows offsets[i,0]:offsets[i,1]
-    examples.parquet     per-example metadata: example_id, label, length, split
+                         of every token-sequence layer
+    offsets_NN/          (feature-map layers only) the same for layer NN, whose H*W rows per example
+                         differ from other layers'
+    examples.parquet     per-example metadata: example_id, label, split, length
+    checksums.json       sha256 of every data file, recorded as it was written (`unipt cache verify`)
 
-Tokens are stored ragged: no padding is written. Extraction is split into shards and each
-shard owns a chunk-aligned range of rows sized for its worst case (examples x max_length),
-so parallel writers never touch the same chunk. Rows a shard does not fill are never written
-and take no disk (Zarr does not store chunks that were never written); readers only ever
-ask for the rows in ``offsets``.
+Row layout, dtypes and codecs: see :mod:`pipeline.cache_layout` and :mod:`pipeline.encoding`.
 
-A cache is built under ``<cache_root>/.partial/<key>/`` with a marker file per finished shard
-(so an interrupted build resumes), and becomes visible only when it is complete: the
-finished directory is renamed to ``<cache_root>/<key>`` in one step. Readers refuse a store
-that is incomplete, from another format version, or built for another dataset or backbone.
+A cache becomes visible only when complete. Locally it is built under
+``<cache_root>/.partial/<key>/`` with a marker per finished shard (an interrupted build resumes
+from them) and renamed to ``<cache_root>/<key>`` in one step. Object stores have no rename, so
+there the store is built in place and ``complete: true`` in ``zarr.json``, written last, is the
+commit. Either way readers refuse a store that is incomplete, from another format version, or
+built for another dataset or backbone, and :class:`CacheRoot` lists only complete stores.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
-import time
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,275 +37,165 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from zarr.codecs import BloscCodec
 
 from pipeline import FORMAT_VERSION
+from pipeline.cache_layout import (
+    EXAMPLES_FILE,
+    METADATA_FILE,
+    LayerSpec,
+    StoreLayout,
+    layer_array_name,
+    scale_array_name,
+)
+from pipeline.checksums import CHECKSUMS_FILE
+from pipeline.encoding import decode_rows, has_scale
 from pipeline.errors import UniptError
-from pipeline.hashing import sha256_json
+from pipeline.storage import Location
 
-OFFSETS = "offsets"
-EXAMPLES_FILE = "examples.parquet"
-SHARD_MARKERS = "_shards"
 PARTIAL_DIR = ".partial"
-_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-def layer_array_name(layer: int) -> str:
-    return f"layer_{layer:02d}"
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """A contiguous run of examples and the chunk-aligned rows reserved for their tokens."""
-
-    shard_id: int
-    example_start: int
-    example_stop: int
-    row_base: int
-    row_capacity: int
-
-    @property
-    def num_examples(self) -> int:
-        return self.example_stop - self.example_start
-
-
-def plan_shards(num_examples: int, shard_size: int, max_tokens: int, chunk_rows: int) -> list[ShardSpec]:
-    """Split examples into shards whose row ranges start on chunk boundaries."""
-    shards, row_base = [], 0
-    for shard_id, start in enumerate(range(0, num_examples, shard_size)):
-        stop = min(start + shard_size, num_examples)
-        capacity = -(-(stop - start) * max_tokens // chunk_rows) * chunk_rows
-        shards.append(ShardSpec(shard_id, start, stop, row_base, capacity))
-        row_base += capacity
-    return shards
-
-
-class CacheRoot:
-    """A directory of caches, addressed by key."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).expanduser().resolve()
-
-    def path(self, key: str) -> Path:
-        _check_key(key)
-        return self.root / key
-
-    def partial_path(self, key: str) -> Path:
-        _check_key(key)
-        return self.root / PARTIAL_DIR / key
-
-    def has(self, key: str) -> bool:
-        return is_complete(self.path(key))
-
-    def keys(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and is_complete(p))
-
-
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
     # Keys become directory names: refuse anything that could climb out of the cache root.
-    if not key or not all(c in "0123456789abcdef" for c in key):
+    if not key or len(key) > 64 or not all(c in "0123456789abcdef" for c in key):
         raise UniptError(f"cache key {key!r} is not a hex digest; cache keys come from `unipt run/extract`")
 
 
-def is_complete(path: Path) -> bool:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return False
+class CacheRoot:
+    """A directory (or bucket prefix) of caches, addressed by key."""
+
+    def __init__(self, root: str | Path | Location, options: dict[str, Any] | None = None) -> None:
+        self.root = root if isinstance(root, Location) else Location(root, options)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def location(self, key: str) -> Location:
+        check_key(key)
+        return self.root.child(key)
+
+    def partial_location(self, key: str) -> Location:
+        """Where the store for ``key`` is built: beside the root locally, in place on object stores."""
+        check_key(key)
+        return self.root.child(PARTIAL_DIR, key) if self.root.is_local else self.root.child(key)
+
+    def has(self, key: str) -> bool:
+        return is_complete(self.location(key))
+
+    def keys(self) -> list[str]:
+        return [name for name in self.root.listdir() if _is_key(name) and is_complete(self.root.child(name))]
+
+    def partial_keys(self) -> list[str]:
+        """Keys of stores that exist but are not committed (interrupted or running extractions)."""
+        if self.root.is_local:
+            return [name for name in self.root.child(PARTIAL_DIR).listdir() if _is_key(name)]
+        return [name for name in self.root.listdir() if _is_key(name) and not self.has(name)]
+
+
+def _is_key(name: str) -> bool:
+    return 0 < len(name) <= 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def read_attrs(location: Location) -> dict[str, Any] | None:
+    """The group attributes of the store at ``location``, or None if there is no readable store."""
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, json.JSONDecodeError):
-        return False
-    return bool(attrs.get("complete"))
+        meta = json.loads(location.child(METADATA_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return meta.get("attributes", {}) if isinstance(meta, dict) else None
 
 
-class CacheBuilder:
-    """Creates a partial store, records finished shards and commits the store atomically."""
-
-    def __init__(self, cache_root: CacheRoot, key: str) -> None:
-        self.cache_root = cache_root
-        self.key = key
-        self.path = cache_root.partial_path(key)
-
-    def create(
-        self,
-        hidden_sizes: dict[int, int],
-        shards: Sequence[ShardSpec],
-        chunk_rows: int,
-        dtype: str,
-        compression_level: int,
-        attrs: dict[str, Any],
-    ) -> None:
-        """Create the arrays, or keep an existing partial store with the same key and layout (resume).
-
-        The row layout (shard plan, chunk rows, compression) is not part of the cache key, so a
-        partial store laid out differently is discarded rather than mixed with new shards.
-        """
-        layout = {
-            "plan_sha256": sha256_json(
-                [[s.example_start, s.example_stop, s.row_base, s.row_capacity] for s in shards]
-            ),
-            "chunk_rows": chunk_rows,
-            "compression_level": compression_level,
-        }
-        if (self.path / "zarr.json").is_file():
-            existing = zarr.open_group(self.path, mode="r").attrs
-            if existing.get("cache_key") == self.key and existing.get("layout") == layout:
-                return
-            shutil.rmtree(self.path)  # an unfinished store we cannot resume: start over
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(self.path, mode="w", zarr_format=3)
-        for layer, hidden in sorted(hidden_sizes.items()):
-            group.create_array(
-                name=layer_array_name(layer),
-                shape=(shards[-1].row_base + shards[-1].row_capacity, hidden),
-                chunks=(chunk_rows, hidden),
-                dtype=_DTYPES[dtype],
-                compressors=[BloscCodec(cname="zstd", clevel=compression_level, shuffle="shuffle")],
-                fill_value=0,
-            )
-        group.attrs.update(
-            {
-                **attrs,
-                "layout": layout,
-                "cache_key": self.key,
-                "format_version": FORMAT_VERSION,
-                "complete": False,
-            }
-        )
-        (self.path / SHARD_MARKERS).mkdir(exist_ok=True)
-
-    def finished_shards(self) -> dict[int, list[int]]:
-        """shard id -> token lengths of its examples, for every shard already written."""
-        markers = self.path / SHARD_MARKERS
-        if not markers.is_dir():
-            return {}
-        done = {}
-        for marker in markers.glob("*.json"):
-            done[int(marker.stem)] = json.loads(marker.read_text())["lengths"]
-        return done
-
-    def commit(
-        self,
-        shards: Sequence[ShardSpec],
-        examples: pa.Table,
-        attrs: dict[str, Any],
-    ) -> Path:
-        """Write offsets and metadata, mark complete, and move the store to its final name."""
-        done = self.finished_shards()
-        missing = [s.shard_id for s in shards if s.shard_id not in done]
-        if missing:
-            raise UniptError(f"cannot commit cache {self.key}: shards {missing[:5]} are not written yet")
-        offsets = np.zeros((examples.num_rows, 2), dtype=np.int64)
-        lengths = np.zeros(examples.num_rows, dtype=np.int32)
-        for shard in shards:
-            shard_lengths = np.asarray(done[shard.shard_id], dtype=np.int64)
-            starts = shard.row_base + np.concatenate([[0], np.cumsum(shard_lengths)[:-1]])
-            offsets[shard.example_start : shard.example_stop, 0] = starts
-            offsets[shard.example_start : shard.example_stop, 1] = starts + shard_lengths
-            lengths[shard.example_start : shard.example_stop] = shard_lengths
-        group = zarr.open_group(self.path, mode="r+")
-        group.create_array(name=OFFSETS, data=offsets, chunks=offsets.shape)
-        table = examples.append_column("length", pa.array(lengths, pa.int32()))
-        pq.write_table(table, self.path / EXAMPLES_FILE)
-        shutil.rmtree(self.path / SHARD_MARKERS)
-        group.attrs.update(
-            {
-                **attrs,
-                "num_examples": int(examples.num_rows),
-                "total_tokens": int(lengths.sum()),
-                "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "complete": True,
-            }
-        )
-        final = self.cache_root.path(self.key)
-        if final.exists():
-            # Another run committed the same key first; its content is the same by construction.
-            shutil.rmtree(self.path)
-            return final
-        os.replace(self.path, final)
-        return final
+def is_complete(location: Location) -> bool:
+    attrs = read_attrs(location)
+    return bool(attrs and attrs.get("complete"))
 
 
-def write_shard(
-    store_path: str | Path, shard: ShardSpec, layers: dict[int, np.ndarray], lengths: list[int]
-) -> int:
-    """Write one shard's packed token rows for every layer, then its marker. Returns bytes written.
+class ActivationCache:
+    """Read access to a committed cache; subclasses supply the storage (Zarr store or HDF5 file)."""
 
-    ``layers[l]`` holds the shard's tokens back to back, shape [sum(lengths), hidden_l].
-    Called by extraction workers; each shard owns its rows, so workers never share a chunk.
-    """
-    store_path = Path(store_path)
-    total = int(sum(lengths))
-    if total > shard.row_capacity:
-        raise UniptError(
-            f"shard {shard.shard_id} has {total} tokens, more than its {shard.row_capacity} rows"
-        )
-    nbytes = 0
-    for layer, rows in layers.items():
-        if rows.shape[0] != total:
-            raise ValueError(f"layer {layer}: {rows.shape[0]} rows for {total} tokens")
-        array = zarr.open_array(store_path / layer_array_name(layer), mode="r+")
-        array[shard.row_base : shard.row_base + total] = rows
-        nbytes += rows.nbytes
-    marker = store_path / SHARD_MARKERS / f"{shard.shard_id:06d}.json"
-    tmp = marker.with_suffix(f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps({"lengths": [int(n) for n in lengths]}))
-    os.replace(tmp, marker)  # the marker appears only after every layer's rows are on disk
-    return nbytes
+    source: str
+    attrs: dict[str, Any]
+    examples: pa.Table
 
-
-class CacheReader:
-    """Read access to a committed cache: metadata, offsets, and token rows of chosen layers."""
-
-    def __init__(self, path: str | Path, expect: dict[str, Any] | None = None) -> None:
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
-            raise UniptError(
-                f"no activation cache at {self.path}; run `unipt extract` (or `unipt run`) first"
-            )
-        self.group = zarr.open_group(self.path, mode="r")
-        self.attrs: dict[str, Any] = dict(self.group.attrs)
+    def _validate(self, expect: dict[str, Any] | None) -> None:
         if not self.attrs.get("complete"):
             raise UniptError(
-                f"cache {self.path} is incomplete (extraction did not finish); rerun `unipt extract`"
+                f"cache {self.source} is incomplete (extraction did not finish); rerun `unipt extract`"
             )
         version = self.attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise UniptError(
-                f"cache {self.path} has format version {version}, this unipt reads {FORMAT_VERSION}; "
+                f"cache {self.source} has format version {version}, this unipt reads {FORMAT_VERSION}; "
                 "re-extract it"
             )
-        if expect:
-            self._check_expected(expect)
-        self.layers: list[int] = [int(x) for x in self.attrs["layers"]]
-        self.hidden_sizes: dict[int, int] = {int(k): int(v) for k, v in self.attrs["hidden_sizes"].items()}
-        self.label_names: list[str] = list(self.attrs["label_names"])
-        self.offsets: np.ndarray = self.group[OFFSETS][:]
-        self.examples: pa.Table = pq.read_table(self.path / EXAMPLES_FILE)
-        self._arrays: dict[int, zarr.Array] = {}
-
-    def _check_expected(self, expect: dict[str, Any]) -> None:
         stored = self.attrs.get("key_fields", {})
-        for field, wanted in expect.items():
+        for field, wanted in (expect or {}).items():
             have = stored.get(field)
             if have != wanted:
                 raise UniptError(
-                    f"cache {self.path} was built for another {field.replace('_', ' ')} "
+                    f"cache {self.source} was built for another {field.replace('_', ' ')} "
                     f"({_short(have)} != {_short(wanted)}); re-extract for this config"
                 )
+        self.layout = StoreLayout.from_json(self.attrs["layout"])
+        self.dtype: str = self.layout.dtype
+        self.layers: list[int] = [spec.index for spec in self.layout.layers]
+        self.hidden_sizes: dict[int, int] = {spec.index: spec.width for spec in self.layout.layers}
+        self.label_names: list[str] = list(self.attrs["label_names"])
+        self._offsets: dict[str, np.ndarray] = {}
 
+    # --- storage hooks ------------------------------------------------------------------------------------
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _read_all(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def nbytes_on_disk(self) -> int:
+        raise NotImplementedError
+
+    # --- the API training uses ----------------------------------------------------------------------------
     @property
     def num_examples(self) -> int:
-        return int(self.offsets.shape[0])
+        return int(self.examples.num_rows)
 
-    def array(self, layer: int) -> zarr.Array:
+    @property
+    def offsets(self) -> np.ndarray:
+        """Row ranges of the first stored layer's tokens (all token-sequence layers share them)."""
+        return self.offsets_for(self.layers[0])
+
+    def layer_spec(self, layer: int) -> LayerSpec:
         if layer not in self.hidden_sizes:
-            raise UniptError(f"layer {layer} is not in cache {self.path} (stored layers: {self.layers})")
-        if layer not in self._arrays:
-            self._arrays[layer] = self.group[layer_array_name(layer)]
-        return self._arrays[layer]
+            raise UniptError(f"layer {layer} is not in cache {self.source} (stored layers: {self.layers})")
+        return self.layout.layer(layer)
+
+    def offsets_for(self, layer: int) -> np.ndarray:
+        name = self.layer_spec(layer).offsets_name
+        if name not in self._offsets:
+            self._offsets[name] = self._read_all(name)
+        return self._offsets[name]
+
+    def read_rows(self, layer: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a layer, decoded (float16 for fp16 caches, float32 otherwise)."""
+        self.layer_spec(layer)
+        try:
+            stored = self._read(layer_array_name(layer), start, stop)
+            scale = self._read(scale_array_name(layer), start, stop) if has_scale(self.dtype) else None
+        except UniptError:
+            raise
+        except Exception as exc:  # a codec error here means damaged bytes, not a bug in the caller
+            raise UniptError(
+                f"cache {self.source}: {layer_array_name(layer)} rows {start}-{stop} could not be read "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                f"run `unipt cache verify {self.source}` and re-extract if it is damaged"
+            ) from exc
+        return decode_rows(stored, self.dtype, scale)
+
+    def read_example(self, index: int, layer: int) -> np.ndarray:
+        """One example's rows of a layer; a feature-map layer comes back as [H, W, C]."""
+        start, stop = self.offsets_for(layer)[index]
+        rows = self.read_rows(layer, int(start), int(stop))
+        grid = self.layer_spec(layer).grid
+        return rows.reshape(grid[0], grid[1], -1) if grid else rows
 
     def split_indices(self, split: str) -> np.ndarray:
         splits = self.examples.column("split").to_numpy(zero_copy_only=False)
@@ -315,19 +204,65 @@ class CacheReader:
     def labels(self) -> np.ndarray:
         return self.examples.column("label").to_numpy()
 
-    def read_rows(self, layer: int, start: int, stop: int) -> np.ndarray:
-        return self.array(layer)[start:stop]
 
-    def read_example(self, index: int, layer: int) -> np.ndarray:
-        start, stop = self.offsets[index]
-        return self.read_rows(layer, int(start), int(stop))
+class CacheReader(ActivationCache):
+    """A committed Zarr cache, local or remote. Opens a layer's array only when that layer is read."""
+
+    def __init__(
+        self,
+        target: str | Path | Location,
+        expect: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.location = target if isinstance(target, Location) else Location(target, options)
+        self.source = str(self.location)
+        attrs = read_attrs(self.location)
+        if attrs is None:
+            raise UniptError(
+                f"no activation cache at {self.source}; run `unipt extract` (or `unipt run`) first"
+            )
+        self.attrs = attrs
+        self._validate(expect)
+        self.group = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
+        self.examples = pq.read_table(io.BytesIO(self.location.child(EXAMPLES_FILE).read_bytes()))
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._array(name)[start:stop]
+
+    def _read_all(self, name: str) -> np.ndarray:
+        return self._array(name)[:]
+
+    def array(self, layer: int) -> zarr.Array:
+        self.layer_spec(layer)
+        return self._array(layer_array_name(layer))
+
+    def checksums(self) -> dict[str, str]:
+        try:
+            return json.loads(self.location.child(CHECKSUMS_FILE).read_text())["files"]
+        except FileNotFoundError as exc:
+            raise UniptError(f"cache {self.source} has no {CHECKSUMS_FILE}; it cannot be verified") from exc
 
     def nbytes_on_disk(self) -> int:
-        return directory_size(self.path)
+        return self.location.size()
 
 
-def directory_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def open_cache(
+    target: str | Path | Location,
+    expect: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+) -> ActivationCache:
+    """A reader for a Zarr cache directory/URL or an exported HDF5 file (``.h5``/``.hdf5``)."""
+    if str(target).endswith((".h5", ".hdf5")):
+        from pipeline.hdf5 import HDF5CacheReader
+
+        return HDF5CacheReader(target, expect=expect)
+    return CacheReader(target, expect=expect, options=options)
 
 
 def _short(value: Any) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.bundled import is_bundled
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import ActivationCache, CacheRoot, open_cache
+from pipeline.cli_cache import add_cache_commands, human_bytes
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.datasets import DatasetTable, load_dataset
 from pipeline.errors import UniptError
@@ -38,9 +39,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
     dataset = load_dataset(config.dataset)
     backbone = backbone_identity(config.backbone)
     fields = cache_key_fields(dataset.fingerprint, backbone, config.backbone, config.extract)
-    return Prepared(
-        config, dataset, backbone, fields, cache_key(fields), CacheRoot(config.storage.cache_root)
-    )
+    root = CacheRoot(config.storage.cache_root, config.storage.options)
+    return Prepared(config, dataset, backbone, fields, cache_key(fields), root)
 
 
 def _say(message: str) -> None:
@@ -53,7 +53,7 @@ def do_extract(prep: Prepared, ray_address: str | None, progress: bool) -> Extra
     from extract.spec import BackboneLoadSpec
 
     if prep.cache_root.has(prep.key):
-        _say(f"cache hit {prep.key}: reusing {prep.cache_root.path(prep.key)} (no backbone forward pass)")
+        _say(f"cache hit {prep.key}: reusing {prep.cache_root.location(prep.key)} (no backbone forward pass)")
     else:
         counts = prep.dataset.split_counts()
         _say(
@@ -88,14 +88,19 @@ def do_extract(prep: Prepared, ray_address: str | None, progress: bool) -> Extra
     return result
 
 
-def do_train(prep: Prepared, progress: bool) -> dict[str, Any]:
+def open_for_training(prep: Prepared, cache: str | None = None) -> ActivationCache:
+    """The config's cache (by key) or an explicit path/URL/.h5 file; refused if built for other data."""
+    expect = {"dataset_fingerprint": prep.dataset.fingerprint, "backbone": prep.key_fields["backbone"]}
+    if cache is None:
+        return open_cache(prep.cache_root.location(prep.key), expect=expect)
+    return open_cache(cache, expect=expect, options=prep.config.storage.options)
+
+
+def do_train(prep: Prepared, progress: bool, reader: ActivationCache | None = None) -> dict[str, Any]:
     from train.loop import train_classifier
     from train.probe import linear_probe
 
-    reader = CacheReader(
-        prep.cache_root.path(prep.key),
-        expect={"dataset_fingerprint": prep.dataset.fingerprint, "backbone": prep.key_fields["backbone"]},
-    )
+    reader = reader or open_for_training(prep)
     result = train_classifier(reader, prep.config.train, prep.config.seed, progress=progress)
     metrics = dict(result.metrics)
     if prep.config.train.linear_probe:
@@ -105,6 +110,7 @@ def do_train(prep: Prepared, progress: bool) -> dict[str, Any]:
         "history": result.history,
         "layer_weights": result.layer_weights,
         "cache_bytes": reader.nbytes_on_disk(),
+        "cache_source": reader.source,
     }
 
 
@@ -125,7 +131,7 @@ def _record(prep: Prepared, trained: dict[str, Any], cache_hit: bool, timings: d
         "cache": {
             "key": prep.key,
             "key_fields": prep.key_fields,
-            "path": str(prep.cache_root.path(prep.key)),
+            "path": trained["cache_source"],
             "hit": cache_hit,
             "bytes_on_disk": trained["cache_bytes"],
         },
@@ -140,10 +146,15 @@ def _record(prep: Prepared, trained: dict[str, Any], cache_hit: bool, timings: d
 
 
 def _train_and_record(
-    prep: Prepared, cache_hit: bool, extract_seconds: float, started: float, progress: bool
+    prep: Prepared,
+    cache_hit: bool,
+    extract_seconds: float,
+    started: float,
+    progress: bool,
+    reader: ActivationCache | None = None,
 ) -> int:
     train_started = time.perf_counter()
-    trained = do_train(prep, progress)
+    trained = do_train(prep, progress, reader)
     timings = {
         "extract_s": round(extract_seconds, 3),
         "train_s": round(time.perf_counter() - train_started, 3),
@@ -164,32 +175,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     prep = prepare(_load(args))
     do_extract(prep, args.ray_address, not args.no_progress)
-    print(prep.cache_root.path(prep.key))
+    print(prep.cache_root.location(prep.key))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     prep = prepare(_load(args))
-    if not prep.cache_root.has(prep.key):
+    if args.cache is None and not prep.cache_root.has(prep.key):
         raise UniptError(
-            f"no cache {prep.key} for this config under {prep.cache_root.root}; "
+            f"no cache {prep.key} for this config under {prep.cache_root}; "
             f"run `unipt extract {args.config}` first (or `unipt run`)"
         )
-    _say(f"cache hit {prep.key}: training from {prep.cache_root.path(prep.key)} (no backbone forward pass)")
-    return _train_and_record(prep, True, 0.0, started, not args.no_progress)
-
-
-def cmd_cache_ls(args: argparse.Namespace) -> int:
-    root = CacheRoot(args.cache_root or ".unipt/cache")
-    for key in root.keys():
-        reader = CacheReader(root.path(key))
-        print(
-            f"{key}  {reader.attrs.get('backbone', {}).get('name', '?'):<28} "
-            f"{reader.num_examples:>7} ex  {reader.attrs.get('total_tokens', 0):>9} tok  "
-            f"{_human_bytes(reader.nbytes_on_disk()):>9}"
-        )
-    return 0
+    reader = open_for_training(prep, args.cache)
+    _say(f"cache hit {prep.key}: training from {reader.source} (no backbone forward pass)")
+    return _train_and_record(prep, True, 0.0, started, not args.no_progress, reader)
 
 
 def _summary(trained: dict[str, Any], cache_hit: bool, timings: dict[str, float], run_dir: Path) -> None:
@@ -199,19 +199,9 @@ def _summary(trained: dict[str, Any], cache_hit: bool, timings: dict[str, float]
         f"test_acc {m['test_acc']:.4f}{probe} | val_acc {m['val_acc']:.4f} | "
         f"extract {timings['extract_s']:.1f}s ({'cache hit' if cache_hit else 'cache miss'}) | "
         f"train {m['train_seconds']:.1f}s ({m['seconds_per_epoch']:.1f}s/epoch) | "
-        f"cache {_human_bytes(trained['cache_bytes'])} | run {run_dir}",
+        f"cache {human_bytes(trained['cache_bytes'])} | run {run_dir}",
         flush=True,
     )
-
-
-def _human_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
@@ -236,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  unipt run configs/rt_minilm.yaml --set train.epochs=3 # override any config value\n"
             "  unipt extract configs/rt_minilm.yaml --ray-address auto  # extract on a running Ray cluster\n"
             "  unipt train configs/rt_minilm.yaml                    # tune again from the cache only\n"
-            "  unipt cache ls                                        # list committed caches"
+            "  unipt cache ls                                        # list committed caches\n"
+            "  unipt cache verify KEY                                # check every chunk's checksum\n"
+            "  unipt cache gc --yes                                  # remove caches no run uses"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -267,13 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_extract,
     )
     ext.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
-    experiment("train", "train UniPT from an existing cache; never loads the backbone", cmd_train)
+    train = experiment("train", "train UniPT from an existing cache; never loads the backbone", cmd_train)
+    train.add_argument(
+        "--cache",
+        help="train from this cache instead of the config's (a Zarr path/URL or an exported .h5 file); "
+        "it must have been built from the same dataset and backbone",
+    )
 
-    cache = sub.add_parser("cache", help="inspect activation caches", description="inspect activation caches")
-    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    ls = cache_sub.add_parser("ls", help="list committed caches")
-    ls.add_argument("--cache-root", help="directory of activation caches (default: .unipt/cache)")
-    ls.set_defaults(handler=cmd_cache_ls)
+    add_cache_commands(sub)
     return parser
 
 

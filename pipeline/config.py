@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UniptError
+from pipeline.storage import check_no_secrets
 
 
 class _Strict(BaseModel):
@@ -76,9 +77,16 @@ class ExtractConfig(_Strict):
         "auto", description="Ray actors; 'auto' = one per GPU, or one CPU worker using all cores."
     )
     shard_size: int = Field(512, gt=0, description="Examples per shard (the unit of work and of resume).")
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Literal["float16", "bfloat16", "float32", "int8"] = Field(
+        "float16", description="Storage dtype; int8 is lossy (per-token scales), see README."
+    )
     chunk_rows: int = Field(4096, gt=0, description="Token rows per Zarr chunk.")
+    codec: Literal["blosc-zstd", "blosc-lz4", "zstd", "lz4", "none"] = "blosc-zstd"
+    shuffle: Literal["byte", "bit", "none"] = Field("byte", description="Blosc shuffle filter.")
     compression_level: int = Field(3, ge=0, le=9)
+    chunks_per_file: int = Field(
+        1, gt=0, description="Chunks per file; > 1 turns on Zarr's sharding codec (fewer, larger files)."
+    )
 
 
 class TrainConfig(_Strict):
@@ -97,8 +105,21 @@ class TrainConfig(_Strict):
 
 
 class StorageConfig(_Strict):
-    cache_root: str = ".unipt/cache"
+    cache_root: str = Field(
+        ".unipt/cache", description="A directory or an fsspec URL such as s3://bucket/caches."
+    )
     runs_root: str = ".unipt/runs"
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for a URL cache_root (e.g. endpoint_url); credentials come from the "
+        "environment, never from here.",
+    )
+
+    @field_validator("options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        check_no_secrets(options)
+        return options
 
 
 class ExperimentConfig(_Strict):

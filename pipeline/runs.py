@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
 
 RECORD_FILE = "record.json"
@@ -63,3 +64,25 @@ def write_run_record(runs_root: str | Path, record: dict[str, Any]) -> Path:
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / RECORD_FILE).read_text())
+
+
+def iter_run_records(runs_root: str | Path) -> list[dict[str, Any]]:
+    """Every run record under ``runs_root``, oldest first. A damaged record is an error, not a skip:
+    whoever asks (e.g. garbage collection) must not act as if that run did not exist."""
+    root = Path(runs_root).expanduser()
+    if not root.is_dir():
+        return []
+    records = []
+    for path in sorted(root.glob(f"*/{RECORD_FILE}")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UniptError(
+                f"run record {path} is unreadable ({type(exc).__name__}); fix or remove it"
+            ) from exc
+    return records
+
+
+def referenced_cache_keys(runs_root: str | Path) -> set[str]:
+    """Cache keys that some run record points at: what `unipt cache gc` must keep."""
+    return {r["cache"]["key"] for r in iter_run_records(runs_root) if r.get("cache", {}).get("key")}

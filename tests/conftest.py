@@ -15,7 +15,9 @@ import pytest
 import yaml
 
 from pipeline.bundled import bundled_model_path
-from pipeline.cache import CacheBuilder, CacheRoot, plan_shards, write_shard
+from pipeline.cache import CacheRoot
+from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_writer import CacheBuilder, write_shard
 
 POSITIVE = ["great", "wonderful", "superb", "moving", "brilliant", "charming", "funny"]
 NEGATIVE = ["awful", "boring", "dull", "terrible", "weak", "clumsy", "tedious"]
@@ -130,37 +132,47 @@ def build_cache(
     chunk_rows: int = 8,
     commit: bool = True,
     splits: list[str] | None = None,
-):
-    """A committed (or, with commit=False, partial) cache of random fp16 tokens; returns them."""
+    key: str = KEY,
+    **layout: object,
+) -> tuple[dict[int, list[np.ndarray]], StoreLayout]:
+    """A committed (or, with commit=False, partial) cache of random fp16 tokens; returns them and the layout.
+
+    ``layout`` passes through to :class:`StoreLayout` (dtype, codec, chunks_per_file, ...).
+    """
     rng = np.random.default_rng(0)
-    shards = plan_shards(len(lengths), shard_size, max_tokens=max(lengths), chunk_rows=chunk_rows)
-    builder = CacheBuilder(root, KEY)
-    attrs = {
-        "layers": sorted(widths),
-        "hidden_sizes": {str(k): v for k, v in widths.items()},
-        "label_names": ["a", "b"],
-        "key_fields": {"dataset_fingerprint": "f1"},
-    }
-    builder.create(widths, shards, chunk_rows, "float16", 3, attrs)
+    store_layout = StoreLayout(
+        layers=tuple(LayerSpec(layer, width) for layer, width in sorted(widths.items())),
+        num_examples=len(lengths),
+        max_length=max(lengths),
+        shard_size=shard_size,
+        chunk_rows=chunk_rows,
+        **layout,
+    )
+    builder = CacheBuilder(root, key)
+    builder.create(store_layout, {"label_names": ["a", "b"], "key_fields": {"dataset_fingerprint": "f1"}})
     tokens = {
         layer: [rng.standard_normal((n, w)).astype(np.float16) for n in lengths]
         for layer, w in widths.items()
     }
-    for shard in shards:
+    for shard in store_layout.shards():
         part = slice(shard.example_start, shard.example_stop)
         write_shard(
-            builder.path,
+            builder.location,
+            store_layout,
             shard,
             {layer: np.concatenate(t[part]) for layer, t in tokens.items()},
             lengths[part],
         )
-    examples = pa.table(
+    if commit:
+        builder.commit(store_layout, example_table(len(lengths), splits), {})
+    return tokens, store_layout
+
+
+def example_table(n: int, splits: list[str] | None = None) -> pa.Table:
+    return pa.table(
         {
-            "example_id": [str(i) for i in range(len(lengths))],
-            "label": [i % 2 for i in range(len(lengths))],
-            "split": splits or ["train"] * len(lengths),
+            "example_id": [str(i) for i in range(n)],
+            "label": [i % 2 for i in range(n)],
+            "split": splits or ["train"] * n,
         }
     )
-    if commit:
-        builder.commit(shards, examples, {})
-    return tokens, shards

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
-import pyarrow as pa
 import pytest
 
-from pipeline.cache import CacheBuilder, CacheReader, CacheRoot, plan_shards, write_shard
+from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.errors import UniptError
-from tests.conftest import KEY, build_cache
+from tests.conftest import KEY, build_cache, example_table
 
 
 def test_round_trip_is_exact(tmp_path):
     root = CacheRoot(tmp_path)
     lengths = [5, 1, 9, 3, 7, 2, 8]
     tokens, _ = build_cache(root, lengths, {0: 4, 2: 6})
-    reader = CacheReader(root.path(KEY))
+    reader = CacheReader(root.location(KEY))
     assert reader.num_examples == 7 and reader.layers == [0, 2]
     assert reader.attrs["total_tokens"] == sum(lengths)
     assert reader.examples.column("length").to_pylist() == lengths
@@ -26,67 +30,215 @@ def test_round_trip_is_exact(tmp_path):
             np.testing.assert_array_equal(got, tokens[layer][i])
 
 
-def test_shards_start_on_chunk_boundaries():
-    shards = plan_shards(num_examples=10, shard_size=4, max_tokens=5, chunk_rows=8)
-    assert [s.row_base % 8 for s in shards] == [0, 0, 0]
-    assert [(s.example_start, s.example_stop) for s in shards] == [(0, 4), (4, 8), (8, 10)]
-    for a, b in zip(shards, shards[1:], strict=False):
-        assert a.row_base + a.row_capacity == b.row_base
-        assert a.row_capacity >= a.num_examples * 5
+def test_shard_row_spans_start_on_file_boundaries_and_never_overlap():
+    layer = LayerSpec(0, 4)
+    for chunks_per_file in (1, 3):
+        layout = StoreLayout(
+            (layer,),
+            num_examples=10,
+            max_length=5,
+            shard_size=4,
+            chunk_rows=8,
+            chunks_per_file=chunks_per_file,
+        )
+        shards = layout.shards()
+        assert [(s.example_start, s.example_stop) for s in shards] == [(0, 4), (4, 8), (8, 10)]
+        spans = [layout.row_span(s, layer) for s in shards]
+        assert all(base % layout.rows_per_file == 0 for base, _ in spans)
+        for (base, capacity), (next_base, _) in zip(spans, spans[1:], strict=False):
+            assert base + capacity <= next_base
+        assert all(cap >= s.num_examples * 5 for s, (_, cap) in zip(shards, spans, strict=True))
+        assert layout.total_rows(layer) == spans[-1][0] + spans[-1][1]
 
 
 def test_incomplete_store_is_invisible_and_refused(tmp_path):
     root = CacheRoot(tmp_path)
     build_cache(root, [3, 4, 5], {0: 4}, commit=False)
-    assert not root.has(KEY) and root.keys() == []
+    assert not root.has(KEY) and root.keys() == [] and root.partial_keys() == [KEY]
     with pytest.raises(UniptError, match="incomplete"):
-        CacheReader(root.partial_path(KEY))
+        CacheReader(root.partial_location(KEY))
     with pytest.raises(UniptError, match="no activation cache"):
-        CacheReader(root.path(KEY))
+        CacheReader(root.location(KEY))
 
 
 def test_commit_refuses_missing_shards(tmp_path):
     root = CacheRoot(tmp_path)
-    _, shards = build_cache(root, [3, 4, 5, 6], {0: 4}, shard_size=2, commit=False)
-    (root.partial_path(KEY) / "_shards" / "000001.json").unlink()
+    _, layout = build_cache(root, [3, 4, 5, 6], {0: 4}, shard_size=2, commit=False)
+    (tmp_path / ".partial" / KEY / "_shards" / "000001.json").unlink()
     with pytest.raises(UniptError, match=r"shards \[1\] are not written"):
-        CacheBuilder(root, KEY).commit(
-            shards, pa.table({"example_id": list("abcd"), "label": [0, 1, 0, 1], "split": ["train"] * 4}), {}
-        )
+        CacheBuilder(root, KEY).commit(layout, example_table(4), {})
+    assert not root.has(KEY)
 
 
 def test_cache_for_other_data_is_refused(tmp_path):
     root = CacheRoot(tmp_path)
     build_cache(root, [3, 4], {0: 4})
-    CacheReader(root.path(KEY), expect={"dataset_fingerprint": "f1"})
+    CacheReader(root.location(KEY), expect={"dataset_fingerprint": "f1"})
     with pytest.raises(UniptError, match="built for another dataset fingerprint"):
-        CacheReader(root.path(KEY), expect={"dataset_fingerprint": "f2"})
+        CacheReader(root.location(KEY), expect={"dataset_fingerprint": "f2"})
+
+
+def test_other_format_version_is_refused(tmp_path):
+    root = CacheRoot(tmp_path)
+    build_cache(root, [3, 4], {0: 4})
+    meta_path = tmp_path / KEY / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UniptError, match="format version 1, this unipt reads 2; re-extract it"):
+        CacheReader(root.location(KEY))
 
 
 def test_unknown_layer_is_a_clear_error(tmp_path):
     root = CacheRoot(tmp_path)
     build_cache(root, [3, 4], {0: 4})
     with pytest.raises(UniptError, match=r"layer 5 is not in cache"):
-        CacheReader(root.path(KEY)).read_example(0, 5)
+        CacheReader(root.location(KEY)).read_example(0, 5)
 
 
 def test_keys_cannot_escape_the_root(tmp_path):
-    with pytest.raises(UniptError, match="not a hex digest"):
-        CacheRoot(tmp_path).path("../etc")
+    for bad in ("../etc", "ab/../../x", "", "AB" * 16):
+        with pytest.raises(UniptError, match="not a hex digest"):
+            CacheRoot(tmp_path).location(bad)
+    with pytest.raises(UniptError, match="would leave"):
+        CacheRoot(tmp_path).root.child("..")
 
 
 def test_partial_store_resumes_only_with_the_same_layout(tmp_path):
     root = CacheRoot(tmp_path)
     builder = CacheBuilder(root, KEY)
-    shards = plan_shards(4, 2, max_tokens=4, chunk_rows=8)
-    builder.create({0: 4}, shards, 8, "float16", 3, {})
-    write_shard(builder.path, shards[0], {0: np.ones((5, 4), np.float16)}, [2, 3])
-    builder.create({0: 4}, shards, 8, "float16", 3, {})  # same layout: the finished shard is kept
-    assert builder.finished_shards() == {0: [2, 3]}
-    other_plan = plan_shards(4, 1, max_tokens=4, chunk_rows=8)  # another shard size
-    builder.create({0: 4}, other_plan, 8, "float16", 3, {})
-    assert builder.finished_shards() == {}  # another layout: start over rather than mix row ranges
-    builder.create({0: 4}, other_plan, 8, "float16", 3, {})
-    write_shard(builder.path, other_plan[0], {0: np.ones((2, 4), np.float16)}, [2])
-    builder.create({0: 4}, other_plan, 16, "float16", 3, {})  # another chunk size
+    layer = (LayerSpec(0, 4),)
+    layout = StoreLayout(layer, num_examples=4, max_length=4, shard_size=2, chunk_rows=8)
+    builder.create(layout, {})
+    write_shard(builder.location, layout, layout.shards()[0], {0: np.ones((5, 4), np.float16)}, [2, 3])
+    builder.create(layout, {})  # same layout: the finished shard is kept
+    assert builder.finished_shards()[0]["lengths"] == [2, 3]
+    for changed in (
+        StoreLayout(layer, num_examples=4, max_length=4, shard_size=1, chunk_rows=8),  # shard size
+        StoreLayout(layer, num_examples=4, max_length=4, shard_size=2, chunk_rows=16),  # chunk size
+        StoreLayout(layer, num_examples=4, max_length=4, shard_size=2, chunk_rows=8, codec="zstd"),
+    ):
+        builder.create(layout, {})
+        write_shard(builder.location, layout, layout.shards()[0], {0: np.ones((5, 4), np.float16)}, [2, 3])
+        builder.create(changed, {})
+        assert builder.finished_shards() == {}  # another layout: start over rather than mix row ranges
+
+
+def test_shard_with_wrong_rows_is_refused_and_not_marked(tmp_path):
+    root = CacheRoot(tmp_path)
+    builder = CacheBuilder(root, KEY)
+    layout = StoreLayout((LayerSpec(0, 4),), num_examples=2, max_length=4, shard_size=2, chunk_rows=8)
+    builder.create(layout, {})
+    with pytest.raises(UniptError, match=r"rows of shape \(4, 4\), expected \(5, 4\)"):
+        write_shard(builder.location, layout, layout.shards()[0], {0: np.ones((4, 4), np.float16)}, [2, 3])
+    with pytest.raises(UniptError, match="more than max_length 4"):
+        write_shard(builder.location, layout, layout.shards()[0], {0: np.ones((7, 4), np.float16)}, [2, 5])
     assert builder.finished_shards() == {}
+
+
+def test_interrupted_publish_is_finished_by_the_next_run(tmp_path):
+    root = CacheRoot(tmp_path)
+    build_cache(root, [3, 4], {0: 4})
+    # Simulate a crash after the store was marked complete but before the rename.
+    (tmp_path / ".partial").mkdir(exist_ok=True)
+    shutil.move(tmp_path / KEY, tmp_path / ".partial" / KEY)
+    assert not root.has(KEY)
+    published = CacheBuilder(root, KEY).publish_if_committed()
+    assert published == root.location(KEY) and root.has(KEY)
+    assert CacheReader(published).num_examples == 2
+
+
+def test_reading_a_layer_subset_touches_no_other_layer(tmp_path):
+    root = CacheRoot(tmp_path)
+    tokens, _ = build_cache(root, [5, 1, 9, 3, 7], {0: 4, 1: 4, 2: 6})
+    # Remove the other layers' files outright: any access to them would fail or return zeros.
+    shutil.rmtree(tmp_path / KEY / "layer_00")
+    shutil.rmtree(tmp_path / KEY / "layer_01")
+    reader = CacheReader(root.location(KEY))
+    for i in range(5):
+        np.testing.assert_array_equal(reader.read_example(i, 2), tokens[2][i])
+
+
+def test_feature_maps_round_trip_with_their_grids(tmp_path):
+    """CNN stages: an [H, W, C] map per image stored as H*W rows, each stage with its own grid."""
+    rng = np.random.default_rng(1)
+    specs = (LayerSpec(1, 3, grid=(4, 4)), LayerSpec(3, 5, grid=(2, 2)))
+    layout = StoreLayout(specs, num_examples=7, max_length=1, shard_size=3, chunk_rows=8)
+    maps = {s.index: rng.standard_normal((7, *s.grid, s.width)).astype(np.float16) for s in specs}
+    root = CacheRoot(tmp_path)
+    builder = CacheBuilder(root, KEY)
+    builder.create(layout, {"label_names": ["a", "b"]})
+    for shard in layout.shards():
+        part = slice(shard.example_start, shard.example_stop)
+        rows = {s.index: maps[s.index][part].reshape(-1, s.width) for s in specs}
+        write_shard(builder.location, layout, shard, rows)
+    builder.commit(layout, example_table(7), {})
+    reader = CacheReader(root.location(KEY))
+    assert reader.attrs["grids"] == {"1": [4, 4], "3": [2, 2]}
+    assert reader.examples.column("length").to_pylist() == [16] * 7
+    for spec in specs:
+        offsets = reader.offsets_for(spec.index)
+        assert (offsets[:, 1] - offsets[:, 0] == spec.grid[0] * spec.grid[1]).all()
+        for i in range(7):
+            np.testing.assert_array_equal(reader.read_example(i, spec.index), maps[spec.index][i])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"),
+    [("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 1 / 127)],
+)
+def test_dtypes_round_trip_within_their_precision(tmp_path, dtype, tolerance):
+    rng = np.random.default_rng(2)
+    lengths = [4, 6, 2]
+    values = [rng.standard_normal((n, 8)).astype(np.float32) * rng.uniform(0.1, 10) for n in lengths]
+    layout = StoreLayout(
+        (LayerSpec(0, 8),), num_examples=3, max_length=6, shard_size=2, chunk_rows=4, dtype=dtype
+    )
+    root = CacheRoot(tmp_path)
+    builder = CacheBuilder(root, KEY)
+    builder.create(layout, {"label_names": ["a", "b"]})
+    for shard in layout.shards():
+        part = slice(shard.example_start, shard.example_stop)
+        write_shard(builder.location, layout, shard, {0: np.concatenate(values[part])}, lengths[part])
+    builder.commit(layout, example_table(3), {})
+    reader = CacheReader(root.location(KEY))
+    assert reader.dtype == dtype
+    for i, want in enumerate(values):
+        got = reader.read_example(i, 0)
+        assert got.dtype == (np.float16 if dtype == "float16" else np.float32)
+        # Relative to each token's largest value: that is what per-token int8 scaling preserves.
+        scale = np.abs(want).max(axis=1, keepdims=True)
+        assert np.abs(got.astype(np.float32) - want).max() <= tolerance * scale.max() + 1e-7
+        if dtype == "int8":
+            assert np.all(np.abs(got - want) <= scale / 127 * 0.5 + 1e-6)
+
+
+def test_int8_store_is_about_half_of_fp16(tmp_path):
+    lengths = [40] * 12
+    sizes = {}
+    for dtype in ("float16", "int8"):
+        root = CacheRoot(tmp_path / dtype)
+        build_cache(root, lengths, {0: 64}, shard_size=4, chunk_rows=64, dtype=dtype, codec="none")
+        sizes[dtype] = CacheReader(root.location(KEY)).nbytes_on_disk()
+    assert 0.45 < sizes["int8"] / sizes["float16"] < 0.6
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [{"codec": "zstd"}, {"codec": "lz4"}, {"codec": "blosc-lz4", "shuffle": "bit"}, {"codec": "none"}],
+)
+def test_every_codec_and_sharding_round_trips(tmp_path, codec):
+    for chunks_per_file in (1, 4):
+        root = CacheRoot(tmp_path / str(chunks_per_file))
+        tokens, layout = build_cache(
+            root, [5, 1, 9, 3, 7, 2], {0: 4}, chunks_per_file=chunks_per_file, **codec
+        )
+        reader = CacheReader(root.location(KEY))
+        assert reader.layout.chunks_per_file == chunks_per_file
+        for i in range(6):
+            np.testing.assert_array_equal(reader.read_example(i, 0), tokens[0][i])
+        chunk_files = [
+            p for p in (tmp_path / str(chunks_per_file) / KEY / "layer_00" / "c").rglob("*") if p.is_file()
+        ]
+        # Rows 0-14 and 32-43 hold tokens: 4 chunks of 8 rows, or 2 files of 4 chunks with sharding.
+        assert len(chunk_files) == (2 if chunks_per_file == 4 else 4)

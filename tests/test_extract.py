@@ -10,7 +10,7 @@ import torch
 
 from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
-from pipeline.cache import CacheReader, plan_shards
+from pipeline.cache import CacheReader
 from pipeline.cli import do_extract, prepare
 from pipeline.config import load_config
 from pipeline.errors import UniptError
@@ -32,9 +32,7 @@ def test_cache_holds_exactly_what_the_backbone_produced(ray_session, prepared, t
     backbone = HFTextBackbone(BackboneLoadSpec(str(tiny_bert_dir)))
     config = prepared.config
     texts = prepared.dataset.table.column("text").to_pylist()
-    shards = plan_shards(
-        len(texts), config.extract.shard_size, config.backbone.max_length, config.extract.chunk_rows
-    )
+    shards = reader.layout.shards()
     assert len(shards) == 4
     for shard in shards:
         encoded = backbone.encode(

@@ -15,7 +15,7 @@ SPLITS = ["train"] * 9 + ["val"] * 4
 
 def _reader(tmp_path):
     tokens, _ = build_cache(CacheRoot(tmp_path), LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS)
-    return CacheReader(CacheRoot(tmp_path).path(KEY)), tokens
+    return CacheReader(CacheRoot(tmp_path).location(KEY)), tokens
 
 
 def test_every_example_once_per_epoch_padded_exactly(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
-from pipeline.cache import CacheReader, plan_shards
+from pipeline.cache import CacheReader
 from pipeline.cli import do_extract, do_train, prepare
 from pipeline.config import load_config
 
@@ -38,7 +38,7 @@ def test_minilm_on_rotten_tomatoes(ray_session, tmp_path):
     texts = prep.dataset.table.column("text").to_pylist()
     lengths = [len(ids) for ids in backbone.tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
     assert reader.examples.column("length").to_pylist() == lengths
-    shard = plan_shards(600, 128, 128, config.extract.chunk_rows)[1]
+    shard = reader.layout.shards()[1]
     encoded = backbone.encode(texts[shard.example_start : shard.example_stop], reader.layers, 128, 64)
     for layer in (0, 3, 6):
         cached = np.concatenate(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.cache import CacheReader
+from pipeline.cache import ActivationCache
 
 
 @dataclass
@@ -38,7 +38,7 @@ class CacheBatches:
 
     def __init__(
         self,
-        reader: CacheReader,
+        reader: ActivationCache,
         split: str,
         layers: list[int],
         batch_size: int,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.cache import CacheReader
+from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from train.loader import CacheBatches
@@ -42,7 +42,7 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 
 def train_classifier(
-    reader: CacheReader, config: TrainConfig, seed: int, progress: bool = True
+    reader: ActivationCache, config: TrainConfig, seed: int, progress: bool = True
 ) -> TrainResult:
     torch.manual_seed(seed)
     device = pick_device(config.device)

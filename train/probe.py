@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.cache import CacheReader
+from pipeline.cache import ActivationCache
 from train.loader import CacheBatches
 from train.metrics import accuracy
 from train.unipt import masked_mean
@@ -12,7 +12,7 @@ from train.unipt import masked_mean
 _L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def pooled_features(reader: CacheReader, split: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_features(reader: ActivationCache, split: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     features, labels = [], []
     for batch in CacheBatches(reader, split, [layer], batch_size=512).epoch(0):
         features.append(masked_mean(batch.hidden[0], batch.mask))
@@ -22,7 +22,7 @@ def pooled_features(reader: CacheReader, split: str, layer: int) -> tuple[torch.
     return torch.cat(features), torch.cat(labels)
 
 
-def linear_probe(reader: CacheReader, seed: int = 0) -> dict[str, float]:
+def linear_probe(reader: ActivationCache, seed: int = 0) -> dict[str, float]:
     """Fit on train for each L2 strength, keep the best on val, report val and test accuracy."""
     torch.manual_seed(seed)
     layer = reader.layers[-1]

@@ -1,0 +1,97 @@
+"""Looking after caches: describe one, verify its bytes, and remove the ones no run needs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache_layout import OFFSETS
+from pipeline.checksums import Problem, verify_files
+
+TRASH_DIR = ".trash"
+
+
+def describe(reader: CacheReader) -> dict[str, Any]:
+    """What ``unipt cache info`` prints: identity, shape, layout and size of one cache."""
+    attrs = reader.attrs
+    layout = reader.layout
+    backbone = attrs.get("backbone", {})
+    return {
+        "key": attrs.get("cache_key"),
+        "location": reader.source,
+        "format_version": attrs.get("format_version"),
+        "committed_at": attrs.get("committed_at"),
+        "dataset_fingerprint": attrs.get("dataset_fingerprint"),
+        "backbone": {
+            key: backbone.get(key)
+            for key in (
+                "name",
+                "model_type",
+                "revision",
+                "weights_sha256",
+                "config_sha256",
+                "tokenizer_sha256",
+            )
+        },
+        "tokenizer": attrs.get("tokenizer"),
+        "layers": reader.layers,
+        "hidden_sizes": {str(k): v for k, v in reader.hidden_sizes.items()},
+        "grids": attrs.get("grids", {}),
+        "dtype": reader.dtype,
+        "max_length": layout.max_length,
+        "examples": reader.num_examples,
+        "splits": {s: int(len(reader.split_indices(s))) for s in ("train", "val", "test")},
+        "total_tokens": attrs.get("total_tokens"),
+        "label_names": reader.label_names,
+        "codec": {
+            "codec": layout.codec,
+            "shuffle": layout.shuffle,
+            "level": layout.compression_level,
+            "chunk_rows": layout.chunk_rows,
+            "chunks_per_file": layout.chunks_per_file,
+        },
+        "shards": len(layout.shards()),
+        "bytes_on_disk": reader.nbytes_on_disk(),
+    }
+
+
+def verify(reader: CacheReader, progress: Callable[[int], None] | None = None) -> list[Problem]:
+    """Every data file re-hashed against the checksums recorded when it was written."""
+    expected = reader.checksums()
+    rows_per_file = reader.layout.rows_per_file
+
+    def rows_of(array: str) -> int | None:
+        return None if array.startswith(OFFSETS) else rows_per_file
+
+    return verify_files(reader.location, expected, rows_of, progress=progress)
+
+
+@dataclass(frozen=True)
+class Garbage:
+    key: str
+    bytes: int
+    committed: bool
+
+
+def find_garbage(root: CacheRoot, referenced: Iterable[str], include_partial: bool = False) -> list[Garbage]:
+    """Committed caches no run record references (and, optionally, unfinished ones)."""
+    keep = set(referenced)
+    found = [Garbage(key, root.location(key).size(), True) for key in root.keys() if key not in keep]
+    if include_partial:
+        found += [Garbage(key, root.partial_location(key).size(), False) for key in root.partial_keys()]
+    return found
+
+
+def remove(root: CacheRoot, item: Garbage) -> None:
+    location = root.location(item.key) if item.committed else root.partial_location(item.key)
+    if location.is_local and location.exists():
+        # Rename first, so the key disappears in one step and no reader meets a half-deleted store.
+        trash = root.root.child(TRASH_DIR, f"{item.key}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(os.path.dirname(trash.url), exist_ok=True)
+        os.replace(location.url, trash.url)
+        location = trash
+    location.remove()

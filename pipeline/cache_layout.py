@@ -1,0 +1,148 @@
+"""The shape of a cache store: which arrays it has, how rows are reserved per extraction shard.
+
+Every stored layer is one 2-D array ``[rows, width]`` chunked along rows. Two kinds of layers:
+
+- **token sequences** (text encoders, ViT): example *i* owns ``lengths[i]`` rows (its real tokens,
+  no padding); all sequence layers share one ``offsets`` array.
+- **feature maps** (CNN stages): an ``[H, W, C]`` map is stored as ``H*W`` rows of ``C`` channels
+  (row-major over H, W); the grid ``[H, W]`` is recorded per layer and the layer has its own
+  ``offsets_XX`` array, because its rows per example differ from other layers'.
+
+Extraction is cut into shards of ``shard_size`` examples. Each shard owns, in every layer, a row
+range that starts on a file boundary (a chunk, or a shard file when Zarr sharding is on) and is
+sized for its worst case, so parallel writers never touch the same file. Rows a shard leaves
+unused are never written and take no disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.encoding import CODECS, SHUFFLES, STORAGE_DTYPES
+from pipeline.errors import UniptError
+
+OFFSETS = "offsets"
+EXAMPLES_FILE = "examples.parquet"
+SHARD_MARKERS = "_shards"
+METADATA_FILE = "zarr.json"
+
+
+def layer_array_name(layer: int) -> str:
+    return f"layer_{layer:02d}"
+
+
+def scale_array_name(layer: int) -> str:
+    return f"layer_{layer:02d}_scale"
+
+
+def grid_offsets_name(layer: int) -> str:
+    return f"offsets_{layer:02d}"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One stored hidden state: its index in the backbone's outputs, width, and grid for feature maps."""
+
+    index: int
+    width: int
+    grid: tuple[int, int] | None = None
+
+    @property
+    def offsets_name(self) -> str:
+        return OFFSETS if self.grid is None else grid_offsets_name(self.index)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """A contiguous run of examples: the unit of extraction work and of resume."""
+
+    shard_id: int
+    example_start: int
+    example_stop: int
+
+    @property
+    def num_examples(self) -> int:
+        return self.example_stop - self.example_start
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Everything that fixes where bytes go in a store. Stored in its attributes; a resume needs the same."""
+
+    layers: tuple[LayerSpec, ...]
+    num_examples: int
+    max_length: int  # row budget per example in sequence layers
+    shard_size: int = 512
+    chunk_rows: int = 4096
+    dtype: str = "float16"
+    codec: str = "blosc-zstd"
+    shuffle: str = "byte"
+    compression_level: int = 3
+    chunks_per_file: int = 1  # > 1 turns on Zarr's sharding codec: that many chunks per file
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise UniptError(f"unknown storage dtype {self.dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
+        if self.codec not in CODECS or self.shuffle not in SHUFFLES:
+            raise UniptError(f"unknown codec {self.codec!r}/{self.shuffle!r}; codecs: {list(CODECS)}")
+        if not self.layers:
+            raise UniptError("a cache needs at least one layer")
+        if self.num_examples <= 0:
+            raise UniptError("a cache needs at least one example")
+
+    @property
+    def rows_per_file(self) -> int:
+        return self.chunk_rows * max(1, self.chunks_per_file)
+
+    def layer(self, index: int) -> LayerSpec:
+        for spec in self.layers:
+            if spec.index == index:
+                return spec
+        raise UniptError(
+            f"layer {index} is not in this cache (stored layers: {[s.index for s in self.layers]})"
+        )
+
+    def shards(self) -> list[ShardSpec]:
+        return [
+            ShardSpec(shard_id, start, min(start + self.shard_size, self.num_examples))
+            for shard_id, start in enumerate(range(0, self.num_examples, self.shard_size))
+        ]
+
+    def rows_per_example(self, spec: LayerSpec) -> int:
+        """Row budget per example: the max length for token sequences, H*W (exact) for feature maps."""
+        return self.max_length if spec.grid is None else spec.grid[0] * spec.grid[1]
+
+    def _aligned(self, rows: int) -> int:
+        unit = self.rows_per_file
+        return -(-rows // unit) * unit
+
+    def row_span(self, shard: ShardSpec, spec: LayerSpec) -> tuple[int, int]:
+        """(first row, rows reserved) of ``shard`` in layer ``spec``; every span starts on a file boundary."""
+        per_example = self.rows_per_example(spec)
+        base = shard.shard_id * self._aligned(self.shard_size * per_example)
+        return base, self._aligned(shard.num_examples * per_example)
+
+    def total_rows(self, spec: LayerSpec) -> int:
+        last = self.shards()[-1]
+        base, capacity = self.row_span(last, spec)
+        return base + capacity
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("extra")
+        data["layers"] = [
+            {"index": s.index, "width": s.width, "grid": list(s.grid) if s.grid else None}
+            for s in self.layers
+        ]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoreLayout:
+        fields = dict(data)
+        fields["layers"] = tuple(
+            LayerSpec(int(s["index"]), int(s["width"]), tuple(s["grid"]) if s.get("grid") else None)
+            for s in data["layers"]
+        )
+        return cls(**fields)

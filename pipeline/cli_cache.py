@@ -1,0 +1,166 @@
+"""``unipt cache ...``: list, describe, verify, export and garbage-collect activation caches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tqdm.auto import tqdm
+
+from pipeline.cache import CacheReader, CacheRoot, _is_key, open_cache
+from pipeline.cache_admin import describe, find_garbage, remove, verify
+from pipeline.errors import UniptError
+from pipeline.runs import referenced_cache_keys
+
+DEFAULT_CACHE_ROOT = ".unipt/cache"
+DEFAULT_RUNS_ROOT = ".unipt/runs"
+
+
+def human_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def _open(target: str, cache_root: str) -> CacheReader:
+    """A cache named by its key (under --cache-root) or by its path/URL."""
+    location = CacheRoot(cache_root).location(target) if _is_key(target) else target
+    reader = open_cache(location)
+    if not isinstance(reader, CacheReader):
+        raise UniptError(f"{target} is an exported HDF5 copy; this command works on Zarr caches")
+    return reader
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    root = CacheRoot(args.cache_root)
+    keys = root.keys()
+    if not keys:
+        print(f"no committed caches under {root}", file=sys.stderr)
+    for key in keys:
+        reader = CacheReader(root.location(key))
+        print(
+            f"{key}  {reader.attrs.get('backbone', {}).get('name', '?'):<28} {reader.dtype:<8} "
+            f"{reader.num_examples:>7} ex  {reader.attrs.get('total_tokens', 0):>9} tok  "
+            f"{human_bytes(reader.nbytes_on_disk()):>9}  {reader.attrs.get('committed_at', '')}"
+        )
+    partial = root.partial_keys()
+    if partial:
+        print(
+            f"({len(partial)} unfinished: {', '.join(partial)}; `unipt extract` resumes them)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(json.dumps(describe(_open(args.cache, args.cache_root)), indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    reader = _open(args.cache, args.cache_root)
+    expected = len(reader.checksums())
+    with tqdm(total=expected, unit="file", desc="verify", disable=args.no_progress) as bar:
+        problems = verify(reader, progress=bar.update)
+    for problem in problems:
+        print(f"DAMAGED {problem}")
+    if problems:
+        print(
+            f"unipt: {len(problems)} of {expected} files damaged in {reader.source}; "
+            "remove the cache (`unipt cache gc` or delete it) and re-extract",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"ok: {expected} files match their checksums ({reader.source})")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    root = CacheRoot(args.cache_root)
+    garbage = find_garbage(root, referenced_cache_keys(args.runs_root), include_partial=args.include_partial)
+    total = sum(item.bytes for item in garbage)
+    verb = "removing" if args.yes else "would remove"
+    for item in garbage:
+        kind = "" if item.committed else " (unfinished)"
+        print(f"{verb} {item.key}{kind}  {human_bytes(item.bytes)}")
+        if args.yes:
+            remove(root, item)
+    summary = f"{len(garbage)} cache(s), {human_bytes(total)}"
+    if not args.yes and garbage:
+        print(f"dry run: {summary} unreferenced by any run in {args.runs_root}; add --yes to remove them")
+    else:
+        print(f"{'removed' if args.yes else 'nothing to remove:'} {summary}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.hdf5 import export_hdf5
+
+    reader = _open(args.cache, args.cache_root)
+    total = sum(
+        int((reader.offsets_for(layer)[:, 1] - reader.offsets_for(layer)[:, 0]).sum())
+        for layer in reader.layers
+    )
+    with tqdm(total=total, unit="row", desc="export", disable=args.no_progress) as bar:
+        out = export_hdf5(reader, args.out, compression=args.compression, progress=bar.update)
+    print(out)
+    return 0
+
+
+def add_cache_commands(sub: argparse._SubParsersAction) -> None:
+    cache = sub.add_parser(
+        "cache",
+        help="list, inspect, verify, export and clean up activation caches",
+        description="list, inspect, verify, export and clean up activation caches",
+    )
+    actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str, handler, target: bool = False) -> argparse.ArgumentParser:
+        p = actions.add_parser(name, help=help_text, description=help_text)
+        if target:
+            p.add_argument("cache", help="a cache key (looked up under --cache-root) or a cache path/URL")
+        p.add_argument(
+            "--cache-root",
+            default=DEFAULT_CACHE_ROOT,
+            help=f"directory or URL of caches (default: {DEFAULT_CACHE_ROOT})",
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    action("ls", "list committed caches: key, backbone, dtype, examples, tokens, size", cmd_ls)
+    action("info", "print one cache's identity, layers, layout and size as JSON", cmd_info, target=True)
+    verify_p = action(
+        "verify",
+        "re-hash every data file against the checksums recorded at write time; exit 1 if any differ",
+        cmd_verify,
+        target=True,
+    )
+    verify_p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    gc = action(
+        "gc",
+        "remove caches that no run record references (a dry run unless --yes)",
+        cmd_gc,
+    )
+    gc.add_argument(
+        "--runs-root", default=DEFAULT_RUNS_ROOT, help=f"run records (default: {DEFAULT_RUNS_ROOT})"
+    )
+    gc.add_argument("--yes", action="store_true", help="really remove them (default: only list them)")
+    gc.add_argument(
+        "--include-partial",
+        action="store_true",
+        help="also remove unfinished stores (only when no extraction is running: they are what resumes)",
+    )
+    export = action(
+        "export", "copy a cache to another format (HDF5) for other tools", cmd_export, target=True
+    )
+    export.add_argument("--format", choices=["hdf5"], default="hdf5", help="output format (default: hdf5)")
+    export.add_argument("--out", required=True, help="output file, e.g. cache.h5")
+    export.add_argument(
+        "--compression", choices=["none", "lzf", "gzip"], default="lzf", help="HDF5 filter (default: lzf)"
+    )
+    export.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -1,0 +1,169 @@
+"""Where caches live: a local directory, or any fsspec URL (``s3://bucket/prefix``, ``gs://``, ``memory://``).
+
+A :class:`Location` is a URL plus fsspec storage options. It is small and picklable, so the
+driver hands it to Ray workers, which open the same store themselves. Credentials are never
+part of it: fsspec backends read them from the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) on whichever machine opens the store, so
+they never reach a config, a cache's attributes or a run record.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from zarr.abc.store import Store
+from zarr.storage import FsspecStore, LocalStore
+
+from pipeline.errors import UniptError
+
+# Option names that carry secrets: refused in configs so they cannot end up in run records.
+_SECRET_OPTIONS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key")
+
+
+class Location:
+    """A directory-like place: a local path or an fsspec URL, with the file operations the cache needs."""
+
+    def __init__(self, url: str | Path, options: Mapping[str, Any] | None = None) -> None:
+        text = str(url)
+        if text.startswith("file://"):
+            text = text[len("file://") :]
+        if "://" in text:
+            self.url = text.rstrip("/")
+        else:
+            self.url = str(Path(text).expanduser().resolve())
+        self.options = dict(options or {})
+        check_no_secrets(self.options)
+        self._fs: fsspec.AbstractFileSystem | None = None
+
+    def __reduce__(self) -> tuple:
+        # Ship only the URL and options; the worker opens its own filesystem (and reads its own credentials).
+        return (Location, (self.url, self.options))
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and (self.url, self.options) == (other.url, other.options)
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.url
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            if self.is_local:
+                self._fs = LocalFileSystem()
+            else:
+                try:
+                    self._fs = fsspec.core.url_to_fs(self.url, **self.options)[0]
+                except ImportError as exc:
+                    scheme = self.url.split("://", 1)[0]
+                    raise UniptError(
+                        f"no fsspec backend for {scheme}:// ({exc}); install it, e.g. `pip install s3fs`"
+                    ) from exc
+        return self._fs
+
+    @property
+    def fs_path(self) -> str:
+        return self.url if self.is_local else self.fs._strip_protocol(self.url)
+
+    def child(self, *parts: str) -> Location:
+        for part in parts:
+            if not part or part in (".", "..") or "\\" in part or part.startswith("/"):
+                raise UniptError(f"path part {part!r} would leave {self.url}; names must stay inside it")
+        return Location(self.url + "/" + "/".join(parts), self.options)
+
+    # --- small files -------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return os.path.exists(self.url) if self.is_local else self.fs.exists(self.fs_path)
+
+    def read_bytes(self) -> bytes:
+        try:
+            return self.fs.cat_file(self.fs_path)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(self.url) from exc
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write a whole file so that readers see either the old content or the new, never a torn file."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(self.url), exist_ok=True)
+            tmp = f"{self.url}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, self.url)
+        else:
+            self.fs.pipe_file(self.fs_path, data)  # one PUT: object stores publish it whole
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    # --- directories -------------------------------------------------------------------------------------
+    def listdir(self) -> list[str]:
+        """Names of the entries directly inside, sorted; empty if the location does not exist."""
+        if self.is_local:
+            return sorted(os.listdir(self.url)) if os.path.isdir(self.url) else []
+        try:
+            entries = self.fs.ls(self.fs_path, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def files(self) -> dict[str, int]:
+        """Every file below, as path relative to this location -> size in bytes."""
+        if self.is_local:
+            root = Path(self.url)
+            if not root.is_dir():
+                return {}
+            return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+        base = self.fs_path.rstrip("/") + "/"
+        try:
+            found = self.fs.find(self.fs_path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {path[len(base) :]: int(info.get("size") or 0) for path, info in found.items()}
+
+    def size(self) -> int:
+        return sum(self.files().values())
+
+    def remove(self) -> None:
+        if self.exists():
+            self.fs.rm(self.fs_path, recursive=True)
+
+    def zarr_store(self, read_only: bool = False) -> Store:
+        if self.is_local:
+            return LocalStore(self.url, read_only=read_only)
+        return FsspecStore.from_url(self.url, storage_options=self.options, read_only=read_only)
+
+
+def check_no_secrets(options: Mapping[str, Any]) -> None:
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if str(key).lower() in _SECRET_OPTIONS:
+                    raise UniptError(
+                        f"storage option {where}{key} looks like a credential; put it in the environment "
+                        "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), never in a config"
+                    )
+                walk(value, f"{where}{key}.")
+
+    walk(options, "")
