@@ -224,8 +224,22 @@ class CacheReader(ActivationCache):
         self.attrs = attrs
         self._validate(expect)
         self.group = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
-        self.examples = pq.read_table(io.BytesIO(self.location.child(EXAMPLES_FILE).read_bytes()))
+        self._examples: pa.Table | None = None
         self._arrays: dict[str, zarr.Array] = {}
+
+    @property
+    def examples(self) -> pa.Table:
+        # Loaded on first use, so `unipt cache verify` can still report on a store whose table is damaged.
+        if self._examples is None:
+            try:
+                data = self.location.child(EXAMPLES_FILE).read_bytes()
+                self._examples = pq.read_table(io.BytesIO(data))
+            except (FileNotFoundError, pa.ArrowException) as exc:
+                raise UniptError(
+                    f"cache {self.source}: {EXAMPLES_FILE} is missing or damaged ({type(exc).__name__}); "
+                    f"run `unipt cache verify {self.source}` and re-extract"
+                ) from exc
+        return self._examples
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:

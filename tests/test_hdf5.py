@@ -1,0 +1,120 @@
+"""HDF5 export: the same rows at the same positions, and training on it gives the same numbers."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.cache import CacheReader, CacheRoot, open_cache
+from pipeline.cli import do_extract, do_train, main, prepare
+from pipeline.config import load_config
+from pipeline.errors import UniptError
+from pipeline.hdf5 import HDF5CacheReader, export_hdf5
+from pipeline.runs import read_run_record
+from tests.conftest import KEY, build_cache
+
+COMPARED = ("test_acc", "val_acc", "test_f1", "probe_test_acc", "probe_val_acc", "best_epoch")
+
+
+def test_export_copies_every_example_exactly(tmp_path):
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    for dtype in ("float16", "int8"):
+        root = CacheRoot(tmp_path / dtype)
+        build_cache(root, lengths, {0: 4, 2: 6}, dtype=dtype, splits=["train"] * 4 + ["val"] * 3)
+        zarr_reader = CacheReader(root.location(KEY))
+        out = export_hdf5(zarr_reader, tmp_path / f"{dtype}.h5", compression="gzip")
+        h5_reader = HDF5CacheReader(out)
+        assert h5_reader.layers == [0, 2] and h5_reader.dtype == dtype
+        assert h5_reader.examples.equals(zarr_reader.examples)
+        np.testing.assert_array_equal(h5_reader.offsets, zarr_reader.offsets)
+        for layer in (0, 2):
+            for i in range(len(lengths)):
+                np.testing.assert_array_equal(
+                    h5_reader.read_example(i, layer), zarr_reader.read_example(i, layer)
+                )
+        with h5py.File(out) as f:  # readable by any HDF5 tool: plain datasets and a JSON attribute
+            assert json.loads(f.attrs["unipt"])["cache_key"] == KEY
+            assert f["layer_02"].shape[1] == 6 and f["examples/split"].shape == (len(lengths),)
+
+
+def test_export_never_overwrites(tmp_path):
+    root = CacheRoot(tmp_path)
+    build_cache(root, [3, 4], {0: 4})
+    target = tmp_path / "out.h5"
+    target.write_text("precious")
+    with pytest.raises(UniptError, match="already exists"):
+        export_hdf5(CacheReader(root.location(KEY)), target)
+    assert target.read_text() == "precious"
+
+
+def test_not_a_cache_file_is_a_clear_error(tmp_path):
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(UniptError, match="not a unipt cache"):
+        open_cache(plain)
+    (tmp_path / "junk.h5").write_text("not hdf5")
+    with pytest.raises(UniptError, match="not a readable HDF5 file"):
+        open_cache(tmp_path / "junk.h5")
+
+
+def test_training_on_the_hdf5_export_gives_the_same_results(ray_session, tiny_config, tmp_path, capsys):
+    prep = prepare(load_config(tiny_config, ["train.epochs=3"]))
+    zarr_path = do_extract(prep, None, progress=False).path
+    from_zarr = do_train(prep, progress=False)
+
+    out = tmp_path / "cache.h5"
+    code = main(
+        [
+            "cache",
+            "export",
+            prep.key,
+            "--cache-root",
+            str(prep.cache_root),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0 and out.is_file()
+    from_h5 = do_train(
+        prep, progress=False, reader=open_cache(out, expect={"backbone": prep.key_fields["backbone"]})
+    )
+    for name in COMPARED:
+        assert from_h5["metrics"][name] == from_zarr["metrics"][name], name
+    assert [h["train_loss"] for h in from_h5["history"]] == [h["train_loss"] for h in from_zarr["history"]]
+
+    # The command a user runs: `unipt train CONFIG --cache file.h5`, recorded with the file as its source.
+    runs = tmp_path / "runs-h5"
+    capsys.readouterr()
+    code = main(
+        [
+            "train",
+            str(tiny_config),
+            "--set",
+            "train.epochs=3",
+            "--runs-root",
+            str(runs),
+            "--cache",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    record = read_run_record(next(runs.iterdir()))
+    assert (
+        record["cache"]["path"] == str(out)
+        and record["metrics"]["test_acc"] == from_zarr["metrics"]["test_acc"]
+    )
+    assert str(zarr_path) != str(out)
+
+
+def test_hdf5_export_of_another_dataset_is_refused_for_training(ray_session, tiny_config, tmp_path):
+    prep = prepare(load_config(tiny_config))
+    do_extract(prep, None, progress=False)
+    out = export_hdf5(CacheReader(prep.cache_root.location(prep.key)), tmp_path / "c.h5")
+    with pytest.raises(UniptError, match="built for another dataset fingerprint"):
+        open_cache(out, expect={"dataset_fingerprint": "0" * 64})
