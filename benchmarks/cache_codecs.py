@@ -62,6 +62,7 @@ from zarr.codecs.numcodecs import LZ4  # noqa: E402
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 MB = 1e6
+MIB = 1 << 20
 CURRENT_DEFAULT = "blosc-zstd3-shuffle"
 
 # name -> factory for the `compressors=` argument of create_array (None = stored raw).
@@ -76,6 +77,16 @@ COMPRESSORS: dict[str, Callable[[], list[Any] | None]] = {
     "blosc-zstd3-bitshuffle": lambda: [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
     "blosc-lz4-5-shuffle": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
     "blosc-lz4-5-bitshuffle": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
+    # Blosc compresses each internal block on its own, and its automatic block size is small
+    # (tens of KiB); bigger blocks let zstd see the repeated exponent bytes (and repeated rows).
+    "blosc-zstd1-shuffle-1M": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", blocksize=MIB)],
+    "blosc-zstd3-shuffle-1M": lambda: [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=MIB)],
+    "blosc-zstd3-bitshuffle-1M": lambda: [
+        BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", blocksize=MIB)
+    ],
+    "blosc-zstd3-shuffle-4M": lambda: [
+        BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=4 * MIB)
+    ],
 }
 
 
@@ -100,6 +111,7 @@ class Result:
     seq_read_s: list[float] = field(default_factory=list)
     block_read_s: list[float] = field(default_factory=list)
     rel_rms_error: float | None = None
+    codecs: Any = None
 
     @property
     def ratio(self) -> float:
@@ -242,6 +254,7 @@ def run_layout(
         block_s = time.perf_counter() - t0
 
         if result is None:
+            codecs = next(iter(handles.values())).metadata.to_dict()["codecs"]
             disk, files, per_array = store_stats(path)
             ratio_per_layer = {}
             for layer in layers:
@@ -256,6 +269,7 @@ def run_layout(
                 elements=elements,
                 ratio_per_layer=ratio_per_layer,
                 rel_rms_error=rel_err,
+                codecs=json.loads(json.dumps(codecs, default=str)),
             )
         result.write_s.append(write_s)
         result.seq_read_s.append(seq_s)
@@ -318,6 +332,7 @@ def result_row(r: Result, storage_mbps: float) -> dict[str, Any]:
         "block_read_mbps": round(r.mbps(r.block_read_s), 1),
         "modeled_block_read_mbps": round(r.modeled_mbps(storage_mbps), 1),
         "rel_rms_error_vs_float32": r.rel_rms_error,
+        "zarr_codecs": r.codecs,
         "write_s": r.write_s,
         "seq_read_s": r.seq_read_s,
         "block_read_s": r.block_read_s,
