@@ -3,8 +3,8 @@
 What it measures: for each layout (compressor, chunk_rows, sharding on/off, stored dtype) it writes
 the per-layer activations of real Rotten Tomatoes snippets (bundled MiniLM, layers 0/3/6 by
 default) as 2-D Zarr v3 arrays ``[total_tokens, hidden]`` chunked along rows, like
-``pipeline/cache.py`` does, into a LocalStore under a temp dir, then reports the median over
-``--reps`` repetitions of:
+``pipeline/cache.py`` does, into a LocalStore under a temp dir, then reports medians over
+``--reps`` writes (and ``--read-passes`` read passes after each write) of:
 
 * ratio      uncompressed bytes / bytes of all files in the store (also per layer);
 * B/elem     bytes on disk per activation element (dtype-neutral: raw fp16 is 2.00);
@@ -21,12 +21,14 @@ All throughputs are MB/s (1e6 bytes) of decoded, uncompressed bytes. Reads are s
 page cache (the store was just written) unless ``--cold``, which evicts the files with
 ``posix_fadvise(DONTNEED)`` first; so read MB/s is decode + Zarr overhead, not disk speed.
 
-Stages: (1) every compressor at ``--chunk-rows`` (4096), fp16, no sharding; (2) the best
+Stages: (1) every compressor at ``--chunk-rows`` (4096), fp16, no sharding: zstd 1/3 and lz4
+alone, Blosc zstd/lz4 with byte shuffle or bitshuffle at Blosc's automatic block size, and
+Blosc zstd + shuffle with an explicit 1 MiB / 4 MiB block size (``-1M``/``-4M``); (2) the best
 ``--top`` compressors by the modeled throughput at 1024 / 16384 rows and with sharding
 (``--shard-chunks`` inner chunks per shard file); (3) float32, bf16 (uint16 bits, round to
 nearest even) and int8 (+ a float32 scale per token) for the best 2 compressors.
 
-Run:  python benchmarks/cache_codecs.py            (1500 examples, 3 reps, a few minutes on 2 cores)
+Run:  python benchmarks/cache_codecs.py            (2000 examples, 3 reps, ~3 min on 2 cores)
       python benchmarks/cache_codecs.py --quick    (200 examples, 1 rep, < 30 s)
 Writes the table to stdout and JSON to benchmarks/results/cache_codecs.json.
 """
@@ -232,26 +234,29 @@ def run_layout(
         group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
         handles = {name: group[name] for name in arrays}
 
-        if args.cold:
-            evict(path)
-        t0 = time.perf_counter()
-        full = {name: h[:] for name, h in handles.items()}
-        seq_s = time.perf_counter() - t0
-        if rep == 0:
-            for name, data in arrays.items():
-                if not np.array_equal(full[name], data):
-                    raise AssertionError(f"{layout}: {name} did not round-trip")
-        del full
+        seq_times, block_times = [], []
+        for read_pass in range(args.read_passes):
+            if args.cold:
+                evict(path)
+            t0 = time.perf_counter()
+            full = {name: h[:] for name, h in handles.items()}
+            seq_times.append(time.perf_counter() - t0)
+            if rep == 0 and read_pass == 0:
+                for name, data in arrays.items():
+                    if not np.array_equal(full[name], data):
+                        raise AssertionError(f"{layout}: {name} did not round-trip")
+            del full
 
-        if args.cold:
-            evict(path)
-        order = np.random.default_rng([args.seed, rep]).permutation(len(blocks))  # same for every layout
-        t0 = time.perf_counter()
-        for i in order:
-            start, stop = blocks[i]
-            for h in handles.values():
-                h[start:stop]
-        block_s = time.perf_counter() - t0
+            if args.cold:
+                evict(path)
+            # A fresh shuffled block order per pass, the same sequence for every layout.
+            order = np.random.default_rng([args.seed, rep, read_pass]).permutation(len(blocks))
+            t0 = time.perf_counter()
+            for i in order:
+                start, stop = blocks[i]
+                for h in handles.values():
+                    h[start:stop]
+            block_times.append(time.perf_counter() - t0)
 
         if result is None:
             codecs = next(iter(handles.values())).metadata.to_dict()["codecs"]
@@ -272,8 +277,8 @@ def run_layout(
                 codecs=json.loads(json.dumps(codecs, default=str)),
             )
         result.write_s.append(write_s)
-        result.seq_read_s.append(seq_s)
-        result.block_read_s.append(block_s)
+        result.seq_read_s += seq_times
+        result.block_read_s += block_times
         shutil.rmtree(path)
     assert result is not None
     return result
@@ -390,10 +395,11 @@ def machine_info() -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--examples", type=int, default=1800, help="Rotten Tomatoes snippets to encode")
+    p.add_argument("--examples", type=int, default=2000, help="Rotten Tomatoes snippets to encode")
     p.add_argument("--layers", type=int, nargs="+", default=[0, 3, 6], help="hidden states to store")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3, help="repetitions per layout (medians are reported)")
+    p.add_argument("--reps", type=int, default=3, help="writes per layout (medians are reported)")
+    p.add_argument("--read-passes", type=int, default=3, help="read passes per write (medians over all)")
     p.add_argument("--chunk-rows", type=int, default=4096, help="chunk rows of the stage-1 codec matrix")
     p.add_argument("--chunk-variants", type=int, nargs="+", default=[1024, 16384])
     p.add_argument("--shard-chunks", type=int, default=16, help="inner chunks per shard file")
@@ -407,7 +413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = p.parse_args(argv)
     if args.quick:
-        args.examples, args.reps, args.top = 200, 1, 1
+        args.examples, args.reps, args.read_passes, args.top = 200, 1, 1, 1
     if args.out is None:
         args.out = ROOT / "benchmarks" / "results" / f"cache_codecs{'_quick' if args.quick else ''}.json"
     return args
@@ -477,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table)
     print(
-        f"\nMB/s of decoded bytes, median of {args.reps}; reads "
+        f"\nMB/s of decoded bytes, median of {args.reps} writes, "
+        f"{args.reps * args.read_passes} read passes; reads "
         f"{'cold (posix_fadvise DONTNEED)' if args.cold else 'from the page cache'}; "
         f"'@{args.storage_mbps:g}' = block read if bytes came from {args.storage_mbps:g} MB/s storage; "
         f"* = current default. Total {time.perf_counter() - t_start:.0f}s."

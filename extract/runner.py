@@ -132,6 +132,7 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
             codec=ext.codec,
             shuffle=ext.shuffle,
             compression_level=ext.compression_level,
+            blosc_blocksize=ext.blosc_blocksize,
             chunks_per_file=ext.chunks_per_file,
         )
         shards = layout.shards()

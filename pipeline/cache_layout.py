@@ -78,7 +78,8 @@ class StoreLayout:
     dtype: str = "float16"
     codec: str = "blosc-zstd"
     shuffle: str = "byte"
-    compression_level: int = 3
+    compression_level: int = 1
+    blosc_blocksize: int = 1 << 20
     chunks_per_file: int = 1  # > 1 turns on Zarr's sharding codec: that many chunks per file
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

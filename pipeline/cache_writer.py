@@ -43,7 +43,9 @@ def _create_array(group: zarr.Group, name: str, shape: tuple, dtype: np.dtype, l
         chunks=rows_per_chunk,
         shards=(layout.rows_per_file, *shape[1:]) if layout.chunks_per_file > 1 else None,
         dtype=dtype,
-        compressors=compressors(layout.codec, layout.shuffle, layout.compression_level, dtype.itemsize),
+        compressors=compressors(
+            layout.codec, layout.shuffle, layout.compression_level, dtype.itemsize, layout.blosc_blocksize
+        ),
         fill_value=0,
     )
 

@@ -80,10 +80,14 @@ class ExtractConfig(_Strict):
     dtype: Literal["float16", "bfloat16", "float32", "int8"] = Field(
         "float16", description="Storage dtype; int8 is lossy (per-token scales), see README."
     )
+    # Defaults chosen by benchmarks/cache_codecs.py on real MiniLM activations (see README, Cache format).
     chunk_rows: int = Field(4096, gt=0, description="Token rows per Zarr chunk.")
     codec: Literal["blosc-zstd", "blosc-lz4", "zstd", "lz4", "none"] = "blosc-zstd"
     shuffle: Literal["byte", "bit", "none"] = Field("byte", description="Blosc shuffle filter.")
-    compression_level: int = Field(3, ge=0, le=9)
+    compression_level: int = Field(1, ge=0, le=9)
+    blosc_blocksize: int = Field(
+        1 << 20, ge=0, description="Bytes per Blosc block (0 = Blosc's choice, which compresses worse)."
+    )
     chunks_per_file: int = Field(
         1, gt=0, description="Chunks per file; > 1 turns on Zarr's sharding codec (fewer, larger files)."
     )

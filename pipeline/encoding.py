@@ -73,8 +73,8 @@ def decode_rows(stored: np.ndarray, dtype: str, scale: np.ndarray | None = None)
     raise UniptError(f"unknown storage dtype {dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
 
 
-def compressors(codec: str, shuffle: str, level: int, itemsize: int) -> list[Any]:
-    """Zarr v3 bytes-to-bytes codecs for one array."""
+def compressors(codec: str, shuffle: str, level: int, itemsize: int, blocksize: int = 0) -> list[Any]:
+    """Zarr v3 bytes-to-bytes codecs for one array. ``blocksize`` (Blosc only; 0 = Blosc's choice)."""
     if codec == "none":
         return []
     if codec == "zstd":
@@ -88,6 +88,7 @@ def compressors(codec: str, shuffle: str, level: int, itemsize: int) -> list[Any
                 clevel=level,
                 shuffle=SHUFFLES[shuffle],
                 typesize=itemsize,
+                blocksize=blocksize,
             )
         ]
     raise UniptError(f"unknown codec {codec!r}; choose one of {list(CODECS)}")

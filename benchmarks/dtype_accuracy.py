@@ -1,0 +1,128 @@
+"""What the storage dtype costs in accuracy: UniPT trained from fp16, bf16 and int8 caches of one dataset.
+
+Runs the default experiment (configs/rt_minilm.yaml: Rotten Tomatoes, all-MiniLM-L6-v2) once per
+dtype: one extraction each (the same snippets, the same backbone), then UniPT training with
+several seeds from that cache. Prints a table of cache size, test/val accuracy (mean and std over
+seeds) and the change against fp16, and writes it to benchmarks/results/dtype_accuracy.json.
+
+    python benchmarks/dtype_accuracy.py                       # fp16 vs int8, 3 seeds (~15 min on 2 cores)
+    python benchmarks/dtype_accuracy.py --dtypes float16 bfloat16 int8 --seeds 0
+    python benchmarks/dtype_accuracy.py --limit 800 --epochs 2 --seeds 0   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cli import do_extract, do_train, prepare  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "dtype_accuracy.json"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/rt_minilm.yaml")
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "int8"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--limit", type=int, default=None, help="use a seeded sample of this many examples")
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument("--cache-root", default=".unipt/cache")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+
+    base = [f"storage.cache_root={args.cache_root}"]
+    if args.limit:
+        base.append(f"dataset.limit={args.limit}")
+    if args.epochs:
+        base.append(f"train.epochs={args.epochs}")
+    rows = []
+    for dtype in args.dtypes:
+        prep = prepare(load_config(args.config, [*base, f"extract.dtype={dtype}"]))
+        t0 = time.perf_counter()
+        extraction = do_extract(prep, None, progress=True)
+        extract_s = time.perf_counter() - t0
+        runs = []
+        for seed in args.seeds:
+            seeded = prepare(load_config(args.config, [*base, f"extract.dtype={dtype}", f"seed={seed}"]))
+            trained = do_train(seeded, progress=False)
+            runs.append(
+                {
+                    "seed": seed,
+                    **{k: trained["metrics"][k] for k in ("test_acc", "val_acc", "probe_test_acc")},
+                }
+            )
+            print(
+                f"{dtype} seed {seed}: test {runs[-1]['test_acc']:.4f} val {runs[-1]['val_acc']:.4f}",
+                flush=True,
+            )
+        test_mean, test_std = _mean_std([r["test_acc"] for r in runs])
+        val_mean, val_std = _mean_std([r["val_acc"] for r in runs])
+        rows.append(
+            {
+                "dtype": dtype,
+                "cache_key": prep.key,
+                "cache_bytes": trained["cache_bytes"],
+                "extract_s": round(extract_s, 1) if not extraction.cache_hit else None,
+                "test_acc_mean": test_mean,
+                "test_acc_std": test_std,
+                "val_acc_mean": val_mean,
+                "val_acc_std": val_std,
+                "probe_test_acc_mean": statistics.fmean(r["probe_test_acc"] for r in runs),
+                "runs": runs,
+            }
+        )
+
+    ref = next((r for r in rows if r["dtype"] == "float16"), rows[0])
+    columns = ("dtype", "cache MiB", "size/fp16", "test acc", "val acc", "Δtest", "Δval")
+    table = [
+        (
+            r["dtype"],
+            f"{r['cache_bytes'] / 2**20:.0f}",
+            f"{r['cache_bytes'] / ref['cache_bytes']:.2f}",
+            f"{r['test_acc_mean']:.4f}±{r['test_acc_std']:.4f}",
+            f"{r['val_acc_mean']:.4f}±{r['val_acc_std']:.4f}",
+            f"{r['test_acc_mean'] - ref['test_acc_mean']:+.4f}",
+            f"{r['val_acc_mean'] - ref['val_acc_mean']:+.4f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(columns, *table, strict=True)]
+    for line in (columns, tuple("-" * w for w in widths), *table):
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)))
+    report = {
+        "benchmark": "dtype_accuracy",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "config": args.config,
+        "overrides": base,
+        "seeds": args.seeds,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
