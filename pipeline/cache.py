@@ -83,16 +83,16 @@ class CacheRoot:
         return is_complete(self.location(key))
 
     def keys(self) -> list[str]:
-        return [name for name in self.root.listdir() if _is_key(name) and is_complete(self.root.child(name))]
+        return [name for name in self.root.listdir() if is_key(name) and is_complete(self.root.child(name))]
 
     def partial_keys(self) -> list[str]:
         """Keys of stores that exist but are not committed (interrupted or running extractions)."""
         if self.root.is_local:
-            return [name for name in self.root.child(PARTIAL_DIR).listdir() if _is_key(name)]
-        return [name for name in self.root.listdir() if _is_key(name) and not self.has(name)]
+            return [name for name in self.root.child(PARTIAL_DIR).listdir() if is_key(name)]
+        return [name for name in self.root.listdir() if is_key(name) and not self.has(name)]
 
 
-def _is_key(name: str) -> bool:
+def is_key(name: str) -> bool:
     return 0 < len(name) <= 64 and all(c in "0123456789abcdef" for c in name)
 
 

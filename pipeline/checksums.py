@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 from zarr.storage import WrapperStore
@@ -25,7 +26,7 @@ CHECKSUMS_FILE = "checksums.json"
 _CHUNK_KEY = re.compile(r"^(?P<array>[^/]+)/c/(?P<row>\d+)(?:/\d+)*$")
 
 
-def digest(data: bytes | memoryview) -> str:
+def digest(data: bytes | memoryview | np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -44,7 +45,7 @@ class ChecksumRecorder(WrapperStore):
         await self._store.set(key, value)
         if not key.endswith("zarr.json"):  # metadata changes at commit; only data files are recorded
             with self._lock:
-                self.digests[key] = digest(value.as_numpy_array().tobytes())
+                self.digests[key] = digest(value.as_numpy_array())
 
     async def delete(self, key: str) -> None:
         await self._store.delete(key)

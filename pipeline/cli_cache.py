@@ -8,7 +8,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from pipeline.cache import CacheReader, CacheRoot, _is_key, open_cache
+from pipeline.cache import CacheReader, CacheRoot, is_key, open_cache
 from pipeline.cache_admin import describe, find_garbage, remove, verify
 from pipeline.errors import UniptError
 from pipeline.runs import referenced_cache_keys
@@ -29,7 +29,7 @@ def human_bytes(n: float) -> str:
 
 def _open(target: str, cache_root: str) -> CacheReader:
     """A cache named by its key (under --cache-root) or by its path/URL."""
-    location = CacheRoot(cache_root).location(target) if _is_key(target) else target
+    location = CacheRoot(cache_root).location(target) if is_key(target) else target
     reader = open_cache(location)
     if not isinstance(reader, CacheReader):
         raise UniptError(f"{target} is an exported HDF5 copy; this command works on Zarr caches")

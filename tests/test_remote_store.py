@@ -78,31 +78,18 @@ def test_credentials_in_storage_options_are_refused():
         Location("s3://bucket/x", {"client_kwargs": {"aws_secret_access_key": "x"}})
 
 
+def _run(config, cache_root: str, runs_root) -> object:
+    return run_cli(
+        "run", str(config), "--no-progress", "--set", "train.epochs=3",
+        "--cache-root", cache_root, "--runs-root", str(runs_root),
+    )  # fmt: skip
+
+
 def test_extract_to_s3_then_stream_train_from_it(s3_endpoint, tiny_config, tmp_path):
     """`unipt run` with an s3:// cache root: Ray workers write to S3 and training streams from it."""
-    remote = run_cli(
-        "run",
-        str(tiny_config),
-        "--no-progress",
-        "--cache-root",
-        "s3://unipt-test/caches",
-        "--runs-root",
-        str(tmp_path / "runs-s3"),
-        "--set",
-        "train.epochs=3",
-    )
+    remote = _run(tiny_config, "s3://unipt-test/caches", tmp_path / "runs-s3")
     assert "cache miss" in remote.stderr
-    run_cli(
-        "run",
-        str(tiny_config),
-        "--no-progress",
-        "--cache-root",
-        str(tmp_path / "local-cache"),
-        "--runs-root",
-        str(tmp_path / "runs-local"),
-        "--set",
-        "train.epochs=3",
-    )
+    _run(tiny_config, str(tmp_path / "local-cache"), tmp_path / "runs-local")
     record_text = next((tmp_path / "runs-s3").glob("*/record.json")).read_text()
     assert SECRET not in record_text and "unipt-test" in record_text
     s3_record = json.loads(record_text)
@@ -112,17 +99,7 @@ def test_extract_to_s3_then_stream_train_from_it(s3_endpoint, tiny_config, tmp_p
     for name in ("test_acc", "val_acc", "probe_test_acc"):
         assert s3_record["metrics"][name] == local_record["metrics"][name], name
 
-    again = run_cli(
-        "run",
-        str(tiny_config),
-        "--no-progress",
-        "--cache-root",
-        "s3://unipt-test/caches",
-        "--runs-root",
-        str(tmp_path / "runs-s3"),
-        "--set",
-        "train.epochs=3",
-    )
+    again = _run(tiny_config, "s3://unipt-test/caches", tmp_path / "runs-s3")
     assert "cache hit" in again.stderr
     verified = run_cli("cache", "verify", s3_record["cache"]["path"], "--no-progress")
     assert verified.stdout.startswith("ok:")
