@@ -86,7 +86,7 @@ class Location:
 
     def child(self, *parts: str) -> Location:
         for part in parts:
-            if not part or part in (".", "..") or "\\" in part or part.startswith("/"):
+            if "\\" in part or any(piece in ("", ".", "..") for piece in part.split("/")):
                 raise UniptError(f"path part {part!r} would leave {self.url}; names must stay inside it")
         return Location(self.url + "/" + "/".join(parts), self.options)
 

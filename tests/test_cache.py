@@ -100,8 +100,9 @@ def test_keys_cannot_escape_the_root(tmp_path):
     for bad in ("../etc", "ab/../../x", "", "AB" * 16):
         with pytest.raises(UniptError, match="not a hex digest"):
             CacheRoot(tmp_path).location(bad)
-    with pytest.raises(UniptError, match="would leave"):
-        CacheRoot(tmp_path).root.child("..")
+    for bad in ("..", "a/../../b", "/etc", "", "a\\..\\b"):
+        with pytest.raises(UniptError, match="would leave"):
+            CacheRoot(tmp_path).root.child(bad)
 
 
 def test_partial_store_resumes_only_with_the_same_layout(tmp_path):
@@ -242,3 +243,13 @@ def test_every_codec_and_sharding_round_trips(tmp_path, codec):
         ]
         # Rows 0-14 and 32-43 hold tokens: 4 chunks of 8 rows, or 2 files of 4 chunks with sharding.
         assert len(chunk_files) == (2 if chunks_per_file == 4 else 4)
+
+
+def test_a_truncated_chunk_stops_reading_with_a_pointer_to_verify(tmp_path):
+    root = CacheRoot(tmp_path)
+    build_cache(root, [5, 1, 9, 3, 7], {0: 4})
+    chunk = tmp_path / KEY / "layer_00" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:7])
+    reader = CacheReader(root.location(KEY))
+    with pytest.raises(UniptError, match=r"layer_00 rows 0-5 could not be read .*unipt cache verify"):
+        reader.read_example(0, 0)
