@@ -61,11 +61,13 @@ import zarr  # noqa: E402
 from zarr.codecs import BloscCodec, ZstdCodec  # noqa: E402
 from zarr.codecs.numcodecs import LZ4  # noqa: E402
 
+from pipeline.encoding import decode_rows, encode_rows  # noqa: E402
+
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 MB = 1e6
 MIB = 1 << 20
-CURRENT_DEFAULT = "blosc-zstd3-shuffle"
+CURRENT_DEFAULT = "blosc-zstd1-shuffle-1M"  # what pipeline/encoding.py ships (chosen from this table)
 
 # name -> factory for the `compressors=` argument of create_array (None = stored raw).
 COMPRESSORS: dict[str, Callable[[], list[Any] | None]] = {
@@ -129,45 +131,19 @@ class Result:
         return self.uncompressed_bytes / MB / (decode_s + fetch_s)
 
 
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-
-
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def int8_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-token int8: x ~= q * scale[:, None]."""
-    scale = (np.abs(x).max(axis=1) / 127.0).astype(np.float32)
-    scale[scale == 0] = 1.0
-    q = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
-
-
 def stored_arrays(layers: dict[int, np.ndarray], dtype: str) -> tuple[dict[str, np.ndarray], float]:
-    """Arrays to write for one stored dtype (name -> array) and their relative RMS error vs float32."""
+    """Arrays to write for one stored dtype (name -> array) and their relative RMS error vs float32.
+
+    Uses the pipeline's own encoder, so the benchmark measures exactly what extraction stores.
+    """
     arrays: dict[str, np.ndarray] = {}
     err_sq, ref_sq = 0.0, 0.0
     for layer, x in layers.items():
-        if dtype == "float32":
-            arrays[f"layer_{layer:02d}"] = x
-            approx = x
-        elif dtype == "float16":
-            arrays[f"layer_{layer:02d}"] = x.astype(np.float16)
-            approx = arrays[f"layer_{layer:02d}"].astype(np.float32)
-        elif dtype == "bfloat16":
-            arrays[f"layer_{layer:02d}"] = bf16_bits(x)
-            approx = bf16_to_f32(arrays[f"layer_{layer:02d}"])
-        elif dtype == "int8":
-            q, scale = int8_quantize(x)
-            arrays[f"layer_{layer:02d}"] = q
+        stored, scale = encode_rows(x, dtype)
+        arrays[f"layer_{layer:02d}"] = stored
+        if scale is not None:
             arrays[f"layer_{layer:02d}_scale"] = scale
-            approx = q.astype(np.float32) * scale[:, None]
-        else:
-            raise ValueError(f"unknown dtype {dtype!r}")
+        approx = decode_rows(stored, dtype, scale)
         err_sq += float(np.sum((approx.astype(np.float64) - x) ** 2))
         ref_sq += float(np.sum(x.astype(np.float64) ** 2))
     return arrays, (err_sq / ref_sq) ** 0.5
