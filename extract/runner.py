@@ -7,6 +7,7 @@ backbone in memory.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from pipeline.cache_layout import LayerSpec, StoreLayout
 from pipeline.cache_writer import CacheBuilder
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.errors import UniptError
+from pipeline.locks import exclusive
 from pipeline.storage import Location
 
 
@@ -56,26 +58,41 @@ class ExtractionResult:
 def run_extraction(
     request: ExtractionRequest, ray_address: str | None = None, progress: bool = True
 ) -> ExtractionResult:
-    if request.cache_root.has(request.key):
-        return ExtractionResult(path=request.cache_root.location(request.key), cache_hit=True)
+    root, key = request.cache_root, request.key
+    if root.has(key):
+        return ExtractionResult(path=root.location(key), cache_hit=True)
     if request.examples.num_rows == 0:
         raise UniptError("the dataset is empty after loading and filtering; nothing to extract")
-    published = CacheBuilder(request.cache_root, request.key).publish_if_committed()
-    if published is not None:
-        return ExtractionResult(path=published, cache_hit=True)
+
+    def waiting() -> None:
+        print(
+            f"unipt: another extraction of cache {key} is running; waiting for it",
+            file=sys.stderr,
+            flush=True,
+        )
 
     t0 = time.perf_counter()
-    started_ray = _ensure_ray(ray_address)
-    try:
-        return _extract(request, progress, t0)
-    except RayError as exc:
-        raise UniptError(
-            f"extraction failed in a Ray worker: {_root_cause(exc)}; any finished shards are kept under "
-            f"{request.cache_root.partial_location(request.key)} and the same command resumes from them"
-        ) from exc
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with exclusive(root.lock_location(key), on_wait=waiting):
+        if root.has(key):  # built by the run we waited for
+            return ExtractionResult(path=root.location(key), cache_hit=True, seconds=time.perf_counter() - t0)
+        published = CacheBuilder(root, key).publish_if_committed()
+        if published is not None:
+            return ExtractionResult(path=published, cache_hit=True)
+        # torch before Ray: inside a `ray job` whose working_dir was just unpacked, importing torch
+        # after ray.init() has crashed in oneMKL (seen with Ray 2.60); the other order is safe.
+        import extract.worker  # noqa: F401
+
+        started_ray = _ensure_ray(ray_address)
+        try:
+            return _extract(request, progress, t0)
+        except RayError as exc:
+            raise UniptError(
+                f"extraction failed in a Ray worker: {_root_cause(exc)}; any finished shards are kept under "
+                f"{root.partial_location(key)} and the same command resumes from them"
+            ) from exc
+        finally:
+            if started_ray:
+                ray.shutdown()
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -95,37 +112,57 @@ def _ensure_ray(address: str | None) -> bool:
 
 
 def _worker_layout(setting: int | str) -> tuple[int, dict[str, float], int]:
-    """(worker count, Ray resources per worker, torch threads per worker)."""
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    """(worker count, Ray resources per worker, torch threads per worker).
+
+    With GPUs: one worker per GPU by default. Without: one worker per node by default, each taking
+    that many CPUs as the smallest node has, so every worker fits on some node of a mixed cluster.
+    """
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpus = sum(int(n.get("GPU", 0)) for n in nodes)
+    node_cpus = [int(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) >= 1] or [1]
+    total_cpus = sum(node_cpus)
     if setting == "auto":
-        count = gpus if gpus > 0 else 1
+        count = gpus if gpus > 0 else len(node_cpus)
     else:
         count = int(setting)
     if gpus > 0:
-        threads = max(1, cpus // max(count, 1))
+        threads = max(1, total_cpus // max(count, 1))
         return count, {"num_gpus": 1, "num_cpus": 1}, threads
-    per_worker = max(1, cpus // count)
+    per_worker = max(1, min(total_cpus // count, min(node_cpus) if setting == "auto" else max(node_cpus)))
     return count, {"num_cpus": per_worker}, per_worker
 
 
 def _extract(request: ExtractionRequest, progress: bool, t0: float) -> ExtractionResult:
-    from extract.worker import ExtractionWorker
+    from extract.worker import SHARDS_IN_FLIGHT, ExtractionWorker
 
     count, resources, threads = _worker_layout(request.extract.workers)
-    remote_worker = ray.remote(**resources)(ExtractionWorker)
+    # A worker that dies (OOM, preemption, kill -9) is restarted and its shard retried: writing a
+    # shard is idempotent (same rows, marker last), so a retry cannot leave a torn shard behind.
+    remote_worker = ray.remote(
+        **resources, max_concurrency=SHARDS_IN_FLIGHT, max_restarts=3, max_task_retries=3
+    )(ExtractionWorker)
     workers = [remote_worker.remote(request.load_spec, threads) for _ in range(count)]
     try:
         description = ray.get(workers[0].describe.remote())
         layers = _resolve_layers(request.backbone.layers, description["num_hidden_states"])
         hidden_sizes = {layer: int(description["hidden_sizes"][layer]) for layer in layers}
+        grids = {int(k): tuple(v) for k, v in description.get("grids", {}).items()}
+        input_column = description.get("input", "text")
+        if input_column not in request.examples.column_names:
+            have = "images" if "image" in request.examples.column_names else "texts"
+            raise UniptError(
+                f"backbone {request.backbone_name} reads {input_column}s but the dataset holds {have}; "
+                "pair text backbones with text datasets and image backbones with image datasets"
+            )
 
         examples = request.examples
         ext = request.extract
+        # Images give every example the same token count (ViT: patches + CLS); reserve exactly that.
+        max_length = int(description.get("tokens_per_example") or request.backbone.max_length)
         layout = StoreLayout(
-            layers=tuple(LayerSpec(layer, hidden_sizes[layer]) for layer in layers),
+            layers=tuple(LayerSpec(layer, hidden_sizes[layer], grids.get(layer)) for layer in layers),
             num_examples=examples.num_rows,
-            max_length=request.backbone.max_length,
+            max_length=max_length,
             shard_size=ext.shard_size,
             chunk_rows=ext.chunk_rows,
             dtype=ext.dtype,
@@ -151,10 +188,10 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
         builder.create(layout, attrs)
         finished = builder.finished_shards()
         todo = [s for s in shards if s.shard_id not in finished]
-        texts = examples.column("text").to_pylist()
+        inputs = examples.column(input_column).to_pylist()
         location = builder.location
 
-        totals = {"tokens": 0, "bytes": 0, "forward_s": 0.0, "write_s": 0.0}
+        totals = {"tokens": 0, "bytes": 0, "raw_bytes": 0, "forward_s": 0.0, "write_s": 0.0}
         resumed_examples = sum(s.num_examples for s in shards if s.shard_id in finished)
         bar = tqdm(
             total=examples.num_rows,
@@ -164,13 +201,13 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
             disable=not progress,
             dynamic_ncols=True,
         )
-        pool = ActorPool(workers)
+        pool = ActorPool(workers * SHARDS_IN_FLIGHT)  # each actor twice: see extract/worker.py
         jobs = pool.map_unordered(
             lambda actor, shard: actor.run_shard.remote(
                 location,
                 layout,
                 shard,
-                texts[shard.example_start : shard.example_stop],
+                inputs[shard.example_start : shard.example_stop],
                 request.backbone.batch_size,
             ),
             todo,
@@ -179,7 +216,9 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
             for name in totals:
                 totals[name] += stats[name]
             bar.update(stats["examples"])
-            bar.set_postfix(tokens=totals["tokens"], MB=f"{totals['bytes'] / 2**20:.0f}", refresh=False)
+            bar.set_postfix(
+                tokens=totals["tokens"], stored=f"{totals['bytes'] / 2**20:.0f}MiB", refresh=False
+            )
         bar.close()
 
         metadata = examples.select(["example_id", "label", "split"])

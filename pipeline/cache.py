@@ -79,6 +79,11 @@ class CacheRoot:
         check_key(key)
         return self.root.child(PARTIAL_DIR, key) if self.root.is_local else self.root.child(key)
 
+    def lock_location(self, key: str) -> Location:
+        """The lock file that serializes builds of ``key`` (see :mod:`pipeline.locks`)."""
+        check_key(key)
+        return self.root.child(PARTIAL_DIR, f"{key}.lock")
+
     def has(self, key: str) -> bool:
         return is_complete(self.location(key))
 

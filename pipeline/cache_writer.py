@@ -11,6 +11,7 @@ import io
 import json
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -180,14 +181,21 @@ def _offsets(layout: StoreLayout, spec: LayerSpec, lengths: np.ndarray) -> np.nd
     return offsets
 
 
+@dataclass(frozen=True)
+class ShardWritten:
+    raw_bytes: int  # activations handed in (decoded)
+    stored_bytes: int  # what landed in the store after encoding and compression
+    files: int
+
+
 def write_shard(
     location: Location,
     layout: StoreLayout,
     shard: ShardSpec,
     layers: dict[int, np.ndarray],
     lengths: list[int] | None = None,
-) -> int:
-    """Write one shard's token rows for every layer, then its marker. Returns the bytes handed in.
+) -> ShardWritten:
+    """Write one shard's token rows for every layer, then its marker.
 
     ``layers[l]`` holds the shard's rows back to back: ``[sum(lengths), width]`` for a token
     sequence layer, ``[num_examples * H * W, C]`` for a feature-map layer. ``lengths`` are the
@@ -230,4 +238,4 @@ def write_shard(
     marker = {"lengths": [int(n) for n in lengths], "checksums": dict(sorted(recorder.digests.items()))}
     # The marker appears, whole, only after every layer's rows are stored.
     location.child(SHARD_MARKERS, f"{shard.shard_id:06d}.json").write_text(json.dumps(marker))
-    return nbytes
+    return ShardWritten(nbytes, sum(recorder.sizes.values()), len(recorder.sizes))

@@ -33,24 +33,30 @@ def digest(data: bytes | memoryview | np.ndarray) -> str:
 class ChecksumRecorder(WrapperStore):
     """A store wrapper that records the sha256 of every chunk file written through it."""
 
-    def __init__(self, store: Store, digests: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, store: Store, digests: dict[str, str] | None = None, sizes: dict[str, int] | None = None
+    ) -> None:
         super().__init__(store)
         self.digests: dict[str, str] = {} if digests is None else digests
+        self.sizes: dict[str, int] = {} if sizes is None else sizes
         self._lock = threading.Lock()
 
     def _with_store(self, store: Store) -> ChecksumRecorder:
-        return type(self)(store, self.digests)  # views of this store share one record
+        return type(self)(store, self.digests, self.sizes)  # views of this store share one record
 
     async def set(self, key: str, value: Buffer) -> None:
         await self._store.set(key, value)
         if not key.endswith("zarr.json"):  # metadata changes at commit; only data files are recorded
+            data = value.as_numpy_array()
             with self._lock:
-                self.digests[key] = digest(value.as_numpy_array())
+                self.digests[key] = digest(data)
+                self.sizes[key] = int(data.nbytes)
 
     async def delete(self, key: str) -> None:
         await self._store.delete(key)
         with self._lock:
             self.digests.pop(key, None)
+            self.sizes.pop(key, None)
 
 
 @dataclass(frozen=True)

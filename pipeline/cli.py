@@ -81,8 +81,11 @@ def do_extract(prep: Prepared, ray_address: str | None, progress: bool) -> Extra
     result = run_extraction(request, ray_address=ray_address, progress=progress)
     if not result.cache_hit:
         resumed = f", {result.shards_resumed} shards resumed" if result.shards_resumed else ""
+        stats = result.stats
         _say(
-            f"extracted {result.examples} examples, {result.tokens} tokens in {result.seconds:.1f}s "
+            f"extracted {result.examples} examples, {result.tokens} tokens, "
+            f"{human_bytes(result.bytes_written)} written in {result.seconds:.1f}s "
+            f"({stats.get('forward_s', 0):.1f}s backbone, {stats.get('write_s', 0):.1f}s writes overlapped) "
             f"on {result.workers} worker(s){resumed} -> {result.path}"
         )
     return result

@@ -41,7 +41,9 @@ class SplitConfig(_Strict):
 
 class DatasetConfig(_Strict):
     source: str = Field(
-        ..., description="'bundled:rotten_tomatoes', 'bundled:bbc_news', or a .csv/.jsonl/.parquet path"
+        ...,
+        description="'bundled:rotten_tomatoes', 'bundled:bbc_news', 'bundled:mnist_5k' (images), "
+        "or a .csv/.jsonl/.parquet path",
     )
     text_column: str = "text"
     label_column: str = "label"
@@ -54,7 +56,11 @@ class DatasetConfig(_Strict):
 
 
 class BackboneConfig(_Strict):
-    name_or_path: str = Field(..., description="'bundled:all-minilm-l6-v2', a local HF folder, or a hub id")
+    name_or_path: str = Field(
+        ...,
+        description="'bundled:all-minilm-l6-v2', 'bundled:efficientnet-lite0', a local HF folder (text or "
+        "vision encoder), or a hub id",
+    )
     revision: str | None = None
     layers: Literal["all"] | list[int] = "all"
     max_length: int = Field(128, gt=1, le=8192)

