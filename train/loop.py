@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -14,9 +16,17 @@ from tqdm.auto import tqdm
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
-from train.loader import CacheBatches
+from train.loader import Batch, CacheBatches
 from train.metrics import accuracy, macro_f1
-from train.unipt import UniPTClassifier
+from train.models import build_model
+
+
+class BatchSource(Protocol):
+    """Batches of one split, like :class:`CacheBatches`: ``len()`` batches per ``epoch(n)``."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]: ...
 
 
 @dataclass
@@ -47,14 +57,7 @@ def train_classifier(
     torch.manual_seed(seed)
     device = pick_device(config.device)
     layers = reader.layers
-    hidden_sizes = [reader.hidden_sizes[layer] for layer in layers]
-    model = UniPTClassifier(
-        hidden_sizes,
-        num_classes=len(reader.label_names),
-        embed_size=config.embed_size or hidden_sizes[-1],
-        downsample_factor=config.downsample_factor,
-        dropout=config.dropout,
-    ).to(device)
+    model = build_model(config.variant, reader, config).to(device)
 
     def batches(split: str, shuffle: bool) -> CacheBatches:
         return CacheBatches(
@@ -69,8 +72,27 @@ def train_classifier(
         )
 
     train_data, val_data, test_data = batches("train", True), batches("val", False), batches("test", False)
+    return fit_classifier(
+        model, train_data, val_data, test_data, config, len(reader.label_names), device, progress
+    )
+
+
+def fit_classifier(
+    model: nn.Module,
+    train_data: BatchSource,
+    val_data: BatchSource,
+    test_data: BatchSource,
+    config: TrainConfig,
+    num_classes: int,
+    device: torch.device,
+    progress: bool = True,
+) -> TrainResult:
+    """The optimisation shared by every way of feeding a classifier (a cache, or a backbone run online).
+
+    ``model(hidden, mask)`` returns ``(logits, layer_weights)``; seed torch before building it.
+    """
     if len(train_data) == 0:
-        raise UniptError("the cache has no training examples; check the dataset's split settings")
+        raise UniptError("there are no training examples; check the dataset's split settings")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     total_steps = config.epochs * len(train_data)
     warmup = max(1, int(config.warmup_ratio * total_steps))
@@ -102,7 +124,7 @@ def train_classifier(
             schedule.step()
             loss_sum += loss.item() * len(batch.labels)
             seen += len(batch.labels)
-        val = evaluate(model, val_data, device, len(reader.label_names)) if len(val_data) else {}
+        val = evaluate(model, val_data, device, num_classes) if len(val_data) else {}
         record = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,
@@ -120,7 +142,7 @@ def train_classifier(
     train_seconds = time.perf_counter() - t0
 
     model.load_state_dict(best_state)
-    test = evaluate(model, test_data, device, len(reader.label_names))
+    test = evaluate(model, test_data, device, num_classes)
     best = history[best_epoch - 1]  # its validation metrics were measured with exactly these weights
     metrics = {
         "val_acc": best.get("val_acc", float("nan")),
@@ -137,7 +159,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def evaluate(model: UniPTClassifier, data: CacheBatches, device: torch.device, num_classes: int) -> dict:
+def evaluate(model: nn.Module, data: BatchSource, device: torch.device, num_classes: int) -> dict:
     model.eval()
     if len(data) == 0:
         return {"acc": float("nan"), "f1": float("nan"), "layer_weights": []}
