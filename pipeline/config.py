@@ -100,6 +100,12 @@ class ExtractConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    variant: Literal["transformer", "cnn", "clip4clip"] = Field(
+        "transformer",
+        description="UniPT variant: transformer (token caches), cnn (CNN feature-map caches; stage grids "
+        "must be integer multiples of the last stage's) or clip4clip (token caches; the official "
+        "CLIP4Clip form, output added back to the last layer).",
+    )
     embed_size: int | None = Field(None, gt=0, description="UniPT output width; default = backbone width.")
     downsample_factor: int = Field(2, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)

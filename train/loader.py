@@ -4,6 +4,9 @@ Examples are read in *blocks*: runs of consecutive examples whose tokens sit in 
 contiguous row range, so a block costs one sequential read per layer. Training shuffles the
 block order and then examples within a window of blocks (a shuffle buffer); a background
 thread reads the next blocks while the model computes. Only the requested layers are read.
+
+A feature-map cache (CNN stages) comes out as maps: each stage is ``[B, C, H, W]``, read through
+that stage's own offsets, since its H*W rows per image differ from every other stage's.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import numpy as np
 import torch
 
 from pipeline.cache import ActivationCache
+from pipeline.errors import UniptError
 
 
 @dataclass
 class Batch:
-    hidden: list[torch.Tensor]  # one [B, N, D_l] float32 tensor per requested layer, zero-padded
-    mask: torch.Tensor  # [B, N] bool, True on real tokens
+    # One float32 tensor per requested layer: [B, N, D_l] zero-padded tokens, or [B, C_l, H_l, W_l] maps.
+    hidden: list[torch.Tensor]
+    mask: torch.Tensor  # [B, N] bool, True on real tokens; for maps all True over the last layer's H*W
     labels: torch.Tensor  # [B] int64
     indices: np.ndarray  # example indices in the cache
 
@@ -30,7 +35,7 @@ class Batch:
 @dataclass
 class _Block:
     indices: np.ndarray
-    tokens: dict[int, list[np.ndarray]]  # layer -> one [len_i, D] array per example
+    tokens: dict[int, list[np.ndarray]]  # layer -> one [len_i, D] (or [H, W, C]) array per example
 
 
 class CacheBatches:
@@ -57,7 +62,16 @@ class CacheBatches:
         self.prefetch_blocks = prefetch_blocks
         self.indices = reader.split_indices(split)
         self.labels = reader.labels()
-        self.blocks = _contiguous_blocks(self.indices, reader.offsets, block_examples)
+        self.grids = {layer: reader.layer_spec(layer).grid for layer in self.layers}
+        self.maps = all(grid is not None for grid in self.grids.values())
+        if not self.maps and any(grid is not None for grid in self.grids.values()):
+            raise UniptError(
+                f"layers {self.layers} of cache {reader.source} mix feature maps and token sequences; "
+                "read them separately"
+            )
+        self.offsets = {layer: reader.offsets_for(layer) for layer in self.layers}
+        distinct = list({id(o): o for o in self.offsets.values()}.values())  # token layers share one
+        self.blocks = _contiguous_blocks(self.indices, distinct, block_examples)
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
@@ -84,15 +98,19 @@ class CacheBatches:
             yield self._collate(pending[start : start + self.batch_size])
 
     def _read_block(self, indices: np.ndarray) -> _Block:
-        starts, stops = self.reader.offsets[indices, 0], self.reader.offsets[indices, 1]
-        base, end = int(starts[0]), int(stops[-1])
         tokens = {}
         for layer in self.layers:
+            offsets, grid = self.offsets[layer], self.grids[layer]
+            starts, stops = offsets[indices, 0], offsets[indices, 1]
+            base, end = int(starts[0]), int(stops[-1])
             rows = self.reader.read_rows(layer, base, end)
-            tokens[layer] = [rows[s - base : e - base] for s, e in zip(starts, stops, strict=True)]
+            pieces = [rows[s - base : e - base] for s, e in zip(starts, stops, strict=True)]
+            tokens[layer] = [p.reshape(grid[0], grid[1], -1) for p in pieces] if grid else pieces
         return _Block(indices=indices, tokens=tokens)
 
     def _collate(self, examples: list[tuple[int, dict[int, np.ndarray]]]) -> Batch:
+        if self.maps:
+            return self._collate_maps(examples)
         lengths = [ex[1][self.layers[0]].shape[0] for ex in examples]
         longest = max(lengths)
         hidden = []
@@ -106,13 +124,29 @@ class CacheBatches:
         indices = np.array([ex[0] for ex in examples], dtype=np.int64)
         return Batch(hidden=hidden, mask=mask, labels=torch.from_numpy(self.labels[indices]), indices=indices)
 
+    def _collate_maps(self, examples: list[tuple[int, dict[int, np.ndarray]]]) -> Batch:
+        hidden = []
+        for layer in self.layers:
+            stacked = np.stack([maps[layer] for _, maps in examples]).astype(np.float32, copy=False)
+            hidden.append(torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous())  # [B, C, H, W]
+        h, w = self.grids[self.layers[-1]]
+        mask = torch.ones(len(examples), h * w, dtype=torch.bool)
+        indices = np.array([ex[0] for ex in examples], dtype=np.int64)
+        return Batch(hidden=hidden, mask=mask, labels=torch.from_numpy(self.labels[indices]), indices=indices)
 
-def _contiguous_blocks(indices: np.ndarray, offsets: np.ndarray, block_examples: int) -> list[np.ndarray]:
-    """Cut sorted example indices into runs whose rows are back to back, at most block_examples long."""
+
+def _contiguous_blocks(
+    indices: np.ndarray, offsets: list[np.ndarray], block_examples: int
+) -> list[np.ndarray]:
+    """Cut sorted example indices into runs whose rows are back to back in every one of ``offsets``
+    (one array per layer), at most block_examples long."""
     if len(indices) == 0:
         return []
-    starts, stops = offsets[indices, 0], offsets[indices, 1]
-    breaks = np.flatnonzero((starts[1:] != stops[:-1]) | (np.diff(indices) != 1)) + 1
+    apart = np.diff(indices) != 1
+    for layer_offsets in offsets:
+        starts, stops = layer_offsets[indices, 0], layer_offsets[indices, 1]
+        apart |= starts[1:] != stops[:-1]
+    breaks = np.flatnonzero(apart) + 1
     blocks = []
     for run in np.split(indices, breaks):
         blocks += [run[i : i + block_examples] for i in range(0, len(run), block_examples)]

@@ -1,0 +1,85 @@
+"""Build the UniPT classifier a training config asks for, checked against the cache it will read."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from pipeline.cache import ActivationCache
+from pipeline.config import TrainConfig
+from pipeline.errors import UniptError
+from train.unipt import UniPTClassifier
+from train.unipt_clip4clip import UniPTClip4ClipClassifier
+from train.unipt_cnn import UniPTCNNClassifier, stride_ratios
+
+Variant = Literal["transformer", "cnn", "clip4clip"]
+VARIANTS: tuple[str, ...] = ("transformer", "cnn", "clip4clip")
+
+
+def is_feature_map_cache(reader: ActivationCache) -> bool:
+    """True when every stored layer is a CNN feature map; UniptError when the cache mixes both kinds."""
+    grids = [reader.layer_spec(layer).grid for layer in reader.layers]
+    if all(g is None for g in grids):
+        return False
+    if all(g is not None for g in grids):
+        return True
+    raise UniptError(
+        f"cache {reader.source} mixes feature-map and token layers; UniPT needs one kind, re-extract"
+    )
+
+
+def build_model(variant: Variant | str, reader: ActivationCache, config: TrainConfig) -> nn.Module:
+    """The classifier for ``variant`` over every layer of ``reader``; ``forward(hidden, mask)`` gives
+    ``(logits, layer_weights)`` for the batches :class:`train.loader.CacheBatches` yields."""
+    if variant not in VARIANTS:
+        raise UniptError(f"unknown train.variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    layers = reader.layers
+    widths = [reader.hidden_sizes[layer] for layer in layers]
+    num_classes = len(reader.label_names)
+    maps = is_feature_map_cache(reader)
+    if maps and variant != "cnn":
+        raise UniptError(
+            f"train.variant {variant!r} needs token sequences, but cache {reader.source} holds CNN "
+            "feature maps; set train.variant: cnn"
+        )
+    if not maps and variant == "cnn":
+        raise UniptError(
+            f"train.variant 'cnn' needs CNN feature maps, but cache {reader.source} holds token sequences; "
+            "set train.variant: transformer (or clip4clip)"
+        )
+
+    if variant == "cnn":
+        grids = [tuple(reader.layer_spec(layer).grid) for layer in layers]
+        try:
+            stride_ratios(grids)
+        except ValueError as exc:
+            shown = ", ".join(f"{layer}: {h}x{w}" for layer, (h, w) in zip(layers, grids, strict=True))
+            raise UniptError(
+                f"train.variant 'cnn' cannot use these stages (layer: grid {shown}): every grid must be an "
+                "integer multiple of the last stage's; pick other backbone.layers"
+            ) from exc
+        return UniPTCNNClassifier(
+            widths,
+            grids,
+            num_classes,
+            embed_size=config.embed_size or widths[-1],
+            downsample_factor=config.downsample_factor,
+            dropout=config.dropout,
+        )
+    if variant == "clip4clip":
+        if config.embed_size not in (None, widths[-1]):
+            raise UniptError(
+                f"train.variant 'clip4clip' adds its output back to the last layer, so its width is that "
+                f"layer's ({widths[-1]}); remove train.embed_size (it is {config.embed_size})"
+            )
+        return UniPTClip4ClipClassifier(
+            widths, num_classes, downsample_factor=config.downsample_factor, dropout=config.dropout
+        )
+    return UniPTClassifier(
+        widths,
+        num_classes=num_classes,
+        embed_size=config.embed_size or widths[-1],
+        downsample_factor=config.downsample_factor,
+        dropout=config.dropout,
+    )
