@@ -118,6 +118,20 @@ class TrainConfig(_Strict):
     shuffle_buffer_blocks: int = Field(4, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     linear_probe: bool = Field(True, description="Also fit the last-layer linear-probe baseline.")
+    task: Literal["classification", "regression", "retrieval"] = Field(
+        "classification",
+        description="classification (accuracy, macro-F1), regression (numeric label column; MSE; Pearson "
+        "and Spearman) or retrieval (two backbones' caches of one dataset; InfoNCE; R@1/5/10, rSum).",
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many epochs without a better validation score; None = off."
+    )
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision on CUDA only (auto = bf16 where supported, else fp16)."
+    )
+    checkpoint_dir: str | None = Field(
+        None, description="Where per-epoch checkpoints go (<dir>/<run_id>/); None = the run's directory."
+    )
 
 
 class StorageConfig(_Strict):

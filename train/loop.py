@@ -1,23 +1,22 @@
-"""Train a UniPT classifier from a cache: AdamW, warmup + cosine, best-on-validation weights."""
+"""Train UniPT from a cache for classification or regression; the epoch loop itself is train.fit.fit."""
 
 from __future__ import annotations
 
-import copy
-import math
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
+from train.fit import FitResult, Task, fit, pick_device, warmup_cosine  # noqa: F401 (re-exported)
 from train.loader import Batch, CacheBatches
-from train.metrics import accuracy, macro_f1
+from train.metrics import accuracy, macro_f1, pearson, spearman
 from train.models import build_model
 
 
@@ -36,24 +35,23 @@ class TrainResult:
     layer_weights: list[float] = field(default_factory=list)  # mean confidence per layer on test
 
 
-def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise UniptError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return torch.device(setting)
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_classifier(
-    reader: ActivationCache, config: TrainConfig, seed: int, progress: bool = True
+    reader: ActivationCache,
+    config: TrainConfig,
+    seed: int,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    resume: Path | None = None,
+    meta: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
+    """UniPT on one cache for ``train.task`` classification or regression (see :func:`fit` for the rest)."""
+    if config.task == "retrieval":
+        raise UniptError(
+            "train.task 'retrieval' needs two caches of one dataset (a query and a gallery backbone); "
+            "use a config with two `backbones`"
+        )
+    _check_labels(reader, config.task)
     torch.manual_seed(seed)
     device = pick_device(config.device)
     layers = reader.layers
@@ -72,8 +70,23 @@ def train_classifier(
         )
 
     train_data, val_data, test_data = batches("train", True), batches("val", False), batches("test", False)
+    labels = reader.labels()[train_data.indices]
     return fit_classifier(
-        model, train_data, val_data, test_data, config, len(reader.label_names), device, progress
+        model,
+        train_data,
+        val_data,
+        test_data,
+        config,
+        len(reader.label_names),
+        device,
+        progress,
+        seed=seed,
+        identity={"cache_key": reader.attrs.get("cache_key"), "source": reader.source},
+        target_stats=(float(labels.mean()), float(labels.std())) if config.task == "regression" else None,
+        checkpoint=checkpoint,
+        resume=resume,
+        meta=meta,
+        on_epoch_end=on_epoch_end,
     )
 
 
@@ -86,76 +99,84 @@ def fit_classifier(
     num_classes: int,
     device: torch.device,
     progress: bool = True,
+    *,
+    seed: int = 0,
+    identity: dict[str, Any] | None = None,
+    target_stats: tuple[float, float] | None = None,
+    checkpoint: Path | None = None,
+    resume: Path | None = None,
+    meta: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """The optimisation shared by every way of feeding a classifier (a cache, or a backbone run online).
 
-    ``model(hidden, mask)`` returns ``(logits, layer_weights)``; seed torch before building it.
+    ``model(hidden, mask)`` returns ``(logits, layer_weights)``; seed torch before building it. For
+    ``config.task == "regression"`` the model has one output, trained with MSE on targets standardised
+    by ``target_stats`` (train mean, std), so the loss scale does not depend on the label's units.
     """
-    if len(train_data) == 0:
-        raise UniptError("there are no training examples; check the dataset's split settings")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = config.epochs * len(train_data)
-    warmup = max(1, int(config.warmup_ratio * total_steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
-    loss_fn = nn.CrossEntropyLoss()
+    regression = config.task == "regression"
+    mean, std = target_stats if target_stats is not None else (0.0, 1.0)
+    std = std if std > 0 else 1.0
+    cross_entropy = nn.CrossEntropyLoss()
 
-    history: list[dict[str, float]] = []
-    best_state, best_val, best_epoch = None, -math.inf, -1
-    t0 = time.perf_counter()
-    epochs = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress, dynamic_ncols=True)
-    for epoch in epochs:
-        model.train()
-        epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
-        steps = tqdm(
-            train_data.epoch(epoch),
-            total=len(train_data),
-            desc=f"epoch {epoch + 1}",
-            leave=False,
-            unit="batch",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        for batch in steps:
-            logits, _ = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
-            loss = loss_fn(logits, batch.labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(batch.labels)
-            seen += len(batch.labels)
-        val = evaluate(model, val_data, device, num_classes) if len(val_data) else {}
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
-            "seconds": time.perf_counter() - epoch_start,
-            **{f"val_{k}": v for k, v in val.items() if k != "layer_weights"},
-        }
-        history.append(record)
-        epochs.set_postfix(
-            loss=f"{record['train_loss']:.4f}", val_acc=f"{record.get('val_acc', float('nan')):.4f}"
-        )
-        score = record.get("val_acc", -record["train_loss"])
-        if score > best_val:
-            best_val, best_epoch = score, epoch + 1
-            best_state = copy.deepcopy(model.state_dict())
-    train_seconds = time.perf_counter() - t0
+    def loss(batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
+        logits, _ = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
+        if regression:
+            target = (batch.labels.to(device, torch.float32) - mean) / std
+            return nn.functional.mse_loss(logits.squeeze(-1).float(), target), len(batch.labels)
+        return cross_entropy(logits.float(), batch.labels.to(device)), len(batch.labels)
 
-    model.load_state_dict(best_state)
-    test = evaluate(model, test_data, device, num_classes)
-    best = history[best_epoch - 1]  # its validation metrics were measured with exactly these weights
-    metrics = {
-        "val_acc": best.get("val_acc", float("nan")),
-        "val_f1": best.get("val_f1", float("nan")),
-        "test_acc": test["acc"],
-        "test_f1": test["f1"],
-        "best_epoch": best_epoch,
-        "epochs": config.epochs,
-        "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / config.epochs,
+    def run_eval(data: BatchSource) -> dict[str, Any]:
+        if regression:
+            return evaluate_regression(model, data, device, mean, std)
+        return evaluate(model, data, device, num_classes)
+
+    def validate() -> dict[str, float]:
+        if not len(val_data):
+            return {}
+        return {k: v for k, v in run_eval(val_data).items() if k != "layer_weights"}
+
+    task = Task(
+        model,
+        train_data,
+        loss,
+        validate,
+        "pearson" if regression else "acc",
+        identity or {"task": config.task},
+    )
+    fitted = fit(task, config, seed, device, progress, checkpoint, resume, meta, on_epoch_end)
+    test = run_eval(test_data)
+    best = fitted.history[fitted.best_epoch - 1]  # its validation metrics were measured with these weights
+    names = ("mse", "pearson", "spearman") if regression else ("acc", "f1")
+    metrics: dict[str, Any] = {f"val_{n}": best.get(f"val_{n}", float("nan")) for n in names}
+    metrics |= {f"test_{n}": test[n] for n in names}
+    metrics |= summary_metrics(fitted, config, model)
+    return TrainResult(metrics=metrics, history=fitted.history, layer_weights=test["layer_weights"])
+
+
+def summary_metrics(fitted: FitResult, config: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    epochs = len(fitted.history)
+    return {
+        "best_epoch": fitted.best_epoch,
+        "epochs": epochs,
+        "stopped_early": fitted.stopped_early,
+        "train_seconds": fitted.train_seconds,
+        "seconds_per_epoch": fitted.train_seconds / max(1, epochs),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    return TrainResult(metrics=metrics, history=history, layer_weights=test["layer_weights"])
+
+
+def _check_labels(reader: ActivationCache, task: str) -> None:
+    numeric = np.issubdtype(reader.labels().dtype, np.floating)
+    if task == "regression" and not numeric:
+        raise UniptError(
+            f"train.task is 'regression' but cache {reader.source} holds class labels; set train.task: "
+            "regression before extracting, so the label column is read as numbers"
+        )
+    if task == "classification" and numeric:
+        raise UniptError(
+            f"cache {reader.source} holds numeric (regression) labels; set train.task: regression"
+        )
 
 
 @torch.no_grad()
@@ -168,10 +189,33 @@ def evaluate(model: nn.Module, data: BatchSource, device: torch.device, num_clas
         logits, layer_weights = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
         predictions.append(logits.argmax(-1).cpu())
         labels.append(batch.labels)
-        weights.append(layer_weights.cpu())
+        weights.append(layer_weights.float().cpu())
     predictions, labels = torch.cat(predictions), torch.cat(labels)
     return {
         "acc": accuracy(predictions, labels),
         "f1": macro_f1(predictions, labels, num_classes),
+        "layer_weights": torch.cat(weights).mean(0).tolist(),
+    }
+
+
+@torch.no_grad()
+def evaluate_regression(
+    model: nn.Module, data: BatchSource, device: torch.device, mean: float = 0.0, std: float = 1.0
+) -> dict:
+    """MSE in the label's own units, Pearson and Spearman of the predictions against the labels."""
+    model.eval()
+    if len(data) == 0:
+        return {"mse": float("nan"), "pearson": float("nan"), "spearman": float("nan"), "layer_weights": []}
+    predictions, labels, weights = [], [], []
+    for batch in data.epoch(0):
+        outputs, layer_weights = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
+        predictions.append(outputs.squeeze(-1).double().cpu() * std + mean)
+        labels.append(batch.labels.double())
+        weights.append(layer_weights.float().cpu())
+    predictions, labels = torch.cat(predictions), torch.cat(labels)
+    return {
+        "mse": float((predictions - labels).pow(2).mean()),
+        "pearson": pearson(predictions, labels),
+        "spearman": spearman(predictions, labels),
         "layer_weights": torch.cat(weights).mean(0).tolist(),
     }

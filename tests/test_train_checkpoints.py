@@ -1,0 +1,155 @@
+"""Checkpoints, resume, early stopping and regression in the training loop, on small synthetic caches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache_writer import CacheBuilder
+from pipeline.config import TrainConfig
+from pipeline.errors import UniptError
+from tests.conftest import KEY, build_cache
+from train.checkpoint import CHECKPOINT_FILE, resolve_checkpoint
+from train.loop import train_classifier
+
+LENGTHS = [4, 6, 3, 5, 7, 2, 6, 5, 4, 3, 6, 5, 4, 5, 3, 6]
+SPLITS = ["train"] * 10 + ["val"] * 3 + ["test"] * 3
+CONFIG = TrainConfig(epochs=3, batch_size=4, block_examples=3, embed_size=8, dropout=0.2)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _reader(tmp_path):
+    build_cache(CacheRoot(tmp_path), LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=5, splits=SPLITS)
+    return CacheReader(CacheRoot(tmp_path).location(KEY))
+
+
+def _without_timing(result) -> tuple[dict, list[dict]]:
+    metrics = {k: v for k, v in result.metrics.items() if "seconds" not in k}
+    return metrics, [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in result.history]
+
+
+def _stop_after(epochs: int):
+    def hook(epoch: int) -> None:
+        if epoch == epochs:
+            raise Interrupted
+
+    return hook
+
+
+def test_resume_after_an_interrupted_epoch_reaches_the_uninterrupted_result(tmp_path):
+    reader = _reader(tmp_path / "cache")
+    uninterrupted = train_classifier(reader, CONFIG, seed=3, progress=False)
+
+    checkpoint = tmp_path / "run" / CHECKPOINT_FILE
+    with pytest.raises(Interrupted):
+        train_classifier(
+            reader, CONFIG, seed=3, progress=False, checkpoint=checkpoint, on_epoch_end=_stop_after(1)
+        )
+    saved = torch.load(checkpoint, weights_only=True)  # plain tensors and types only
+    assert saved["epoch"] == 1 and len(saved["history"]) == 1
+    assert not list(checkpoint.parent.glob(".*.tmp"))  # written via a temporary file, then renamed
+
+    resumed = train_classifier(
+        reader,
+        CONFIG,
+        seed=3,
+        progress=False,
+        checkpoint=checkpoint,
+        resume=resolve_checkpoint(checkpoint.parent),
+    )
+    assert _without_timing(resumed) == _without_timing(uninterrupted)
+    assert resumed.layer_weights == uninterrupted.layer_weights
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 3
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
+    reader = _reader(tmp_path / "cache")
+    checkpoint = tmp_path / "run" / CHECKPOINT_FILE
+    with pytest.raises(Interrupted):
+        train_classifier(
+            reader, CONFIG, seed=3, progress=False, checkpoint=checkpoint, on_epoch_end=_stop_after(1)
+        )
+    with pytest.raises(UniptError, match=r"train\.lr was 0\.001, now 0\.5"):
+        train_classifier(
+            reader, CONFIG.model_copy(update={"lr": 0.5}), seed=3, progress=False, resume=checkpoint
+        )
+    with pytest.raises(UniptError, match="seed was 3, now 4"):
+        train_classifier(reader, CONFIG, seed=4, progress=False, resume=checkpoint)
+    with pytest.raises(UniptError, match="no checkpoint at"):
+        resolve_checkpoint(tmp_path / "elsewhere")
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(UniptError, match="could not be read"):
+        train_classifier(reader, CONFIG, seed=3, progress=False, resume=checkpoint)
+
+
+def test_early_stopping_ends_after_patience_epochs_without_improvement(tmp_path):
+    reader = _reader(tmp_path / "cache")
+    config = CONFIG.model_copy(update={"epochs": 30, "early_stopping_patience": 2, "lr": 0.05})
+    result = train_classifier(reader, config, seed=0, progress=False)
+    epochs = len(result.history)
+    assert epochs < 30 and result.metrics["stopped_early"] is True
+    assert epochs == result.metrics["best_epoch"] + 2
+    best = max(h["val_acc"] for h in result.history)
+    assert result.history[result.metrics["best_epoch"] - 1]["val_acc"] == best
+    assert all(h["val_acc"] <= best for h in result.history[-2:])
+    without = train_classifier(reader, config.model_copy(update={"early_stopping_patience": None}), 0, False)
+    assert len(without.history) == 30 and without.metrics["stopped_early"] is False
+
+
+def _regression_reader(tmp_path, n: int = 120):
+    """Targets are a fixed function of the cached tokens (plus a shift and scale), so they are learnable."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(2, 8, size=n).tolist()
+    splits = ["train"] * (n * 6 // 10) + ["val"] * (n * 2 // 10) + ["test"] * (n - n * 8 // 10)
+    root = CacheRoot(tmp_path)
+    tokens, layout = build_cache(
+        root, lengths, {0: 8, 1: 8, 2: 8}, shard_size=32, chunk_rows=64, commit=False
+    )
+    targets = [50.0 + 10.0 * float(tokens[2][i][:, 0].astype(np.float32).mean()) for i in range(n)]
+    table = pa.table(
+        {"example_id": [str(i) for i in range(n)], "label": pa.array(targets, pa.float64()), "split": splits}
+    )
+    CacheBuilder(root, KEY).commit(layout, table, {"label_names": []})
+    return CacheReader(root.location(KEY)), np.array(targets)
+
+
+def test_regression_learns_a_numeric_target_and_reports_correlations(tmp_path):
+    reader, targets = _regression_reader(tmp_path)
+    config = TrainConfig(task="regression", epochs=15, batch_size=8, lr=5e-3, embed_size=16, dropout=0.0)
+    result = train_classifier(reader, config, seed=0, progress=False)
+    m = result.metrics
+    assert set(m) >= {"val_mse", "val_pearson", "val_spearman", "test_mse", "test_pearson", "test_spearman"}
+    assert m["test_pearson"] > 0.6 and m["test_spearman"] > 0.6, m
+    assert m["test_mse"] < targets.var()  # better than predicting the mean
+    assert all(-1.0 <= h["val_pearson"] <= 1.0 for h in result.history)
+
+    with pytest.raises(UniptError, match="set train.task: regression"):
+        train_classifier(reader, config.model_copy(update={"task": "classification"}), 0, False)
+
+
+def test_regression_refuses_a_cache_of_class_labels(tmp_path):
+    reader = _reader(tmp_path)
+    with pytest.raises(UniptError, match="holds class labels"):
+        train_classifier(reader, TrainConfig(task="regression"), 0, False)
+    with pytest.raises(UniptError, match="two caches"):
+        train_classifier(reader, TrainConfig(task="retrieval"), 0, False)
+
+
+def test_amp_is_off_on_cpu(tmp_path):
+    from train.fit import amp_dtype
+
+    for setting in ("auto", "off", "bf16", "fp16"):
+        assert amp_dtype(setting, torch.device("cpu")) is None
+    assert math.isfinite(
+        train_classifier(_reader(tmp_path), CONFIG.model_copy(update={"amp": "fp16"}), 0, False).metrics[
+            "val_acc"
+        ]
+    )

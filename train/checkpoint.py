@@ -1,0 +1,88 @@
+"""Per-epoch training checkpoints: written atomically, read back with ``torch.load(weights_only=True)``.
+
+A checkpoint holds everything the next epoch depends on (model, optimizer, scheduler, grad scaler,
+every RNG state, the history so far and the best weights), so a resumed run continues exactly where
+the interrupted one stopped. Only tensors and plain Python types go in, which is what lets it load
+with ``weights_only=True`` (no pickled code runs when a checkpoint is opened).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import UniptError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+def resolve_checkpoint(target: str | Path) -> Path:
+    """A run directory (its ``checkpoint.pt``) or a checkpoint file, checked to exist."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise UniptError(
+            f"no checkpoint at {path}; --resume takes a run directory holding {CHECKPOINT_FILE} "
+            "(or train.checkpoint_dir/<run_id>) or the checkpoint file itself"
+        )
+    return path
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` so that a crash leaves either the old or the new checkpoint, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save({"version": CHECKPOINT_VERSION, **state}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or holding objects weights_only refuses
+        raise UniptError(
+            f"checkpoint {path} could not be read ({type(exc).__name__}); it is damaged"
+        ) from exc
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise UniptError(f"{path} is not a unipt training checkpoint (version {CHECKPOINT_VERSION})")
+    return state
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG training may touch, as tensors and plain types (weights_only-loadable)."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gauss": float(cached_gauss),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gauss"])
+    )
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))

@@ -1,0 +1,234 @@
+"""The epoch loop every task shares: AdamW, warmup + cosine, AMP on CUDA, early stopping, checkpoints.
+
+A task (classification, regression, retrieval) supplies its model, its training batches, a loss and
+a validation function; :func:`fit` does the rest and leaves the model holding its best weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.config import TrainConfig
+from pipeline.errors import UniptError
+from train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+
+# Settings that do not change what is computed: a run may resume with different values for them.
+_NOT_IDENTITY = ("device", "checkpoint_dir", "linear_probe")
+
+
+class EpochData(Protocol):
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int = 0) -> Iterator[Any]: ...
+
+
+@dataclass
+class Task:
+    """What one kind of training contributes to :func:`fit`."""
+
+    model: nn.Module
+    train_data: EpochData
+    loss: Callable[[Any, torch.device], tuple[torch.Tensor, int]]  # (mean loss, examples in the batch)
+    validate: Callable[[], dict[str, float]]  # val metrics; {} when there is no validation split
+    score: str  # the validation metric to maximise (a key of validate()'s result)
+    identity: dict[str, Any] = field(default_factory=dict)  # what the data is; a resume must match it
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    train_seconds: float
+    stopped_early: bool
+    amp: str
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise UniptError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(setting)
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision. Only CUDA gets AMP: on CPU it is slower."""
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if setting == "bf16" else torch.float16
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit_identity(config: TrainConfig, seed: int, task: Task) -> dict[str, Any]:
+    settings = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_IDENTITY}
+    return {"train": settings, "seed": seed, "data": task.identity}
+
+
+def fit(
+    task: Task,
+    config: TrainConfig,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    resume: Path | None = None,
+    meta: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train ``task.model`` for ``config.epochs`` (fewer if early stopping fires) and load its best weights.
+
+    ``checkpoint``: where to write a checkpoint after every epoch. ``resume``: a checkpoint to continue
+    from (made with the same settings and data). ``meta`` is stored in each checkpoint as is (e.g. the
+    run id). ``on_epoch_end(epoch)`` runs after an epoch's checkpoint is written.
+    """
+    model = task.model.to(device)
+    if len(task.train_data) == 0:
+        raise UniptError("the cache has no training examples; check the dataset's split settings")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = config.epochs * len(task.train_data)
+    warmup = max(1, int(config.warmup_ratio * total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
+    autocast_dtype = amp_dtype(config.amp, device)
+    # Loss scaling is only needed for fp16: bf16 has float32's exponent range.
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    identity = fit_identity(config, seed, task)
+
+    history: list[dict[str, Any]] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    best_score, best_epoch, stopped, seconds_before = -math.inf, -1, False, 0.0
+    if resume is not None:
+        saved = load_checkpoint(resume)
+        _check_same_run(saved["identity"], identity, resume)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        history, best_state = saved["history"], saved["best_state"]
+        best_score, best_epoch, stopped = saved["best_score"], saved["best_epoch"], saved["stopped"]
+        seconds_before = saved["train_seconds"]
+        restore_rng_states(saved["rng"])
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+    t0 = time.perf_counter()
+    start = len(history)
+    epochs = tqdm(
+        range(start, config.epochs),
+        initial=start,
+        total=config.epochs,
+        desc="train",
+        unit="epoch",
+        disable=not progress or stopped,
+        dynamic_ncols=True,
+    )
+    for epoch in epochs:
+        if stopped:
+            break
+        model.train()
+        epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
+        for batch in _steps(task.train_data.epoch(epoch), len(task.train_data), epoch, progress):
+            with autocast():
+                loss, n = task.loss(batch, device)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            loss_sum += loss.item() * n
+            seen += n
+        with autocast():
+            val = task.validate()
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "lr": schedule.get_last_lr()[0],
+            "seconds": time.perf_counter() - epoch_start,
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        history.append(record)
+        score = val[task.score] if val else -record["train_loss"]
+        score = -math.inf if math.isnan(score) else score
+        if best_epoch < 0 or score > best_score:
+            best_score, best_epoch = score, epoch + 1
+            best_state = copy.deepcopy(model.state_dict())
+        elif config.early_stopping_patience is not None:
+            stopped = epoch + 1 - best_epoch >= config.early_stopping_patience
+        epochs.set_postfix(
+            loss=f"{record['train_loss']:.4f}", **{task.score: f"{val.get(task.score, math.nan):.4f}"}
+        )
+        if checkpoint is not None:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "identity": identity,
+                    "meta": meta or {},
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": schedule.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": rng_states(),
+                    "history": history,
+                    "best_state": best_state,
+                    "best_score": best_score,
+                    "best_epoch": best_epoch,
+                    "stopped": stopped,
+                    "train_seconds": seconds_before + time.perf_counter() - t0,
+                },
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+    train_seconds = seconds_before + time.perf_counter() - t0
+    if best_state is None:
+        raise UniptError(f"checkpoint {resume} holds no finished epoch; start the run again without --resume")
+    model.load_state_dict(best_state)
+    amp = "off" if autocast_dtype is None else str(autocast_dtype).removeprefix("torch.")
+    return FitResult(history, best_epoch, train_seconds, stopped, amp)
+
+
+def _steps(batches: Iterable[Any], total: int, epoch: int, progress: bool) -> Iterable[Any]:
+    return tqdm(
+        batches,
+        total=total,
+        desc=f"epoch {epoch + 1}",
+        leave=False,
+        unit="batch",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """A resumed run must compute what the interrupted one would have: same settings, seed and data."""
+    for section in ("train", "seed", "data"):
+        was, now = saved.get(section), current.get(section)
+        if was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):
+            key = next(k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
+            where = f"{section}.{key}" if section == "train" else f"{section} {key}"
+            detail = f"{where} was {was.get(key)!r}, now {now.get(key)!r}"
+        else:
+            detail = f"{section} was {was!r}, now {now!r}"
+        raise UniptError(
+            f"checkpoint {path} was made with other settings ({detail}); resume with the same config"
+        )
