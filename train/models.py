@@ -36,7 +36,7 @@ def build_model(variant: Variant | str, reader: ActivationCache, config: TrainCo
         raise UniptError(f"unknown train.variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     layers = reader.layers
     widths = [reader.hidden_sizes[layer] for layer in layers]
-    num_classes = len(reader.label_names)
+    num_classes = 1 if config.task == "regression" else len(reader.label_names)  # regression: one output
     maps = is_feature_map_cache(reader)
     if maps and variant != "cnn":
         raise UniptError(
