@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 from pipeline.bundled import is_bundled
 from pipeline.cache import ActivationCache, CacheRoot, open_cache
 from pipeline.cli_cache import add_cache_commands, human_bytes
+from pipeline.cli_runs import add_runs_commands
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.datasets import DatasetTable, load_dataset
 from pipeline.errors import UniptError
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
+from pipeline.registry import register_run
 from pipeline.runs import new_run_id, package_versions, project_commit, write_run_record
 
 if TYPE_CHECKING:
@@ -100,7 +102,9 @@ def open_for_training(prep: Prepared, cache: str | None = None) -> ActivationCac
 
 
 def do_train(prep: Prepared, progress: bool, reader: ActivationCache | None = None) -> dict[str, Any]:
-    from train.loop import train_classifier
+    import torch
+
+    from train.loop import pick_device, train_classifier
     from train.probe import linear_probe
 
     reader = reader or open_for_training(prep)
@@ -114,10 +118,22 @@ def do_train(prep: Prepared, progress: bool, reader: ActivationCache | None = No
         "layer_weights": result.layer_weights,
         "cache_bytes": reader.nbytes_on_disk(),
         "cache_source": reader.source,
+        # CPU results depend on the thread count (reduction order), so a rerun restores it.
+        "runtime": {
+            "torch_threads": torch.get_num_threads(),
+            "device": str(pick_device(prep.config.train.device)),
+        },
     }
 
 
-def _record(prep: Prepared, trained: dict[str, Any], cache_hit: bool, timings: dict[str, float]) -> Path:
+def _record(
+    prep: Prepared,
+    trained: dict[str, Any],
+    cache_hit: bool,
+    timings: dict[str, float],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the run record and register the run; ``extra`` adds lineage (rerun_of, sweep, ...)."""
     config = prep.config.model_dump(mode="json")
     record = {
         "run_id": new_run_id({"config": config, "cache_key": prep.key}),
@@ -144,8 +160,12 @@ def _record(prep: Prepared, trained: dict[str, Any], cache_hit: bool, timings: d
         "timings": timings,
         "versions": package_versions(),
         "project_commit": project_commit(),
+        "runtime": trained.get("runtime", {}),
+        **(extra or {}),
     }
-    return write_run_record(prep.config.storage.runs_root, record)
+    run_dir = write_run_record(prep.config.storage.runs_root, record)
+    register_run(prep.config.storage.registry, record, run_dir)
+    return run_dir
 
 
 def _train_and_record(
@@ -213,6 +233,8 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
         overrides.append(f"storage.cache_root={args.cache_root}")
     if args.runs_root:
         overrides.append(f"storage.runs_root={args.runs_root}")
+    if args.registry:
+        overrides.append(f"storage.registry={args.registry}")
     return load_config(args.config, overrides)
 
 
@@ -231,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
             "  unipt train configs/rt_minilm.yaml                    # tune again from the cache only\n"
             "  unipt cache ls                                        # list committed caches\n"
             "  unipt cache verify KEY                                # check every chunk's checksum\n"
-            "  unipt cache gc --yes                                  # remove caches no run uses"
+            "  unipt cache gc --yes                                  # remove caches no run uses\n"
+            "  unipt runs ls                                         # registered runs, newest last\n"
+            "  unipt rerun RUN_ID                                    # redo a run; check the metrics match\n"
+            "  unipt sweep CONFIG --grid train.lr=1e-3,5e-4          # a grid of trials on one cache (Ray)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -248,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--cache-root", help="directory of activation caches (default: storage.cache_root)")
         p.add_argument("--runs-root", help="directory of run records (default: storage.runs_root)")
+        p.add_argument("--registry", help="SQLite run registry (default: storage.registry)")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
         p.set_defaults(handler=handler)
         return p
@@ -270,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_cache_commands(sub)
+    add_runs_commands(sub, experiment)
     return parser
 
 

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from pipeline.cache import CacheReader, CacheRoot, is_key, open_cache
 from pipeline.cache_admin import describe, find_garbage, remove, verify
 from pipeline.errors import UniptError
+from pipeline.registry import DEFAULT_REGISTRY, registered_cache_keys
 from pipeline.runs import referenced_cache_keys
 
 DEFAULT_CACHE_ROOT = ".unipt/cache"
@@ -82,7 +83,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     root = CacheRoot(args.cache_root)
-    garbage = find_garbage(root, referenced_cache_keys(args.runs_root), include_partial=args.include_partial)
+    # A cache is in use if a run record or the registry points at it (records may have been pruned).
+    referenced = referenced_cache_keys(args.runs_root) | registered_cache_keys(args.registry)
+    garbage = find_garbage(root, referenced, include_partial=args.include_partial)
     total = sum(item.bytes for item in garbage)
     verb = "removing" if args.yes else "would remove"
     for item in garbage:
@@ -92,7 +95,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
             remove(root, item)
     summary = f"{len(garbage)} cache(s), {human_bytes(total)}"
     if not args.yes and garbage:
-        print(f"dry run: {summary} unreferenced by any run in {args.runs_root}; add --yes to remove them")
+        print(
+            f"dry run: {summary} unreferenced by any run in {args.runs_root} or {args.registry}; "
+            "add --yes to remove them"
+        )
     else:
         print(f"{'removed' if args.yes else 'nothing to remove:'} {summary}")
     return 0
@@ -143,11 +149,14 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     verify_p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gc = action(
         "gc",
-        "remove caches that no run record references (a dry run unless --yes)",
+        "remove caches that no run record or registered run references (a dry run unless --yes)",
         cmd_gc,
     )
     gc.add_argument(
         "--runs-root", default=DEFAULT_RUNS_ROOT, help=f"run records (default: {DEFAULT_RUNS_ROOT})"
+    )
+    gc.add_argument(
+        "--registry", default=DEFAULT_REGISTRY, help=f"run registry (default: {DEFAULT_REGISTRY})"
     )
     gc.add_argument("--yes", action="store_true", help="really remove them (default: only list them)")
     gc.add_argument(

@@ -139,6 +139,9 @@ class StorageConfig(_Strict):
         ".unipt/cache", description="A directory or an fsspec URL such as s3://bucket/caches."
     )
     runs_root: str = ".unipt/runs"
+    registry: str = Field(
+        ".unipt/registry.sqlite", description="SQLite run registry (`unipt runs`, `rerun`, `sweep`)."
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for a URL cache_root (e.g. endpoint_url); credentials come from the "

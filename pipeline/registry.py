@@ -1,0 +1,340 @@
+"""The run registry: every run, its config, caches, metrics and lineage in one SQLite database.
+
+Run records (``<runs_root>/<run_id>/record.json``) stay the per-run source of truth; the registry
+indexes them so runs can be listed, compared and redone (``unipt runs``, ``unipt rerun``,
+``unipt sweep``) and so ``unipt cache gc`` knows which caches are still in use.
+
+The database is opened in WAL mode with a busy timeout: parallel runs (a sweep's trials, or several
+``unipt run`` processes) register concurrently without "database is locked" errors. The schema
+carries a version (``PRAGMA user_version``); a database written by a newer unipt is refused rather
+than misread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UniptError
+from pipeline.hashing import sha256_json
+from pipeline.runs import RECORD_FILE
+
+SCHEMA_VERSION = 1
+DEFAULT_REGISTRY = ".unipt/registry.sqlite"
+BUSY_TIMEOUT_S = 60.0
+# Wall-clock measurements: they differ between two runs of the same thing, so they are not "results".
+TIMING_METRICS = frozenset({"train_seconds", "seconds_per_epoch"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    name TEXT,
+    created_at TEXT NOT NULL,
+    registered_at TEXT NOT NULL,
+    seed INTEGER,
+    config_json TEXT NOT NULL,
+    config_sha256 TEXT NOT NULL,
+    dataset_source TEXT,
+    dataset_fingerprint TEXT,
+    cache_key TEXT,
+    cache_key_fields_json TEXT NOT NULL,
+    metrics_json TEXT NOT NULL,
+    versions_json TEXT NOT NULL,
+    artifacts_json TEXT NOT NULL,
+    runtime_json TEXT NOT NULL,
+    project_commit TEXT,
+    rerun_of TEXT,
+    parent_run_id TEXT,
+    sweep_id TEXT,
+    sweep_params_json TEXT
+);
+CREATE TABLE IF NOT EXISTS run_caches (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    cache_key TEXT NOT NULL,
+    role TEXT NOT NULL,
+    PRIMARY KEY (run_id, cache_key, role)
+);
+CREATE INDEX IF NOT EXISTS run_caches_by_key ON run_caches(cache_key);
+CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs(sweep_id);
+CREATE INDEX IF NOT EXISTS runs_by_created ON runs(created_at);
+"""
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One registered run, as stored."""
+
+    run_id: str
+    name: str | None
+    created_at: str
+    registered_at: str
+    seed: int | None
+    config: dict[str, Any]
+    dataset_source: str | None
+    dataset_fingerprint: str | None
+    cache_key: str | None
+    cache_key_fields: dict[str, Any]  # what the training cache's key hashes (see pipeline.identity)
+    cache_keys: dict[str, str]  # role ("main", or a backbone's name) -> cache key
+    metrics: dict[str, Any]
+    versions: dict[str, Any]
+    artifacts: dict[str, Any]
+    runtime: dict[str, Any]
+    project_commit: str | None
+    rerun_of: str | None
+    parent_run_id: str | None
+    sweep_id: str | None
+    sweep_params: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def cache_keys_of(record: dict[str, Any]) -> dict[str, str]:
+    """Every cache a run record uses, by role: its training cache and each backbone's cache."""
+    keys: dict[str, str] = {}
+    if record.get("cache", {}).get("key"):
+        keys["cache"] = record["cache"]["key"]
+    for name, backbone in (record.get("backbones") or {}).items():
+        if isinstance(backbone, dict) and backbone.get("cache_key"):
+            keys[f"backbone:{name}"] = backbone["cache_key"]
+    return keys
+
+
+class Registry:
+    """A run registry at ``path`` (created with its parent folder on first use)."""
+
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.exists() and not create:
+            raise UniptError(f"no run registry at {self.path}; run an experiment first or pass --registry")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so a writer takes the
+            # write lock up front and waits on busy_timeout instead of failing at commit time.
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise UniptError(
+                f"run registry {self.path} cannot be opened ({exc}); fix the path or pass another --registry"
+            ) from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UniptError(
+                f"run registry {self.path} has schema version {version}, newer than this unipt's "
+                f"({SCHEMA_VERSION}); upgrade unipt-cache or use another --registry"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        with self._write() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:  # another process may have won
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def register(self, record: dict[str, Any], artifacts: dict[str, Any] | None = None) -> str:
+        """Add a run from its record (the dict written to record.json); returns its run id."""
+        config = record.get("config", {})
+        dataset = record.get("dataset", {})
+        sweep = record.get("sweep") or {}
+        row = {
+            "run_id": record["run_id"],
+            "name": config.get("name"),
+            "created_at": record.get("created_at") or _now(),
+            "registered_at": _now(),
+            "seed": record.get("seed"),
+            "config_json": _dumps(config),
+            "config_sha256": sha256_json(config),
+            "dataset_source": dataset.get("source"),
+            "dataset_fingerprint": dataset.get("fingerprint"),
+            "cache_key": record.get("cache", {}).get("key"),
+            "cache_key_fields_json": _dumps(record.get("cache", {}).get("key_fields", {})),
+            "metrics_json": _dumps(record.get("metrics", {})),
+            "versions_json": _dumps(record.get("versions", {})),
+            "artifacts_json": _dumps(artifacts or {}),
+            "runtime_json": _dumps(record.get("runtime", {})),
+            "project_commit": record.get("project_commit"),
+            "rerun_of": record.get("rerun_of"),
+            "parent_run_id": record.get("parent_run_id"),
+            "sweep_id": sweep.get("id"),
+            "sweep_params_json": _dumps(sweep["params"]) if "params" in sweep else None,
+        }
+        columns = ", ".join(row)
+        marks = ", ".join(f":{name}" for name in row)
+        try:
+            with self._write() as db:
+                db.execute(f"INSERT INTO runs ({columns}) VALUES ({marks})", row)
+                db.executemany(
+                    "INSERT INTO run_caches (run_id, cache_key, role) VALUES (?, ?, ?)",
+                    [(row["run_id"], key, role) for role, key in cache_keys_of(record).items()],
+                )
+        except sqlite3.IntegrityError as exc:
+            raise UniptError(f"run {row['run_id']} is already in the registry {self.path}") from exc
+        except sqlite3.OperationalError as exc:
+            raise UniptError(
+                f"could not register run {row['run_id']} in {self.path} ({exc}); the run record is kept "
+                "in its run folder; retry when the registry is free"
+            ) from exc
+        return row["run_id"]
+
+    def get(self, run_id: str) -> RunEntry:
+        """A run by its id or a unique prefix of it."""
+        rows = self._db.execute(
+            "SELECT * FROM runs WHERE run_id = ? OR run_id LIKE ? ESCAPE '\\' ORDER BY run_id",
+            (run_id, _like_prefix(run_id)),
+        ).fetchall()
+        exact = [r for r in rows if r[0] == run_id]
+        rows = exact or rows
+        if not rows:
+            raise UniptError(f"no run {run_id!r} in the registry {self.path}; `unipt runs ls` lists the runs")
+        if len(rows) > 1:
+            ids = ", ".join(r[0] for r in rows[:5])
+            raise UniptError(f"run id {run_id!r} is ambiguous ({ids}, ...); give more of it")
+        return self._entry(rows[0])
+
+    def list(self, sweep_id: str | None = None, limit: int | None = None) -> list[RunEntry]:
+        """Runs in registration order (the last ``limit`` of them), optionally one sweep's only."""
+        query, params = "SELECT * FROM runs", []
+        if sweep_id is not None:
+            query += " WHERE sweep_id = ?"
+            params.append(sweep_id)
+        query += " ORDER BY rowid DESC"  # registration order
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
+        return [self._entry(row) for row in reversed(self._db.execute(query, params).fetchall())]
+
+    def cache_keys(self) -> set[str]:
+        """Every cache key some registered run uses."""
+        return {row[0] for row in self._db.execute("SELECT DISTINCT cache_key FROM run_caches")}
+
+    def _entry(self, row: tuple) -> RunEntry:
+        names = [d[0] for d in self._db.execute("SELECT * FROM runs LIMIT 0").description]
+        data = dict(zip(names, row, strict=True))
+        cache_keys = dict(
+            self._db.execute(
+                "SELECT role, cache_key FROM run_caches WHERE run_id = ? ORDER BY role", (data["run_id"],)
+            ).fetchall()
+        )
+        return RunEntry(
+            run_id=data["run_id"],
+            name=data["name"],
+            created_at=data["created_at"],
+            registered_at=data["registered_at"],
+            seed=data["seed"],
+            config=json.loads(data["config_json"]),
+            dataset_source=data["dataset_source"],
+            dataset_fingerprint=data["dataset_fingerprint"],
+            cache_key=data["cache_key"],
+            cache_key_fields=json.loads(data["cache_key_fields_json"]),
+            cache_keys=cache_keys,
+            metrics=json.loads(data["metrics_json"]),
+            versions=json.loads(data["versions_json"]),
+            artifacts=json.loads(data["artifacts_json"]),
+            runtime=json.loads(data["runtime_json"]),
+            project_commit=data["project_commit"],
+            rerun_of=data["rerun_of"],
+            parent_run_id=data["parent_run_id"],
+            sweep_id=data["sweep_id"],
+            sweep_params=json.loads(data["sweep_params_json"]) if data["sweep_params_json"] else None,
+        )
+
+
+def register_run(path: str | Path, record: dict[str, Any], run_dir: str | Path) -> None:
+    """Register a run whose record was just written to ``run_dir``; its files are its artifacts."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    artifacts = {
+        "run_dir": str(run_dir),
+        "record": str(run_dir / RECORD_FILE),
+        "config": str(run_dir / "config.yaml"),
+        "cache": str(record.get("cache", {}).get("path")),
+    }
+    with Registry(path) as registry:
+        registry.register(record, artifacts)
+
+
+def registered_cache_keys(path: str | Path) -> set[str]:
+    """Cache keys the registry at ``path`` references; none if there is no registry there yet."""
+    if not Path(path).expanduser().exists():
+        return set()
+    with Registry(path, create=False) as registry:
+        return registry.cache_keys()
+
+
+def result_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics two runs of the same thing must agree on exactly (everything but timings)."""
+    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS}
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Exact equality, with NaN equal to NaN (an empty split's accuracy is NaN in both runs)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}``; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    if not tree and prefix:
+        flat[prefix] = {}
+    return flat
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) for every key whose values differ; absent is ``None``."""
+    fa, fb = flatten(a), flatten(b)
+    missing = object()
+    out = []
+    for key in sorted(set(fa) | set(fb)):
+        va, vb = fa.get(key, missing), fb.get(key, missing)
+        if va is missing or vb is missing or not same_value(va, vb):
+            out.append((key, None if va is missing else va, None if vb is missing else vb))
+    return out
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _like_prefix(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
