@@ -15,6 +15,7 @@ layers, max_length, batch_size, dtype)``; see :class:`Backbone`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -123,6 +124,41 @@ def _device(spec: BackboneLoadSpec) -> torch.device:
     return torch.device(auto_device if spec.device == "auto" else spec.device)
 
 
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _autocast(device: torch.device, setting: str) -> contextlib.AbstractContextManager:
+    """The forward pass's precision: fp32 as the model is, or torch.autocast when configured."""
+    if setting == "none":
+        return contextlib.nullcontext()
+    if setting not in _AUTOCAST:
+        raise UniptError(f"extract.autocast must be none, bfloat16 or float16, not {setting!r}")
+    if device.type == "cpu" and setting == "float16":
+        raise UniptError("extract.autocast float16 needs a CUDA device; use bfloat16 (or none) on CPU")
+    return torch.autocast(device.type, dtype=_AUTOCAST[setting])
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device; through pinned memory and without blocking the host when the device is a GPU."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _to_host(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Device -> host in ``dtype``: cast on the device (half the bytes to move), then non-blocking copies
+    into pinned buffers, all waited for once, so the transfers of one batch overlap each other."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.to("cpu", dtype) for t in tensors]
+    host = []
+    for tensor in tensors:
+        buffer = torch.empty(tensor.shape, dtype=dtype, pin_memory=True)
+        buffer.copy_(tensor.to(dtype), non_blocking=True)
+        host.append(buffer)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return host
+
+
 def _check_dtype(dtype: str) -> torch.dtype:
     if dtype not in _TORCH_DTYPES:
         raise UniptError(f"backbones compute in {sorted(_TORCH_DTYPES)}, not {dtype!r}")
@@ -158,6 +194,7 @@ class HFTextBackbone:
         from transformers import AutoTokenizer
 
         self.device = _device(spec)
+        self.autocast = spec.autocast
         source = _hf_source(spec)
         self.tokenizer = AutoTokenizer.from_pretrained(
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
@@ -213,9 +250,10 @@ class HFTextBackbone:
             features = self.tokenizer.pad(
                 {key: [encoded[key][i] for i in batch_idx] for key in keys}, return_tensors="pt"
             )
-            features = {k: v.to(self.device) for k, v in features.items()}
-            outputs = self.model(**features, output_hidden_states=True, return_dict=True)
-            hidden = [outputs.hidden_states[layer].to("cpu", out_dtype) for layer in layers]
+            features = {k: _to_device(v, self.device) for k, v in features.items()}
+            with _autocast(self.device, self.autocast):
+                outputs = self.model(**features, output_hidden_states=True, return_dict=True)
+            hidden = _to_host([outputs.hidden_states[layer] for layer in layers], out_dtype)
             for row, example in enumerate(batch_idx):
                 n = lengths[example]
                 per_example[example] = {
@@ -246,6 +284,7 @@ class HFVisionBackbone:
     def __init__(self, spec: BackboneLoadSpec) -> None:
         _quiet_transformers()
         self.device = _device(spec)
+        self.autocast = spec.autocast
         source = _hf_source(spec)
         model = _load_hf_model(spec, source)
         config = model.config
@@ -319,8 +358,8 @@ class HFVisionBackbone:
         return torch.stack(pixels)
 
     def _hidden_states(self, images: list) -> tuple[torch.Tensor, ...]:
-        pixel_values = self.pixel_values(images).to(self.device)
-        with torch.inference_mode():
+        pixel_values = _to_device(self.pixel_values(images), self.device)
+        with torch.inference_mode(), _autocast(self.device, self.autocast):
             outputs = self.model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
         states = outputs.hidden_states
         if len({tuple(h.shape[:2]) for h in states}) != 1 or any(h.ndim != 3 for h in states):
@@ -339,8 +378,9 @@ class HFVisionBackbone:
         parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
         for start in range(0, len(inputs), batch_size):
             states = self._hidden_states(inputs[start : start + batch_size])
-            for layer in layers:
-                h = states[layer].to("cpu", out_dtype)
+            for layer, h in zip(
+                layers, _to_host([states[layer] for layer in layers], out_dtype), strict=True
+            ):
                 parts[layer].append(h.reshape(-1, h.shape[-1]).numpy())
         packed = {layer: np.concatenate(chunks, axis=0) for layer, chunks in parts.items()}
         return EncodedShard(lengths=[self.tokens_per_example] * len(inputs), layers=packed)
@@ -381,6 +421,7 @@ class EfficientNetLite0Backbone:
                 f"`pip install --no-deps {settings['model_code']}` (setup.sh does)"
             ) from exc
         self.device = _device(spec)
+        self.autocast = spec.autocast
         self.input_size = tuple(settings["input_size"])
         model = EfficientNet.from_name(settings["architecture"], image_size=list(self.input_size))
         try:
@@ -457,7 +498,8 @@ class EfficientNetLite0Backbone:
         """``{layer: [N, C, H, W]}`` float32 for one batch of images, straight from the hooks."""
         self._wanted, self._captured = set(layers), {}
         try:
-            self.model(self.pixel_values(images).to(self.device))
+            with _autocast(self.device, self.autocast):
+                self.model(_to_device(self.pixel_values(images), self.device))
         except _StopForward:
             pass
         finally:
@@ -485,8 +527,8 @@ class EfficientNetLite0Backbone:
         parts: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
         for start in range(0, len(inputs), batch_size):
             maps = self.feature_maps(inputs[start : start + batch_size], layers)
-            for layer in layers:
-                f = maps[layer].to("cpu", out_dtype)  # [N, C, H, W] -> [N*H*W, C]
+            for layer, f in zip(layers, _to_host([maps[layer] for layer in layers], out_dtype), strict=True):
+                # [N, C, H, W] -> [N*H*W, C]
                 parts[layer].append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).numpy())
         packed = {layer: np.concatenate(chunks, axis=0) for layer, chunks in parts.items()}
         return EncodedShard(lengths=None, layers=packed)

@@ -143,7 +143,10 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
     )(ExtractionWorker)
     workers = [remote_worker.remote(request.load_spec, threads) for _ in range(count)]
     try:
-        description = ray.get(workers[0].describe.remote())
+        # Every actor has loaded its backbone once it answers: what comes after is the extraction proper.
+        descriptions = ray.get([worker.describe.remote() for worker in workers])
+        description = descriptions[0]
+        ready_at = time.perf_counter()
         layers = _resolve_layers(request.backbone.layers, description["num_hidden_states"])
         hidden_sizes = {layer: int(description["hidden_sizes"][layer]) for layer in layers}
         grids = {int(k): tuple(v) for k, v in description.get("grids", {}).items()}
@@ -220,6 +223,7 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
                 tokens=totals["tokens"], stored=f"{totals['bytes'] / 2**20:.0f}MiB", refresh=False
             )
         bar.close()
+        shards_done_at = time.perf_counter()
 
         metadata = examples.select(["example_id", "label", "split"])
         path = builder.commit(
@@ -234,6 +238,9 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
                 }
             },
         )
+        totals["startup_s"] = ready_at - t0  # Ray, actors, backbone loads (and lock waits)
+        totals["shards_s"] = shards_done_at - ready_at
+        totals["commit_s"] = time.perf_counter() - shards_done_at
     finally:
         for worker in workers:
             ray.kill(worker)

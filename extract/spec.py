@@ -13,3 +13,5 @@ class BackboneLoadSpec:
     revision: str | None = None
     trust_remote_code: bool = False
     device: str = "auto"
+    # torch.autocast precision for the forward pass ("none" = the model's own fp32); part of the cache key.
+    autocast: str = "none"

@@ -14,7 +14,7 @@ from pipeline.bundled import is_bundled
 from pipeline.cache import ActivationCache, CacheRoot, open_cache
 from pipeline.cli_cache import add_cache_commands, human_bytes
 from pipeline.cli_runs import add_runs_commands
-from pipeline.config import ExperimentConfig, load_config
+from pipeline.config import BackboneConfig, ExperimentConfig, load_config
 from pipeline.datasets import DatasetTable, load_dataset
 from pipeline.errors import UniptError
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
@@ -26,57 +26,103 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class PreparedBackbone:
+    """One backbone of a config: its settings, identity, and the cache key it gets on this dataset."""
+
+    name: str
+    config: BackboneConfig
+    identity: BackboneIdentity
+    key_fields: dict[str, Any]
+    key: str
+
+
+@dataclass
 class Prepared:
-    """What a config resolves to before any stage runs: the data, the backbone and the cache key."""
+    """What a config resolves to before any stage runs: the data, the backbones and their cache keys."""
 
     config: ExperimentConfig
     dataset: DatasetTable
-    backbone: BackboneIdentity
-    key_fields: dict[str, Any]
-    key: str
+    backbones: dict[str, PreparedBackbone]  # the primary first
     cache_root: CacheRoot
+
+    @property
+    def primary(self) -> PreparedBackbone:
+        return next(iter(self.backbones.values()))
+
+    # The primary backbone's identity and cache: what single-cache training uses.
+    @property
+    def backbone(self) -> BackboneIdentity:
+        return self.primary.identity
+
+    @property
+    def key_fields(self) -> dict[str, Any]:
+        return self.primary.key_fields
+
+    @property
+    def key(self) -> str:
+        return self.primary.key
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
     dataset = load_dataset(config.dataset)
-    backbone = backbone_identity(config.backbone)
-    fields = cache_key_fields(dataset.fingerprint, backbone, config.backbone, config.extract)
+    backbones = {}
+    for name, backbone_config in config.named_backbones.items():
+        identity = backbone_identity(backbone_config)
+        fields = cache_key_fields(dataset.fingerprint, identity, backbone_config, config.extract)
+        backbones[name] = PreparedBackbone(name, backbone_config, identity, fields, cache_key(fields))
     root = CacheRoot(config.storage.cache_root, config.storage.options)
-    return Prepared(config, dataset, backbone, fields, cache_key(fields), root)
+    return Prepared(config, dataset, backbones, root)
 
 
 def _say(message: str) -> None:
     print(f"unipt: {message}", file=sys.stderr, flush=True)
 
 
-def do_extract(prep: Prepared, ray_address: str | None, progress: bool) -> ExtractionResult:
+def do_extract_all(prep: Prepared, ray_address: str | None, progress: bool) -> dict[str, ExtractionResult]:
+    """Every backbone's cache, each extracted once (a cache hit costs nothing)."""
+    return {name: do_extract(prep, ray_address, progress, name) for name in prep.backbones}
+
+
+def do_extract(
+    prep: Prepared, ray_address: str | None, progress: bool, backbone: str | None = None
+) -> ExtractionResult:
+    """Build (or find) one backbone's cache; the primary backbone's when ``backbone`` is None."""
     # Imported here so `unipt train` never loads the extraction stack.
     from extract.runner import ExtractionRequest, run_extraction
     from extract.spec import BackboneLoadSpec
 
-    if prep.cache_root.has(prep.key):
-        _say(f"cache hit {prep.key}: reusing {prep.cache_root.location(prep.key)} (no backbone forward pass)")
+    target = prep.backbones[backbone] if backbone is not None else prep.primary
+    settings = target.config
+    label = f" [{target.name}]" if len(prep.backbones) > 1 else ""
+    if prep.cache_root.has(target.key):
+        _say(
+            f"cache hit {target.key}{label}: reusing {prep.cache_root.location(target.key)} "
+            "(no backbone forward pass)"
+        )
     else:
         counts = prep.dataset.split_counts()
         _say(
-            f"cache miss {prep.key}: extracting {len(prep.dataset)} examples "
+            f"cache miss {target.key}{label}: extracting {len(prep.dataset)} examples "
             f"(train {counts['train']}, val {counts['val']}, test {counts['test']}) "
-            f"with {prep.config.backbone.name_or_path}"
+            f"with {settings.name_or_path}"
         )
-    name = prep.config.backbone.name_or_path
+    name = settings.name_or_path
     # Workers may run on other nodes: bundled and hub models are resolved there; local folders go as paths.
     is_local_folder = not is_bundled(name) and Path(name).expanduser().exists()
-    load_target = prep.backbone.local_dir if is_local_folder else name
+    load_target = target.identity.local_dir if is_local_folder else name
     request = ExtractionRequest(
-        key=prep.key,
-        key_fields=prep.key_fields,
+        key=target.key,
+        key_fields=target.key_fields,
         cache_root=prep.cache_root,
         examples=prep.dataset.table,
         label_names=prep.dataset.label_names,
         load_spec=BackboneLoadSpec(
-            load_target, prep.config.backbone.revision, prep.config.backbone.trust_remote_code
+            load_target,
+            settings.revision,
+            settings.trust_remote_code,
+            autocast=prep.config.extract.autocast,
         ),
-        backbone=prep.config.backbone,
+        backbone=settings,
         extract=prep.config.extract,
         backbone_name=name,
     )
@@ -85,7 +131,7 @@ def do_extract(prep: Prepared, ray_address: str | None, progress: bool) -> Extra
         resumed = f", {result.shards_resumed} shards resumed" if result.shards_resumed else ""
         stats = result.stats
         _say(
-            f"extracted {result.examples} examples, {result.tokens} tokens, "
+            f"extracted{label} {result.examples} examples, {result.tokens} tokens, "
             f"{human_bytes(result.bytes_written)} written in {result.seconds:.1f}s "
             f"({stats.get('forward_s', 0):.1f}s backbone, {stats.get('write_s', 0):.1f}s writes overlapped) "
             f"on {result.workers} worker(s){resumed} -> {result.path}"
@@ -154,6 +200,10 @@ def _record(
             "hit": cache_hit,
             "bytes_on_disk": trained["cache_bytes"],
         },
+        "backbones": {
+            name: {"name_or_path": b.config.name_or_path, "cache_key": b.key}
+            for name, b in prep.backbones.items()
+        },
         "metrics": trained["metrics"],
         "history": trained["history"],
         "layer_weights": trained["layer_weights"],
@@ -191,14 +241,17 @@ def _train_and_record(
 def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     prep = prepare(_load(args))
-    extraction = do_extract(prep, args.ray_address, not args.no_progress)
-    return _train_and_record(prep, extraction.cache_hit, extraction.seconds, started, not args.no_progress)
+    extractions = do_extract_all(prep, args.ray_address, not args.no_progress)
+    cache_hit = all(result.cache_hit for result in extractions.values())
+    seconds = sum(result.seconds for result in extractions.values())
+    return _train_and_record(prep, cache_hit, seconds, started, not args.no_progress)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
     prep = prepare(_load(args))
-    do_extract(prep, args.ray_address, not args.no_progress)
-    print(prep.cache_root.location(prep.key))
+    do_extract_all(prep, args.ray_address, not args.no_progress)
+    for backbone in prep.backbones.values():
+        print(prep.cache_root.location(backbone.key))
     return 0
 
 
@@ -284,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     ext = experiment(
         "extract",
-        "build the activation cache for a config (a no-op if it exists); prints its path",
+        "build the activation cache of every backbone in a config (a no-op for those that exist); "
+        "prints one path per backbone",
         cmd_extract,
     )
     ext.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")

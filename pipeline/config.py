@@ -6,6 +6,7 @@ silently fall back to a default and produce a different experiment.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +46,14 @@ class DatasetConfig(_Strict):
         description="'bundled:rotten_tomatoes', 'bundled:bbc_news', 'bundled:mnist_5k' (images), "
         "or a .csv/.jsonl/.parquet path",
     )
-    text_column: str = "text"
+    text_column: str | None = Field(
+        "text", description="Column of texts; null for an image-only file (with image_column)."
+    )
+    image_column: str | None = Field(
+        None,
+        description="Column of image file paths (relative to the data file) or encoded image bytes; "
+        "with text_column too, every example is an image-text pair (e.g. for retrieval).",
+    )
     label_column: str = "label"
     id_column: str | None = None
     split_column: str | None = Field(None, description="Column holding train/val/test; else `split` is used.")
@@ -85,6 +93,11 @@ class ExtractConfig(_Strict):
     shard_size: int = Field(512, gt=0, description="Examples per shard (the unit of work and of resume).")
     dtype: Literal["float16", "bfloat16", "float32", "int8"] = Field(
         "float16", description="Storage dtype; int8 is lossy (per-token scales), see README."
+    )
+    autocast: Literal["none", "bfloat16", "float16"] = Field(
+        "none",
+        description="Run the backbone under torch.autocast in this precision: much faster on GPUs, but the "
+        "activations differ slightly from fp32, so it is part of the cache key. 'none' computes in fp32.",
     )
     # Defaults chosen by benchmarks/cache_codecs.py on real MiniLM activations (see README, Cache format).
     chunk_rows: int = Field(4096, gt=0, description="Token rows per Zarr chunk.")
@@ -155,14 +168,53 @@ class StorageConfig(_Strict):
         return options
 
 
+_BACKBONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
 class ExperimentConfig(_Strict):
     name: str
     seed: int = 0
     dataset: DatasetConfig
-    backbone: BackboneConfig
+    backbone: BackboneConfig | None = Field(None, description="The one backbone (or use `backbones`).")
+    backbones: dict[str, BackboneConfig] | None = Field(
+        None,
+        description="Several backbones over the same dataset, by name (e.g. {image: ..., text: ...} for "
+        "retrieval); each is extracted once into its own cache. The first one is the primary.",
+    )
     extract: ExtractConfig = ExtractConfig()
     train: TrainConfig = TrainConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _one_backbone_section(self) -> ExperimentConfig:
+        if (self.backbone is None) == (self.backbones is None):
+            raise ValueError(
+                "give exactly one of `backbone` (one model) or `backbones` (a mapping name -> model)"
+            )
+        if self.backbones is not None:
+            if not self.backbones:
+                raise ValueError("`backbones` is empty; name at least one model")
+            bad = [name for name in self.backbones if not _BACKBONE_NAME.match(name)]
+            if bad:
+                raise ValueError(
+                    f"backbone names {bad} must be letters, digits, '-' or '_' (e.g. text, image)"
+                )
+        return self
+
+    @property
+    def named_backbones(self) -> dict[str, BackboneConfig]:
+        """Every backbone by name, the primary first; a single ``backbone`` is named ``main``."""
+        if self.backbones is not None:
+            return dict(self.backbones)
+        assert self.backbone is not None  # the validator guarantees one of the two
+        return {PRIMARY_BACKBONE: self.backbone}
+
+    @property
+    def primary_backbone(self) -> BackboneConfig:
+        return next(iter(self.named_backbones.values()))
+
+
+PRIMARY_BACKBONE = "main"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

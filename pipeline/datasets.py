@@ -1,9 +1,11 @@
 """Load a dataset into one normalized table and give it a content fingerprint.
 
 Every source (bundled dataset, CSV, JSONL, Parquet) becomes a pyarrow table with columns
-``example_id, text, label, split``, sorted by split then id. Image datasets (``bundled:mnist_5k``)
-have an ``image`` column instead of ``text`` (raw uint8 pixels with their shape, see
-``pipeline/images.py``); ``DatasetTable.input_kind`` says which. The fingerprint hashes that
+``example_id, text, label, split``, sorted by split then id. Image datasets (``bundled:mnist_5k``,
+or a file with ``dataset.image_column``) have an ``image`` column instead of ``text`` (raw uint8
+pixels with their shape, see ``pipeline/images.py``); image-text datasets (both columns set) have
+both, one pair per example, for a text and an image backbone over the same examples.
+``DatasetTable.input_kind`` says which. The fingerprint hashes that
 table's content (for images: every image's shape and pixels), so it does not depend on file order
 or format, and it covers the split assignment: training on a cache built from another version of
 the data is impossible without the fingerprint (and so the cache key) changing.
@@ -29,7 +31,7 @@ from pipeline.bundled import bundled_data_path, is_bundled
 from pipeline.config import DatasetConfig
 from pipeline.errors import UniptError
 from pipeline.hashing import canonical_json
-from pipeline.images import IMAGE_COLUMN, IMAGE_TYPE, image_digest, make_image
+from pipeline.images import IMAGE_COLUMN, IMAGE_TYPE, image_digest, load_image, make_image
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
@@ -56,13 +58,15 @@ class DatasetTable:
 
     @property
     def input_kind(self) -> str:
-        """``"image"`` when the examples are images (an ``image`` column), else ``"text"``."""
-        return "image" if IMAGE_COLUMN in self.table.column_names else "text"
+        """``"image"`` or ``"text"``; ``"image+text"`` for image-text pairs (both columns)."""
+        if IMAGE_COLUMN not in self.table.column_names:
+            return "text"
+        return "image+text" if "text" in self.table.column_names else "image"
 
     @property
-    def input_column(self) -> str:
-        """The column a backbone reads: ``"text"`` or ``"image"``."""
-        return IMAGE_COLUMN if self.input_kind == "image" else "text"
+    def input_columns(self) -> list[str]:
+        """The columns backbones read: ``["text"]``, ``["image"]`` or both (each backbone takes its kind)."""
+        return [c for c in (IMAGE_COLUMN, "text") if c in self.table.column_names]
 
     def split_counts(self) -> dict[str, int]:
         counts = Counter(self.table.column("split").to_pylist())
@@ -182,8 +186,12 @@ def _read_table_file(path: Path, config: DatasetConfig) -> _RawExamples:
             )
         return table.column(name).to_pylist()
 
+    if config.text_column is None and config.image_column is None:
+        raise UniptError("dataset.text_column and dataset.image_column are both null; name at least one")
+    images = column(config.image_column, "image_column")
     return _RawExamples(
         texts=column(config.text_column, "text_column"),
+        images=None if images is None else [load_image(v, path.parent, i) for i, v in enumerate(images)],
         labels=column(config.label_column, "label_column"),
         ids=column(config.id_column, "id_column"),
         groups=column(config.split.group_column, "split.group_column"),
@@ -192,13 +200,16 @@ def _read_table_file(path: Path, config: DatasetConfig) -> _RawExamples:
 
 
 def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
-    is_image = raw.images is not None
-    if not (raw.images if is_image else raw.texts):
+    has_text, has_image = raw.texts is not None, raw.images is not None
+    if not (raw.images if has_image else raw.texts):
         raise UniptError(f"dataset {config.source} has no examples; check the file and any filters")
-    if is_image:
-        texts = [_clean_image(image, index) for index, image in enumerate(raw.images)]
+    texts = [_clean_text(text, index) for index, text in enumerate(raw.texts)] if has_text else None
+    images = [_clean_image(image, index) for index, image in enumerate(raw.images)] if has_image else None
+    # One value per example: a text, an image, or an (image, text) pair for image-text datasets.
+    if texts is not None and images is not None:
+        inputs: list = list(zip(images, texts, strict=True))
     else:
-        texts = [_clean_text(text, index) for index, text in enumerate(raw.texts)]
+        inputs = texts if texts is not None else images
     labels = [_clean_label(label, index) for index, label in enumerate(raw.labels)]
     label_names = sorted(set(labels), key=_natural_key)
     if len(label_names) < 2:
@@ -208,7 +219,7 @@ def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
     if raw.ids is not None:
         ids = [str(i) for i in raw.ids]
     else:
-        ids = _content_ids([image_digest(x) for x in texts] if is_image else texts, labels)
+        ids = _content_ids([_content_of(x) for x in inputs], labels)
     duplicates = [i for i, n in Counter(ids).items() if n > 1]
     if duplicates:
         raise UniptError(
@@ -222,25 +233,37 @@ def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
         splits = [_assign_split(str(group), config) for group in groups]
 
     label_index = {name: i for i, name in enumerate(label_names)}
-    rows = sorted(zip(splits, ids, texts, labels, strict=True), key=lambda r: (SPLITS.index(r[0]), r[1]))
+    rows = sorted(zip(splits, ids, inputs, labels, strict=True), key=lambda r: (SPLITS.index(r[0]), r[1]))
     if config.limit is not None and config.limit < len(rows):
         rows = _seeded_sample(rows, config.limit, config.split.seed)
 
-    if is_image:
+    columns: dict[str, pa.Array] = {}
+    if texts is not None and images is not None:
+        fingerprint = _image_fingerprint(rows, label_names, with_text=True)
+        columns[IMAGE_COLUMN] = pa.array([r[2][0] for r in rows], IMAGE_TYPE)
+        columns["text"] = pa.array([r[2][1] for r in rows], pa.string())
+    elif images is not None:
         fingerprint = _image_fingerprint(rows, label_names)
-        inputs = {IMAGE_COLUMN: pa.array([r[2] for r in rows], IMAGE_TYPE)}
+        columns[IMAGE_COLUMN] = pa.array([r[2] for r in rows], IMAGE_TYPE)
     else:
         fingerprint = _fingerprint(rows, label_names)
-        inputs = {"text": pa.array([r[2] for r in rows], pa.string())}
+        columns["text"] = pa.array([r[2] for r in rows], pa.string())
     table = pa.table(
         {
             "example_id": pa.array([r[1] for r in rows], pa.string()),
-            **inputs,
+            **columns,
             "label": pa.array([label_index[r[3]] for r in rows], pa.int64()),
             "split": pa.array([r[0] for r in rows], pa.string()),
         }
     )
     return DatasetTable(table=table, label_names=label_names, fingerprint=fingerprint, source=config.source)
+
+
+def _content_of(value: str | dict | tuple) -> str:
+    """A text, an image's digest, or both for a pair: what content-derived ids hash."""
+    if isinstance(value, tuple):
+        return f"{image_digest(value[0])}\x1f{value[1]}"
+    return image_digest(value) if isinstance(value, dict) else value
 
 
 def _clean_text(text: object, index: int) -> str:
@@ -328,16 +351,18 @@ def _fingerprint(rows: list[tuple], label_names: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _image_fingerprint(rows: list[tuple], label_names: list[str]) -> str:
-    """Like ``_fingerprint``, with each image as its shape and the sha256 of its pixels."""
+def _image_fingerprint(rows: list[tuple], label_names: list[str], with_text: bool = False) -> str:
+    """Like ``_fingerprint``, with each image as its shape and the sha256 of its pixels (and its text,
+    for image-text pairs)."""
     digest = hashlib.sha256()
     header = {
-        "columns": ["split", "example_id", "image", "label"],
+        "columns": ["split", "example_id", "image", *(["text"] if with_text else []), "label"],
         "image": "sha256 of HxWxC and uint8 pixels",
         "labels": label_names,
     }
     digest.update(canonical_json(header).encode("utf-8"))
-    for split, example_id, image, label in rows:
-        digest.update(canonical_json([split, example_id, image_digest(image), label]).encode("utf-8"))
+    for split, example_id, value, label in rows:
+        content = [image_digest(value[0]), value[1]] if with_text else [image_digest(value)]
+        digest.update(canonical_json([split, example_id, *content, label]).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()

@@ -132,6 +132,7 @@ def cache_key_fields(
         "layers": backbone_config.layers,
         "max_length": backbone_config.max_length,
         "dtype": extract_config.dtype,
+        "autocast": extract_config.autocast,
         "preprocessing": {"truncation": True, "special_tokens": True},
     }
 

@@ -9,12 +9,15 @@ no compression, so the bytes hashed into the dataset fingerprint are the pixels 
 ``table.column("image").to_pylist()`` gives one dict per image with those four keys; that list is
 what image backbones' ``encode`` takes (they also accept ``[H, W]`` / ``[H, W, C]`` uint8 arrays).
 
-Light on purpose (numpy and pyarrow only): the driver and the dataset loader import it.
+Light on purpose (numpy and pyarrow; Pillow only to decode image files): the driver and the dataset
+loader import it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +80,34 @@ def image_array(image: Any) -> np.ndarray:
     raise UniptError(
         f"cannot read an image from a {type(image).__name__}; expected the dataset's image column"
     )
+
+
+def load_image(value: Any, base_dir: Path, row: int) -> dict[str, Any]:
+    """The column value for one cell of a data file's image column.
+
+    A cell is a path to a PNG/JPEG/... file (relative to the data file's folder, or absolute) or the
+    encoded file's bytes (Parquet). Decoded with Pillow to grayscale or RGB uint8 pixels.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, str) and value.strip():
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise UniptError(f"row {row}: image file {path} not found; fix the path or drop the row")
+        source: Any = path
+    elif isinstance(value, (bytes, bytearray)) and value:
+        source = io.BytesIO(value)
+    else:
+        raise UniptError(
+            f"row {row}: image is {value!r:.40}, not a file path or image bytes; fill or drop it"
+        )
+    try:
+        with Image.open(source) as image:
+            image = image.convert("L" if image.mode in ("1", "L", "I;16", "I", "F") else "RGB")
+            return make_image(np.asarray(image, dtype=np.uint8))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UniptError(f"row {row}: cannot decode the image ({exc}); re-save it as PNG or JPEG") from exc
 
 
 def image_digest(image: dict[str, Any]) -> str:

@@ -85,4 +85,9 @@ def iter_run_records(runs_root: str | Path) -> list[dict[str, Any]]:
 
 def referenced_cache_keys(runs_root: str | Path) -> set[str]:
     """Cache keys that some run record points at: what `unipt cache gc` must keep."""
-    return {r["cache"]["key"] for r in iter_run_records(runs_root) if r.get("cache", {}).get("key")}
+    keys = set()
+    for record in iter_run_records(runs_root):
+        keys.add(record.get("cache", {}).get("key"))
+        # Multi-backbone runs (e.g. retrieval) use one cache per backbone.
+        keys.update(b.get("cache_key") for b in record.get("backbones", {}).values())
+    return {key for key in keys if key}

@@ -202,3 +202,31 @@ def example_table(n: int, splits: list[str] | None = None) -> pa.Table:
             "split": splits or ["train"] * n,
         }
     )
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (230, 210, 40)}
+CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
+
+
+def write_image_text_csv(folder: Path, n: int = 48, seed: int = 0) -> Path:
+    """Image-text pairs as a user keeps them: PNG files plus a CSV of relative paths and captions.
+
+    Each 32x32 image has one colored square (color, corner, size vary) and its caption says exactly
+    that, so image-text retrieval is learnable; the label is the color.
+    """
+    from PIL import Image
+
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        color, corner, size = rng.choice(list(COLORS)), rng.choice(list(CORNERS)), rng.choice([6, 12])
+        pixels = np.full((32, 32, 3), 245, dtype=np.uint8)
+        row, col = CORNERS[corner]
+        top, left = 2 + row * (28 - size), 2 + col * (28 - size)
+        pixels[top : top + size, left : left + size] = COLORS[color]
+        name = f"images/{i:03d}.png"
+        Image.fromarray(pixels).save(folder / name)
+        caption = f"a {'small' if size == 6 else 'large'} {color} square in the {corner}"
+        rows.append({"id": f"p{i:03d}", "image": name, "caption": caption, "label": color})
+    return write_csv(folder / "pairs.csv", rows)

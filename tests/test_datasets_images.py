@@ -24,7 +24,7 @@ def mnist():
 
 
 def test_mnist_5k_is_an_image_table(mnist):
-    assert mnist.input_kind == "image" and mnist.input_column == "image"
+    assert mnist.input_kind == "image" and mnist.input_columns == ["image"]
     assert mnist.table.column_names == ["example_id", "image", "label", "split"]
     assert mnist.table.schema.field("image").type == IMAGE_TYPE
     assert len(mnist) == 5000 and mnist.label_names == [str(d) for d in range(10)]
@@ -54,7 +54,7 @@ def test_images_and_labels_are_the_csv_rows(mnist):
 
 def test_text_datasets_say_text(sentiment_csv):
     ds = load_dataset(DatasetConfig(source=str(sentiment_csv), id_column="id"))
-    assert ds.input_kind == "text" and ds.input_column == "text"
+    assert ds.input_kind == "text" and ds.input_columns == ["text"]
 
 
 def test_ids_and_fingerprint_come_from_the_pixels(mnist):
