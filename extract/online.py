@@ -1,0 +1,316 @@
+"""Training with the backbone in memory: the baselines that training from a cache is measured against.
+
+- ``unipt-online``: what the paper's code does. The frozen backbone runs (under ``torch.no_grad``) on
+  every batch of every epoch to produce the hidden states, which feed the same
+  :class:`~train.unipt.UniPTClassifier` as training from a cache, with the same optimiser, schedule
+  and best-on-validation selection (:func:`train.loop.fit_classifier`).
+- ``full-finetune``: the backbone itself is trained, with a linear head on its last hidden state
+  (masked mean), AdamW at a smaller learning rate (``train.lr / 10`` unless given).
+
+Both walk the examples in exactly the batches that :class:`~train.loader.CacheBatches` would give
+from a cache of the same dataset (same split column, same seed, same shard layout), so a run online
+and a run from a float32 cache see the same batches in the same order.
+
+Imported only where a backbone may live (benchmarks, tests): ``train/`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor, nn
+
+from extract.backbones import HFTextBackbone
+from extract.spec import BackboneLoadSpec
+from pipeline.bundled import bundled_cnn_settings
+from pipeline.cache import ActivationCache
+from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.config import BackboneConfig, ExtractConfig, TrainConfig
+from pipeline.errors import UniptError
+from pipeline.resources import peak_cuda_mib, peak_rss_mib
+from train.loader import Batch, CacheBatches
+from train.loop import TrainResult, fit_classifier, pick_device
+from train.models import build_model
+from train.unipt import masked_mean
+
+METHODS = ("unipt-online", "full-finetune")
+
+
+class _IndexOnlyCache(ActivationCache):
+    """A cache's metadata without its activations: what plans batches and sizes the model.
+
+    Layers, widths, labels and splits are the dataset's and backbone's; offsets are laid out as
+    extraction lays them out (each shard starting on its own row span), so the contiguous blocks, and
+    therefore the seeded shuffle of :class:`CacheBatches`, are those of a real cache. Every read gives
+    zero-width rows: only the example indices and token counts of each planned batch are used.
+    """
+
+    def __init__(
+        self,
+        table: pa.Table,
+        label_names: list[str],
+        lengths: list[int],
+        layers: list[int],
+        width: int,
+        max_length: int,
+        extract: ExtractConfig,
+    ) -> None:
+        self.source = "online (no cache)"
+        self.examples = table.select(["example_id", "label", "split"])
+        self.layout = StoreLayout(
+            layers=tuple(LayerSpec(layer, width) for layer in layers),
+            num_examples=len(lengths),
+            max_length=max_length,  # the row budget per example, as extraction reserves it
+            shard_size=extract.shard_size,
+            chunk_rows=extract.chunk_rows,
+            dtype="float32",
+            chunks_per_file=extract.chunks_per_file,
+        )
+        self.attrs = {"complete": True, "layout": self.layout.to_json(), "label_names": list(label_names)}
+        self.dtype, self.layers = "float32", list(layers)
+        self.hidden_sizes = {layer: width for layer in layers}
+        self.label_names = list(label_names)
+        offsets = np.zeros((len(lengths), 2), dtype=np.int64)
+        for shard in self.layout.shards():
+            base, _ = self.layout.row_span(shard, self.layout.layers[0])
+            counts = np.asarray(lengths[shard.example_start : shard.example_stop], dtype=np.int64)
+            stops = base + np.cumsum(counts)
+            offsets[shard.example_start : shard.example_stop] = np.stack([stops - counts, stops], axis=1)
+        self._offsets = {self.layout.layers[0].offsets_name: offsets}
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        return np.zeros((stop - start, 0), dtype=np.float32)
+
+    def _read_all(self, name: str) -> np.ndarray:
+        return self._offsets[name]
+
+    def nbytes_on_disk(self) -> int:
+        return 0
+
+
+class OnlineBatches:
+    """Batches of one split, computed from the text on every pass (a ``BatchSource`` for the loop).
+
+    ``inputs(features, mask)`` turns the padded tokenizer output of a batch into ``Batch.hidden``:
+    the backbone's hidden states for UniPT online, or the token ids themselves for fine-tuning.
+    """
+
+    def __init__(
+        self, plan: CacheBatches, data: OnlineData, inputs: Callable[[dict, Tensor], list[Tensor]]
+    ) -> None:
+        self.plan, self.data, self.inputs = plan, data, inputs
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        for planned in self.plan.epoch(epoch):
+            features = self.data.pad(planned.indices)
+            mask = planned.mask.to(self.data.device)
+            yield Batch(
+                hidden=self.inputs(features, mask),
+                mask=mask,
+                labels=planned.labels,
+                indices=planned.indices,
+            )
+
+
+@dataclass
+class OnlineData:
+    """A dataset tokenized once, the frozen backbone that reads it, and the cache it stands in for."""
+
+    backbone: HFTextBackbone
+    encoded: dict[str, list[list[int]]]
+    index: _IndexOnlyCache
+    device: torch.device
+    setup_seconds: float
+
+    @property
+    def layers(self) -> list[int]:
+        return self.index.layers
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.index.label_names)
+
+    def pad(self, indices: np.ndarray) -> dict[str, Tensor]:
+        features = self.backbone.tokenizer.pad(
+            {key: [values[i] for i in indices] for key, values in self.encoded.items()}, return_tensors="pt"
+        )
+        return {key: value.to(self.device) for key, value in features.items()}
+
+    def batches(
+        self,
+        split: str,
+        shuffle: bool,
+        config: TrainConfig,
+        seed: int,
+        inputs: Callable[[dict, Tensor], list[Tensor]],
+    ) -> OnlineBatches:
+        """One split in the batches ``train_classifier`` would read from a cache (``inputs`` fills them)."""
+        plan = CacheBatches(
+            self.index,
+            split,
+            self.layers[:1],  # zero-width reads: only the planned indices and token counts are used
+            config.batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            block_examples=config.block_examples,
+            shuffle_buffer_blocks=config.shuffle_buffer_blocks,
+        )
+        return OnlineBatches(plan, self, inputs)
+
+    @torch.no_grad()
+    def hidden_states(self, features: dict[str, Tensor], mask: Tensor) -> list[Tensor]:
+        """The frozen backbone's requested hidden states, zero on padding (as a cache batch has them)."""
+        out = self.backbone.model(**features, output_hidden_states=True, return_dict=True)
+        keep = mask[..., None].to(torch.float32)
+        return [out.hidden_states[layer].to(torch.float32) * keep for layer in self.layers]
+
+    def token_inputs(self, features: dict[str, Tensor], mask: Tensor) -> list[Tensor]:
+        return [features[key] for key in self.encoded]
+
+
+def load_online_data(
+    dataset_table: pa.Table,
+    label_names: list[str],
+    backbone_config: BackboneConfig,
+    train_config: TrainConfig,
+    extract_config: ExtractConfig | None = None,
+) -> OnlineData:
+    """Load the backbone onto the training device and tokenize every example once, as extraction does."""
+    if "text" not in dataset_table.column_names:
+        raise UniptError("online baselines take text datasets; this one has no `text` column (images?)")
+    if bundled_cnn_settings(backbone_config.name_or_path) is not None:
+        raise UniptError("online baselines take Hugging Face text encoders, not the bundled CNN")
+    if train_config.task != "classification":
+        raise UniptError(
+            f"online baselines are classifiers; set train.task: classification, not {train_config.task}"
+        )
+    started = time.perf_counter()
+    device = pick_device(train_config.device)
+    spec = BackboneLoadSpec(
+        backbone_config.name_or_path,
+        backbone_config.revision,
+        backbone_config.trust_remote_code,
+        device=device.type,
+    )
+    backbone = HFTextBackbone(spec)
+    # A cache holds each example's real tokens first, then padding: pad on the right to match.
+    backbone.tokenizer.padding_side = "right"
+    count = backbone.num_hidden_states
+    layers = list(range(count)) if backbone_config.layers == "all" else list(backbone_config.layers)
+    if any(not 0 <= layer < count for layer in layers):
+        raise UniptError(
+            f"backbone.layers {layers} out of range: this backbone has hidden states 0..{count - 1}"
+        )
+    texts = dataset_table.column("text").to_pylist()
+    encoded = dict(backbone.tokenizer(texts, truncation=True, max_length=backbone_config.max_length))
+    accepted = backbone._accepts  # the inputs its forward names, as in extraction
+    encoded = {key: value for key, value in encoded.items() if accepted is None or key in accepted}
+    index = _IndexOnlyCache(
+        dataset_table,
+        label_names,
+        [len(ids) for ids in encoded["input_ids"]],
+        layers,
+        backbone.hidden_size,
+        backbone_config.max_length,
+        extract_config or ExtractConfig(),
+    )
+    return OnlineData(backbone, encoded, index, device, setup_seconds=time.perf_counter() - started)
+
+
+class FineTuneClassifier(nn.Module):
+    """The backbone, trained, with a linear head on the masked mean of its last hidden state.
+
+    Called like UniPT (``model(hidden, mask)``) so the same loop trains it; here ``hidden`` holds the
+    tokenizer's tensors (input ids first) in ``keys`` order.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, keys: list[str], width: int, num_classes: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone.requires_grad_(True)
+        self.keys = list(keys)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, hidden: list[Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+        inputs = dict(zip(self.keys, hidden, strict=True))
+        tokens = self.backbone(**inputs, return_dict=True).last_hidden_state
+        logits = self.classifier(self.dropout(masked_mean(tokens, mask)))
+        return logits, logits.new_zeros(len(logits), 0)  # no per-layer weights
+
+
+def fit_online(
+    data: OnlineData,
+    train_config: TrainConfig,
+    seed: int,
+    method: str,
+    finetune_lr: float | None = None,
+    progress: bool = False,
+) -> tuple[TrainResult, nn.Module]:
+    """Train ``method`` on tokenized ``data``; returns the result and the trained model."""
+    if method not in METHODS:
+        raise UniptError(f"unknown online method {method!r}; choose one of {', '.join(METHODS)}")
+    if data.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(data.device)
+    # Seeded after the backbone is loaded, so the model starts exactly as train_classifier's does.
+    torch.manual_seed(seed)
+    if method == "unipt-online":
+        model = build_model(train_config.variant, data.index, train_config)
+        inputs, config = data.hidden_states, train_config
+    else:
+        model = FineTuneClassifier(
+            data.backbone.model,
+            list(data.encoded),
+            data.backbone.hidden_size,
+            data.num_classes,
+            train_config.dropout,
+        )
+        lr = finetune_lr if finetune_lr is not None else train_config.lr / 10
+        inputs, config = data.token_inputs, train_config.model_copy(update={"lr": lr})
+    model = model.to(data.device)
+    splits = [data.batches(s, s == "train", config, seed, inputs) for s in ("train", "val", "test")]
+    result = fit_classifier(model, *splits, config, data.num_classes, data.device, progress, seed=seed)
+    result.metrics.update(
+        {
+            "lr": config.lr,
+            "setup_seconds": data.setup_seconds,
+            "backbone_params": sum(p.numel() for p in data.backbone.model.parameters()),
+            "peak_rss_mib": peak_rss_mib(),
+            "peak_cuda_mib": peak_cuda_mib(),
+        }
+    )
+    return result, model
+
+
+def train_online(
+    dataset_table: pa.Table,
+    label_names: list[str],
+    backbone_config: BackboneConfig,
+    train_config: TrainConfig,
+    seed: int,
+    method: str,
+    extract_config: ExtractConfig | None = None,
+    finetune_lr: float | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train a baseline with the backbone in memory on a normalized dataset table (its split column).
+
+    ``method`` is ``"unipt-online"`` or ``"full-finetune"`` (see the module docstring). Metrics are
+    those of :func:`train.loop.fit_classifier` plus ``lr``, ``setup_seconds`` (backbone load and
+    tokenization), ``backbone_params``, ``peak_rss_mib`` and ``peak_cuda_mib`` (None without CUDA).
+    ``extract_config`` gives the shard layout whose batch order to follow (default: the defaults).
+    """
+    if method not in METHODS:
+        raise UniptError(f"unknown online method {method!r}; choose one of {', '.join(METHODS)}")
+    data = load_online_data(dataset_table, label_names, backbone_config, train_config, extract_config)
+    result, _ = fit_online(data, train_config, seed, method, finetune_lr, progress)
+    return result
