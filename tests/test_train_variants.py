@@ -1,0 +1,194 @@
+"""Training each UniPT variant from a cache: feature maps out of the loader, the variant/cache checks,
+and end to end on real caches (EfficientNet-Lite0 stages of MNIST digits; a tiny BERT on sentences)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_writer import CacheBuilder, write_shard
+from pipeline.cli import do_extract, prepare
+from pipeline.config import TrainConfig, load_config
+from pipeline.errors import UniptError
+from tests.conftest import KEY, build_cache, example_table, write_config
+from train.loader import CacheBatches
+from train.loop import train_classifier
+from train.models import build_model
+from train.unipt import UniPTClassifier
+from train.unipt_clip4clip import UniPTClip4ClipClassifier
+from train.unipt_cnn import UniPTCNNClassifier
+
+# Three stages at strides 4, 2, 1 relative to the last; 40-row chunks leave gaps between shards.
+STAGES = (LayerSpec(0, 3, grid=(8, 8)), LayerSpec(2, 5, grid=(4, 4)), LayerSpec(4, 6, grid=(2, 2)))
+SPLITS = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+
+
+def build_map_cache(root: CacheRoot, specs=STAGES, n: int = 10) -> dict[int, np.ndarray]:
+    """A committed cache of random fp16 feature maps; returns them as {layer: [n, H, W, C]}."""
+    rng = np.random.default_rng(0)
+    layout = StoreLayout(specs, num_examples=n, max_length=1, shard_size=3, chunk_rows=40)
+    maps = {s.index: rng.standard_normal((n, *s.grid, s.width)).astype(np.float16) for s in specs}
+    builder = CacheBuilder(root, KEY)
+    builder.create(layout, {"label_names": ["a", "b"]})
+    for shard in layout.shards():
+        part = slice(shard.example_start, shard.example_stop)
+        write_shard(
+            builder.location,
+            layout,
+            shard,
+            {s.index: maps[s.index][part].reshape(-1, s.width) for s in specs},
+        )
+    builder.commit(layout, example_table(n, SPLITS[:n]), {})
+    return maps
+
+
+@pytest.fixture
+def map_cache(tmp_path) -> tuple[CacheReader, dict[int, np.ndarray]]:
+    maps = build_map_cache(CacheRoot(tmp_path))
+    return CacheReader(CacheRoot(tmp_path).location(KEY)), maps
+
+
+def test_loader_gives_each_stage_as_exact_maps(map_cache):
+    reader, maps = map_cache
+    offsets = {s.index: reader.offsets_for(s.index) for s in STAGES}
+    assert not np.array_equal(offsets[0], offsets[4])  # stages really do sit at different rows
+    data = CacheBatches(reader, "train", [0, 2, 4], batch_size=4, shuffle=True, seed=1, block_examples=2)
+    seen = []
+    for batch in data.epoch(0):
+        assert [tuple(h.shape[1:]) for h in batch.hidden] == [(3, 8, 8), (5, 4, 4), (6, 2, 2)]
+        assert batch.mask.shape == (len(batch.indices), 4) and bool(batch.mask.all())
+        for layer, h in zip([0, 2, 4], batch.hidden, strict=True):
+            assert h.dtype == torch.float32
+            want = maps[layer][batch.indices].astype(np.float32).transpose(0, 3, 1, 2)  # [B, C, H, W]
+            np.testing.assert_array_equal(h.numpy(), want)
+        np.testing.assert_array_equal(batch.labels.numpy(), batch.indices % 2)
+        seen += batch.indices.tolist()
+    assert sorted(seen) == list(range(6)) and seen != list(range(6))  # each once, shuffled
+
+    only_last = next(CacheBatches(reader, "test", [4], batch_size=8).epoch(0))
+    np.testing.assert_array_equal(only_last.indices, [8, 9])
+    np.testing.assert_array_equal(
+        only_last.hidden[0].numpy(), maps[4][8:].astype(np.float32).transpose(0, 3, 1, 2)
+    )
+
+
+def test_build_model_picks_the_variant_and_refuses_the_wrong_cache(tmp_path, map_cache):
+    reader, _ = map_cache
+    assert isinstance(build_model("cnn", reader, TrainConfig(variant="cnn")), UniPTCNNClassifier)
+    for variant in ("transformer", "clip4clip"):
+        with pytest.raises(UniptError, match="holds CNN feature maps; set train.variant: cnn"):
+            build_model(variant, reader, TrainConfig(variant=variant))
+
+    build_cache(CacheRoot(tmp_path / "tokens"), [3, 5, 4, 2], {0: 8, 1: 8, 2: 8})
+    tokens = CacheReader(CacheRoot(tmp_path / "tokens").location(KEY))
+    assert type(build_model("transformer", tokens, TrainConfig())) is UniPTClassifier
+    assert isinstance(
+        build_model("clip4clip", tokens, TrainConfig(variant="clip4clip")), UniPTClip4ClipClassifier
+    )
+    with pytest.raises(UniptError, match="holds token sequences; set train.variant: transformer"):
+        build_model("cnn", tokens, TrainConfig(variant="cnn"))
+    with pytest.raises(UniptError, match=r"its width is that layer's \(8\); remove train.embed_size"):
+        build_model("clip4clip", tokens, TrainConfig(variant="clip4clip", embed_size=16))
+    with pytest.raises(UniptError, match="unknown train.variant 'lstm'"):
+        build_model("lstm", tokens, TrainConfig())
+
+
+def test_cnn_variant_refuses_stages_whose_grids_do_not_divide(tmp_path):
+    specs = (LayerSpec(3, 4, grid=(6, 6)), LayerSpec(5, 4, grid=(4, 4)))
+    build_map_cache(CacheRoot(tmp_path), specs, n=4)
+    reader = CacheReader(CacheRoot(tmp_path).location(KEY))
+    with pytest.raises(
+        UniptError, match=r"layer: grid 3: 6x6, 5: 4x4\): every grid must be an integer multiple"
+    ):
+        train_classifier(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
+
+
+def test_training_each_variant_on_small_synthetic_caches(tmp_path, map_cache):
+    reader, _ = map_cache
+    cnn = train_classifier(
+        reader, TrainConfig(variant="cnn", epochs=2, batch_size=3, embed_size=8), seed=0, progress=False
+    )
+    assert len(cnn.history) == 2 and len(cnn.layer_weights) == 2
+    assert math.isclose(sum(cnn.layer_weights), 1.0, rel_tol=1e-5)
+
+    build_cache(
+        CacheRoot(tmp_path / "tokens"), [4, 6, 3, 5, 7, 2, 6, 5, 4, 3], {0: 8, 1: 8, 2: 8}, splits=SPLITS
+    )
+    tokens = CacheReader(CacheRoot(tmp_path / "tokens").location(KEY))
+    config = TrainConfig(variant="clip4clip", epochs=2, batch_size=4)
+    one, two = (train_classifier(tokens, config, seed=3, progress=False) for _ in range(2))
+    assert len(one.layer_weights) == 2 and one.layer_weights == two.layer_weights
+    assert [h["train_loss"] for h in one.history] == [h["train_loss"] for h in two.history]
+    # clip4clip's extra parameters: each layer's ReLU->Linear (no LayerNorm) plus the anchor's own one.
+    d = 4
+    expected = 3 * (8 * d + d) + (d + 1) + (d * 8 + 8) + (8 * 2 + 2)
+    assert one.metrics["trainable_params"] == expected
+
+
+# --- real backbones, through the real extraction path ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path):
+    """EfficientNet-Lite0 stages 1, 2, 3, 5 of 96 MNIST digits: grids 56/28/14/7, ratios 8/4/2 (as C2-C5)."""
+    path = write_config(
+        tmp_path / "cnn.yaml",
+        "bundled:mnist_5k",
+        "bundled:efficientnet-lite0",
+        tmp_path,
+        dataset={"source": "bundled:mnist_5k", "id_column": None, "limit": 96},
+        backbone={"name_or_path": "bundled:efficientnet-lite0", "batch_size": 32, "layers": [1, 2, 3, 5]},
+        extract={"shard_size": 32, "chunk_rows": 4096},
+        train={"variant": "cnn", "epochs": 2, "batch_size": 16, "linear_probe": False},
+    )
+    config = load_config(path)
+    prep = prepare(config)
+    reader = CacheReader(do_extract(prep, None, progress=False).path)
+    assert [tuple(reader.layer_spec(layer).grid) for layer in reader.layers] == [
+        (56, 56),
+        (28, 28),
+        (14, 14),
+        (7, 7),
+    ]
+
+    # The loader's maps are the cached [H, W, C] maps, channels first.
+    batch = next(CacheBatches(reader, "train", reader.layers, batch_size=4).epoch(0))
+    for layer, maps in zip(reader.layers, batch.hidden, strict=True):
+        for row, index in enumerate(batch.indices):
+            want = reader.read_example(int(index), layer).astype(np.float32).transpose(2, 0, 1)
+            np.testing.assert_array_equal(maps[row].numpy(), want)
+
+    result = train_classifier(reader, config.train, seed=0, progress=False)
+    assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert 0.0 <= result.metrics["test_acc"] <= 1.0 and 0.0 <= result.metrics["val_acc"] <= 1.0
+    assert len(result.layer_weights) == 3  # one per non-anchor stage
+    assert math.isclose(sum(result.layer_weights), 1.0, rel_tol=1e-5)
+    assert result.metrics["trainable_params"] > 0
+
+    with pytest.raises(UniptError, match="set train.variant: cnn"):
+        train_classifier(reader, TrainConfig(epochs=1), seed=0, progress=False)
+
+
+@pytest.mark.slow
+def test_clip4clip_variant_trains_from_a_tiny_bert_cache(ray_session, tmp_path, tiny_bert_dir, sentiment_csv):
+    path = write_config(
+        tmp_path / "text.yaml",
+        str(sentiment_csv),
+        str(tiny_bert_dir),
+        tmp_path,
+        train={"variant": "clip4clip", "epochs": 2, "batch_size": 16, "linear_probe": False},
+    )
+    config = load_config(path)
+    reader = CacheReader(do_extract(prepare(config), None, progress=False).path)
+    assert reader.layers == [0, 1, 2]
+    result = train_classifier(reader, config.train, seed=0, progress=False)
+    assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert 0.0 <= result.metrics["test_acc"] <= 1.0
+    assert len(result.layer_weights) == 2  # embeddings and layer 1; layer 2 is the anchor
+    with pytest.raises(UniptError, match="holds token sequences"):
+        train_classifier(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
