@@ -168,8 +168,11 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     raw = json.loads(json.dumps(old.config))
     raw.setdefault("storage", {})["registry"] = args.registry  # the new run joins the old one's registry
     if old.runtime.get("device") == "cpu" and raw.get("train", {}).get("device", "auto") == "auto":
-        # The original trained on CPU; "auto" would pick a GPU here and change the numbers.
-        raw.setdefault("train", {})["device"] = "cpu"
+        import torch
+
+        if torch.cuda.is_available():
+            # The original trained on CPU; "auto" would pick this GPU and change the numbers.
+            raw.setdefault("train", {})["device"] = "cpu"
     prep = cli.prepare(_validate(raw, f"run {old.run_id}"))
 
     extra: dict[str, Any] = {"rerun_of": old.run_id}
