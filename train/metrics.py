@@ -53,11 +53,12 @@ def spearman(predictions: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def match_ranks(similarity: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """For each row of a similarity matrix, whose match is column ``offset + row``: how many columns
-    score strictly higher (0 = retrieved first; ties count in the match's favour)."""
+    """For each row of a similarity matrix, whose match is column ``offset + row``: how many other
+    columns score at least as high (0 = retrieved first). Ties count against the match, so collapsed
+    embeddings, where everything ties, score no better than chance."""
     rows = torch.arange(similarity.shape[0], device=similarity.device)
     matched = similarity[rows, rows + offset][:, None]
-    return (similarity > matched).sum(dim=1)
+    return (similarity >= matched).sum(dim=1) - 1
 
 
 def retrieval_metrics_from_ranks(

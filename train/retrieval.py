@@ -1,0 +1,257 @@
+"""Cross-model retrieval from two caches of one dataset (e.g. an image and a text backbone).
+
+Each side (query, gallery) gets its own UniPT over its own cache; the output tokens are mean-pooled
+and projected into one shared, L2-normalised embedding space. Training minimises the symmetric
+InfoNCE loss (query->gallery and gallery->query cross-entropy over the batch) with a learnable
+temperature, as in CLIP. Example *i* of one cache matches example *i* of the other, so the caches
+must hold the same examples in the same order (checked by example id).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.cache import ActivationCache
+from pipeline.config import TrainConfig
+from pipeline.errors import UniptError
+from train.fit import Task, fit, pick_device
+from train.loader import Batch, CacheBatches
+from train.loop import TrainResult, summary_metrics
+from train.metrics import match_ranks, retrieval_metrics_from_ranks
+from train.unipt import UniPT, masked_mean
+
+_INITIAL_TEMPERATURE = 0.07  # CLIP's
+_MAX_LOGIT_SCALE = math.log(100.0)  # CLIP caps 1/temperature at 100 so training stays stable
+_EVAL_CHUNK = 512  # similarity rows computed at once: memory O(chunk * split size), not split size**2
+
+
+class RetrievalModel(nn.Module):
+    """Two UniPTs, one per side, pooled and projected into a shared embedding; a learnable temperature."""
+
+    def __init__(
+        self,
+        query_sizes: list[int],
+        gallery_sizes: list[int],
+        embed_size: int | None = None,
+        downsample_factor: int = 2,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        query_width, gallery_width = embed_size or query_sizes[-1], embed_size or gallery_sizes[-1]
+        shared = embed_size or min(query_sizes[-1], gallery_sizes[-1])
+        self.query = UniPT(query_sizes, query_width, downsample_factor)
+        self.gallery = UniPT(gallery_sizes, gallery_width, downsample_factor)
+        self.query_projection = nn.Linear(query_width, shared)
+        self.gallery_projection = nn.Linear(gallery_width, shared)
+        self.dropout = nn.Dropout(dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / _INITIAL_TEMPERATURE)))
+
+    def embed(self, side: str, hidden: list[Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+        """L2-normalised [B, shared] embeddings of one side and its [B, L] layer weights."""
+        unipt, projection = (
+            (self.query, self.query_projection)
+            if side == "query"
+            else (self.gallery, self.gallery_projection)
+        )
+        out = unipt(hidden, mask)
+        pooled = self.dropout(masked_mean(out.tokens, mask))
+        return nn.functional.normalize(projection(pooled).float(), dim=-1), out.layer_weights
+
+    def scale(self) -> Tensor:
+        return self.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp()
+
+    def forward(self, query: Batch, gallery: Batch, device: torch.device) -> Tensor:
+        """[B, B] logits: query i against gallery j, scaled by 1 / temperature."""
+        q, _ = self.embed("query", [h.to(device) for h in query.hidden], query.mask.to(device))
+        g, _ = self.embed("gallery", [h.to(device) for h in gallery.hidden], gallery.mask.to(device))
+        return self.scale() * q @ g.T
+
+
+def contrastive_loss(logits: Tensor) -> Tensor:
+    """Symmetric InfoNCE: the matching pair sits on the diagonal, in both directions."""
+    targets = torch.arange(len(logits), device=logits.device)
+    return (nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.T, targets)) / 2
+
+
+class PairedBatches:
+    """The same examples, in the same order, from two caches: yields (query batch, gallery batch)."""
+
+    def __init__(self, query: CacheBatches, gallery: CacheBatches, block_examples: int) -> None:
+        if not np.array_equal(query.indices, gallery.indices):
+            raise UniptError("query and gallery splits differ; extract both caches from the same dataset")
+        # One block plan for both sides (cut wherever either side's rows are not back to back), so the
+        # seeded shuffles, which depend only on block sizes, put the same example in the same place.
+        offsets = [query.reader.offsets_for(layer) for layer in query.layers]
+        offsets += [gallery.reader.offsets_for(layer) for layer in gallery.layers]
+        blocks = _aligned_blocks(query.indices, offsets, block_examples)
+        query.blocks, gallery.blocks = blocks, list(blocks)
+        self.query, self.gallery = query, gallery
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def epoch(self, epoch: int = 0) -> Iterator[tuple[Batch, Batch]]:
+        for q, g in zip(self.query.epoch(epoch), self.gallery.epoch(epoch), strict=True):
+            if not np.array_equal(
+                q.indices, g.indices
+            ):  # cannot happen with one block plan; never train on it
+                raise UniptError("query and gallery batches went out of step; this is a bug in unipt")
+            yield q, g
+
+
+def _aligned_blocks(indices: np.ndarray, offsets: list[np.ndarray], block_examples: int) -> list[np.ndarray]:
+    if len(indices) == 0:
+        return []
+    apart = np.diff(indices) != 1
+    for layer_offsets in offsets:
+        apart |= layer_offsets[indices, 0][1:] != layer_offsets[indices, 1][:-1]
+    blocks = []
+    for run in np.split(indices, np.flatnonzero(apart) + 1):
+        blocks += [run[i : i + block_examples] for i in range(0, len(run), block_examples)]
+    return blocks
+
+
+def check_aligned(query: ActivationCache, gallery: ActivationCache) -> None:
+    """Refuse two caches that do not hold the same examples (by id) in the same order and splits."""
+    for column in ("example_id", "split"):
+        a = query.examples.column(column).to_pylist()
+        b = gallery.examples.column(column).to_pylist()
+        if a != b:
+            where = next(
+                (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+            )
+            raise UniptError(
+                f"caches {query.source} and {gallery.source} hold different examples ({column} differs at "
+                f"row {where}: {len(a)} vs {len(b)} examples); extract both from the same dataset config"
+            )
+
+
+def paired_batches(
+    query: ActivationCache,
+    gallery: ActivationCache,
+    split: str,
+    config: TrainConfig,
+    seed: int,
+    shuffle: bool,
+) -> PairedBatches:
+    def side(reader: ActivationCache) -> CacheBatches:
+        return CacheBatches(
+            reader,
+            split,
+            reader.layers,
+            config.batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            block_examples=config.block_examples,
+            shuffle_buffer_blocks=config.shuffle_buffer_blocks,
+        )
+
+    return PairedBatches(side(query), side(gallery), config.block_examples)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: RetrievalModel, data: PairedBatches, device: torch.device) -> dict[str, Any]:
+    """R@1/5/10 (percent) query->gallery and gallery->query over the whole split, rSum, layer weights."""
+    model.eval()
+    if len(data) == 0:
+        nan = float("nan")
+        empty = {f"{d}_r{k}": nan for d in ("q2g", "g2q") for k in (1, 5, 10)}
+        return {**empty, "rsum": nan, "query_layer_weights": [], "gallery_layer_weights": []}
+    queries, galleries, query_weights, gallery_weights = [], [], [], []
+    for q, g in data.epoch(0):
+        emb, weights = model.embed("query", [h.to(device) for h in q.hidden], q.mask.to(device))
+        queries.append(emb.float().cpu())
+        query_weights.append(weights.float().cpu())
+        emb, weights = model.embed("gallery", [h.to(device) for h in g.hidden], g.mask.to(device))
+        galleries.append(emb.float().cpu())
+        gallery_weights.append(weights.float().cpu())
+    query, gallery = torch.cat(queries), torch.cat(galleries)
+    metrics = retrieval_metrics_chunked(query, gallery)
+    metrics["query_layer_weights"] = torch.cat(query_weights).mean(0).tolist()
+    metrics["gallery_layer_weights"] = torch.cat(gallery_weights).mean(0).tolist()
+    return metrics
+
+
+def retrieval_metrics_chunked(query: Tensor, gallery: Tensor) -> dict[str, float]:
+    """:func:`train.metrics.retrieval_metrics` of ``query @ gallery.T`` without holding the whole matrix."""
+    ranks = []
+    for a, b in ((query, gallery), (gallery, query)):
+        chunks = [match_ranks(a[i : i + _EVAL_CHUNK] @ b.T, offset=i) for i in range(0, len(a), _EVAL_CHUNK)]
+        ranks.append(torch.cat(chunks))
+    return retrieval_metrics_from_ranks(*ranks)
+
+
+@dataclass
+class RetrievalResult(TrainResult):
+    gallery_layer_weights: list[float] | None = None
+    model: RetrievalModel | None = None
+
+
+def train_retrieval(
+    query_reader: ActivationCache,
+    gallery_reader: ActivationCache,
+    config: TrainConfig,
+    seed: int,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    resume: Path | None = None,
+    meta: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> RetrievalResult:
+    """Train a query and a gallery UniPT contrastively on two caches of one dataset; report R@K and rSum.
+
+    ``layer_weights`` in the result are the query side's (test split); the gallery's are beside them.
+    """
+    check_aligned(query_reader, gallery_reader)
+    torch.manual_seed(seed)
+    device = pick_device(config.device)
+    model = RetrievalModel(
+        [query_reader.hidden_sizes[layer] for layer in query_reader.layers],
+        [gallery_reader.hidden_sizes[layer] for layer in gallery_reader.layers],
+        embed_size=config.embed_size,
+        downsample_factor=config.downsample_factor,
+        dropout=config.dropout,
+    ).to(device)
+    train_data, val_data, test_data = (
+        paired_batches(query_reader, gallery_reader, split, config, seed, shuffle=split == "train")
+        for split in ("train", "val", "test")
+    )
+
+    def loss(batch: tuple[Batch, Batch], device: torch.device) -> tuple[Tensor, int]:
+        query, gallery = batch
+        return contrastive_loss(model(query, gallery, device).float()), len(query.indices)
+
+    def validate() -> dict[str, float]:
+        if not len(val_data):
+            return {}
+        metrics = evaluate_retrieval(model, val_data, device)
+        return {k: v for k, v in metrics.items() if not k.endswith("layer_weights")}
+
+    identity = {
+        "query": {"cache_key": query_reader.attrs.get("cache_key"), "source": query_reader.source},
+        "gallery": {"cache_key": gallery_reader.attrs.get("cache_key"), "source": gallery_reader.source},
+    }
+    task = Task(model, train_data, loss, validate, "rsum", identity)
+    fitted = fit(task, config, seed, device, progress, checkpoint, resume, meta, on_epoch_end)
+    test = evaluate_retrieval(model, test_data, device)
+    best = fitted.history[fitted.best_epoch - 1]
+    names = [k for k in test if not k.endswith("layer_weights")]
+    metrics: dict[str, Any] = {f"val_{n}": best.get(f"val_{n}", float("nan")) for n in names}
+    metrics |= {f"test_{n}": test[n] for n in names}
+    metrics |= summary_metrics(fitted, config, model)
+    metrics["temperature"] = float(1.0 / model.scale().detach())
+    return RetrievalResult(
+        metrics=metrics,
+        history=fitted.history,
+        layer_weights=test["query_layer_weights"],
+        gallery_layer_weights=test["gallery_layer_weights"],
+        model=model,
+    )
