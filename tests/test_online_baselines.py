@@ -1,0 +1,131 @@
+"""Baselines with the backbone in memory (UniPT online, full fine-tuning) against training from a cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from extract.online import fit_online, load_online_data, train_online
+from pipeline.cache import CacheReader
+from pipeline.cli import do_extract, prepare
+from pipeline.config import load_config
+from pipeline.errors import UniptError
+from train.loader import CacheBatches
+from train.loop import train_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+# An fp32 cache holds exactly what the backbone computed, so online and cached UniPT see the same inputs.
+OVERRIDES = ["extract.dtype=float32", "train.epochs=3", "train.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def fp32_setup(tmp_path_factory, tiny_bert_dir):
+    from tests.conftest import make_sentiment_rows, write_config, write_csv
+
+    root = tmp_path_factory.mktemp("online")
+    csv_path = write_csv(root / "sentiment.csv", make_sentiment_rows(160))
+    config_path = write_config(root / "tiny.yaml", str(csv_path), str(tiny_bert_dir), root)
+    return config_path, load_config(config_path, OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def fp32_cache(fp32_setup, ray_session):
+    config_path, config = fp32_setup
+    prep = prepare(config)
+    reader = CacheReader(do_extract(prep, None, progress=False).path)
+    return prep, reader
+
+
+@pytest.fixture(scope="module")
+def online_data(fp32_cache):
+    prep, _ = fp32_cache
+    config = prep.config
+    return load_online_data(
+        prep.dataset.table, prep.dataset.label_names, config.backbone, config.train, config.extract
+    )
+
+
+def test_online_batches_are_the_cache_batches(fp32_cache, online_data):
+    prep, reader = fp32_cache
+    train = prep.config.train
+    cached = CacheBatches(
+        reader, "train", reader.layers, train.batch_size, shuffle=True, seed=0,
+        block_examples=train.block_examples, shuffle_buffer_blocks=train.shuffle_buffer_blocks,
+    )  # fmt: skip
+    online = online_data.batches("train", True, train, 0, online_data.hidden_states)
+    assert len(online) == len(cached)
+    for epoch in (0, 1):
+        pairs = list(zip(cached.epoch(epoch), online.epoch(epoch), strict=True))
+        for from_cache, live in pairs:
+            np.testing.assert_array_equal(from_cache.indices, live.indices)
+            assert torch.equal(from_cache.mask, live.mask)
+            assert torch.equal(from_cache.labels, live.labels)
+            for a, b in zip(from_cache.hidden, live.hidden, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_unipt_online_trains_the_same_model_as_unipt_from_cache(fp32_cache, online_data):
+    prep, reader = fp32_cache
+    cached = train_classifier(reader, prep.config.train, seed=0, progress=False)
+    online, _ = fit_online(online_data, prep.config.train, seed=0, method="unipt-online")
+    for key in ("val_acc", "val_f1", "test_acc", "test_f1", "best_epoch", "trainable_params"):
+        assert online.metrics[key] == pytest.approx(cached.metrics[key]), key
+    losses = [[h["train_loss"] for h in r.history] for r in (cached, online)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    np.testing.assert_allclose(online.layer_weights, cached.layer_weights, rtol=1e-4)
+    assert online.metrics["peak_rss_mib"] > 0 and online.metrics["backbone_params"] > 0
+
+
+def test_full_finetune_trains_the_backbone(fp32_setup, tiny_bert_dir):
+    _, config = fp32_setup
+    from pipeline.datasets import load_dataset
+
+    dataset = load_dataset(config.dataset)
+    train = config.train.model_copy(update={"epochs": 1})
+    data = load_online_data(dataset.table, dataset.label_names, config.backbone, train, config.extract)
+    result, model = fit_online(data, train, seed=0, method="full-finetune", finetune_lr=1e-3)
+    before = load_file(tiny_bert_dir / "model.safetensors")
+    after = model.backbone.state_dict()
+    changed = [name for name, value in before.items() if not torch.equal(value, after[name])]
+    assert "encoder.layer.0.attention.self.query.weight" in changed
+    backbone_params = result.metrics["backbone_params"]
+    assert result.metrics["trainable_params"] > backbone_params
+    assert result.metrics["lr"] == 1e-3
+    unipt = train_online(dataset.table, dataset.label_names, config.backbone, train, 0, "unipt-online")
+    assert unipt.metrics["trainable_params"] < result.metrics["trainable_params"] - backbone_params + 1e6
+    assert unipt.metrics["trainable_params"] < backbone_params
+    with pytest.raises(UniptError, match="unknown online method"):
+        fit_online(data, train, seed=0, method="adapters")
+
+
+def test_benchmark_tiny_runs_all_four_methods(fp32_setup, fp32_cache, tmp_path):
+    config_path, _ = fp32_setup
+    out = tmp_path / "baselines.json"
+    overrides = [arg for item in OVERRIDES for arg in ("--set", item)]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "baselines.py"), "--config", str(config_path), "--tiny",
+         "--epochs", "1", *overrides, "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"linear-probe", "unipt-cache", "unipt-online", "full-finetune"}
+    assert report["cache_hit"]  # the fixture built it: the benchmark loaded no backbone to extract
+    assert not rows["unipt-cache"]["transformers_loaded"] and not rows["linear-probe"]["transformers_loaded"]
+    assert rows["unipt-online"]["transformers_loaded"]
+    assert rows["unipt-cache"]["trainable_params"] == rows["unipt-online"]["trainable_params"]
+    assert rows["full-finetune"]["trainable_params"] > rows["unipt-online"]["trainable_params"]
+    assert rows["unipt-cache"]["epoch_time_ratio"] == 1.0
+    for row in rows.values():
+        assert 0 <= row["test_acc"] <= 1 and row["peak_rss_mib"] > 0
+    csv_lines = out.with_suffix(".csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("method,")
+    assert "unipt-online" in result.stdout
