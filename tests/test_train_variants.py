@@ -19,6 +19,7 @@ from tests.conftest import KEY, build_cache, example_table, write_config
 from train.loader import CacheBatches
 from train.loop import train_classifier
 from train.models import build_model
+from train.probe import linear_probe, pooled_features
 from train.unipt import UniPTClassifier
 from train.unipt_clip4clip import UniPTClip4ClipClassifier
 from train.unipt_cnn import UniPTCNNClassifier
@@ -172,6 +173,15 @@ def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path
 
     with pytest.raises(UniptError, match="set train.variant: cnn"):
         train_classifier(reader, TrainConfig(epochs=1), seed=0, progress=False)
+
+    # The linear probe pools the last stage's map over its positions.
+    features, labels = pooled_features(reader, "train", reader.layers[-1])
+    first = int(reader.split_indices("train")[0])
+    want = reader.read_example(first, reader.layers[-1]).astype(np.float32).mean(axis=(0, 1))
+    assert features.shape == (len(reader.split_indices("train")), reader.hidden_sizes[reader.layers[-1]])
+    np.testing.assert_allclose(features[0].numpy(), want, rtol=1e-5, atol=1e-6)
+    probe = linear_probe(reader)
+    assert 0.0 <= probe["probe_test_acc"] <= 1.0
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The linear-probe baseline: logistic regression on the last layer's mean-pooled cached tokens."""
+"""The linear-probe baseline: logistic regression on the last layer's mean-pooled cached tokens (or the
+last stage's mean-pooled map, for a CNN cache)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ _L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 def pooled_features(reader: ActivationCache, split: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     features, labels = [], []
     for batch in CacheBatches(reader, split, [layer], batch_size=512).epoch(0):
-        features.append(masked_mean(batch.hidden[0], batch.mask))
+        hidden = batch.hidden[0]
+        # Feature-map caches give [B, C, H, W] stage maps: the probe pools over positions, like CNN heads do.
+        features.append(hidden.flatten(2).mean(-1) if hidden.dim() == 4 else masked_mean(hidden, batch.mask))
         labels.append(batch.labels)
     if not features:  # an empty split: no batches, and accuracy on it is NaN
         return torch.zeros(0, reader.hidden_sizes[layer]), torch.zeros(0, dtype=torch.long)
