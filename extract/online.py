@@ -1,9 +1,9 @@
 """Training with the backbone in memory: the baselines that training from a cache is measured against.
 
 - ``unipt-online``: what the paper's code does. The frozen backbone runs (under ``torch.no_grad``) on
-  every batch of every epoch to produce the hidden states, which feed the same
-  :class:`~train.unipt.UniPTClassifier` as training from a cache, with the same optimiser, schedule
-  and best-on-validation selection (:func:`train.loop.fit_classifier`).
+  every batch of every epoch to produce the hidden states, which feed the same UniPT classifier as
+  training from a cache (:func:`train.models.build_model` for ``train.variant``), with the same
+  optimiser, schedule and best-on-validation selection (:func:`train.loop.fit_classifier`).
 - ``full-finetune``: the backbone itself is trained, with a linear head on its last hidden state
   (masked mean), AdamW at a smaller learning rate (``train.lr / 10`` unless given).
 
@@ -199,6 +199,7 @@ def load_online_data(
         backbone_config.revision,
         backbone_config.trust_remote_code,
         device=device.type,
+        allow_pickle=backbone_config.allow_pickle,
     )
     backbone = HFTextBackbone(spec)
     # A cache holds each example's real tokens first, then padding: pad on the right to match.
