@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from pipeline.cache import CacheRoot
 from pipeline.cli import main
 from pipeline.registry import Registry, result_metrics, same_value
-from tests.conftest import make_sentiment_rows, write_csv
+from tests.conftest import make_sentiment_rows, write_config, write_csv
 
 FAST = ["--set", "train.epochs=2", "--no-progress"]
 
@@ -185,3 +186,23 @@ def test_sweep_only_varies_training_settings(tiny_config, capsys):
     for extra, message in cases:
         code, out, err = _cli(capsys, "sweep", str(tiny_config), *extra)
         assert code == 2 and err.count("\n") == 1 and message in err, (extra, err)
+
+
+def test_rerun_refuses_a_changed_backbone_naming_the_changed_key_field(
+    tmp_path, tiny_bert_dir, sentiment_csv, capsys, ray_session
+):
+    backbone = tmp_path / "bert"
+    shutil.copytree(tiny_bert_dir, backbone)
+    config = write_config(tmp_path / "c.yaml", str(sentiment_csv), str(backbone), tmp_path)
+    registry = _registry(tmp_path)
+    assert _cli(capsys, "run", str(config), *FAST)[0] == 0
+    with Registry(registry) as reg:
+        (original,) = reg.list()
+
+    weights = next(backbone.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the same path, other weights
+    weights.write_bytes(bytes(data))
+    code, _, err = _cli(capsys, "rerun", original.run_id, "--registry", registry, "--no-progress")
+    assert code == 2 and err.count("\n") == 1
+    assert original.cache_key in err and "backbone.weights_sha256" in err and "--allow-new-data" in err
