@@ -63,6 +63,7 @@ class EncodedShard:
 
     lengths: list[int] | None
     layers: dict[int, np.ndarray]
+    truncated: int = 0  # inputs cut to max_length tokens (text encoders)
 
 
 @runtime_checkable
@@ -180,7 +181,9 @@ def _load_hf_model(spec: BackboneLoadSpec, source: str) -> Any:
         source,
         revision=spec.revision,
         trust_remote_code=spec.trust_remote_code,
-        use_safetensors=True,  # never unpickle weights from a model folder
+        # Safetensors only, unless the config opts in to pickles (then safetensors still win if present).
+        use_safetensors=None if spec.allow_pickle else True,
+        weights_only=True,  # a pickle may hold tensors and plain types only, never code
     )
 
 
@@ -260,7 +263,16 @@ class HFTextBackbone:
                     layer: h[row, :n].numpy() for layer, h in zip(layers, hidden, strict=True)
                 }
         packed = {layer: np.concatenate([ex[layer] for ex in per_example], axis=0) for layer in layers}
-        return EncodedShard(lengths=lengths, layers=packed)
+        return EncodedShard(lengths=lengths, layers=packed, truncated=_count_truncated(encoded, max_length))
+
+
+def _count_truncated(encoded: Any, max_length: int) -> int:
+    """Texts the tokenizer cut at ``max_length``: exact with a fast tokenizer (it keeps the overflow);
+    a slow one only tells that a text reached the limit, which is counted as cut."""
+    encodings = getattr(encoded, "encodings", None)
+    if encodings:
+        return sum(1 for encoding in encodings if encoding.overflowing)
+    return sum(1 for ids in encoded["input_ids"] if len(ids) >= max_length)
 
 
 class HFVisionBackbone:

@@ -98,10 +98,29 @@ def run_extraction(
 def _root_cause(exc: BaseException) -> str:
     """The innermost error's one-line message, without Ray's wrapping and traceback."""
     cause = getattr(exc, "cause", None) or exc.__cause__
-    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
+    # Stop at a UniptError: its message already says what is wrong and what to do.
+    while (
+        cause is not None
+        and not isinstance(cause, UniptError)
+        and (getattr(cause, "cause", None) or cause.__cause__) is not None
+    ):
         cause = getattr(cause, "cause", None) or cause.__cause__
     message = str(cause or exc).strip().splitlines()
+    if isinstance(cause, UniptError):
+        return message[-1] if message else ""
     return f"{type(cause or exc).__name__}: {message[-1] if message else ''}"
+
+
+def _warn_truncated(count: int, inputs: list, max_length: int) -> None:
+    """One line for the whole extraction, not one per text or per shard."""
+    lengths = [len(text) for text in inputs if isinstance(text, str)]
+    longest = f" (the longest has {max(lengths):,} characters)" if lengths else ""
+    print(
+        f"unipt: warning: {count} text(s) longer than backbone.max_length ({max_length} tokens) were "
+        f"truncated to it{longest}; raise backbone.max_length to keep more of each text",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _ensure_ray(address: str | None) -> bool:
@@ -194,7 +213,7 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
         inputs = examples.column(input_column).to_pylist()
         location = builder.location
 
-        totals = {"tokens": 0, "bytes": 0, "raw_bytes": 0, "forward_s": 0.0, "write_s": 0.0}
+        totals = {"tokens": 0, "bytes": 0, "raw_bytes": 0, "forward_s": 0.0, "write_s": 0.0, "truncated": 0}
         resumed_examples = sum(s.num_examples for s in shards if s.shard_id in finished)
         bar = tqdm(
             total=examples.num_rows,
@@ -223,6 +242,8 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
                 tokens=totals["tokens"], stored=f"{totals['bytes'] / 2**20:.0f}MiB", refresh=False
             )
         bar.close()
+        if totals["truncated"]:
+            _warn_truncated(int(totals["truncated"]), inputs, request.backbone.max_length)
         shards_done_at = time.perf_counter()
 
         metadata = examples.select(["example_id", "label", "split"])
@@ -264,6 +285,7 @@ def _resolve_layers(layers: str | list[int], num_hidden_states: int) -> list[int
     bad = [layer for layer in layers if not 0 <= layer < num_hidden_states]
     if bad:
         raise UniptError(
-            f"backbone.layers {bad} out of range: this backbone has hidden states 0..{num_hidden_states - 1}"
+            f"backbone.layers {bad} out of range: this backbone has hidden states "
+            f"0..{num_hidden_states - 1}; set backbone.layers to indices in that range, or to all"
         )
     return list(layers)

@@ -15,3 +15,5 @@ class BackboneLoadSpec:
     device: str = "auto"
     # torch.autocast precision for the forward pass ("none" = the model's own fp32); part of the cache key.
     autocast: str = "none"
+    # Pickled *.bin weights (still weights_only=True) only when the config opts in: backbone.allow_pickle.
+    allow_pickle: bool = False

@@ -64,4 +64,5 @@ class ExtractionWorker:
             "forward_s": t1 - t0,
             "write_s": time.perf_counter() - t1,
             "wait_s": t0 - waited,
+            "truncated": encoded.truncated,
         }

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,11 @@ from pipeline.cache_layout import (
 from pipeline.checksums import CHECKSUMS_FILE
 from pipeline.encoding import decode_rows, has_scale
 from pipeline.errors import UniptError
+from pipeline.locks import ReadLease
 from pipeline.storage import Location
 
 PARTIAL_DIR = ".partial"
+LEASES_DIR = ".leases"
 
 
 def check_key(key: str) -> None:
@@ -83,6 +86,11 @@ class CacheRoot:
         """The lock file that serializes builds of ``key`` (see :mod:`pipeline.locks`)."""
         check_key(key)
         return self.root.child(PARTIAL_DIR, f"{key}.lock")
+
+    def lease_location(self, key: str) -> Location:
+        """The lock file readers of ``key`` hold shared and gc takes exclusively (:mod:`pipeline.locks`)."""
+        check_key(key)
+        return self.root.child(LEASES_DIR, f"{key}.lock")
 
     def has(self, key: str) -> bool:
         return is_complete(self.location(key))
@@ -221,8 +229,11 @@ class CacheReader(ActivationCache):
     ) -> None:
         self.location = target if isinstance(target, Location) else Location(target, options)
         self.source = str(self.location)
+        # Taken before anything is read: from here on `unipt cache gc` leaves this cache alone.
+        self.lease = _read_lease(self.location)
         attrs = read_attrs(self.location)
         if attrs is None:
+            self.lease.release()
             raise UniptError(
                 f"no activation cache at {self.source}; run `unipt extract` (or `unipt run`) first"
             )
@@ -269,6 +280,14 @@ class CacheReader(ActivationCache):
 
     def nbytes_on_disk(self) -> int:
         return self.location.size()
+
+
+def _read_lease(location: Location) -> ReadLease:
+    """A lease for a store that sits in a cache root under its key; none for other paths (gc never
+    touches those), so opening a cache by an arbitrary path creates no lock files beside it."""
+    if location.is_local and is_key(location.name) and os.path.isdir(location.url):
+        return ReadLease(CacheRoot(os.path.dirname(location.url)).lease_location(location.name))
+    return ReadLease(None)
 
 
 def open_cache(

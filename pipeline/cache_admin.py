@@ -11,6 +11,8 @@ from typing import Any
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_layout import OFFSETS
 from pipeline.checksums import Problem, verify_files
+from pipeline.locks import exclusive_if_free
+from pipeline.storage import Location
 
 TRASH_DIR = ".trash"
 
@@ -75,23 +77,47 @@ class Garbage:
     key: str
     bytes: int
     committed: bool
+    in_use: bool = False  # a reader holds its lease, or (unfinished) an extraction is building it
+
+
+def _guard(root: CacheRoot, key: str, committed: bool) -> Location:
+    """The lock that says a store is in use: readers' lease (committed) or the build lock (partial)."""
+    return root.lease_location(key) if committed else root.lock_location(key)
+
+
+def _in_use(root: CacheRoot, key: str, committed: bool) -> bool:
+    with exclusive_if_free(_guard(root, key, committed)) as free:
+        return not free
 
 
 def find_garbage(root: CacheRoot, referenced: Iterable[str], include_partial: bool = False) -> list[Garbage]:
     """Committed caches no run record references (and, optionally, unfinished ones)."""
     keep = set(referenced)
-    found = [Garbage(key, root.location(key).size(), True) for key in root.keys() if key not in keep]
+    found = [
+        Garbage(key, root.location(key).size(), True, _in_use(root, key, True))
+        for key in root.keys()
+        if key not in keep
+    ]
     if include_partial:
-        found += [Garbage(key, root.partial_location(key).size(), False) for key in root.partial_keys()]
+        found += [
+            Garbage(key, root.partial_location(key).size(), False, _in_use(root, key, False))
+            for key in root.partial_keys()
+        ]
     return found
 
 
-def remove(root: CacheRoot, item: Garbage) -> None:
+def remove(root: CacheRoot, item: Garbage) -> bool:
+    """Remove a store unless it is in use (then False): checked and renamed away under one lock, so a
+    reader either got its lease first (and the store stays) or waits and then finds no store."""
     location = root.location(item.key) if item.committed else root.partial_location(item.key)
-    if location.is_local and location.exists():
-        # Rename first, so the key disappears in one step and no reader meets a half-deleted store.
-        trash = root.root.child(TRASH_DIR, f"{item.key}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(os.path.dirname(trash.url), exist_ok=True)
-        os.replace(location.url, trash.url)
-        location = trash
+    with exclusive_if_free(_guard(root, item.key, item.committed)) as free:
+        if not free:
+            return False
+        if location.is_local and location.exists():
+            # Rename first, so the key disappears in one step and no reader meets a half-deleted store.
+            trash = root.root.child(TRASH_DIR, f"{item.key}-{uuid.uuid4().hex[:8]}")
+            os.makedirs(os.path.dirname(trash.url), exist_ok=True)
+            os.replace(location.url, trash.url)
+            location = trash
     location.remove()
+    return True

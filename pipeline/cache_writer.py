@@ -7,10 +7,13 @@ files it wrote. A shard without a marker is simply redone on resume.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +37,26 @@ from pipeline.checksums import ALGORITHM, CHECKSUMS_FILE, ChecksumRecorder, dige
 from pipeline.encoding import STORAGE_DTYPES, compressors, encode_rows, has_scale
 from pipeline.errors import UniptError
 from pipeline.storage import Location
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def clear_disk_full(location: Location, what: str) -> Iterator[None]:
+    """Turn "no space left" during a write into one line that says where and what to do.
+
+    The write it interrupts has no marker (a shard) or no ``complete`` flag (a commit), so nothing
+    half-written is ever used, and rerunning after freeing space picks up the finished shards.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        raise UniptError(
+            f"disk full while writing {what} to {location} ({os.strerror(exc.errno)}); the {what} is not "
+            "committed: free space (or move storage.cache_root) and rerun, finished shards are kept"
+        ) from exc
 
 
 def _create_array(group: zarr.Group, name: str, shape: tuple, dtype: np.dtype, layout: StoreLayout) -> None:
@@ -122,6 +145,20 @@ class CacheBuilder:
         lengths = np.zeros(layout.num_examples, dtype=np.int64)
         for shard in shards:
             lengths[shard.example_start : shard.example_stop] = done[shard.shard_id]["lengths"]
+        with clear_disk_full(self.location, f"cache {self.key}"):
+            self._write_commit(layout, examples, attrs, shards, done, lengths)
+        self.location.child(SHARD_MARKERS).remove()
+        return self._publish()
+
+    def _write_commit(
+        self,
+        layout: StoreLayout,
+        examples: pa.Table,
+        attrs: dict[str, Any],
+        shards: list[ShardSpec],
+        done: dict[int, dict[str, Any]],
+        lengths: np.ndarray,
+    ) -> None:
         recorder = ChecksumRecorder(self.location.zarr_store())
         group = zarr.open_group(store=recorder, mode="r+")
         written = set()
@@ -150,8 +187,6 @@ class CacheBuilder:
                 "complete": True,  # written last: on object stores this is the commit
             }
         )
-        self.location.child(SHARD_MARKERS).remove()
-        return self._publish()
 
     def _publish(self) -> Location:
         final = self.cache_root.location(self.key)
@@ -210,6 +245,17 @@ def write_shard(
         lengths = [first.grid[0] * first.grid[1]] * shard.num_examples
     if len(lengths) != shard.num_examples:
         raise UniptError(f"shard {shard.shard_id}: {len(lengths)} lengths for {shard.num_examples} examples")
+    with clear_disk_full(location, f"shard {shard.shard_id}"):
+        return _write_shard(location, layout, shard, layers, lengths)
+
+
+def _write_shard(
+    location: Location,
+    layout: StoreLayout,
+    shard: ShardSpec,
+    layers: dict[int, np.ndarray],
+    lengths: list[int],
+) -> ShardWritten:
     recorder = ChecksumRecorder(location.zarr_store())
     group = zarr.open_group(store=recorder, mode="r+")
     nbytes = 0

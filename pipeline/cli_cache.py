@@ -85,14 +85,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
     root = CacheRoot(args.cache_root)
     # A cache is in use if a run record or the registry points at it (records may have been pruned).
     referenced = referenced_cache_keys(args.runs_root) | registered_cache_keys(args.registry)
-    garbage = find_garbage(root, referenced, include_partial=args.include_partial)
-    total = sum(item.bytes for item in garbage)
-    verb = "removing" if args.yes else "would remove"
-    for item in garbage:
+    found = find_garbage(root, referenced, include_partial=args.include_partial)
+    garbage = []
+    for item in found:
         kind = "" if item.committed else " (unfinished)"
-        print(f"{verb} {item.key}{kind}  {human_bytes(item.bytes)}")
-        if args.yes:
-            remove(root, item)
+        # In use: read by a running process (a training run) or, unfinished, still being extracted.
+        if item.in_use or (args.yes and not remove(root, item)):
+            user = "a running process is reading it" if item.committed else "an extraction is building it"
+            print(f"skipping {item.key}{kind}: {user}; run gc again when it has finished")
+            continue
+        print(f"{'removing' if args.yes else 'would remove'} {item.key}{kind}  {human_bytes(item.bytes)}")
+        garbage.append(item)
+    total = sum(item.bytes for item in garbage)
     summary = f"{len(garbage)} cache(s), {human_bytes(total)}"
     if not args.yes and garbage:
         print(

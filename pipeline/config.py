@@ -73,7 +73,14 @@ class BackboneConfig(_Strict):
     layers: Literal["all"] | list[int] = "all"
     max_length: int = Field(128, gt=1, le=8192)
     batch_size: int = Field(64, gt=0)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the weights (only for sources you trust)."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Also load pickled weights (pytorch_model.bin) when a folder has no safetensors; still "
+        "through torch.load(weights_only=True). Off: safetensors only.",
+    )
 
     @field_validator("layers")
     @classmethod
@@ -259,5 +266,7 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "(top level)"
         message = "unknown key (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
+        if error["type"] != "extra_forbidden" and isinstance(error.get("input"), (str, int, float)):
+            message += f", got {error['input']!r:.40}"  # the value to fix, as it was read
         problems.append(f"{where}: {message}")
     return "; ".join(problems)

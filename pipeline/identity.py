@@ -65,7 +65,11 @@ def resolve_model_dir(config: BackboneConfig) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(
-            snapshot_download(config.name_or_path, revision=config.revision, allow_patterns=_HUB_FILES)
+            snapshot_download(
+                config.name_or_path,
+                revision=config.revision,
+                allow_patterns=_HUB_FILES + (["*.bin"] if config.allow_pickle else []),
+            )
         )
     except Exception as exc:  # network, auth or missing repo: all mean "cannot get the files"
         raise UniptError(
@@ -86,14 +90,17 @@ def backbone_identity(config: BackboneConfig) -> BackboneIdentity:
         )
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
-        pickled = sorted(p.name for p in model_dir.glob("*.bin"))
-        if pickled:
-            # Pickled checkpoints can run arbitrary code when loaded; we only load safetensors.
+        pickled = sorted(model_dir.glob("*.bin"))
+        if pickled and not config.allow_pickle:
+            # Pickled checkpoints can run code when unpickled; loading them is an explicit opt-in.
             raise UniptError(
-                f"backbone folder {model_dir} has only pickled weights ({pickled[0]}); convert them to "
-                "safetensors (model.save_pretrained(dir, safe_serialization=True))"
+                f"backbone folder {model_dir} has only pickled weights ({pickled[0].name}); convert them to "
+                "safetensors (model.save_pretrained(dir, safe_serialization=True)), or set "
+                "backbone.allow_pickle: true to load them with torch.load(weights_only=True)"
             )
-        raise UniptError(f"backbone folder {model_dir} has no *.safetensors weights")
+        if not pickled:
+            raise UniptError(f"backbone folder {model_dir} has no *.safetensors weights")
+        weights = pickled
     tokenizer = [model_dir / name for name in _TOKENIZER_FILES if (model_dir / name).is_file()]
     return BackboneIdentity(
         name=config.name_or_path,

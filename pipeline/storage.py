@@ -9,6 +9,7 @@ they never reach a config, a cache's attributes or a run record.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Mapping
@@ -108,9 +109,15 @@ class Location:
         if self.is_local:
             os.makedirs(os.path.dirname(self.url), exist_ok=True)
             tmp = f"{self.url}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, self.url)
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                os.replace(tmp, self.url)
+            except BaseException:
+                # A full disk fails the write midway: leave no stray half file behind.
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:
             self.fs.pipe_file(self.fs_path, data)  # one PUT: object stores publish it whole
 
