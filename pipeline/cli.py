@@ -121,6 +121,7 @@ def do_extract(
             settings.revision,
             settings.trust_remote_code,
             autocast=prep.config.extract.autocast,
+            allow_pickle=settings.allow_pickle,
         ),
         backbone=settings,
         extract=prep.config.extract,

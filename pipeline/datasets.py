@@ -176,6 +176,8 @@ def _read_table_file(path: Path, config: DatasetConfig) -> _RawExamples:
             ) from exc
         raise UniptError(f"dataset file {path} could not be parsed: {message}") from exc
 
+    _check_utf8(table, path, binary_is_text=".csv" in suffixes or ".tsv" in suffixes)
+
     def column(name: str | None, setting: str) -> list | None:
         if name is None:
             return None
@@ -197,6 +199,31 @@ def _read_table_file(path: Path, config: DatasetConfig) -> _RawExamples:
         groups=column(config.split.group_column, "split.group_column"),
         splits=column(config.split_column, "split_column"),
     )
+
+
+def _check_utf8(table: pa.Table, path: Path, binary_is_text: bool) -> None:
+    """Arrow does not always refuse invalid UTF-8: a CSV column holding it comes back as bytes, a JSON
+    one as a string column that breaks only when read. Find it here and say where it is."""
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        kind = column.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            try:
+                column.validate(full=True)
+                continue
+            except pa.ArrowInvalid:
+                values = column.cast(pa.large_binary() if pa.types.is_large_string(kind) else pa.binary())
+        elif binary_is_text and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+            values = column
+        else:
+            continue
+        for row, value in enumerate(values.to_pylist()):
+            try:
+                (value or b"").decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UniptError(
+                    f"dataset file {path} is not valid UTF-8 (column {name!r}, row {row}: byte "
+                    f"{value[exc.start]:#04x}); re-encode it as UTF-8"
+                ) from exc
 
 
 def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
@@ -236,6 +263,7 @@ def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
     rows = sorted(zip(splits, ids, inputs, labels, strict=True), key=lambda r: (SPLITS.index(r[0]), r[1]))
     if config.limit is not None and config.limit < len(rows):
         rows = _seeded_sample(rows, config.limit, config.split.seed)
+    _check_labels_seen_in_train(rows, config.source)
 
     columns: dict[str, pa.Array] = {}
     if texts is not None and images is not None:
@@ -288,9 +316,23 @@ def _clean_label(label: object, index: int) -> str:
     if isinstance(label, float) and label.is_integer():
         label = int(label)
     text = "" if label is None or (isinstance(label, float) and math.isnan(label)) else str(label).strip()
-    if not text:
+    # CSV readers keep a string column's "NaN"/"nan" as text; pandas writes missing labels that way.
+    if not text or text.lower() == "nan":
         raise UniptError(f"row {index}: label is missing (NaN/null/empty); fill or drop unlabelled rows")
     return text
+
+
+def _check_labels_seen_in_train(rows: list[tuple], source: str) -> None:
+    """A label that only val/test hold cannot be learned, and is most often a typo or a stray value."""
+    in_train = {row[3] for row in rows if row[0] == "train"}
+    unseen = Counter(row[3] for row in rows if row[0] != "train" and row[3] not in in_train)
+    if unseen:
+        label, count = unseen.most_common(1)[0]
+        others = f" (and {len(unseen) - 1} more)" if len(unseen) > 1 else ""
+        raise UniptError(
+            f"dataset {source}: label {label!r}{others} occurs in val/test ({count} rows) but never in "
+            "train; fix or drop those rows, or give the class training examples"
+        )
 
 
 def _clean_split(split: object, index: int) -> str:
