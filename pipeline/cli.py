@@ -19,7 +19,7 @@ from pipeline.datasets import DatasetTable, load_dataset
 from pipeline.errors import UniptError
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
 from pipeline.registry import register_run
-from pipeline.runs import new_run_id, package_versions, project_commit, write_run_record
+from pipeline.runs import RECORD_FILE, new_run_id, package_versions, project_commit, write_run_record
 
 if TYPE_CHECKING:
     from extract.runner import ExtractionResult
@@ -64,7 +64,7 @@ class Prepared:
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
-    dataset = load_dataset(config.dataset)
+    dataset = load_dataset(config.dataset, task=config.train.task)
     backbones = {}
     for name, backbone_config in config.named_backbones.items():
         identity = backbone_identity(backbone_config)
@@ -148,21 +148,39 @@ def open_for_training(prep: Prepared, cache: str | None = None) -> ActivationCac
     return open_cache(cache, expect=expect, options=prep.config.storage.options)
 
 
-def do_train(prep: Prepared, progress: bool, reader: ActivationCache | None = None) -> dict[str, Any]:
+def do_train(
+    prep: Prepared,
+    progress: bool,
+    reader: ActivationCache | None = None,
+    checkpoint: Path | None = None,
+    resume: Path | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train on the primary cache; ``checkpoint`` is written every epoch, ``resume`` continues one."""
     import torch
 
     from train.loop import pick_device, train_classifier
     from train.probe import linear_probe
 
     reader = reader or open_for_training(prep)
-    result = train_classifier(reader, prep.config.train, prep.config.seed, progress=progress)
+    result = train_classifier(
+        reader,
+        prep.config.train,
+        prep.config.seed,
+        progress=progress,
+        checkpoint=checkpoint,
+        resume=resume,
+        meta=meta,
+    )
     metrics = dict(result.metrics)
-    if prep.config.train.linear_probe:
+    # The probe is a logistic regression: a baseline for classification only.
+    if prep.config.train.linear_probe and prep.config.train.task == "classification":
         metrics.update(linear_probe(reader, prep.config.seed))
     return {
         "metrics": metrics,
         "history": result.history,
         "layer_weights": result.layer_weights,
+        "layer_names": [f"layer {layer}" for layer in reader.layers[:-1]],
         "cache_bytes": reader.nbytes_on_disk(),
         "cache_source": reader.source,
         # CPU results depend on the thread count (reduction order), so a rerun restores it.
@@ -179,11 +197,15 @@ def _record(
     cache_hit: bool,
     timings: dict[str, float],
     extra: dict[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> Path:
-    """Write the run record and register the run; ``extra`` adds lineage (rerun_of, sweep, ...)."""
+    """Write the run record and register the run; ``extra`` adds lineage (rerun_of, sweep, ...).
+
+    ``run_id``: the id chosen before training (its directory may already hold the run's checkpoint).
+    """
     config = prep.config.model_dump(mode="json")
     record = {
-        "run_id": new_run_id({"config": config, "cache_key": prep.key}),
+        "run_id": run_id or new_run_id({"config": config, "cache_key": prep.key}),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": config,
         "seed": prep.config.seed,
@@ -215,6 +237,7 @@ def _record(
         **(extra or {}),
     }
     run_dir = write_run_record(prep.config.storage.runs_root, record)
+    _write_plots(run_dir, trained)
     register_run(prep.config.storage.registry, record, run_dir)
     return run_dir
 
@@ -226,15 +249,23 @@ def _train_and_record(
     started: float,
     progress: bool,
     reader: ActivationCache | None = None,
+    resume: str | None = None,
 ) -> int:
+    from train.checkpoint import CHECKPOINT_FILE
+
     train_started = time.perf_counter()
-    trained = do_train(prep, progress, reader)
+    run_id, resume_from = _run_to_continue(prep, resume)
+    checkpoint_root = prep.config.train.checkpoint_dir or prep.config.storage.runs_root
+    checkpoint = Path(checkpoint_root).expanduser() / run_id / CHECKPOINT_FILE
+    if resume_from is not None:
+        _say(f"resuming run {run_id} from {resume_from}")
+    trained = do_train(prep, progress, reader, checkpoint, resume_from, meta={"run_id": run_id})
     timings = {
         "extract_s": round(extract_seconds, 3),
         "train_s": round(time.perf_counter() - train_started, 3),
         "total_s": round(time.perf_counter() - started, 3),
     }
-    run_dir = _record(prep, trained, cache_hit, timings)
+    run_dir = _record(prep, trained, cache_hit, timings, run_id=run_id)
     _summary(trained, cache_hit, timings, run_dir)
     return 0
 
@@ -245,7 +276,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     extractions = do_extract_all(prep, args.ray_address, not args.no_progress)
     cache_hit = all(result.cache_hit for result in extractions.values())
     seconds = sum(result.seconds for result in extractions.values())
-    return _train_and_record(prep, cache_hit, seconds, started, not args.no_progress)
+    return _train_and_record(prep, cache_hit, seconds, started, not args.no_progress, resume=args.resume)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -266,14 +297,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     reader = open_for_training(prep, args.cache)
     _say(f"cache hit {prep.key}: training from {reader.source} (no backbone forward pass)")
-    return _train_and_record(prep, True, 0.0, started, not args.no_progress, reader)
+    return _train_and_record(prep, True, 0.0, started, not args.no_progress, reader, resume=args.resume)
+
+
+def _run_to_continue(prep: Prepared, resume: str | None) -> tuple[str, Path | None]:
+    """(run id, checkpoint to resume from): a fresh id, or the interrupted run's own id and checkpoint."""
+    from train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    if resume is None:
+        config = prep.config.model_dump(mode="json")
+        return new_run_id({"config": config, "cache_key": prep.key}), None
+    path = resolve_checkpoint(resume)
+    run_id = load_checkpoint(path).get("meta", {}).get("run_id") or path.parent.name
+    if (Path(prep.config.storage.runs_root).expanduser() / run_id / RECORD_FILE).exists():
+        raise UniptError(f"run {run_id} already finished (it has a {RECORD_FILE}); nothing to resume")
+    return run_id, path
+
+
+def _write_plots(run_dir: Path, trained: dict[str, Any]) -> None:
+    from train.plots import write_run_plots
+
+    weights = trained.get("layer_weights") or []
+    names = trained.get("layer_names") or [f"#{i}" for i in range(len(weights))]
+    write_run_plots(run_dir, trained["history"], weights, names)
 
 
 def _summary(trained: dict[str, Any], cache_hit: bool, timings: dict[str, float], run_dir: Path) -> None:
     m = trained["metrics"]
     probe = f" (linear probe {m['probe_test_acc']:.4f})" if "probe_test_acc" in m else ""
+    # The headline metric of the task: accuracy, Pearson correlation (regression) or rSum (retrieval).
+    name = next((n for n in ("acc", "pearson", "rsum") if f"test_{n}" in m), "acc")
     print(
-        f"test_acc {m['test_acc']:.4f}{probe} | val_acc {m['val_acc']:.4f} | "
+        f"test_{name} {m[f'test_{name}']:.4f}{probe} | val_{name} {m[f'val_{name}']:.4f} | "
         f"extract {timings['extract_s']:.1f}s ({'cache hit' if cache_hit else 'cache miss'}) | "
         f"train {m['train_seconds']:.1f}s ({m['seconds_per_epoch']:.1f}s/epoch) | "
         f"cache {human_bytes(trained['cache_bytes'])} | run {run_dir}",
@@ -349,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train from this cache instead of the config's (a Zarr path/URL or an exported .h5 file); "
         "it must have been built from the same dataset and backbone",
     )
+    for command in (run, train):
+        command.add_argument(
+            "--resume",
+            metavar="RUN_DIR_OR_CHECKPOINT",
+            help="continue an interrupted run from its last finished epoch (its run directory or "
+            "checkpoint.pt); the result is what the uninterrupted run would have given",
+        )
 
     add_cache_commands(sub)
     add_runs_commands(sub, experiment)

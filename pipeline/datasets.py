@@ -83,9 +83,10 @@ class _RawExamples:
     images: list[dict] | None = None  # image datasets: column values of pipeline.images.IMAGE_TYPE
 
 
-def load_dataset(config: DatasetConfig) -> DatasetTable:
+def load_dataset(config: DatasetConfig, task: str = "classification") -> DatasetTable:
+    """``task`` is ``train.task``: for ``regression`` the label column holds numbers, kept as float64."""
     raw = _read_source(config)
-    return normalize(raw, config)
+    return normalize(raw, config, task)
 
 
 def _read_source(config: DatasetConfig) -> _RawExamples:
@@ -226,7 +227,7 @@ def _check_utf8(table: pa.Table, path: Path, binary_is_text: bool) -> None:
                 ) from exc
 
 
-def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
+def normalize(raw: _RawExamples, config: DatasetConfig, task: str = "classification") -> DatasetTable:
     has_text, has_image = raw.texts is not None, raw.images is not None
     if not (raw.images if has_image else raw.texts):
         raise UniptError(f"dataset {config.source} has no examples; check the file and any filters")
@@ -237,9 +238,12 @@ def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
         inputs: list = list(zip(images, texts, strict=True))
     else:
         inputs = texts if texts is not None else images
-    labels = [_clean_label(label, index) for index, label in enumerate(raw.labels)]
-    label_names = sorted(set(labels), key=_natural_key)
-    if len(label_names) < 2:
+    regression = task == "regression"
+    clean = _numeric_label if regression else _clean_label
+    labels = [clean(label, index) for index, label in enumerate(raw.labels)]
+    # Regression labels are values, not classes: no names, and the fingerprint hashes the numbers.
+    label_names = [] if regression else sorted(set(labels), key=_natural_key)
+    if not regression and len(label_names) < 2:
         raise UniptError(
             f"dataset {config.source} has a single label {label_names}; classification needs two or more"
         )
@@ -263,7 +267,8 @@ def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
     rows = sorted(zip(splits, ids, inputs, labels, strict=True), key=lambda r: (SPLITS.index(r[0]), r[1]))
     if config.limit is not None and config.limit < len(rows):
         rows = _seeded_sample(rows, config.limit, config.split.seed)
-    _check_labels_seen_in_train(rows, config.source)
+    if not regression:
+        _check_labels_seen_in_train(rows, config.source)
 
     columns: dict[str, pa.Array] = {}
     if texts is not None and images is not None:
@@ -280,7 +285,11 @@ def normalize(raw: _RawExamples, config: DatasetConfig) -> DatasetTable:
         {
             "example_id": pa.array([r[1] for r in rows], pa.string()),
             **columns,
-            "label": pa.array([label_index[r[3]] for r in rows], pa.int64()),
+            "label": (
+                pa.array([r[3] for r in rows], pa.float64())
+                if regression
+                else pa.array([label_index[r[3]] for r in rows], pa.int64())
+            ),
             "split": pa.array([r[0] for r in rows], pa.string()),
         }
     )
@@ -320,6 +329,19 @@ def _clean_label(label: object, index: int) -> str:
     if not text or text.lower() == "nan":
         raise UniptError(f"row {index}: label is missing (NaN/null/empty); fill or drop unlabelled rows")
     return text
+
+
+def _numeric_label(label: object, index: int) -> float:
+    try:
+        value = float(label.strip() if isinstance(label, str) else label)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise UniptError(
+            f"row {index}: label {label!r} is not a finite number; train.task regression needs a numeric "
+            "label column (fill or drop the row)"
+        )
+    return value
 
 
 def _check_labels_seen_in_train(rows: list[tuple], source: str) -> None:

@@ -54,7 +54,12 @@ def project_commit() -> str | None:
 def write_run_record(runs_root: str | Path, record: dict[str, Any]) -> Path:
     """Write ``<runs_root>/<run_id>/record.json`` (atomically) and the resolved config as YAML."""
     run_dir = Path(runs_root) / record["run_id"]
-    run_dir.mkdir(parents=True, exist_ok=False)
+    # The directory may exist already, holding the run's training checkpoint; never another record.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / RECORD_FILE).exists():
+        raise UniptError(
+            f"run {record['run_id']} already has a {RECORD_FILE} in {run_dir}; not overwriting it"
+        )
     (run_dir / "config.yaml").write_text(yaml.safe_dump(record["config"], sort_keys=False))
     tmp = run_dir / f".{RECORD_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,60 @@
+"""The two pictures saved beside a run record: learning curves and UniPT's per-layer weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+CURVES_FILE = "curves.png"
+LAYER_WEIGHTS_FILE = "layer_weights.png"
+
+# The validation metric drawn for each task, in the order they are looked for.
+_VAL_METRICS = ("val_acc", "val_pearson", "val_rsum", "val_f1", "val_spearman", "val_mse")
+
+
+def write_run_plots(
+    run_dir: str | Path, history: list[dict[str, Any]], layer_weights: list[float], layer_names: list[str]
+) -> list[Path]:
+    """Save ``curves.png`` (train loss and the validation metric per epoch) and ``layer_weights.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    epochs = [h["epoch"] for h in history]
+    metric = next((m for m in _VAL_METRICS if any(_finite(h.get(m)) for h in history)), None)
+
+    fig, loss_axis = plt.subplots(figsize=(6, 4), dpi=100)
+    loss_axis.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:blue", label="train loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("train loss", color="tab:blue")
+    if metric is not None:
+        metric_axis = loss_axis.twinx()
+        values = [h.get(metric, math.nan) for h in history]
+        metric_axis.plot(epochs, values, "s-", color="tab:orange", label=metric)
+        metric_axis.set_ylabel(metric.replace("_", " "), color="tab:orange")
+    loss_axis.set_title("training curves" if metric else "training curves (no validation split)")
+    fig.tight_layout()
+    curves = run_dir / CURVES_FILE
+    fig.savefig(curves, format="png")
+    plt.close(fig)
+
+    fig, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    axis.bar(range(len(layer_weights)), layer_weights, color="tab:green")
+    if len(layer_names) != len(layer_weights):
+        layer_names = [f"#{i}" for i in range(len(layer_weights))]
+    axis.set_xticks(range(len(layer_weights)), layer_names)
+    axis.set_xlabel("hidden state (the anchor, the last layer, is not weighted)")
+    axis.set_ylabel("mean confidence weight (test)")
+    axis.set_title("UniPT layer weights")
+    fig.tight_layout()
+    weights = run_dir / LAYER_WEIGHTS_FILE
+    fig.savefig(weights, format="png")
+    plt.close(fig)
+    return [curves, weights]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
