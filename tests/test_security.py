@@ -1,0 +1,329 @@
+"""Security: pickles only by opt-in and never with code, no remote code unless configured, no path
+escapes from the cache root, and credentials that stay in the environment."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache import CacheRoot
+from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_writer import CacheBuilder, write_shard
+from pipeline.cli import main, prepare
+from pipeline.config import BackboneConfig, load_config
+from pipeline.errors import UniptError
+from pipeline.storage import Location
+from tests.conftest import build_cache, make_sentiment_rows, write_config, write_csv
+
+PROJECT = Path(__file__).resolve().parent.parent
+SKIP_DIRS = {".venv", ".git", "node_modules", "build", "dist", ".unipt"}
+
+
+def _project_files() -> list[Path]:
+    return [
+        path
+        for path in PROJECT.rglob("*.py")
+        if not SKIP_DIRS.intersection(path.relative_to(PROJECT).parts[:-1])
+    ]
+
+
+@functools.cache
+def _calls(path: Path) -> list[ast.Call]:
+    return [node for node in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(node, ast.Call)]
+
+
+def _keyword(call: ast.Call, name: str) -> ast.expr | None:
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+# --- pickles -------------------------------------------------------------------------------------------
+
+
+def test_every_torch_load_passes_weights_only_true():
+    loads, bad = 0, []
+    for path in _project_files():
+        for call in _calls(path):
+            func = call.func
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr == "load"
+                and getattr(func.value, "id", "") == "torch"
+            ):
+                loads += 1
+                flag = _keyword(call, "weights_only")
+                if not (isinstance(flag, ast.Constant) and flag.value is True):
+                    bad.append(f"{path.relative_to(PROJECT)}:{call.lineno}")
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr in ("load", "loads")
+                and getattr(func.value, "id", "")
+                in (
+                    "pickle",
+                    "cloudpickle",
+                    "dill",
+                )
+            ):
+                bad.append(f"{path.relative_to(PROJECT)}:{call.lineno} ({func.value.id}.{func.attr})")
+    assert loads >= 3  # checkpoints, the bundled CNN, tests: the scan does see them
+    assert bad == [], f"unpickling without weights_only=True: {bad}"
+
+
+def test_every_from_pretrained_model_load_is_weights_only():
+    """Hugging Face model loads: weights_only=True, and safetensors only unless allow_pickle."""
+    seen = []
+    for path in _project_files():
+        if path.parts[-2] == "tests" or path.parts[-2] == "benchmarks":
+            continue
+        for call in _calls(path):
+            func = call.func
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr == "from_pretrained"
+                and _keyword(call, "use_safetensors")
+            ):
+                seen.append(path.name)
+                flag = _keyword(call, "weights_only")
+                assert isinstance(flag, ast.Constant) and flag.value is True, f"{path}:{call.lineno}"
+                assert "allow_pickle" in ast.unparse(_keyword(call, "use_safetensors")), (
+                    f"{path}:{call.lineno}"
+                )
+    assert "backbones.py" in seen
+
+
+def _pickled_bert(tiny_bert_dir: Path, folder: Path) -> Path:
+    """The tiny BERT as a user might download an old checkpoint: config + pytorch_model.bin only."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder.mkdir()
+    torch.save(load_file(tiny_bert_dir / "model.safetensors"), folder / "pytorch_model.bin")
+    for name in ("config.json",):
+        shutil.copy(tiny_bert_dir / name, folder / name)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_bert_dir / name, folder / name)
+    assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.safetensors"))
+    return folder
+
+
+def test_pickled_weights_are_refused_unless_allow_pickle(tmp_path, tiny_bert_dir, capsys):
+    from extract.backbones import HFTextBackbone
+    from extract.spec import BackboneLoadSpec
+
+    assert BackboneConfig(name_or_path="x").allow_pickle is False
+    pickled = _pickled_bert(tiny_bert_dir, tmp_path / "old-bert")
+    data = write_csv(tmp_path / "data.csv", make_sentiment_rows(30))
+    config = write_config(tmp_path / "c.yaml", str(data), str(pickled), tmp_path)
+    assert main(["extract", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("unipt: error:") == 1 and "only pickled weights (pytorch_model.bin)" in err
+    assert "set backbone.allow_pickle: true" in err
+    assert CacheRoot(tmp_path / "cache").keys() == [] and CacheRoot(tmp_path / "cache").partial_keys() == []
+
+    # Opted in: the .bin is hashed into the cache key and loads (through torch.load(weights_only=True)).
+    prep = prepare(load_config(config, ["backbone.allow_pickle=true"]))
+    assert len(prep.key) == 32
+    texts = ["a great film", "dull"]
+    opted = HFTextBackbone(BackboneLoadSpec(str(pickled), allow_pickle=True, device="cpu"))
+    safe = HFTextBackbone(BackboneLoadSpec(str(tiny_bert_dir), device="cpu"))
+    got, want = opted.encode(texts, [0, 2], 16, 2, "float32"), safe.encode(texts, [0, 2], 16, 2, "float32")
+    np.testing.assert_array_equal(got.layers[2], want.layers[2])
+    with pytest.raises(Exception, match="safetensors|model.safetensors|no file named"):
+        HFTextBackbone(BackboneLoadSpec(str(pickled), device="cpu"))  # the worker refuses without opt-in too
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a hostile pytorch_model.bin would hold."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_even_with_allow_pickle_a_pickle_cannot_run_code(tmp_path, tiny_bert_dir):
+    import torch
+
+    from extract.backbones import HFTextBackbone
+    from extract.spec import BackboneLoadSpec
+
+    hostile = _pickled_bert(tiny_bert_dir, tmp_path / "hostile-bert")
+    sentinel = tmp_path / "pwned"
+    state = torch.load(hostile / "pytorch_model.bin", weights_only=True)
+    torch.save({**state, "payload": _RunsCode(sentinel)}, hostile / "pytorch_model.bin")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported global|unpickl"):
+        HFTextBackbone(BackboneLoadSpec(str(hostile), allow_pickle=True, device="cpu"))
+    assert not sentinel.exists()
+
+
+# --- remote code ---------------------------------------------------------------------------------------
+
+
+def test_trust_remote_code_is_off_unless_configured(tmp_path):
+    from extract.backbones import load_backbone
+    from extract.spec import BackboneLoadSpec
+
+    assert BackboneConfig(name_or_path="x").trust_remote_code is False
+    assert BackboneLoadSpec("x").trust_remote_code is False
+    # A model folder whose config asks for its own Python code, which would leave a mark if it ran.
+    folder = tmp_path / "custom-model"
+    folder.mkdir()
+    sentinel = tmp_path / "custom-code-ran"
+    (folder / "modeling_evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    (folder / "configuration_evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "auto_map": {
+                    "AutoConfig": "configuration_evil.EvilConfig",
+                    "AutoModel": "modeling_evil.EvilModel",
+                },
+            }
+        )
+    )
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_backbone(BackboneLoadSpec(str(folder), device="cpu"))
+    assert not sentinel.exists()
+
+
+def test_trust_remote_code_reaches_transformers_only_from_the_config():
+    """Every `trust_remote_code=` in the project passes a config/spec field through, never a literal."""
+    passed = []
+    for path in _project_files():
+        if path.parts[-2] == "tests":
+            continue
+        for call in _calls(path):
+            value = _keyword(call, "trust_remote_code")
+            if value is None:
+                continue
+            passed.append(f"{path.name}:{call.lineno}")
+            assert isinstance(value, ast.Attribute) and value.attr == "trust_remote_code", (
+                f"{path}:{call.lineno} passes {ast.unparse(value)}"
+            )
+    assert len(passed) >= 4  # AutoConfig, AutoModel, AutoTokenizer, AutoImageProcessor
+
+
+# --- paths ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["../x", "..", "a/b", "/etc", "ABCDEF", "", "a" * 65, "00/../../x"])
+def test_cache_keys_cannot_leave_the_cache_root(tmp_path, key):
+    root = CacheRoot(tmp_path / "cache")
+    for where in (root.location, root.partial_location, root.lock_location, root.lease_location):
+        with pytest.raises(UniptError, match="not a hex digest"):
+            where(key)
+    with pytest.raises(UniptError, match="not a hex digest"):
+        CacheBuilder(root, key)
+
+
+@pytest.mark.parametrize("part", ["..", "../etc", "a/../../b", ".", "", "a\\..\\b"])
+def test_path_parts_cannot_climb_out(tmp_path, part):
+    with pytest.raises(UniptError, match="would leave"):
+        Location(tmp_path).child(part)
+    with pytest.raises(UniptError, match="would leave"):
+        Location("s3://bucket/caches").child(part)
+
+
+def test_backbone_names_cannot_be_paths(tmp_path, tiny_bert_dir, sentiment_csv, capsys):
+    config = write_config(tmp_path / "c.yaml", str(sentiment_csv), str(tiny_bert_dir), tmp_path)
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    raw["backbones"] = {"../../evil": raw.pop("backbone")}  # a name that would become a directory
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["extract", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "backbone names ['../../evil'] must be letters, digits" in err and err.count("\n") == 1
+
+
+def test_a_hostile_checksums_file_cannot_make_verify_read_outside_the_store(tmp_path, capsys):
+    root = CacheRoot(tmp_path / "cache")
+    build_cache(root, [3, 4, 5], {0: 4})
+    (key,) = root.keys()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    checksums = tmp_path / "cache" / key / "checksums.json"
+    record = json.loads(checksums.read_text())
+    record["files"]["../../secret.txt"] = "0" * 64
+    checksums.write_text(json.dumps(record))
+    assert main(["cache", "verify", key, "--cache-root", str(tmp_path / "cache"), "--no-progress"]) == 2
+    _, err = capsys.readouterr()
+    assert "unipt: error: path part '..' would leave" in err and "Traceback" not in err
+
+
+# --- credentials ---------------------------------------------------------------------------------------
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAUNIPTTESTKEY0001",
+    "AWS_SECRET_ACCESS_KEY": "uniptTestSecret/Value+0123456789abcdef",
+    "AWS_SESSION_TOKEN": "uniptTestSessionToken0123456789",
+}
+
+
+def _cache_for(config: Path) -> None:
+    """A committed cache under the config's key (random activations): training reads it like any other."""
+    prep = prepare(load_config(config))
+    table = prep.dataset.table
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(2, 8, size=table.num_rows)]
+    layout = StoreLayout(layers=(LayerSpec(0, 8), LayerSpec(1, 8)), num_examples=table.num_rows, max_length=8)
+    builder = CacheBuilder(prep.cache_root, prep.key)
+    builder.create(layout, {"key_fields": prep.key_fields, "label_names": prep.dataset.label_names})
+    for shard in layout.shards():
+        part = lengths[shard.example_start : shard.example_stop]
+        rows = {layer: rng.standard_normal((sum(part), 8)).astype(np.float16) for layer in (0, 1)}
+        write_shard(builder.location, layout, shard, rows, part)
+    builder.commit(layout, table.select(["example_id", "label", "split"]), {})
+
+
+def test_credentials_come_from_the_environment_and_are_never_recorded(
+    tmp_path, tiny_bert_dir, sentiment_csv, monkeypatch, capsys
+):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    options = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "us-east-1"}}
+    config = write_config(
+        tmp_path / "c.yaml",
+        str(sentiment_csv),
+        str(tiny_bert_dir),
+        tmp_path,
+        train={"epochs": 1, "linear_probe": False},
+        storage={"options": options},
+    )
+    _cache_for(config)
+    assert main(["run", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    written += [p for p in tmp_path.glob("registry.sqlite*") if p.is_file()]
+    assert any(p.name == "record.json" for p in written) and any(p.suffix == ".sqlite" for p in written)
+    for path in written:
+        data = path.read_bytes()
+        for name, value in SECRETS.items():
+            assert value.encode() not in data, f"{name} leaked into {path}"
+    with sqlite3.connect(tmp_path / "registry.sqlite") as db:
+        dump = "\n".join(db.iterdump())
+    assert not any(value in dump for value in SECRETS.values())
+    record = json.loads(next(p for p in written if p.name == "record.json").read_text())
+    assert record["config"]["storage"]["options"] == options  # the non-secret options are kept
+
+
+@pytest.mark.parametrize(
+    "option", ["key", "secret", "token", "aws_secret_access_key", "client_kwargs.password"]
+)
+def test_credentials_in_a_config_are_refused(tmp_path, tiny_bert_dir, sentiment_csv, capsys, option):
+    config = write_config(tmp_path / "c.yaml", str(sentiment_csv), str(tiny_bert_dir), tmp_path)
+    assert main(["run", str(config), "--no-progress", "--set", f"storage.options.{option}=hunter2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "looks like a credential; put it in the environment" in err
+    assert "hunter2" not in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "registry.sqlite").exists()
