@@ -81,7 +81,7 @@ def train_classifier(
         device,
         progress,
         seed=seed,
-        identity={"cache_key": reader.attrs.get("cache_key"), "source": reader.source},
+        identity={"cache_key": reader.attrs.get("cache_key")},  # where the cache lives may change
         target_stats=(float(labels.mean()), float(labels.std())) if config.task == "regression" else None,
         checkpoint=checkpoint,
         resume=resume,

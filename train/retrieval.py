@@ -236,8 +236,8 @@ def train_retrieval(
         return {k: v for k, v in metrics.items() if not k.endswith("layer_weights")}
 
     identity = {
-        "query": {"cache_key": query_reader.attrs.get("cache_key"), "source": query_reader.source},
-        "gallery": {"cache_key": gallery_reader.attrs.get("cache_key"), "source": gallery_reader.source},
+        "query": {"cache_key": query_reader.attrs.get("cache_key")},
+        "gallery": {"cache_key": gallery_reader.attrs.get("cache_key")},
     }
     task = Task(model, train_data, loss, validate, "rsum", identity)
     fitted = fit(task, config, seed, device, progress, checkpoint, resume, meta, on_epoch_end)
