@@ -1,0 +1,264 @@
+"""Is the cache loader ever the bottleneck? Loader throughput against raw reads and against what UniPT eats.
+
+On a real cache (configs/rt_minilm.yaml: Rotten Tomatoes through all-MiniLM-L6-v2, every hidden state,
+built by the pipeline's own ``do_extract``), over the train split, each the median of ``--repeats``:
+
+- **raw**: read + decode every stored layer's rows of the train split straight from Zarr, in the same
+  contiguous row ranges (blocks) the loader reads, shuffled the same way; no padding, no batching,
+  no thread. The ceiling for the bytes the loader has to move.
+- **loader**: one full epoch of :class:`train.loader.CacheBatches` with shuffling on (block order,
+  shuffle buffer, prefetch thread, padding into float32 batches), as training uses it.
+- **consumption**: UniPT training steps (``train.models.build_model``'s model for the config:
+  forward, backward, AdamW step) on ``--steps`` batches already in memory: the rate the model needs.
+- **train from loader**: the same steps fed by the loader, one epoch: what training actually gets.
+
+Samples/s counts training examples; MB/s is MB (1e6 bytes) of decoded cache rows (fp16 stays 2 bytes a
+value). ``loader/raw`` is what batching and padding cost; ``loader/consumption`` > 1 means the loader
+delivers faster than a training step consumes, so it is not the bottleneck; ``from loader/consumption``
+near 1 means the reads hide behind the compute. Reads come from the page cache (the store was just
+written or read), so this is decode + Zarr + collate speed, not disk speed. Writes
+benchmarks/results/loader_throughput.json and .csv.
+
+    python benchmarks/loader_throughput.py                       # 3,000 snippets, 3 repeats
+    python benchmarks/loader_throughput.py --limit 1000 --repeats 1 --steps 10   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402  (before Ray: see extract/runner.py)
+import zarr  # noqa: E402
+from torch import nn  # noqa: E402
+
+from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
+from pipeline.cache import ActivationCache, CacheReader  # noqa: E402
+from pipeline.cache_layout import layer_array_name, scale_array_name  # noqa: E402
+from pipeline.config import TrainConfig, load_config  # noqa: E402
+from pipeline.encoding import decode_rows, has_scale  # noqa: E402
+from train.loader import Batch, CacheBatches  # noqa: E402
+from train.models import build_model  # noqa: E402
+
+MB = 1e6
+COLUMNS = ("stage", "samples", "seconds", "samples_per_s", "mb_per_s", "vs_raw", "vs_consumption")
+
+
+def loader_for(reader: ActivationCache, train: TrainConfig, seed: int = 0) -> CacheBatches:
+    """The train split's batches exactly as :func:`train.loop.train_classifier` builds them."""
+    return CacheBatches(
+        reader,
+        "train",
+        reader.layers,
+        train.batch_size,
+        shuffle=True,
+        seed=seed,
+        block_examples=train.block_examples,
+        shuffle_buffer_blocks=train.shuffle_buffer_blocks,
+    )
+
+
+def raw_pass(group: zarr.Group, dtype: str, loader: CacheBatches, seed: int) -> tuple[float, int]:
+    """Seconds to read + decode the loader's blocks of every layer straight from Zarr; decoded bytes."""
+    offsets = loader.offsets
+    # Opened once, outside the timing, as the reader does: the metadata lookups are not the data path.
+    arrays = {layer: group[layer_array_name(layer)] for layer in loader.layers}
+    scales = {layer: group[scale_array_name(layer)] for layer in loader.layers} if has_scale(dtype) else {}
+    order = np.random.default_rng(seed).permutation(len(loader.blocks))
+    decoded = 0
+    started = time.perf_counter()
+    for i in order:
+        block = loader.blocks[i]
+        for layer in loader.layers:
+            start, stop = int(offsets[layer][block[0], 0]), int(offsets[layer][block[-1], 1])
+            scale = scales[layer][start:stop] if scales else None
+            decoded += decode_rows(arrays[layer][start:stop], dtype, scale).nbytes
+    return time.perf_counter() - started, decoded
+
+
+def loader_pass(loader: CacheBatches, epoch: int) -> tuple[float, int]:
+    """Seconds for one shuffled epoch of padded batches; the number of examples delivered."""
+    started, samples = time.perf_counter(), 0
+    for batch in loader.epoch(epoch):
+        samples += len(batch.labels)
+    return time.perf_counter() - started, samples
+
+
+class Stepper:
+    """UniPT training steps as train.fit runs them (AdamW, cross-entropy), on the CPU or a GPU."""
+
+    def __init__(self, reader: ActivationCache, train: TrainConfig, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.device = device
+        self.model = build_model(train.variant, reader, train).to(device).train()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay
+        )
+        self.loss = nn.CrossEntropyLoss()
+
+    def step(self, batch: Batch) -> None:
+        logits, _ = self.model([h.to(self.device) for h in batch.hidden], batch.mask.to(self.device))
+        loss = self.loss(logits.float(), batch.labels.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def consumption_pass(stepper: Stepper, batches: list[Batch]) -> tuple[float, int]:
+    started = time.perf_counter()
+    for batch in batches:
+        stepper.step(batch)
+    stepper.sync()
+    return time.perf_counter() - started, sum(len(b.labels) for b in batches)
+
+
+def train_from_loader_pass(stepper: Stepper, loader: CacheBatches, epoch: int) -> tuple[float, int]:
+    started, samples = time.perf_counter(), 0
+    for batch in loader.epoch(epoch):
+        stepper.step(batch)
+        samples += len(batch.labels)
+    stepper.sync()
+    return time.perf_counter() - started, samples
+
+
+def measure(
+    reader: CacheReader, train: TrainConfig, repeats: int, steps: int, device: torch.device
+) -> dict[str, Any]:
+    """Every stage's median seconds over ``repeats`` passes, with samples and decoded bytes."""
+    loader = loader_for(reader, train)
+    group = zarr.open_group(store=reader.location.zarr_store(read_only=True), mode="r")
+    samples = len(loader.indices)
+    raw_pass(group, reader.dtype, loader, seed=0)  # warm the page cache: measure decoding, not the disk
+    raw_runs = [raw_pass(group, reader.dtype, loader, seed=r) for r in range(repeats)]
+    decoded = raw_runs[0][1]
+    raw = [(seconds, samples) for seconds, _ in raw_runs]
+    loaded = [loader_pass(loader, epoch=r) for r in range(repeats)]
+    # A shuffled epoch's first batches: representative lengths, so representative padding and compute.
+    batches = [b for _, b in zip(range(steps), loader_for(reader, train, seed=1).epoch(0), strict=False)]
+    stepper = Stepper(reader, train, device)
+    consumption_pass(stepper, batches[:2])  # warm-up: allocator, autograd graph, AdamW state
+    consumed = [consumption_pass(stepper, batches) for _ in range(repeats)]
+    fed = [train_from_loader_pass(stepper, loader, epoch=r) for r in range(repeats)]
+
+    def stage(name: str, runs: list[tuple[float, int]], moved: int | None) -> dict[str, Any]:
+        seconds = statistics.median(s for s, _ in runs)
+        count = runs[0][1]
+        return {
+            "stage": name,
+            "samples": count,
+            "seconds": seconds,
+            "samples_per_s": count / seconds,
+            "mb_per_s": moved / MB / seconds if moved is not None else None,
+            "runs_s": [s for s, _ in runs],
+        }
+
+    # Consumption moves no cache bytes; its MB/s is what it would need at the cache's bytes per example.
+    per_sample = decoded / samples
+    consumed_bytes = int(per_sample * consumed[0][1])
+    rows = [
+        stage("raw read+decode", raw, decoded),
+        stage("loader (CacheBatches)", loaded, decoded),
+        stage("UniPT step consumption", consumed, consumed_bytes),
+        stage("UniPT training from loader", fed, decoded),
+    ]
+    raw_rate, need = rows[0]["samples_per_s"], rows[2]["samples_per_s"]
+    for row in rows:
+        row["vs_raw"] = row["samples_per_s"] / raw_rate
+        row["vs_consumption"] = row["samples_per_s"] / need
+    return {
+        "train_examples": samples,
+        "decoded_bytes": decoded,
+        "blocks": len(loader.blocks),
+        "batch_size": train.batch_size,
+        "consumption_steps": len(batches),
+        "rows": rows,
+        "loader_over_raw": rows[1]["vs_raw"],
+        "loader_over_consumption": rows[1]["vs_consumption"],
+        "training_from_loader_over_consumption": rows[3]["vs_consumption"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/rt_minilm.yaml")
+    parser.add_argument("--limit", type=int, default=3000, help="dataset.limit: a seeded sample")
+    parser.add_argument("--dtype", default="float16", help="extract.dtype of the cache")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="in-memory batches per consumption pass")
+    parser.add_argument("--cache-root", default=".unipt/cache")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--out", default=str(RESULTS / "loader_throughput.json"))
+    args = parser.parse_args()
+
+    from pipeline.cli import do_extract, open_for_training, prepare
+    from train.fit import pick_device
+
+    overrides = [f"dataset.limit={args.limit}", f"extract.dtype={args.dtype}"]
+    overrides += [f"storage.cache_root={args.cache_root}", *args.set]
+    config = load_config(args.config, overrides)
+    prep = prepare(config)
+    do_extract(prep, None, progress=False)
+    reader = open_for_training(prep)
+    if not isinstance(reader, CacheReader):
+        raise SystemExit("loader_throughput reads a Zarr cache")
+    device = pick_device(config.train.device)
+    result = measure(reader, config.train, args.repeats, args.steps, device)
+
+    print(
+        f"\n{result['train_examples']} train examples, {result['decoded_bytes'] / MB:.0f} MB decoded, "
+        f"{result['blocks']} blocks, batch {result['batch_size']}, {args.dtype} cache, device {device}"
+    )
+    print_table(
+        ("stage", "samples/s", "MB/s", "vs raw", "vs consumption", "median s"),
+        [
+            (
+                r["stage"],
+                f"{r['samples_per_s']:,.0f}",
+                f"{r['mb_per_s']:,.0f}",
+                f"{r['vs_raw']:.2f}",
+                f"{r['vs_consumption']:.2f}",
+                f"{r['seconds']:.2f}",
+            )
+            for r in result["rows"]
+        ],
+    )
+    print(
+        f"loader/raw {result['loader_over_raw']:.2f}, loader/consumption "
+        f"{result['loader_over_consumption']:.2f} (> 1: the loader is not the bottleneck), "
+        f"training from loader/consumption {result['training_from_loader_over_consumption']:.2f}"
+    )
+    report = {
+        "benchmark": "loader_throughput",
+        "machine": machine(),
+        "config": args.config,
+        "settings": {
+            "limit": args.limit,
+            "dtype": args.dtype,
+            "repeats": args.repeats,
+            "steps": args.steps,
+            "overrides": args.set,
+            "device": str(device),
+        },
+        "cache": {"key": prep.key, "path": reader.source, "bytes_on_disk": reader.nbytes_on_disk()},
+        **result,
+    }
+    write_report(Path(args.out), report, COLUMNS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
