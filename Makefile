@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench bench-full
 
 $(BIN)/unipt: pyproject.toml requirements-assets.txt setup.sh
 	UNIPT_VENV=$(VENV) ./setup.sh
@@ -19,6 +19,21 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Issue 7's benchmarks, each printing its table and writing JSON/CSV under benchmarks/results/, then the
+# accuracy/memory plot. `bench` uses the quick settings behind the README's tables (about 1 hour on 2 CPU
+# cores); `bench-full` every example and the config's epochs (many hours on a CPU).
+bench: setup
+	$(BIN)/python benchmarks/cache_size.py --limit 2000
+	$(BIN)/python benchmarks/loader_throughput.py --limit 3000 --repeats 3
+	$(BIN)/python benchmarks/accuracy.py --limit 1000 --epochs 3 --finetune-epochs 1
+	$(BIN)/python benchmarks/plot_tradeoff.py
+
+bench-full: setup
+	$(BIN)/python benchmarks/cache_size.py --limit 0
+	$(BIN)/python benchmarks/loader_throughput.py --limit 0 --repeats 5
+	$(BIN)/python benchmarks/accuracy.py
+	$(BIN)/python benchmarks/plot_tradeoff.py
 
 clean:
 	rm -rf .unipt

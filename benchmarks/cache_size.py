@@ -132,7 +132,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="configs/rt_minilm.yaml")
-    parser.add_argument("--limit", type=int, default=2000, help="dataset.limit: a seeded sample")
+    parser.add_argument("--limit", type=int, default=2000, help="dataset.limit: a seeded sample (0: all)")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--cache-root", default=".unipt/cache")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -143,7 +143,7 @@ def main() -> int:
 
     rows, caches = [], {}
     for dtype in args.dtypes:
-        overrides = [f"dataset.limit={args.limit}", f"extract.dtype={dtype}"]
+        overrides = [f"extract.dtype={dtype}"] + ([f"dataset.limit={args.limit}"] if args.limit else [])
         prep = prepare(
             load_config(args.config, [*overrides, f"storage.cache_root={args.cache_root}", *args.set])
         )

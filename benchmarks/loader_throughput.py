@@ -195,7 +195,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="configs/rt_minilm.yaml")
-    parser.add_argument("--limit", type=int, default=3000, help="dataset.limit: a seeded sample")
+    parser.add_argument("--limit", type=int, default=3000, help="dataset.limit: a seeded sample (0: all)")
     parser.add_argument("--dtype", default="float16", help="extract.dtype of the cache")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="in-memory batches per consumption pass")
@@ -207,7 +207,7 @@ def main() -> int:
     from pipeline.cli import do_extract, open_for_training, prepare
     from train.fit import pick_device
 
-    overrides = [f"dataset.limit={args.limit}", f"extract.dtype={args.dtype}"]
+    overrides = [f"extract.dtype={args.dtype}"] + ([f"dataset.limit={args.limit}"] if args.limit else [])
     overrides += [f"storage.cache_root={args.cache_root}", *args.set]
     config = load_config(args.config, overrides)
     prep = prepare(config)

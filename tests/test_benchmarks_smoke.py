@@ -1,0 +1,72 @@
+"""The issue-7 benchmark scripts' measuring and reporting paths, on tiny synthetic caches: they must not rot.
+
+No timing is asserted: only that every stage runs, counts what it should and writes its files.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import accuracy, cache_size, common, loader_throughput, plot_tradeoff
+from pipeline.cache import CacheReader, CacheRoot
+from pipeline.config import TrainConfig
+from tests.conftest import KEY, build_cache
+
+LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4, 6, 3, 5, 2, 7, 4, 6, 3]
+SPLITS = ["train"] * 12 + ["val"] * 2 + ["test"] * 2
+
+
+@pytest.fixture
+def reader(tmp_path) -> CacheReader:
+    build_cache(CacheRoot(tmp_path), LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=4, splits=SPLITS)
+    return CacheReader(CacheRoot(tmp_path).location(KEY))
+
+
+def test_cache_size_row_against_fp32_layouts(reader):
+    on_disk = reader.nbytes_on_disk()
+    row = cache_size.size_row(reader, on_disk, cache_size.activation_bytes(reader))
+    tokens, hidden = sum(LENGTHS), 3 * 8
+    assert (row["examples"], row["tokens"], row["layers"], row["hidden_total"]) == (16, tokens, 3, hidden)
+    assert row["ragged_fp32_bytes"] == tokens * hidden * 4
+    assert row["padded_fp32_bytes"] == 16 * row["max_length"] * hidden * 4 >= row["padded_longest_fp32_bytes"]
+    assert 0 < row["activation_bytes"] <= on_disk
+    assert row["disk_vs_ragged_fp32"] == pytest.approx(on_disk / (tokens * hidden * 4))
+
+
+def test_loader_throughput_measures_every_stage(reader, tmp_path):
+    train = TrainConfig(embed_size=8, batch_size=4, block_examples=3, shuffle_buffer_blocks=2, device="cpu")
+    import torch
+
+    result = loader_throughput.measure(reader, train, repeats=1, steps=2, device=torch.device("cpu"))
+    stages = {row["stage"]: row for row in result["rows"]}
+    assert len(stages) == 4 and result["train_examples"] == 12
+    assert stages["raw read+decode"]["samples"] == stages["loader (CacheBatches)"]["samples"] == 12
+    assert stages["UniPT step consumption"]["samples"] == 8  # two in-memory batches of 4
+    assert stages["UniPT step consumption"]["vs_consumption"] == pytest.approx(1.0)
+    # fp16 rows of the 12 train examples, every layer: the bytes both the raw pass and the loader move.
+    assert result["decoded_bytes"] == sum(LENGTHS[:12]) * 3 * 8 * 2
+    out = tmp_path / "results" / "loader.json"
+    common.write_report(out, {"benchmark": "t", **result}, loader_throughput.COLUMNS, quiet=True)
+    assert json.loads(out.read_text())["rows"][0]["stage"] == "raw read+decode"
+    assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("stage,samples")
+
+
+def test_accuracy_summary_and_tradeoff_plot(tmp_path):
+    child = {
+        "runs": [
+            {"seed": s, "test_acc": a, "val_acc": a, "test_f1": a, "best_epoch": 1, "seconds": 1.0}
+            for s, a in enumerate([0.7, 0.8, 0.9])
+        ],
+        "peak_rss_mib": 900.0,
+        "trainable_params": 1000,
+        "cache_bytes": 10,
+    }
+    row = accuracy.summarise("rotten_tomatoes", "unipt-fp16", child)
+    assert row["test_acc_mean"] == pytest.approx(0.8) and row["test_acc_std"] == pytest.approx(0.1)
+    probe = accuracy.summarise("bbc_news", "linear-probe", child | {"peak_rss_mib": 400.0})
+    baselines = {"rows": [{"method": "unipt-online", "test_acc": 0.75, "peak_rss_mib": 1500.0}]}
+    report = {"date": "2026-11-26", "machine": {"cpus": 2}, "rows": [row, probe]}
+    out = plot_tradeoff.plot(report, baselines, tmp_path / "tradeoff.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
