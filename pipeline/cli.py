@@ -19,7 +19,14 @@ from pipeline.datasets import DatasetTable, load_dataset
 from pipeline.errors import UniptError
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
 from pipeline.registry import register_run
-from pipeline.runs import RECORD_FILE, new_run_id, package_versions, project_commit, write_run_record
+from pipeline.runs import (
+    RECORD_FILE,
+    check_run_id,
+    new_run_id,
+    package_versions,
+    project_commit,
+    write_run_record,
+)
 
 if TYPE_CHECKING:
     from extract.runner import ExtractionResult
@@ -140,12 +147,42 @@ def do_extract(
     return result
 
 
-def open_for_training(prep: Prepared, cache: str | None = None) -> ActivationCache:
-    """The config's cache (by key) or an explicit path/URL/.h5 file; refused if built for other data."""
-    expect = {"dataset_fingerprint": prep.dataset.fingerprint, "backbone": prep.key_fields["backbone"]}
+def open_for_training(
+    prep: Prepared, cache: str | None = None, backbone: str | None = None
+) -> ActivationCache:
+    """A backbone's cache (by key; the primary's by default) or an explicit path/URL/.h5 file; refused if
+    built for other data or another backbone."""
+    target = prep.backbones[backbone] if backbone is not None else prep.primary
+    expect = {"dataset_fingerprint": prep.dataset.fingerprint, "backbone": target.key_fields["backbone"]}
     if cache is None:
-        return open_cache(prep.cache_root.location(prep.key), expect=expect)
+        return open_cache(prep.cache_root.location(target.key), expect=expect)
     return open_cache(cache, expect=expect, options=prep.config.storage.options)
+
+
+def _train_retrieval(
+    prep: Prepared, progress: bool, checkpoint: Path | None, resume: Path | None, meta: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Task retrieval: a query and a gallery backbone's caches of one dataset, trained contrastively."""
+    from train.retrieval import train_retrieval
+
+    query_name, gallery_name = prep.config.retrieval_pair
+    query, gallery = (
+        open_for_training(prep, backbone=query_name),
+        open_for_training(prep, backbone=gallery_name),
+    )
+    result = train_retrieval(
+        query, gallery, prep.config.train, prep.config.seed, progress, checkpoint, resume, meta
+    )
+    return {
+        "metrics": dict(result.metrics),
+        "history": result.history,
+        "layer_weights": result.layer_weights,
+        "gallery_layer_weights": result.gallery_layer_weights,
+        "layer_names": [f"{query_name} layer {layer}" for layer in query.layers[:-1]],
+        "cache_bytes": query.nbytes_on_disk() + gallery.nbytes_on_disk(),
+        "cache_source": query.source,
+        "gallery_cache_source": gallery.source,
+    }
 
 
 def do_train(
@@ -156,13 +193,39 @@ def do_train(
     resume: Path | None = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train on the primary cache; ``checkpoint`` is written every epoch, ``resume`` continues one."""
+    """Train on the primary cache (task retrieval: on the query and gallery backbones' caches);
+    ``checkpoint`` is written every epoch, ``resume`` continues one."""
     import torch
 
-    from train.loop import pick_device, train_classifier
+    from train.loop import pick_device
+
+    if prep.config.train.task == "retrieval":
+        if reader is not None:
+            raise UniptError("task retrieval trains on two caches found by key; --cache does not apply to it")
+        trained = _train_retrieval(prep, progress, checkpoint, resume, meta)
+    else:
+        trained = _train_one_cache(
+            prep, progress, reader or open_for_training(prep), checkpoint, resume, meta
+        )
+    # CPU results depend on the thread count (reduction order), so a rerun restores it.
+    trained["runtime"] = {
+        "torch_threads": torch.get_num_threads(),
+        "device": str(pick_device(prep.config.train.device)),
+    }
+    return trained
+
+
+def _train_one_cache(
+    prep: Prepared,
+    progress: bool,
+    reader: ActivationCache,
+    checkpoint: Path | None,
+    resume: Path | None,
+    meta: dict[str, Any] | None,
+) -> dict[str, Any]:
+    from train.loop import train_classifier
     from train.probe import linear_probe
 
-    reader = reader or open_for_training(prep)
     result = train_classifier(
         reader,
         prep.config.train,
@@ -183,11 +246,6 @@ def do_train(
         "layer_names": [f"layer {layer}" for layer in reader.layers[:-1]],
         "cache_bytes": reader.nbytes_on_disk(),
         "cache_source": reader.source,
-        # CPU results depend on the thread count (reduction order), so a rerun restores it.
-        "runtime": {
-            "torch_threads": torch.get_num_threads(),
-            "device": str(pick_device(prep.config.train.device)),
-        },
     }
 
 
@@ -290,13 +348,22 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     prep = prepare(_load(args))
-    if args.cache is None and not prep.cache_root.has(prep.key):
-        raise UniptError(
-            f"no cache {prep.key} for this config under {prep.cache_root}; "
-            f"run `unipt extract {args.config}` first (or `unipt run`)"
+    reader = None
+    if args.cache is not None:
+        reader = open_for_training(prep, args.cache)
+        _say(f"training from {reader.source} (no backbone forward pass)")
+    else:
+        retrieval = prep.config.train.task == "retrieval"
+        needed = (
+            [prep.backbones[name] for name in prep.config.retrieval_pair] if retrieval else [prep.primary]
         )
-    reader = open_for_training(prep, args.cache)
-    _say(f"cache hit {prep.key}: training from {reader.source} (no backbone forward pass)")
+        for backbone in needed:
+            if not prep.cache_root.has(backbone.key):
+                raise UniptError(
+                    f"no cache {backbone.key} for this config under {prep.cache_root}; "
+                    f"run `unipt extract {args.config}` first (or `unipt run`)"
+                )
+            _say(f"cache hit {backbone.key}: training from it (no backbone forward pass)")
     return _train_and_record(prep, True, 0.0, started, not args.no_progress, reader, resume=args.resume)
 
 
@@ -308,7 +375,7 @@ def _run_to_continue(prep: Prepared, resume: str | None) -> tuple[str, Path | No
         config = prep.config.model_dump(mode="json")
         return new_run_id({"config": config, "cache_key": prep.key}), None
     path = resolve_checkpoint(resume)
-    run_id = load_checkpoint(path).get("meta", {}).get("run_id") or path.parent.name
+    run_id = check_run_id(load_checkpoint(path).get("meta", {}).get("run_id") or path.parent.name)
     if (Path(prep.config.storage.runs_root).expanduser() / run_id / RECORD_FILE).exists():
         raise UniptError(f"run {run_id} already finished (it has a {RECORD_FILE}); nothing to resume")
     return run_id, path

@@ -152,6 +152,12 @@ class TrainConfig(_Strict):
     checkpoint_dir: str | None = Field(
         None, description="Where per-epoch checkpoints go (<dir>/<run_id>/); None = the run's directory."
     )
+    retrieval_pair: list[str] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="task retrieval: the [query, gallery] backbone names; default the first two `backbones`.",
+    )
 
 
 class StorageConfig(_Strict):
@@ -207,6 +213,28 @@ class ExperimentConfig(_Strict):
                     f"backbone names {bad} must be letters, digits, '-' or '_' (e.g. text, image)"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _retrieval_has_two_backbones(self) -> ExperimentConfig:
+        if self.train.task != "retrieval":
+            return self
+        names = list(self.named_backbones)
+        if len(names) < 2:
+            raise ValueError(
+                "train.task retrieval needs two backbones over one dataset: name them under `backbones` "
+                "(e.g. {image: ..., text: ...})"
+            )
+        pair = self.train.retrieval_pair or names[:2]
+        unknown = [name for name in pair if name not in names]
+        if unknown or pair[0] == pair[1]:
+            raise ValueError(f"train.retrieval_pair must name two different backbones of {names}, got {pair}")
+        return self
+
+    @property
+    def retrieval_pair(self) -> tuple[str, str]:
+        """(query, gallery) backbone names for task retrieval."""
+        pair = self.train.retrieval_pair or list(self.named_backbones)[:2]
+        return pair[0], pair[1]
 
     @property
     def named_backbones(self) -> dict[str, BackboneConfig]:

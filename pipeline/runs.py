@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 import uuid
@@ -24,6 +25,19 @@ _PACKAGES = ("unipt-cache", "torch", "transformers", "zarr", "ray", "pyarrow", "
 def new_run_id(identity: dict[str, Any]) -> str:
     """Time-ordered and unique: a timestamp, a hash of what was run, and a random suffix."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{sha256_json(identity)[:8]}-{uuid.uuid4().hex[:4]}"
+
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_id(run_id: object) -> str:
+    """A run id is a directory name under runs_root: refuse anything that could climb out of it."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+        raise UniptError(
+            f"run id {run_id!r} is not a plain name (letters, digits, '.', '_', '-'); "
+            "a checkpoint or record naming it was edited or is not unipt's"
+        )
+    return run_id
 
 
 def package_versions() -> dict[str, str]:
@@ -53,7 +67,7 @@ def project_commit() -> str | None:
 
 def write_run_record(runs_root: str | Path, record: dict[str, Any]) -> Path:
     """Write ``<runs_root>/<run_id>/record.json`` (atomically) and the resolved config as YAML."""
-    run_dir = Path(runs_root) / record["run_id"]
+    run_dir = Path(runs_root) / check_run_id(record["run_id"])
     # The directory may exist already, holding the run's training checkpoint; never another record.
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / RECORD_FILE).exists():

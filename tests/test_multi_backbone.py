@@ -4,6 +4,7 @@ extracted once into its own cache, and the data's image and text both count in i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,42 @@ def test_each_backbone_is_extracted_once_into_its_own_cache(
         "image": image.key,
         "text": text.key,
     }
+
+
+def test_image_text_retrieval_end_to_end(tmp_path, tiny_vit_dir, tiny_bert_dir, ray_session, capsys):
+    """`unipt run` with task retrieval: both caches extracted, UniPT per side trained contrastively."""
+    path = pairs_config(tmp_path, tiny_vit_dir, tiny_bert_dir)
+    config = yaml.safe_load(path.read_text())
+    config["train"].update(task="retrieval", epochs=3, batch_size=8, linear_probe=False)
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("cache miss") == 2 and "test_rsum" in captured.out
+    (record_file,) = (tmp_path / "runs").glob("*/record.json")
+    record = json.loads(record_file.read_text())
+    metrics = record["metrics"]
+    for direction in ("q2g", "g2q"):
+        recalls = [metrics[f"test_{direction}_r{k}"] for k in (1, 5, 10)]
+        assert recalls == sorted(recalls) and all(0.0 <= r <= 100.0 for r in recalls)
+    assert math.isclose(
+        metrics["test_rsum"],
+        sum(metrics[f"test_{d}_r{k}"] for d in ("q2g", "g2q") for k in (1, 5, 10)),
+        rel_tol=1e-9,
+    )
+    assert len(record["layer_weights"]) == 2  # the image side's: embeddings and layer 1
+    assert (record_file.parent / "curves.png").is_file()
+
+    # Training again from the caches alone: the same numbers, no extraction.
+    assert main(["train", str(path), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("cache hit") == 2
+    again = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/record.json")]
+    assert sorted(r["metrics"]["test_rsum"] for r in again) == [metrics["test_rsum"]] * 2
+
+
+def test_retrieval_needs_two_backbones(tmp_path, tiny_bert_dir, sentiment_csv):
+    path = write_config(
+        tmp_path / "c.yaml", str(sentiment_csv), str(tiny_bert_dir), tmp_path, train={"task": "retrieval"}
+    )
+    with pytest.raises(UniptError, match="retrieval needs two backbones"):
+        load_config(path)
