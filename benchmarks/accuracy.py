@@ -18,7 +18,9 @@ benchmarks/results/accuracy.json and .csv, rewritten after every method so a lon
 still leaves the rows it finished.
 
     python benchmarks/accuracy.py                          # every example, config epochs (hours on 2 cores)
-    python benchmarks/accuracy.py --limit 1000 --epochs 3 --finetune-epochs 1  # the README's table
+    python benchmarks/accuracy.py --limit 1000 --epochs 3 --finetune-epochs 1 --datasets rotten_tomatoes
+    python benchmarks/accuracy.py --limit 500 --epochs 2 --finetune-epochs 1 --datasets bbc_news --append
+                                                           # the README's table: each dataset its own limits
     python benchmarks/accuracy.py --limit 300 --epochs 1 --seeds 0 --datasets rotten_tomatoes  # a smoke run
 """
 
@@ -180,24 +182,41 @@ def summarise(dataset: str, method: str, child: dict[str, Any]) -> dict[str, Any
     }
 
 
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "limit": args.limit,
+        "epochs": args.epochs if args.epochs is not None else load_config(args.config).train.epochs,
+        "finetune_epochs": args.finetune_epochs,
+        "max_length": args.max_length,
+        "seeds": args.seeds,
+        "overrides": list(args.set),
+    }
+
+
 def report(
     args: argparse.Namespace, datasets: dict[str, Any], notes: list[str], rows: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    """This run's report; with ``--append``, merged into the existing file's rows of other datasets."""
+    datasets = {name: info | {"settings": settings(args)} for name, info in datasets.items()}
+    out = Path(args.out)
+    if args.append and out.exists():
+        # Re-read on every write: another invocation may be filling in another dataset meanwhile.
+        old = json.loads(out.read_text())
+        kept = {n: i for n, i in old.get("datasets", {}).items() if n not in args.datasets}
+        for info in kept.values():
+            info.setdefault("settings", old.get("settings"))
+        datasets = kept | datasets
+        rows = [r for r in old.get("rows", []) if r["dataset"] not in args.datasets] + rows
+        notes = list(dict.fromkeys([*old.get("notes", []), *notes]))
+    order = {name: i for i, name in enumerate(DATASETS)}
     return {
         "benchmark": "accuracy",
         "machine": machine(),
         "config": args.config,
-        "settings": {
-            "limit": args.limit,
-            "epochs": args.epochs if args.epochs is not None else load_config(args.config).train.epochs,
-            "finetune_epochs": args.finetune_epochs,
-            "max_length": args.max_length,
-            "seeds": args.seeds,
-            "overrides": list(args.set),
-        },
-        "datasets": datasets,
+        "settings": settings(args),  # this invocation's; each dataset's own are under datasets.NAME.settings
+        "datasets": dict(sorted(datasets.items(), key=lambda item: order.get(item[0], len(order)))),
         "notes": notes,
-        "rows": rows,
+        "rows": sorted(rows, key=lambda r: order.get(r["dataset"], len(order))),
     }
 
 
@@ -218,6 +237,11 @@ def main() -> int:
     parser.add_argument("--cache-root", default=".unipt/cache")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=str(RESULTS / "accuracy.json"))
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows of other datasets already in --out (run datasets with different limits)",
+    )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -252,6 +276,7 @@ def main() -> int:
             rows.append(summarise(dataset, method, _run_child(method, args, overrides)))
             write_report(out, report(args, datasets, notes, rows), COLUMNS, quiet=True)
 
+    final = report(args, datasets, notes, rows)
     print()
     print_table(
         ("dataset", "method", "test acc", "val acc", "params", "peak RSS MiB", "s/seed"),
@@ -265,10 +290,10 @@ def main() -> int:
                 f"{r['peak_rss_mib']:.0f}",
                 f"{r['train_seconds_mean']:.1f}",
             )
-            for r in rows
+            for r in final["rows"]
         ],
     )
-    write_report(out, report(args, datasets, notes, rows), COLUMNS)
+    write_report(out, final, COLUMNS)
     return 0
 
 

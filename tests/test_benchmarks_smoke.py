@@ -5,6 +5,7 @@ No timing is asserted: only that every stage runs, counts what it should and wri
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -70,3 +71,31 @@ def test_accuracy_summary_and_tradeoff_plot(tmp_path):
     report = {"date": "2026-11-26", "machine": {"cpus": 2}, "rows": [row, probe]}
     out = plot_tradeoff.plot(report, baselines, tmp_path / "tradeoff.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_append_keeps_other_datasets_rows(tmp_path):
+    out = tmp_path / "accuracy.json"
+    old = {"settings": {"limit": 1000}, "datasets": {"rotten_tomatoes": {"examples": 1000}, "bbc_news": {}}}
+    old["rows"] = [{"dataset": "bbc_news", "method": "old"}, {"dataset": "rotten_tomatoes", "method": "kept"}]
+    out.write_text(json.dumps(old))
+    args = argparse.Namespace(
+        config="configs/rt_minilm.yaml",
+        limit=500,
+        epochs=2,
+        finetune_epochs=1,
+        max_length=128,
+        seeds=[0],
+        set=[],
+        out=str(out),
+        append=True,
+        datasets=["bbc_news"],
+    )
+    merged = accuracy.report(
+        args, {"bbc_news": {"examples": 500}}, [], [{"dataset": "bbc_news", "method": "new"}]
+    )
+    assert [(r["dataset"], r["method"]) for r in merged["rows"]] == [
+        ("rotten_tomatoes", "kept"),
+        ("bbc_news", "new"),
+    ]
+    assert merged["datasets"]["rotten_tomatoes"]["settings"] == {"limit": 1000}  # the run that made it
+    assert merged["datasets"]["bbc_news"]["settings"]["limit"] == 500
