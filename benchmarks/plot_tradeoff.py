@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+TICKS = (250, 500, 1000, 2000, 4000, 8000, 16000, 32000)
 COLORS = {
     "linear-probe": "tab:gray",
     "unipt-fp16": "tab:blue",
@@ -38,13 +39,22 @@ def _baseline_dataset(report: dict[str, Any]) -> str:
     return "rotten_tomatoes"
 
 
+def _limit(settings: dict[str, Any] | None, overrides: list[str] | None = None) -> str:
+    """How many examples a panel's points were trained on, for the legend: runs differ in that."""
+    for item in overrides or []:
+        if item.startswith("dataset.limit="):
+            return f"{item.split('=', 1)[1]} ex."
+    limit = (settings or {}).get("limit")
+    return f"{limit} ex." if limit else "all ex."
+
+
 def plot(accuracy: dict[str, Any] | None, baselines: dict[str, Any] | None, out: Path) -> Path:
     """Draw the panels and save them to ``out``; at least one of the reports must be given."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     if accuracy is None and baselines is None:
         raise ValueError("no results to plot: run benchmarks/accuracy.py or benchmarks/baselines.py first")
@@ -56,6 +66,7 @@ def plot(accuracy: dict[str, Any] | None, baselines: dict[str, Any] | None, out:
         for row in (accuracy or {}).get("rows", []):
             if row["dataset"] != dataset or row.get("peak_rss_mib") is None:
                 continue
+            info = (accuracy or {}).get("datasets", {}).get(dataset, {})
             axis.errorbar(
                 row["peak_rss_mib"],
                 row["test_acc_mean"],
@@ -64,9 +75,10 @@ def plot(accuracy: dict[str, Any] | None, baselines: dict[str, Any] | None, out:
                 capsize=4,
                 markersize=8,
                 color=COLORS.get(row["method"], "black"),
-                label=f"{row['method']} ({row['seeds']} seeds)",
+                label=f"{row['method']} ({_limit(info.get('settings'))}, {row['seeds']} seeds)",
             )
         if baselines is not None and _baseline_dataset(baselines) == dataset:
+            examples = _limit(None, baselines.get("overrides"))
             for row in baselines.get("rows", []):
                 if row.get("peak_rss_mib") is None or row.get("test_acc") is None:
                     continue
@@ -78,11 +90,14 @@ def plot(accuracy: dict[str, Any] | None, baselines: dict[str, Any] | None, out:
                     edgecolors=COLORS.get(row["method"], "black"),
                     linewidths=1.8,
                     marker="s",
-                    label=f"{row['method']} (baselines.py, 1 seed)",
+                    label=f"{row['method']} (baselines.py, {examples}, 1 seed)",
                 )
         axis.set_xscale("log")
+        low, high = axis.get_xlim()
+        # Round MiB values as ticks: log scale's own ticks are powers of ten, too few over this range.
+        axis.set_xticks([t for t in TICKS if low <= t <= high] or [low, high])
         axis.xaxis.set_major_formatter(ScalarFormatter())
-        axis.xaxis.set_minor_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel("peak RSS of the training process (MiB, log scale)")
         axis.set_ylabel("test accuracy")
         axis.set_title(dataset.replace("_", " "))
