@@ -196,27 +196,33 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 def report(
     args: argparse.Namespace, datasets: dict[str, Any], notes: list[str], rows: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """This run's report; with ``--append``, merged into the existing file's rows of other datasets."""
-    datasets = {name: info | {"settings": settings(args)} for name, info in datasets.items()}
+    """This run's report; with ``--append``, merged into the existing file's rows of other (dataset, method)
+    pairs, so datasets (or methods) can be run with their own limits into one table."""
+    rows = [r | {"settings": r.get("settings") or settings(args)} for r in rows]
     out = Path(args.out)
     if args.append and out.exists():
-        # Re-read on every write: another invocation may be filling in another dataset meanwhile.
+        # Re-read on every write: another invocation may be filling in other rows meanwhile.
         old = json.loads(out.read_text())
-        kept = {n: i for n, i in old.get("datasets", {}).items() if n not in args.datasets}
-        for info in kept.values():
-            info.setdefault("settings", old.get("settings"))
-        datasets = kept | datasets
-        rows = [r for r in old.get("rows", []) if r["dataset"] not in args.datasets] + rows
+        redone = {(d, m) for d in args.datasets for m in args.methods}
+        kept = [
+            r | {"settings": r.get("settings") or old.get("settings")}
+            for r in old.get("rows", [])
+            if (r["dataset"], r["method"]) not in redone
+        ]
+        rows = kept + rows
+        old_datasets = old.get("datasets", {})
+        datasets = old_datasets | {n: old_datasets.get(n, {}) | info for n, info in datasets.items()}
         notes = list(dict.fromkeys([*old.get("notes", []), *notes]))
+    methods = {m: i for i, m in enumerate(METHODS)}
     order = {name: i for i, name in enumerate(DATASETS)}
     return {
         "benchmark": "accuracy",
         "machine": machine(),
         "config": args.config,
-        "settings": settings(args),  # this invocation's; each dataset's own are under datasets.NAME.settings
+        "settings": settings(args),  # this invocation's; each row holds the settings it was trained with
         "datasets": dict(sorted(datasets.items(), key=lambda item: order.get(item[0], len(order)))),
         "notes": notes,
-        "rows": sorted(rows, key=lambda r: order.get(r["dataset"], len(order))),
+        "rows": sorted(rows, key=lambda r: (order.get(r["dataset"], 99), methods.get(r["method"], 99))),
     }
 
 
@@ -240,7 +246,7 @@ def main() -> int:
     parser.add_argument(
         "--append",
         action="store_true",
-        help="keep the rows of other datasets already in --out (run datasets with different limits)",
+        help="keep the rows of other datasets and methods already in --out (runs with their own limits)",
     )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

@@ -73,29 +73,35 @@ def test_accuracy_summary_and_tradeoff_plot(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_accuracy_append_keeps_other_datasets_rows(tmp_path):
+def test_accuracy_append_keeps_other_rows(tmp_path):
     out = tmp_path / "accuracy.json"
     old = {"settings": {"limit": 1000}, "datasets": {"rotten_tomatoes": {"examples": 1000}, "bbc_news": {}}}
-    old["rows"] = [{"dataset": "bbc_news", "method": "old"}, {"dataset": "rotten_tomatoes", "method": "kept"}]
+    old["rows"] = [
+        {"dataset": "bbc_news", "method": "full-finetune"},
+        {"dataset": "bbc_news", "method": "unipt-fp16"},
+        {"dataset": "rotten_tomatoes", "method": "linear-probe"},
+    ]
     out.write_text(json.dumps(old))
     args = argparse.Namespace(
         config="configs/rt_minilm.yaml",
         limit=500,
         epochs=2,
-        finetune_epochs=1,
+        finetune_epochs=None,
         max_length=128,
         seeds=[0],
         set=[],
         out=str(out),
         append=True,
         datasets=["bbc_news"],
+        methods=["full-finetune"],
     )
-    merged = accuracy.report(
-        args, {"bbc_news": {"examples": 500}}, [], [{"dataset": "bbc_news", "method": "new"}]
-    )
-    assert [(r["dataset"], r["method"]) for r in merged["rows"]] == [
-        ("rotten_tomatoes", "kept"),
-        ("bbc_news", "new"),
+    new = [{"dataset": "bbc_news", "method": "full-finetune", "new": True}]
+    merged = accuracy.report(args, {"bbc_news": {"examples": 500}}, [], new)
+    assert [(r["dataset"], r["method"], r.get("new")) for r in merged["rows"]] == [
+        ("rotten_tomatoes", "linear-probe", None),
+        ("bbc_news", "unipt-fp16", None),
+        ("bbc_news", "full-finetune", True),
     ]
-    assert merged["datasets"]["rotten_tomatoes"]["settings"] == {"limit": 1000}  # the run that made it
-    assert merged["datasets"]["bbc_news"]["settings"]["limit"] == 500
+    assert merged["rows"][0]["settings"] == {"limit": 1000}  # the run that made it
+    assert merged["rows"][2]["settings"]["limit"] == 500
+    assert merged["datasets"]["rotten_tomatoes"] == {"examples": 1000}
