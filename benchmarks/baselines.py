@@ -14,7 +14,7 @@ trainable parameters, peak RSS, seconds per epoch, and both as ratios to UniPT f
 writes benchmarks/results/baselines.json and .csv. Seconds per epoch is the median over epochs (each
 epoch includes its validation pass); with ``--repeats N`` every number is the median over N processes.
 
-    python benchmarks/baselines.py --limit 3000 --epochs 3     # the README's table (~25 min on 2 cores)
+    python benchmarks/baselines.py --limit 2000 --epochs 3     # the README's table (~40 min on 2 cores)
     python benchmarks/baselines.py --tiny                      # CI size: 400 snippets, 2 epochs
     python benchmarks/baselines.py --methods unipt-cache unipt-online --repeats 3
 """
