@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -300,6 +302,21 @@ def _record(
     return run_dir
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with this many torch CPU threads, then restore the count: CPU sums (and so exact results)
+    depend on it, and reruns or resumes in a long-lived process must not leak it to later work."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _train_and_record(
     prep: Prepared,
     cache_hit: bool,
@@ -317,7 +334,10 @@ def _train_and_record(
     checkpoint = Path(checkpoint_root).expanduser() / run_id / CHECKPOINT_FILE
     if resume_from is not None:
         _say(f"resuming run {run_id} from {resume_from}")
-    trained = do_train(prep, progress, reader, checkpoint, resume_from, meta={"run_id": run_id})
+    # A resumed run keeps the thread count its first epochs ran with, so it ends where it would have.
+    threads = resume_threads(resume_from) if resume_from is not None else None
+    with torch_threads(threads):
+        trained = do_train(prep, progress, reader, checkpoint, resume_from, meta=_run_meta(run_id))
     timings = {
         "extract_s": round(extract_seconds, 3),
         "train_s": round(time.perf_counter() - train_started, 3),
@@ -379,6 +399,19 @@ def _run_to_continue(prep: Prepared, resume: str | None) -> tuple[str, Path | No
     if (Path(prep.config.storage.runs_root).expanduser() / run_id / RECORD_FILE).exists():
         raise UniptError(f"run {run_id} already finished (it has a {RECORD_FILE}); nothing to resume")
     return run_id, path
+
+
+def _run_meta(run_id: str) -> dict[str, Any]:
+    import torch
+
+    return {"run_id": run_id, "torch_threads": torch.get_num_threads()}
+
+
+def resume_threads(checkpoint: Path) -> int | None:
+    from train.checkpoint import load_checkpoint
+
+    threads = load_checkpoint(checkpoint).get("meta", {}).get("torch_threads")
+    return int(threads) if isinstance(threads, int) and threads > 0 else None
 
 
 def _write_plots(run_dir: Path, trained: dict[str, Any]) -> None:

@@ -203,14 +203,10 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         extra = {"parent_run_id": old.run_id, "cache_changed": changed}
         _say(f"cache inputs changed ({', '.join(changed)}): a new run linked to {old.run_id}")
 
-    threads = old.runtime.get("torch_threads")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
     cache_hit, extract_seconds = _extract(prep, args.ray_address, progress)
     train_started = time.perf_counter()
-    trained = cli.do_train(prep, progress)
+    with cli.torch_threads(old.runtime.get("torch_threads")):
+        trained = cli.do_train(prep, progress)
     timings = {
         "extract_s": round(extract_seconds, 3),
         "train_s": round(time.perf_counter() - train_started, 3),
