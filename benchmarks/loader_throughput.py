@@ -12,11 +12,13 @@ built by the pipeline's own ``do_extract``), over the train split, each the medi
   forward, backward, AdamW step) on ``--steps`` batches already in memory: the rate the model needs.
 - **train from loader**: the same steps fed by the loader, one epoch: what training actually gets.
 
-Samples/s counts training examples; MB/s is MB (1e6 bytes) of decoded cache rows (fp16 stays 2 bytes a
-value). ``loader/raw`` is what batching and padding cost; ``loader/consumption`` > 1 means the loader
-delivers faster than a training step consumes, so it is not the bottleneck; ``from loader/consumption``
-near 1 means the reads hide behind the compute. Reads come from the page cache (the store was just
-written or read), so this is decode + Zarr + collate speed, not disk speed. Writes
+Samples/s counts training examples per wall second; samples/CPU-s per second of this process's CPU
+time (all threads), which a machine shared with other work disturbs far less. MB/s is MB (1e6 bytes)
+of decoded cache rows (fp16 stays 2 bytes a value). The stages take turns within each repeat.
+``loader/raw`` is what batching and padding cost; ``loader/consumption`` > 1 means the loader delivers
+faster than a training step consumes, so it is not the bottleneck; ``from loader/consumption`` near 1
+means the reads hide behind the compute. Reads come from the page cache (the store was just written or
+read), so this is decode + Zarr + collate speed, not disk speed. Writes
 benchmarks/results/loader_throughput.json and .csv.
 
     python benchmarks/loader_throughput.py                       # 3,000 snippets, 3 repeats
@@ -29,6 +31,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +52,18 @@ from train.loader import Batch, CacheBatches  # noqa: E402
 from train.models import build_model  # noqa: E402
 
 MB = 1e6
-COLUMNS = ("stage", "samples", "seconds", "samples_per_s", "mb_per_s", "vs_raw", "vs_consumption")
+COLUMNS = (
+    "stage",
+    "samples",
+    "seconds",
+    "cpu_seconds",
+    "samples_per_s",
+    "samples_per_cpu_s",
+    "mb_per_s",
+    "vs_raw",
+    "vs_consumption",
+    "vs_consumption_cpu",
+)
 
 
 def loader_for(reader: ActivationCache, train: TrainConfig, seed: int = 0) -> CacheBatches:
@@ -133,50 +147,69 @@ def train_from_loader_pass(stepper: Stepper, loader: CacheBatches, epoch: int) -
     return time.perf_counter() - started, samples
 
 
+def _timed(run: Callable[[], tuple[float, int]]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process over all its threads, count) of one pass."""
+    cpu = time.process_time()
+    seconds, count = run()
+    return seconds, time.process_time() - cpu, count
+
+
 def measure(
     reader: CacheReader, train: TrainConfig, repeats: int, steps: int, device: torch.device
 ) -> dict[str, Any]:
-    """Every stage's median seconds over ``repeats`` passes, with samples and decoded bytes."""
+    """Every stage's median seconds over ``repeats`` passes, with samples and decoded bytes.
+
+    The stages take turns within each repeat, so a load that comes and goes on a shared machine
+    lands on all of them alike and the ratios between them stay meaningful.
+    """
     loader = loader_for(reader, train)
     group = zarr.open_group(store=reader.location.zarr_store(read_only=True), mode="r")
     samples = len(loader.indices)
-    raw_pass(group, reader.dtype, loader, seed=0)  # warm the page cache: measure decoding, not the disk
-    raw_runs = [raw_pass(group, reader.dtype, loader, seed=r) for r in range(repeats)]
-    decoded = raw_runs[0][1]
-    raw = [(seconds, samples) for seconds, _ in raw_runs]
-    loaded = [loader_pass(loader, epoch=r) for r in range(repeats)]
+    _, decoded = raw_pass(group, reader.dtype, loader, seed=0)  # warm the page cache: time decoding, not disk
     # A shuffled epoch's first batches: representative lengths, so representative padding and compute.
     batches = [b for _, b in zip(range(steps), loader_for(reader, train, seed=1).epoch(0), strict=False)]
     stepper = Stepper(reader, train, device)
     consumption_pass(stepper, batches[:2])  # warm-up: allocator, autograd graph, AdamW state
-    consumed = [consumption_pass(stepper, batches) for _ in range(repeats)]
-    fed = [train_from_loader_pass(stepper, loader, epoch=r) for r in range(repeats)]
+    runs: dict[str, list[tuple[float, float, int]]] = {key: [] for key in ("raw", "loader", "need", "fed")}
+    for r in range(repeats):
+        runs["raw"].append(_timed(lambda r=r: (raw_pass(group, reader.dtype, loader, seed=r)[0], samples)))
+        runs["loader"].append(_timed(lambda r=r: loader_pass(loader, epoch=r)))
+        runs["need"].append(_timed(lambda: consumption_pass(stepper, batches)))
+        runs["fed"].append(_timed(lambda r=r: train_from_loader_pass(stepper, loader, epoch=r)))
 
-    def stage(name: str, runs: list[tuple[float, int]], moved: int | None) -> dict[str, Any]:
-        seconds = statistics.median(s for s, _ in runs)
-        count = runs[0][1]
+    def stage(name: str, passes: list[tuple[float, float, int]], moved: int | None) -> dict[str, Any]:
+        seconds = statistics.median(w for w, _, _ in passes)
+        cpu_seconds = statistics.median(c for _, c, _ in passes)
+        count = passes[0][2]
         return {
             "stage": name,
             "samples": count,
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "samples_per_s": count / seconds,
+            "samples_per_cpu_s": count / cpu_seconds if cpu_seconds > 0 else None,
             "mb_per_s": moved / MB / seconds if moved is not None else None,
-            "runs_s": [s for s, _ in runs],
+            "runs_s": [w for w, _, _ in passes],
         }
 
     # Consumption moves no cache bytes; its MB/s is what it would need at the cache's bytes per example.
-    per_sample = decoded / samples
-    consumed_bytes = int(per_sample * consumed[0][1])
+    consumed_bytes = int(decoded / samples * runs["need"][0][2])
     rows = [
-        stage("raw read+decode", raw, decoded),
-        stage("loader (CacheBatches)", loaded, decoded),
-        stage("UniPT step consumption", consumed, consumed_bytes),
-        stage("UniPT training from loader", fed, decoded),
+        stage("raw read+decode", runs["raw"], decoded),
+        stage("loader (CacheBatches)", runs["loader"], decoded),
+        stage("UniPT step consumption", runs["need"], consumed_bytes),
+        stage("UniPT training from loader", runs["fed"], decoded),
     ]
-    raw_rate, need = rows[0]["samples_per_s"], rows[2]["samples_per_s"]
+    raw_rate, need, need_cpu = (
+        rows[0]["samples_per_s"],
+        rows[2]["samples_per_s"],
+        rows[2]["samples_per_cpu_s"],
+    )
     for row in rows:
         row["vs_raw"] = row["samples_per_s"] / raw_rate
         row["vs_consumption"] = row["samples_per_s"] / need
+        cpu_rate = row["samples_per_cpu_s"]
+        row["vs_consumption_cpu"] = cpu_rate / need_cpu if cpu_rate and need_cpu else None
     return {
         "train_examples": samples,
         "decoded_bytes": decoded,
@@ -186,6 +219,7 @@ def measure(
         "rows": rows,
         "loader_over_raw": rows[1]["vs_raw"],
         "loader_over_consumption": rows[1]["vs_consumption"],
+        "loader_over_consumption_cpu": rows[1]["vs_consumption_cpu"],
         "training_from_loader_over_consumption": rows[3]["vs_consumption"],
     }
 
@@ -223,7 +257,7 @@ def main() -> int:
         f"{result['blocks']} blocks, batch {result['batch_size']}, {args.dtype} cache, device {device}"
     )
     print_table(
-        ("stage", "samples/s", "MB/s", "vs raw", "vs consumption", "median s"),
+        ("stage", "samples/s", "MB/s", "vs raw", "vs consumption", "samples/CPU-s", "vs cons. (CPU)"),
         [
             (
                 r["stage"],
@@ -231,14 +265,16 @@ def main() -> int:
                 f"{r['mb_per_s']:,.0f}",
                 f"{r['vs_raw']:.2f}",
                 f"{r['vs_consumption']:.2f}",
-                f"{r['seconds']:.2f}",
+                f"{r['samples_per_cpu_s']:,.0f}",
+                f"{r['vs_consumption_cpu']:.2f}",
             )
             for r in result["rows"]
         ],
     )
     print(
         f"loader/raw {result['loader_over_raw']:.2f}, loader/consumption "
-        f"{result['loader_over_consumption']:.2f} (> 1: the loader is not the bottleneck), "
+        f"{result['loader_over_consumption']:.2f} (> 1: the loader is not the bottleneck; per CPU second "
+        f"{result['loader_over_consumption_cpu']:.2f}), "
         f"training from loader/consumption {result['training_from_loader_over_consumption']:.2f}"
     )
     report = {
