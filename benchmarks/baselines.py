@@ -175,6 +175,8 @@ def _summarise(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         values = [run[key] for run in runs]
         numeric = all(isinstance(v, int | float) and not isinstance(v, bool) or v is None for v in values)
         row[key] = _median(values) if numeric else values[0]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and row[key] == int(row[key]):
+            row[key] = int(row[key])  # a median of two equal counts is still a count
     row["runs"] = runs
     return row
 
