@@ -26,7 +26,8 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/cache_size.py --limit 2000
 	$(BIN)/python benchmarks/loader_throughput.py --limit 3000 --repeats 3
-	$(BIN)/python benchmarks/accuracy.py --limit 1000 --epochs 3 --finetune-epochs 1
+	$(BIN)/python benchmarks/accuracy.py --datasets rotten_tomatoes --limit 1000 --epochs 3
+	$(BIN)/python benchmarks/accuracy.py --datasets bbc_news --limit 500 --epochs 2 --append
 	$(BIN)/python benchmarks/plot_tradeoff.py
 
 bench-full: setup

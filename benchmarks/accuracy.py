@@ -18,8 +18,8 @@ benchmarks/results/accuracy.json and .csv, rewritten after every method so a lon
 still leaves the rows it finished.
 
     python benchmarks/accuracy.py                          # every example, config epochs (hours on 2 cores)
-    python benchmarks/accuracy.py --limit 1000 --epochs 3 --finetune-epochs 1 --datasets rotten_tomatoes
-    python benchmarks/accuracy.py --limit 500 --epochs 2 --finetune-epochs 1 --datasets bbc_news --append
+    python benchmarks/accuracy.py --limit 1000 --epochs 3 --datasets rotten_tomatoes
+    python benchmarks/accuracy.py --limit 500 --epochs 2 --datasets bbc_news --append
                                                            # the README's table: each dataset its own limits
     python benchmarks/accuracy.py --limit 300 --epochs 1 --seeds 0 --datasets rotten_tomatoes  # a smoke run
 """
