@@ -28,12 +28,16 @@ bench: setup
 	$(BIN)/python benchmarks/loader_throughput.py --limit 3000 --repeats 3
 	$(BIN)/python benchmarks/accuracy.py --datasets rotten_tomatoes --limit 1000 --epochs 3
 	$(BIN)/python benchmarks/accuracy.py --datasets bbc_news --limit 500 --epochs 2 --append
+	$(BIN)/python benchmarks/baselines.py --limit 2000 --epochs 3
+	$(BIN)/python benchmarks/extract_overhead.py --limit 2000 --repeats 3
 	$(BIN)/python benchmarks/plot_tradeoff.py
 
 bench-full: setup
 	$(BIN)/python benchmarks/cache_size.py --limit 0
 	$(BIN)/python benchmarks/loader_throughput.py --limit 0 --repeats 5
 	$(BIN)/python benchmarks/accuracy.py
+	$(BIN)/python benchmarks/baselines.py
+	$(BIN)/python benchmarks/extract_overhead.py --limit 0 --repeats 3
 	$(BIN)/python benchmarks/plot_tradeoff.py
 
 clean:

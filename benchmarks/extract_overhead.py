@@ -5,7 +5,8 @@ On the same examples of the default experiment (configs/rt_minilm.yaml: Rotten T
 all-MiniLM-L6-v2, every hidden state, fp16):
 
 - **pure forward**: the backbone's ``encode`` in this process (tokenize, forward, hidden states to host
-  memory), nothing written; the median of ``--repeats`` passes after a warm-up.
+  memory) over the same shards the pipeline cuts, nothing written; the median of ``--repeats`` passes
+  after a warm-up.
 - **extraction**: ``unipt extract``'s own path (``pipeline.cli.do_extract``) into a fresh cache, on a
   local Ray instance started once; ``extract.workers`` = each of ``--workers``. Split into *startup*
   (actors start and load the backbone) and *extraction proper* (first shard to committed cache).
@@ -57,12 +58,16 @@ def pure_forward_seconds(prep, repeats: int) -> tuple[float, int]:
     compute = "float16" if prep.config.extract.dtype == "float16" else "float32"
     torch.set_num_threads(os.cpu_count() or 1)
     backbone.encode(inputs[:64], layers, settings.max_length, settings.batch_size, compute)  # warm-up
+    # The same units of work as the pipeline's: one encode per shard (batches sorted by length within it).
+    size = prep.config.extract.shard_size
+    shards = [inputs[start : start + size] for start in range(0, len(inputs), size)]
     times, tokens = [], 0
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        encoded = backbone.encode(inputs, layers, settings.max_length, settings.batch_size, compute)
+        t0, tokens = time.perf_counter(), 0
+        for shard in shards:
+            encoded = backbone.encode(shard, layers, settings.max_length, settings.batch_size, compute)
+            tokens += int(encoded.layers[layers[0]].shape[0])
         times.append(time.perf_counter() - t0)
-        tokens = int(encoded.layers[layers[0]].shape[0])
     return statistics.median(times), tokens
 
 
@@ -71,7 +76,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="configs/rt_minilm.yaml")
-    parser.add_argument("--limit", type=int, default=2000, help="a seeded sample of this many examples")
+    parser.add_argument(
+        "--limit", type=int, default=2000, help="a seeded sample of this many examples (0 = every example)"
+    )
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -81,7 +88,7 @@ def main() -> None:
     import ray
 
     scratch = Path(tempfile.mkdtemp(prefix="unipt-extract-bench-"))
-    base = [f"dataset.limit={args.limit}", *args.set]
+    base = [*([f"dataset.limit={args.limit}"] if args.limit else []), *args.set]
     prep = prepare(load_config(args.config, [*base, f"storage.cache_root={scratch / 'unused'}"]))
     forward_s, tokens = pure_forward_seconds(prep, args.repeats)
     print(f"pure forward: {forward_s:.2f}s for {len(prep.dataset)} examples, {tokens} tokens", flush=True)
