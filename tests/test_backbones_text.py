@@ -90,3 +90,51 @@ def test_t5_encoder_hidden_states(tiny_t5_dir):
 def test_t5_identity_hashes_its_tokenizer(tiny_t5_dir):
     ident = backbone_identity(BackboneConfig(name_or_path=str(tiny_t5_dir)))
     assert ident.tokenizer_sha256 != "none" and len(ident.weights_sha256) == 64
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random RoBERTa with a byte-level BPE tokenizer trained offline on the test words."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-roberta")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        [" ".join(FILLER + POSITIVE + NEGATIVE)] * 4,
+        vocab_size=300,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
+    bpe.save_model(str(path))
+    RobertaTokenizerFast(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=bpe.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=1,
+    )
+    RobertaModel(config).eval().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_roberta_hidden_states_match_the_model_one_text_at_a_time(tiny_roberta_dir):
+    from transformers import AutoTokenizer, RobertaModel
+
+    backbone = load_backbone(BackboneLoadSpec(str(tiny_roberta_dir), device="cpu"))
+    assert isinstance(backbone, HFTextBackbone) and backbone.describe()["model_type"] == "roberta"
+    encoded = backbone.encode(TEXTS, [0, 2], max_length=16, batch_size=3, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_roberta_dir)
+    model = RobertaModel.from_pretrained(tiny_roberta_dir, use_safetensors=True).eval()
+    offsets = np.cumsum([0] + encoded.lengths)
+    for i, text in enumerate(TEXTS):
+        ids = tokenizer(text, truncation=True, max_length=16, return_tensors="pt")
+        assert ids["input_ids"].shape[1] == encoded.lengths[i]
+        with torch.no_grad():
+            states = model(**ids, output_hidden_states=True).hidden_states
+        for layer in (0, 2):
+            got = encoded.layers[layer][offsets[i] : offsets[i + 1]]
+            np.testing.assert_allclose(got, states[layer][0].numpy(), rtol=1e-4, atol=1e-5)
