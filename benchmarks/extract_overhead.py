@@ -23,9 +23,7 @@ workers alike).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -37,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402  (before Ray: see extract/runner.py)
 
+from benchmarks.common import machine, print_table, write_report  # noqa: E402
 from pipeline.cli import do_extract, prepare  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
@@ -147,14 +146,11 @@ def main() -> None:
         )
         for r in rows
     ]
-    widths = [max(len(x) for x in col) for col in zip(columns, *table, strict=True)]
-    for line in (columns, tuple("-" * w for w in widths), *table):
-        print("  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True)))
+    print_table(columns, table)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     report = {
         "benchmark": "extract_overhead",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device},
+        "machine": {**machine(), "device": device},
         "config": args.config,
         "overrides": base,
         "examples": len(prep.dataset),
@@ -163,10 +159,7 @@ def main() -> None:
         "repeats": args.repeats,
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten to {out}")
+    write_report(Path(args.out), report, ["workers", "wall_s", "startup_s", "proper_s", "worker_forward_s"])
 
 
 if __name__ == "__main__":

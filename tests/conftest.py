@@ -24,17 +24,15 @@ NEGATIVE = ["awful", "boring", "dull", "terrible", "weak", "clumsy", "tedious"]
 FILLER = ["the", "film", "movie", "plot", "actors", "story", "was", "is", "a", "and", "very", "quite"]
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, width-32 BERT with random weights and the real MiniLM tokenizer files."""
+def save_tiny_bert(path: Path, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A 2-layer BERT of this width with random weights and the real MiniLM tokenizer files, saved to path."""
     import torch
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=30522,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
@@ -45,6 +43,12 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(source / name, path / name)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, width-32 BERT with random weights and the real MiniLM tokenizer files."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.bundled import bundled_model_path
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cli import do_extract, prepare
 from pipeline.config import TrainConfig, load_config
 from pipeline.errors import UniptError
-from tests.conftest import KEY, build_cache, write_config
+from tests.conftest import KEY, build_cache, save_tiny_bert, write_config
 from train.metrics import match_ranks, retrieval_metrics
 from train.retrieval import evaluate_retrieval, paired_batches, retrieval_metrics_chunked, train_retrieval
 
@@ -45,23 +43,7 @@ def test_caches_of_different_examples_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def second_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another random BERT, of another width, so the two sides share nothing but the text."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("tiny-bert-48")
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).eval().save_pretrained(path, safe_serialization=True)
-    source = bundled_model_path("bundled:all-minilm-l6-v2")
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(source / name, path / name)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-48"), hidden_size=48, seed=1)
 
 
 def test_retrieval_across_two_backbones_learns_to_match_examples(
