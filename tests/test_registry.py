@@ -101,8 +101,10 @@ def test_runs_ls_show_diff_after_real_runs(tiny_config, tmp_path, capsys, ray_se
     assert code == 0 and out == ""
 
     assert _cli(capsys, "run", str(tiny_config), *FAST)[0] == 0
+    (first,) = (p.name for p in (tmp_path / "runs").iterdir())
     assert _cli(capsys, "train", str(tiny_config), *FAST, "--set", "train.lr=0.003")[0] == 0
-    first, second = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    # Run ids start with the second they were made in, so two quick runs need not sort in run order.
+    (second,) = (p.name for p in (tmp_path / "runs").iterdir() if p.name != first)
 
     code, out, _ = _cli(capsys, "runs", "ls", "--registry", registry)
     lines = out.splitlines()
