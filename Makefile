@@ -26,8 +26,14 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/cache_size.py --limit 2000
 	$(BIN)/python benchmarks/loader_throughput.py --limit 3000 --repeats 3
-	$(BIN)/python benchmarks/accuracy.py --datasets rotten_tomatoes --limit 1000 --epochs 3
-	$(BIN)/python benchmarks/accuracy.py --datasets bbc_news --limit 500 --epochs 2 --append
+	$(BIN)/python benchmarks/accuracy.py --datasets rotten_tomatoes --limit 1000 --epochs 3 \
+		--methods linear-probe unipt-fp16 unipt-int8
+	$(BIN)/python benchmarks/accuracy.py --datasets bbc_news --limit 500 --epochs 2 \
+		--methods linear-probe unipt-fp16 unipt-int8 --append
+	$(BIN)/python benchmarks/accuracy.py --datasets rotten_tomatoes --limit 1000 --epochs 3 --finetune-epochs 10 \
+		--methods full-finetune --append
+	$(BIN)/python benchmarks/accuracy.py --datasets bbc_news --limit 500 --epochs 2 --finetune-epochs 10 \
+		--methods full-finetune --append
 	$(BIN)/python benchmarks/baselines.py --limit 2000 --epochs 3
 	$(BIN)/python benchmarks/extract_overhead.py --limit 2000 --repeats 3
 	$(BIN)/python benchmarks/plot_tradeoff.py
