@@ -290,6 +290,12 @@ def _record(
         "metrics": trained["metrics"],
         "history": trained["history"],
         "layer_weights": trained["layer_weights"],
+        # Task retrieval: the gallery side's UniPT weights beside the query side's.
+        **(
+            {"gallery_layer_weights": trained["gallery_layer_weights"]}
+            if "gallery_layer_weights" in trained
+            else {}
+        ),
         "timings": timings,
         "versions": package_versions(),
         "project_commit": project_commit(),

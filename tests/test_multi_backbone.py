@@ -137,6 +137,7 @@ def test_image_text_retrieval_end_to_end(tmp_path, tiny_vit_dir, tiny_bert_dir, 
         rel_tol=1e-9,
     )
     assert len(record["layer_weights"]) == 2  # the image side's: embeddings and layer 1
+    assert len(record["gallery_layer_weights"]) == 2  # the text side's
     assert (record_file.parent / "curves.png").is_file()
 
     # Training again from the caches alone: the same numbers, no extraction.
