@@ -29,6 +29,27 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * weights).sum(dim=-2) / weights.sum(dim=-2).clamp_min(1.0)
 
 
+def interact_and_aggregate(
+    anchor: Tensor, others: Tensor, mask: Tensor, gate: nn.Module
+) -> tuple[Tensor, Tensor]:
+    """Steps 3 and 4, shared by the transformer and CNN variants.
+
+    ``anchor`` [B, N, d], ``others`` [B, L, N, d] (the non-anchor layers, on the anchor's N positions),
+    ``mask`` [B, N] (1 on real tokens). Returns ``S = sum_l w_l S_l`` [B, N, d] and ``w`` [B, L].
+    """
+    weights = torch.einsum("bnd,blmd->blnm", anchor, others)
+    weights = weights * mask[:, None, None, :]  # a padded token is never a key
+    weights = l1norm(torch.relu(weights), dim=-1)
+    weights = weights + torch.eye(weights.shape[-1], dtype=weights.dtype, device=weights.device)
+    interacted = torch.einsum("blnm,blmd->blnd", weights, others)  # S_l
+
+    pooled_anchor = masked_mean(anchor, mask)  # [B, d]
+    pooled_targets = masked_mean(others, mask[:, None, :])  # [B, L, d]
+    confidence = gate(pooled_anchor[:, None, :] * pooled_targets).squeeze(-1)  # [B, L]
+    layer_weights = torch.softmax(confidence, dim=1)
+    return torch.einsum("bl,blnd->bnd", layer_weights, interacted), layer_weights
+
+
 @dataclass
 class UniPTOutput:
     tokens: Tensor  # [B, N, embed_size]
@@ -60,18 +81,7 @@ class UniPT(nn.Module):
         anchor = targets[-1]  # [B, N, d]
         others = torch.stack(targets[:-1], dim=1)  # [B, L, N, d]
 
-        weights = torch.einsum("bnd,blmd->blnm", anchor, others)
-        weights = weights * mask[:, None, None, :]  # a padded token is never a key
-        weights = l1norm(torch.relu(weights), dim=-1)
-        weights = weights + torch.eye(weights.shape[-1], dtype=weights.dtype, device=weights.device)
-        interacted = torch.einsum("blnm,blmd->blnd", weights, others)  # S_l
-
-        pooled_anchor = masked_mean(anchor, mask)  # [B, d]
-        pooled_targets = masked_mean(others, mask[:, None, :])  # [B, L, d]
-        confidence = self.gate(pooled_anchor[:, None, :] * pooled_targets).squeeze(-1)  # [B, L]
-        layer_weights = torch.softmax(confidence, dim=1)
-        aggregated = torch.einsum("bl,blnd->bnd", layer_weights, interacted)
-
+        aggregated, layer_weights = interact_and_aggregate(anchor, others, mask, self.gate)
         out = anchor + self.projection(aggregated)
         return UniPTOutput(tokens=self.up(torch.relu(out)), layer_weights=layer_weights)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.unipt import UniPTOutput, l1norm
+from train.unipt import UniPTOutput, interact_and_aggregate, l1norm
 
 
 def stride_ratios(grids: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -105,14 +105,9 @@ class UniPTCNN(nn.Module):
             dim=1,
         )  # [B, L, N, d]
 
-        weights = torch.einsum("bnd,blmd->blnm", anchor, others)
-        weights = l1norm(torch.relu(weights), dim=-1)
-        weights = weights + torch.eye(weights.shape[-1], dtype=weights.dtype, device=weights.device)
-        interacted = torch.einsum("blnm,blmd->blnd", weights, others)
-
-        confidence = self.gate(anchor.mean(1)[:, None, :] * others.mean(2)).squeeze(-1)  # [B, L]
-        layer_weights = torch.softmax(confidence, dim=1)
-        aggregated = torch.einsum("bl,blnd->bnd", layer_weights, interacted)
+        # Every position of a feature map is real: the interaction runs with an all-ones mask.
+        everywhere = anchor.new_ones(anchor.shape[:2])
+        aggregated, layer_weights = interact_and_aggregate(anchor, others, everywhere, self.gate)
 
         h, w = self.grids[-1]
         rolled = aggregated.transpose(1, 2).reshape(-1, aggregated.shape[-1], h, w)
