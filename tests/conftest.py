@@ -234,3 +234,16 @@ def write_image_text_csv(folder: Path, n: int = 48, seed: int = 0) -> Path:
         caption = f"a {'small' if size == 6 else 'large'} {color} square in the {corner}"
         rows.append({"id": f"p{i:03d}", "image": name, "caption": caption, "label": color})
     return write_csv(folder / "pairs.csv", rows)
+
+
+def random_padded_batch(lengths: list[int], widths: list[int], seed: int = 0):
+    """Random hidden states [B, N, D_l] per width, zero on padding, and the [B, N] mask of real tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    hidden = [torch.randn(len(lengths), longest, w, generator=g) for w in widths]
+    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    for h in hidden:
+        h[~mask] = 0.0
+    return hidden, mask

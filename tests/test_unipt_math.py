@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tests.conftest import random_padded_batch
 from train.unipt import UniPT, UniPTClassifier
 
 
@@ -29,22 +30,12 @@ def reference_unipt(
     return model.up(torch.relu(out)), weights
 
 
-def _random_batch(lengths: list[int], widths: list[int], seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    longest = max(lengths)
-    hidden = [torch.randn(len(lengths), longest, w, generator=g) for w in widths]
-    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
-    for h in hidden:
-        h[~mask] = 0.0
-    return hidden, mask
-
-
 def test_batched_unipt_matches_reference_per_example():
     torch.manual_seed(0)
     widths = [12, 12, 16, 12]  # a wider layer checks per-layer downsampling
     model = UniPT(widths, embed_size=8, downsample_factor=2).eval()
     lengths = [5, 2, 7]
-    hidden, mask = _random_batch(lengths, widths)
+    hidden, mask = random_padded_batch(lengths, widths)
     with torch.no_grad():
         out = model(hidden, mask)
         for i, n in enumerate(lengths):
@@ -60,7 +51,7 @@ def test_padded_tokens_never_change_real_outputs():
     torch.manual_seed(1)
     widths = [10, 10, 10]
     model = UniPTClassifier(widths, num_classes=3, embed_size=10, downsample_factor=2, dropout=0.0).eval()
-    hidden, mask = _random_batch([4, 6], widths, seed=3)
+    hidden, mask = random_padded_batch([4, 6], widths, seed=3)
     longer = [torch.cat([h, 50 * torch.randn(2, 5, h.shape[-1])], dim=1) for h in hidden]  # garbage padding
     longer_mask = torch.cat([mask, torch.zeros(2, 5, dtype=torch.bool)], dim=1)
     with torch.no_grad():
@@ -77,7 +68,7 @@ def test_padded_tokens_never_change_real_outputs():
 def test_gradients_reach_every_parameter():
     widths = [6, 6, 6]
     model = UniPTClassifier(widths, num_classes=2, embed_size=6, downsample_factor=2, dropout=0.0)
-    hidden, mask = _random_batch([3, 5], widths)
+    hidden, mask = random_padded_batch([3, 5], widths)
     logits, _ = model(hidden, mask)
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

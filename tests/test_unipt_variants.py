@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import random_padded_batch
 from train.unipt_clip4clip import UniPTClip4Clip, UniPTClip4ClipClassifier
 from train.unipt_cnn import UniPTCNN, UniPTCNNClassifier
 
@@ -188,22 +189,12 @@ def reference_clip4clip(
     return raw + model.up[1](torch.relu(s)), weights
 
 
-def _random_batch(lengths: list[int], widths: list[int], seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    longest = max(lengths)
-    hidden = [torch.randn(len(lengths), longest, w, generator=g) for w in widths]
-    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
-    for h in hidden:
-        h[~mask] = 0.0
-    return hidden, mask
-
-
 def test_clip4clip_variant_matches_reference_per_example():
     torch.manual_seed(0)
     widths = [12, 10, 16, 8]  # the output has the anchor's (last) width
     model = UniPTClip4Clip(widths, downsample_factor=2).eval()
     lengths = [5, 2, 7]
-    hidden, mask = _random_batch(lengths, widths)
+    hidden, mask = random_padded_batch(lengths, widths)
     with torch.no_grad():
         out = model(hidden, mask)
         chosen = model(hidden, mask, position=torch.tensor([4, 1, 3]))
@@ -224,7 +215,7 @@ def test_clip4clip_padded_tokens_never_change_real_outputs():
     widths = [10, 6, 10]
     model = UniPTClip4ClipClassifier(widths, num_classes=3, downsample_factor=2, dropout=0.0).eval()
     lengths = [4, 6]
-    hidden, mask = _random_batch(lengths, widths, seed=3)
+    hidden, mask = random_padded_batch(lengths, widths, seed=3)
     g = torch.Generator().manual_seed(4)
     longer = [torch.cat([h, 50 * torch.randn(2, 5, h.shape[-1], generator=g)], dim=1) for h in hidden]
     longer_mask = torch.cat([mask, torch.zeros(2, 5, dtype=torch.bool)], dim=1)
@@ -245,7 +236,7 @@ def test_clip4clip_padded_tokens_never_change_real_outputs():
 def test_clip4clip_gradients_reach_every_parameter_and_head_reads_the_first_token():
     widths = [6, 6, 6]
     model = UniPTClip4ClipClassifier(widths, num_classes=2, downsample_factor=2, dropout=0.0)
-    hidden, mask = _random_batch([3, 5], widths)
+    hidden, mask = random_padded_batch([3, 5], widths)
     logits, _ = model(hidden, mask)
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
