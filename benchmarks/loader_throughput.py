@@ -68,16 +68,7 @@ COLUMNS = (
 
 def loader_for(reader: ActivationCache, train: TrainConfig, seed: int = 0) -> CacheBatches:
     """The train split's batches exactly as :func:`train.loop.train_classifier` builds them."""
-    return CacheBatches(
-        reader,
-        "train",
-        reader.layers,
-        train.batch_size,
-        shuffle=True,
-        seed=seed,
-        block_examples=train.block_examples,
-        shuffle_buffer_blocks=train.shuffle_buffer_blocks,
-    )
+    return CacheBatches.for_split(reader, "train", train, seed, shuffle=True)
 
 
 def raw_pass(group: zarr.Group, dtype: str, loader: CacheBatches, seed: int) -> tuple[float, int]:

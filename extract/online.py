@@ -153,16 +153,8 @@ class OnlineData:
         inputs: Callable[[dict, Tensor], list[Tensor]],
     ) -> OnlineBatches:
         """One split in the batches ``train_classifier`` would read from a cache (``inputs`` fills them)."""
-        plan = CacheBatches(
-            self.index,
-            split,
-            self.layers[:1],  # zero-width reads: only the planned indices and token counts are used
-            config.batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            block_examples=config.block_examples,
-            shuffle_buffer_blocks=config.shuffle_buffer_blocks,
-        )
+        # zero-width reads: only the planned indices and token counts are used
+        plan = CacheBatches.for_split(self.index, split, config, seed, shuffle, layers=self.layers[:1])
         return OnlineBatches(plan, self, inputs)
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import ActivationCache
+from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 
 
@@ -71,7 +72,32 @@ class CacheBatches:
             )
         self.offsets = {layer: reader.offsets_for(layer) for layer in self.layers}
         distinct = list({id(o): o for o in self.offsets.values()}.values())  # token layers share one
-        self.blocks = _contiguous_blocks(self.indices, distinct, block_examples)
+        self.blocks = plan_blocks(self.indices, distinct, block_examples)
+
+    @classmethod
+    def for_split(
+        cls,
+        reader: ActivationCache,
+        split: str,
+        config: TrainConfig,
+        seed: int,
+        shuffle: bool,
+        layers: list[int] | None = None,
+    ) -> CacheBatches:
+        """One split's batches as training reads them: batch size, block plan and shuffle from ``config``.
+
+        ``layers`` defaults to every layer of the cache.
+        """
+        return cls(
+            reader,
+            split,
+            reader.layers if layers is None else layers,
+            config.batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            block_examples=config.block_examples,
+            shuffle_buffer_blocks=config.shuffle_buffer_blocks,
+        )
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
@@ -135,11 +161,14 @@ class CacheBatches:
         return Batch(hidden=hidden, mask=mask, labels=torch.from_numpy(self.labels[indices]), indices=indices)
 
 
-def _contiguous_blocks(
-    indices: np.ndarray, offsets: list[np.ndarray], block_examples: int
-) -> list[np.ndarray]:
+def plan_blocks(indices: np.ndarray, offsets: list[np.ndarray], block_examples: int) -> list[np.ndarray]:
     """Cut sorted example indices into runs whose rows are back to back in every one of ``offsets``
-    (one array per layer), at most block_examples long."""
+    (one ``[n_examples, 2]`` start/stop array per layer, of one cache or several), at most
+    ``block_examples`` long.
+
+    The seeded shuffles depend only on the block sizes, so anything that must see examples in the
+    same order as a :class:`CacheBatches` (a paired cache, an online baseline) uses this plan.
+    """
     if len(indices) == 0:
         return []
     apart = np.diff(indices) != 1

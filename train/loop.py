@@ -54,20 +54,10 @@ def train_classifier(
     _check_labels(reader, config.task)
     torch.manual_seed(seed)
     device = pick_device(config.device)
-    layers = reader.layers
     model = build_model(config.variant, reader, config).to(device)
 
     def batches(split: str, shuffle: bool) -> CacheBatches:
-        return CacheBatches(
-            reader,
-            split,
-            layers,
-            config.batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            block_examples=config.block_examples,
-            shuffle_buffer_blocks=config.shuffle_buffer_blocks,
-        )
+        return CacheBatches.for_split(reader, split, config, seed, shuffle)
 
     train_data, val_data, test_data = batches("train", True), batches("val", False), batches("test", False)
     labels = reader.labels()[train_data.indices]

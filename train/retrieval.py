@@ -23,7 +23,7 @@ from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from train.fit import Task, fit, pick_device
-from train.loader import Batch, CacheBatches
+from train.loader import Batch, CacheBatches, plan_blocks
 from train.loop import TrainResult, summary_metrics
 from train.metrics import match_ranks, retrieval_metrics_from_ranks
 from train.unipt import UniPT, masked_mean
@@ -91,7 +91,7 @@ class PairedBatches:
         # seeded shuffles, which depend only on block sizes, put the same example in the same place.
         offsets = [query.reader.offsets_for(layer) for layer in query.layers]
         offsets += [gallery.reader.offsets_for(layer) for layer in gallery.layers]
-        blocks = _aligned_blocks(query.indices, offsets, block_examples)
+        blocks = plan_blocks(query.indices, offsets, block_examples)
         query.blocks, gallery.blocks = blocks, list(blocks)
         self.query, self.gallery = query, gallery
 
@@ -105,18 +105,6 @@ class PairedBatches:
             ):  # cannot happen with one block plan; never train on it
                 raise UniptError("query and gallery batches went out of step; this is a bug in unipt")
             yield q, g
-
-
-def _aligned_blocks(indices: np.ndarray, offsets: list[np.ndarray], block_examples: int) -> list[np.ndarray]:
-    if len(indices) == 0:
-        return []
-    apart = np.diff(indices) != 1
-    for layer_offsets in offsets:
-        apart |= layer_offsets[indices, 0][1:] != layer_offsets[indices, 1][:-1]
-    blocks = []
-    for run in np.split(indices, np.flatnonzero(apart) + 1):
-        blocks += [run[i : i + block_examples] for i in range(0, len(run), block_examples)]
-    return blocks
 
 
 def check_aligned(query: ActivationCache, gallery: ActivationCache) -> None:
@@ -143,16 +131,7 @@ def paired_batches(
     shuffle: bool,
 ) -> PairedBatches:
     def side(reader: ActivationCache) -> CacheBatches:
-        return CacheBatches(
-            reader,
-            split,
-            reader.layers,
-            config.batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            block_examples=config.block_examples,
-            shuffle_buffer_blocks=config.shuffle_buffer_blocks,
-        )
+        return CacheBatches.for_split(reader, split, config, seed, shuffle)
 
     return PairedBatches(side(query), side(gallery), config.block_examples)
 
