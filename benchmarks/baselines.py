@@ -72,7 +72,7 @@ def run_method(method: str, config: ExperimentConfig, cache: str, progress: bool
 
     seed, train = config.seed, config.train
     if method in ("linear-probe", "unipt-cache"):
-        from pipeline.cache import open_cache
+        from pipeline.cache_open import open_cache
 
         started = time.perf_counter()
         reader = open_cache(cache)
@@ -279,7 +279,7 @@ def main() -> int:
 
 
 def drive(args: argparse.Namespace) -> int:
-    from pipeline.cache import open_cache
+    from pipeline.cache_open import open_cache
     from pipeline.cli import do_extract, prepare
 
     if args.repeats < 1:

@@ -14,7 +14,9 @@ Layout of ``<cache_root>/<key>/`` (the root is a local directory or an fsspec UR
     offsets_NN/          (feature-map layers only) the same for layer NN, whose H*W rows per example
                          differ from other layers'
     examples.parquet     per-example metadata: example_id, label, split, length
-    checksums.json       sha256 of every data file, recorded as it was written (`unipt cache verify`)
+    checksums.json       the manifest: sha256 of every file (chunks, every zarr.json, examples.parquet)
+                         and each chunk file's crc32c trailer, recorded as written, sealed by its own
+                         digest (`unipt cache verify`; format-3 reads check against it too)
 
 Row layout, dtypes and codecs: see :mod:`pipeline.cache_layout` and :mod:`pipeline.encoding`.
 
@@ -24,6 +26,11 @@ from them) and renamed to ``<cache_root>/<key>`` in one step. Object stores have
 there the store is built in place and ``complete: true`` in ``zarr.json``, written last, is the
 commit. Either way readers refuse a store that is incomplete, from another format version, or
 built for another dataset or backbone, and :class:`CacheRoot` lists only complete stores.
+
+Every read of a format-3 store is checked (see :class:`CacheReader`): a damaged, missing or
+displaced chunk, or metadata that contradicts the attributes, stops the read with one line naming
+the array, chunk and rows and pointing at ``unipt cache verify``. :func:`pipeline.cache_open.open_cache`
+opens a path that may also be an HDF5 export.
 """
 
 from __future__ import annotations
@@ -31,25 +38,37 @@ from __future__ import annotations
 import io
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
-from pipeline import FORMAT_VERSION
+from pipeline import READABLE_FORMAT_VERSIONS
 from pipeline.cache_layout import (
     EXAMPLES_FILE,
     METADATA_FILE,
+    ArraySpec,
     LayerSpec,
     StoreLayout,
     layer_array_name,
     scale_array_name,
 )
-from pipeline.checksums import CHECKSUMS_FILE
-from pipeline.encoding import decode_rows, has_scale
+from pipeline.checksums import (
+    CHECKSUMS_FILE,
+    CheckedStore,
+    ChunkDamaged,
+    Problem,
+    ReadChecks,
+    describe_file,
+    digest,
+    seal_problem,
+)
+from pipeline.encoding import compressors, decode_rows, has_scale, offsets_compressors
 from pipeline.errors import UniptError
 from pipeline.locks import ReadLease
 from pipeline.storage import Location
@@ -111,11 +130,20 @@ def is_key(name: str) -> bool:
 
 def read_attrs(location: Location) -> dict[str, Any] | None:
     """The group attributes of the store at ``location``, or None if there is no readable store."""
+    root = _read_root(location)
+    return root[1] if root else None
+
+
+def _read_root(location: Location) -> tuple[bytes, dict[str, Any]] | None:
+    """The root ``zarr.json`` as bytes (for its checksum) and its attributes, or None."""
     try:
-        meta = json.loads(location.child(METADATA_FILE).read_text())
+        raw = location.child(METADATA_FILE).read_bytes()
+        meta = json.loads(raw)
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return meta.get("attributes", {}) if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("attributes", {}), dict):
+        return None
+    return raw, meta.get("attributes", {})
 
 
 def is_complete(location: Location) -> bool:
@@ -136,11 +164,12 @@ class ActivationCache:
                 f"cache {self.source} is incomplete (extraction did not finish); rerun `unipt extract`"
             )
         version = self.attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise UniptError(
-                f"cache {self.source} has format version {version}, this unipt reads {FORMAT_VERSION}; "
-                "re-extract it"
+                f"cache {self.source} has format version {version}, this unipt reads versions "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; re-extract it"
             )
+        self.format_version: int = int(version)
         stored = self.attrs.get("key_fields", {})
         for field, wanted in (expect or {}).items():
             have = stored.get(field)
@@ -149,19 +178,63 @@ class ActivationCache:
                     f"cache {self.source} was built for another {field.replace('_', ' ')} "
                     f"({_short(have)} != {_short(wanted)}); re-extract for this config"
                 )
-        self.layout = StoreLayout.from_json(self.attrs["layout"])
+        try:
+            self.layout = StoreLayout.from_json(self.attrs["layout"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._damaged("zarr.json", f"its layout attribute is unreadable ({exc})") from exc
         self.dtype: str = self.layout.dtype
         self.layers: list[int] = [spec.index for spec in self.layout.layers]
         self.hidden_sizes: dict[int, int] = {spec.index: spec.width for spec in self.layout.layers}
-        self.label_names: list[str] = list(self.attrs["label_names"])
+        self.label_names: list[str] = list(self.attrs.get("label_names", []))
         self._offsets: dict[str, np.ndarray] = {}
+        self._expected_offsets: dict[str, np.ndarray] = {}
+
+    def _damaged(self, what: str, why: str) -> UniptError:
+        return UniptError(
+            f"cache {self.source}: {what} {why}; run `unipt cache verify {self.source}` and re-extract it"
+        )
+
+    def attribute_problems(self) -> list[str]:
+        """Where the root attributes contradict their own layout (or, once loaded, the examples table)."""
+        layout, attrs = self.layout, self.attrs
+        claims = {
+            "dtype": (attrs.get("dtype"), layout.dtype),
+            "layers": (attrs.get("layers"), [s.index for s in layout.layers]),
+            "hidden_sizes": (attrs.get("hidden_sizes"), {str(s.index): s.width for s in layout.layers}),
+            "grids": (attrs.get("grids", {}), {str(s.index): list(s.grid) for s in layout.layers if s.grid}),
+            "max_length": (attrs.get("max_length"), layout.max_length),
+            "num_examples": (attrs.get("num_examples"), layout.num_examples),
+        }
+        problems = [
+            f"attribute {name} is {_short(have)} but the layout says {_short(want)}"
+            for name, (have, want) in claims.items()
+            if have != want
+        ]
+        examples = self._loaded_examples()
+        if examples is not None:
+            if examples.num_rows != layout.num_examples:
+                problems.append(
+                    f"examples.parquet has {examples.num_rows} rows, the layout {layout.num_examples}"
+                )
+            elif "length" in examples.column_names:
+                total = int(pc.sum(examples.column("length")).as_py() or 0)
+                if total != attrs.get("total_tokens"):
+                    problems.append(
+                        f"examples.parquet lengths sum to {total}, attribute total_tokens is "
+                        f"{attrs.get('total_tokens')}"
+                    )
+        return problems
+
+    def _loaded_examples(self) -> pa.Table | None:
+        return self.examples
 
     # --- storage hooks ------------------------------------------------------------------------------------
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         raise NotImplementedError
 
-    def _read_all(self, name: str) -> np.ndarray:
-        raise NotImplementedError
+    def _locate_damage(self, name: str, start: int, stop: int, exc: Exception) -> str:
+        """What exactly failed in a read of rows ``start:stop`` of array ``name`` (for the error line)."""
+        return _reason(exc)
 
     def nbytes_on_disk(self) -> int:
         raise NotImplementedError
@@ -181,26 +254,52 @@ class ActivationCache:
             raise UniptError(f"layer {layer} is not in cache {self.source} (stored layers: {self.layers})")
         return self.layout.layer(layer)
 
+    def expected_offsets(self, name: str) -> np.ndarray | None:
+        """The offsets array ``name`` as the layout and examples.parquet's lengths determine it (None for an
+        examples table without lengths): what the stored one must equal, and where rows must exist."""
+        if name not in self._expected_offsets:
+            if "length" not in self.examples.column_names:
+                return None
+            spec = next(s for s in self.layout.layers if s.offsets_name == name)
+            lengths = self.examples.column("length").to_numpy()
+            self._expected_offsets[name] = self.layout.offsets(spec, lengths)
+        return self._expected_offsets[name]
+
     def offsets_for(self, layer: int) -> np.ndarray:
         name = self.layer_spec(layer).offsets_name
         if name not in self._offsets:
-            self._offsets[name] = self._read_all(name)
+            offsets = self.read_stored(name, 0, self.layout.num_examples)
+            expected = self.expected_offsets(name)
+            if expected is not None and not np.array_equal(offsets, expected):
+                if offsets.shape != expected.shape:
+                    why = f"has shape {list(offsets.shape)}, expected {list(expected.shape)}"
+                else:
+                    bad = int(np.flatnonzero((offsets != expected).any(axis=1))[0])
+                    why = f"example {bad}: rows {offsets[bad].tolist()}, expected {expected[bad].tolist()}"
+                raise self._damaged(name, f"does not match the lengths in {EXAMPLES_FILE} ({why})")
+            self._offsets[name] = offsets
         return self._offsets[name]
+
+    def read_stored(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a stored array as stored (no decoding); damage is one clear error."""
+        try:
+            return self._read(name, start, stop)
+        except UniptError:
+            raise
+        except (
+            Exception
+        ) as exc:  # a codec or checksum error here means damaged bytes, not a bug in the caller
+            raise UniptError(
+                f"cache {self.source}: {name} rows {start}-{stop} could not be read "
+                f"({self._locate_damage(name, start, stop, exc)}); "
+                f"run `unipt cache verify {self.source}` and re-extract if it is damaged"
+            ) from exc
 
     def read_rows(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a layer, decoded (float16 for fp16 caches, float32 otherwise)."""
         self.layer_spec(layer)
-        try:
-            stored = self._read(layer_array_name(layer), start, stop)
-            scale = self._read(scale_array_name(layer), start, stop) if has_scale(self.dtype) else None
-        except UniptError:
-            raise
-        except Exception as exc:  # a codec error here means damaged bytes, not a bug in the caller
-            raise UniptError(
-                f"cache {self.source}: {layer_array_name(layer)} rows {start}-{stop} could not be read "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                f"run `unipt cache verify {self.source}` and re-extract if it is damaged"
-            ) from exc
+        stored = self.read_stored(layer_array_name(layer), start, stop)
+        scale = self.read_stored(scale_array_name(layer), start, stop) if has_scale(self.dtype) else None
         return decode_rows(stored, self.dtype, scale)
 
     def read_example(self, index: int, layer: int) -> np.ndarray:
@@ -219,29 +318,88 @@ class ActivationCache:
 
 
 class CacheReader(ActivationCache):
-    """A committed Zarr cache, local or remote. Opens a layer's array only when that layer is read."""
+    """A committed Zarr cache, local or remote. Opens a layer's array only when that layer is read.
+
+    Every read is checked (format 3): each chunk's crc32c (Zarr's codec) and, through
+    :class:`~pipeline.checksums.CheckedStore`, that a chunk the layout says holds rows exists and is the
+    one written at its position. At open, the manifest's seal and the digests of the root ``zarr.json``
+    and ``examples.parquet`` are checked, and the root attributes against their layout; each array's
+    ``zarr.json`` is checked (digest, dtype, shape, chunking, codecs) when the array is first opened.
+    Version 2 caches get the metadata cross-checks only; ``unipt cache verify`` is their check.
+    ``strict=False`` skips all of it, for ``unipt cache verify`` to report on a damaged store.
+    """
 
     def __init__(
         self,
         target: str | Path | Location,
         expect: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
+        strict: bool = True,
     ) -> None:
         self.location = target if isinstance(target, Location) else Location(target, options)
         self.source = str(self.location)
+        self.strict = strict
         # Taken before anything is read: from here on `unipt cache gc` leaves this cache alone.
         self.lease = _read_lease(self.location)
-        attrs = read_attrs(self.location)
-        if attrs is None:
-            self.lease.release()
-            raise UniptError(
-                f"no activation cache at {self.source}; run `unipt extract` (or `unipt run`) first"
-            )
-        self.attrs = attrs
-        self._validate(expect)
-        self.group = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
         self._examples: pa.Table | None = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._manifest: dict[str, Any] | None = None  # set at open for strict format-3 reads
+        self.checks = ReadChecks()
+        try:
+            root = _read_root(self.location)
+            if root is None:
+                raise UniptError(
+                    f"no activation cache at {self.source}; run `unipt extract` (or `unipt run`) first"
+                )
+            self._root_bytes, self.attrs = root
+            self._validate(expect)
+            self._specs = self.layout.arrays()
+            if strict:
+                self._check_at_open()
+        except BaseException:
+            self.lease.release()
+            raise
+        store = CheckedStore(self.location.zarr_store(read_only=True), self.checks)
+        self.group = zarr.open_group(store=store, mode="r")
+
+    @property
+    def checked(self) -> bool:
+        """Whether reads check chunk checksums and presence (format 3 and strict)."""
+        return self.strict and self.format_version >= 3
+
+    def _check_at_open(self) -> None:
+        manifest = None
+        if self.format_version >= 3:
+            manifest = self.manifest()
+            if manifest is None:
+                raise self._damaged(CHECKSUMS_FILE, "is missing (format 3 reads check against it)")
+            problem = seal_problem(manifest)
+            if problem:
+                raise self._damaged(CHECKSUMS_FILE, f"cannot be trusted: {problem}")
+            self._check_digest(manifest, METADATA_FILE, self._root_bytes)
+            self.checks.trailers = {
+                key: {int(end): bytes.fromhex(crc) for end, crc in ends}
+                for key, ends in manifest["trailers"].items()
+            }
+        self._manifest = manifest
+        problems = self.attribute_problems()  # loads examples.parquet, checking its digest
+        if problems:
+            raise self._damaged(METADATA_FILE, f"contradicts itself: {problems[0]}")
+
+    def _check_digest(self, manifest: dict[str, Any], name: str, data: bytes) -> None:
+        wanted = manifest["files"].get(name)
+        if wanted is None:
+            raise self._damaged(name, f"is not in {CHECKSUMS_FILE}")
+        if digest(data) != wanted:
+            raise self._damaged(name, f"differs from its checksum in {CHECKSUMS_FILE} (edited or damaged)")
+
+    def manifest(self) -> dict[str, Any] | None:
+        """checksums.json as written (None when missing or unreadable)."""
+        try:
+            manifest = json.loads(self.location.child(CHECKSUMS_FILE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
 
     @property
     def examples(self) -> pa.Table:
@@ -249,6 +407,8 @@ class CacheReader(ActivationCache):
         if self._examples is None:
             try:
                 data = self.location.child(EXAMPLES_FILE).read_bytes()
+                if self.strict and self._manifest is not None:
+                    self._check_digest(self._manifest, EXAMPLES_FILE, data)
                 self._examples = pq.read_table(io.BytesIO(data))
             except (FileNotFoundError, pa.ArrowException) as exc:
                 raise UniptError(
@@ -257,29 +417,174 @@ class CacheReader(ActivationCache):
                 ) from exc
         return self._examples
 
+    def _loaded_examples(self) -> pa.Table | None:
+        if self.strict:
+            return self.examples
+        try:
+            return self.examples
+        except UniptError:
+            return None  # verify reports the table through its checksum
+
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
+            if self.strict:
+                self._check_array(name)
             self._arrays[name] = self.group[name]
         return self._arrays[name]
+
+    def _check_array(self, name: str) -> None:
+        """Before the first read of an array: its zarr.json against the manifest and the attributes, and
+        (format 3) which of its files must exist."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise UniptError(f"cache {self.source} has no array {name}")
+        meta_name = f"{name}/{METADATA_FILE}"
+        try:
+            raw = self.location.child(name, METADATA_FILE).read_bytes()
+        except FileNotFoundError as exc:
+            raise self._damaged(meta_name, "is missing") from exc
+        problems = array_problems(spec, raw, self.layout, self.format_version)
+        if problems:
+            raise self._damaged(meta_name, f"does not match the cache attributes: {problems[0]}")
+        if self._manifest is not None:
+            self._check_digest(self._manifest, meta_name, raw)
+        if self.checked:
+            files: set[int] = {0}  # an offsets array: its one chunk
+            if spec.layer is not None:
+                expected = self.expected_offsets(spec.layer.offsets_name)
+                files = set() if expected is None else self.layout.files_with_rows(spec, expected)
+            self.checks.files_with_rows[name] = files
+
+    def metadata_problems(self) -> list[Problem]:
+        """Everything wrong with the store's metadata, for ``unipt cache verify`` (never raises)."""
+        problems = []
+        manifest = self.manifest()
+        if manifest is None:
+            problems.append(Problem(CHECKSUMS_FILE, CHECKSUMS_FILE, "file is missing or unreadable"))
+        elif self.format_version >= 3 and (problem := seal_problem(manifest)):
+            problems.append(Problem(CHECKSUMS_FILE, CHECKSUMS_FILE, problem))
+        for problem in self.attribute_problems():
+            problems.append(Problem(METADATA_FILE, METADATA_FILE, f"contradicts itself: {problem}"))
+        for name, spec in self._specs.items():
+            meta_name = f"{name}/{METADATA_FILE}"
+            try:
+                raw = self.location.child(name, METADATA_FILE).read_bytes()
+            except FileNotFoundError:
+                problems.append(Problem(meta_name, meta_name, "file is missing"))
+                continue
+            for problem in array_problems(spec, raw, self.layout, self.format_version):
+                problems.append(
+                    Problem(meta_name, meta_name, f"does not match the cache attributes: {problem}")
+                )
+        return problems
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         return self._array(name)[start:stop]
 
-    def _read_all(self, name: str) -> np.ndarray:
-        return self._array(name)[:]
+    def _locate_damage(self, name: str, start: int, stop: int, exc: Exception) -> str:
+        # A checksum failure does not say which chunk; a read that failed is rare, so find it by
+        # reading the range again one file at a time.
+        rows_per_file = self._specs[name].rows_per_file if name in self._specs else None
+        describe = partial(describe_file, rows_per_file=lambda _: rows_per_file)
+        if isinstance(exc, ChunkDamaged):
+            return f"{describe(exc.key)}: {exc.reason}"
+        if rows_per_file and stop > start and name in self._arrays:
+            array = self._arrays[name]
+            for index in range(start // rows_per_file, (stop - 1) // rows_per_file + 1):
+                lo, hi = index * rows_per_file, min((index + 1) * rows_per_file, array.shape[0])
+                try:
+                    array[lo:hi]
+                except ChunkDamaged as damaged:
+                    return f"{describe(damaged.key)}: {damaged.reason}"
+                except Exception as failed:
+                    return f"{name} chunk {index} (rows {lo}-{hi - 1}): {_reason(failed)}"
+        return _reason(exc)
 
     def array(self, layer: int) -> zarr.Array:
         self.layer_spec(layer)
         return self._array(layer_array_name(layer))
 
-    def checksums(self) -> dict[str, str]:
-        try:
-            return json.loads(self.location.child(CHECKSUMS_FILE).read_text())["files"]
-        except FileNotFoundError as exc:
-            raise UniptError(f"cache {self.source} has no {CHECKSUMS_FILE}; it cannot be verified") from exc
+    def stored_array(self, name: str) -> zarr.Array:
+        """An array of the store by name, opened with the same checks as a layer read."""
+        return self._array(name)
+
+    def checksums(self, missing_ok: bool = False) -> dict[str, str]:
+        manifest = self.manifest()
+        if manifest is None:
+            if missing_ok:
+                return {}
+            raise UniptError(f"cache {self.source} has no readable {CHECKSUMS_FILE}; it cannot be verified")
+        return manifest["files"]
 
     def nbytes_on_disk(self) -> int:
         return self.location.size()
+
+
+def array_problems(spec: ArraySpec, raw: bytes, layout: StoreLayout, version: int) -> list[str]:
+    """Where an array's zarr.json contradicts what the cache attributes (its layout) say it must be."""
+    try:
+        meta = json.loads(raw)
+        have = _array_summary(meta)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        return [f"it is not readable array metadata ({type(exc).__name__})"]
+    want = _expected_summary(spec, layout)
+    fields = ["data_type", "shape", "file shape", "chunk shape"] + (["codecs"] if version >= 3 else [])
+    return [f"{field} {have[field]} != {want[field]}" for field in fields if have[field] != want[field]]
+
+
+def _array_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an array's zarr.json that the layout determines, in a comparable form."""
+    if meta.get("node_type") != "array":
+        raise TypeError("not an array")
+    codecs = meta["codecs"]
+    file_shape = list(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    chunk_shape = file_shape
+    if codecs and codecs[0]["name"] == "sharding_indexed":
+        chunk_shape = list(codecs[0]["configuration"]["chunk_shape"])
+        codecs = codecs[0]["configuration"]["codecs"]
+    return {
+        "data_type": meta["data_type"],
+        "shape": list(meta["shape"]),
+        "file shape": file_shape,
+        "chunk shape": chunk_shape,
+        "codecs": [_codec_summary(codec) for codec in codecs if codec["name"] not in ("bytes", "transpose")],
+    }
+
+
+def _expected_summary(spec: ArraySpec, layout: StoreLayout) -> dict[str, Any]:
+    chain = (
+        offsets_compressors()
+        if spec.layer is None
+        else compressors(
+            layout.codec,
+            layout.shuffle,
+            layout.compression_level,
+            spec.dtype.itemsize,
+            layout.blosc_blocksize,
+        )
+    )
+    return {
+        "data_type": spec.dtype.name,
+        "shape": list(spec.shape),
+        "file shape": list(spec.shards or spec.chunks),
+        "chunk shape": list(spec.chunks),
+        "codecs": [_codec_summary(codec.to_dict()) for codec in chain],
+    }
+
+
+def _codec_summary(codec: dict[str, Any]) -> str:
+    # The name and the settings the layout chooses; not every key a Zarr version may add.
+    config = codec.get("configuration") or {}
+    chosen = ("cname", "clevel", "shuffle", "blocksize", "level", "acceleration")
+    settings = ",".join(f"{key}={config[key]}" for key in chosen if key in config)
+    return f"{codec['name']}({settings})" if settings else codec["name"]
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, ValueError) and "checksum do not match" in text:
+        return "its crc32c checksum does not match its bytes"
+    return f"{type(exc).__name__}: {text}"
 
 
 def _read_lease(location: Location) -> ReadLease:
@@ -288,19 +593,6 @@ def _read_lease(location: Location) -> ReadLease:
     if location.is_local and is_key(location.name) and os.path.isdir(location.url):
         return ReadLease(CacheRoot(os.path.dirname(location.url)).lease_location(location.name))
     return ReadLease(None)
-
-
-def open_cache(
-    target: str | Path | Location,
-    expect: dict[str, Any] | None = None,
-    options: dict[str, Any] | None = None,
-) -> ActivationCache:
-    """A reader for a Zarr cache directory/URL or an exported HDF5 file (``.h5``/``.hdf5``)."""
-    if str(target).endswith((".h5", ".hdf5")):
-        from pipeline.hdf5 import HDF5CacheReader
-
-        return HDF5CacheReader(target, expect=expect)
-    return CacheReader(target, expect=expect, options=options)
 
 
 def _short(value: Any) -> str:

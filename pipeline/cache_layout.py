@@ -19,7 +19,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.encoding import CODECS, SHUFFLES, STORAGE_DTYPES
+import numpy as np
+
+from pipeline.encoding import CODECS, SHUFFLES, STORAGE_DTYPES, has_scale
 from pipeline.errors import UniptError
 
 OFFSETS = "offsets"
@@ -51,6 +53,26 @@ class LayerSpec:
     @property
     def offsets_name(self) -> str:
         return OFFSETS if self.grid is None else grid_offsets_name(self.index)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What one array of a store must look like: the writer creates it so, the reader checks it is so."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_rows: int  # rows per chunk (the unit a codec encodes)
+    rows_per_file: int  # rows per file: chunk_rows, or a whole shard file when Zarr sharding is on
+    layer: LayerSpec | None = None  # None for offsets arrays
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return (self.chunk_rows, *self.shape[1:])
+
+    @property
+    def shards(self) -> tuple[int, ...] | None:
+        return (self.rows_per_file, *self.shape[1:]) if self.rows_per_file != self.chunk_rows else None
 
 
 @dataclass(frozen=True)
@@ -129,6 +151,64 @@ class StoreLayout:
         last = self.shards()[-1]
         base, capacity = self.row_span(last, spec)
         return base + capacity
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        """Every array of a committed store, by name: layers (and int8 scales), then offsets."""
+        specs: dict[str, ArraySpec] = {}
+        for spec in self.layers:
+            rows = self.total_rows(spec)
+            specs[layer_array_name(spec.index)] = ArraySpec(
+                layer_array_name(spec.index),
+                (rows, spec.width),
+                STORAGE_DTYPES[self.dtype],
+                self.chunk_rows,
+                self.rows_per_file,
+                spec,
+            )
+            if has_scale(self.dtype):
+                specs[scale_array_name(spec.index)] = ArraySpec(
+                    scale_array_name(spec.index),
+                    (rows,),
+                    np.dtype(np.float32),
+                    self.chunk_rows,
+                    self.rows_per_file,
+                    spec,
+                )
+        for spec in self.layers:
+            if spec.offsets_name not in specs:  # one chunk: read whole, once per reader
+                shape = (self.num_examples, 2)
+                specs[spec.offsets_name] = ArraySpec(
+                    spec.offsets_name, shape, np.dtype(np.int64), self.num_examples, self.num_examples
+                )
+        return specs
+
+    def offsets(self, spec: LayerSpec, lengths: np.ndarray) -> np.ndarray:
+        """[num_examples, 2] row ranges of layer ``spec``: each shard's examples packed from the start
+        of its span. ``lengths`` are the token counts (ignored for feature maps: H*W each)."""
+        if spec.grid is not None:
+            lengths = np.full(self.num_examples, spec.grid[0] * spec.grid[1], dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        offsets = np.zeros((self.num_examples, 2), dtype=np.int64)
+        for shard in self.shards():
+            part = lengths[shard.example_start : shard.example_stop]
+            base, _ = self.row_span(shard, spec)
+            starts = base + np.concatenate([[0], np.cumsum(part)[:-1]])
+            offsets[shard.example_start : shard.example_stop, 0] = starts
+            offsets[shard.example_start : shard.example_stop, 1] = starts + part
+        return offsets
+
+    def files_with_rows(self, array: ArraySpec, offsets: np.ndarray) -> set[int]:
+        """Indices of the files of ``array`` that hold rows (and so were written): for a layer array,
+        every file a shard's used rows touch, given that layer's ``offsets``; for offsets, its one chunk.
+        Files in a shard's reserved but unused rows were never written and read as zeros, harmlessly."""
+        if array.layer is None:
+            return {0}
+        files: set[int] = set()
+        for shard in self.shards():
+            first, last = int(offsets[shard.example_start, 0]), int(offsets[shard.example_stop - 1, 1])
+            if last > first:
+                files.update(range(first // array.rows_per_file, (last - 1) // array.rows_per_file + 1))
+        return files
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

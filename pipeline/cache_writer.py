@@ -1,8 +1,10 @@
 """Building a cache: create the store, write shards (from any number of workers), commit it.
 
 Every shard write goes through :class:`~pipeline.checksums.ChecksumRecorder`, and the shard's
-marker file (written last, in one piece) carries its token lengths and the checksums of the
-files it wrote. A shard without a marker is simply redone on resume.
+marker file (written last, in one piece) carries its token lengths and the checksums (sha256 and
+crc32c trailers) of the files it wrote. A shard without a marker is simply redone on resume. The
+commit writes the offsets, ``examples.parquet``, the sealed manifest ``checksums.json`` (covering
+every chunk and every metadata file) and, last, the root ``zarr.json`` with ``complete: true``.
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ from pipeline import FORMAT_VERSION
 from pipeline.cache import CacheRoot, is_complete, read_attrs
 from pipeline.cache_layout import (
     EXAMPLES_FILE,
+    METADATA_FILE,
     SHARD_MARKERS,
+    ArraySpec,
     LayerSpec,
     ShardSpec,
     StoreLayout,
     layer_array_name,
     scale_array_name,
 )
-from pipeline.checksums import ALGORITHM, CHECKSUMS_FILE, ChecksumRecorder, digest, merge
-from pipeline.encoding import STORAGE_DTYPES, compressors, encode_rows, has_scale
+from pipeline.checksums import CHECKSUMS_FILE, ChecksumRecorder, digest, merge, seal
+from pipeline.encoding import compressors, encode_rows, offsets_compressors
 from pipeline.errors import UniptError
 from pipeline.storage import Location
 
@@ -59,19 +63,29 @@ def clear_disk_full(location: Location, what: str) -> Iterator[None]:
         ) from exc
 
 
-def _create_array(group: zarr.Group, name: str, shape: tuple, dtype: np.dtype, layout: StoreLayout) -> None:
-    rows_per_chunk = (layout.chunk_rows, *shape[1:])
+def _create_array(group: zarr.Group, spec: ArraySpec, layout: StoreLayout) -> None:
     group.create_array(
-        name=name,
-        shape=shape,
-        chunks=rows_per_chunk,
-        shards=(layout.rows_per_file, *shape[1:]) if layout.chunks_per_file > 1 else None,
-        dtype=dtype,
+        name=spec.name,
+        shape=spec.shape,
+        chunks=spec.chunks,
+        shards=spec.shards,
+        dtype=spec.dtype,
         compressors=compressors(
-            layout.codec, layout.shuffle, layout.compression_level, dtype.itemsize, layout.blosc_blocksize
+            layout.codec,
+            layout.shuffle,
+            layout.compression_level,
+            spec.dtype.itemsize,
+            layout.blosc_blocksize,
         ),
         fill_value=0,
     )
+
+
+def _sharded(layout: StoreLayout) -> dict[str, int]:
+    """Arrays written with Zarr sharding -> chunks per file (what the checksum recorder must parse)."""
+    if layout.chunks_per_file <= 1:
+        return {}
+    return {name: layout.chunks_per_file for name, spec in layout.arrays().items() if spec.layer is not None}
 
 
 class CacheBuilder:
@@ -94,12 +108,9 @@ class CacheBuilder:
                 return
             self.location.remove()  # an unfinished store we cannot resume: start over
         group = zarr.open_group(store=self.location.zarr_store(), mode="w", zarr_format=3)
-        dtype = STORAGE_DTYPES[layout.dtype]
-        for spec in layout.layers:
-            rows = layout.total_rows(spec)
-            _create_array(group, layer_array_name(spec.index), (rows, spec.width), dtype, layout)
-            if has_scale(layout.dtype):
-                _create_array(group, scale_array_name(spec.index), (rows,), np.dtype(np.float32), layout)
+        for spec in layout.arrays().values():
+            if spec.layer is not None:  # offsets are written at commit, once every length is known
+                _create_array(group, spec, layout)
         group.attrs.update(
             {
                 **attrs,
@@ -161,32 +172,45 @@ class CacheBuilder:
     ) -> None:
         recorder = ChecksumRecorder(self.location.zarr_store())
         group = zarr.open_group(store=recorder, mode="r+")
-        written = set()
-        for spec in layout.layers:
-            if spec.offsets_name in written:
-                continue
-            offsets = _offsets(layout, spec, lengths)
-            group.create_array(name=spec.offsets_name, data=offsets, chunks=offsets.shape, overwrite=True)
-            written.add(spec.offsets_name)
+        arrays = layout.arrays()
+        for spec in arrays.values():
+            if spec.layer is None:
+                group.create_array(
+                    name=spec.name,
+                    data=layout.offsets(_spec_using(layout, spec.name), lengths),
+                    chunks=spec.chunks,
+                    compressors=offsets_compressors(),
+                    overwrite=True,
+                )
 
         table = examples.append_column("length", pa.array(lengths.astype(np.int32), pa.int32()))
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         self.location.child(EXAMPLES_FILE).write_bytes(buffer.getvalue())
         files = merge([done[s.shard_id].get("checksums", {}) for s in shards] + [recorder.digests])
+        trailers = merge([done[s.shard_id].get("trailers", {}) for s in shards] + [recorder.trailers])
         files[EXAMPLES_FILE] = digest(buffer.getvalue())
+        # Metadata is covered too: each array's zarr.json (written once, at create or just above; a few
+        # small reads) and the root's final bytes, which this commit writes itself so the manifest can
+        # hold their digest before they exist.
+        for name in arrays:
+            files[f"{name}/{METADATA_FILE}"] = digest(self.location.child(name, METADATA_FILE).read_bytes())
+        root = json.loads(self.location.child(METADATA_FILE).read_text())
+        root["attributes"] = {
+            **root.get("attributes", {}),
+            **attrs,
+            "num_examples": int(layout.num_examples),
+            "total_tokens": int(lengths.sum()),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "complete": True,
+        }
+        root_bytes = json.dumps(root, indent=2, sort_keys=True).encode()
+        files[METADATA_FILE] = digest(root_bytes)
         self.location.child(CHECKSUMS_FILE).write_text(
-            json.dumps({"algorithm": ALGORITHM, "files": files}, indent=0, sort_keys=True)
+            json.dumps(seal(files, trailers), indent=0, sort_keys=True)
         )
-        group.attrs.update(
-            {
-                **attrs,
-                "num_examples": int(layout.num_examples),
-                "total_tokens": int(lengths.sum()),
-                "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "complete": True,  # written last: on object stores this is the commit
-            }
-        )
+        # Written last, in one piece: on object stores `complete: true` appearing is the commit.
+        self.location.child(METADATA_FILE).write_bytes(root_bytes)
 
     def _publish(self) -> Location:
         final = self.cache_root.location(self.key)
@@ -202,18 +226,9 @@ class CacheBuilder:
         return final
 
 
-def _offsets(layout: StoreLayout, spec: LayerSpec, lengths: np.ndarray) -> np.ndarray:
-    """[num_examples, 2] row ranges: tokens of one shard packed from the start of its span."""
-    if spec.grid is not None:
-        lengths = np.full(layout.num_examples, spec.grid[0] * spec.grid[1], dtype=np.int64)
-    offsets = np.zeros((layout.num_examples, 2), dtype=np.int64)
-    for shard in layout.shards():
-        part = lengths[shard.example_start : shard.example_stop]
-        base, _ = layout.row_span(shard, spec)
-        starts = base + np.concatenate([[0], np.cumsum(part)[:-1]])
-        offsets[shard.example_start : shard.example_stop, 0] = starts
-        offsets[shard.example_start : shard.example_stop, 1] = starts + part
-    return offsets
+def _spec_using(layout: StoreLayout, offsets_name: str) -> LayerSpec:
+    """The first layer whose rows an offsets array describes (all token layers share ``offsets``)."""
+    return next(spec for spec in layout.layers if spec.offsets_name == offsets_name)
 
 
 @dataclass(frozen=True)
@@ -256,8 +271,11 @@ def _write_shard(
     layers: dict[int, np.ndarray],
     lengths: list[int],
 ) -> ShardWritten:
-    recorder = ChecksumRecorder(location.zarr_store())
+    recorder = ChecksumRecorder(location.zarr_store(), chunks_per_file=_sharded(layout))
     group = zarr.open_group(store=recorder, mode="r+")
+    # Every chunk with rows is written, even one that is all zeros (Zarr skips those by default): the
+    # reader treats a missing chunk the layout says holds rows as damage, never as zeros.
+    write_config = {"write_empty_chunks": True}
     nbytes = 0
     for spec in layout.layers:
         if spec.index not in layers:
@@ -277,11 +295,15 @@ def _write_shard(
             )
         base, _ = layout.row_span(shard, spec)
         stored, scale = encode_rows(rows, layout.dtype)
-        group[layer_array_name(spec.index)][base : base + expected] = stored
+        group[layer_array_name(spec.index)].with_config(write_config)[base : base + expected] = stored
         if scale is not None:
-            group[scale_array_name(spec.index)][base : base + expected] = scale
+            group[scale_array_name(spec.index)].with_config(write_config)[base : base + expected] = scale
         nbytes += rows.nbytes
-    marker = {"lengths": [int(n) for n in lengths], "checksums": dict(sorted(recorder.digests.items()))}
+    marker = {
+        "lengths": [int(n) for n in lengths],
+        "checksums": dict(sorted(recorder.digests.items())),
+        "trailers": dict(sorted(recorder.trailers.items())),
+    }
     # The marker appears, whole, only after every layer's rows are stored.
     location.child(SHARD_MARKERS, f"{shard.shard_id:06d}.json").write_text(json.dumps(marker))
     return ShardWritten(nbytes, sum(recorder.sizes.values()), len(recorder.sizes))

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.bundled import is_bundled
-from pipeline.cache import ActivationCache, CacheRoot, open_cache
+from pipeline.cache import ActivationCache, CacheRoot
+from pipeline.cache_open import open_cache
 from pipeline.cli_cache import add_cache_commands, human_bytes
 from pipeline.cli_runs import add_runs_commands
 from pipeline.config import BackboneConfig, ExperimentConfig, load_config

@@ -8,8 +8,9 @@ import sys
 
 from tqdm.auto import tqdm
 
-from pipeline.cache import CacheReader, CacheRoot, is_key, open_cache
+from pipeline.cache import CacheReader, CacheRoot, is_key
 from pipeline.cache_admin import describe, find_garbage, remove, verify
+from pipeline.cache_open import open_cache
 from pipeline.errors import UniptError
 from pipeline.registry import DEFAULT_REGISTRY, registered_cache_keys
 from pipeline.runs import referenced_cache_keys
@@ -28,10 +29,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
-def _open(target: str, cache_root: str) -> CacheReader:
-    """A cache named by its key (under --cache-root) or by its path/URL."""
+def _open(target: str, cache_root: str, strict: bool = True) -> CacheReader:
+    """A cache named by its key (under --cache-root) or by its path/URL. ``strict=False`` (verify) opens
+    a store without the read checks, so that its damage can be listed rather than stop the open."""
     location = CacheRoot(cache_root).location(target) if is_key(target) else target
-    reader = open_cache(location)
+    reader = open_cache(location) if strict or str(location).endswith((".h5", ".hdf5")) else None
+    reader = reader or CacheReader(location, strict=False)
     if not isinstance(reader, CacheReader):
         raise UniptError(f"{target} is an exported HDF5 copy; this command works on Zarr caches")
     return reader
@@ -64,15 +67,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    reader = _open(args.cache, args.cache_root)
-    expected = len(reader.checksums())
+    reader = _open(args.cache, args.cache_root, strict=False)
+    expected = len(reader.checksums(missing_ok=True))
     with tqdm(total=expected, unit="file", desc="verify", disable=args.no_progress) as bar:
         problems = verify(reader, progress=bar.update)
     for problem in problems:
         print(f"DAMAGED {problem}")
     if problems:
         print(
-            f"unipt: {len(problems)} of {expected} files damaged in {reader.source}; "
+            f"unipt: {len({p.file for p in problems})} of {expected} files damaged in {reader.source}; "
             "remove the cache (`unipt cache gc` or delete it) and re-extract",
             file=sys.stderr,
         )

@@ -10,6 +10,9 @@ Storage dtypes:
   ``round(x / s)`` with ``s = max|x| / 127`` kept in a float32 side array. Half of fp16's size.
 
 Decoding gives float16 for fp16 stores and float32 for every other dtype.
+
+Every chunk of a format-3 store ends in a crc32c of its encoded bytes (Zarr v3's ``crc32c`` codec,
+last in the chain), so a flipped bit fails the read that meets it instead of training on it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import LZ4
 
 from pipeline.errors import UniptError
@@ -73,8 +76,24 @@ def decode_rows(stored: np.ndarray, dtype: str, scale: np.ndarray | None = None)
     raise UniptError(f"unknown storage dtype {dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
 
 
-def compressors(codec: str, shuffle: str, level: int, itemsize: int, blocksize: int = 0) -> list[Any]:
-    """Zarr v3 bytes-to-bytes codecs for one array. ``blocksize`` (Blosc only; 0 = Blosc's choice)."""
+def compressors(
+    codec: str, shuffle: str, level: int, itemsize: int, blocksize: int = 0, checksum: bool = True
+) -> list[Any]:
+    """Zarr v3 bytes-to-bytes codecs for one array. ``blocksize`` (Blosc only; 0 = Blosc's choice).
+
+    ``checksum`` appends the crc32c codec: last, so it covers the bytes exactly as stored and is the
+    first thing checked on read, before a decompressor sees damaged input.
+    """
+    chain = _compressor(codec, shuffle, level, itemsize, blocksize)
+    return [*chain, Crc32cCodec()] if checksum else chain
+
+
+def offsets_compressors(checksum: bool = True) -> list[Any]:
+    """The offsets arrays' codecs: Zarr's default (zstd level 0), plus crc32c."""
+    return [ZstdCodec(level=0), Crc32cCodec()] if checksum else [ZstdCodec(level=0)]
+
+
+def _compressor(codec: str, shuffle: str, level: int, itemsize: int, blocksize: int) -> list[Any]:
     if codec == "none":
         return []
     if codec == "zstd":

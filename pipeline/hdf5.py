@@ -5,7 +5,8 @@ same numbers: datasets ``layer_NN`` (``layer_NN_scale`` for int8), ``offsets`` (
 ``offsets_NN`` for feature maps) with the *same row positions* as the store, an ``examples``
 group with one dataset per metadata column, and the store's attributes as JSON in the file
 attribute ``unipt``. Only rows holding tokens are copied; HDF5, like Zarr, allocates no chunk
-that is never written.
+that is never written. The export reads through the reader's checks: a damaged chunk stops it with
+one line (and no output file), never copies zeros or bad bytes.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
                 if spec.offsets_name not in f:
                     f.create_dataset(spec.offsets_name, data=offsets)
                 for name in names:
-                    source = reader.group[name]
+                    source = reader.stored_array(name)  # opened and read with the reader's checks
                     target = f.create_dataset(
                         name,
                         shape=source.shape,
@@ -64,7 +65,7 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
                     for start, stop in _used_row_ranges(layout, spec, offsets):
                         for lo in range(start, stop, _COPY_ROWS):
                             hi = min(lo + _COPY_ROWS, stop)
-                            target[lo:hi] = source[lo:hi]
+                            target[lo:hi] = reader.read_stored(name, lo, hi)
                             if progress is not None:
                                 progress(hi - lo)
             group = f.create_group(EXAMPLES_GROUP)
@@ -121,9 +122,6 @@ class HDF5CacheReader(ActivationCache):
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         return self.file[name][start:stop]
-
-    def _read_all(self, name: str) -> np.ndarray:
-        return self.file[name][:]
 
     def nbytes_on_disk(self) -> int:
         return self.path.stat().st_size

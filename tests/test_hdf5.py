@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheReader, CacheRoot, open_cache
+from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache_open import open_cache
 from pipeline.cli import do_extract, do_train, main, prepare
 from pipeline.config import load_config
 from pipeline.errors import UniptError

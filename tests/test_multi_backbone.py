@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.cache import open_cache
+from pipeline.cache_open import open_cache
 from pipeline.cli import main, prepare
 from pipeline.config import DatasetConfig, load_config
 from pipeline.datasets import load_dataset
