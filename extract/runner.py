@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.exceptions import RayError
-from ray.util import ActorPool
+from ray.exceptions import ActorDiedError, RayActorError, RayError
 from tqdm.auto import tqdm
 
+from extract.ray_session import connect, root_cause
 from extract.spec import BackboneLoadSpec
 from pipeline.cache import CacheRoot
-from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_layout import LayerSpec, ShardSpec, StoreLayout
 from pipeline.cache_writer import CacheBuilder
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.errors import UniptError
-from pipeline.locks import exclusive
+from pipeline.locks import ReadLease, exclusive
 from pipeline.storage import Location
 
 
@@ -43,6 +45,11 @@ class ExtractionRequest:
 
 @dataclass
 class ExtractionResult:
+    """What one extraction (or cache hit) gave. It holds a read lease on the cache, taken before the
+    build lock was let go (or, on a hit, before the cache was found), so `unipt cache gc` cannot remove
+    the cache between here and training. Release it when done reading: ``result.release()``, or use the
+    result as a context manager (``with run_extraction(...) as result: train(...)``)."""
+
     path: Location
     cache_hit: bool
     seconds: float = 0.0
@@ -52,15 +59,32 @@ class ExtractionResult:
     shards_run: int = 0
     shards_resumed: int = 0
     workers: int = 0
+    workers_lost: int = 0
     stats: dict[str, float] = field(default_factory=dict)
+    lease: ReadLease | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        """Let `unipt cache gc` remove this cache again (once no other reader holds it)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def __enter__(self) -> ExtractionResult:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def run_extraction(
     request: ExtractionRequest, ray_address: str | None = None, progress: bool = True
 ) -> ExtractionResult:
+    """Build the cache for ``request`` (or find it); the result holds a read lease on it."""
     root, key = request.cache_root, request.key
-    if root.has(key):
-        return ExtractionResult(path=root.location(key), cache_hit=True)
+    t0 = time.perf_counter()
+    hit = _leased_if_committed(root, key)
+    if hit is not None:
+        return ExtractionResult(path=root.location(key), cache_hit=True, lease=hit)
     if request.examples.num_rows == 0:
         raise UniptError("the dataset is empty after loading and filtering; nothing to extract")
 
@@ -71,44 +95,52 @@ def run_extraction(
             flush=True,
         )
 
-    t0 = time.perf_counter()
-    with exclusive(root.lock_location(key), on_wait=waiting):
-        if root.has(key):  # built by the run we waited for
-            return ExtractionResult(path=root.location(key), cache_hit=True, seconds=time.perf_counter() - t0)
-        published = CacheBuilder(root, key).publish_if_committed()
-        if published is not None:
-            return ExtractionResult(path=published, cache_hit=True)
-        # torch before Ray: inside a `ray job` whose working_dir was just unpacked, importing torch
-        # after ray.init() has crashed in oneMKL (seen with Ray 2.60); the other order is safe.
-        import extract.worker  # noqa: F401
+    # torch before Ray: inside a `ray job` whose working_dir was just unpacked, importing torch
+    # after ray.init() has crashed in oneMKL (seen with Ray 2.60); the other order is safe.
+    import extract.worker  # noqa: F401
 
-        started_ray = _ensure_ray(ray_address)
-        try:
-            return _extract(request, progress, t0)
-        except RayError as exc:
-            raise UniptError(
-                f"extraction failed in a Ray worker: {_root_cause(exc)}; any finished shards are kept under "
-                f"{root.partial_location(key)} and the same command resumes from them"
-            ) from exc
-        finally:
-            if started_ray:
-                ray.shutdown()
+    # Connected before the build lock is taken: an unreachable cluster fails here and leaves nothing
+    # (no lock file) behind.
+    started_ray = connect(ray_address)
+    try:
+        with exclusive(root.lock_location(key), on_wait=waiting):
+            hit = _leased_if_committed(root, key)
+            if hit is not None:  # built by the run we waited for
+                return ExtractionResult(
+                    path=root.location(key), cache_hit=True, seconds=time.perf_counter() - t0, lease=hit
+                )
+            # Taken before anything is published, and kept after the build lock is let go: gc needs this
+            # lease exclusively to remove the cache, so it cannot delete what we are about to train on.
+            lease = ReadLease(root.lease_location(key))
+            try:
+                published = CacheBuilder(root, key).publish_if_committed()
+                if published is not None:
+                    return ExtractionResult(path=published, cache_hit=True, lease=lease)
+                result = _extract(request, progress, t0)
+            except BaseException:
+                lease.release()
+                raise
+            result.lease = lease
+            return result
+    except RayError as exc:
+        raise UniptError(
+            f"extraction failed in a Ray worker: {root_cause(exc)}; any finished shards are kept under "
+            f"{root.partial_location(key)} and the same command resumes from them"
+        ) from exc
+    finally:
+        if started_ray:
+            ray.shutdown()
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost error's one-line message, without Ray's wrapping and traceback."""
-    cause = getattr(exc, "cause", None) or exc.__cause__
-    # Stop at a UniptError: its message already says what is wrong and what to do.
-    while (
-        cause is not None
-        and not isinstance(cause, UniptError)
-        and (getattr(cause, "cause", None) or cause.__cause__) is not None
-    ):
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    message = str(cause or exc).strip().splitlines()
-    if isinstance(cause, UniptError):
-        return message[-1] if message else ""
-    return f"{type(cause or exc).__name__}: {message[-1] if message else ''}"
+def _leased_if_committed(root: CacheRoot, key: str) -> ReadLease | None:
+    """A read lease on the committed cache ``key``, or None if there is none (any more)."""
+    if not root.has(key):
+        return None
+    lease = ReadLease(root.lease_location(key))
+    if root.has(key):  # still there now that we hold the lease: from here on gc leaves it alone
+        return lease
+    lease.release()  # a gc removed it between the two looks
+    return None
 
 
 def _warn_truncated(count: int, inputs: list, max_length: int) -> None:
@@ -123,11 +155,11 @@ def _warn_truncated(count: int, inputs: list, max_length: int) -> None:
     )
 
 
-def _ensure_ray(address: str | None) -> bool:
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
-    return True
+# Ray resource names of the actor options we use.
+_RESOURCE_NAMES = {"num_cpus": "CPU", "num_gpus": "GPU"}
+FREE_WAIT_S = 10.0  # how long to let just-killed actors (a previous extraction) hand back their CPUs
+NOTICE_EVERY_S = 60.0  # a line while no worker is running, so a stalled extraction never waits silently
+MAX_SHARD_ATTEMPTS = 4  # a shard whose worker dies this often is failing the workers, not unlucky
 
 
 def _worker_layout(setting: int | str) -> tuple[int, dict[str, float], int]:
@@ -135,6 +167,8 @@ def _worker_layout(setting: int | str) -> tuple[int, dict[str, float], int]:
 
     With GPUs: one worker per GPU by default. Without: one worker per node by default, each taking
     that many CPUs as the smallest node has, so every worker fits on some node of a mixed cluster.
+    The count is then cut to what the cluster can place now (one line says so), so actors never wait
+    for resources that are not there; with room for none it fails at once.
     """
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     gpus = sum(int(n.get("GPU", 0)) for n in nodes)
@@ -145,26 +179,207 @@ def _worker_layout(setting: int | str) -> tuple[int, dict[str, float], int]:
     else:
         count = int(setting)
     if gpus > 0:
+        resources: dict[str, float] = {"num_gpus": 1, "num_cpus": 1}
         threads = max(1, total_cpus // max(count, 1))
-        return count, {"num_gpus": 1, "num_cpus": 1}, threads
-    per_worker = max(1, min(total_cpus // count, min(node_cpus) if setting == "auto" else max(node_cpus)))
-    return count, {"num_cpus": per_worker}, per_worker
+    else:
+        per_worker = max(1, min(total_cpus // count, min(node_cpus) if setting == "auto" else max(node_cpus)))
+        resources, threads = {"num_cpus": per_worker}, per_worker
+    placeable = _placeable(nodes, resources, count)
+    if placeable < count:
+        asked = f"{count} workers of {_show(resources)} each"
+        have = _show_available(nodes)
+        if placeable == 0:
+            raise UniptError(
+                f"extract.workers={setting} asks for {asked}, but the Ray cluster has room for none now "
+                f"({have}); wait for other jobs to finish, add nodes, or lower extract.workers"
+            )
+        _say(
+            f"extract.workers={setting} asks for {asked}; the Ray cluster can place {placeable} now "
+            f"({have}), so {placeable} will run"
+        )
+        count = placeable
+    return count, resources, threads
+
+
+def _placeable(nodes: list[dict[str, float]], resources: dict[str, float], wanted: int) -> int:
+    """How many actors of ``resources`` fit: on the nodes' totals, and in what is free now."""
+
+    def fits(pool: dict[str, float]) -> int:
+        return min(int(pool.get(_RESOURCE_NAMES[k], 0) // v) for k, v in resources.items())
+
+    capacity = sum(fits(node) for node in nodes)
+    # What is free now: actors killed a moment ago (an extraction just before this one in the same
+    # session) hand their CPUs back asynchronously, so give them a few seconds before settling for less.
+    deadline = time.monotonic() + FREE_WAIT_S
+    while True:
+        free = fits(ray.available_resources())
+        if free >= min(wanted, capacity) or time.monotonic() > deadline:
+            return min(capacity, free)
+        time.sleep(0.25)
+
+
+def _show(resources: dict[str, float]) -> str:
+    return " + ".join(f"{v:g} {_RESOURCE_NAMES[k]}" for k, v in resources.items())
+
+
+def _show_available(nodes: list[dict[str, float]]) -> str:
+    free = ray.available_resources()
+    names = ["CPU"] + (["GPU"] if any(n.get("GPU") for n in nodes) else [])
+    return ", ".join(
+        f"{free.get(name, 0):g} of {sum(n.get(name, 0) for n in nodes):g} {name} free" for name in names
+    )
+
+
+def _say(message: str) -> None:
+    print(f"unipt: {message}", file=sys.stderr, flush=True)
+
+
+class _WorkerPool:
+    """Extraction actors and the shards in flight on them; survives losing any but the last actor.
+
+    Ray restarts an actor whose process died (``max_restarts``), but its in-flight tasks are not
+    retried by Ray (``max_task_retries=0``): a restarted actor may never be placed again (its node is
+    gone and the others are full), and a retry queued on it would wait forever. Instead a failed
+    shard goes back to our queue for whichever actor is alive, and the dead one is probed
+    (``describe``): answering means it was restarted and takes shards again; ``ActorDiedError`` means
+    it is gone for good. Shards are idempotent (each writes only its own rows, then its marker), so a
+    shard redone elsewhere writes exactly the same bytes.
+    """
+
+    def __init__(self, actors: list[Any], resources: dict[str, float]) -> None:
+        from extract.worker import SHARDS_IN_FLIGHT
+
+        self.actors = actors
+        self.resources = resources
+        self.per_actor = SHARDS_IN_FLIGHT  # each actor twice: see extract/worker.py
+        self.ready: set[int] = set()
+        self.lost: set[int] = set()  # dead for good
+        self.down: set[int] = set()  # failed and not answering again (yet): the lost, and the unplaceable
+        self.in_flight = dict.fromkeys(range(len(actors)), 0)
+        self.pending: dict[
+            Any, tuple[int, ShardSpec | None]
+        ] = {}  # ObjectRef -> (actor, shard or None for a probe)
+        self.requeued = 0
+        for i in range(len(actors)):
+            self._probe(i)
+
+    def _probe(self, i: int) -> None:
+        self.pending[self.actors[i].describe.remote()] = (i, None)
+
+    def _shards_in_flight(self) -> int:
+        return sum(self.in_flight.values())
+
+    def first_description(self) -> dict[str, Any]:
+        """The backbone's description from the first actor that has loaded it."""
+        while True:
+            _, shard, value, error = self._next()
+            if error is None and shard is None:
+                return value
+
+    def run(
+        self,
+        todo: list[ShardSpec],
+        submit: Callable[[Any, ShardSpec], Any],
+        on_done: Callable[[dict[str, Any]], None],
+    ) -> None:
+        """Run every shard in ``todo`` (``submit(actor, shard)`` gives its ObjectRef) to completion."""
+        queue = deque(todo)
+        attempts: Counter[int] = Counter()
+        finished: set[int] = set()
+        while queue or self._shards_in_flight():
+            for i in sorted(self.ready):
+                while queue and self.in_flight[i] < self.per_actor:
+                    shard = queue.popleft()
+                    self.pending[submit(self.actors[i], shard)] = (i, shard)
+                    self.in_flight[i] += 1
+            _, shard, value, error = self._next()
+            if shard is None:
+                continue
+            if error is not None:
+                attempts[shard.shard_id] += 1
+                if attempts[shard.shard_id] >= MAX_SHARD_ATTEMPTS:
+                    raise UniptError(
+                        f"shard {shard.shard_id} lost its worker {attempts[shard.shard_id]} times "
+                        f"(last: {root_cause(error)}); it may be too large for a worker's memory: lower "
+                        "extract.shard_size or backbone.batch_size and run the same command again"
+                    )
+                queue.appendleft(shard)
+                self.requeued += 1
+            elif shard.shard_id not in finished:  # a shard redone after a lost reply counts once
+                finished.add(shard.shard_id)
+                on_done(value)
+
+    def _next(self) -> tuple[int, ShardSpec | None, Any, RayActorError | None]:
+        """Wait for the next probe or shard to finish: (actor, shard or None for a probe, value, the
+        actor error if the actor failed). Other errors (the worker's own exceptions) are raised."""
+        while True:
+            if not self.pending or len(self.lost) == len(self.actors):
+                raise UniptError(
+                    f"all {len(self.actors)} extraction workers were lost; finished shards are kept and "
+                    "the same command resumes from them once the cluster has room again"
+                )
+            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=NOTICE_EVERY_S)
+            if not done:
+                if not self.ready:
+                    _say(
+                        f"waiting for extraction workers: none of {len(self.actors)} is running yet "
+                        f"(each needs {_show(self.resources)}; "
+                        f"{_show_available([n['Resources'] for n in ray.nodes() if n.get('Alive')])})"
+                    )
+                continue
+            ref = done[0]
+            i, shard = self.pending.pop(ref)
+            if shard is not None:
+                self.in_flight[i] -= 1
+            try:
+                value = ray.get(ref)
+            except RayActorError as exc:
+                if exc.actor_init_failed and not self.ready:
+                    raise  # the backbone cannot load: every other actor will fail the same way
+                self._on_actor_error(i, shard, exc)
+                if shard is None:
+                    continue
+                return i, shard, None, exc
+            if shard is None:
+                self.ready.add(i)
+                self.down.discard(i)  # restarted: takes shards again
+            return i, shard, value, None
+
+    def _on_actor_error(self, i: int, shard: ShardSpec | None, exc: RayActorError) -> None:
+        if i in self.lost:
+            return
+        self.down.add(i)
+        probing = any(j == i and s is None for j, s in self.pending.values())
+        if shard is None and isinstance(exc, ActorDiedError):
+            self.ready.discard(i)
+            self.lost.add(i)  # dead after its restarts, or could not reload the backbone
+        elif shard is None:
+            time.sleep(1.0)  # unavailable for now (e.g. restarting): ask again shortly
+            self._probe(i)
+        elif not probing:
+            self.ready.discard(i)  # no more shards until it answers again
+            self._probe(i)
+
+    @property
+    def workers_lost(self) -> int:
+        """Actors that failed and never answered again (dead, or their restart could not be placed)."""
+        return len(self.down)
 
 
 def _extract(request: ExtractionRequest, progress: bool, t0: float) -> ExtractionResult:
     from extract.worker import SHARDS_IN_FLIGHT, ExtractionWorker
 
     count, resources, threads = _worker_layout(request.extract.workers)
-    # A worker that dies (OOM, preemption, kill -9) is restarted and its shard retried: writing a
-    # shard is idempotent (same rows, marker last), so a retry cannot leave a torn shard behind.
+    # A worker whose process dies (OOM, preemption, kill -9, its node lost) is restarted by Ray; its
+    # shards are retried by _WorkerPool, on any actor that is alive (see there).
     remote_worker = ray.remote(
-        **resources, max_concurrency=SHARDS_IN_FLIGHT, max_restarts=3, max_task_retries=3
+        **resources, max_concurrency=SHARDS_IN_FLIGHT, max_restarts=3, max_task_retries=0
     )(ExtractionWorker)
     workers = [remote_worker.remote(request.load_spec, threads) for _ in range(count)]
     try:
-        # Every actor has loaded its backbone once it answers: what comes after is the extraction proper.
-        descriptions = ray.get([worker.describe.remote() for worker in workers])
-        description = descriptions[0]
+        pool = _WorkerPool(workers, resources)
+        # An actor has loaded its backbone once it answers: what comes after is the extraction proper.
+        description = pool.first_description()
         ready_at = time.perf_counter()
         layers = _resolve_layers(request.backbone.layers, description["num_hidden_states"])
         hidden_sizes = {layer: int(description["hidden_sizes"][layer]) for layer in layers}
@@ -223,25 +438,33 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
             disable=not progress,
             dynamic_ncols=True,
         )
-        pool = ActorPool(workers * SHARDS_IN_FLIGHT)  # each actor twice: see extract/worker.py
-        jobs = pool.map_unordered(
-            lambda actor, shard: actor.run_shard.remote(
+
+        def submit(actor: Any, shard: ShardSpec) -> Any:
+            return actor.run_shard.remote(
                 location,
                 layout,
                 shard,
                 inputs[shard.example_start : shard.example_stop],
                 request.backbone.batch_size,
-            ),
-            todo,
-        )
-        for stats in jobs:
+            )
+
+        def done(stats: dict[str, Any]) -> None:
             for name in totals:
                 totals[name] += stats[name]
             bar.update(stats["examples"])
             bar.set_postfix(
                 tokens=totals["tokens"], stored=f"{totals['bytes'] / 2**20:.0f}MiB", refresh=False
             )
+
+        pool.run(todo, submit, done)
         bar.close()
+        lost = pool.workers_lost
+        if lost:
+            _say(
+                f"lost {lost} of {count} workers; their shards were re-queued "
+                f"({pool.requeued} shard(s) redone by the {count - lost} left)"
+            )
+        totals["shards_requeued"] = pool.requeued
         if totals["truncated"]:
             _warn_truncated(int(totals["truncated"]), inputs, request.backbone.max_length)
         shards_done_at = time.perf_counter()
@@ -275,6 +498,7 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
         shards_run=len(todo),
         shards_resumed=len(finished),
         workers=count,
+        workers_lost=lost,
         stats=totals,
     )
 

@@ -35,3 +35,22 @@ def test_bad_split_fractions_are_rejected():
 def test_missing_config_file(tmp_path):
     with pytest.raises(UniptError, match="not found"):
         load_config(tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize("word", ["auto", "off", "float16", "bfloat16"])
+def test_amp_takes_the_dtype_words(word, recwarn):
+    assert load_config("configs/rt_minilm.yaml", [f"train.amp={word}"]).train.amp == word
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+
+
+@pytest.mark.parametrize(("alias", "word"), [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_amp_old_spellings_still_load_with_a_deprecation_warning(alias, word, caplog):
+    with pytest.warns(DeprecationWarning, match=f"train.amp '{alias}' is deprecated; write '{word}'"):
+        config = load_config("configs/rt_minilm.yaml", [f"train.amp={alias}"])
+    assert config.train.amp == word
+    assert f"write '{word}'" in caplog.text  # also said through the unipt logger, which users see
+
+
+def test_amp_rejects_other_words():
+    with pytest.raises(UniptError, match=r"train\.amp"):
+        load_config("configs/rt_minilm.yaml", ["train.amp=half"])

@@ -67,7 +67,7 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
         return None
     if setting == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if setting == "bf16" else torch.float16
+    return torch.bfloat16 if setting == "bfloat16" else torch.float16
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

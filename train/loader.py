@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ import torch
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
+
+T = TypeVar("T")  # what a block read gives per example
 
 
 @dataclass
@@ -31,12 +34,6 @@ class Batch:
     mask: torch.Tensor  # [B, N] bool, True on real tokens; for maps all True over the last layer's H*W
     labels: torch.Tensor  # [B] int64
     indices: np.ndarray  # example indices in the cache
-
-
-@dataclass
-class _Block:
-    indices: np.ndarray
-    tokens: dict[int, list[np.ndarray]]  # layer -> one [len_i, D] (or [H, W, C]) array per example
 
 
 class CacheBatches:
@@ -103,27 +100,20 @@ class CacheBatches:
         return -(-len(self.indices) // self.batch_size)
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.blocks)) if self.shuffle else np.arange(len(self.blocks))
-        blocks = _prefetch((self._read_block(self.blocks[i]) for i in order), self.prefetch_blocks)
-        window = self.shuffle_buffer_blocks if self.shuffle else 1
-        pending: list[tuple[int, dict[int, np.ndarray]]] = []
-        buffered: list[_Block] = []
-        for block in blocks:
-            buffered.append(block)
-            if len(buffered) < window:
-                continue
-            pending += _examples_of(buffered, rng if self.shuffle else None)
-            buffered = []
-            while len(pending) >= self.batch_size:
-                yield self._collate(pending[: self.batch_size])
-                pending = pending[self.batch_size :]
-        if buffered:
-            pending += _examples_of(buffered, rng if self.shuffle else None)
-        for start in range(0, len(pending), self.batch_size):
-            yield self._collate(pending[start : start + self.batch_size])
+        order = epoch_order(
+            self.blocks,
+            self._read_block,
+            self.batch_size,
+            self.shuffle,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle_buffer_blocks=self.shuffle_buffer_blocks,
+            prefetch_blocks=self.prefetch_blocks,
+        )
+        for examples in order:
+            yield self._collate(examples)
 
-    def _read_block(self, indices: np.ndarray) -> _Block:
+    def _read_block(self, indices: np.ndarray) -> list[dict[int, np.ndarray]]:
         tokens = {}
         for layer in self.layers:
             offsets, grid = self.offsets[layer], self.grids[layer]
@@ -132,7 +122,7 @@ class CacheBatches:
             rows = self.reader.read_rows(layer, base, end)
             pieces = [rows[s - base : e - base] for s, e in zip(starts, stops, strict=True)]
             tokens[layer] = [p.reshape(grid[0], grid[1], -1) for p in pieces] if grid else pieces
-        return _Block(indices=indices, tokens=tokens)
+        return [{layer: tokens[layer][i] for layer in self.layers} for i in range(len(indices))]
 
     def _collate(self, examples: list[tuple[int, dict[int, np.ndarray]]]) -> Batch:
         if self.maps:
@@ -146,7 +136,7 @@ class CacheBatches:
             for row, (_, tokens) in enumerate(examples):
                 padded[row, : lengths[row]] = tokens[layer]
             hidden.append(torch.from_numpy(padded))
-        mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+        mask = padding_mask(lengths)
         indices = np.array([ex[0] for ex in examples], dtype=np.int64)
         return Batch(hidden=hidden, mask=mask, labels=torch.from_numpy(self.labels[indices]), indices=indices)
 
@@ -182,18 +172,66 @@ def plan_blocks(indices: np.ndarray, offsets: list[np.ndarray], block_examples: 
     return blocks
 
 
-def _examples_of(blocks: list[_Block], rng: np.random.Generator | None) -> list[tuple[int, dict]]:
+def epoch_order(
+    blocks: list[np.ndarray],
+    read: Callable[[np.ndarray], list[T]],
+    batch_size: int,
+    shuffle: bool,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle_buffer_blocks: int,
+    prefetch_blocks: int,
+) -> Iterator[list[tuple[int, T]]]:
+    """One epoch's batches of ``(example index, item)``, ``read(block)`` giving one item per example.
+
+    Shuffling permutes the block order, then examples within each window of ``shuffle_buffer_blocks``
+    blocks, all from one generator seeded by ``(seed, epoch)``: the order depends on the block sizes
+    only, never on the items, so anything holding the same block plan (a cache, an online baseline)
+    sees the same batches. ``read`` runs in a background thread, ``prefetch_blocks`` blocks ahead (0: in
+    the caller's thread, for reads too cheap to be worth one).
+    """
+    rng = np.random.default_rng([seed, epoch]) if shuffle else None
+    order = rng.permutation(len(blocks)) if rng is not None else np.arange(len(blocks))
+    items = ((blocks[i], read(blocks[i])) for i in order)
+    if prefetch_blocks > 0:
+        items = _prefetch(items, prefetch_blocks)
+    window = shuffle_buffer_blocks if shuffle else 1
+    pending: list[tuple[int, T]] = []
+    buffered: list[tuple[np.ndarray, list[T]]] = []
+    for block in items:
+        buffered.append(block)
+        if len(buffered) < window:
+            continue
+        pending += _examples_of(buffered, rng)
+        buffered = []
+        while len(pending) >= batch_size:
+            yield pending[:batch_size]
+            pending = pending[batch_size:]
+    if buffered:
+        pending += _examples_of(buffered, rng)
+    for start in range(0, len(pending), batch_size):
+        yield pending[start : start + batch_size]
+
+
+def padding_mask(lengths: list[int] | np.ndarray) -> torch.Tensor:
+    """[B, max(lengths)] bool, True on each row's first ``lengths[i]`` (real) tokens."""
+    lengths = torch.as_tensor(np.asarray(lengths, dtype=np.int64))
+    return torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+
+
+def _examples_of(
+    blocks: list[tuple[np.ndarray, list[T]]], rng: np.random.Generator | None
+) -> list[tuple[int, T]]:
     examples = [
-        (int(index), {layer: block.tokens[layer][i] for layer in block.tokens})
-        for block in blocks
-        for i, index in enumerate(block.indices)
+        (int(index), item) for indices, items in blocks for index, item in zip(indices, items, strict=True)
     ]
     if rng is not None:
         examples = [examples[i] for i in rng.permutation(len(examples))]
     return examples
 
 
-def _prefetch(source: Iterator[_Block], depth: int) -> Iterator[_Block]:
+def _prefetch(source: Iterator[T], depth: int) -> Iterator[T]:
     """Run ``source`` in a background thread, ``depth`` items ahead (Zarr decodes off the GIL)."""
     items: queue.Queue = queue.Queue(maxsize=max(1, depth))
     done = object()

@@ -1,0 +1,159 @@
+"""The one place that connects to Ray and turns Ray's errors into one line for the user.
+
+Connection rules (``--ray-address`` / ``RAY_ADDRESS``):
+
+* none: a new local Ray instance, always (``address="local"``), never whatever ``ray start`` left in
+  Ray's temp dir: a run on a laptop must not silently land on a stale cluster;
+* ``HOST:PORT`` or ``auto``: join that cluster, or fail within :data:`CONNECT_TIMEOUT_S` with one line
+  naming the address and what to do (Ray itself retries an unreachable address for minutes);
+* ``ray://HOST:PORT``: Ray Client, only when the ``ray[client]`` extra (grpcio) is installed; otherwise
+  refused in one line saying so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+import ray
+from ray.exceptions import AuthenticationError, RayActorError, RayError
+
+from pipeline.errors import UniptError
+
+CONNECT_TIMEOUT_S = 30.0  # the whole join, probe included
+PROBE_TIMEOUT_S = 5.0  # a plain TCP connect to the head: refused or silent addresses fail here, fast
+_RAY_OPTIONS: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+_LOCAL_HINT = "or leave --ray-address and RAY_ADDRESS unset to start a local Ray"
+
+
+def connect(address: str | None) -> bool:
+    """Start or join a Ray session; True if this call did, so the caller must ``ray.shutdown()`` it.
+
+    Nothing happens (False) if this process is already connected: e.g. ``unipt sweep`` connects once
+    for its extraction and its trials.
+    """
+    if ray.is_initialized():
+        return False
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip() or None
+    if address is None or address == "local":
+        ray.init(address="local", **_RAY_OPTIONS)
+        return True
+    if address.startswith("ray://"):
+        if importlib.util.find_spec("grpc") is None:
+            raise UniptError(
+                f"--ray-address {address} uses Ray Client, which needs the ray[client] extra (grpcio); "
+                f"install it with pip install 'ray[client]=={ray.__version__}', or give the head's GCS "
+                f"address HOST:6379 instead, {_LOCAL_HINT}"
+            )
+    elif address != "auto":
+        _probe(address)
+    _init_within(address, CONNECT_TIMEOUT_S)
+    return True
+
+
+def _probe(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UniptError(
+            f"--ray-address {address!r} is not HOST:PORT, auto or ray://HOST:PORT; give the Ray head's "
+            f"address (e.g. 10.0.0.5:6379), {_LOCAL_HINT}"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UniptError(
+            f"cannot reach the Ray cluster at {address} ({reason}); start it with `ray start --head` "
+            f"there, check the address and port (the head's GCS port, 6379 by default), {_LOCAL_HINT}"
+        ) from exc
+
+
+class _DropThreadWarning(logging.Filter):
+    """Ray warns that it cannot install its SIGTERM handler off the main thread; harmless here (a
+    terminated driver's actors are cleaned up by the cluster), so keep it out of the user's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _init_within(address: str, timeout_s: float) -> None:
+    # ray.init() blocks inside C++ for minutes on an address that accepts TCP but never answers as a
+    # Ray head (or refuses us); it cannot be interrupted, so it runs in a daemon thread and we stop
+    # waiting after timeout_s. The CLI then exits; the abandoned thread dies with the process.
+    outcome: dict[str, BaseException | None] = {}
+
+    def join() -> None:
+        try:
+            ray.init(address=address, **_RAY_OPTIONS)
+            outcome["error"] = None
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = exc
+
+    quiet = _DropThreadWarning()
+    ray_logger = logging.getLogger("ray._private.worker")
+    ray_logger.addFilter(quiet)
+    try:
+        thread = threading.Thread(target=join, name="unipt-ray-connect", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+    finally:
+        ray_logger.removeFilter(quiet)
+    if "error" not in outcome:
+        raise UniptError(
+            f"the Ray cluster at {address} did not answer within {timeout_s:.0f}s; check that it is a Ray "
+            f"{ray.__version__} head (its GCS address, HOST:6379 by default) and, if it uses token "
+            f"authentication, that RAY_AUTH_TOKEN holds its token, {_LOCAL_HINT}"
+        )
+    error = outcome["error"]
+    if error is None:
+        return
+    if isinstance(error, AuthenticationError):
+        raise UniptError(
+            f"the Ray cluster at {address} refused authentication; set RAY_AUTH_TOKEN (or "
+            f"RAY_AUTH_TOKEN_PATH) to the cluster's token, {_LOCAL_HINT}"
+        ) from error
+    if isinstance(error, UniptError | KeyboardInterrupt):
+        raise error
+    raise UniptError(
+        f"cannot connect to the Ray cluster at {address}: {root_cause(error)}; start one with "
+        f"`ray start --head`, or check the address, {_LOCAL_HINT}"
+    ) from error
+
+
+def root_cause(exc: BaseException) -> str:
+    """The short cause of a Ray error, one line: what failed inside the worker, not Ray's wrapping.
+
+    A ``RayTaskError`` becomes the worker's own exception (``ValueError: ...``); a ``UniptError`` raised
+    in a worker becomes its message alone (it already says what to do); an actor that died becomes
+    ``ActorDiedError: <what Ray knows about why>``, or its constructor's error if ``__init__`` failed.
+    """
+    cause = exc
+    seen = {id(cause)}
+    while True:
+        # A RayTaskError raised for a UniptError is also a UniptError (Ray subclasses both): descend
+        # past Ray's wrapper, stop at the user's error.
+        if isinstance(cause, UniptError) and not isinstance(cause, RayError):
+            break
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        cause = inner
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    if isinstance(cause, UniptError) and not isinstance(cause, RayError):
+        return lines[-1] if lines else type(cause).__name__
+    if isinstance(cause, RayActorError) and not cause.actor_init_failed:
+        # First line: what happened; last line: why (e.g. "The actor is dead because its node died").
+        text = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
+        return f"{type(cause).__name__}: {text}"
+    # Tracebacks end with "Type: message"; plain messages are one line anyway.
+    last = lines[-1] if lines else ""
+    name = type(cause).__name__
+    if isinstance(cause, RayError) and ": " in last and " " not in last.split(": ", 1)[0]:
+        return last  # already "OSError: ..." from the worker's traceback
+    return f"{name}: {last}"
