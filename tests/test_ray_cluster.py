@@ -1,0 +1,151 @@
+"""Extraction on a multi-node Ray cluster on this machine: losing a node mid-run, and a worker count the
+cluster cannot place.
+
+The cluster (ray.cluster_utils.Cluster: one head and one worker node, 1 CPU each) runs in this test
+process; `unipt extract` joins it from its own process with --ray-address, as a user would. Ray writes
+the address of the latest cluster into its temp dir, where a plain ``ray.init()`` elsewhere on the
+machine would find and join it: RAY_TMPDIR points at a private folder so that never happens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_sentiment_rows, write_config, write_csv
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """A one-node cluster (head, 1 CPU); tests add nodes. Node death is noticed within about a second."""
+    from ray.cluster_utils import Cluster
+
+    private = tempfile.mkdtemp(prefix="uc", dir="/tmp")  # short: Ray's socket paths live under it
+    monkeypatch.setenv("RAY_TMPDIR", private)
+    head = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 200, "health_check_failure_threshold": 3},
+        },
+    )
+    try:
+        yield head
+    finally:
+        head.shutdown()
+        shutil.rmtree(private, ignore_errors=True)
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_bert_dir: Path) -> Path:
+    """Tiny BERT, 40 shards of 8 texts, 2 workers: enough shards left when the first one is done."""
+    data = write_csv(tmp_path / "data.csv", make_sentiment_rows(320))
+    return write_config(
+        tmp_path / "config.yaml",
+        str(data),
+        str(tiny_bert_dir),
+        tmp_path,
+        backbone={"batch_size": 4, "max_length": 32},
+        extract={"shard_size": 8, "chunk_rows": 64, "workers": 2},
+    )
+
+
+def _extract(config: Path, cache_root: Path, address: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "extract", str(config), "--no-progress"]
+        + ["--cache-root", str(cache_root), "--ray-address", address],
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
+        text=True,
+    )
+
+
+# Files that differ between any two builds: the group metadata holds the commit time and the worker
+# count, and the checksum manifest seals it (its other entries are compared one by one).
+PER_BUILD = {"zarr.json", "checksums.json"}
+
+
+def _store_bytes(store: Path) -> dict[str, str]:
+    """sha256 of every data file of a committed store (arrays, offsets, the examples table)."""
+    return {
+        str(path.relative_to(store)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(store.rglob("*"))
+        if path.is_file() and str(path.relative_to(store)) not in PER_BUILD
+    }
+
+
+def _recorded_checksums(store: Path) -> dict[str, str]:
+    files = json.loads((store / "checksums.json").read_text())["files"]
+    return {name: digest for name, digest in files.items() if name not in PER_BUILD}
+
+
+def _only_cache(root: Path) -> Path:
+    stores = [p for p in root.iterdir() if not p.name.startswith(".")]
+    assert len(stores) == 1, stores
+    return stores[0]
+
+
+def test_losing_a_node_mid_run_requeues_its_shards_and_the_cache_is_byte_identical(cluster, config, tmp_path):
+    address = cluster.address
+    # Reference: the head alone. extract.workers=2 does not fit on 1 CPU, so it shrinks to 1, saying so.
+    reference = tmp_path / "reference"
+    proc = _extract(config, reference, address, tmp_path / "reference.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()
+    log = (tmp_path / "reference.log").read_text()
+    assert "extract.workers=2 asks for 2 workers of 1 CPU each; the Ray cluster can place 1 now" in log
+
+    # Two nodes, two workers; the worker node is removed as soon as the first shard is done.
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    cache = tmp_path / "cache"
+    proc = _extract(config, cache, address, tmp_path / "log.txt")
+    markers = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        found = list(cache.glob(".partial/*/_shards/*.json")) if cache.exists() else []
+        if found:
+            markers = len(found)
+            break
+        assert proc.poll() is None, (tmp_path / "log.txt").read_text()
+        time.sleep(0.005)
+    assert markers is not None, "no shard finished within 240s"
+    cluster.remove_node(node, allow_graceful=False)
+    assert proc.wait(timeout=300) == 0, (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()
+    print(log)
+    assert "lost 1 of 2 workers; their shards were re-queued" in log
+    assert "extracted 320 examples" in log
+
+    store = _only_cache(cache)
+    assert store.name == _only_cache(reference).name
+    assert _store_bytes(store) == _store_bytes(_only_cache(reference))  # byte-identical
+    assert _recorded_checksums(store) == _recorded_checksums(_only_cache(reference))
+    assert len(_recorded_checksums(store)) > 40  # every layer's chunks, not an empty comparison
+    assert not list((cache / ".partial").glob("*.lock"))  # no stale build lock either
+
+
+def test_more_workers_than_the_machine_can_place_shrink_instead_of_hanging(tiny_config, tmp_path):
+    """A local Ray has os.cpu_count() CPUs: 99 one-CPU workers do not fit, the ones that do run."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "extract", str(tiny_config), "--no-progress"]
+        + ["--set", "extract.workers=99"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "extract.workers=99 asks for 99 workers of 1 CPU each; the Ray cluster can place" in result.stderr
+    assert "extracted 240 examples" in result.stderr
+    print(f"finished in {time.monotonic() - started:.0f}s")
