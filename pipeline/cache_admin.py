@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.cache import CacheReader, CacheRoot
-from pipeline.cache_layout import OFFSETS
 from pipeline.checksums import Problem, verify_files
 from pipeline.locks import exclusive_if_free
 from pipeline.storage import Location
@@ -62,14 +61,17 @@ def describe(reader: CacheReader) -> dict[str, Any]:
 
 
 def verify(reader: CacheReader, progress: Callable[[int], None] | None = None) -> list[Problem]:
-    """Every data file re-hashed against the checksums recorded when it was written."""
-    expected = reader.checksums()
-    rows_per_file = reader.layout.rows_per_file
+    """Everything wrong with a cache: each file in the manifest re-hashed against the sha256 recorded when
+    it was written (format 3: every chunk, every zarr.json and examples.parquet; format 2: data files),
+    the manifest itself (missing, or its seal broken), and metadata that contradicts the attributes."""
+    expected = reader.checksums(missing_ok=True)
+    arrays = reader.layout.arrays()
 
     def rows_of(array: str) -> int | None:
-        return None if array.startswith(OFFSETS) else rows_per_file
+        return arrays[array].rows_per_file if array in arrays else None
 
-    return verify_files(reader.location, expected, rows_of, progress=progress)
+    problems = verify_files(reader.location, expected, rows_of, progress=progress)
+    return problems + reader.metadata_problems()
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,10 @@ class ReadChecks:
         if byte_range is None:
             end = len(value)
             if end != size:
-                raise ChunkDamaged(key, f"the chunk file has {end} bytes, {size} were written")
+                raise ChunkDamaged(
+                    key,
+                    f"not the chunk written there: {end} bytes, {size} were written (cut short, moved or replaced)",
+                )
         elif isinstance(byte_range, SuffixByteRequest):
             end = size
         elif isinstance(byte_range, RangeByteRequest):
@@ -176,7 +179,9 @@ class ReadChecks:
         else:
             return
         if len(value) < 4 or ends.get(end) != value.as_numpy_array()[-4:].tobytes():
-            raise ChunkDamaged(key, "its crc32c is not the one written at this position (moved or replaced)")
+            raise ChunkDamaged(
+                key, "not the chunk written there: its crc32c differs from checksums.json (moved or replaced)"
+            )
 
 
 class CheckedStore(WrapperStore):

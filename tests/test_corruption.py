@@ -1,0 +1,387 @@
+"""Damaged caches: each kind of corruption is named by `unipt cache verify` (exit 1) and stops `unipt train`
+with one `unipt: error:` line (exit 2), no traceback, and no run recorded or registered.
+
+One real extraction (Ray, the tiny BERT of tests/conftest.py: 60 snippets, layers 0-2, 256-row chunks) is
+copied into each test's own cache root and damaged there. Every row of CORRUPTIONS is one test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache_admin import verify
+from pipeline.cache_layout import EXAMPLES_FILE, LayerSpec, StoreLayout
+from pipeline.checksums import CHECKSUMS_FILE, digest
+from pipeline.cli import main
+from pipeline.encoding import compressors, encode_rows
+from pipeline.errors import UniptError
+from tests.conftest import KEY, build_cache, example_table, make_sentiment_rows, write_config, write_csv
+
+
+@pytest.fixture(scope="module")
+def extracted(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("extracted")
+    data = write_csv(root / "data.csv", make_sentiment_rows(60))
+    config = write_config(root / "config.yaml", str(data), str(tiny_bert_dir), root, train={"epochs": 1})
+    assert main(["extract", str(config), "--no-progress"]) == 0
+    (key,) = CacheRoot(root / "cache").keys()
+    return {"config": config, "store": root / "cache" / key, "key": key}
+
+
+# --- the corruptions -----------------------------------------------------------------------------------
+
+
+def _flip(path: Path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def _edit_json(path: Path, change: Callable[[dict], None]) -> None:
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta, indent=2))
+
+
+def _chunk(store: Path, layer: int, index: int) -> Path:
+    return store / f"layer_{layer:02d}" / "c" / str(index) / "0"
+
+
+def _swap(store: Path) -> None:
+    first, second = _chunk(store, 0, 0), _chunk(store, 0, 1)
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+
+
+def _root_dtype(dtype: str) -> Callable[[Path], None]:
+    def change(meta: dict) -> None:
+        meta["attributes"]["dtype"] = dtype
+        meta["attributes"]["layout"]["dtype"] = dtype  # consistent with itself: only the arrays disagree
+
+    return lambda store: _edit_json(store / "zarr.json", change)
+
+
+def _array_meta(layer: int, change: Callable[[dict], None]) -> Callable[[Path], None]:
+    return lambda store: _edit_json(store / f"layer_{layer:02d}" / "zarr.json", change)
+
+
+def _set_chunk_shape(meta: dict) -> None:
+    meta["chunk_grid"]["configuration"]["chunk_shape"][0] = 128
+
+
+def _set_shape(meta: dict) -> None:
+    meta["shape"][0] += 256
+
+
+def _set_data_type(meta: dict) -> None:
+    meta["data_type"] = "int16"
+
+
+def _edit_examples(store: Path) -> None:
+    table = pq.read_table(store / EXAMPLES_FILE)
+    labels = table.column("label").to_pylist()
+    labels[0] = labels[1] if labels[1] != labels[0] else labels[2]  # one label changed, still valid parquet
+    table = table.set_column(table.column_names.index("label"), "label", pa.array(labels))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    (store / EXAMPLES_FILE).write_bytes(buffer.getvalue())
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _zero(path: Path) -> None:
+    path.write_bytes(bytes(len(path.read_bytes())))
+
+
+def _edit_manifest_entry(store: Path) -> None:
+    def change(manifest: dict) -> None:
+        manifest["files"]["layer_02/c/0/0"] = "0" * 64
+
+    _edit_json(store / CHECKSUMS_FILE, change)
+
+
+@dataclass(frozen=True)
+class Corruption:
+    damage: Callable[[Path], None]
+    verify_says: str  # in one DAMAGED line of `unipt cache verify`
+    train_says: str  # in the `unipt: error:` line of `unipt train`
+
+
+ROWS = "(rows 0-255)"
+CORRUPTIONS = {
+    "flipped byte in a chunk": Corruption(
+        lambda s: _flip(_chunk(s, 1, 0)),
+        f"layer_01 chunk 0 {ROWS}: checksum mismatch",
+        f"layer_01 chunk 0 {ROWS}: its crc32c checksum does not match its bytes",
+    ),
+    "truncated chunk": Corruption(
+        lambda s: _truncate(_chunk(s, 1, 1)),
+        "layer_01 chunk 1 (rows 256-511): checksum mismatch",
+        "layer_01 chunk 1 (rows 256-511): not the chunk written there: ",
+    ),
+    "deleted chunk": Corruption(
+        lambda s: _chunk(s, 2, 0).unlink(),
+        f"layer_02 chunk 0 {ROWS}: file is missing",
+        f"layer_02 chunk 0 {ROWS}: the chunk file is missing",
+    ),
+    "zero-filled chunk": Corruption(
+        lambda s: _zero(_chunk(s, 0, 1)),
+        "layer_00 chunk 1 (rows 256-511): checksum mismatch",
+        "layer_00 chunk 1 (rows 256-511): not the chunk written there: its crc32c differs",
+    ),
+    "two chunks swapped": Corruption(
+        _swap,
+        f"layer_00 chunk 0 {ROWS}: checksum mismatch",
+        "layer_00 chunk 0 (rows 0-255): not the chunk written there",
+    ),
+    "array zarr.json data_type edited (int16)": Corruption(
+        _array_meta(0, _set_data_type),
+        "layer_00/zarr.json: does not match the cache attributes: data_type int16 != float16",
+        "layer_00/zarr.json does not match the cache attributes: data_type int16 != float16",
+    ),
+    "root attrs dtype edited (bfloat16)": Corruption(
+        _root_dtype("bfloat16"),
+        "layer_00/zarr.json: does not match the cache attributes: data_type float16 != uint16",
+        "zarr.json differs from its checksum in checksums.json",
+    ),
+    "root attrs dtype edited (float32)": Corruption(
+        _root_dtype("float32"),
+        "zarr.json: checksum mismatch",
+        "zarr.json differs from its checksum in checksums.json",
+    ),
+    "array shape edited": Corruption(
+        _array_meta(1, _set_shape),
+        "layer_01/zarr.json: does not match the cache attributes: shape",
+        "layer_01/zarr.json does not match the cache attributes: shape",
+    ),
+    "chunk shape edited": Corruption(
+        _array_meta(2, _set_chunk_shape),
+        "layer_02/zarr.json: does not match the cache attributes: file shape [128, 32] != [256, 32]",
+        "layer_02/zarr.json does not match the cache attributes: file shape [128, 32] != [256, 32]",
+    ),
+    "examples.parquet edited (one label)": Corruption(
+        _edit_examples,
+        "examples.parquet: checksum mismatch",
+        "examples.parquet differs from its checksum in checksums.json",
+    ),
+    "examples.parquet truncated": Corruption(
+        lambda s: _truncate(s / EXAMPLES_FILE),
+        "examples.parquet: checksum mismatch",
+        "examples.parquet differs from its checksum in checksums.json",
+    ),
+    "offsets chunk damaged": Corruption(
+        lambda s: _flip(s / "offsets" / "c" / "0" / "0"),
+        "offsets chunk 0 (rows 0-59): checksum mismatch",
+        "offsets chunk 0 (rows 0-59): its crc32c checksum does not match its bytes",
+    ),
+    "checksums.json removed": Corruption(
+        lambda s: (s / CHECKSUMS_FILE).unlink(),
+        "checksums.json: file is missing",
+        "checksums.json is missing",
+    ),
+    "checksums.json edited (one entry)": Corruption(
+        _edit_manifest_entry,
+        "checksums.json: it was edited after it was written",
+        "checksums.json cannot be trusted: it was edited after it was written",
+    ),
+}
+
+
+def _registered_runs(registry: Path) -> int:
+    if not registry.exists():
+        return 0
+    with sqlite3.connect(registry) as db:
+        return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+def _train(extracted: dict, where: Path) -> int:
+    """`unipt train` from the cache root under ``where``, recording runs there."""
+    cache, runs, registry = where / "cache", where / "runs", where / "registry.sqlite"
+    args = ["--cache-root", str(cache), "--runs-root", str(runs), "--registry", str(registry)]
+    return main(["train", str(extracted["config"]), "--set", "train.epochs=1", *args, "--no-progress"])
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_corruption_is_named_by_verify_and_stops_training(kind, extracted, tmp_path, capsys):
+    corruption = CORRUPTIONS[kind]
+    store = tmp_path / "cache" / extracted["key"]
+    shutil.copytree(extracted["store"], store)
+    corruption.damage(store)
+    capsys.readouterr()
+
+    code = main(
+        ["cache", "verify", extracted["key"], "--cache-root", str(tmp_path / "cache"), "--no-progress"]
+    )
+    out, err = capsys.readouterr()
+    damaged = [line for line in out.splitlines() if line.startswith("DAMAGED")]
+    assert code == 1, out + err
+    assert any(corruption.verify_says in line for line in damaged), out
+    assert "files damaged" in err and "Traceback" not in err
+
+    runs, registry = tmp_path / "runs", tmp_path / "registry.sqlite"
+    code = _train(extracted, tmp_path)
+    _, err = capsys.readouterr()
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("unipt: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert corruption.train_says in errors[0], errors[0]
+    assert "unipt cache verify" in errors[0], errors[0]
+    assert not list(runs.glob("*/record.json")) and _registered_runs(registry) == 0
+
+
+def test_the_undamaged_copy_verifies_and_trains(extracted, tmp_path, capsys):
+    """The control for the table above: the same copy, undamaged, verifies and trains."""
+    store = tmp_path / "cache" / extracted["key"]
+    shutil.copytree(extracted["store"], store)
+    assert (
+        main(["cache", "verify", extracted["key"], "--cache-root", str(tmp_path / "cache"), "--no-progress"])
+        == 0
+    )
+    manifest = json.loads((store / CHECKSUMS_FILE).read_text())
+    metadata = {"zarr.json", EXAMPLES_FILE, "offsets/zarr.json"} | {f"layer_0{i}/zarr.json" for i in range(3)}
+    assert metadata <= set(manifest["files"])  # every metadata file is covered
+    code = _train(extracted, tmp_path)
+    assert code == 0, capsys.readouterr().err
+    assert _registered_runs(tmp_path / "registry.sqlite") == 1
+
+
+def test_export_of_a_damaged_cache_stops_with_one_line_and_writes_nothing(extracted, tmp_path, capsys):
+    store = tmp_path / "cache" / extracted["key"]
+    shutil.copytree(extracted["store"], store)
+    _flip(_chunk(store, 2, 1))
+    out = tmp_path / "copy.h5"
+    capsys.readouterr()
+    code = main(
+        [
+            "cache",
+            "export",
+            extracted["key"],
+            "--cache-root",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    _, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("unipt: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "layer_02 chunk 1 (rows 256-511): its crc32c checksum does not match" in errors[0]
+    assert not out.exists() and not list(tmp_path.glob(".copy.h5.*"))
+
+
+# --- reads check every chunk, cheaply, without the CLI ----------------------------------------------------
+
+
+def test_a_chunk_moved_into_another_position_fails_the_read_that_meets_it(tmp_path):
+    root = CacheRoot(tmp_path)
+    tokens, _ = build_cache(root, [5, 1, 9, 3, 7, 2, 8], {0: 4}, codec="none")
+    store = tmp_path / KEY
+    shutil.copy(_chunk(store, 0, 0), _chunk(store, 0, 1))  # a valid chunk, crc32c and all, in the wrong place
+    reader = CacheReader(root.location(KEY))
+    np.testing.assert_array_equal(reader.read_example(0, 0), tokens[0][0])  # chunk 0 is fine
+    with pytest.raises(UniptError, match=r"layer_00 chunk 1 \(rows 8-15\): not the chunk written there"):
+        reader.read_example(2, 0)  # rows 6-14: crosses into chunk 1
+
+
+def test_sharded_files_are_checked_chunk_by_chunk(tmp_path):
+    root = CacheRoot(tmp_path)
+    tokens, _ = build_cache(root, [5, 1, 9, 3, 7, 2, 8], {0: 4}, chunks_per_file=2)
+    shard_file = _chunk(tmp_path / KEY, 0, 0)  # rows 0-15 in two chunks of 8
+    _flip(shard_file, 0.1)
+    reader = CacheReader(root.location(KEY))
+    with pytest.raises(
+        UniptError, match=r"layer_00 chunk 0 \(rows 0-15\): its crc32c checksum does not match"
+    ):
+        reader.read_example(0, 0)
+    assert [p.what for p in verify(CacheReader(root.location(KEY), strict=False))] == [
+        "layer_00 chunk 0 (rows 0-15)"
+    ]
+
+
+def test_a_missing_chunk_in_reserved_but_unused_rows_is_not_damage(tmp_path):
+    """Rows a shard reserves but does not fill were never written: reads never touch them, and the reader
+    does not expect their files."""
+    root = CacheRoot(tmp_path)
+    _, layout = build_cache(root, [5, 1, 9], {0: 4}, shard_size=2)
+    reader = CacheReader(root.location(KEY))
+    written = {int(p.name) for p in (tmp_path / KEY / "layer_00" / "c").iterdir()}
+    expected = layout.files_with_rows(layout.arrays()["layer_00"], reader.offsets)
+    assert expected == written
+    assert layout.total_rows(layout.layers[0]) // layout.rows_per_file > len(written)  # unused files exist
+
+
+# --- format 2 caches stay readable -----------------------------------------------------------------------
+
+
+def _build_format_2_cache(root: Path, lengths: list[int], width: int) -> list[np.ndarray]:
+    """A store as format 2 wrote it: no crc32c codec, offsets with Zarr's default codec, data files only in
+    checksums.json (no metadata, no trailers, no seal)."""
+    rng = np.random.default_rng(3)
+    tokens = [rng.standard_normal((n, width)).astype(np.float16) for n in lengths]
+    layout = StoreLayout(
+        (LayerSpec(0, width),), num_examples=len(lengths), max_length=max(lengths), shard_size=2, chunk_rows=8
+    )
+    store = root / KEY
+    group = zarr.open_group(store=str(store), mode="w", zarr_format=3)
+    array = group.create_array(
+        "layer_00",
+        shape=(layout.total_rows(layout.layers[0]), width),
+        chunks=(layout.chunk_rows, width),
+        dtype=np.float16,
+        compressors=compressors("blosc-zstd", "byte", 1, 2, 1 << 20, checksum=False),
+        fill_value=0,
+    )
+    offsets = layout.offsets(layout.layers[0], np.array(lengths))
+    for shard in layout.shards():
+        start, stop = offsets[shard.example_start, 0], offsets[shard.example_stop - 1, 1]
+        array[start:stop] = encode_rows(
+            np.concatenate(tokens[shard.example_start : shard.example_stop]), "float16"
+        )[0]
+    group.create_array("offsets", data=offsets, chunks=offsets.shape)
+    table = example_table(len(lengths)).append_column("length", pa.array(lengths, pa.int32()))
+    pq.write_table(table, store / EXAMPLES_FILE)
+    files = {
+        p.relative_to(store).as_posix(): digest(p.read_bytes())
+        for p in store.rglob("*")
+        if p.is_file() and "/c/" in p.relative_to(store).as_posix()
+    }
+    files[EXAMPLES_FILE] = digest((store / EXAMPLES_FILE).read_bytes())
+    (store / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": "sha256", "files": files}))
+    group.attrs.update(
+        {
+            "format_version": 2, "cache_key": KEY, "complete": True, "label_names": ["a", "b"],
+            "layout": layout.to_json(), "layers": [0], "hidden_sizes": {"0": width}, "grids": {},
+            "dtype": "float16", "max_length": max(lengths), "num_examples": len(lengths),
+            "total_tokens": sum(lengths),
+        }
+    )  # fmt: skip
+    return tokens
+
+
+def test_format_2_caches_stay_readable_with_verify_as_their_check(tmp_path, capsys):
+    tokens = _build_format_2_cache(tmp_path, [5, 1, 9, 3, 7], 6)
+    reader = CacheReader(CacheRoot(tmp_path).location(KEY))
+    assert reader.format_version == 2 and not reader.checked
+    for i, want in enumerate(tokens):
+        np.testing.assert_array_equal(reader.read_example(i, 0), want)
+    assert main(["cache", "verify", KEY, "--cache-root", str(tmp_path), "--no-progress"]) == 0
+    _flip(_chunk(tmp_path / KEY, 0, 3))
+    assert main(["cache", "verify", KEY, "--cache-root", str(tmp_path), "--no-progress"]) == 1
+    assert "layer_00 chunk 3 (rows 24-31): checksum mismatch" in capsys.readouterr().out
