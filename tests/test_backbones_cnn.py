@@ -156,7 +156,7 @@ def test_a_weight_file_that_is_not_plain_tensors_is_refused(tmp_path, monkeypatc
     evil = tmp_path / "efficientnet-lite0.pth"
     with open(evil, "wb") as handle:
         pickle.dump({"_conv_stem.weight": _Payload()}, handle, protocol=2)
-    monkeypatch.setattr("extract.backbones.bundled_model_path", lambda name: evil)
+    monkeypatch.setattr("extract.backbones.cnn.bundled_model_path", lambda name: evil)
     with pytest.raises(
         UniptError, match="cannot load EfficientNet-Lite0 weights from .*efficientnet-lite0.pth"
     ):

@@ -14,7 +14,8 @@ NO_BACKBONE_CHECK = """
 import sys
 from pipeline.cli import main
 assert main({argv!r}) == 0
-backbone = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers' or m == 'extract.backbones')
+loaded = [m.split('.') for m in sys.modules]
+backbone = sorted('.'.join(m) for m in loaded if m[0] == 'transformers' or m[:2] == ['extract', 'backbones'])
 assert not backbone, backbone
 print('NO_BACKBONE_IN_PROCESS')
 """

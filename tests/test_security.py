@@ -88,13 +88,13 @@ def test_every_from_pretrained_model_load_is_weights_only():
                 and func.attr == "from_pretrained"
                 and _keyword(call, "use_safetensors")
             ):
-                seen.append(path.name)
+                seen.append(path.relative_to(PROJECT).as_posix())
                 flag = _keyword(call, "weights_only")
                 assert isinstance(flag, ast.Constant) and flag.value is True, f"{path}:{call.lineno}"
                 assert "allow_pickle" in ast.unparse(_keyword(call, "use_safetensors")), (
                     f"{path}:{call.lineno}"
                 )
-    assert "backbones.py" in seen
+    assert "extract/backbones/base.py" in seen
 
 
 def _pickled_bert(tiny_bert_dir: Path, folder: Path) -> Path:

@@ -1,0 +1,121 @@
+"""The Hugging Face text family: any BERT/RoBERTa/MiniLM-style encoder, or the encoder of a T5-style model.
+
+It is the catch-all of the registry (``extract.backbones``): every Hugging Face model that no earlier
+family takes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+
+from extract.backbones.base import (
+    EncodedShard,
+    autocast,
+    check_dtype,
+    check_layers,
+    device_for,
+    hf_source,
+    load_hf_model,
+    quiet_transformers,
+    to_device,
+    to_host,
+)
+from extract.spec import BackboneLoadSpec
+from pipeline.errors import UniptError
+
+
+def matches(spec: BackboneLoadSpec, hf_config: Any) -> bool:
+    """Every Hugging Face model (this family is tried last)."""
+    return True
+
+
+class HFTextBackbone:
+    """A frozen encoder from ``from_pretrained``: any BERT/RoBERTa/MiniLM-style model, or a T5 encoder."""
+
+    input_kind = "text"
+
+    def __init__(self, spec: BackboneLoadSpec) -> None:
+        quiet_transformers()
+        from transformers import AutoTokenizer
+
+        self.device = device_for(spec)
+        self.autocast = spec.autocast
+        source = hf_source(spec)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+        model = load_hf_model(spec, source)
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()  # T5-style: the encoder alone gives the hidden states
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.config = model.config
+        # Tokenizers may return inputs the model does not name (token_type_ids for a T5 encoder, which
+        # would vanish into its **kwargs): pass only named inputs, unless the forward names none.
+        parameters = inspect.signature(self.model.forward).parameters
+        named = {name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        self._accepts = named if "input_ids" in named else None
+
+    @property
+    def num_hidden_states(self) -> int:
+        return int(self.config.num_hidden_layers) + 1  # embeddings + every layer
+
+    @property
+    def hidden_size(self) -> int:
+        return int(getattr(self.config, "hidden_size", None) or self.config.d_model)
+
+    def describe(self) -> dict:
+        return {
+            "model_type": self.config.model_type,
+            "input": self.input_kind,
+            "num_hidden_states": self.num_hidden_states,
+            "hidden_sizes": {i: self.hidden_size for i in range(self.num_hidden_states)},
+            "tokenizer": type(self.tokenizer).__name__,
+        }
+
+    @torch.inference_mode()
+    def encode(
+        self, texts: list[str], layers: list[int], max_length: int, batch_size: int, dtype: str = "float16"
+    ) -> EncodedShard:
+        """Every requested hidden state for every text, real tokens only, cast to ``dtype``."""
+        out_dtype = check_dtype(dtype)
+        check_layers(layers, self.num_hidden_states)
+        if any(not isinstance(text, str) for text in texts):
+            raise UniptError(
+                "this backbone is a text encoder, but the inputs are not text (an image dataset?)"
+            )
+        encoded = self.tokenizer(texts, truncation=True, max_length=max_length)
+        keys = [k for k in encoded.keys() if self._accepts is None or k in self._accepts]
+        ids = encoded["input_ids"]
+        lengths = [len(x) for x in ids]
+        # Batching by length keeps padding (wasted compute) small; the order is deterministic.
+        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+        per_example: list[dict[int, np.ndarray] | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            batch_idx = order[start : start + batch_size]
+            features = self.tokenizer.pad(
+                {key: [encoded[key][i] for i in batch_idx] for key in keys}, return_tensors="pt"
+            )
+            features = {k: to_device(v, self.device) for k, v in features.items()}
+            with autocast(self.device, self.autocast):
+                outputs = self.model(**features, output_hidden_states=True, return_dict=True)
+            hidden = to_host([outputs.hidden_states[layer] for layer in layers], out_dtype)
+            for row, example in enumerate(batch_idx):
+                n = lengths[example]
+                per_example[example] = {
+                    layer: h[row, :n].numpy() for layer, h in zip(layers, hidden, strict=True)
+                }
+        packed = {layer: np.concatenate([ex[layer] for ex in per_example], axis=0) for layer in layers}
+        return EncodedShard(lengths=lengths, layers=packed, truncated=_count_truncated(encoded, max_length))
+
+
+def _count_truncated(encoded: Any, max_length: int) -> int:
+    """Texts the tokenizer cut at ``max_length``: exact with a fast tokenizer (it keeps the overflow);
+    a slow one only tells that a text reached the limit, which is counted as cut."""
+    encodings = getattr(encoded, "encodings", None)
+    if encodings:
+        return sum(1 for encoding in encodings if encoding.overflowing)
+    return sum(1 for ids in encoded["input_ids"] if len(ids) >= max_length)
