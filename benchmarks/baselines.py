@@ -6,7 +6,7 @@ method trains in a fresh Python process of its own, so each peak RSS is that met
 - ``linear-probe``: logistic regression on the last layer's mean-pooled cached tokens (train/probe.py);
 - ``unipt-cache``: UniPT trained from the cache, no backbone in memory (train/loop.py);
 - ``unipt-online``: the same UniPT, the frozen backbone in memory and run on every batch of every
-  epoch, as the paper's code does (extract/online.py);
+  epoch, as the paper's code does (pipeline/baselines.py);
 - ``full-finetune``: the backbone trained with a linear head, at ``train.lr / 10``.
 
 The online runs walk the same batches in the same order as the cached run. Prints a table (accuracy,
@@ -93,14 +93,14 @@ def run_method(method: str, config: ExperimentConfig, cache: str, progress: bool
                 "cpu_seconds": time.process_time() - cpu,
             }
         else:
-            from train.loop import train_classifier
+            from train.tasks import train_task
 
             cpu = time.process_time()
-            result = train_classifier(reader, train, seed, progress=progress)
+            result = train_task(reader, train, seed, progress=progress)
             row = _from_train_result(result, time.process_time() - cpu)
         row["setup_seconds"] = setup
     else:
-        from extract.online import fit_online, load_online_data
+        from pipeline.baselines import fit_online, load_online_data
         from pipeline.datasets import load_dataset
 
         if config.backbone is None:
@@ -279,17 +279,17 @@ def main() -> int:
 
 
 def drive(args: argparse.Namespace) -> int:
+    from pipeline import experiment
     from pipeline.cache_open import open_cache
-    from pipeline.cli import do_extract, prepare
 
     if args.repeats < 1:
         raise UniptError("--repeats must be at least 1")
     overrides = _overrides(args)
     config = load_config(args.config, overrides)
-    prep = prepare(config)
+    prep = experiment.prepare(config)
     counts = prep.dataset.split_counts()
     started = time.perf_counter()
-    extraction = do_extract(prep, None, progress=not args.no_progress)
+    extraction = experiment.extract(prep, progress=not args.no_progress)
     extract_s = None if extraction.cache_hit else time.perf_counter() - started
     cache = str(extraction.path)
     print(

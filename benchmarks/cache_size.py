@@ -1,7 +1,7 @@
 """Cache size on disk per storage dtype, against the naive way of keeping activations: padded fp32 tensors.
 
 The same examples (configs/rt_minilm.yaml: a seeded sample of Rotten Tomatoes through all-MiniLM-L6-v2,
-every hidden state) are extracted once per dtype by the pipeline (``pipeline.cli.do_extract``, the
+every hidden state) are extracted once per dtype by the pipeline (``pipeline.experiment.extract``, the
 shipped codec), and each cache's bytes on disk are set against:
 
 - **padded fp32**: ``N x max_length x hidden x layers x 4`` bytes, one dense float32 tensor per layer
@@ -139,16 +139,16 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS / "cache_size.json"))
     args = parser.parse_args()
 
-    from pipeline.cli import do_extract, open_for_training, prepare
+    from pipeline import experiment
 
     rows, caches = [], {}
     for dtype in args.dtypes:
         overrides = [f"extract.dtype={dtype}"] + ([f"dataset.limit={args.limit}"] if args.limit else [])
-        prep = prepare(
+        prep = experiment.prepare(
             load_config(args.config, [*overrides, f"storage.cache_root={args.cache_root}", *args.set])
         )
-        do_extract(prep, None, progress=False)
-        reader = open_for_training(prep)
+        experiment.extract(prep, progress=False)
+        reader = experiment.open_for_training(prep)
         on_disk = reader.nbytes_on_disk()
         rows.append(
             size_row(reader, on_disk, activation_bytes(reader) if isinstance(reader, CacheReader) else None)

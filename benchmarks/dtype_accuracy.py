@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import do_extract, do_train, prepare  # noqa: E402
+from pipeline import experiment  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "dtype_accuracy.json"
@@ -53,18 +53,20 @@ def main() -> None:
         base.append(f"train.epochs={args.epochs}")
     rows = []
     for dtype in args.dtypes:
-        prep = prepare(load_config(args.config, [*base, f"extract.dtype={dtype}"]))
+        prep = experiment.prepare(load_config(args.config, [*base, f"extract.dtype={dtype}"]))
         t0 = time.perf_counter()
-        extraction = do_extract(prep, None, progress=True)
+        extraction = experiment.extract(prep, progress=True)
         extract_s = time.perf_counter() - t0
         runs = []
         for seed in args.seeds:
-            seeded = prepare(load_config(args.config, [*base, f"extract.dtype={dtype}", f"seed={seed}"]))
-            trained = do_train(seeded, progress=False)
+            seeded = experiment.prepare(
+                load_config(args.config, [*base, f"extract.dtype={dtype}", f"seed={seed}"])
+            )
+            trained = experiment.train(seeded, progress=False)
             runs.append(
                 {
                     "seed": seed,
-                    **{k: trained["metrics"][k] for k in ("test_acc", "val_acc", "probe_test_acc")},
+                    **{k: trained.metrics[k] for k in ("test_acc", "val_acc", "probe_test_acc")},
                 }
             )
             print(
@@ -77,7 +79,7 @@ def main() -> None:
             {
                 "dtype": dtype,
                 "cache_key": prep.key,
-                "cache_bytes": trained["cache_bytes"],
+                "cache_bytes": trained.cache_bytes,
                 "extract_s": round(extract_s, 1) if not extraction.cache_hit else None,
                 "test_acc_mean": test_mean,
                 "test_acc_std": test_std,

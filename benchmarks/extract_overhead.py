@@ -7,7 +7,7 @@ all-MiniLM-L6-v2, every hidden state, fp16):
 - **pure forward**: the backbone's ``encode`` in this process (tokenize, forward, hidden states to host
   memory) over the same shards the pipeline cuts, nothing written; the median of ``--repeats`` passes
   after a warm-up.
-- **extraction**: ``unipt extract``'s own path (``pipeline.cli.do_extract``) into a fresh cache, on a
+- **extraction**: ``unipt extract``'s own path (``pipeline.experiment.extract``) into a fresh cache, on a
   local Ray instance started once; ``extract.workers`` = each of ``--workers``. Split into *startup*
   (actors start and load the backbone) and *extraction proper* (first shard to committed cache).
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402  (before Ray: see extract/runner.py)
 
 from benchmarks.common import machine, print_table, write_report  # noqa: E402
-from pipeline.cli import do_extract, prepare  # noqa: E402
+from pipeline import experiment  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "extract_overhead.json"
@@ -88,7 +88,7 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="unipt-extract-bench-"))
     base = [*([f"dataset.limit={args.limit}"] if args.limit else []), *args.set]
-    prep = prepare(load_config(args.config, [*base, f"storage.cache_root={scratch / 'unused'}"]))
+    prep = experiment.prepare(load_config(args.config, [*base, f"storage.cache_root={scratch / 'unused'}"]))
     forward_s, tokens = pure_forward_seconds(prep, args.repeats)
     print(f"pure forward: {forward_s:.2f}s for {len(prep.dataset)} examples, {tokens} tokens", flush=True)
 
@@ -99,12 +99,12 @@ def main() -> None:
             runs = []
             for repeat in range(args.repeats):
                 root = scratch / f"w{workers}-r{repeat}"
-                run_prep = prepare(
+                run_prep = experiment.prepare(
                     load_config(
                         args.config, [*base, f"extract.workers={workers}", f"storage.cache_root={root}"]
                     )
                 )
-                result = do_extract(run_prep, None, progress=False)
+                result = experiment.extract(run_prep, progress=False)
                 stats = result.stats
                 runs.append(
                     {

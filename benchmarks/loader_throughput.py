@@ -67,7 +67,7 @@ COLUMNS = (
 
 
 def loader_for(reader: ActivationCache, train: TrainConfig, seed: int = 0) -> CacheBatches:
-    """The train split's batches exactly as :func:`train.loop.train_classifier` builds them."""
+    """The train split's batches exactly as :func:`train.tasks.train_task` builds them."""
     return CacheBatches.for_split(reader, "train", train, seed, shuffle=True)
 
 
@@ -229,15 +229,15 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS / "loader_throughput.json"))
     args = parser.parse_args()
 
-    from pipeline.cli import do_extract, open_for_training, prepare
+    from pipeline import experiment
     from train.fit import pick_device
 
     overrides = [f"extract.dtype={args.dtype}"] + ([f"dataset.limit={args.limit}"] if args.limit else [])
     overrides += [f"storage.cache_root={args.cache_root}", *args.set]
     config = load_config(args.config, overrides)
-    prep = prepare(config)
-    do_extract(prep, None, progress=False)
-    reader = open_for_training(prep)
+    prep = experiment.prepare(config)
+    experiment.extract(prep, progress=False)
+    reader = experiment.open_for_training(prep)
     if not isinstance(reader, CacheReader):
         raise SystemExit("loader_throughput reads a Zarr cache")
     device = pick_device(config.train.device)

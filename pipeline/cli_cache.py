@@ -12,21 +12,12 @@ from pipeline.cache import CacheReader, CacheRoot, is_key
 from pipeline.cache_admin import describe, find_garbage, remove, verify
 from pipeline.cache_open import open_cache
 from pipeline.errors import UniptError
+from pipeline.log import human_bytes
 from pipeline.registry import DEFAULT_REGISTRY, registered_cache_keys
 from pipeline.runs import referenced_cache_keys
 
 DEFAULT_CACHE_ROOT = ".unipt/cache"
 DEFAULT_RUNS_ROOT = ".unipt/runs"
-
-
-def human_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 def _open(target: str, cache_root: str, strict: bool = True) -> CacheReader:

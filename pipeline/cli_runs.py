@@ -1,25 +1,21 @@
 """``unipt runs ls|show|diff``, ``unipt rerun ID`` and ``unipt sweep CONFIG --grid ...``.
 
-Everything here works through the run registry (:mod:`pipeline.registry`). ``rerun`` and ``sweep``
-drive the stages through :mod:`pipeline.cli` (imported lazily: that module imports this one).
+``runs`` reads the run registry (:mod:`pipeline.registry`); ``rerun`` and ``sweep`` call their recipes
+(:mod:`pipeline.rerun`, :mod:`pipeline.sweep`) and print what they return.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
-import math
 import sys
-import time
-import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
-
-from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.cli_common import load_args, print_summary
+from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from pipeline.registry import (
     DEFAULT_REGISTRY,
@@ -29,13 +25,9 @@ from pipeline.registry import (
     differences,
     result_metrics,
 )
-
-if TYPE_CHECKING:
-    from pipeline.cli import Prepared
-
-
-def _say(message: str) -> None:
-    print(f"unipt: {message}", file=sys.stderr, flush=True)
+from pipeline.rerun import rerun
+from pipeline.sweep import SweepResult, Trial, sweep
+from pipeline.tasks import headline_of
 
 
 def _show(value: Any) -> str:
@@ -58,8 +50,6 @@ def _lineage(entry: RunEntry) -> str:
 
 
 def cmd_runs_ls(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     if not Path(args.registry).expanduser().exists():
         print(f"no runs registered yet in {args.registry}", file=sys.stderr)
         return 0
@@ -72,15 +62,18 @@ def cmd_runs_ls(args: argparse.Namespace) -> int:
         )
         return 0
     width = max(len(e.run_id) for e in entries)
+    # Each run shows its own task's headline metric (accuracy, Pearson, rSum, ...).
     print(
-        f"{'run_id':<{width}}  {'created_at':<20}  {'name':<16} {'val_acc':>7} {'test_acc':>8}  "
+        f"{'run_id':<{width}}  {'created_at':<20}  {'name':<16} {'metric':<8} {'val':>7} {'test':>7}  "
         f"{'dataset':<12}  {'cache':<12}  lineage"
     )
     for e in entries:
+        name = headline_of(e.metrics) or "-"
         print(
-            f"{e.run_id:<{width}}  {e.created_at:<20}  {(e.name or '')[:16]:<16} {_metric(e, 'val_acc'):>7} "
-            f"{_metric(e, 'test_acc'):>8}  {(e.dataset_fingerprint or '-')[:12]:<12}  "
-            f"{(e.cache_key or '-')[:12]:<12}  {_lineage(e)}".rstrip()
+            f"{e.run_id:<{width}}  {e.created_at:<20}  {(e.name or '')[:16]:<16} {name:<8} "
+            f"{_metric(e, f'val_{name}'):>7} {_metric(e, f'test_{name}'):>7}  "
+            f"{(e.dataset_fingerprint or '-')[:12]:<12}  {(e.cache_key or '-')[:12]:<12}  "
+            f"{_lineage(e)}".rstrip()
         )
     return 0
 
@@ -132,98 +125,28 @@ def cmd_runs_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- stages
-
-
-def _extract(prep: Prepared, ray_address: str | None, progress: bool) -> tuple[bool, float]:
-    """Build (or find) every cache the config needs: (all were hits, seconds spent)."""
-    from pipeline import cli
-
-    if hasattr(cli, "do_extract_all"):  # configs with several backbones
-        results = list(cli.do_extract_all(prep, ray_address, progress).values())
-    else:
-        results = [cli.do_extract(prep, ray_address, progress)]
-    return all(r.cache_hit for r in results), sum(r.seconds for r in results)
-
-
-def _validate(raw: dict[str, Any], what: str) -> ExperimentConfig:
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(p) for p in problem["loc"])
-        raise UniptError(
-            f"the config stored for {what} no longer validates ({where}: {problem['msg']}); "
-            "rerun it with the unipt version that made it"
-        ) from exc
+# ---------------------------------------------------------------------------------------------- rerun
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from pipeline import cli
-
-    started = time.perf_counter()
-    progress = not args.no_progress
-    with Registry(args.registry, create=False) as registry:
-        old = registry.get(args.run_id)
-    raw = json.loads(json.dumps(old.config))
-    raw.setdefault("storage", {})["registry"] = args.registry  # the new run joins the old one's registry
-    if old.runtime.get("device") == "cpu" and raw.get("train", {}).get("device", "auto") == "auto":
-        import torch
-
-        if torch.cuda.is_available():
-            # The original trained on CPU; "auto" would pick this GPU and change the numbers.
-            raw.setdefault("train", {})["device"] = "cpu"
-    prep = cli.prepare(_validate(raw, f"run {old.run_id}"))
-
-    extra: dict[str, Any] = {"rerun_of": old.run_id}
-    new_fp = prep.dataset.fingerprint
-    if new_fp != old.dataset_fingerprint:
-        if not args.allow_new_data:
-            raise UniptError(
-                f"dataset {prep.dataset.source} changed since run {old.run_id}: its fingerprint was "
-                f"{old.dataset_fingerprint}, now {new_fp}; restore the original data, or pass "
-                "--allow-new-data to train on the new data as a new run linked to the old one"
-            )
-        extra = {
-            "parent_run_id": old.run_id,
-            "data_changed": {"old_fingerprint": old.dataset_fingerprint, "new_fingerprint": new_fp},
-        }
-        _say(
-            f"dataset changed (fingerprint {old.dataset_fingerprint[:12]} -> {new_fp[:12]}): "
-            f"training on the new data as a new run linked to {old.run_id}"
-        )
-    elif prep.key != old.cache_key:
-        changed = [key for key, _, _ in differences(old.cache_key_fields, prep.key_fields)]
-        if not args.allow_new_data:
-            raise UniptError(
-                f"run {old.run_id} used cache {old.cache_key}, this machine gives {prep.key} for its "
-                f"config (changed: {', '.join(changed) or 'cache key fields'}); restore the original "
-                "backbone files, or pass --allow-new-data to run anyway as a new run linked to the old one"
-            )
-        extra = {"parent_run_id": old.run_id, "cache_changed": changed}
-        _say(f"cache inputs changed ({', '.join(changed)}): a new run linked to {old.run_id}")
-
-    cache_hit, extract_seconds = _extract(prep, args.ray_address, progress)
-    train_started = time.perf_counter()
-    with cli.torch_threads(old.runtime.get("torch_threads")):
-        trained = cli.do_train(prep, progress)
-    timings = {
-        "extract_s": round(extract_seconds, 3),
-        "train_s": round(time.perf_counter() - train_started, 3),
-        "total_s": round(time.perf_counter() - started, 3),
-    }
-    run_dir = cli._record(prep, trained, cache_hit, timings, extra)
-    cli._summary(trained, cache_hit, timings, run_dir)
-
-    diffs = differences(result_metrics(old.metrics), result_metrics(trained["metrics"]))
-    if not diffs:
+    result = rerun(
+        args.run_id,
+        args.registry,
+        allow_new_data=args.allow_new_data,
+        ray_address=args.ray_address,
+        progress=not args.no_progress,
+    )
+    print_summary(result.new)
+    old = result.old
+    if result.matches:
         print(f"metrics match run {old.run_id} exactly ({len(result_metrics(old.metrics))} values)")
         return 0
-    verdict = "differ from" if "rerun_of" in extra else "on the new data, compared with"
-    print(f"metrics {verdict} run {old.run_id}:")
-    for key, before, after in diffs:
+    print(
+        f"metrics {'differ from' if result.is_rerun else 'on the new data, compared with'} run {old.run_id}:"
+    )
+    for key, before, after in result.differences:
         print(f"  {key}: {_show(before)} -> {_show(after)}")
-    return 1 if "rerun_of" in extra else 0
+    return 1 if result.is_rerun else 0
 
 
 # ---------------------------------------------------------------------------------------------- sweep
@@ -256,142 +179,52 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def train_trial(prep: Prepared, threads: int) -> dict[str, Any]:
-    """One sweep trial, run as a Ray task: train from the cache with this task's CPU share."""
-    import torch
-
-    from pipeline.cli import do_train
-
-    torch.set_num_threads(threads)
-    started = time.perf_counter()
-    trained = do_train(prep, progress=False)
-    trained["train_s"] = round(time.perf_counter() - started, 3)
-    return trained
-
-
-def _ray_root_cause(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc.__cause__ or exc
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+def grid_trials(args: argparse.Namespace, grid: dict[str, list[str]]) -> list[Trial]:
+    """One trial per combination of the grid's values, each config loaded with its overrides."""
+    trials = []
+    for values in itertools.product(*grid.values()):
+        combo = dict(zip(grid, values, strict=True))
+        overrides = [*(args.set or []), *(f"{key}={value}" for key, value in combo.items())]
+        config = load_args(argparse.Namespace(**{**vars(args), "set": overrides}))
+        trials.append(Trial({key: getattr(config.train, key.partition(".")[2]) for key in grid}, config))
+    return trials
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pipeline import cli
-
-    started = time.perf_counter()
     grid = parse_grid(args.grid)
     if args.parallel is not None and args.parallel < 1:
         raise UniptError(f"--parallel {args.parallel}: give 1 or more trials at a time")
-    base = cli._load(args)
-    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    configs = [
-        cli._load(argparse.Namespace(**{**vars(args), "set": [*(args.set or []), *_overrides(c)]}))
-        for c in combos
-    ]
-    prep = cli.prepare(base)
-
-    import ray
-    import torch  # noqa: F401  (before ray.init: see extract/runner.py)
-    from ray.exceptions import RayError
-
-    import extract.worker  # noqa: F401  (likewise)
-
-    started_ray = not ray.is_initialized()
-    if started_ray:  # one Ray session for the extraction and the trials
-        ray.init(address=args.ray_address, include_dashboard=False, logging_level="WARNING")
-    sweep_id = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    try:
-        cache_hit, extract_seconds = _extract(prep, args.ray_address, not args.no_progress)
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        parallel = min(args.parallel or cpus, len(configs))
-        share = max(1, cpus // parallel)
-        _say(
-            f"{sweep_id}: {len(configs)} trials on cache {prep.key}, {parallel} at a time, "
-            f"{share} CPU(s) each"
-        )
-        task = ray.remote(train_trial).options(num_cpus=share)
-        pending: dict[Any, int] = {}
-        queue = list(range(len(configs)))
-        results: list[tuple[int, str, dict[str, Any]]] = []
-        while queue or pending:
-            while queue and len(pending) < parallel:
-                i = queue.pop(0)
-                trial_prep = dataclasses.replace(prep, config=configs[i])
-                pending[task.remote(trial_prep, share)] = i
-            done, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done[0])
-            try:
-                trained = ray.get(done[0])
-            except RayError as exc:
-                raise UniptError(
-                    f"sweep trial {_describe(combos[i])} failed in a Ray worker: {_ray_root_cause(exc)}; "
-                    f"finished trials are registered under sweep {sweep_id}"
-                ) from exc
-            timings = {
-                "extract_s": round(extract_seconds, 3),
-                "train_s": trained.pop("train_s"),
-                "total_s": round(time.perf_counter() - started, 3),
-            }
-            params = {key: _value(configs[i], key) for key in grid}
-            sweep = {"id": sweep_id, "trial": i, "trials": len(configs), "params": params}
-            run_dir = cli._record(
-                dataclasses.replace(prep, config=configs[i]), trained, True, timings, {"sweep": sweep}
-            )
-            m = trained["metrics"]
-            _say(
-                f"trial {len(results) + 1}/{len(configs)} {_describe(params)}: val_acc {m['val_acc']:.4f} "
-                f"test_acc {m['test_acc']:.4f} -> {run_dir.name}"
-            )
-            results.append((i, run_dir.name, trained["metrics"]))
-    finally:
-        if started_ray:
-            ray.shutdown()
-
-    _table(sweep_id, grid, configs, results)
+    base = load_args(args)
+    result = sweep(
+        base,
+        grid_trials(args, grid),
+        parallel=args.parallel,
+        ray_address=args.ray_address,
+        progress=not args.no_progress,
+    )
+    _table(result, list(grid))
     print(
-        f"{sweep_id}: {len(results)} runs from one cache ({'cache hit' if cache_hit else 'extracted once'}) "
-        f"in {time.perf_counter() - started:.1f}s; `unipt runs ls --sweep {sweep_id}` lists them"
+        f"{result.sweep_id}: {len(result.results)} runs from one cache "
+        f"({'cache hit' if result.cache_hit else 'extracted once'}) in {result.seconds:.1f}s; "
+        f"`unipt runs ls --sweep {result.sweep_id}` lists them"
     )
     return 0
 
 
-def _overrides(combo: dict[str, str]) -> list[str]:
-    return [f"{key}={value}" for key, value in combo.items()]
-
-
-def _value(config: ExperimentConfig, dotted: str) -> Any:
-    return getattr(config.train, dotted.partition(".")[2])
-
-
-def _describe(params: dict[str, Any]) -> str:
-    return " ".join(f"{key}={value}" for key, value in params.items())
-
-
-def _val_order(metrics: dict[str, Any]) -> tuple[int, float]:
-    value = metrics.get("val_acc")
-    if not isinstance(value, (int, float)) or math.isnan(value):
-        return (1, 0.0)  # trials without a validation score go last
-    return (0, -value)
-
-
-def _table(
-    sweep_id: str,
-    grid: dict[str, list[str]],
-    configs: list[ExperimentConfig],
-    results: list[tuple[int, str, dict[str, Any]]],
-) -> None:
-    rows = sorted(results, key=lambda r: (_val_order(r[2]), r[0]))
-    columns = ["rank", "run_id", *grid, "val_acc", "test_acc", "best_epoch"]
+def _table(result: SweepResult, keys: list[str]) -> None:
+    """The trials, best validation headline metric first."""
+    name = result.headline
+    columns = ["rank", "run_id", *keys, f"val_{name}", f"test_{name}", "best_epoch"]
     body = [
         [
             str(rank),
-            run_id,
-            *(_show(_value(configs[i], key)) for key in grid),
-            f"{metrics.get('val_acc', float('nan')):.4f}",
-            f"{metrics.get('test_acc', float('nan')):.4f}",
-            str(metrics.get("best_epoch", "-")),
+            trial.run_id,
+            *(_show(trial.params[key]) for key in keys),
+            f"{trial.metrics.get(f'val_{name}', float('nan')):.4f}",
+            f"{trial.metrics.get(f'test_{name}', float('nan')):.4f}",
+            str(trial.metrics.get("best_epoch", "-")),
         ]
-        for rank, (i, run_id, metrics) in enumerate(rows, start=1)
+        for rank, trial in enumerate(result.results, start=1)
     ]
     widths = [max(len(row[c]) for row in [columns, *body]) for c in range(len(columns))]
     for row in [columns, *body]:

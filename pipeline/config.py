@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import UniptError
 from pipeline.storage import check_no_secrets
+from pipeline.tasks import get_task, task_names
 
 
 class _Strict(BaseModel):
@@ -143,10 +144,11 @@ class TrainConfig(_Strict):
     shuffle_buffer_blocks: int = Field(4, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     linear_probe: bool = Field(True, description="Also fit the last-layer linear-probe baseline.")
-    task: Literal["classification", "regression", "retrieval"] = Field(
+    task: str = Field(
         "classification",
-        description="classification (accuracy, macro-F1), regression (numeric label column; MSE; Pearson "
-        "and Spearman) or retrieval (two backbones' caches of one dataset; InfoNCE; R@1/5/10, rSum).",
+        description="A registered task (pipeline/tasks.py): classification (accuracy, macro-F1), regression "
+        "(numeric label column; MSE; Pearson and Spearman) or retrieval (two backbones' caches of one "
+        "dataset; InfoNCE; R@1/5/10, rSum).",
     )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many epochs without a better validation score; None = off."
@@ -180,6 +182,13 @@ class TrainConfig(_Strict):
             logging.getLogger("unipt").warning(message)
             return word
         return amp
+
+    @field_validator("task")
+    @classmethod
+    def _registered_task(cls, task: str) -> str:
+        if task not in task_names():
+            raise ValueError(f"unknown task {task!r}; choose one of {', '.join(task_names())}")
+        return task
 
 
 class StorageConfig(_Strict):
@@ -237,14 +246,14 @@ class ExperimentConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _retrieval_has_two_backbones(self) -> ExperimentConfig:
-        if self.train.task != "retrieval":
+    def _enough_backbones_for_the_task(self) -> ExperimentConfig:
+        if get_task(self.train.task).caches < 2:
             return self
         names = list(self.named_backbones)
         if len(names) < 2:
             raise ValueError(
-                "train.task retrieval needs two backbones over one dataset: name them under `backbones` "
-                "(e.g. {image: ..., text: ...})"
+                f"train.task {self.train.task} needs two backbones over one dataset: name them under "
+                "`backbones` (e.g. {image: ..., text: ...})"
             )
         pair = self.train.retrieval_pair or names[:2]
         unknown = [name for name in pair if name not in names]

@@ -32,6 +32,7 @@ from pipeline.config import DatasetConfig
 from pipeline.errors import UniptError
 from pipeline.hashing import canonical_json
 from pipeline.images import IMAGE_COLUMN, IMAGE_TYPE, image_digest, load_image, make_image
+from pipeline.tasks import get_task
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
@@ -84,7 +85,7 @@ class _RawExamples:
 
 
 def load_dataset(config: DatasetConfig, task: str = "classification") -> DatasetTable:
-    """``task`` is ``train.task``: for ``regression`` the label column holds numbers, kept as float64."""
+    """``task`` is ``train.task``: a task with numeric labels (regression) keeps them as float64."""
     raw = _read_source(config)
     return normalize(raw, config, task)
 
@@ -238,14 +239,14 @@ def normalize(raw: _RawExamples, config: DatasetConfig, task: str = "classificat
         inputs: list = list(zip(images, texts, strict=True))
     else:
         inputs = texts if texts is not None else images
-    regression = task == "regression"
+    regression = get_task(task).label_kind == "numeric"
     clean = _numeric_label if regression else _clean_label
     labels = [clean(label, index) for index, label in enumerate(raw.labels)]
     # Regression labels are values, not classes: no names, and the fingerprint hashes the numbers.
     label_names = [] if regression else sorted(set(labels), key=_natural_key)
     if not regression and len(label_names) < 2:
         raise UniptError(
-            f"dataset {config.source} has a single label {label_names}; classification needs two or more"
+            f"dataset {config.source} has a single label {label_names}; train.task {task} needs two or more"
         )
     if raw.ids is not None:
         ids = [str(i) for i in raw.ids]

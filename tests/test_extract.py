@@ -10,19 +10,19 @@ import torch
 
 from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
+from pipeline import experiment
 from pipeline.cache import CacheReader
-from pipeline.cli import do_extract, prepare
 from pipeline.config import load_config
 from pipeline.errors import UniptError
 
 
 @pytest.fixture
 def prepared(tiny_config):
-    return prepare(load_config(tiny_config))
+    return experiment.prepare(load_config(tiny_config))
 
 
 def test_cache_holds_exactly_what_the_backbone_produced(ray_session, prepared, tiny_bert_dir):
-    result = do_extract(prepared, None, progress=False)
+    result = experiment.extract(prepared, progress=False)
     assert not result.cache_hit and result.examples == 240
     reader = CacheReader(result.path)
     assert reader.layers == [0, 1, 2]  # embeddings + 2 layers
@@ -56,20 +56,20 @@ def test_cache_holds_exactly_what_the_backbone_produced(ray_session, prepared, t
 
 
 def test_second_extraction_is_a_cache_hit(ray_session, prepared):
-    first = do_extract(prepared, None, progress=False)
+    first = experiment.extract(prepared, progress=False)
     t0 = time.perf_counter()
-    second = do_extract(prepared, None, progress=False)
+    second = experiment.extract(prepared, progress=False)
     assert second.cache_hit and second.path == first.path
     assert time.perf_counter() - t0 < 2.0  # no worker, no backbone load
 
 
 def test_layer_subset_and_out_of_range(ray_session, tiny_config):
-    subset = prepare(load_config(tiny_config, ["backbone.layers=[0, 2]"]))
-    reader = CacheReader(do_extract(subset, None, progress=False).path)
+    subset = experiment.prepare(load_config(tiny_config, ["backbone.layers=[0, 2]"]))
+    reader = CacheReader(experiment.extract(subset, progress=False).path)
     assert reader.layers == [0, 2]
-    wrong = prepare(load_config(tiny_config, ["backbone.layers=[0, 7]"]))
+    wrong = experiment.prepare(load_config(tiny_config, ["backbone.layers=[0, 7]"]))
     with pytest.raises(UniptError, match=r"layers \[7\] out of range"):
-        do_extract(wrong, None, progress=False)
+        experiment.extract(wrong, progress=False)
     assert not wrong.cache_root.has(wrong.key)
 
 
@@ -85,7 +85,7 @@ def test_pickle_only_backbone_is_refused_before_any_work(tmp_path, tiny_bert_dir
     with pytest.raises(
         UniptError, match=r"only pickled weights \(pytorch_model.bin\); convert them to safetensors"
     ):
-        prepare(load_config(config))
+        experiment.prepare(load_config(config))
 
 
 def test_worker_failure_is_one_clear_error_and_nothing_is_committed(
@@ -99,10 +99,12 @@ def test_worker_failure_is_one_clear_error_and_nothing_is_committed(
     shutil.copytree(tiny_bert_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download
-    prep = prepare(load_config(write_config(tmp_path / "c.yaml", str(sentiment_csv), str(broken), tmp_path)))
+    prep = experiment.prepare(
+        load_config(write_config(tmp_path / "c.yaml", str(sentiment_csv), str(broken), tmp_path))
+    )
     with pytest.raises(
         UniptError, match="extraction failed in a Ray worker: .+; any finished shards are kept"
     ) as info:
-        do_extract(prep, None, progress=False)
+        experiment.extract(prep, progress=False)
     assert "\n" not in str(info.value)
     assert not prep.cache_root.has(prep.key) and prep.cache_root.keys() == []

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import experiment
 from pipeline.cache import CacheReader
 from pipeline.cache_admin import verify
-from pipeline.cli import prepare
 from pipeline.config import load_config
 from tests.conftest import write_config
 
@@ -42,7 +42,7 @@ def slow_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def key(slow_config: Path) -> str:
-    return prepare(load_config(slow_config)).key
+    return experiment.prepare(load_config(slow_config)).key
 
 
 def _extract(config: Path, cache_root: Path, log: Path) -> subprocess.Popen:

@@ -8,8 +8,8 @@ import torch
 
 from extract.backbones import load_backbone
 from extract.spec import BackboneLoadSpec
+from pipeline import experiment
 from pipeline.cache import CacheReader
-from pipeline.cli import do_extract, prepare
 from pipeline.config import load_config
 from pipeline.errors import UniptError
 from tests.conftest import write_config
@@ -27,12 +27,12 @@ def _image_config(tmp_path, backbone: str, **backbone_options):
         backbone={"name_or_path": backbone, "batch_size": 8, **backbone_options},
         extract={"shard_size": 10, "chunk_rows": 64},
     )
-    return prepare(load_config(path))
+    return experiment.prepare(load_config(path))
 
 
 def test_efficientnet_stages_land_as_feature_maps(ray_session, tmp_path):
     prep = _image_config(tmp_path, "bundled:efficientnet-lite0", layers=[3, 4, 8])
-    result = do_extract(prep, None, progress=False)
+    result = experiment.extract(prep, progress=False)
     reader = CacheReader(result.path)
     assert reader.layers == [3, 4, 8] and reader.hidden_sizes == {3: 40, 4: 80, 8: 1280}
     assert reader.attrs["grids"] == {"3": [14, 14], "4": [7, 7], "8": [4, 4]}
@@ -51,12 +51,12 @@ def test_efficientnet_stages_land_as_feature_maps(ray_session, tmp_path):
                     want.astype(np.float32),
                     atol=2e-2,
                 )
-    assert do_extract(prep, None, progress=False).cache_hit  # the second request loads no backbone
+    assert experiment.extract(prep, progress=False).cache_hit  # the second request loads no backbone
 
 
 def test_vit_tokens_land_as_sequences(ray_session, tmp_path, tiny_vit_dir):
     prep = _image_config(tmp_path, str(tiny_vit_dir))
-    reader = CacheReader(do_extract(prep, None, progress=False).path)
+    reader = CacheReader(experiment.extract(prep, progress=False).path)
     assert reader.layers == [0, 1, 2] and reader.attrs["grids"] == {}
     assert reader.examples.column("length").to_pylist() == [17] * 24  # 16 patches + CLS
     backbone = load_backbone(BackboneLoadSpec(str(tiny_vit_dir), device="cpu"))
@@ -70,5 +70,5 @@ def test_vit_tokens_land_as_sequences(ray_session, tmp_path, tiny_vit_dir):
 def test_a_text_backbone_on_images_is_one_clear_error(ray_session, tmp_path, tiny_bert_dir):
     prep = _image_config(tmp_path, str(tiny_bert_dir))
     with pytest.raises(UniptError, match="reads texts but the dataset holds images"):
-        do_extract(prep, None, progress=False)
+        experiment.extract(prep, progress=False)
     assert prep.cache_root.keys() == []

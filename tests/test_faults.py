@@ -32,7 +32,7 @@ from pipeline.errors import UniptError
 from pipeline.storage import Location
 from tests.conftest import KEY, build_cache, example_table, make_sentiment_rows, write_config, write_csv
 from train.checkpoint import CHECKPOINT_FILE
-from train.loop import train_classifier
+from train.tasks import train_task
 
 # --- disk full -----------------------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ KILLED_RUN = textwrap.dedent(
     from pipeline.cache import CacheReader
     from pipeline.config import TrainConfig
     from train import loader
-    from train.loop import train_classifier
+    from train.tasks import train_task
 
     torch.set_num_threads(1)
     real_epoch = loader.CacheBatches.epoch
@@ -218,7 +218,7 @@ KILLED_RUN = textwrap.dedent(
     loader.CacheBatches.epoch = epoch
     config = TrainConfig.model_validate_json(sys.argv[3])
     checkpoint = pathlib.Path(sys.argv[2])
-    train_classifier(CacheReader(sys.argv[1]), config, 3, progress=False, checkpoint=checkpoint)
+    train_task(CacheReader(sys.argv[1]), config, 3, progress=False, checkpoint=checkpoint)
     """
 )
 
@@ -248,10 +248,8 @@ def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path)
     torch.set_num_threads(1)  # as in the killed process: CPU sums depend on the thread count
     try:
         reader = CacheReader(store)
-        resumed = train_classifier(
-            reader, CONFIG, 3, progress=False, checkpoint=checkpoint, resume=checkpoint
-        )
-        uninterrupted = train_classifier(reader, CONFIG, 3, progress=False)
+        resumed = train_task(reader, CONFIG, 3, progress=False, checkpoint=checkpoint, resume=checkpoint)
+        uninterrupted = train_task(reader, CONFIG, 3, progress=False)
     finally:
         torch.set_num_threads(threads)
     assert _without_timing(resumed) == _without_timing(uninterrupted)
@@ -270,7 +268,7 @@ def _gc(capsys: pytest.CaptureFixture, root: Path) -> str:
 def test_gc_while_training_reads_skips_that_cache_and_training_finishes(tmp_path, capsys):
     reference = CacheRoot(tmp_path / "reference" / "cache")
     build_cache(reference, LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=5, splits=SPLITS)
-    expected = train_classifier(CacheReader(reference.location(KEY)), CONFIG, 3, progress=False)
+    expected = train_task(CacheReader(reference.location(KEY)), CONFIG, 3, progress=False)
 
     root = CacheRoot(tmp_path / "cache")
     build_cache(root, LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=5, splits=SPLITS)  # the same bytes
@@ -283,7 +281,7 @@ def test_gc_while_training_reads_skips_that_cache_and_training_finishes(tmp_path
             outputs.append(_gc(capsys, tmp_path))
 
     reader = CacheReader(root.location(KEY))
-    result = train_classifier(reader, CONFIG, 3, progress=False, on_epoch_end=gc_mid_training)
+    result = train_task(reader, CONFIG, 3, progress=False, on_epoch_end=gc_mid_training)
     (out,) = outputs
     assert f"skipping {KEY}: a running process is reading it" in out
     assert f"removing {other}" in out and "removed 1 cache(s)" in out

@@ -8,9 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline import experiment
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_open import open_cache
-from pipeline.cli import do_extract, do_train, main, prepare
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UniptError
 from pipeline.hdf5 import HDF5CacheReader, export_hdf5
@@ -63,9 +64,9 @@ def test_not_a_cache_file_is_a_clear_error(tmp_path):
 
 
 def test_training_on_the_hdf5_export_gives_the_same_results(ray_session, tiny_config, tmp_path, capsys):
-    prep = prepare(load_config(tiny_config, ["train.epochs=3"]))
-    zarr_path = do_extract(prep, None, progress=False).path
-    from_zarr = do_train(prep, progress=False)
+    prep = experiment.prepare(load_config(tiny_config, ["train.epochs=3"]))
+    zarr_path = experiment.extract(prep, progress=False).path
+    from_zarr = experiment.train(prep, progress=False)
 
     out = tmp_path / "cache.h5"
     code = main(
@@ -81,12 +82,10 @@ def test_training_on_the_hdf5_export_gives_the_same_results(ray_session, tiny_co
         ]
     )
     assert code == 0 and out.is_file()
-    from_h5 = do_train(
-        prep, progress=False, reader=open_cache(out, expect={"backbone": prep.key_fields["backbone"]})
-    )
+    from_h5 = experiment.train(prep, open_cache(out, expect={"backbone": prep.key_fields["backbone"]}))
     for name in COMPARED:
-        assert from_h5["metrics"][name] == from_zarr["metrics"][name], name
-    assert [h["train_loss"] for h in from_h5["history"]] == [h["train_loss"] for h in from_zarr["history"]]
+        assert from_h5.metrics[name] == from_zarr.metrics[name], name
+    assert [h["train_loss"] for h in from_h5.history] == [h["train_loss"] for h in from_zarr.history]
 
     # The command a user runs: `unipt train CONFIG --cache file.h5`, recorded with the file as its source.
     runs = tmp_path / "runs-h5"
@@ -107,15 +106,14 @@ def test_training_on_the_hdf5_export_gives_the_same_results(ray_session, tiny_co
     assert code == 0
     record = read_run_record(next(runs.iterdir()))
     assert (
-        record["cache"]["path"] == str(out)
-        and record["metrics"]["test_acc"] == from_zarr["metrics"]["test_acc"]
+        record["cache"]["path"] == str(out) and record["metrics"]["test_acc"] == from_zarr.metrics["test_acc"]
     )
     assert str(zarr_path) != str(out)
 
 
 def test_hdf5_export_of_another_dataset_is_refused_for_training(ray_session, tiny_config, tmp_path):
-    prep = prepare(load_config(tiny_config))
-    do_extract(prep, None, progress=False)
+    prep = experiment.prepare(load_config(tiny_config))
+    experiment.extract(prep, progress=False)
     out = export_hdf5(CacheReader(prep.cache_root.location(prep.key)), tmp_path / "c.h5")
     with pytest.raises(UniptError, match="built for another dataset fingerprint"):
         open_cache(out, expect={"dataset_fingerprint": "0" * 64})

@@ -12,8 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline import experiment
 from pipeline.cache_open import open_cache
-from pipeline.cli import main, prepare
+from pipeline.cli import main
 from pipeline.config import DatasetConfig, load_config
 from pipeline.datasets import load_dataset
 from pipeline.errors import UniptError
@@ -91,7 +92,7 @@ def test_each_backbone_is_extracted_once_into_its_own_cache(
     paths = captured.out.split()
     assert len(paths) == 2 and captured.err.count("cache miss") == 2
 
-    prep = prepare(load_config(path))
+    prep = experiment.prepare(load_config(path))
     image, text = prep.backbones["image"], prep.backbones["text"]
     assert image.key != text.key and prep.primary is image
     assert paths == [str(prep.cache_root.location(image.key)), str(prep.cache_root.location(text.key))]

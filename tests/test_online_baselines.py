@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from extract.online import fit_online, load_online_data, train_online
+from pipeline import experiment
+from pipeline.baselines import fit_online, load_online_data, train_online
 from pipeline.cache import CacheReader
-from pipeline.cli import do_extract, prepare
 from pipeline.config import load_config
 from pipeline.errors import UniptError
 from train.loader import CacheBatches
-from train.loop import train_classifier
+from train.tasks import train_task
 
 ROOT = Path(__file__).resolve().parents[1]
 # An fp32 cache holds exactly what the backbone computed, so online and cached UniPT see the same inputs.
@@ -38,8 +38,8 @@ def fp32_setup(tmp_path_factory, tiny_bert_dir):
 @pytest.fixture(scope="module")
 def fp32_cache(fp32_setup, ray_session):
     config_path, config = fp32_setup
-    prep = prepare(config)
-    reader = CacheReader(do_extract(prep, None, progress=False).path)
+    prep = experiment.prepare(config)
+    reader = CacheReader(experiment.extract(prep, progress=False).path)
     return prep, reader
 
 
@@ -55,10 +55,7 @@ def online_data(fp32_cache):
 def test_online_batches_are_the_cache_batches(fp32_cache, online_data):
     prep, reader = fp32_cache
     train = prep.config.train
-    cached = CacheBatches(
-        reader, "train", reader.layers, train.batch_size, shuffle=True, seed=0,
-        block_examples=train.block_examples, shuffle_buffer_blocks=train.shuffle_buffer_blocks,
-    )  # fmt: skip
+    cached = CacheBatches.for_split(reader, "train", train, seed=0, shuffle=True)
     online = online_data.batches("train", True, train, 0, online_data.hidden_states)
     assert len(online) == len(cached)
     for epoch in (0, 1):
@@ -73,7 +70,7 @@ def test_online_batches_are_the_cache_batches(fp32_cache, online_data):
 
 def test_unipt_online_trains_the_same_model_as_unipt_from_cache(fp32_cache, online_data):
     prep, reader = fp32_cache
-    cached = train_classifier(reader, prep.config.train, seed=0, progress=False)
+    cached = train_task(reader, prep.config.train, seed=0, progress=False)
     online, _ = fit_online(online_data, prep.config.train, seed=0, method="unipt-online")
     for key in ("val_acc", "val_f1", "test_acc", "test_f1", "best_epoch", "trainable_params"):
         assert online.metrics[key] == pytest.approx(cached.metrics[key]), key

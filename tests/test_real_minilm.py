@@ -7,8 +7,8 @@ import pytest
 
 from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
+from pipeline import experiment
 from pipeline.cache import CacheReader
-from pipeline.cli import do_extract, do_train, prepare
 from pipeline.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,8 @@ def test_minilm_on_rotten_tomatoes(ray_session, tmp_path):
             f"storage.runs_root={tmp_path / 'runs'}",
         ],
     )
-    prep = prepare(config)
-    result = do_extract(prep, None, progress=False)
+    prep = experiment.prepare(config)
+    result = experiment.extract(prep, progress=False)
     reader = CacheReader(result.path)
     assert reader.layers == list(range(7))  # embeddings + 6 transformer layers
     assert set(reader.hidden_sizes.values()) == {384}
@@ -46,10 +46,10 @@ def test_minilm_on_rotten_tomatoes(ray_session, tmp_path):
         )
         np.testing.assert_array_equal(cached, encoded.layers[layer])
 
-    trained = do_train(prep, progress=False)
-    metrics = trained["metrics"]
+    trained = experiment.train(prep, progress=False)
+    metrics = trained.metrics
     # 300 examples is a smoke-sized sample: both learn something, neither is measured here.
     assert metrics["probe_test_acc"] > 0.6
     assert metrics["test_acc"] > 0.6
-    assert trained["history"][-1]["train_loss"] < trained["history"][0]["train_loss"]
-    assert len(trained["layer_weights"]) == 6
+    assert trained.history[-1]["train_loss"] < trained.history[0]["train_loss"]
+    assert len(trained.layer_weights) == 6

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import experiment
 from pipeline.cache import CacheReader, CacheRoot
-from pipeline.cli import do_extract, prepare
 from pipeline.config import TrainConfig, load_config
 from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache, save_tiny_bert, write_config
 from train.metrics import match_ranks, retrieval_metrics
-from train.retrieval import evaluate_retrieval, paired_batches, retrieval_metrics_chunked, train_retrieval
+from train.retrieval import evaluate_retrieval, paired_batches, retrieval_metrics_chunked
+from train.tasks import train_task
 
 
 def test_recall_and_rsum_by_hand():
@@ -37,7 +38,7 @@ def test_caches_of_different_examples_are_refused(tmp_path):
     build_cache(CacheRoot(tmp_path / "b"), lengths + [3], {0: 4, 1: 4})
     one, two = (CacheReader(CacheRoot(tmp_path / name).location(KEY)) for name in "ab")
     with pytest.raises(UniptError, match="hold different examples"):
-        train_retrieval(one, two, TrainConfig(task="retrieval", epochs=1), seed=0, progress=False)
+        train_task([one, two], TrainConfig(task="retrieval", epochs=1), seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +53,16 @@ def test_retrieval_across_two_backbones_learns_to_match_examples(
     readers = []
     for name, backbone in (("query", tiny_bert_dir), ("gallery", second_bert_dir)):
         config = write_config(tmp_path / f"{name}.yaml", str(sentiment_csv), str(backbone), tmp_path)
-        readers.append(CacheReader(do_extract(prepare(load_config(config)), None, progress=False).path))
+        readers.append(
+            CacheReader(experiment.extract(experiment.prepare(load_config(config)), progress=False).path)
+        )
     query, gallery = readers
     assert query.hidden_sizes[2] == 32 and gallery.hidden_sizes[2] == 48
 
     config = TrainConfig(
         task="retrieval", epochs=10, batch_size=16, lr=2e-3, warmup_ratio=0.3, dropout=0.0, embed_size=32
     )
-    result = train_retrieval(query, gallery, config, seed=0, progress=False)
+    result = train_task([query, gallery], config, seed=0, progress=False)
     m = result.metrics
     for split in ("val", "test"):
         for key in ("q2g_r1", "q2g_r5", "q2g_r10", "g2q_r1", "g2q_r5", "g2q_r10"):

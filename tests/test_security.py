@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import experiment
 from pipeline.cache import CacheRoot
 from pipeline.cache_layout import LayerSpec, StoreLayout
 from pipeline.cache_writer import CacheBuilder, write_shard
-from pipeline.cli import main, prepare
+from pipeline.cli import main
 from pipeline.config import BackboneConfig, load_config
 from pipeline.errors import UniptError
 from pipeline.storage import Location
@@ -127,7 +128,7 @@ def test_pickled_weights_are_refused_unless_allow_pickle(tmp_path, tiny_bert_dir
     assert CacheRoot(tmp_path / "cache").keys() == [] and CacheRoot(tmp_path / "cache").partial_keys() == []
 
     # Opted in: the .bin is hashed into the cache key and loads (through torch.load(weights_only=True)).
-    prep = prepare(load_config(config, ["backbone.allow_pickle=true"]))
+    prep = experiment.prepare(load_config(config, ["backbone.allow_pickle=true"]))
     assert len(prep.key) == 32
     texts = ["a great film", "dull"]
     opted = HFTextBackbone(BackboneLoadSpec(str(pickled), allow_pickle=True, device="cpu"))
@@ -272,7 +273,7 @@ SECRETS = {
 
 def _cache_for(config: Path) -> None:
     """A committed cache under the config's key (random activations): training reads it like any other."""
-    prep = prepare(load_config(config))
+    prep = experiment.prepare(load_config(config))
     table = prep.dataset.table
     rng = np.random.default_rng(0)
     lengths = [int(n) for n in rng.integers(2, 8, size=table.num_rows)]

@@ -15,7 +15,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache
 from train.checkpoint import CHECKPOINT_FILE, resolve_checkpoint
-from train.loop import train_classifier
+from train.tasks import train_task
 
 LENGTHS = [4, 6, 3, 5, 7, 2, 6, 5, 4, 3, 6, 5, 4, 5, 3, 6]
 SPLITS = ["train"] * 10 + ["val"] * 3 + ["test"] * 3
@@ -46,18 +46,16 @@ def _stop_after(epochs: int):
 
 def test_resume_after_an_interrupted_epoch_reaches_the_uninterrupted_result(tmp_path):
     reader = _reader(tmp_path / "cache")
-    uninterrupted = train_classifier(reader, CONFIG, seed=3, progress=False)
+    uninterrupted = train_task(reader, CONFIG, seed=3, progress=False)
 
     checkpoint = tmp_path / "run" / CHECKPOINT_FILE
     with pytest.raises(Interrupted):
-        train_classifier(
-            reader, CONFIG, seed=3, progress=False, checkpoint=checkpoint, on_epoch_end=_stop_after(1)
-        )
+        train_task(reader, CONFIG, seed=3, progress=False, checkpoint=checkpoint, on_epoch_end=_stop_after(1))
     saved = torch.load(checkpoint, weights_only=True)  # plain tensors and types only
     assert saved["epoch"] == 1 and len(saved["history"]) == 1
     assert not list(checkpoint.parent.glob(".*.tmp"))  # written via a temporary file, then renamed
 
-    resumed = train_classifier(
+    resumed = train_task(
         reader,
         CONFIG,
         seed=3,
@@ -74,33 +72,29 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
     reader = _reader(tmp_path / "cache")
     checkpoint = tmp_path / "run" / CHECKPOINT_FILE
     with pytest.raises(Interrupted):
-        train_classifier(
-            reader, CONFIG, seed=3, progress=False, checkpoint=checkpoint, on_epoch_end=_stop_after(1)
-        )
+        train_task(reader, CONFIG, seed=3, progress=False, checkpoint=checkpoint, on_epoch_end=_stop_after(1))
     with pytest.raises(UniptError, match=r"train\.lr was 0\.001, now 0\.5"):
-        train_classifier(
-            reader, CONFIG.model_copy(update={"lr": 0.5}), seed=3, progress=False, resume=checkpoint
-        )
+        train_task(reader, CONFIG.model_copy(update={"lr": 0.5}), seed=3, progress=False, resume=checkpoint)
     with pytest.raises(UniptError, match="seed was 3, now 4"):
-        train_classifier(reader, CONFIG, seed=4, progress=False, resume=checkpoint)
+        train_task(reader, CONFIG, seed=4, progress=False, resume=checkpoint)
     with pytest.raises(UniptError, match="no checkpoint at"):
         resolve_checkpoint(tmp_path / "elsewhere")
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(UniptError, match="could not be read"):
-        train_classifier(reader, CONFIG, seed=3, progress=False, resume=checkpoint)
+        train_task(reader, CONFIG, seed=3, progress=False, resume=checkpoint)
 
 
 def test_early_stopping_ends_after_patience_epochs_without_improvement(tmp_path):
     reader = _reader(tmp_path / "cache")
     config = CONFIG.model_copy(update={"epochs": 30, "early_stopping_patience": 2, "lr": 0.05})
-    result = train_classifier(reader, config, seed=0, progress=False)
+    result = train_task(reader, config, seed=0, progress=False)
     epochs = len(result.history)
     assert epochs < 30 and result.metrics["stopped_early"] is True
     assert epochs == result.metrics["best_epoch"] + 2
     best = max(h["val_acc"] for h in result.history)
     assert result.history[result.metrics["best_epoch"] - 1]["val_acc"] == best
     assert all(h["val_acc"] <= best for h in result.history[-2:])
-    without = train_classifier(reader, config.model_copy(update={"early_stopping_patience": None}), 0, False)
+    without = train_task(reader, config.model_copy(update={"early_stopping_patience": None}), 0, False)
     assert len(without.history) == 30 and without.metrics["stopped_early"] is False
 
 
@@ -124,7 +118,7 @@ def _regression_reader(tmp_path, n: int = 120):
 def test_regression_learns_a_numeric_target_and_reports_correlations(tmp_path):
     reader, targets = _regression_reader(tmp_path)
     config = TrainConfig(task="regression", epochs=15, batch_size=8, lr=5e-3, embed_size=16, dropout=0.0)
-    result = train_classifier(reader, config, seed=0, progress=False)
+    result = train_task(reader, config, seed=0, progress=False)
     m = result.metrics
     assert set(m) >= {"val_mse", "val_pearson", "val_spearman", "test_mse", "test_pearson", "test_spearman"}
     assert m["test_pearson"] > 0.6 and m["test_spearman"] > 0.6, m
@@ -132,15 +126,15 @@ def test_regression_learns_a_numeric_target_and_reports_correlations(tmp_path):
     assert all(-1.0 <= h["val_pearson"] <= 1.0 for h in result.history)
 
     with pytest.raises(UniptError, match="set train.task: regression"):
-        train_classifier(reader, config.model_copy(update={"task": "classification"}), 0, False)
+        train_task(reader, config.model_copy(update={"task": "classification"}), 0, False)
 
 
 def test_regression_refuses_a_cache_of_class_labels(tmp_path):
     reader = _reader(tmp_path)
     with pytest.raises(UniptError, match="holds class labels"):
-        train_classifier(reader, TrainConfig(task="regression"), 0, False)
+        train_task(reader, TrainConfig(task="regression"), 0, False)
     with pytest.raises(UniptError, match="two caches"):
-        train_classifier(reader, TrainConfig(task="retrieval"), 0, False)
+        train_task(reader, TrainConfig(task="retrieval"), 0, False)
 
 
 def test_amp_is_off_on_cpu(tmp_path):
@@ -149,7 +143,5 @@ def test_amp_is_off_on_cpu(tmp_path):
     for setting in ("auto", "off", "bf16", "fp16"):
         assert amp_dtype(setting, torch.device("cpu")) is None
     assert math.isfinite(
-        train_classifier(_reader(tmp_path), CONFIG.model_copy(update={"amp": "fp16"}), 0, False).metrics[
-            "val_acc"
-        ]
+        train_task(_reader(tmp_path), CONFIG.model_copy(update={"amp": "fp16"}), 0, False).metrics["val_acc"]
     )

@@ -7,7 +7,7 @@ import math
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.config import TrainConfig
 from tests.conftest import KEY, build_cache
-from train.loop import train_classifier
+from train.tasks import train_task
 
 LENGTHS = [4, 6, 3, 5, 7, 2, 6, 5, 4, 3, 6, 5]
 
@@ -20,19 +20,17 @@ def _reader(tmp_path, splits):
 def test_same_seed_same_result(tmp_path):
     reader = _reader(tmp_path, ["train"] * 8 + ["val"] * 2 + ["test"] * 2)
     config = TrainConfig(epochs=3, batch_size=4, block_examples=3, embed_size=8)
-    one, two = (train_classifier(reader, config, seed=7, progress=False) for _ in range(2))
+    one, two = (train_task(reader, config, seed=7, progress=False) for _ in range(2))
     assert [h["train_loss"] for h in one.history] == [h["train_loss"] for h in two.history]
     assert one.layer_weights == two.layer_weights
     assert one.metrics["best_epoch"] == two.metrics["best_epoch"]
-    three = train_classifier(reader, config, seed=8, progress=False)
+    three = train_task(reader, config, seed=8, progress=False)
     assert [h["train_loss"] for h in three.history] != [h["train_loss"] for h in one.history]
 
 
 def test_without_validation_the_lowest_training_loss_wins(tmp_path):
     reader = _reader(tmp_path, ["train"] * 10 + ["test"] * 2)
-    result = train_classifier(
-        reader, TrainConfig(epochs=3, batch_size=4, embed_size=8), seed=0, progress=False
-    )
+    result = train_task(reader, TrainConfig(epochs=3, batch_size=4, embed_size=8), seed=0, progress=False)
     losses = [h["train_loss"] for h in result.history]
     assert result.metrics["best_epoch"] == losses.index(min(losses)) + 1
     assert math.isnan(result.metrics["val_acc"]) and 0.0 <= result.metrics["test_acc"] <= 1.0

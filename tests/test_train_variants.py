@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import experiment
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_layout import LayerSpec, StoreLayout
 from pipeline.cache_writer import CacheBuilder, write_shard
-from pipeline.cli import do_extract, prepare
 from pipeline.config import TrainConfig, load_config
 from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache, example_table, write_config
 from train.loader import CacheBatches
-from train.loop import train_classifier
 from train.models import build_model
 from train.probe import linear_probe, pooled_features
+from train.tasks import train_task
 from train.unipt import UniPTClassifier
 from train.unipt_clip4clip import UniPTClip4ClipClassifier
 from train.unipt_cnn import UniPTCNNClassifier
@@ -106,12 +106,12 @@ def test_cnn_variant_refuses_stages_whose_grids_do_not_divide(tmp_path):
     with pytest.raises(
         UniptError, match=r"layer: grid 3: 6x6, 5: 4x4\): every grid must be an integer multiple"
     ):
-        train_classifier(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
+        train_task(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
 
 
 def test_training_each_variant_on_small_synthetic_caches(tmp_path, map_cache):
     reader, _ = map_cache
-    cnn = train_classifier(
+    cnn = train_task(
         reader, TrainConfig(variant="cnn", epochs=2, batch_size=3, embed_size=8), seed=0, progress=False
     )
     assert len(cnn.history) == 2 and len(cnn.layer_weights) == 2
@@ -122,7 +122,7 @@ def test_training_each_variant_on_small_synthetic_caches(tmp_path, map_cache):
     )
     tokens = CacheReader(CacheRoot(tmp_path / "tokens").location(KEY))
     config = TrainConfig(variant="clip4clip", epochs=2, batch_size=4)
-    one, two = (train_classifier(tokens, config, seed=3, progress=False) for _ in range(2))
+    one, two = (train_task(tokens, config, seed=3, progress=False) for _ in range(2))
     assert len(one.layer_weights) == 2 and one.layer_weights == two.layer_weights
     assert [h["train_loss"] for h in one.history] == [h["train_loss"] for h in two.history]
     # clip4clip's extra parameters: each layer's ReLU->Linear (no LayerNorm) plus the anchor's own one.
@@ -148,8 +148,8 @@ def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path
         train={"variant": "cnn", "epochs": 2, "batch_size": 16, "linear_probe": False},
     )
     config = load_config(path)
-    prep = prepare(config)
-    reader = CacheReader(do_extract(prep, None, progress=False).path)
+    prep = experiment.prepare(config)
+    reader = CacheReader(experiment.extract(prep, progress=False).path)
     assert [tuple(reader.layer_spec(layer).grid) for layer in reader.layers] == [
         (56, 56),
         (28, 28),
@@ -164,7 +164,7 @@ def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path
             want = reader.read_example(int(index), layer).astype(np.float32).transpose(2, 0, 1)
             np.testing.assert_array_equal(maps[row].numpy(), want)
 
-    result = train_classifier(reader, config.train, seed=0, progress=False)
+    result = train_task(reader, config.train, seed=0, progress=False)
     assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)
     assert 0.0 <= result.metrics["test_acc"] <= 1.0 and 0.0 <= result.metrics["val_acc"] <= 1.0
     assert len(result.layer_weights) == 3  # one per non-anchor stage
@@ -172,7 +172,7 @@ def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path
     assert result.metrics["trainable_params"] > 0
 
     with pytest.raises(UniptError, match="set train.variant: cnn"):
-        train_classifier(reader, TrainConfig(epochs=1), seed=0, progress=False)
+        train_task(reader, TrainConfig(epochs=1), seed=0, progress=False)
 
     # The linear probe pools the last stage's map over its positions.
     features, labels = pooled_features(reader, "train", reader.layers[-1])
@@ -194,11 +194,11 @@ def test_clip4clip_variant_trains_from_a_tiny_bert_cache(ray_session, tmp_path, 
         train={"variant": "clip4clip", "epochs": 2, "batch_size": 16, "linear_probe": False},
     )
     config = load_config(path)
-    reader = CacheReader(do_extract(prepare(config), None, progress=False).path)
+    reader = CacheReader(experiment.extract(experiment.prepare(config), progress=False).path)
     assert reader.layers == [0, 1, 2]
-    result = train_classifier(reader, config.train, seed=0, progress=False)
+    result = train_task(reader, config.train, seed=0, progress=False)
     assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)
     assert 0.0 <= result.metrics["test_acc"] <= 1.0
     assert len(result.layer_weights) == 2  # embeddings and layer 1; layer 2 is the anchor
     with pytest.raises(UniptError, match="holds token sequences"):
-        train_classifier(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
+        train_task(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)

@@ -1,7 +1,14 @@
-"""Train UniPT from a cache for classification or regression; the epoch loop itself is train.fit.fit."""
+"""Single-cache training: a model over one cache's layers, a task's head, and the shared epoch loop.
+
+A task that trains one model on one cache (classification, regression) supplies a :class:`Head`: how
+many outputs the model has, its loss, and how its outputs become metrics. :func:`train_single_cache`
+builds the UniPT variant, the batches and the :class:`train.fit.Task`; :func:`fit_head` is the part
+shared with the backbone-in-memory baselines, which feed the same heads from a live backbone.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,14 +16,14 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
-from train.fit import FitResult, Task, fit, pick_device, warmup_cosine  # noqa: F401 (re-exported)
+from pipeline.tasks import get_task
+from train.fit import FitResult, Task, fit, pick_device
 from train.loader import Batch, CacheBatches
-from train.metrics import accuracy, macro_f1, pearson, spearman
 from train.models import build_model
 
 
@@ -30,123 +37,107 @@ class BatchSource(Protocol):
 
 @dataclass
 class TrainResult:
-    metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
     layer_weights: list[float] = field(default_factory=list)  # mean confidence per layer on test
+    gallery_layer_weights: list[float] | None = None  # two-cache tasks: the second side's
+    model: nn.Module | None = None  # holding the best epoch's weights
 
 
-def train_classifier(
+@dataclass
+class TrainOptions:
+    """How a training run reports and persists itself; none of it changes what is computed."""
+
+    progress: bool = True
+    checkpoint: Path | None = None  # written after every epoch
+    resume: Path | None = None  # a checkpoint to continue from
+    meta: dict[str, Any] | None = None  # stored in each checkpoint as is (e.g. the run id)
+    on_epoch_end: Callable[[int], None] | None = None  # after an epoch's checkpoint is written
+
+
+@dataclass
+class Head:
+    """What a single-cache task puts on top of the model's outputs."""
+
+    outputs: int  # the model's output width
+    loss: Callable[[Tensor, Tensor], Tensor]  # (outputs [B, outputs] float32, labels [B] on device)
+    collect: Callable[[Tensor], Tensor]  # one batch's outputs -> what the metrics need, on the CPU
+    metrics: Callable[[Tensor, Tensor], dict[str, float]]  # (all collected, all labels) -> the task's metrics
+
+
+def train_single_cache(
     reader: ActivationCache,
     config: TrainConfig,
     seed: int,
-    progress: bool = True,
-    checkpoint: Path | None = None,
-    resume: Path | None = None,
-    meta: dict[str, Any] | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
+    make_head: Callable[[np.ndarray], Head],
+    options: TrainOptions,
 ) -> TrainResult:
-    """UniPT on one cache for ``train.task`` classification or regression (see :func:`fit` for the rest)."""
-    if config.task == "retrieval":
-        raise UniptError(
-            "train.task 'retrieval' needs two caches of one dataset (a query and a gallery backbone); "
-            "use a config with two `backbones`"
-        )
-    _check_labels(reader, config.task)
+    """The config's UniPT variant on every layer of ``reader``; ``make_head(train_labels)`` gives the
+    task's head (a regression head standardises targets with the train split's statistics)."""
     torch.manual_seed(seed)
     device = pick_device(config.device)
-    model = build_model(config.variant, reader, config).to(device)
-
-    def batches(split: str, shuffle: bool) -> CacheBatches:
-        return CacheBatches.for_split(reader, split, config, seed, shuffle)
-
-    train_data, val_data, test_data = batches("train", True), batches("val", False), batches("test", False)
-    labels = reader.labels()[train_data.indices]
-    return fit_classifier(
-        model,
-        train_data,
-        val_data,
-        test_data,
-        config,
-        len(reader.label_names),
-        device,
-        progress,
-        seed=seed,
-        identity={"cache_key": reader.attrs.get("cache_key")},  # where the cache lives may change
-        target_stats=(float(labels.mean()), float(labels.std())) if config.task == "regression" else None,
-        checkpoint=checkpoint,
-        resume=resume,
-        meta=meta,
-        on_epoch_end=on_epoch_end,
-    )
+    splits = [CacheBatches.for_split(reader, s, config, seed, shuffle=s == "train") for s in ("train", "val")]
+    splits.append(CacheBatches.for_split(reader, "test", config, seed, shuffle=False))
+    head = make_head(reader.labels()[splits[0].indices])
+    model = build_model(config.variant, reader, config, num_outputs=head.outputs).to(device)
+    identity = {"cache_key": reader.attrs.get("cache_key")}  # where the cache lives may change
+    return fit_head(model, *splits, config, head, device, options, seed=seed, identity=identity)
 
 
-def fit_classifier(
+def fit_head(
     model: nn.Module,
     train_data: BatchSource,
     val_data: BatchSource,
     test_data: BatchSource,
     config: TrainConfig,
-    num_classes: int,
+    head: Head,
     device: torch.device,
-    progress: bool = True,
+    options: TrainOptions,
     *,
     seed: int = 0,
     identity: dict[str, Any] | None = None,
-    target_stats: tuple[float, float] | None = None,
-    checkpoint: Path | None = None,
-    resume: Path | None = None,
-    meta: dict[str, Any] | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """The optimisation shared by every way of feeding a classifier (a cache, or a backbone run online).
+    """The optimisation shared by every way of feeding a head (a cache, or a backbone run online).
 
-    ``model(hidden, mask)`` returns ``(logits, layer_weights)``; seed torch before building it. For
-    ``config.task == "regression"`` the model has one output, trained with MSE on targets standardised
-    by ``target_stats`` (train mean, std), so the loss scale does not depend on the label's units.
+    ``model(hidden, mask)`` returns ``(outputs, layer_weights)``; seed torch before building it. The
+    metric names and the one that picks the best epoch are the task's (:mod:`pipeline.tasks`).
     """
-    regression = config.task == "regression"
-    mean, std = target_stats if target_stats is not None else (0.0, 1.0)
-    std = std if std > 0 else 1.0
-    cross_entropy = nn.CrossEntropyLoss()
+    info = get_task(config.task)
 
-    def loss(batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
-        logits, _ = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
-        if regression:
-            target = (batch.labels.to(device, torch.float32) - mean) / std
-            return nn.functional.mse_loss(logits.squeeze(-1).float(), target), len(batch.labels)
-        return cross_entropy(logits.float(), batch.labels.to(device)), len(batch.labels)
-
-    def run_eval(data: BatchSource) -> dict[str, Any]:
-        if regression:
-            return evaluate_regression(model, data, device, mean, std)
-        return evaluate(model, data, device, num_classes)
+    def loss(batch: Batch, device: torch.device) -> tuple[Tensor, int]:
+        outputs, _ = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
+        return head.loss(outputs.float(), batch.labels.to(device)), len(batch.labels)
 
     def validate() -> dict[str, float]:
         if not len(val_data):
             return {}
-        return {k: v for k, v in run_eval(val_data).items() if k != "layer_weights"}
+        scores = evaluate(model, val_data, device, head, info.metrics)
+        return {k: v for k, v in scores.items() if k != "layer_weights"}
 
-    task = Task(
-        model,
-        train_data,
-        loss,
-        validate,
-        "pearson" if regression else "acc",
-        identity or {"task": config.task},
+    task = Task(model, train_data, loss, validate, info.headline, identity or {"task": config.task})
+    fitted = fit(
+        task, config, seed, device, options.progress, options.checkpoint, options.resume, options.meta,
+        options.on_epoch_end,
+    )  # fmt: skip
+    test = evaluate(model, test_data, device, head, info.metrics)
+    return TrainResult(
+        metrics=final_metrics(fitted, test, info.metrics, config, model),
+        history=fitted.history,
+        layer_weights=test["layer_weights"],
+        model=model,
     )
-    fitted = fit(task, config, seed, device, progress, checkpoint, resume, meta, on_epoch_end)
-    test = run_eval(test_data)
-    best = fitted.history[fitted.best_epoch - 1]  # its validation metrics were measured with these weights
-    names = ("mse", "pearson", "spearman") if regression else ("acc", "f1")
-    metrics: dict[str, Any] = {f"val_{n}": best.get(f"val_{n}", float("nan")) for n in names}
+
+
+def final_metrics(
+    fitted: FitResult, test: dict[str, Any], names: tuple[str, ...], config: TrainConfig, model: nn.Module
+) -> dict[str, Any]:
+    """val_* of the best epoch (measured with the weights the model now holds), test_*, and the run's
+    shape: best epoch, epochs, early stop, seconds, trainable parameters."""
+    best = fitted.history[fitted.best_epoch - 1]
+    metrics: dict[str, Any] = {f"val_{n}": best.get(f"val_{n}", math.nan) for n in names}
     metrics |= {f"test_{n}": test[n] for n in names}
-    metrics |= summary_metrics(fitted, config, model)
-    return TrainResult(metrics=metrics, history=fitted.history, layer_weights=test["layer_weights"])
-
-
-def summary_metrics(fitted: FitResult, config: TrainConfig, model: nn.Module) -> dict[str, Any]:
     epochs = len(fitted.history)
-    return {
+    return metrics | {
         "best_epoch": fitted.best_epoch,
         "epochs": epochs,
         "stopped_early": fitted.stopped_early,
@@ -156,56 +147,41 @@ def summary_metrics(fitted: FitResult, config: TrainConfig, model: nn.Module) ->
     }
 
 
-def _check_labels(reader: ActivationCache, task: str) -> None:
-    numeric = np.issubdtype(reader.labels().dtype, np.floating)
-    if task == "regression" and not numeric:
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: BatchSource, device: torch.device, head: Head, names: tuple[str, ...]
+) -> dict[str, Any]:
+    """The head's metrics (``names``) over a whole split, and the model's mean per-layer weights on it."""
+    model.eval()
+    if len(data) == 0:
+        return {**dict.fromkeys(names, math.nan), "layer_weights": []}
+    collected, labels, weights = [], [], []
+    for batch in data.epoch(0):
+        outputs, layer_weights = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
+        collected.append(head.collect(outputs))
+        labels.append(batch.labels)
+        weights.append(layer_weights.float().cpu())
+    return {
+        **head.metrics(torch.cat(collected), torch.cat(labels)),
+        "layer_weights": torch.cat(weights).mean(0).tolist(),
+    }
+
+
+def check_label_kind(reader: ActivationCache, task: str, numeric_expected: bool) -> None:
+    """Refuse a cache whose labels are not what the task reads (class ids vs numbers)."""
+    numeric = bool(np.issubdtype(reader.labels().dtype, np.floating))
+    if numeric_expected and not numeric:
         raise UniptError(
-            f"train.task is 'regression' but cache {reader.source} holds class labels; set train.task: "
-            "regression before extracting, so the label column is read as numbers"
+            f"train.task is {task!r} but cache {reader.source} holds class labels; set train.task: "
+            f"{task} before extracting, so the label column is read as numbers"
         )
-    if task == "classification" and numeric:
+    if numeric and not numeric_expected:
         raise UniptError(
             f"cache {reader.source} holds numeric (regression) labels; set train.task: regression"
         )
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: BatchSource, device: torch.device, num_classes: int) -> dict:
-    model.eval()
-    if len(data) == 0:
-        return {"acc": float("nan"), "f1": float("nan"), "layer_weights": []}
-    predictions, labels, weights = [], [], []
-    for batch in data.epoch(0):
-        logits, layer_weights = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
-        predictions.append(logits.argmax(-1).cpu())
-        labels.append(batch.labels)
-        weights.append(layer_weights.float().cpu())
-    predictions, labels = torch.cat(predictions), torch.cat(labels)
-    return {
-        "acc": accuracy(predictions, labels),
-        "f1": macro_f1(predictions, labels, num_classes),
-        "layer_weights": torch.cat(weights).mean(0).tolist(),
-    }
-
-
-@torch.no_grad()
-def evaluate_regression(
-    model: nn.Module, data: BatchSource, device: torch.device, mean: float = 0.0, std: float = 1.0
-) -> dict:
-    """MSE in the label's own units, Pearson and Spearman of the predictions against the labels."""
-    model.eval()
-    if len(data) == 0:
-        return {"mse": float("nan"), "pearson": float("nan"), "spearman": float("nan"), "layer_weights": []}
-    predictions, labels, weights = [], [], []
-    for batch in data.epoch(0):
-        outputs, layer_weights = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
-        predictions.append(outputs.squeeze(-1).double().cpu() * std + mean)
-        labels.append(batch.labels.double())
-        weights.append(layer_weights.float().cpu())
-    predictions, labels = torch.cat(predictions), torch.cat(labels)
-    return {
-        "mse": float((predictions - labels).pow(2).mean()),
-        "pearson": pearson(predictions, labels),
-        "spearman": spearman(predictions, labels),
-        "layer_weights": torch.cat(weights).mean(0).tolist(),
-    }
+def one_reader(readers: list[ActivationCache], task: str) -> ActivationCache:
+    if len(readers) != 1:
+        raise UniptError(f"train.task {task!r} trains on one cache, got {len(readers)}")
+    return readers[0]

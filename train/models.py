@@ -29,14 +29,19 @@ def is_feature_map_cache(reader: ActivationCache) -> bool:
     )
 
 
-def build_model(variant: Variant | str, reader: ActivationCache, config: TrainConfig) -> nn.Module:
-    """The classifier for ``variant`` over every layer of ``reader``; ``forward(hidden, mask)`` gives
-    ``(logits, layer_weights)`` for the batches :class:`train.loader.CacheBatches` yields."""
+def build_model(
+    variant: Variant | str, reader: ActivationCache, config: TrainConfig, num_outputs: int | None = None
+) -> nn.Module:
+    """The UniPT model for ``variant`` over every layer of ``reader``; ``forward(hidden, mask)`` gives
+    ``(outputs, layer_weights)`` for the batches :class:`train.loader.CacheBatches` yields.
+
+    ``num_outputs``: the head's width (the task's: 1 for regression); default one per class name.
+    """
     if variant not in VARIANTS:
         raise UniptError(f"unknown train.variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     layers = reader.layers
     widths = [reader.hidden_sizes[layer] for layer in layers]
-    num_classes = 1 if config.task == "regression" else len(reader.label_names)  # regression: one output
+    num_classes = len(reader.label_names) if num_outputs is None else num_outputs
     maps = is_feature_map_cache(reader)
     if maps and variant != "cnn":
         raise UniptError(

@@ -9,14 +9,16 @@ from typing import Any
 CURVES_FILE = "curves.png"
 LAYER_WEIGHTS_FILE = "layer_weights.png"
 
-# The validation metric drawn for each task, in the order they are looked for.
-_VAL_METRICS = ("val_acc", "val_pearson", "val_rsum", "val_f1", "val_spearman", "val_mse")
-
 
 def write_run_plots(
-    run_dir: str | Path, history: list[dict[str, Any]], layer_weights: list[float], layer_names: list[str]
+    run_dir: str | Path,
+    history: list[dict[str, Any]],
+    layer_weights: list[float],
+    layer_names: list[str],
+    metric: str | None = None,
 ) -> list[Path]:
-    """Save ``curves.png`` (train loss and the validation metric per epoch) and ``layer_weights.png``."""
+    """Save ``curves.png`` (train loss and ``metric``, the task's validation headline metric, per epoch)
+    and ``layer_weights.png``."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
@@ -24,7 +26,8 @@ def write_run_plots(
 
     run_dir = Path(run_dir)
     epochs = [h["epoch"] for h in history]
-    metric = next((m for m in _VAL_METRICS if any(_finite(h.get(m)) for h in history)), None)
+    if metric is not None and not any(_finite(h.get(metric)) for h in history):
+        metric = None  # no validation split: draw the loss alone
 
     fig, loss_axis = plt.subplots(figsize=(6, 4), dpi=100)
     loss_axis.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:blue", label="train loss")

@@ -10,9 +10,7 @@ must hold the same examples in the same order (checked by example id).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,9 +20,7 @@ from torch import Tensor, nn
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
-from train.fit import Task, fit, pick_device
 from train.loader import Batch, CacheBatches, plan_blocks
-from train.loop import TrainResult, summary_metrics
 from train.metrics import match_ranks, retrieval_metrics_from_ranks
 from train.unipt import UniPT, masked_mean
 
@@ -166,71 +162,3 @@ def retrieval_metrics_chunked(query: Tensor, gallery: Tensor) -> dict[str, float
         chunks = [match_ranks(a[i : i + _EVAL_CHUNK] @ b.T, offset=i) for i in range(0, len(a), _EVAL_CHUNK)]
         ranks.append(torch.cat(chunks))
     return retrieval_metrics_from_ranks(*ranks)
-
-
-@dataclass
-class RetrievalResult(TrainResult):
-    gallery_layer_weights: list[float] | None = None
-    model: RetrievalModel | None = None
-
-
-def train_retrieval(
-    query_reader: ActivationCache,
-    gallery_reader: ActivationCache,
-    config: TrainConfig,
-    seed: int,
-    progress: bool = True,
-    checkpoint: Path | None = None,
-    resume: Path | None = None,
-    meta: dict[str, Any] | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
-) -> RetrievalResult:
-    """Train a query and a gallery UniPT contrastively on two caches of one dataset; report R@K and rSum.
-
-    ``layer_weights`` in the result are the query side's (test split); the gallery's are beside them.
-    """
-    check_aligned(query_reader, gallery_reader)
-    torch.manual_seed(seed)
-    device = pick_device(config.device)
-    model = RetrievalModel(
-        [query_reader.hidden_sizes[layer] for layer in query_reader.layers],
-        [gallery_reader.hidden_sizes[layer] for layer in gallery_reader.layers],
-        embed_size=config.embed_size,
-        downsample_factor=config.downsample_factor,
-        dropout=config.dropout,
-    ).to(device)
-    train_data, val_data, test_data = (
-        paired_batches(query_reader, gallery_reader, split, config, seed, shuffle=split == "train")
-        for split in ("train", "val", "test")
-    )
-
-    def loss(batch: tuple[Batch, Batch], device: torch.device) -> tuple[Tensor, int]:
-        query, gallery = batch
-        return contrastive_loss(model(query, gallery, device).float()), len(query.indices)
-
-    def validate() -> dict[str, float]:
-        if not len(val_data):
-            return {}
-        metrics = evaluate_retrieval(model, val_data, device)
-        return {k: v for k, v in metrics.items() if not k.endswith("layer_weights")}
-
-    identity = {
-        "query": {"cache_key": query_reader.attrs.get("cache_key")},
-        "gallery": {"cache_key": gallery_reader.attrs.get("cache_key")},
-    }
-    task = Task(model, train_data, loss, validate, "rsum", identity)
-    fitted = fit(task, config, seed, device, progress, checkpoint, resume, meta, on_epoch_end)
-    test = evaluate_retrieval(model, test_data, device)
-    best = fitted.history[fitted.best_epoch - 1]
-    names = [k for k in test if not k.endswith("layer_weights")]
-    metrics: dict[str, Any] = {f"val_{n}": best.get(f"val_{n}", float("nan")) for n in names}
-    metrics |= {f"test_{n}": test[n] for n in names}
-    metrics |= summary_metrics(fitted, config, model)
-    metrics["temperature"] = float(1.0 / model.scale().detach())
-    return RetrievalResult(
-        metrics=metrics,
-        history=fitted.history,
-        layer_weights=test["query_layer_weights"],
-        gallery_layer_weights=test["gallery_layer_weights"],
-        model=model,
-    )

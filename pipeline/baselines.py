@@ -2,16 +2,19 @@
 
 - ``unipt-online``: what the paper's code does. The frozen backbone runs (under ``torch.no_grad``) on
   every batch of every epoch to produce the hidden states, which feed the same UniPT classifier as
-  training from a cache (:func:`train.models.build_model` for ``train.variant``), with the same
-  optimiser, schedule and best-on-validation selection (:func:`train.loop.fit_classifier`).
+  training from a cache (:func:`train.models.build_model` for ``train.variant``), with the same head,
+  optimiser, schedule and best-on-validation selection (:func:`train.loop.fit_head`).
 - ``full-finetune``: the backbone itself is trained, with a linear head on its last hidden state
   (masked mean), AdamW at a smaller learning rate (``train.lr / 10`` unless given).
 
 Both walk the examples in exactly the batches that :class:`~train.loader.CacheBatches` would give
-from a cache of the same dataset (same split column, same seed, same shard layout), so a run online
-and a run from a float32 cache see the same batches in the same order.
+from a cache of the same dataset: the same block plan (:func:`train.loader.plan_blocks`, over the rows
+extraction would give each example) and the same seeded order (:func:`train.loader.epoch_order`), so a
+run online and a run from a float32 cache see the same batches in the same order.
 
-Imported only where a backbone may live (benchmarks, tests): ``train/`` never imports this module.
+The baselines hold a backbone and a trainer at once, so they sit beside the recipe
+(:mod:`pipeline.experiment`), the one place allowed to import both stages; stage 1 never imports
+``train/``, and ``train/`` never imports this module.
 """
 
 from __future__ import annotations
@@ -28,30 +31,40 @@ from torch import Tensor, nn
 from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
 from pipeline.bundled import bundled_cnn_settings
-from pipeline.cache import ActivationCache
 from pipeline.cache_layout import LayerSpec, StoreLayout
 from pipeline.config import BackboneConfig, ExtractConfig, TrainConfig
 from pipeline.errors import UniptError
 from pipeline.resources import peak_cuda_mib, peak_rss_mib
-from train.loader import Batch, CacheBatches
-from train.loop import TrainResult, fit_classifier, pick_device
+from train.loader import Batch, epoch_order, padding_mask, plan_blocks
+from train.loop import TrainOptions, TrainResult, fit_head, pick_device
 from train.models import build_model
+from train.tasks.classification import classification_head
 from train.unipt import masked_mean
 
 METHODS = ("unipt-online", "full-finetune")
 
 
-class _IndexOnlyCache(ActivationCache):
-    """A cache's metadata without its activations: what plans batches and sizes the model.
+@dataclass
+class OnlineIndex:
+    """What a cache of the dataset would say about itself, without its activations.
 
-    Layers, widths, labels and splits are the dataset's and backbone's; offsets are laid out as
-    extraction lays them out (each shard starting on its own row span), so the contiguous blocks, and
-    therefore the seeded shuffle of :class:`CacheBatches`, are those of a real cache. Every read gives
-    zero-width rows: only the example indices and token counts of each planned batch are used.
+    Layers, widths, labels and splits are the dataset's and backbone's: enough to size the model
+    (:func:`train.models.build_model` reads these fields as it reads a cache's). ``offsets`` are the
+    rows extraction would give each example (each shard starting on its own row span), so the block
+    plan, and therefore the seeded shuffle, is that of a real cache.
     """
 
-    def __init__(
-        self,
+    source: str
+    layers: list[int]
+    hidden_sizes: dict[int, int]
+    label_names: list[str]
+    examples: pa.Table  # example_id, label, split
+    lengths: np.ndarray  # [num_examples] token counts
+    offsets: np.ndarray  # [num_examples, 2] row ranges, as a cache's token layers share them
+
+    @classmethod
+    def laid_out(
+        cls,
         table: pa.Table,
         label_names: list[str],
         lengths: list[int],
@@ -59,38 +72,36 @@ class _IndexOnlyCache(ActivationCache):
         width: int,
         max_length: int,
         extract: ExtractConfig,
-    ) -> None:
-        self.source = "online (no cache)"
-        self.examples = table.select(["example_id", "label", "split"])
-        self.layout = StoreLayout(
-            layers=tuple(LayerSpec(layer, width) for layer in layers),
+    ) -> OnlineIndex:
+        """The index of ``table`` as extraction with ``extract``'s shard layout would store it."""
+        specs = tuple(LayerSpec(layer, width) for layer in layers)
+        layout = StoreLayout(
+            layers=specs,
             num_examples=len(lengths),
             max_length=max_length,  # the row budget per example, as extraction reserves it
             shard_size=extract.shard_size,
             chunk_rows=extract.chunk_rows,
-            dtype="float32",
             chunks_per_file=extract.chunks_per_file,
         )
-        self.attrs = {"complete": True, "layout": self.layout.to_json(), "label_names": list(label_names)}
-        self.dtype, self.layers = "float32", list(layers)
-        self.hidden_sizes = {layer: width for layer in layers}
-        self.label_names = list(label_names)
-        offsets = np.zeros((len(lengths), 2), dtype=np.int64)
-        for shard in self.layout.shards():
-            base, _ = self.layout.row_span(shard, self.layout.layers[0])
-            counts = np.asarray(lengths[shard.example_start : shard.example_stop], dtype=np.int64)
-            stops = base + np.cumsum(counts)
-            offsets[shard.example_start : shard.example_stop] = np.stack([stops - counts, stops], axis=1)
-        self._offsets = {self.layout.layers[0].offsets_name: offsets}
+        counts = np.asarray(lengths, dtype=np.int64)
+        return cls(
+            source="online (no cache)",
+            layers=list(layers),
+            hidden_sizes={layer: width for layer in layers},
+            label_names=list(label_names),
+            examples=table.select(["example_id", "label", "split"]),
+            lengths=counts,
+            offsets=layout.offsets(specs[0], counts),
+        )
 
-    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return np.zeros((stop - start, 0), dtype=np.float32)
+    def layer_spec(self, layer: int) -> LayerSpec:
+        return LayerSpec(layer, self.hidden_sizes[layer])  # token sequences: no grid
 
-    def _read_all(self, name: str) -> np.ndarray:
-        return self._offsets[name]
+    def split_indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.examples.column("split").to_numpy(zero_copy_only=False) == split)
 
-    def nbytes_on_disk(self) -> int:
-        return 0
+    def labels(self) -> np.ndarray:
+        return self.examples.column("label").to_numpy()
 
 
 class OnlineBatches:
@@ -101,22 +112,42 @@ class OnlineBatches:
     """
 
     def __init__(
-        self, plan: CacheBatches, data: OnlineData, inputs: Callable[[dict, Tensor], list[Tensor]]
+        self,
+        data: OnlineData,
+        split: str,
+        config: TrainConfig,
+        seed: int,
+        shuffle: bool,
+        inputs: Callable[[dict, Tensor], list[Tensor]],
     ) -> None:
-        self.plan, self.data, self.inputs = plan, data, inputs
+        self.data, self.config, self.seed, self.shuffle, self.inputs = data, config, seed, shuffle, inputs
+        self.indices = data.index.split_indices(split)
+        self.blocks = plan_blocks(self.indices, [data.index.offsets], config.block_examples)
+        self.labels = data.index.labels()
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return -(-len(self.indices) // self.config.batch_size)
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
-        for planned in self.plan.epoch(epoch):
-            features = self.data.pad(planned.indices)
-            mask = planned.mask.to(self.data.device)
+        lengths = self.data.index.lengths
+        order = epoch_order(
+            self.blocks,
+            lambda block: lengths[block].tolist(),
+            self.config.batch_size,
+            self.shuffle,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle_buffer_blocks=self.config.shuffle_buffer_blocks,
+            prefetch_blocks=0,  # a block "read" is a lookup: no thread to hide it behind
+        )
+        for examples in order:
+            indices = np.array([index for index, _ in examples], dtype=np.int64)
+            mask = padding_mask([length for _, length in examples]).to(self.data.device)
             yield Batch(
-                hidden=self.inputs(features, mask),
+                hidden=self.inputs(self.data.pad(indices), mask),
                 mask=mask,
-                labels=planned.labels,
-                indices=planned.indices,
+                labels=torch.from_numpy(self.labels[indices]),
+                indices=indices,
             )
 
 
@@ -126,7 +157,7 @@ class OnlineData:
 
     backbone: HFTextBackbone
     encoded: dict[str, list[list[int]]]
-    index: _IndexOnlyCache
+    index: OnlineIndex
     device: torch.device
     setup_seconds: float
 
@@ -152,10 +183,8 @@ class OnlineData:
         seed: int,
         inputs: Callable[[dict, Tensor], list[Tensor]],
     ) -> OnlineBatches:
-        """One split in the batches ``train_classifier`` would read from a cache (``inputs`` fills them)."""
-        # zero-width reads: only the planned indices and token counts are used
-        plan = CacheBatches.for_split(self.index, split, config, seed, shuffle, layers=self.layers[:1])
-        return OnlineBatches(plan, self, inputs)
+        """One split in the batches training would read from a cache (``inputs`` fills them)."""
+        return OnlineBatches(self, split, config, seed, shuffle, inputs)
 
     @torch.no_grad()
     def hidden_states(self, features: dict[str, Tensor], mask: Tensor) -> list[Tensor]:
@@ -206,7 +235,7 @@ def load_online_data(
     encoded = dict(backbone.tokenizer(texts, truncation=True, max_length=backbone_config.max_length))
     accepted = backbone._accepts  # the inputs its forward names, as in extraction
     encoded = {key: value for key, value in encoded.items() if accepted is None or key in accepted}
-    index = _IndexOnlyCache(
+    index = OnlineIndex.laid_out(
         dataset_table,
         label_names,
         [len(ids) for ids in encoded["input_ids"]],
@@ -257,7 +286,7 @@ def fit_online(
     # Seeded after the backbone is loaded, so the model starts exactly as train_classifier's does.
     torch.manual_seed(seed)
     if method == "unipt-online":
-        model = build_model(train_config.variant, data.index, train_config)
+        model = build_model(train_config.variant, data.index, train_config, num_outputs=data.num_classes)
         inputs, config = data.hidden_states, train_config
     else:
         model = FineTuneClassifier(
@@ -271,7 +300,8 @@ def fit_online(
         inputs, config = data.token_inputs, train_config.model_copy(update={"lr": lr})
     model = model.to(data.device)
     splits = [data.batches(s, s == "train", config, seed, inputs) for s in ("train", "val", "test")]
-    result = fit_classifier(model, *splits, config, data.num_classes, data.device, progress, seed=seed)
+    head = classification_head(data.num_classes)
+    result = fit_head(model, *splits, config, head, data.device, TrainOptions(progress=progress), seed=seed)
     result.metrics.update(
         {
             "lr": config.lr,
@@ -298,7 +328,7 @@ def train_online(
     """Train a baseline with the backbone in memory on a normalized dataset table (its split column).
 
     ``method`` is ``"unipt-online"`` or ``"full-finetune"`` (see the module docstring). Metrics are
-    those of :func:`train.loop.fit_classifier` plus ``lr``, ``setup_seconds`` (backbone load and
+    those of :func:`train.loop.fit_head` (classification) plus ``lr``, ``setup_seconds`` (backbone load and
     tokenization), ``backbone_params``, ``peak_rss_mib`` and ``peak_cuda_mib`` (None without CUDA).
     ``extract_config`` gives the shard layout whose batch order to follow (default: the defaults).
     """

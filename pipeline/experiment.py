@@ -1,0 +1,458 @@
+"""The recipe: unipt's Python API, and the one module (with the CLI) that drives both stages.
+
+Read top to bottom, a job is::
+
+    prep = prepare(config)               # dataset -> fingerprint; backbones -> identities -> cache keys
+    extract_all(prep)                    # stage 1: each backbone's cache, built once (a hit costs nothing)
+    trained = train(prep)                # stage 2: the task's model from the cache(s); no backbone
+    run_dir = record(prep, trained, ...) # run record, plots, the run registry
+
+:func:`run` is exactly that, with timings and resume; :func:`train_from_cache` is the same without
+stage 1. Results are dataclasses. Progress goes to the ``unipt`` logger (:mod:`pipeline.log`).
+Stage 1 (``extract``) is imported lazily, so training never loads Ray or a backbone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.bundled import is_bundled
+from pipeline.cache import ActivationCache, CacheRoot
+from pipeline.cache_open import open_cache
+from pipeline.config import BackboneConfig, ExperimentConfig
+from pipeline.datasets import DatasetTable, load_dataset
+from pipeline.errors import UniptError
+from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
+from pipeline.log import human_bytes, say
+from pipeline.registry import register_run
+from pipeline.runs import (
+    RECORD_FILE,
+    check_run_id,
+    new_run_id,
+    package_versions,
+    project_commit,
+    write_run_record,
+)
+from pipeline.tasks import TaskInfo, get_task
+
+if TYPE_CHECKING:
+    from extract.runner import ExtractionResult
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class PreparedBackbone:
+    """One backbone of a config: its settings, identity, and the cache key it gets on this dataset."""
+
+    name: str
+    config: BackboneConfig
+    identity: BackboneIdentity
+    key_fields: dict[str, Any]
+    key: str
+
+
+@dataclass
+class Prepared:
+    """What a config resolves to before any stage runs: the data, the backbones and their cache keys."""
+
+    config: ExperimentConfig
+    dataset: DatasetTable
+    backbones: dict[str, PreparedBackbone]  # the primary first
+    cache_root: CacheRoot
+
+    @property
+    def task(self) -> TaskInfo:
+        return get_task(self.config.train.task)
+
+    @property
+    def primary(self) -> PreparedBackbone:
+        return next(iter(self.backbones.values()))
+
+    @property
+    def key(self) -> str:
+        """The primary backbone's cache key: what single-cache training reads."""
+        return self.primary.key
+
+    @property
+    def key_fields(self) -> dict[str, Any]:
+        return self.primary.key_fields
+
+    def training_backbones(self) -> list[PreparedBackbone]:
+        """The backbones whose caches the task trains on, in the task's order (retrieval: query, gallery)."""
+        if self.task.caches == 1:
+            return [self.primary]
+        return [self.backbones[name] for name in self.config.retrieval_pair]
+
+
+def prepare(config: ExperimentConfig) -> Prepared:
+    """Load and fingerprint the dataset, identify every backbone, and derive each one's cache key."""
+    dataset = load_dataset(config.dataset, task=config.train.task)
+    backbones = {}
+    for name, backbone_config in config.named_backbones.items():
+        identity = backbone_identity(backbone_config)
+        fields = cache_key_fields(dataset.fingerprint, identity, backbone_config, config.extract)
+        backbones[name] = PreparedBackbone(name, backbone_config, identity, fields, cache_key(fields))
+    root = CacheRoot(config.storage.cache_root, config.storage.options)
+    return Prepared(config, dataset, backbones, root)
+
+
+# ---------------------------------------------------------------------------------------------- extract
+
+
+def extract_all(
+    prep: Prepared, *, ray_address: str | None = None, progress: bool = True
+) -> dict[str, ExtractionResult]:
+    """Every backbone's cache, each extracted once (a cache hit costs nothing)."""
+    return {name: extract(prep, name, ray_address=ray_address, progress=progress) for name in prep.backbones}
+
+
+def extract(
+    prep: Prepared, backbone: str | None = None, *, ray_address: str | None = None, progress: bool = True
+) -> ExtractionResult:
+    """Build (or find) one backbone's cache; the primary backbone's when ``backbone`` is None."""
+    # Imported here so training never loads the extraction stack.
+    from extract.runner import ExtractionRequest, run_extraction
+    from extract.spec import BackboneLoadSpec
+
+    target = prep.backbones[backbone] if backbone is not None else prep.primary
+    settings = target.config
+    label = f" [{target.name}]" if len(prep.backbones) > 1 else ""
+    if prep.cache_root.has(target.key):
+        say(
+            f"cache hit {target.key}{label}: reusing {prep.cache_root.location(target.key)} "
+            "(no backbone forward pass)"
+        )
+    else:
+        counts = prep.dataset.split_counts()
+        say(
+            f"cache miss {target.key}{label}: extracting {len(prep.dataset)} examples "
+            f"(train {counts['train']}, val {counts['val']}, test {counts['test']}) "
+            f"with {settings.name_or_path}"
+        )
+    name = settings.name_or_path
+    # Workers may run on other nodes: bundled and hub models are resolved there; local folders go as paths.
+    is_local_folder = not is_bundled(name) and Path(name).expanduser().exists()
+    request = ExtractionRequest(
+        key=target.key,
+        key_fields=target.key_fields,
+        cache_root=prep.cache_root,
+        examples=prep.dataset.table,
+        label_names=prep.dataset.label_names,
+        load_spec=BackboneLoadSpec(
+            target.identity.local_dir if is_local_folder else name,
+            settings.revision,
+            settings.trust_remote_code,
+            autocast=prep.config.extract.autocast,
+            allow_pickle=settings.allow_pickle,
+        ),
+        backbone=settings,
+        extract=prep.config.extract,
+        backbone_name=name,
+    )
+    result = run_extraction(request, ray_address=ray_address, progress=progress)
+    if not result.cache_hit:
+        resumed = f", {result.shards_resumed} shards resumed" if result.shards_resumed else ""
+        stats = result.stats
+        say(
+            f"extracted{label} {result.examples} examples, {result.tokens} tokens, "
+            f"{human_bytes(result.bytes_written)} written in {result.seconds:.1f}s "
+            f"({stats.get('forward_s', 0):.1f}s backbone, {stats.get('write_s', 0):.1f}s writes overlapped) "
+            f"on {result.workers} worker(s){resumed} -> {result.path}"
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def open_for_training(
+    prep: Prepared, cache: str | None = None, backbone: str | None = None
+) -> ActivationCache:
+    """A backbone's cache (by key; the primary's by default) or an explicit path/URL/.h5 file; refused if
+    built for other data or another backbone."""
+    target = prep.backbones[backbone] if backbone is not None else prep.primary
+    expect = {"dataset_fingerprint": prep.dataset.fingerprint, "backbone": target.key_fields["backbone"]}
+    if cache is None:
+        return open_cache(prep.cache_root.location(target.key), expect=expect)
+    return open_cache(cache, expect=expect, options=prep.config.storage.options)
+
+
+def require_caches(prep: Prepared, how_to_build: str) -> None:
+    """Refuse to train when a cache the task needs was never extracted (``how_to_build`` is the fix)."""
+    for backbone in prep.training_backbones():
+        if not prep.cache_root.has(backbone.key):
+            raise UniptError(
+                f"no cache {backbone.key} for this config under {prep.cache_root}; {how_to_build}"
+            )
+        say(f"cache hit {backbone.key}: training from it (no backbone forward pass)")
+
+
+@dataclass
+class Trained:
+    """What training produced, everything the run record and the summary need."""
+
+    task: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    layer_weights: list[float]
+    layer_names: list[str]
+    cache_source: str  # the (first) cache read
+    cache_bytes: int  # on disk, every cache read
+    gallery_layer_weights: list[float] | None = None  # two-cache tasks: the second side's weights
+    runtime: dict[str, Any] = field(default_factory=dict)  # device and torch threads: what a rerun restores
+
+    @property
+    def headline(self) -> str:
+        return get_task(self.task).headline
+
+
+def train(
+    prep: Prepared,
+    cache: ActivationCache | str | None = None,
+    *,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    resume: Path | None = None,
+    meta: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> Trained:
+    """Train the config's task from its cache(s): by key, or ``cache`` (a reader, path, URL or .h5 file).
+
+    ``checkpoint`` is written after every epoch; ``resume`` continues from one.
+    """
+    import torch
+
+    from train.fit import pick_device
+    from train.tasks import TrainOptions, run_task
+
+    task = prep.task
+    backbones = prep.training_backbones()
+    if cache is not None and task.caches > 1:
+        raise UniptError(
+            f"task {task.name} trains on {task.caches} caches found by key; --cache does not apply to it"
+        )
+    if cache is None:
+        readers = [open_for_training(prep, backbone=b.name) for b in backbones]
+    else:
+        readers = [cache if isinstance(cache, ActivationCache) else open_for_training(prep, cache)]
+    options = TrainOptions(progress, checkpoint, resume, meta, on_epoch_end)
+    result = run_task(task, readers, prep.config.train, prep.config.seed, options)
+    prefix = (lambda name: f"{name} ") if task.caches > 1 else (lambda name: "")
+    return Trained(
+        task=task.name,
+        metrics=dict(result.metrics),
+        history=result.history,
+        layer_weights=result.layer_weights,
+        layer_names=[f"{prefix(backbones[0].name)}layer {layer}" for layer in readers[0].layers[:-1]],
+        cache_source=readers[0].source,
+        cache_bytes=sum(reader.nbytes_on_disk() for reader in readers),
+        gallery_layer_weights=result.gallery_layer_weights,
+        # CPU results depend on the thread count (reduction order), so a rerun restores it.
+        runtime={
+            "torch_threads": torch.get_num_threads(),
+            "device": str(pick_device(prep.config.train.device)),
+        },
+    )
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with this many torch CPU threads, then restore the count: CPU sums (and so exact results)
+    depend on it, and reruns or resumes in a long-lived process must not leak it to later work."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------- record
+
+
+@dataclass
+class Timings:
+    extract_s: float
+    train_s: float
+    total_s: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"extract_s": self.extract_s, "train_s": self.train_s, "total_s": self.total_s}
+
+
+def timings_since(started: float, train_started: float, extract_s: float) -> Timings:
+    now = time.perf_counter()
+    return Timings(round(extract_s, 3), round(now - train_started, 3), round(now - started, 3))
+
+
+def record(
+    prep: Prepared,
+    trained: Trained,
+    cache_hit: bool,
+    timings: Timings,
+    extra: dict[str, Any] | None = None,
+    run_id: str | None = None,
+) -> Path:
+    """Write the run record and plots, register the run; ``extra`` adds lineage (rerun_of, sweep, ...).
+
+    ``run_id``: the id chosen before training (its directory may already hold the run's checkpoint).
+    """
+    from train.plots import write_run_plots
+
+    config = prep.config.model_dump(mode="json")
+    doc = {
+        "run_id": run_id or new_run_id({"config": config, "cache_key": prep.key}),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config,
+        "seed": prep.config.seed,
+        "task": {"name": trained.task, "headline": trained.headline},
+        "dataset": {
+            "source": prep.dataset.source,
+            "fingerprint": prep.dataset.fingerprint,
+            "num_examples": len(prep.dataset),
+            "splits": prep.dataset.split_counts(),
+            "label_names": prep.dataset.label_names,
+        },
+        "cache": {
+            "key": prep.key,
+            "key_fields": prep.key_fields,
+            "path": trained.cache_source,
+            "hit": cache_hit,
+            "bytes_on_disk": trained.cache_bytes,
+        },
+        "backbones": {
+            name: {"name_or_path": b.config.name_or_path, "cache_key": b.key}
+            for name, b in prep.backbones.items()
+        },
+        "metrics": trained.metrics,
+        "history": trained.history,
+        "layer_weights": trained.layer_weights,
+        # Two-cache tasks: the gallery side's UniPT weights beside the query side's.
+        **({"gallery_layer_weights": trained.gallery_layer_weights} if trained.gallery_layer_weights else {}),
+        "timings": timings.as_dict(),
+        "versions": package_versions(),
+        "project_commit": project_commit(),
+        "runtime": trained.runtime,
+        **(extra or {}),
+    }
+    run_dir = write_run_record(prep.config.storage.runs_root, doc)
+    names = trained.layer_names or [f"#{i}" for i in range(len(trained.layer_weights))]
+    write_run_plots(
+        run_dir, trained.history, trained.layer_weights, names, metric=get_task(trained.task).val_metric
+    )
+    register_run(prep.config.storage.registry, doc, run_dir)
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    trained: Trained
+    timings: Timings
+    cache_hit: bool
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+
+def run(
+    prep: Prepared, *, ray_address: str | None = None, progress: bool = True, resume: str | None = None
+) -> RunResult:
+    """The whole job: extract every backbone's cache (or reuse it), train, record."""
+    started = time.perf_counter()
+    extractions = extract_all(prep, ray_address=ray_address, progress=progress)
+    # Each result holds a read lease taken before its build lock was let go: `unipt cache gc` cannot
+    # remove a cache between its extraction and the end of training.
+    with leased(extractions):
+        cache_hit = all(result.cache_hit for result in extractions.values())
+        extract_s = sum(result.seconds for result in extractions.values())
+        return _train_and_record(prep, started, extract_s, cache_hit, progress=progress, resume=resume)
+
+
+@contextmanager
+def leased(extractions: dict[str, ExtractionResult]) -> Iterator[None]:
+    """Hold the extractions' read leases for the block, then let `unipt cache gc` see them again."""
+    try:
+        yield
+    finally:
+        for result in extractions.values():
+            result.release()
+
+
+def train_from_cache(
+    prep: Prepared, cache: str | None = None, *, progress: bool = True, resume: str | None = None
+) -> RunResult:
+    """Train and record from caches that exist (by key, or ``cache``); never runs a backbone."""
+    started = time.perf_counter()
+    if cache is None:
+        require_caches(prep, "run `unipt extract CONFIG` first (or `unipt run`)")
+        reader = None
+    else:
+        reader = open_for_training(prep, cache)
+        say(f"training from {reader.source} (no backbone forward pass)")
+    return _train_and_record(prep, started, 0.0, True, progress=progress, resume=resume, cache=reader)
+
+
+def _train_and_record(
+    prep: Prepared,
+    started: float,
+    extract_s: float,
+    cache_hit: bool,
+    *,
+    progress: bool,
+    resume: str | None,
+    cache: ActivationCache | None = None,
+) -> RunResult:
+    from train.checkpoint import CHECKPOINT_FILE
+
+    train_started = time.perf_counter()
+    run_id, resume_from = run_to_continue(prep, resume)
+    checkpoint_root = prep.config.train.checkpoint_dir or prep.config.storage.runs_root
+    checkpoint = Path(checkpoint_root).expanduser() / run_id / CHECKPOINT_FILE
+    if resume_from is not None:
+        say(f"resuming run {run_id} from {resume_from}")
+    # A resumed run keeps the thread count its first epochs ran with, so it ends where it would have.
+    with torch_threads(checkpoint_threads(resume_from) if resume_from is not None else None):
+        import torch
+
+        meta = {"run_id": run_id, "torch_threads": torch.get_num_threads()}
+        trained = train(prep, cache, progress=progress, checkpoint=checkpoint, resume=resume_from, meta=meta)
+    timings = timings_since(started, train_started, extract_s)
+    run_dir = record(prep, trained, cache_hit, timings, run_id=run_id)
+    return RunResult(run_dir, trained, timings, cache_hit)
+
+
+def run_to_continue(prep: Prepared, resume: str | None) -> tuple[str, Path | None]:
+    """(run id, checkpoint to resume from): a fresh id, or the interrupted run's own id and checkpoint."""
+    from train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    if resume is None:
+        config = prep.config.model_dump(mode="json")
+        return new_run_id({"config": config, "cache_key": prep.key}), None
+    path = resolve_checkpoint(resume)
+    run_id = check_run_id(load_checkpoint(path).get("meta", {}).get("run_id") or path.parent.name)
+    if (Path(prep.config.storage.runs_root).expanduser() / run_id / RECORD_FILE).exists():
+        raise UniptError(f"run {run_id} already finished (it has a {RECORD_FILE}); nothing to resume")
+    return run_id, path
+
+
+def checkpoint_threads(checkpoint: Path) -> int | None:
+    """The torch thread count a checkpoint's epochs ran with (None if it does not say)."""
+    from train.checkpoint import load_checkpoint
+
+    threads = load_checkpoint(checkpoint).get("meta", {}).get("torch_threads")
+    return int(threads) if isinstance(threads, int) and threads > 0 else None

@@ -1,0 +1,108 @@
+"""The task registry: what every stage must know about a training task, declared once per task.
+
+A task says what its label column holds (``categorical`` class names or ``numeric`` values), how many
+caches of one dataset it trains on, which metrics it reports for each split and which one is its
+*headline*: the metric that picks the best epoch, sorts a sweep, labels the plots and leads the summary
+line. Config validation, dataset label parsing, the sweep table, the plots, ``runs ls`` and the run
+record read it from here. How the task trains lives in its own module under ``train/tasks/``, named
+here by import path, so this module stays light (the extraction driver imports it, never ``train/``).
+
+Adding a task: write ``train/tasks/<name>.py`` with a ``train(readers, config, seed, options)``
+function, then add one :func:`register_task` line at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.errors import UniptError
+
+LabelKind = Literal["categorical", "numeric"]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    label_kind: LabelKind  # what dataset loading makes of the label column
+    caches: int  # caches of one dataset it trains on (retrieval: a query and a gallery backbone's)
+    metrics: tuple[str, ...]  # reported as val_<name> and test_<name>
+    headline: str  # one of ``metrics``; higher is better
+    trainer: str  # "module:function" under train/tasks/, imported only when training
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.headline not in self.metrics:
+            raise ValueError(f"task {self.name}: headline {self.headline!r} is not one of {self.metrics}")
+
+    @property
+    def val_metric(self) -> str:
+        return f"val_{self.headline}"
+
+    @property
+    def test_metric(self) -> str:
+        return f"test_{self.headline}"
+
+
+_TASKS: dict[str, TaskInfo] = {}
+
+
+def register_task(info: TaskInfo) -> TaskInfo:
+    if info.name in _TASKS:
+        raise ValueError(f"task {info.name!r} is registered twice")
+    _TASKS[info.name] = info
+    return info
+
+
+def task_names() -> tuple[str, ...]:
+    return tuple(_TASKS)
+
+
+def get_task(name: str) -> TaskInfo:
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise UniptError(f"unknown train.task {name!r}; choose one of {', '.join(_TASKS)}") from None
+
+
+def headline_of(metrics: dict[str, object]) -> str | None:
+    """The headline metric's base name for a run's metrics (old records carry no task name)."""
+    for info in _TASKS.values():
+        if info.test_metric in metrics:
+            return info.headline
+    return None
+
+
+register_task(
+    TaskInfo(
+        "classification",
+        "categorical",
+        1,
+        ("acc", "f1"),
+        "acc",
+        "train.tasks.classification:train",
+        "accuracy and macro-F1; a linear probe on the last layer is the baseline",
+    )
+)
+register_task(
+    TaskInfo(
+        "regression",
+        "numeric",
+        1,
+        ("mse", "pearson", "spearman"),
+        "pearson",
+        "train.tasks.regression:train",
+        "a numeric label column; MSE loss on standardised targets; Pearson and Spearman",
+    )
+)
+register_task(
+    TaskInfo(
+        "retrieval",
+        "categorical",
+        2,
+        ("q2g_r1", "q2g_r5", "q2g_r10", "g2q_r1", "g2q_r5", "g2q_r10", "rsum"),
+        "rsum",
+        "train.tasks.retrieval:train",
+        "two backbones' caches of one dataset (query, gallery); InfoNCE; R@1/5/10 and rSum",
+    )
+)

@@ -1,0 +1,48 @@
+"""Regression: one output trained with MSE on targets standardised by the train split's mean and
+standard deviation (so the loss scale does not depend on the label's units); MSE in the label's own
+units, Pearson and Spearman."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.cache import ActivationCache
+from pipeline.config import TrainConfig
+from train.loop import Head, TrainOptions, TrainResult, check_label_kind, one_reader, train_single_cache
+from train.metrics import pearson, spearman
+
+
+def regression_head(mean: float, std: float) -> Head:
+    std = std if std > 0 else 1.0
+
+    def loss(outputs: Tensor, labels: Tensor) -> Tensor:
+        return nn.functional.mse_loss(outputs.squeeze(-1), (labels.to(torch.float32) - mean) / std)
+
+    def metrics(predictions: Tensor, labels: Tensor) -> dict[str, float]:
+        labels = labels.double()
+        return {
+            "mse": float((predictions - labels).pow(2).mean()),
+            "pearson": pearson(predictions, labels),
+            "spearman": spearman(predictions, labels),
+        }
+
+    return Head(
+        outputs=1,
+        loss=loss,
+        collect=lambda outputs: outputs.squeeze(-1).double().cpu() * std + mean,  # back to label units
+        metrics=metrics,
+    )
+
+
+def train(
+    readers: list[ActivationCache], config: TrainConfig, seed: int, options: TrainOptions
+) -> TrainResult:
+    reader = one_reader(readers, config.task)
+    check_label_kind(reader, config.task, numeric_expected=True)
+
+    def make_head(train_labels: np.ndarray) -> Head:
+        return regression_head(float(train_labels.mean()), float(train_labels.std()))
+
+    return train_single_cache(reader, config, seed, make_head, options)
