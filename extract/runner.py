@@ -159,6 +159,8 @@ def _warn_truncated(count: int, inputs: list, max_length: int) -> None:
 _RESOURCE_NAMES = {"num_cpus": "CPU", "num_gpus": "GPU"}
 FREE_WAIT_S = 10.0  # how long to let just-killed actors (a previous extraction) hand back their CPUs
 NOTICE_EVERY_S = 60.0  # a line while no worker is running, so a stalled extraction never waits silently
+REPROBE_S = 1.0  # how often to ask a restarting actor whether it is back
+MAX_RESTARTS = 3  # Ray restarts a dead extraction actor this often (a new process, the backbone reloaded)
 MAX_SHARD_ATTEMPTS = 4  # a shard whose worker dies this often is failing the workers, not unlucky
 
 
@@ -241,9 +243,10 @@ class _WorkerPool:
     retried by Ray (``max_task_retries=0``): a restarted actor may never be placed again (its node is
     gone and the others are full), and a retry queued on it would wait forever. Instead a failed
     shard goes back to our queue for whichever actor is alive, and the dead one is probed
-    (``describe``): answering means it was restarted and takes shards again; ``ActorDiedError`` means
-    it is gone for good. Shards are idempotent (each writes only its own rows, then its marker), so a
-    shard redone elsewhere writes exactly the same bytes.
+    (``describe``): answering means it was restarted and takes shards again; ``ActorUnavailableError``
+    means it is restarting (asked again shortly), and a restart with nowhere to run never answers;
+    ``ActorDiedError`` means it is gone for good. Shards are idempotent (each writes only its own rows,
+    then its marker), so a shard redone elsewhere writes exactly the same bytes.
     """
 
     def __init__(self, actors: list[Any], resources: dict[str, float]) -> None:
@@ -260,6 +263,7 @@ class _WorkerPool:
             Any, tuple[int, ShardSpec | None]
         ] = {}  # ObjectRef -> (actor, shard or None for a probe)
         self.requeued = 0
+        self.reprobe_at: dict[int, float] = {}  # actor -> when to ask a restarting actor again
         for i in range(len(actors)):
             self._probe(i)
 
@@ -313,13 +317,24 @@ class _WorkerPool:
         """Wait for the next probe or shard to finish: (actor, shard or None for a probe, value, the
         actor error if the actor failed). Other errors (the worker's own exceptions) are raised."""
         while True:
-            if not self.pending or len(self.lost) == len(self.actors):
+            now = time.monotonic()
+            for i, at in list(self.reprobe_at.items()):
+                if at <= now:
+                    del self.reprobe_at[i]
+                    self._probe(i)
+            if len(self.lost) == len(self.actors) or not (self.pending or self.reprobe_at):
                 raise UniptError(
                     f"all {len(self.actors)} extraction workers were lost; finished shards are kept and "
                     "the same command resumes from them once the cluster has room again"
                 )
-            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=NOTICE_EVERY_S)
+            wait_s = min([NOTICE_EVERY_S, *(at - now for at in self.reprobe_at.values())])
+            if not self.pending:  # only restarting actors, each to be asked again shortly
+                time.sleep(max(wait_s, 0.0))
+                continue
+            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=max(wait_s, 0.0))
             if not done:
+                if self.reprobe_at and wait_s < NOTICE_EVERY_S:
+                    continue
                 if not self.ready:
                     _say(
                         f"waiting for extraction workers: none of {len(self.actors)} is running yet "
@@ -349,15 +364,14 @@ class _WorkerPool:
         if i in self.lost:
             return
         self.down.add(i)
-        probing = any(j == i and s is None for j, s in self.pending.values())
+        self.ready.discard(i)  # no more shards until it answers a probe again
         if shard is None and isinstance(exc, ActorDiedError):
-            self.ready.discard(i)
-            self.lost.add(i)  # dead after its restarts, or could not reload the backbone
+            # Ray says "died" only once it will not restart the actor (restarts spent, backbone no longer
+            # loads); while restarting it says "unavailable".
+            self.lost.add(i)
         elif shard is None:
-            time.sleep(1.0)  # unavailable for now (e.g. restarting): ask again shortly
-            self._probe(i)
-        elif not probing:
-            self.ready.discard(i)  # no more shards until it answers again
+            self.reprobe_at[i] = time.monotonic() + REPROBE_S
+        elif i not in self.reprobe_at and not any(j == i and s is None for j, s in self.pending.values()):
             self._probe(i)
 
     @property
@@ -373,7 +387,7 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
     # A worker whose process dies (OOM, preemption, kill -9, its node lost) is restarted by Ray; its
     # shards are retried by _WorkerPool, on any actor that is alive (see there).
     remote_worker = ray.remote(
-        **resources, max_concurrency=SHARDS_IN_FLIGHT, max_restarts=3, max_task_retries=0
+        **resources, max_concurrency=SHARDS_IN_FLIGHT, max_restarts=MAX_RESTARTS, max_task_retries=0
     )(ExtractionWorker)
     workers = [remote_worker.remote(request.load_spec, threads) for _ in range(count)]
     try:
