@@ -140,8 +140,8 @@ def test_regression_refuses_a_cache_of_class_labels(tmp_path):
 def test_amp_is_off_on_cpu(tmp_path):
     from train.fit import amp_dtype
 
-    for setting in ("auto", "off", "bf16", "fp16"):
+    for setting in ("auto", "off", "bfloat16", "float16"):
         assert amp_dtype(setting, torch.device("cpu")) is None
     assert math.isfinite(
-        train_task(_reader(tmp_path), CONFIG.model_copy(update={"amp": "fp16"}), 0, False).metrics["val_acc"]
+        train_task(_reader(tmp_path), CONFIG.model_copy(update={"amp": "float16"}), 0, False).metrics["val_acc"]
     )

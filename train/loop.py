@@ -66,19 +66,24 @@ class Head:
 
 
 def train_single_cache(
-    reader: ActivationCache,
+    readers: list[ActivationCache],
     config: TrainConfig,
     seed: int,
-    make_head: Callable[[np.ndarray], Head],
+    make_head: Callable[[ActivationCache, np.ndarray], Head],
     options: TrainOptions,
 ) -> TrainResult:
-    """The config's UniPT variant on every layer of ``reader``; ``make_head(train_labels)`` gives the
-    task's head (a regression head standardises targets with the train split's statistics)."""
+    """The config's UniPT variant on every layer of the one cache in ``readers``, checked to hold the
+    labels the task declares; ``make_head(reader, train_labels)`` gives the task's head (a regression
+    head standardises targets with the train split's statistics)."""
+    if len(readers) != 1:
+        raise UniptError(f"train.task {config.task!r} trains on one cache, got {len(readers)}")
+    (reader,) = readers
+    _check_label_kind(reader, config.task)
     torch.manual_seed(seed)
     device = pick_device(config.device)
     splits = [CacheBatches.for_split(reader, s, config, seed, shuffle=s == "train") for s in ("train", "val")]
     splits.append(CacheBatches.for_split(reader, "test", config, seed, shuffle=False))
-    head = make_head(reader.labels()[splits[0].indices])
+    head = make_head(reader, reader.labels()[splits[0].indices])
     model = build_model(config.variant, reader, config, num_outputs=head.outputs).to(device)
     identity = {"cache_key": reader.attrs.get("cache_key")}  # where the cache lives may change
     return fit_head(model, *splits, config, head, device, options, seed=seed, identity=identity)
@@ -167,21 +172,15 @@ def evaluate(
     }
 
 
-def check_label_kind(reader: ActivationCache, task: str, numeric_expected: bool) -> None:
-    """Refuse a cache whose labels are not what the task reads (class ids vs numbers)."""
+def _check_label_kind(reader: ActivationCache, task: str) -> None:
+    """Refuse a cache whose labels are not what the task declares (class ids vs numbers)."""
     numeric = bool(np.issubdtype(reader.labels().dtype, np.floating))
-    if numeric_expected and not numeric:
+    if get_task(task).label_kind == "numeric" and not numeric:
         raise UniptError(
             f"train.task is {task!r} but cache {reader.source} holds class labels; set train.task: "
             f"{task} before extracting, so the label column is read as numbers"
         )
-    if numeric and not numeric_expected:
+    if numeric and get_task(task).label_kind != "numeric":
         raise UniptError(
             f"cache {reader.source} holds numeric (regression) labels; set train.task: regression"
         )
-
-
-def one_reader(readers: list[ActivationCache], task: str) -> ActivationCache:
-    if len(readers) != 1:
-        raise UniptError(f"train.task {task!r} trains on one cache, got {len(readers)}")
-    return readers[0]

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
-from train.loop import Head, TrainOptions, TrainResult, check_label_kind, one_reader, train_single_cache
+from train.loop import Head, TrainOptions, TrainResult, train_single_cache
 from train.metrics import accuracy, macro_f1
 from train.probe import linear_probe
 
@@ -28,14 +28,10 @@ def classification_head(num_classes: int) -> Head:
 def train(
     readers: list[ActivationCache], config: TrainConfig, seed: int, options: TrainOptions
 ) -> TrainResult:
-    reader = one_reader(readers, config.task)
-    check_label_kind(reader, config.task, numeric_expected=False)
-    num_classes = len(reader.label_names)
+    def make_head(reader: ActivationCache, _train_labels: np.ndarray) -> Head:
+        return classification_head(len(reader.label_names))
 
-    def make_head(_train_labels: np.ndarray) -> Head:
-        return classification_head(num_classes)
-
-    result = train_single_cache(reader, config, seed, make_head, options)
+    result = train_single_cache(readers, config, seed, make_head, options)
     if config.linear_probe:
-        result.metrics.update(linear_probe(reader, seed))
+        result.metrics.update(linear_probe(readers[0], seed))
     return result
