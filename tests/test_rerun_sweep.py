@@ -206,3 +206,52 @@ def test_rerun_refuses_a_changed_backbone_naming_the_changed_key_field(
     code, _, err = _cli(capsys, "rerun", original.run_id, "--registry", registry, "--no-progress")
     assert code == 2 and err.count("\n") == 1
     assert original.cache_key in err and "backbone.weights_sha256" in err and "--allow-new-data" in err
+
+
+def _sorted_by_headline(out: str, headline: str) -> list[list[str]]:
+    """The sweep table's rows, checked to be sorted by the task's validation headline metric."""
+    lines = out.splitlines()
+    header = lines[0].split()
+    assert header[-3:] == [f"val_{headline}", f"test_{headline}", "best_epoch"], header
+    body = [line.split() for line in lines[1:] if line.split() and line.split()[0].isdigit()]
+    scores = [float(row[header.index(f"val_{headline}")]) for row in body]
+    assert scores == sorted(scores, reverse=True), scores
+    return body
+
+
+def test_a_regression_sweep_sorts_by_validation_pearson(tmp_path, tiny_bert_dir, capsys, ray_session):
+    from tests.test_train_e2e import _regression_rows
+
+    data = write_csv(tmp_path / "scores.csv", _regression_rows(160))
+    config = write_config(
+        tmp_path / "reg.yaml",
+        str(data),
+        str(tiny_bert_dir),
+        tmp_path,
+        train={"task": "regression", "epochs": 2},
+        dataset={"label_column": "score"},
+    )
+    code, out, err = _cli(
+        capsys, "sweep", str(config), "--no-progress", "--grid", "train.lr=1e-2,1e-3", "--parallel", "2"
+    )
+    assert code == 0, err
+    body = _sorted_by_headline(out, "pearson")
+    assert len(body) == 2
+    code, out, _ = _cli(capsys, "runs", "ls", "--registry", _registry(tmp_path))
+    assert code == 0 and all(" pearson " in line for line in out.splitlines()[1:3]), out
+
+
+def test_a_retrieval_sweep_sorts_by_validation_rsum(
+    tmp_path, tiny_vit_dir, tiny_bert_dir, capsys, ray_session
+):
+    import yaml
+
+    from tests.test_multi_backbone import pairs_config
+
+    path = pairs_config(tmp_path, tiny_vit_dir, tiny_bert_dir)
+    config = yaml.safe_load(path.read_text())
+    config["train"].update(task="retrieval", epochs=2, batch_size=8, linear_probe=False)
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = _cli(capsys, "sweep", str(path), "--no-progress", "--grid", "train.lr=1e-2,1e-3")
+    assert code == 0, err
+    assert len(_sorted_by_headline(out, "rsum")) == 2
