@@ -170,7 +170,8 @@ class ReadChecks:
             if end != size:
                 raise ChunkDamaged(
                     key,
-                    f"not the chunk written there: {end} bytes, {size} were written (cut short, moved or replaced)",
+                    f"not the chunk written there: {end} bytes, {size} were written "
+                    "(cut short, moved or replaced)",
                 )
         elif isinstance(byte_range, SuffixByteRequest):
             end = size
