@@ -16,7 +16,11 @@ import importlib.util
 import logging
 import os
 import socket
+import sys
+import tempfile
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -49,14 +53,15 @@ def connect(address: str | None) -> bool:
                 f"install it with pip install 'ray[client]=={ray.__version__}', or give the head's GCS "
                 f"address HOST:6379 instead, {_LOCAL_HINT}"
             )
+        _probe(address, address.removeprefix("ray://"))
     elif address != "auto":
-        _probe(address)
+        _probe(address, address)
     _init_within(address, CONNECT_TIMEOUT_S)
     return True
 
 
-def _probe(address: str) -> None:
-    host, sep, port = address.rpartition(":")
+def _probe(address: str, host_port: str) -> None:
+    host, sep, port = host_port.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise UniptError(
             f"--ray-address {address!r} is not HOST:PORT, auto or ray://HOST:PORT; give the Ray head's "
@@ -81,10 +86,30 @@ class _DropThreadWarning(logging.Filter):
         return "SIGTERM handler is not set" not in record.getMessage()
 
 
+@contextmanager
+def _stderr_captured() -> Iterator[Callable[[], str]]:
+    """Capture file descriptor 2 (what Ray's C++ core writes while it retries a join) into a temp file.
+
+    A refused join makes Ray's core print one warning a second for 20 s, ending in an error that does
+    not say why; the reason (e.g. ``InvalidAuthToken``) is only in those warnings. Capturing them keeps
+    the failure to our one line and lets us name the reason. Yields a reader of what was captured.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lambda: (capture.seek(0), capture.read().decode(errors="replace"))[1]
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _init_within(address: str, timeout_s: float) -> None:
     # ray.init() blocks inside C++ for minutes on an address that accepts TCP but never answers as a
-    # Ray head (or refuses us); it cannot be interrupted, so it runs in a daemon thread and we stop
-    # waiting after timeout_s. The CLI then exits; the abandoned thread dies with the process.
+    # Ray head; it cannot be interrupted, so it runs in a daemon thread and we stop waiting after
+    # timeout_s. The CLI then exits; the abandoned thread dies with the process.
     outcome: dict[str, BaseException | None] = {}
 
     def join() -> None:
@@ -98,25 +123,32 @@ def _init_within(address: str, timeout_s: float) -> None:
     ray_logger = logging.getLogger("ray._private.worker")
     ray_logger.addFilter(quiet)
     try:
-        thread = threading.Thread(target=join, name="unipt-ray-connect", daemon=True)
-        thread.start()
-        thread.join(timeout_s)
+        with _stderr_captured() as captured:
+            thread = threading.Thread(target=join, name="unipt-ray-connect", daemon=True)
+            thread.start()
+            thread.join(timeout_s)
+            said = captured()
     finally:
         ray_logger.removeFilter(quiet)
+    error = outcome.get("error")
+    if "error" in outcome and error is None:
+        sys.stderr.write(said)  # joined: whatever Ray had to say is the user's to see
+        return
+    refused = (
+        "InvalidAuthToken" in said or "Unauthenticated" in said or isinstance(error, AuthenticationError)
+    )
+    if refused:
+        raise UniptError(
+            f"the Ray cluster at {address} refused authentication; set RAY_AUTH_TOKEN (or "
+            f"RAY_AUTH_TOKEN_PATH) to the cluster's token, {_LOCAL_HINT}"
+        ) from error
     if "error" not in outcome:
         raise UniptError(
             f"the Ray cluster at {address} did not answer within {timeout_s:.0f}s; check that it is a Ray "
             f"{ray.__version__} head (its GCS address, HOST:6379 by default) and, if it uses token "
             f"authentication, that RAY_AUTH_TOKEN holds its token, {_LOCAL_HINT}"
         )
-    error = outcome["error"]
-    if error is None:
-        return
-    if isinstance(error, AuthenticationError):
-        raise UniptError(
-            f"the Ray cluster at {address} refused authentication; set RAY_AUTH_TOKEN (or "
-            f"RAY_AUTH_TOKEN_PATH) to the cluster's token, {_LOCAL_HINT}"
-        ) from error
+    assert error is not None
     if isinstance(error, UniptError | KeyboardInterrupt):
         raise error
     raise UniptError(
@@ -145,15 +177,21 @@ def root_cause(exc: BaseException) -> str:
         seen.add(id(inner))
         cause = inner
     lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in str(cause):
+        # A traceback inside the message: its last "Type: message" line is the cause.
+        typed = [line for line in lines if ": " in line and " " not in line.split(": ", 1)[0]]
+        return typed[-1] if typed else f"{type(cause).__name__}: {lines[-1]}"
     if isinstance(cause, UniptError) and not isinstance(cause, RayError):
         return lines[-1] if lines else type(cause).__name__
     if isinstance(cause, RayActorError) and not cause.actor_init_failed:
         # First line: what happened; last line: why (e.g. "The actor is dead because its node died").
         text = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
         return f"{type(cause).__name__}: {text}"
-    # Tracebacks end with "Type: message"; plain messages are one line anyway.
-    last = lines[-1] if lines else ""
     name = type(cause).__name__
-    if isinstance(cause, RayError) and ": " in last and " " not in last.split(": ", 1)[0]:
-        return last  # already "OSError: ..." from the worker's traceback
+    if not isinstance(cause, RayError):
+        return f"{name}: {lines[0] if lines else ''}"
+    # Ray's own text is a traceback ending in the worker's "Type: message" line.
+    last = lines[-1] if lines else ""
+    if ": " in last and " " not in last.split(": ", 1)[0]:
+        return last
     return f"{name}: {last}"

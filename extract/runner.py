@@ -188,7 +188,7 @@ def _worker_layout(setting: int | str) -> tuple[int, dict[str, float], int]:
         resources, threads = {"num_cpus": per_worker}, per_worker
     placeable = _placeable(nodes, resources, count)
     if placeable < count:
-        asked = f"{count} workers of {_show(resources)} each"
+        asked = f"{count} worker{'s' if count != 1 else ''} of {_show(resources)} each"
         have = _show_available(nodes)
         if placeable == 0:
             raise UniptError(

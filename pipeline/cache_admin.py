@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import LEASES_DIR, PARTIAL_DIR, CacheReader, CacheRoot, is_key
 from pipeline.checksums import Problem, verify_files
 from pipeline.locks import exclusive_if_free
 from pipeline.storage import Location
 
 TRASH_DIR = ".trash"
+LOCK_SUFFIX = ".lock"  # see CacheRoot.lock_location / lease_location
 
 
 def describe(reader: CacheReader) -> dict[str, Any]:
@@ -110,7 +111,8 @@ def find_garbage(root: CacheRoot, referenced: Iterable[str], include_partial: bo
 
 def remove(root: CacheRoot, item: Garbage) -> bool:
     """Remove a store unless it is in use (then False): checked and renamed away under one lock, so a
-    reader either got its lease first (and the store stays) or waits and then finds no store."""
+    reader either got its lease first (and the store stays) or waits and then finds no store. The lock
+    file goes with it."""
     location = root.location(item.key) if item.committed else root.partial_location(item.key)
     with exclusive_if_free(_guard(root, item.key, item.committed)) as free:
         if not free:
@@ -123,3 +125,21 @@ def remove(root: CacheRoot, item: Garbage) -> bool:
             location = trash
     location.remove()
     return True
+
+
+def sweep_lock_files(root: CacheRoot) -> int:
+    """Delete lock files nobody holds (left by processes that were killed); returns how many.
+
+    Builds and readers delete their own lock files when they let go (see :mod:`pipeline.locks`); a
+    killed process cannot, and leaves an empty file in ``.partial/`` or ``.leases/``. Each is taken
+    without waiting and deleted while held, so a lock someone holds, or takes meanwhile, is untouched.
+    """
+    if not root.root.is_local:
+        return 0
+    removed = 0
+    for folder in (PARTIAL_DIR, LEASES_DIR):
+        for name in root.root.child(folder).listdir():
+            if name.endswith(LOCK_SUFFIX) and is_key(name.removesuffix(LOCK_SUFFIX)):
+                with exclusive_if_free(root.root.child(folder, name)) as free:
+                    removed += free
+    return removed

@@ -9,7 +9,7 @@ import sys
 from tqdm.auto import tqdm
 
 from pipeline.cache import CacheReader, CacheRoot, is_key
-from pipeline.cache_admin import describe, find_garbage, remove, verify
+from pipeline.cache_admin import describe, find_garbage, remove, sweep_lock_files, verify
 from pipeline.cache_open import open_cache
 from pipeline.errors import UniptError
 from pipeline.log import human_bytes
@@ -90,6 +90,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             continue
         print(f"{'removing' if args.yes else 'would remove'} {item.key}{kind}  {human_bytes(item.bytes)}")
         garbage.append(item)
+    if args.yes:
+        sweep_lock_files(root)  # empty lock files left by killed processes
     total = sum(item.bytes for item in garbage)
     summary = f"{len(garbage)} cache(s), {human_bytes(total)}"
     if not args.yes and garbage:

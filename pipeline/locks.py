@@ -95,13 +95,13 @@ def exclusive(lock_file: Location, on_wait: Callable[[], None] | None = None) ->
 
 
 @contextmanager
-def exclusive_if_free(lock_file: Location, delete: bool = True) -> Iterator[bool]:
+def exclusive_if_free(lock_file: Location) -> Iterator[bool]:
     """Take ``lock_file`` exclusively without waiting: yields False at once if anyone holds it.
 
     `unipt cache gc` removes a cache only inside this, so it never pulls a store out from under a
     reader holding a :class:`ReadLease` or an extraction holding its build lock. Object stores: True.
-    With ``delete`` the lock file is removed when let go (nobody needed it); pass False for a check
-    that should change nothing.
+    The lock file is deleted when let go: nobody else held it, so nobody needs it (a mere look would
+    otherwise leave a file behind for every cache it looked at).
     """
     if not lock_file.is_local:
         yield True
@@ -113,7 +113,7 @@ def exclusive_if_free(lock_file: Location, delete: bool = True) -> Iterator[bool
     try:
         yield True
     finally:
-        _unlock(fd, lock_file.url, delete=delete)
+        _unlock(fd, lock_file.url, delete=True)
 
 
 class ReadLease:
