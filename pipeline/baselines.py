@@ -139,6 +139,8 @@ class OnlineBatches:
             epoch=epoch,
             shuffle_buffer_blocks=self.config.shuffle_buffer_blocks,
             prefetch_blocks=0,  # a block "read" is a lookup: no thread to hide it behind
+            # Grouped by length exactly as the cache loader groups the same examples (a fair comparison).
+            lengths=lengths if self.config.length_grouping and self.shuffle else None,
         )
         for examples in order:
             indices = np.array([index for index, _ in examples], dtype=np.int64)

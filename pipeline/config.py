@@ -142,6 +142,15 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     block_examples: int = Field(256, gt=0, description="Examples read per cache block (shuffle unit).")
     shuffle_buffer_blocks: int = Field(4, gt=0)
+    length_grouping: bool = Field(
+        True,
+        description="Batch training examples of similar length together within each shuffle window (seeded, "
+        "a fresh order every epoch): less padding, faster epochs. false reproduces the batches of runs "
+        "made before it existed.",
+    )
+    reader_threads: int = Field(
+        4, gt=0, description="Threads reading a cache block's layers concurrently (does not change results)."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     linear_probe: bool = Field(True, description="Also fit the last-layer linear-probe baseline.")
     task: str = Field(

@@ -52,3 +52,64 @@ def test_shuffle_is_seeded_per_epoch_and_evaluation_is_ordered(tmp_path):
     assert order(0, 0, shuffle=False) == list(range(9)) == order(5, 2, shuffle=False)
     val = CacheBatches(reader, "val", [1], batch_size=8)
     assert [b.indices.tolist() for b in val.epoch(0)] == [[9, 10, 11, 12]]
+
+
+def _batches(reader, epoch: int, **options) -> list[list[int]]:
+    data = CacheBatches(
+        reader, "train", [0, 2], 2, shuffle=True, seed=7, block_examples=2, shuffle_buffer_blocks=2, **options
+    )
+    return [batch.indices.tolist() for batch in data.epoch(epoch)]
+
+
+def test_without_length_grouping_the_batches_are_those_of_the_loader_before_it(tmp_path):
+    reader, _ = _reader(tmp_path)
+    # Pinned: what the loader gave for this seed before length grouping and concurrent reads existed.
+    before = [[[4, 5], [1, 0], [8, 3], [2, 7], [6]], [[0, 6], [7, 1], [5, 4], [2, 3], [8]]]
+    assert [_batches(reader, e, length_grouping=False) for e in (0, 1)] == before
+    assert [_batches(reader, e, length_grouping=False, reader_threads=1) for e in (0, 1)] == before
+
+
+def test_length_grouping_batches_similar_lengths_in_a_fresh_seeded_order(tmp_path):
+    reader, tokens = _reader(tmp_path)
+    grouped = [_batches(reader, e, length_grouping=True) for e in range(4)]
+    assert grouped[0] == _batches(reader, 0, length_grouping=True)  # seeded
+    assert len({str(g) for g in grouped}) > 1  # a fresh order each epoch
+    for batches in grouped:
+        assert sorted(i for b in batches for i in b) == list(range(9))  # every example once
+        assert len(batches) == 5 and [len(b) for b in batches[:-1]] == [2] * 4  # the same batch count
+
+    def padded_tokens(batches: list[list[int]]) -> int:
+        return sum(len(b) * max(LENGTHS[i] for i in b) for b in batches)
+
+    plain = [_batches(reader, e, length_grouping=False) for e in range(4)]
+    assert sum(map(padded_tokens, grouped)) < sum(map(padded_tokens, plain))
+
+    # Grouped batches are padded exactly like any other.
+    data = CacheBatches(
+        reader, "train", [0, 2], batch_size=3, shuffle=True, seed=1, block_examples=2, length_grouping=True
+    )
+    for batch in data.epoch(0):
+        for row, index in enumerate(batch.indices):
+            n = LENGTHS[index]
+            assert batch.mask[row].sum() == n and torch.all(batch.hidden[0][row, n:] == 0)
+            np.testing.assert_array_equal(
+                batch.hidden[1][row, :n].numpy(), tokens[2][index].astype(np.float32)
+            )
+
+
+def test_length_grouping_is_for_training_only(tmp_path):
+    from pipeline.config import TrainConfig
+
+    reader, _ = _reader(tmp_path)
+    config = TrainConfig(batch_size=2, block_examples=2, length_grouping=True)
+    assert CacheBatches.for_split(reader, "train", config, seed=0, shuffle=True).length_grouping
+    assert not CacheBatches.for_split(reader, "val", config, seed=0, shuffle=False).length_grouping
+
+
+def test_to_device_upcasts_half_precision_batches():
+    from train.loader import Batch, to_device
+
+    half = torch.tensor([[[0.5, -1.25]]], dtype=torch.float16)
+    batch = Batch([half], torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, dtype=torch.long), np.zeros(1))
+    (hidden,), mask = to_device(batch, torch.device("cpu"))
+    assert hidden.dtype == torch.float32 and hidden.tolist() == [[[0.5, -1.25]]] and mask.all()

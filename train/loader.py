@@ -3,7 +3,14 @@
 Examples are read in *blocks*: runs of consecutive examples whose tokens sit in one
 contiguous row range, so a block costs one sequential read per layer. Training shuffles the
 block order and then examples within a window of blocks (a shuffle buffer); a background
-thread reads the next blocks while the model computes. Only the requested layers are read.
+thread reads the next blocks (each block's layers concurrently, ``reader_threads`` at a time) and a
+second one pads them into batches while the model computes. Only the requested layers are read.
+
+Padding is one vectorised scatter per layer. With ``length_grouping`` the examples of each shuffle
+window are sorted by length before they are cut into batches (the batches then go out in a seeded
+random order), so a batch pads to about its own length rather than to the window's longest example.
+For CUDA (``pin_memory``) rows stay in the cache's decoded dtype (fp16 stays fp16) in pinned host
+memory and are upcast on the device (:func:`to_device`); for the CPU they are padded straight into float32.
 
 A feature-map cache (CNN stages) comes out as maps: each stage is ``[B, C, H, W]``, read through
 that stage's own offsets, since its H*W rows per image differ from every other stage's.
@@ -14,6 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -29,11 +37,31 @@ T = TypeVar("T")  # what a block read gives per example
 
 @dataclass
 class Batch:
-    # One float32 tensor per requested layer: [B, N, D_l] zero-padded tokens, or [B, C_l, H_l, W_l] maps.
+    # One tensor per requested layer: [B, N, D_l] zero-padded tokens, or [B, C_l, H_l, W_l] maps. float32,
+    # or the cache's decoded dtype (float16) when the loader keeps it for the device (see to_device).
     hidden: list[torch.Tensor]
     mask: torch.Tensor  # [B, N] bool, True on real tokens; for maps all True over the last layer's H*W
     labels: torch.Tensor  # [B] int64
     indices: np.ndarray  # example indices in the cache
+
+
+def to_device(batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A batch's hidden states (float32) and mask on ``device``.
+
+    Copies are ``non_blocking`` (they overlap compute when the batch sits in pinned memory), and a
+    float16 batch is upcast after the copy, on the device: half the bytes cross the bus.
+    """
+    hidden = [h.to(device, non_blocking=True).float() for h in batch.hidden]
+    return hidden, batch.mask.to(device, non_blocking=True)
+
+
+@dataclass
+class _Block:
+    """One block's decoded rows per layer, and where each of its examples' rows start and stop in them."""
+
+    rows: dict[int, np.ndarray]
+    starts: dict[int, np.ndarray]
+    stops: dict[int, np.ndarray]
 
 
 class CacheBatches:
@@ -50,6 +78,9 @@ class CacheBatches:
         block_examples: int = 256,
         shuffle_buffer_blocks: int = 4,
         prefetch_blocks: int = 4,
+        length_grouping: bool = False,
+        reader_threads: int = 4,
+        pin_memory: bool = False,
     ) -> None:
         self.reader = reader
         self.layers = list(layers)
@@ -58,6 +89,11 @@ class CacheBatches:
         self.seed = seed
         self.shuffle_buffer_blocks = shuffle_buffer_blocks
         self.prefetch_blocks = prefetch_blocks
+        self.length_grouping = length_grouping
+        self.reader_threads = max(1, reader_threads)
+        # Pinned batches are for a CUDA copy; they keep the cache's dtype so the device does the upcast.
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._pool: ThreadPoolExecutor | None = None
         self.indices = reader.split_indices(split)
         self.labels = reader.labels()
         self.grids = {layer: reader.layer_spec(layer).grid for layer in self.layers}
@@ -70,6 +106,9 @@ class CacheBatches:
         self.offsets = {layer: reader.offsets_for(layer) for layer in self.layers}
         distinct = list({id(o): o for o in self.offsets.values()}.values())  # token layers share one
         self.blocks = plan_blocks(self.indices, distinct, block_examples)
+        first = self.offsets[self.layers[0]]
+        # Token counts decide the grouping; feature maps all have one size, so there is nothing to group.
+        self.lengths = None if self.maps else first[:, 1] - first[:, 0]
 
     @classmethod
     def for_split(
@@ -81,10 +120,13 @@ class CacheBatches:
         shuffle: bool,
         layers: list[int] | None = None,
     ) -> CacheBatches:
-        """One split's batches as training reads them: batch size, block plan and shuffle from ``config``.
+        """One split's batches as training reads them: batch size, block plan, shuffle, length grouping
+        (training only) and reader threads from ``config``; pinned float16 batches when it trains on CUDA.
 
         ``layers`` defaults to every layer of the cache.
         """
+        from train.fit import pick_device  # train.fit does not import the loader: no cycle
+
         return cls(
             reader,
             split,
@@ -94,6 +136,9 @@ class CacheBatches:
             seed=seed,
             block_examples=config.block_examples,
             shuffle_buffer_blocks=config.shuffle_buffer_blocks,
+            length_grouping=config.length_grouping and shuffle,
+            reader_threads=config.reader_threads,
+            pin_memory=pick_device(config.device).type == "cuda",
         )
 
     def __len__(self) -> int:
@@ -109,46 +154,107 @@ class CacheBatches:
             epoch=epoch,
             shuffle_buffer_blocks=self.shuffle_buffer_blocks,
             prefetch_blocks=self.prefetch_blocks,
+            lengths=self.lengths if self.length_grouping else None,
         )
-        for examples in order:
-            yield self._collate(examples)
+        batches = (self._collate(examples) for examples in order)
+        if self.prefetch_blocks > 0:
+            # Padding runs in its own thread too: the training thread only takes finished batches.
+            batches = _prefetch(batches, 2, name="cache-collate")
+        yield from batches
 
-    def _read_block(self, indices: np.ndarray) -> list[dict[int, np.ndarray]]:
-        tokens = {}
+    def _read_block(self, indices: np.ndarray) -> list[tuple[_Block, int]]:
+        """Every layer's rows of one block, the layers read concurrently (Zarr decodes off the GIL)."""
+        spans = {}
         for layer in self.layers:
-            offsets, grid = self.offsets[layer], self.grids[layer]
-            starts, stops = offsets[indices, 0], offsets[indices, 1]
-            base, end = int(starts[0]), int(stops[-1])
-            rows = self.reader.read_rows(layer, base, end)
-            pieces = [rows[s - base : e - base] for s, e in zip(starts, stops, strict=True)]
-            tokens[layer] = [p.reshape(grid[0], grid[1], -1) for p in pieces] if grid else pieces
-        return [{layer: tokens[layer][i] for layer in self.layers} for i in range(len(indices))]
+            starts, stops = self.offsets[layer][indices, 0], self.offsets[layer][indices, 1]
+            spans[layer] = (starts, stops, int(starts[0]), int(stops[-1]))
 
-    def _collate(self, examples: list[tuple[int, dict[int, np.ndarray]]]) -> Batch:
+        def read(layer: int) -> np.ndarray:
+            _, _, base, end = spans[layer]
+            return self.reader.read_rows(layer, base, end)
+
+        if self.reader_threads > 1 and len(self.layers) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.reader_threads, thread_name_prefix="cache-read")
+            rows = dict(zip(self.layers, self._pool.map(read, self.layers), strict=True))
+        else:
+            rows = {layer: read(layer) for layer in self.layers}
+        block = _Block(
+            rows,
+            {layer: spans[layer][0] - spans[layer][2] for layer in self.layers},
+            {layer: spans[layer][1] - spans[layer][2] for layer in self.layers},
+        )
+        return [(block, i) for i in range(len(indices))]
+
+    def _collate(self, examples: list[tuple[int, tuple[_Block, int]]]) -> Batch:
         if self.maps:
             return self._collate_maps(examples)
-        lengths = [ex[1][self.layers[0]].shape[0] for ex in examples]
-        longest = max(lengths)
+        first = self.layers[0]
+        lengths = np.array([blk.stops[first][i] - blk.starts[first][i] for _, (blk, i) in examples])
+        longest = int(lengths.max())
+        # Where each example's rows land in the flattened [B * longest] output, grouped by source block
+        # (a batch draws from the few blocks of one shuffle window): one gather + scatter per block.
+        groups: dict[int, tuple[_Block, list[int], list[int]]] = {}
+        for row, (_, (blk, i)) in enumerate(examples):
+            _, rows, items = groups.setdefault(id(blk), (blk, [], []))
+            rows.append(row)
+            items.append(i)
         hidden = []
         for layer in self.layers:
-            width = examples[0][1][layer].shape[1]
-            padded = np.zeros((len(examples), longest, width), dtype=np.float32)
-            for row, (_, tokens) in enumerate(examples):
-                padded[row, : lengths[row]] = tokens[layer]
-            hidden.append(torch.from_numpy(padded))
+            sample = next(iter(groups.values()))[0].rows[layer]
+            dtype = sample.dtype if self.pin_memory else np.float32
+            out = self._empty((len(examples), longest, sample.shape[1]), dtype)
+            flat = out.reshape(len(examples) * longest, -1)
+            for blk, rows, items in groups.values():
+                starts, stops = blk.starts[layer][items], blk.stops[layer][items]
+                counts = stops - starts
+                source = _ranges(starts, counts)
+                target = _ranges(np.asarray(rows, dtype=np.int64) * longest, counts)
+                flat[target] = blk.rows[layer][source]
+            hidden.append(torch.from_numpy(out))
         mask = padding_mask(lengths)
         indices = np.array([ex[0] for ex in examples], dtype=np.int64)
         return Batch(hidden=hidden, mask=mask, labels=torch.from_numpy(self.labels[indices]), indices=indices)
 
-    def _collate_maps(self, examples: list[tuple[int, dict[int, np.ndarray]]]) -> Batch:
+    def _empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A zeroed batch array; in pinned (page-locked) memory when the batch goes to CUDA."""
+        if not self.pin_memory:
+            return np.zeros(shape, dtype=dtype)
+        tensor = torch.zeros(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
+        return tensor.numpy()
+
+    def _collate_maps(self, examples: list[tuple[int, tuple[_Block, int]]]) -> Batch:
         hidden = []
         for layer in self.layers:
-            stacked = np.stack([maps[layer] for _, maps in examples]).astype(np.float32, copy=False)
+            h, w = self.grids[layer]
+            maps = [
+                blk.rows[layer][blk.starts[layer][i] : blk.stops[layer][i]].reshape(h, w, -1)
+                for _, (blk, i) in examples
+            ]
+            stacked = np.stack(maps).astype(np.float32, copy=False)
             hidden.append(torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous())  # [B, C, H, W]
         h, w = self.grids[self.layers[-1]]
         mask = torch.ones(len(examples), h * w, dtype=torch.bool)
         indices = np.array([ex[0] for ex in examples], dtype=np.int64)
         return Batch(hidden=hidden, mask=mask, labels=torch.from_numpy(self.labels[indices]), indices=indices)
+
+    def close(self) -> None:
+        """Stop the reader threads (they also end with the process)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])``, without a Python loop."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(counts)
+    # Each position's offset within its range, plus its range's start.
+    within = np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)
+    return np.repeat(np.asarray(starts, dtype=np.int64), counts) + within
 
 
 def plan_blocks(indices: np.ndarray, offsets: list[np.ndarray], block_examples: int) -> list[np.ndarray]:
@@ -182,14 +288,21 @@ def epoch_order(
     epoch: int,
     shuffle_buffer_blocks: int,
     prefetch_blocks: int,
+    lengths: np.ndarray | None = None,
 ) -> Iterator[list[tuple[int, T]]]:
     """One epoch's batches of ``(example index, item)``, ``read(block)`` giving one item per example.
 
     Shuffling permutes the block order, then examples within each window of ``shuffle_buffer_blocks``
     blocks, all from one generator seeded by ``(seed, epoch)``: the order depends on the block sizes
-    only, never on the items, so anything holding the same block plan (a cache, an online baseline)
-    sees the same batches. ``read`` runs in a background thread, ``prefetch_blocks`` blocks ahead (0: in
-    the caller's thread, for reads too cheap to be worth one).
+    (and ``lengths``) only, never on the items, so anything holding the same block plan (a cache, an
+    online baseline) sees the same batches. ``read`` runs in a background thread, ``prefetch_blocks``
+    blocks ahead (0: in the caller's thread, for reads too cheap to be worth one).
+
+    ``lengths`` (token counts by example index) turns on length grouping: each window's examples, once
+    shuffled, are sorted by length (stably, so equal lengths stay in shuffled order), cut into batches,
+    and those batches leave in a seeded random order. The batch count is unchanged (full batches, then one
+    partial batch at the end of the epoch). Without ``lengths`` the draws are exactly those made before
+    grouping existed, so ``train.length_grouping: false`` reproduces earlier runs batch for batch.
     """
     rng = np.random.default_rng([seed, epoch]) if shuffle else None
     order = rng.permutation(len(blocks)) if rng is not None else np.arange(len(blocks))
@@ -205,13 +318,32 @@ def epoch_order(
             continue
         pending += _examples_of(buffered, rng)
         buffered = []
+        if lengths is not None and rng is not None:
+            batches, pending = _grouped(pending, lengths, batch_size, rng)
+            yield from batches
+            continue
         while len(pending) >= batch_size:
             yield pending[:batch_size]
             pending = pending[batch_size:]
     if buffered:
         pending += _examples_of(buffered, rng)
+    if lengths is not None and rng is not None:
+        batches, pending = _grouped(pending, lengths, batch_size, rng)
+        yield from batches
     for start in range(0, len(pending), batch_size):
         yield pending[start : start + batch_size]
+
+
+def _grouped(
+    examples: list[tuple[int, T]], lengths: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> tuple[list[list[tuple[int, T]]], list[tuple[int, T]]]:
+    """(full batches of similar length in a random order, the rest): the rest, fewer than a batch of the
+    longest examples, joins the next window (or ends the epoch as its one partial batch)."""
+    keys = lengths[np.fromiter((index for index, _ in examples), dtype=np.int64, count=len(examples))]
+    ranked = [examples[i] for i in np.argsort(keys, kind="stable")]
+    full = len(ranked) // batch_size * batch_size
+    batches = [ranked[start : start + batch_size] for start in range(0, full, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))], ranked[full:]
 
 
 def padding_mask(lengths: list[int] | np.ndarray) -> torch.Tensor:
@@ -231,7 +363,7 @@ def _examples_of(
     return examples
 
 
-def _prefetch(source: Iterator[T], depth: int) -> Iterator[T]:
+def _prefetch(source: Iterator[T], depth: int, name: str = "cache-prefetch") -> Iterator[T]:
     """Run ``source`` in a background thread, ``depth`` items ahead (Zarr decodes off the GIL)."""
     items: queue.Queue = queue.Queue(maxsize=max(1, depth))
     done = object()
@@ -247,7 +379,7 @@ def _prefetch(source: Iterator[T], depth: int) -> Iterator[T]:
             items.put(exc)
         items.put(done)
 
-    thread = threading.Thread(target=produce, daemon=True, name="cache-prefetch")
+    thread = threading.Thread(target=produce, daemon=True, name=name)
     thread.start()
     try:
         while (item := items.get()) is not done:

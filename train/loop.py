@@ -23,7 +23,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from pipeline.tasks import get_task
 from train.fit import FitResult, Task, fit, pick_device
-from train.loader import Batch, CacheBatches
+from train.loader import Batch, CacheBatches, to_device
 from train.models import build_model
 
 
@@ -110,7 +110,7 @@ def fit_head(
     info = get_task(config.task)
 
     def loss(batch: Batch, device: torch.device) -> tuple[Tensor, int]:
-        outputs, _ = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
+        outputs, _ = model(*to_device(batch, device))
         return head.loss(outputs.float(), batch.labels.to(device)), len(batch.labels)
 
     def validate() -> dict[str, float]:
@@ -162,7 +162,7 @@ def evaluate(
         return {**dict.fromkeys(names, math.nan), "layer_weights": []}
     collected, labels, weights = [], [], []
     for batch in data.epoch(0):
-        outputs, layer_weights = model([h.to(device) for h in batch.hidden], batch.mask.to(device))
+        outputs, layer_weights = model(*to_device(batch, device))
         collected.append(head.collect(outputs))
         labels.append(batch.labels)
         weights.append(layer_weights.float().cpu())

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
-from train.loader import Batch, CacheBatches, plan_blocks
+from train.loader import Batch, CacheBatches, plan_blocks, to_device
 from train.metrics import match_ranks, retrieval_metrics_from_ranks
 from train.unipt import UniPT, masked_mean
 
@@ -66,8 +66,8 @@ class RetrievalModel(nn.Module):
 
     def forward(self, query: Batch, gallery: Batch, device: torch.device) -> Tensor:
         """[B, B] logits: query i against gallery j, scaled by 1 / temperature."""
-        q, _ = self.embed("query", [h.to(device) for h in query.hidden], query.mask.to(device))
-        g, _ = self.embed("gallery", [h.to(device) for h in gallery.hidden], gallery.mask.to(device))
+        q, _ = self.embed("query", *to_device(query, device))
+        g, _ = self.embed("gallery", *to_device(gallery, device))
         return self.scale() * q @ g.T
 
 
@@ -89,6 +89,9 @@ class PairedBatches:
         offsets += [gallery.reader.offsets_for(layer) for layer in gallery.layers]
         blocks = plan_blocks(query.indices, offsets, block_examples)
         query.blocks, gallery.blocks = blocks, list(blocks)
+        # Length grouping orders both sides by one set of lengths (the token side's), or they would part.
+        shared = query.lengths if query.lengths is not None else gallery.lengths
+        query.lengths = gallery.lengths = shared
         self.query, self.gallery = query, gallery
 
     def __len__(self) -> int:
@@ -142,10 +145,10 @@ def evaluate_retrieval(model: RetrievalModel, data: PairedBatches, device: torch
         return {**empty, "rsum": nan, "query_layer_weights": [], "gallery_layer_weights": []}
     queries, galleries, query_weights, gallery_weights = [], [], [], []
     for q, g in data.epoch(0):
-        emb, weights = model.embed("query", [h.to(device) for h in q.hidden], q.mask.to(device))
+        emb, weights = model.embed("query", *to_device(q, device))
         queries.append(emb.float().cpu())
         query_weights.append(weights.float().cpu())
-        emb, weights = model.embed("gallery", [h.to(device) for h in g.hidden], g.mask.to(device))
+        emb, weights = model.embed("gallery", *to_device(g, device))
         galleries.append(emb.float().cpu())
         gallery_weights.append(weights.float().cpu())
     query, gallery = torch.cat(queries), torch.cat(galleries)
