@@ -195,9 +195,7 @@ def test_a_cluster_that_refuses_our_token_fails_in_one_line(ray_head, tiny_confi
     wrong = {**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     result, seconds = _extract(tiny_config, "--ray-address", address, env=wrong)
     line = _error_line(result)
-    assert f"the Ray cluster at {address} refused authentication" in line or (
-        f"the Ray cluster at {address} did not answer within 30s" in line
-    )
+    assert f"the Ray cluster at {address} refused authentication" in line
     assert "RAY_AUTH_TOKEN" in line
     assert seconds < 45
     _nothing_left(tmp_path)
