@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Any
 
 from pipeline import experiment
 from pipeline.config import ExperimentConfig, load_config
@@ -22,13 +24,27 @@ def load_args(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, overrides)
 
 
+def _scores(metrics: dict[str, Any], prefix: str, names: tuple[str, ...]) -> str:
+    """``acc 0.7910 f1 0.7853``: the named metrics under ``prefix`` that the run has; ``-`` if undefined."""
+
+    def number(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+    return " ".join(f"{n} {number(metrics[prefix + n])}" for n in names if prefix + n in metrics)
+
+
 def summary_line(result: experiment.RunResult) -> str:
-    """One line per run: the task's headline metric (and the probe's), timings, cache size, run dir."""
+    """One line per run: the task's summary metrics on test (classification: accuracy and macro-F1) beside
+    each baseline's, the same on val with the metric that picked the best epoch, timings, cache, run dir."""
     trained, timings = result.trained, result.timings
-    m, name = trained.metrics, get_task(trained.task).headline
-    probe = f" (linear probe {m[f'probe_test_{name}']:.4f})" if f"probe_test_{name}" in m else ""
+    m, task = trained.metrics, get_task(trained.task)
+    names = task.summary_metrics
+    baselines = [(label, _scores(m, f"{prefix}_test_", names)) for prefix, label in task.baselines]
+    shown = ", ".join(f"{label} {scores}" for label, scores in baselines if scores)
+    select = trained.select_metric or task.headline
     return (
-        f"test_{name} {m[f'test_{name}']:.4f}{probe} | val_{name} {m[f'val_{name}']:.4f} | "
+        f"test {_scores(m, 'test_', names)}{f' ({shown})' if shown else ''} | "
+        f"val {_scores(m, 'val_', names)}, best epoch {m.get('best_epoch', '-')} by val_{select} | "
         f"extract {timings.extract_s:.1f}s ({'cache hit' if result.cache_hit else 'cache miss'}) | "
         f"train {m['train_seconds']:.1f}s ({m['seconds_per_epoch']:.1f}s/epoch) | "
         f"cache {human_bytes(trained.cache_bytes)} | run {result.run_dir}"

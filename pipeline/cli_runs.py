@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cli_common import load_args, print_summary
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, parse_value
 from pipeline.errors import UniptError
 from pipeline.registry import (
     DEFAULT_REGISTRY,
@@ -27,7 +27,7 @@ from pipeline.registry import (
 )
 from pipeline.rerun import rerun
 from pipeline.sweep import SweepResult, Trial, sweep
-from pipeline.tasks import headline_of
+from pipeline.tasks import get_task, headline_of, task_names
 
 
 def _show(value: Any) -> str:
@@ -37,6 +37,12 @@ def _show(value: Any) -> str:
 def _metric(entry: RunEntry, name: str) -> str:
     value = entry.metrics.get(name)
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _headline(entry: RunEntry) -> str | None:
+    """The headline metric of the run's task (from its config); records without one: by their metrics."""
+    task = (entry.config.get("train") or {}).get("task", "classification")
+    return get_task(task).headline if task in task_names() else headline_of(entry.metrics)
 
 
 def _lineage(entry: RunEntry) -> str:
@@ -68,7 +74,7 @@ def cmd_runs_ls(args: argparse.Namespace) -> int:
         f"{'dataset':<12}  {'cache':<12}  lineage"
     )
     for e in entries:
-        name = headline_of(e.metrics) or "-"
+        name = _headline(e) or "-"
         print(
             f"{e.run_id:<{width}}  {e.created_at:<20}  {(e.name or '')[:16]:<16} {name:<8} "
             f"{_metric(e, f'val_{name}'):>7} {_metric(e, f'test_{name}'):>7}  "
@@ -175,6 +181,8 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
         parts = [v.strip() for v in values.split(",")]
         if not all(parts):
             raise UniptError(f"--grid {spec!r} has an empty value; separate values with single commas")
+        for part in parts:
+            parse_value(part, f"--grid {key}", f"--grid {key}=1e-3,5e-4")
         grid[key] = parts
     return grid
 

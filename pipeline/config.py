@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UniptError
-from pipeline.storage import check_no_secrets
+from pipeline.storage import check_no_secrets, check_url
 from pipeline.tasks import get_task, task_names
 
 
@@ -34,6 +34,13 @@ class SplitConfig(_Strict):
         None, description="Examples sharing this column's value land in one split (e.g. movie)."
     )
     seed: int = 0
+    scheme: Literal[1, 2] = Field(
+        2,
+        description="How examples are grouped when there is neither a split_column nor a group_column. "
+        "2 (default): by a hash of each input's content, so identical texts, text pairs or images always "
+        "share a split. 1: by example id, so duplicates could land in train and test (runs made before "
+        "scheme 2; `unipt rerun` of such a run keeps 1).",
+    )
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitConfig:
@@ -152,12 +159,22 @@ class TrainConfig(_Strict):
         4, gt=0, description="Threads reading a cache block's layers concurrently (does not change results)."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    linear_probe: bool = Field(True, description="Also fit the last-layer linear-probe baseline.")
+    linear_probe: bool = Field(
+        True,
+        description="Also fit the last-layer probe baseline (classification: logistic regression; "
+        "regression: ridge). The majority-class / mean-predictor baselines are always reported.",
+    )
     task: str = Field(
         "classification",
         description="A registered task (pipeline/tasks.py): classification (accuracy, macro-F1), regression "
         "(numeric label column; MSE; Pearson and Spearman) or retrieval (two backbones' caches of one "
         "dataset; InfoNCE; R@1/5/10, rSum).",
+    )
+    select_metric: str = Field(
+        "auto",
+        description="The validation metric that picks the best epoch (and early stopping): one of the task's "
+        "metrics (classification: acc, f1). auto = the task's headline metric, except macro-F1 for "
+        "classification when the largest class is above 60% of train. The run says which it used.",
     )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many epochs without a better validation score; None = off."
@@ -199,6 +216,16 @@ class TrainConfig(_Strict):
             raise ValueError(f"unknown task {task!r}; choose one of {', '.join(task_names())}")
         return task
 
+    @model_validator(mode="after")
+    def _select_metric_of_the_task(self) -> TrainConfig:
+        metrics = get_task(self.task).metrics
+        if self.select_metric != "auto" and self.select_metric not in metrics:
+            raise ValueError(
+                f"select_metric {self.select_metric!r} is not a metric of task {self.task}; choose auto or "
+                f"one of {', '.join(metrics)}"
+            )
+        return self
+
 
 class StorageConfig(_Strict):
     cache_root: str = Field(
@@ -219,6 +246,12 @@ class StorageConfig(_Strict):
     def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
         check_no_secrets(options)
         return options
+
+    @field_validator("cache_root")
+    @classmethod
+    def _no_password_in_the_url(cls, cache_root: str) -> str:
+        check_url(cache_root, "storage.cache_root")
+        return cache_root
 
 
 _BACKBONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -297,7 +330,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise UniptError(f"override {text!r} is not KEY=VALUE; write it like --set train.epochs=3")
-    return key.split("."), yaml.safe_load(value)
+    return key.split("."), parse_value(value, f"--set {key}", "--set train.epochs=3")
+
+
+def parse_value(value: str, where: str, example: str) -> Any:
+    """A ``--set``/``--grid`` value as YAML (``3``, ``[0, 3, 6]``, ``null``); one line if it is not."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UniptError(
+            f"{where}: value {value!r} is not valid YAML ({problem}); write a number, a list like [0, 3] or "
+            f"a plain word, quoting text that starts with a symbol (e.g. {example})"
+        ) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -316,10 +361,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     path = Path(path)
     if not path.is_file():
         raise UniptError(f"config file {path} not found; pass a YAML file such as configs/rt_minilm.yaml")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise UniptError(f"config {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+        raise UniptError(_yaml_problem(path, text, exc)) from None
     if not isinstance(raw, dict):
         raise UniptError(f"config {path} must be a mapping of sections (dataset, backbone, ...)")
     raw = apply_overrides(raw, overrides or [])
@@ -327,6 +373,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise UniptError(f"config {path}: {_describe(exc)}") from exc
+
+
+def _yaml_problem(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    """``config c.yaml line 4, column 1: <problem>; <fix>``: the file's name, not PyYAML's
+    ``<unicode string>``, and no raw tab or multi-line excerpt."""
+    mark = getattr(exc, "problem_mark", None)
+    lines = text.splitlines()
+    where = f"config {path}" + (
+        f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    )
+    line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+    indent = line[: len(line) - len(line.lstrip())]
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "\t" in problem or "\t" in indent:
+        return f"{where}: YAML does not allow tabs for indentation; indent with spaces"
+    return (
+        f"{where}: not valid YAML ({problem}); fix that line (YAML nests sections by indenting with spaces)"
+    )
 
 
 def _describe(exc: ValidationError) -> str:

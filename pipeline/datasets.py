@@ -9,6 +9,12 @@ both, one pair per example, for a text and an image backbone over the same examp
 table's content (for images: every image's shape and pixels), so it does not depend on file order
 or format, and it covers the split assignment: training on a cache built from another version of
 the data is impossible without the fingerprint (and so the cache key) changing.
+
+Split assignment (``dataset.split``): a seeded hash of a group puts every member of the group in one
+split. The group is ``split.group_column``'s value when set (the movie, for Rotten Tomatoes), else
+(scheme 2, the default) a hash of the example's input content, so exact duplicates never straddle
+train and test. Scheme 1, kept for old runs, hashed each example id instead; the fingerprint of a
+content-grouped table names its scheme, so the two never share a cache.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pipeline.config import DatasetConfig
 from pipeline.errors import UniptError
 from pipeline.hashing import canonical_json
 from pipeline.images import IMAGE_COLUMN, IMAGE_TYPE, image_digest, load_image, make_image
+from pipeline.log import log, say
 from pipeline.tasks import get_task
 
 SPLITS = ("train", "val", "test")
@@ -53,6 +60,9 @@ class DatasetTable:
     label_names: list[str]
     fingerprint: str
     source: str
+    # Identical inputs: how many repeat, and how many val/test examples also occur in train (a leak).
+    duplicates: dict[str, int] | None = None
+    split_scheme: int | None = None  # 2 or 1 when content/ids decided the split; None: a column did
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -72,6 +82,36 @@ class DatasetTable:
     def split_counts(self) -> dict[str, int]:
         counts = Counter(self.table.column("split").to_pylist())
         return {split: counts.get(split, 0) for split in SPLITS}
+
+    def class_counts(self) -> dict[str, dict[str, int]] | None:
+        """Examples per class name in each split (None for numeric labels)."""
+        if not self.label_names:
+            return None
+        pairs = zip(
+            self.table.column("split").to_pylist(), self.table.column("label").to_pylist(), strict=True
+        )
+        counts = Counter(pairs)
+        return {
+            split: {name: counts.get((split, i), 0) for i, name in enumerate(self.label_names)}
+            for split in SPLITS
+        }
+
+    def check_splits(self) -> None:
+        """Refuse a table with an empty split: the best epoch (and the probe's regularisation) is chosen
+        on val, and test is what the run reports; an empty one would make either a NaN."""
+        counts = self.split_counts()
+        for split, why in (
+            ("train", "there is nothing to train on"),
+            ("val", "the best epoch is chosen on validation examples"),
+            ("test", "the run reports metrics on test examples"),
+        ):
+            if counts[split] == 0:
+                sizes = ", ".join(f"{name} {n}" for name, n in counts.items())
+                raise UniptError(
+                    f"dataset {self.source} gives an empty {split} split ({sizes}) and {why}; raise "
+                    f"dataset.limit, set a dataset.split.{split} fraction such as 0.1, or give a "
+                    f"dataset.split_column with {split} rows"
+                )
 
 
 @dataclass
@@ -155,6 +195,14 @@ def _mnist_5k(path: Path) -> _RawExamples:
 
 
 def _read_table_file(path: Path, config: DatasetConfig) -> _RawExamples:
+    if path.is_dir():
+        found = sorted(
+            p.name for p in path.iterdir() if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".parquet")
+        )
+        hint = f" (it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''})" if found else ""
+        raise UniptError(
+            f"dataset.source {path} is a directory{hint}; set it to one .csv/.tsv/.jsonl/.parquet file"
+        )
     if not path.is_file():
         raise UniptError(
             f"dataset file {path} not found; set dataset.source to an existing .csv/.jsonl/.parquet"
@@ -248,21 +296,40 @@ def normalize(raw: _RawExamples, config: DatasetConfig, task: str = "classificat
         raise UniptError(
             f"dataset {config.source} has a single label {label_names}; train.task {task} needs two or more"
         )
+    contents = [_content_of(x) for x in inputs]
     if raw.ids is not None:
         ids = [str(i) for i in raw.ids]
     else:
-        ids = _content_ids([_content_of(x) for x in inputs], labels)
-    duplicates = [i for i, n in Counter(ids).items() if n > 1]
-    if duplicates:
+        ids = _content_ids(contents, labels)
+    repeated_ids = [i for i, n in Counter(ids).items() if n > 1]
+    if repeated_ids:
         raise UniptError(
-            f"dataset {config.source}: id {duplicates[0]!r} appears more than once; ids must be unique"
+            f"dataset {config.source}: id {repeated_ids[0]!r} appears more than once in column "
+            f"{config.id_column!r} ({len(repeated_ids)} repeated ids); ids must be unique: fix that column, "
+            "or set dataset.id_column: null to derive ids from each example's content"
         )
 
+    # What decides the split: the data's own split column, a group column, or (scheme 2) the content.
+    content_key = {i: _content_group(c) for i, c in zip(ids, contents, strict=True)}
+    scheme = None if raw.splits is not None else config.split.scheme
     if raw.splits is not None:
         splits = [_clean_split(split, index) for index, split in enumerate(raw.splits)]
+        decided_by = (
+            f"by dataset.split_column {config.split_column!r}; drop the duplicates or move each input's "
+            "copies into one split"
+        )
+    elif scheme == 1:
+        groups = [str(g) for g in raw.groups] if raw.groups is not None else ids
+        splits = [_assign_split(group, config) for group in groups]
+        decided_by = (
+            "by dataset.split.scheme 1; drop the duplicates, or set it to 2 to keep identical inputs "
+            "in one split"
+        )
     else:
-        groups = raw.groups if raw.groups is not None else ids
-        splits = [_assign_split(str(group), config) for group in groups]
+        keys = [content_key[i] for i in ids]
+        groups = _merge_groups([str(g) for g in raw.groups], keys) if raw.groups is not None else keys
+        splits = [_assign_split(group, config) for group in groups]
+        decided_by = ""  # identical inputs always share a split: nothing can leak
 
     label_index = {name: i for i, name in enumerate(label_names)}
     rows = sorted(zip(splits, ids, inputs, labels, strict=True), key=lambda r: (SPLITS.index(r[0]), r[1]))
@@ -270,17 +337,24 @@ def normalize(raw: _RawExamples, config: DatasetConfig, task: str = "classificat
         rows = _seeded_sample(rows, config.limit, config.split.seed)
     if not regression:
         _check_labels_seen_in_train(rows, config.source)
+    duplicates = _duplicate_counts(rows, content_key)
+    _report_duplicates(duplicates, config.source, decided_by)
 
+    # Scheme 1 tables keep the header they always had, so old runs keep their fingerprint (and cache).
+    # A group column's groups keep their split unless duplicates merge them, so such a table keeps its
+    # fingerprint when nothing moved; a content-grouped table is new in scheme 2 and says so.
+    content_grouped = scheme == 2 and raw.groups is None
+    extra = {"split_scheme": scheme} if content_grouped else {}
     columns: dict[str, pa.Array] = {}
     if texts is not None and images is not None:
-        fingerprint = _image_fingerprint(rows, label_names, with_text=True)
+        fingerprint = _image_fingerprint(rows, label_names, with_text=True, extra=extra)
         columns[IMAGE_COLUMN] = pa.array([r[2][0] for r in rows], IMAGE_TYPE)
         columns["text"] = pa.array([r[2][1] for r in rows], pa.string())
     elif images is not None:
-        fingerprint = _image_fingerprint(rows, label_names)
+        fingerprint = _image_fingerprint(rows, label_names, extra=extra)
         columns[IMAGE_COLUMN] = pa.array([r[2] for r in rows], IMAGE_TYPE)
     else:
-        fingerprint = _fingerprint(rows, label_names)
+        fingerprint = _fingerprint(rows, label_names, extra=extra)
         columns["text"] = pa.array([r[2] for r in rows], pa.string())
     table = pa.table(
         {
@@ -294,7 +368,14 @@ def normalize(raw: _RawExamples, config: DatasetConfig, task: str = "classificat
             "split": pa.array([r[0] for r in rows], pa.string()),
         }
     )
-    return DatasetTable(table=table, label_names=label_names, fingerprint=fingerprint, source=config.source)
+    return DatasetTable(
+        table=table,
+        label_names=label_names,
+        fingerprint=fingerprint,
+        source=config.source,
+        duplicates=duplicates,
+        split_scheme=scheme,
+    )
 
 
 def _content_of(value: str | dict | tuple) -> str:
@@ -302,6 +383,65 @@ def _content_of(value: str | dict | tuple) -> str:
     if isinstance(value, tuple):
         return f"{image_digest(value[0])}\x1f{value[1]}"
     return image_digest(value) if isinstance(value, dict) else value
+
+
+def _content_group(content: str) -> str:
+    """The split group of an input: identical content (up to runs of whitespace, which no tokenizer
+    sees) gives the same group, so duplicates share a split."""
+    return hashlib.sha256(" ".join(content.split()).encode("utf-8")).hexdigest()
+
+
+def _merge_groups(groups: list[str], content_keys: list[str]) -> list[str]:
+    """Groups joined wherever identical inputs sit in different groups (a snippet quoted for two
+    movies), so that both rules hold: a group stays in one split, and so does every copy of an input.
+    A merged group is named by its smallest member's name; a group that merges with none keeps its own
+    name, and so its split."""
+    parent = {g: g for g in groups}
+
+    def root(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    first_group: dict[str, str] = {}
+    for group, key in zip(groups, content_keys, strict=True):
+        other = first_group.setdefault(key, group)
+        a, b = root(group), root(other)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [root(g) for g in groups]
+
+
+def _duplicate_counts(rows: list[tuple], content_key: dict[str, str]) -> dict[str, int]:
+    """How many inputs repeat, and how many val/test examples have an identical input in train."""
+    copies = Counter(content_key[row[1]] for row in rows)
+    in_train = {content_key[row[1]] for row in rows if row[0] == "train"}
+    leaked = Counter(row[0] for row in rows if row[0] != "train" and content_key[row[1]] in in_train)
+    return {
+        "repeated_inputs": sum(1 for n in copies.values() if n > 1),
+        "extra_copies": sum(n - 1 for n in copies.values()),
+        "val_in_train": leaked.get("val", 0),
+        "test_in_train": leaked.get("test", 0),
+    }
+
+
+def _report_duplicates(duplicates: dict[str, int], source: str, decided_by: str) -> None:
+    """One line when inputs repeat; a warning when identical inputs sit in train and in val/test."""
+    if not duplicates["extra_copies"]:
+        return
+    leaked = duplicates["val_in_train"] + duplicates["test_in_train"]
+    found = (
+        f"dataset {source}: {duplicates['repeated_inputs']} inputs occur more than once "
+        f"({duplicates['extra_copies']} extra copies)"
+    )
+    if not leaked:
+        say(f"{found}; identical inputs share a split")
+        return
+    log.warning(
+        f"{found}: {duplicates['test_in_train']} test and {duplicates['val_in_train']} val inputs also "
+        f"occur in train, so their metrics overstate (split {decided_by})"
+    )
 
 
 def _clean_text(text: object, index: int) -> str:
@@ -403,20 +543,19 @@ def _seeded_sample(rows: list[tuple], limit: int, seed: int) -> list[tuple]:
     return [rows[i] for i in sorted(ranked[:limit])]
 
 
-def _fingerprint(rows: list[tuple], label_names: list[str]) -> str:
+def _fingerprint(rows: list[tuple], label_names: list[str], extra: dict | None = None) -> str:
     digest = hashlib.sha256()
-    digest.update(
-        canonical_json({"columns": ["split", "example_id", "text", "label"], "labels": label_names}).encode(
-            "utf-8"
-        )
-    )
+    header = {"columns": ["split", "example_id", "text", "label"], "labels": label_names, **(extra or {})}
+    digest.update(canonical_json(header).encode("utf-8"))
     for row in rows:
         digest.update(canonical_json(list(row)).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()
 
 
-def _image_fingerprint(rows: list[tuple], label_names: list[str], with_text: bool = False) -> str:
+def _image_fingerprint(
+    rows: list[tuple], label_names: list[str], with_text: bool = False, extra: dict | None = None
+) -> str:
     """Like ``_fingerprint``, with each image as its shape and the sha256 of its pixels (and its text,
     for image-text pairs)."""
     digest = hashlib.sha256()
@@ -424,6 +563,7 @@ def _image_fingerprint(rows: list[tuple], label_names: list[str], with_text: boo
         "columns": ["split", "example_id", "image", *(["text"] if with_text else []), "label"],
         "image": "sha256 of HxWxC and uint8 pixels",
         "labels": label_names,
+        **(extra or {}),
     }
     digest.update(canonical_json(header).encode("utf-8"))
     for split, example_id, value, label in rows:

@@ -33,6 +33,7 @@ from pipeline.registry import register_run
 from pipeline.runs import (
     RECORD_FILE,
     check_run_id,
+    finite_record,
     new_run_id,
     package_versions,
     project_commit,
@@ -94,6 +95,7 @@ class Prepared:
 def prepare(config: ExperimentConfig) -> Prepared:
     """Load and fingerprint the dataset, identify every backbone, and derive each one's cache key."""
     dataset = load_dataset(config.dataset, task=config.train.task)
+    dataset.check_splits()  # before any extraction: an empty val or test split would only give NaNs
     backbones = {}
     for name, backbone_config in config.named_backbones.items():
         identity = backbone_identity(backbone_config)
@@ -207,6 +209,8 @@ class Trained:
     cache_bytes: int  # on disk, every cache read
     gallery_layer_weights: list[float] | None = None  # two-cache tasks: the second side's weights
     runtime: dict[str, Any] = field(default_factory=dict)  # device and torch threads: what a rerun restores
+    select_metric: str | None = None  # the validation metric that picked the best epoch
+    report: dict[str, Any] | None = None  # per split: per-class scores, confusion matrix (classification)
 
     @property
     def headline(self) -> str:
@@ -254,6 +258,8 @@ def train(
         cache_source=readers[0].source,
         cache_bytes=sum(reader.nbytes_on_disk() for reader in readers),
         gallery_layer_weights=result.gallery_layer_weights,
+        select_metric=result.select_metric,
+        report=result.report,
         # CPU results depend on the thread count (reduction order), so a rerun restores it.
         runtime={
             "torch_threads": torch.get_num_threads(),
@@ -307,7 +313,7 @@ def record(
 
     ``run_id``: the id chosen before training (its directory may already hold the run's checkpoint).
     """
-    from train.plots import write_run_plots
+    from train.plots import write_report_plots, write_run_plots
 
     config = prep.config.model_dump(mode="json")
     doc = {
@@ -315,13 +321,16 @@ def record(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": config,
         "seed": prep.config.seed,
-        "task": {"name": trained.task, "headline": trained.headline},
+        "task": {"name": trained.task, "headline": trained.headline, "select_metric": trained.select_metric},
         "dataset": {
             "source": prep.dataset.source,
             "fingerprint": prep.dataset.fingerprint,
             "num_examples": len(prep.dataset),
             "splits": prep.dataset.split_counts(),
             "label_names": prep.dataset.label_names,
+            "class_counts": prep.dataset.class_counts(),
+            "split_scheme": prep.dataset.split_scheme,
+            "duplicates": prep.dataset.duplicates,
         },
         "cache": {
             "key": prep.key,
@@ -335,6 +344,7 @@ def record(
             for name, b in prep.backbones.items()
         },
         "metrics": trained.metrics,
+        **({"report": trained.report} if trained.report else {}),
         "history": trained.history,
         "layer_weights": trained.layer_weights,
         # Two-cache tasks: the gallery side's UniPT weights beside the query side's.
@@ -345,11 +355,14 @@ def record(
         "runtime": trained.runtime,
         **(extra or {}),
     }
+    # Strict JSON: an undefined metric (a correlation of constant predictions) is null, with the reason.
+    doc = finite_record(doc)
     run_dir = write_run_record(prep.config.storage.runs_root, doc)
     names = trained.layer_names or [f"#{i}" for i in range(len(trained.layer_weights))]
     write_run_plots(
         run_dir, trained.history, trained.layer_weights, names, metric=get_task(trained.task).val_metric
     )
+    write_report_plots(run_dir, trained.report)
     register_run(prep.config.storage.registry, doc, run_dir)
     return run_dir
 

@@ -43,6 +43,8 @@ def stored_config(old: RunEntry, registry: str) -> ExperimentConfig:
     """The config a run was made with, joined to ``registry``; a CPU run stays on the CPU."""
     raw = json.loads(json.dumps(old.config))
     raw.setdefault("storage", {})["registry"] = registry  # the new run joins the old one's registry
+    # Runs made before split schemes split by example id (scheme 1): keep it, or the split would change.
+    raw.setdefault("dataset", {}).setdefault("split", {}).setdefault("scheme", 1)
     # Runs made before length grouping batched examples in plain shuffled order: keep it.
     raw.setdefault("train", {}).setdefault("length_grouping", False)
     if old.runtime.get("device") == "cpu" and raw.get("train", {}).get("device", "auto") == "auto":

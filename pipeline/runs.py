@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -65,6 +66,37 @@ def project_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+UNDEFINED_KEY = "undefined"  # record path -> why that value is null
+
+
+def _why_undefined(path: str) -> str:
+    name = path.rsplit(".", 1)[-1]
+    if "pearson" in name or "spearman" in name:
+        return "a correlation of constant predictions or targets is undefined"
+    return "not a finite number (NaN or infinity), so it is recorded as null"
+
+
+def finite_record(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with every NaN or infinite float replaced by null, and ``undefined`` saying where and why:
+    JSON has no NaN, and a record must load in any strict parser."""
+    notes: dict[str, str] = {}
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            notes[path] = _why_undefined(path)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(doc, "")
+    if notes:
+        cleaned[UNDEFINED_KEY] = {**cleaned.get(UNDEFINED_KEY, {}), **notes}
+    return cleaned
+
+
 def write_run_record(runs_root: str | Path, record: dict[str, Any]) -> Path:
     """Write ``<runs_root>/<run_id>/record.json`` (atomically) and the resolved config as YAML."""
     run_dir = Path(runs_root) / check_run_id(record["run_id"])
@@ -76,7 +108,7 @@ def write_run_record(runs_root: str | Path, record: dict[str, Any]) -> Path:
         )
     (run_dir / "config.yaml").write_text(yaml.safe_dump(record["config"], sort_keys=False))
     tmp = run_dir / f".{RECORD_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(finite_record(record), indent=2, sort_keys=True, default=str, allow_nan=False))
     os.replace(tmp, run_dir / RECORD_FILE)
     return run_dir
 

@@ -30,10 +30,26 @@ class TaskInfo:
     headline: str  # one of ``metrics``; higher is better
     trainer: str  # "module:function" under train/tasks/, imported only when training
     description: str = ""
+    summary: tuple[str, ...] = ()  # metrics on the summary line (default: the headline)
+    # Baselines fitted in the same run: (metric prefix, what to call it), e.g. ("probe", "linear probe")
+    # reports probe_val_<metric> and probe_test_<metric>.
+    baselines: tuple[tuple[str, str], ...] = ()
+    # The metric that picks the best epoch when one class holds more than IMBALANCE_SHARE of train (with
+    # train.select_metric: auto): accuracy rewards predicting the majority class there.
+    imbalanced_select: str | None = None
 
     def __post_init__(self) -> None:
-        if self.headline not in self.metrics:
-            raise ValueError(f"task {self.name}: headline {self.headline!r} is not one of {self.metrics}")
+        for name in (
+            self.headline,
+            *self.summary,
+            *([self.imbalanced_select] if self.imbalanced_select else []),
+        ):
+            if name not in self.metrics:
+                raise ValueError(f"task {self.name}: metric {name!r} is not one of {self.metrics}")
+
+    @property
+    def summary_metrics(self) -> tuple[str, ...]:
+        return self.summary or (self.headline,)
 
     @property
     def val_metric(self) -> str:
@@ -65,6 +81,27 @@ def get_task(name: str) -> TaskInfo:
         raise UniptError(f"unknown train.task {name!r}; choose one of {', '.join(_TASKS)}") from None
 
 
+IMBALANCE_SHARE = 0.6
+
+
+def select_metric(info: TaskInfo, setting: str, largest_class_share: float | None) -> tuple[str, str]:
+    """(the metric that picks the best epoch, why): ``train.select_metric``, or with ``auto`` the
+    headline, unless the largest class of train holds more than IMBALANCE_SHARE of it."""
+    if setting != "auto":
+        return setting, "train.select_metric"
+    share = largest_class_share
+    if info.imbalanced_select and share is not None and share > IMBALANCE_SHARE:
+        return info.imbalanced_select, (
+            f"auto: the largest class is {share:.0%} of train, above {IMBALANCE_SHARE:.0%}"
+        )
+    if share is not None and info.imbalanced_select:
+        return (
+            info.headline,
+            f"auto: the largest class is {share:.0%} of train, at most {IMBALANCE_SHARE:.0%}",
+        )
+    return info.headline, "auto: the task's headline metric"
+
+
 def headline_of(metrics: dict[str, object]) -> str | None:
     """The headline metric's base name for a run's metrics (old records carry no task name)."""
     for info in _TASKS.values():
@@ -81,7 +118,10 @@ register_task(
         ("acc", "f1"),
         "acc",
         "train.tasks.classification:train",
-        "accuracy and macro-F1; a linear probe on the last layer is the baseline",
+        "accuracy and macro-F1; a linear probe on the last layer and the majority class are the baselines",
+        summary=("acc", "f1"),
+        baselines=(("probe", "linear probe"), ("majority", "majority class")),
+        imbalanced_select="f1",
     )
 )
 register_task(
@@ -92,7 +132,10 @@ register_task(
         ("mse", "pearson", "spearman"),
         "pearson",
         "train.tasks.regression:train",
-        "a numeric label column; MSE loss on standardised targets; Pearson and Spearman",
+        "a numeric label column; MSE loss on standardised targets; Pearson and Spearman; a ridge probe on "
+        "the last layer and the train mean are the baselines",
+        summary=("pearson", "mse"),
+        baselines=(("probe", "ridge probe"), ("mean", "mean predictor")),
     )
 )
 register_task(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 import shutil
 import subprocess
@@ -43,6 +44,24 @@ def save_tiny_bert(path: Path, hidden_size: int = 32, seed: int = 0) -> Path:
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(source / name, path / name)
     return path
+
+
+def strict_json(text: str) -> object:
+    """``json.loads`` that refuses NaN and Infinity, which Python writes but JSON does not have."""
+
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(autouse=True)
+def _run_records_are_strict_json(request: pytest.FixtureRequest):
+    """After every test that used tmp_path: each run record it left there parses as strict JSON."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    for record in folder.rglob("record.json") if folder is not None else []:
+        strict_json(record.read_text())
 
 
 @pytest.fixture(scope="session")

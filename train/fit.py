@@ -63,6 +63,15 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def device_reason(setting: str, device: torch.device) -> str:
+    """Which device trains and why, for the run record and the summary line: a CPU fallback must show."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if setting == "cpu":
+        return "cpu (train.device: cpu)"
+    return "cpu (no GPU visible)"
+
+
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full precision. Only CUDA gets AMP: on CPU it is slower."""
     if device.type != "cuda" or setting == "off":
@@ -223,6 +232,11 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) 
     """A resumed run must compute what the interrupted one would have: same settings, seed and data."""
     for section in ("train", "seed", "data"):
         was, now = saved.get(section), current.get(section)
+        if section == "train" and isinstance(was, dict):
+            # A setting added after the checkpoint was written computed what its default computes.
+            defaults = {k: f.default for k, f in TrainConfig.model_fields.items() if k not in _NOT_IDENTITY}
+            defaults |= {k: v for k, v in _BEFORE_IT_EXISTED.items() if k in defaults}
+            was = {**{k: v for k, v in defaults.items() if k in (now or {})}, **was}
         if was == now:
             continue
         if isinstance(was, dict) and isinstance(now, dict):

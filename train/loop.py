@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
-from pipeline.tasks import get_task
+from pipeline.log import say
+from pipeline.tasks import get_task, select_metric
 from train.fit import FitResult, Task, fit, pick_device
 from train.loader import Batch, CacheBatches, to_device
 from train.models import build_model
@@ -42,6 +43,9 @@ class TrainResult:
     layer_weights: list[float] = field(default_factory=list)  # mean confidence per layer on test
     gallery_layer_weights: list[float] | None = None  # two-cache tasks: the second side's
     model: nn.Module | None = None  # holding the best epoch's weights
+    select_metric: str | None = None  # the validation metric that picked the best epoch
+    # Per-split details a task reports beyond its metrics (classification: per-class scores, confusion).
+    report: dict[str, Any] | None = None
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Head:
     loss: Callable[[Tensor, Tensor], Tensor]  # (outputs [B, outputs] float32, labels [B] on device)
     collect: Callable[[Tensor], Tensor]  # one batch's outputs -> what the metrics need, on the CPU
     metrics: Callable[[Tensor, Tensor], dict[str, float]]  # (all collected, all labels) -> the task's metrics
+    report: Callable[[Tensor, Tensor], dict[str, Any]] | None = None  # per-class details, if the task has any
 
 
 def train_single_cache(
@@ -83,10 +88,23 @@ def train_single_cache(
     device = pick_device(config.device)
     splits = [CacheBatches.for_split(reader, s, config, seed, shuffle=s == "train") for s in ("train", "val")]
     splits.append(CacheBatches.for_split(reader, "test", config, seed, shuffle=False))
-    head = make_head(reader, reader.labels()[splits[0].indices])
+    train_labels = reader.labels()[splits[0].indices]
+    head = make_head(reader, train_labels)
     model = build_model(config.variant, reader, config, num_outputs=head.outputs).to(device)
     identity = {"cache_key": reader.attrs.get("cache_key")}  # where the cache lives may change
-    return fit_head(model, *splits, config, head, device, options, seed=seed, identity=identity)
+    select = select_metric(
+        get_task(config.task), config.select_metric, largest_share(config.task, train_labels)
+    )
+    return fit_head(
+        model, *splits, config, head, device, options, seed=seed, identity=identity, select=select
+    )
+
+
+def largest_share(task: str, train_labels: np.ndarray) -> float | None:
+    """The largest class's share of the train split (None for numeric labels)."""
+    if get_task(task).label_kind != "categorical" or not len(train_labels):
+        return None
+    return float(np.bincount(train_labels.astype(np.int64)).max() / len(train_labels))
 
 
 def fit_head(
@@ -101,13 +119,17 @@ def fit_head(
     *,
     seed: int = 0,
     identity: dict[str, Any] | None = None,
+    select: tuple[str, str] | None = None,
 ) -> TrainResult:
     """The optimisation shared by every way of feeding a head (a cache, or a backbone run online).
 
     ``model(hidden, mask)`` returns ``(outputs, layer_weights)``; seed torch before building it. The
-    metric names and the one that picks the best epoch are the task's (:mod:`pipeline.tasks`).
+    metric names are the task's (:mod:`pipeline.tasks`); ``select`` is (the validation metric that picks
+    the best epoch, why), by default ``train.select_metric`` or the task's headline.
     """
     info = get_task(config.task)
+    score, why = select or select_metric(info, config.select_metric, None)
+    say(f"best epoch chosen by val_{score} ({why})")
 
     def loss(batch: Batch, device: torch.device) -> tuple[Tensor, int]:
         outputs, _ = model(*to_device(batch, device))
@@ -119,17 +141,25 @@ def fit_head(
         scores = evaluate(model, val_data, device, head, info.metrics)
         return {k: v for k, v in scores.items() if k != "layer_weights"}
 
-    task = Task(model, train_data, loss, validate, info.headline, identity or {"task": config.task})
+    task = Task(model, train_data, loss, validate, score, identity or {"task": config.task})
     fitted = fit(
         task, config, seed, device, options.progress, options.checkpoint, options.resume, options.meta,
         options.on_epoch_end,
     )  # fmt: skip
     test = evaluate(model, test_data, device, head, info.metrics)
+    report = None
+    if head.report is not None:
+        val = evaluate(model, val_data, device, head, info.metrics) if len(val_data) else {}
+        report = {
+            split: scores["report"] for split, scores in (("val", val), ("test", test)) if "report" in scores
+        }
     return TrainResult(
         metrics=final_metrics(fitted, test, info.metrics, config, model),
         history=fitted.history,
         layer_weights=test["layer_weights"],
         model=model,
+        select_metric=score,
+        report=report,
     )
 
 
@@ -166,10 +196,9 @@ def evaluate(
         collected.append(head.collect(outputs))
         labels.append(batch.labels)
         weights.append(layer_weights.float().cpu())
-    return {
-        **head.metrics(torch.cat(collected), torch.cat(labels)),
-        "layer_weights": torch.cat(weights).mean(0).tolist(),
-    }
+    outputs, targets = torch.cat(collected), torch.cat(labels)
+    report = {"report": head.report(outputs, targets)} if head.report is not None else {}
+    return {**head.metrics(outputs, targets), "layer_weights": torch.cat(weights).mean(0).tolist(), **report}
 
 
 def _check_label_kind(reader: ActivationCache, task: str) -> None:

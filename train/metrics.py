@@ -1,6 +1,8 @@
-"""Evaluation metrics computed with torch (no scikit-learn or scipy dependency)."""
+"""Evaluation metrics computed with torch (scikit-learn and scipy are only the tests' reference)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -9,15 +11,55 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return float((predictions == labels).float().mean()) if len(labels) else float("nan")
 
 
-def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    scores = []
-    for c in range(num_classes):
-        tp = int(((predictions == c) & (labels == c)).sum())
-        fp = int(((predictions == c) & (labels != c)).sum())
-        fn = int(((predictions != c) & (labels == c)).sum())
-        denominator = 2 * tp + fp + fn
-        scores.append(2 * tp / denominator if denominator else 0.0)
-    return sum(scores) / num_classes
+def _counts(
+    predictions: torch.Tensor, labels: torch.Tensor, classes: list[int]
+) -> list[tuple[int, int, int]]:
+    """(true positives, false positives, false negatives) of each class."""
+    out = []
+    for c in classes:
+        predicted, actual = predictions == c, labels == c
+        out.append(
+            (
+                int((predicted & actual).sum()),
+                int((predicted & ~actual).sum()),
+                int((~predicted & actual).sum()),
+            )
+        )
+    return out
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator else 0.0
+
+
+def macro_f1(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean F1 over the classes present in ``labels`` or ``predictions`` (scikit-learn's
+    ``f1_score(average="macro")``): a class the split never shows and the model never predicts has no
+    F1, and counting it as 0 would punish a split for missing a class."""
+    if not len(labels):
+        return float("nan")
+    classes = torch.unique(torch.cat([labels, predictions])).tolist()
+    return sum(_f1(*counts) for counts in _counts(predictions, labels, classes)) / len(classes)
+
+
+def class_report(predictions: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """Per-class precision, recall, F1 and support (scikit-learn's ``precision_recall_fscore_support``
+    with ``zero_division=0``) and the confusion matrix (rows: true class, columns: predicted)."""
+    classes = list(range(len(names)))
+    per_class = {}
+    for name, (tp, fp, fn) in zip(names, _counts(predictions, labels, classes), strict=True):
+        per_class[name] = {
+            "precision": tp / (tp + fp) if tp + fp else 0.0,
+            "recall": tp / (tp + fn) if tp + fn else 0.0,
+            "f1": _f1(tp, fp, fn),
+            "support": tp + fn,
+        }
+    confusion = torch.zeros(len(names), len(names), dtype=torch.long)
+    confusion.index_put_(
+        (labels.long(), predictions.long()), torch.ones(len(labels), dtype=torch.long), accumulate=True
+    )
+    return {"labels": list(names), "per_class": per_class, "confusion": confusion.tolist()}
 
 
 def pearson(predictions: torch.Tensor, targets: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ from typing import Any
 
 CURVES_FILE = "curves.png"
 LAYER_WEIGHTS_FILE = "layer_weights.png"
+CONFUSION_FILE = "confusion.png"
 
 
 def write_run_plots(
@@ -57,6 +58,47 @@ def write_run_plots(
     fig.savefig(weights, format="png")
     plt.close(fig)
     return [curves, weights]
+
+
+def write_report_plots(run_dir: str | Path, report: dict[str, Any] | None) -> list[Path]:
+    """``confusion.png`` when the run's report has a test confusion matrix (classification): counts, with
+    each true class's row shaded by its recall, so a model that predicts only the majority class shows."""
+    test = (report or {}).get("test") or {}
+    if "confusion" not in test:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(test["confusion"], dtype=np.int64)
+    names = list(test.get("labels") or range(len(counts)))
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.6 * len(names) + 2)
+    fig, axis = plt.subplots(figsize=(size + 1, size), dpi=100)
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    if len(names) <= 30:  # beyond that the numbers are unreadable; the shading still shows
+        for (row, col), n in np.ndenumerate(counts):
+            axis.text(
+                col,
+                row,
+                str(n),
+                ha="center",
+                va="center",
+                color="white" if shares[row, col] > 0.5 else "black",
+            )
+    axis.set_xticks(range(len(names)), [str(n) for n in names], rotation=45, ha="right")
+    axis.set_yticks(range(len(names)), [str(n) for n in names])
+    axis.set_xlabel("predicted class")
+    axis.set_ylabel("true class")
+    axis.set_title("test confusion matrix (shade: share of the true class)")
+    fig.colorbar(image, ax=axis, fraction=0.046)
+    fig.tight_layout()
+    path = Path(run_dir) / CONFUSION_FILE
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return [path]
 
 
 def _finite(value: Any) -> bool:

@@ -1,5 +1,6 @@
-"""Classification: cross-entropy over the label names; accuracy and macro-F1; a linear probe on the
-last layer is fitted as the baseline in the same run (``train.linear_probe``)."""
+"""Classification: cross-entropy over the label names; accuracy and macro-F1, per-class precision, recall,
+F1 and the confusion matrix; a linear probe on the last layer (``train.linear_probe``) and the majority
+class are the baselines in the same run."""
 
 from __future__ import annotations
 
@@ -9,19 +10,21 @@ from torch import Tensor, nn
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from train.loop import Head, TrainOptions, TrainResult, train_single_cache
-from train.metrics import accuracy, macro_f1
-from train.probe import linear_probe
+from train.metrics import accuracy, class_report, macro_f1
+from train.probe import linear_probe, majority_baseline
 
 
-def classification_head(num_classes: int) -> Head:
+def classification_head(num_classes: int, label_names: list[str] | None = None) -> Head:
     def metrics(predictions: Tensor, labels: Tensor) -> dict[str, float]:
-        return {"acc": accuracy(predictions, labels), "f1": macro_f1(predictions, labels, num_classes)}
+        return {"acc": accuracy(predictions, labels), "f1": macro_f1(predictions, labels)}
 
+    names = label_names or [str(i) for i in range(num_classes)]
     return Head(
         outputs=num_classes,
         loss=nn.CrossEntropyLoss(),
         collect=lambda logits: logits.argmax(-1).cpu(),
         metrics=metrics,
+        report=lambda predictions, labels: class_report(predictions, labels, names),
     )
 
 
@@ -29,9 +32,11 @@ def train(
     readers: list[ActivationCache], config: TrainConfig, seed: int, options: TrainOptions
 ) -> TrainResult:
     def make_head(reader: ActivationCache, _train_labels: np.ndarray) -> Head:
-        return classification_head(len(reader.label_names))
+        return classification_head(len(reader.label_names), list(reader.label_names))
 
     result = train_single_cache(readers, config, seed, make_head, options)
+    result.metrics.update(majority_baseline(readers[0]))
     if config.linear_probe:
-        result.metrics.update(linear_probe(readers[0], seed))
+        # The probe's L2 strength is chosen by the metric that chose UniPT's best epoch.
+        result.metrics.update(linear_probe(readers[0], seed, select=result.select_metric or "acc"))
     return result

@@ -1,6 +1,7 @@
 """Regression: one output trained with MSE on targets standardised by the train split's mean and
 standard deviation (so the loss scale does not depend on the label's units); MSE in the label's own
-units, Pearson and Spearman."""
+units, Pearson and Spearman. Baselines in the same run: a ridge probe on the last layer
+(``train.linear_probe``) and the train mean."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from train.loop import Head, TrainOptions, TrainResult, train_single_cache
 from train.metrics import pearson, spearman
+from train.probe import mean_baseline, ridge_probe
 
 
 def regression_head(mean: float, std: float) -> Head:
@@ -42,4 +44,8 @@ def train(
     def make_head(_reader: ActivationCache, train_labels: np.ndarray) -> Head:
         return regression_head(float(train_labels.mean()), float(train_labels.std()))
 
-    return train_single_cache(readers, config, seed, make_head, options)
+    result = train_single_cache(readers, config, seed, make_head, options)
+    result.metrics.update(mean_baseline(readers[0]))
+    if config.linear_probe:
+        result.metrics.update(ridge_probe(readers[0]))
+    return result

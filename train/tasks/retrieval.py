@@ -10,7 +10,8 @@ from torch import Tensor
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
-from pipeline.tasks import get_task
+from pipeline.log import say
+from pipeline.tasks import get_task, select_metric
 from train.fit import Task, fit, pick_device
 from train.loader import Batch
 from train.loop import TrainOptions, TrainResult, final_metrics
@@ -63,7 +64,9 @@ def train(
         "query": {"cache_key": query_reader.attrs.get("cache_key")},
         "gallery": {"cache_key": gallery_reader.attrs.get("cache_key")},
     }
-    task = Task(model, train_data, loss, validate, info.headline, identity)
+    score, why = select_metric(info, config.select_metric, None)
+    say(f"best epoch chosen by val_{score} ({why})")
+    task = Task(model, train_data, loss, validate, score, identity)
     fitted = fit(
         task, config, seed, device, options.progress, options.checkpoint, options.resume, options.meta,
         options.on_epoch_end,
@@ -77,4 +80,5 @@ def train(
         layer_weights=test["query_layer_weights"],
         gallery_layer_weights=test["gallery_layer_weights"],
         model=model,
+        select_metric=score,
     )
