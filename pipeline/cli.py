@@ -13,9 +13,11 @@ import sys
 from pipeline import experiment
 from pipeline.cli_cache import add_cache_commands
 from pipeline.cli_common import load_args, print_summary
+from pipeline.cli_model import add_model_commands, prepare_train
 from pipeline.cli_runs import add_runs_commands
 from pipeline.errors import UniptError
 from pipeline.log import configure_cli_logging
+from pipeline.storage import explain_storage_error
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -38,8 +40,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    prep = experiment.prepare(load_args(args))
-    result = experiment.train_from_cache(prep, args.cache, progress=not args.no_progress, resume=args.resume)
+    result = experiment.train_from_cache(
+        prepare_train(args), progress=not args.no_progress, resume=args.resume
+    )
     print_summary(result)
     return 0
 
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  unipt run configs/rt_minilm.yaml --set train.epochs=3 # override any config value\n"
             "  unipt extract configs/rt_minilm.yaml --ray-address auto  # extract on a running Ray cluster\n"
             "  unipt train configs/rt_minilm.yaml                    # tune again from the cache only\n"
+            "  unipt train --cache run.h5 --set train.lr=5e-4        # a cache alone: no data, no backbone\n"
+            "  unipt predict RUN_ID --text 'a fine film'             # the tuned model on raw inputs\n"
             "  unipt cache ls                                        # list committed caches\n"
             "  unipt cache verify KEY                                # check every chunk's checksum\n"
             "  unipt cache gc --yes                                  # remove caches no run uses\n"
@@ -68,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def experiment(name: str, help_text: str, handler) -> argparse.ArgumentParser:
+    def experiment(
+        name: str, help_text: str, handler, optional_config: bool = False
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", help="experiment YAML, e.g. configs/rt_minilm.yaml")
+        if optional_config:  # with --cache, the cache's own attributes are the config
+            p.add_argument("config", nargs="?", help="experiment YAML (optional with --cache)")
+        else:
+            p.add_argument("config", help="experiment YAML, e.g. configs/rt_minilm.yaml")
         p.add_argument(
             "--set",
             action="append",
@@ -95,11 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_extract,
     )
     ext.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
-    train = experiment("train", "train UniPT from an existing cache; never loads the backbone", cmd_train)
+    train = experiment(
+        "train", "train UniPT from an existing cache; never loads the backbone", cmd_train, True
+    )
     train.add_argument(
         "--cache",
-        help="train from this cache instead of the config's (a Zarr path/URL or an exported .h5 file); "
-        "it must have been built from the same dataset and backbone",
+        help="train from this cache (a Zarr path/URL or an exported .h5 file); without CONFIG its attributes "
+        "are the config (train.* defaults, --set train.KEY=V); needs neither the dataset nor the backbone",
     )
     for command in (run, train):
         command.add_argument(
@@ -110,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     add_cache_commands(sub)
+    add_model_commands(sub)
     add_runs_commands(sub, experiment)
     return parser
 
@@ -122,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except UniptError as exc:
         print(f"unipt: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # An object store's client raises its own errors from deep inside fsspec and zarr: missing
+        # credentials become one line here; anything else is a bug and keeps its traceback.
+        problem = explain_storage_error(exc)
+        if problem is None:
+            raise
+        print(f"unipt: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli_common import load_args, print_summary
+from pipeline.cli_common import print_summary
+from pipeline.cli_model import load_config_or_cache
 from pipeline.config import TrainConfig, parse_value
 from pipeline.errors import UniptError
 from pipeline.registry import (
@@ -193,7 +194,7 @@ def grid_trials(args: argparse.Namespace, grid: dict[str, list[str]]) -> list[Tr
     for values in itertools.product(*grid.values()):
         combo = dict(zip(grid, values, strict=True))
         overrides = [*(args.set or []), *(f"{key}={value}" for key, value in combo.items())]
-        config = load_args(argparse.Namespace(**{**vars(args), "set": overrides}))
+        config = load_config_or_cache(argparse.Namespace(**{**vars(args), "set": overrides}))
         trials.append(Trial({key: getattr(config.train, key.partition(".")[2]) for key in grid}, config))
     return trials
 
@@ -202,13 +203,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     grid = parse_grid(args.grid)
     if args.parallel is not None and args.parallel < 1:
         raise UniptError(f"--parallel {args.parallel}: give 1 or more trials at a time")
-    base = load_args(args)
+    base = load_config_or_cache(args)
     result = sweep(
         base,
         grid_trials(args, grid),
         parallel=args.parallel,
         ray_address=args.ray_address,
         progress=not args.no_progress,
+        cache=args.cache,
     )
     _table(result, list(grid))
     print(
@@ -244,7 +246,7 @@ def _table(result: SweepResult, keys: list[str]) -> None:
 
 def add_runs_commands(
     sub: argparse._SubParsersAction,
-    experiment: Callable[[str, str, Callable[[argparse.Namespace], int]], argparse.ArgumentParser],
+    experiment: Callable[..., argparse.ArgumentParser],
 ) -> None:
     """Add ``runs``, ``rerun`` and ``sweep``; ``experiment`` makes a parser with the config options."""
     registry_help = f"SQLite run registry (default: {DEFAULT_REGISTRY})"
@@ -299,6 +301,11 @@ def add_runs_commands(
         "sweep",
         "train a grid of UniPT settings from one cache, trials in parallel on Ray; each is a registered run",
         cmd_sweep,
+        optional_config=True,
+    )
+    sweep.add_argument(
+        "--cache",
+        help="sweep on this cache (Zarr path/URL or .h5 file) instead of extracting; CONFIG is then optional",
     )
     sweep.add_argument(
         "--grid",

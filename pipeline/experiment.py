@@ -3,6 +3,7 @@
 Read top to bottom, a job is::
 
     prep = prepare(config)               # dataset -> fingerprint; backbones -> identities -> cache keys
+                                         # (or prepare_for_cache(path): all of it from a cache alone)
     extract_all(prep)                    # stage 1: each backbone's cache, built once (a hit costs nothing)
     trained = train(prep)                # stage 2: the task's model from the cache(s); no backbone
     run_dir = record(prep, trained, ...) # run record, plots, the run registry
@@ -14,6 +15,7 @@ Stage 1 (``extract``) is imported lazily, so training never loads Ray or a backb
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,8 +29,22 @@ from pipeline.cache_open import open_cache
 from pipeline.config import BackboneConfig, ExperimentConfig
 from pipeline.datasets import DatasetTable, load_dataset
 from pipeline.errors import UniptError
+from pipeline.from_cache import (
+    CACHE_SOURCE,
+    backbone_is_here,
+    config_from_cache,
+    data_is_here,
+    dataset_from_cache,
+    identity_difference,
+    identity_from_cache,
+    key_fields_of,
+    key_of,
+    setting_conflicts,
+)
+from pipeline.from_cache import config_for_cache as config_for_cache  # the API: a cache's own config
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
 from pipeline.log import human_bytes, say
+from pipeline.model_files import ModelSpec, describe_model, write_model
 from pipeline.registry import register_run
 from pipeline.runs import (
     RECORD_FILE,
@@ -43,6 +59,7 @@ from pipeline.tasks import TaskInfo, get_task
 
 if TYPE_CHECKING:
     from extract.runner import ExtractionResult
+    from extract.spec import BackboneLoadSpec
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -67,6 +84,9 @@ class Prepared:
     dataset: DatasetTable
     backbones: dict[str, PreparedBackbone]  # the primary first
     cache_root: CacheRoot
+    # An explicit cache (Zarr path/URL or .h5) this was prepared for: training reads it, not the key's
+    # location, and the primary backbone's key and key fields are that cache's own.
+    cache: str | None = None
 
     @property
     def task(self) -> TaskInfo:
@@ -105,6 +125,78 @@ def prepare(config: ExperimentConfig) -> Prepared:
     return Prepared(config, dataset, backbones, root)
 
 
+def prepare_for_cache(
+    cache: str, config: ExperimentConfig | None = None, overrides: list[str] | None = None
+) -> Prepared:
+    """Prepare to train from one cache (Zarr path/URL or .h5), needing nothing but the cache.
+
+    Without ``config`` it comes from the cache's attributes with ``train.*`` defaults and ``overrides``.
+    The dataset and the backbone are checked against the cache when this machine has them (a cache built
+    for other data or another backbone is refused); when it has not, their identities are the cache's.
+    A config that disagrees with the cache on a setting that decides its bytes is refused either way.
+    """
+    options = config.storage.options if config is not None else None
+    reader = open_cache(cache, options=options)
+    try:
+        if config is None:
+            config = config_from_cache(reader, overrides)
+        name, settings = next(iter(config.named_backbones.items()))
+        if data_is_here(config):
+            dataset = load_dataset(config.dataset, task=config.train.task)
+        else:
+            dataset = dataset_from_cache(reader, config.dataset.source)
+            if not config.dataset.source.startswith(CACHE_SOURCE):
+                say(f"dataset {config.dataset.source} is not here: using the cache's labels, splits and "
+                    f"fingerprint {dataset.fingerprint[:12]} (not re-checked)")  # fmt: skip
+        here = backbone_is_here(settings)
+        identity = backbone_identity(settings) if here else identity_from_cache(reader)
+        fields = key_fields_of(reader)
+        backbone = PreparedBackbone(name, settings, identity, fields, key_of(reader))
+        root = CacheRoot(config.storage.cache_root, config.storage.options)
+        prep = Prepared(config, dataset, {name: backbone}, root, cache=str(cache))
+        check_cache_matches(prep, reader, backbone_checked=here)
+        return prep
+    finally:
+        release_reader(reader)
+
+
+def check_cache_matches(prep: Prepared, reader: ActivationCache, backbone_checked: bool = True) -> None:
+    """Refuse a cache built for other data, another backbone, or other byte-deciding settings."""
+    source = reader.source
+    conflicts = setting_conflicts(prep.config, reader)
+    if conflicts:
+        setting, mine, theirs = conflicts[0]
+        raise UniptError(
+            f"cache {source} was built with {setting} {_shown(theirs)}, the config says {_shown(mine)}; "
+            f"drop {setting} (the cache decides it) or extract a cache with it"
+        )
+    cached_fp = reader.attrs.get("dataset_fingerprint") or key_fields_of(reader).get("dataset_fingerprint")
+    if prep.dataset.fingerprint != cached_fp:
+        raise UniptError(
+            f"cache {source} was built for another dataset (fingerprint {str(cached_fp)[:12]}, the config's "
+            f"data has {prep.dataset.fingerprint[:12]}); re-extract for this config"
+        )
+    if backbone_checked:
+        difference = identity_difference(prep.primary.identity, key_fields_of(reader)["backbone"])
+        if difference:
+            raise UniptError(
+                f"cache {source} was built with another backbone than {prep.primary.config.name_or_path} "
+                f"({difference}); re-extract for this config"
+            )
+
+
+def release_reader(reader: ActivationCache) -> None:
+    """Let go of a reader's lease (Zarr) or file (HDF5)."""
+    if hasattr(reader, "lease"):
+        reader.lease.release()
+    if hasattr(reader, "close"):
+        reader.close()
+
+
+def _shown(value: Any) -> str:
+    return str(value).replace(" ", "")
+
+
 # ---------------------------------------------------------------------------------------------- extract
 
 
@@ -121,7 +213,6 @@ def extract(
     """Build (or find) one backbone's cache; the primary backbone's when ``backbone`` is None."""
     # Imported here so training never loads the extraction stack.
     from extract.runner import ExtractionRequest, run_extraction
-    from extract.spec import BackboneLoadSpec
 
     target = prep.backbones[backbone] if backbone is not None else prep.primary
     settings = target.config
@@ -139,21 +230,13 @@ def extract(
             f"with {settings.name_or_path}"
         )
     name = settings.name_or_path
-    # Workers may run on other nodes: bundled and hub models are resolved there; local folders go as paths.
-    is_local_folder = not is_bundled(name) and Path(name).expanduser().exists()
     request = ExtractionRequest(
         key=target.key,
         key_fields=target.key_fields,
         cache_root=prep.cache_root,
         examples=prep.dataset.table,
         label_names=prep.dataset.label_names,
-        load_spec=BackboneLoadSpec(
-            target.identity.local_dir if is_local_folder else name,
-            settings.revision,
-            settings.trust_remote_code,
-            autocast=prep.config.extract.autocast,
-            allow_pickle=settings.allow_pickle,
-        ),
+        load_spec=load_spec(target, prep.config.extract.autocast),
         backbone=settings,
         extract=prep.config.extract,
         backbone_name=name,
@@ -169,6 +252,24 @@ def extract(
             f"on {result.workers} worker(s){resumed} -> {result.path}"
         )
     return result
+
+
+def load_spec(target: PreparedBackbone, autocast: str, device: str = "auto") -> BackboneLoadSpec:
+    """How a worker (or ``unipt predict``) loads ``target``: exactly the files its identity hashed."""
+    from extract.spec import BackboneLoadSpec
+
+    name = target.config.name_or_path
+    # Workers may run on other nodes: bundled and hub models are resolved there; local folders go as paths.
+    is_local_folder = not is_bundled(name) and Path(name).expanduser().exists()
+    return BackboneLoadSpec(
+        target.identity.local_dir if is_local_folder else name,
+        # A hub id's revision is the commit the identity resolved: workers load exactly what was hashed.
+        target.identity.revision,
+        target.config.trust_remote_code,
+        device=device,
+        autocast=autocast,
+        allow_pickle=target.config.allow_pickle,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -209,6 +310,8 @@ class Trained:
     cache_bytes: int  # on disk, every cache read
     gallery_layer_weights: list[float] | None = None  # two-cache tasks: the second side's weights
     runtime: dict[str, Any] = field(default_factory=dict)  # device and torch threads: what a rerun restores
+    model_state: dict[str, Any] | None = None  # the best epoch's weights (UniPT and head), on the CPU
+    model_spec: ModelSpec | None = None  # what model.json says about them
     select_metric: str | None = None  # the validation metric that picked the best epoch
     report: dict[str, Any] | None = None  # per split: per-class scores, confusion matrix (classification)
 
@@ -233,11 +336,12 @@ def train(
     """
     import torch
 
-    from train.fit import pick_device
+    from train.fit import device_reason, pick_device
     from train.tasks import TrainOptions, run_task
 
     task = prep.task
     backbones = prep.training_backbones()
+    cache = cache if cache is not None else prep.cache
     if cache is not None and task.caches > 1:
         raise UniptError(
             f"task {task.name} trains on {task.caches} caches found by key; --cache does not apply to it"
@@ -247,6 +351,9 @@ def train(
     else:
         readers = [cache if isinstance(cache, ActivationCache) else open_for_training(prep, cache)]
     options = TrainOptions(progress, checkpoint, resume, meta, on_epoch_end)
+    device = pick_device(prep.config.train.device)
+    reason = device_reason(prep.config.train.device, device)
+    say(f"training on {reason}")
     result = run_task(task, readers, prep.config.train, prep.config.seed, options)
     prefix = (lambda name: f"{name} ") if task.caches > 1 else (lambda name: "")
     return Trained(
@@ -263,8 +370,37 @@ def train(
         # CPU results depend on the thread count (reduction order), so a rerun restores it.
         runtime={
             "torch_threads": torch.get_num_threads(),
-            "device": str(pick_device(prep.config.train.device)),
+            "device": str(device),
+            "device_reason": reason,  # e.g. "cpu (no GPU visible)": a silent CPU fallback shows
         },
+        model_state=(
+            {name: value.detach().cpu() for name, value in result.model.state_dict().items()}
+            if result.model is not None
+            else None
+        ),
+        model_spec=model_spec(prep, readers[0]),
+    )
+
+
+def model_spec(prep: Prepared, reader: ActivationCache) -> ModelSpec:
+    """``model.json`` of a model trained on ``reader`` (two-cache tasks: the query side's)."""
+    task = prep.task
+    target = None
+    if task.label_kind == "numeric":  # the regression head standardises targets by the train split
+        labels = reader.labels()[reader.split_indices("train")]
+        target = {"mean": float(labels.mean()), "std": float(labels.std()) or 1.0}
+    grids = {layer: list(reader.layer_spec(layer).grid or []) for layer in reader.layers}
+    return describe_model(
+        reader.attrs,
+        reader.layers,
+        reader.hidden_sizes,
+        {layer: grid for layer, grid in grids.items() if grid},
+        reader.label_names,
+        reader.layout.max_length,
+        reader.dtype,
+        prep.config,
+        1 if task.label_kind == "numeric" else len(reader.label_names),
+        target,
     )
 
 
@@ -358,6 +494,10 @@ def record(
     # Strict JSON: an undefined metric (a correlation of constant predictions) is null, with the reason.
     doc = finite_record(doc)
     run_dir = write_run_record(prep.config.storage.runs_root, doc)
+    if trained.model_state is not None and trained.model_spec is not None:
+        # The product of the run: the best epoch's model, loadable without the checkpoint or the run.
+        spec = dataclasses.replace(trained.model_spec, metrics=dict(trained.metrics), run_id=doc["run_id"])
+        write_model(run_dir, trained.model_state, spec)
     names = trained.layer_names or [f"#{i}" for i in range(len(trained.layer_weights))]
     write_run_plots(
         run_dir, trained.history, trained.layer_weights, names, metric=get_task(trained.task).val_metric
@@ -411,11 +551,17 @@ def train_from_cache(
 ) -> RunResult:
     """Train and record from caches that exist (by key, or ``cache``); never runs a backbone."""
     started = time.perf_counter()
+    cache = cache if cache is not None else prep.cache
     if cache is None:
         require_caches(prep, "run `unipt extract CONFIG` first (or `unipt run`)")
         reader = None
     else:
-        reader = open_for_training(prep, cache)
+        reader = open_cache(cache, options=prep.config.storage.options)
+        if prep.cache != str(cache):
+            # The run records the key of the cache it reads, never the config's: rerun and gc rely on it.
+            check_cache_matches(prep, reader)
+            primary = dataclasses.replace(prep.primary, key=key_of(reader), key_fields=key_fields_of(reader))
+            prep = dataclasses.replace(prep, backbones={primary.name: primary}, cache=str(cache))
         say(f"training from {reader.source} (no backbone forward pass)")
     return _train_and_record(prep, started, 0.0, True, progress=progress, resume=resume, cache=reader)
 

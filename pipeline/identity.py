@@ -16,6 +16,7 @@ from pipeline import FORMAT_VERSION
 from pipeline.bundled import bundled_cnn_settings, bundled_model_path, is_bundled
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.errors import UniptError
+from pipeline.file_digests import file_sha256, files_sha256
 from pipeline.hashing import sha256_file, sha256_files, sha256_json
 
 _TOKENIZER_FILES = (
@@ -78,7 +79,21 @@ def resolve_model_dir(config: BackboneConfig) -> Path:
         ) from exc
 
 
+def hub_commit(model_dir: Path) -> str | None:
+    """The commit a hub snapshot folder holds (``.../snapshots/<commit sha>``), or None for other folders."""
+    name = model_dir.name
+    if (
+        model_dir.parent.name == "snapshots"
+        and len(name) == 40
+        and all(c in "0123456789abcdef" for c in name)
+    ):
+        return name
+    return None
+
+
 def backbone_identity(config: BackboneConfig) -> BackboneIdentity:
+    """What the backbone is: weights digests (once per file version, see :mod:`pipeline.file_digests`),
+    config and tokenizer digests, and for a hub id the commit its files came from."""
     cnn = bundled_cnn_settings(config.name_or_path)
     if cnn is not None:
         return _bundled_cnn_identity(config, cnn)
@@ -102,10 +117,13 @@ def backbone_identity(config: BackboneConfig) -> BackboneIdentity:
             raise UniptError(f"backbone folder {model_dir} has no *.safetensors weights")
         weights = pickled
     tokenizer = [model_dir / name for name in _TOKENIZER_FILES if (model_dir / name).is_file()]
+    # A hub id's revision ("main", a tag, or none) is pinned to the commit it resolved to, so workers
+    # load exactly the files hashed here, not whatever the branch points at when they start.
+    is_hub = not is_bundled(config.name_or_path) and not Path(config.name_or_path).expanduser().exists()
     return BackboneIdentity(
         name=config.name_or_path,
-        revision=config.revision,
-        weights_sha256=sha256_files(weights),
+        revision=(hub_commit(model_dir) or config.revision) if is_hub else config.revision,
+        weights_sha256=files_sha256(weights),
         config_sha256=sha256_file(config_file),
         tokenizer_sha256=sha256_files(tokenizer) if tokenizer else "none",
         local_dir=str(model_dir),
@@ -118,7 +136,7 @@ def _bundled_cnn_identity(config: BackboneConfig, settings: dict[str, Any]) -> B
     return BackboneIdentity(
         name=config.name_or_path,
         revision=config.revision,
-        weights_sha256=sha256_file(weights),
+        weights_sha256=file_sha256(weights),
         config_sha256=sha256_json(settings),
         tokenizer_sha256="none",
         local_dir=str(weights.parent),

@@ -280,6 +280,8 @@ def register_run(path: str | Path, record: dict[str, Any], run_dir: str | Path) 
         "config": str(run_dir / "config.yaml"),
         "cache": str(record.get("cache", {}).get("path")),
     }
+    if (run_dir / "model.json").is_file():  # the tuned model (pipeline.model_files), for export/predict
+        artifacts["model"] = str(run_dir)
     with Registry(path) as registry:
         registry.register(record, artifacts)
 

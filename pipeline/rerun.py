@@ -3,7 +3,8 @@
 The rerun goes through the recipe (:mod:`pipeline.experiment`) like any run: the dataset is reloaded
 and refused if it changed (unless the caller allows new data: then the new run is linked to the old),
 a removed cache is rebuilt, and training restores the original run's torch thread count so CPU sums
-come out bit for bit.
+come out bit for bit. On a machine that holds only the run's cache (no dataset source, no backbone
+files), the rerun trains from that cache alone and says the dataset was not re-checked.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipeline import experiment
+from pipeline.cache import CacheRoot
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UniptError
 from pipeline.log import say
@@ -94,6 +96,34 @@ def _lineage(old: RunEntry, prep: experiment.Prepared, allow_new_data: bool) -> 
     return {"rerun_of": old.run_id}
 
 
+def _prepare_from_cache_alone(
+    old: RunEntry, config: ExperimentConfig, missing: UniptError
+) -> experiment.Prepared:
+    """The run's inputs are not all here (``missing`` says which): train from its cache if it still exists,
+    in the cache root under its key or where the run read it."""
+    root = CacheRoot(config.storage.cache_root, config.storage.options)
+    candidates = []
+    if old.cache_key and root.has(old.cache_key):
+        candidates.append(str(root.location(old.cache_key)))
+    recorded = old.artifacts.get("cache")
+    if recorded and recorded != "None":
+        candidates.append(recorded)
+    for location in candidates:
+        try:
+            prep = experiment.prepare_for_cache(location, config)
+        except UniptError:
+            continue  # not there, or not this run's cache: try the next
+        if prep.key == old.cache_key:
+            say(
+                f"{missing}: training from cache {old.cache_key} alone ({location}); "
+                "the dataset was not re-checked"
+            )
+            return prep
+    raise UniptError(
+        f"{str(missing).rstrip('.')}; and run {old.run_id}'s cache {old.cache_key} is not here either"
+    )
+
+
 def rerun(
     run_id: str,
     registry: str,
@@ -106,10 +136,19 @@ def rerun(
     started = time.perf_counter()
     with Registry(registry, create=False) as runs:
         old = runs.get(run_id)
-    prep = experiment.prepare(stored_config(old, registry))
+    config = stored_config(old, registry)
+    try:
+        prep = experiment.prepare(config)
+    except UniptError as missing:
+        prep = _prepare_from_cache_alone(old, config, missing)
     lineage = _lineage(old, prep, allow_new_data)
+    if prep.cache is not None:
+        lineage["dataset_rechecked"] = False
 
-    extractions = experiment.extract_all(prep, ray_address=ray_address, progress=progress)
+    # From a cache alone there is nothing to extract: the run's cache is the input.
+    extractions = (
+        {} if prep.cache else experiment.extract_all(prep, ray_address=ray_address, progress=progress)
+    )
     cache_hit = all(r.cache_hit for r in extractions.values())
     extract_s = sum(r.seconds for r in extractions.values())
     train_started = time.perf_counter()

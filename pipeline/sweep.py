@@ -1,6 +1,8 @@
 """Train many settings from one cache: every trial is a Ray task and a registered run.
 
-Only ``train.*`` settings vary, so every trial reads the cache extracted (once) for the base config.
+Only ``train.*`` settings vary, so every trial reads the cache extracted (once) for the base config,
+or the one cache given (``cache=``: a path, URL or .h5 file; then nothing is extracted and neither the
+dataset nor the backbone need be on this machine).
 Results are sorted by the task's headline metric on validation (:mod:`pipeline.tasks`).
 """
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import experiment
+from pipeline.cache_open import open_cache
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UniptError
 from pipeline.log import say
@@ -63,14 +66,16 @@ def sweep(
     parallel: int | None = None,
     ray_address: str | None = None,
     progress: bool = True,
+    cache: str | None = None,
 ) -> SweepResult:
-    """Extract (or reuse) the base config's cache, then train every trial, ``parallel`` at a time."""
+    """Extract (or reuse) the base config's cache (or use ``cache``), then train every trial, ``parallel``
+    at a time."""
     if not trials:
         raise UniptError("a sweep needs at least one trial; give --grid train.KEY=V1,V2")
     if parallel is not None and parallel < 1:
         raise UniptError(f"--parallel {parallel}: give 1 or more trials at a time")
     started = time.perf_counter()
-    prep = experiment.prepare(base)
+    prep = experiment.prepare(base) if cache is None else experiment.prepare_for_cache(cache, base)
     headline = prep.task.headline
 
     import ray
@@ -82,8 +87,11 @@ def sweep(
     sweep_id = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     results: list[TrialResult] = []
     extractions: dict[str, Any] = {}
+    # A given cache is read by every trial: hold a read lease on it (gc leaves it alone) until they end.
+    held = open_cache(prep.cache, options=base.storage.options) if prep.cache else None
     try:
-        extractions = experiment.extract_all(prep, ray_address=ray_address, progress=progress)
+        if held is None:
+            extractions = experiment.extract_all(prep, ray_address=ray_address, progress=progress)
         cache_hit = all(r.cache_hit for r in extractions.values())
         extract_s = sum(r.seconds for r in extractions.values())
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -124,6 +132,8 @@ def sweep(
             )
             results.append(TrialResult(i, trials[i].params, run_dir.name, m))
     finally:
+        if held is not None:
+            experiment.release_reader(held)
         for extraction in extractions.values():  # the caches were leased until every trial had read them
             extraction.release()
         if owns_session:

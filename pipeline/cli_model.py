@@ -1,0 +1,147 @@
+"""``unipt export|predict|evaluate``, and how ``train``/``sweep`` read their config when it may be a cache.
+
+The tuned model leaves its run as ``model.safetensors`` + ``model.json`` (:mod:`pipeline.model_files`);
+predicting runs the backbone it was trained on and then the model (:mod:`pipeline.predict`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline import experiment
+from pipeline.cli_common import load_args
+from pipeline.config import ExperimentConfig
+from pipeline.errors import UniptError
+from pipeline.from_cache import config_for_cache
+from pipeline.registry import DEFAULT_REGISTRY
+
+
+def storage_overrides(args: argparse.Namespace) -> list[str]:
+    flags = (("cache_root", args.cache_root), ("runs_root", args.runs_root), ("registry", args.registry))
+    return [f"storage.{name}={value}" for name, value in flags if value]
+
+
+def load_config_or_cache(args: argparse.Namespace) -> ExperimentConfig:
+    """The CONFIG with its flags, or, without one, the ``--cache``'s own attributes with them."""
+    if args.config:
+        return load_args(args)
+    if not getattr(args, "cache", None):
+        raise UniptError(f"`unipt {args.command}` needs a CONFIG, or --cache PATH to work from a cache alone")
+    return config_for_cache(args.cache, [*(args.set or []), *storage_overrides(args)])
+
+
+def prepare_train(args: argparse.Namespace) -> experiment.Prepared:
+    """What ``unipt train`` trains: the config's cache by key, or ``--cache`` (then CONFIG is optional)."""
+    if args.cache is None:
+        return experiment.prepare(load_config_or_cache(args))
+    config = load_args(args) if args.config else None
+    return experiment.prepare_for_cache(args.cache, config, [*(args.set or []), *storage_overrides(args)])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.model_files import export_model
+    from pipeline.predict import model_directory
+
+    print(export_model(model_directory(args.run, args.registry), args.out))
+    return 0
+
+
+def _model_and_inputs(args: argparse.Namespace, label_column: str | None = None):
+    from pipeline.predict import InputTable, load_model, read_inputs
+
+    if args.batch_size < 1:
+        raise UniptError(f"--batch-size {args.batch_size}: give 1 or more")
+    model = load_model(args.model, registry=args.registry, device=args.device, backbone=args.backbone)
+    if getattr(args, "text", None):
+        if args.input:
+            raise UniptError("give --input FILE or --text, not both")
+        return model, InputTable([str(i) for i in range(len(args.text))], list(args.text), None)
+    if not args.input:
+        raise UniptError('nothing to read: give --input FILE (csv, jsonl, parquet) or --text "..."')
+    table = read_inputs(
+        args.input,
+        kind="image" if model.spec.input == "image" else "text",
+        text_column=args.text_column,
+        image_column=args.image_column,
+        id_column=args.id_column,
+        label_column=label_column,
+    )
+    return model, table
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import write_predictions
+
+    model, table = _model_and_inputs(args)
+    predictions = model.predict(
+        table.inputs, table.ids, batch_size=args.batch_size, progress=not args.no_progress
+    )
+    if args.out:
+        print(write_predictions(predictions, args.out))
+    else:
+        for row in predictions.rows():
+            print(json.dumps(row))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.predict import format_metrics
+
+    model, table = _model_and_inputs(args, label_column=args.label_column)
+    assert table.labels is not None
+    metrics = model.evaluate(
+        table.inputs, table.labels, batch_size=args.batch_size, progress=not args.no_progress
+    )
+    print(f"{format_metrics(metrics)} | {len(table.inputs)} examples")
+    return 0
+
+
+def add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``export``, ``predict`` and ``evaluate``."""
+    registry_help = f"SQLite run registry, to find a run id (default: {DEFAULT_REGISTRY})"
+    export = sub.add_parser(
+        "export",
+        help="copy a run's tuned model (model.safetensors + model.json) into a self-describing folder",
+        description="copy a run's tuned model: the best epoch's UniPT and head (model.safetensors) and "
+        "model.json (architecture, labels, cache dtype and settings, backbone identity, metrics)",
+    )
+    export.add_argument("run", help="a run id (or unique prefix) or a run directory")
+    export.add_argument("--out", required=True, help="a new (or empty) folder")
+    export.add_argument("--registry", default=DEFAULT_REGISTRY, help=registry_help)
+    export.set_defaults(handler=cmd_export)
+
+    for name, help_text, handler in (
+        (
+            "predict",
+            "run a tuned model on raw inputs: the backbone it was trained on, then UniPT; writes the label "
+            "(or value), class probabilities and the example id",
+            cmd_predict,
+        ),
+        ("evaluate", "the task's metrics of a tuned model on labelled raw inputs", cmd_evaluate),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("model", help="a run id (or unique prefix), a run directory, or an exported folder")
+        p.add_argument("--input", help="a .csv, .jsonl or .parquet file of inputs")
+        p.add_argument("--text-column", default="text", help="the input's text column (default: text)")
+        p.add_argument("--image-column", default="image", help="image models: the column of image paths")
+        p.add_argument("--id-column", help="a column of example ids (default: the row numbers)")
+        p.add_argument("--backbone", help="the backbone's folder, when not where model.json says")
+        p.add_argument(
+            "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU if any"
+        )
+        p.add_argument("--batch-size", type=int, default=256, help="inputs per step (default 256)")
+        p.add_argument("--registry", default=DEFAULT_REGISTRY, help=registry_help)
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        p.set_defaults(handler=handler)
+        if name == "predict":
+            p.add_argument(
+                "--text", action="append", help="a text to predict (repeatable), instead of --input"
+            )
+            p.add_argument(
+                "--out", help="write predictions here (.csv or .jsonl); default: JSON lines on stdout"
+            )
+        else:
+            p.add_argument(
+                "--label-column", default="label", help="the input's label column (default: label)"
+            )

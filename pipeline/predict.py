@@ -1,0 +1,405 @@
+"""A tuned model on raw inputs: the backbone it was trained on, then UniPT and its head.
+
+``load_model(run id | run dir | exported folder)`` gives a :class:`TunedModel`. ``predict(texts or
+images)`` runs what extraction ran, exactly: the backbone with the same identity (refused, naming the
+difference, if this machine's files hash differently), the same tokenizer settings, truncation,
+image transform and compute precision, through the same ``Backbone.encode``; then it rounds every
+activation to the cache's dtype with the cache's own encoder (:func:`pipeline.encoding.encode_rows`:
+fp16, bf16, or int8 with per-token scales), so UniPT sees the values it was trained on. The backbone is
+loaded on first use (on the GPU when there is one); :meth:`TunedModel.outputs_from_cache` needs none.
+
+This module drives both stages (a backbone, then a trained model), like :mod:`pipeline.experiment`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache import ActivationCache
+from pipeline.cache_layout import LayerSpec
+from pipeline.config import BackboneConfig, TrainConfig
+from pipeline.encoding import decode_rows, encode_rows
+from pipeline.errors import UniptError
+from pipeline.model_files import MODEL_WEIGHTS, ModelSpec, read_model_spec
+from pipeline.registry import DEFAULT_REGISTRY, Registry
+
+
+@dataclass
+class Predictions:
+    """One row per input, in input order."""
+
+    example_ids: list[str]
+    outputs: np.ndarray  # the model's raw outputs: logits [N, classes], or [N] regression values
+    label_names: list[str]
+    task: str
+
+    @property
+    def probabilities(self) -> np.ndarray | None:
+        """[N, classes] softmax of the logits; None for regression."""
+        if self.task == "regression":
+            return None
+        shifted = self.outputs - self.outputs.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    @property
+    def labels(self) -> list[str] | None:
+        if self.task == "regression":
+            return None
+        return [self.label_names[i] for i in self.outputs.argmax(axis=1)]
+
+    @property
+    def values(self) -> np.ndarray | None:
+        return self.outputs if self.task == "regression" else None
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self.task == "regression":
+            return [
+                {"example_id": i, "value": float(v)}
+                for i, v in zip(self.example_ids, self.outputs, strict=True)
+            ]
+        probs, labels = self.probabilities, self.labels
+        assert probs is not None and labels is not None
+        return [
+            {
+                "example_id": i,
+                "label": label,
+                **{f"prob_{n}": float(p) for n, p in zip(self.label_names, row, strict=True)},
+            }
+            for i, label, row in zip(self.example_ids, labels, probs, strict=True)
+        ]
+
+
+class _Shape:
+    """What :func:`train.models.build_model` reads from a cache, taken from ``model.json`` instead."""
+
+    def __init__(self, spec: ModelSpec, source: str) -> None:
+        self.source = source
+        self.layers = list(spec.layers)
+        self.hidden_sizes = {int(k): int(v) for k, v in spec.hidden_sizes.items()}
+        self.label_names = list(spec.label_names)
+        self._grids = {int(k): tuple(v) for k, v in spec.grids.items()}
+
+    def layer_spec(self, layer: int) -> LayerSpec:
+        return LayerSpec(layer, self.hidden_sizes[layer], self._grids.get(layer))
+
+
+class TunedModel:
+    """A tuned UniPT and its head, ready for raw inputs (see the module docstring)."""
+
+    def __init__(self, directory: Path, spec: ModelSpec, device: str = "auto", backbone: str | None = None):
+        import torch
+        from safetensors.torch import load_file
+
+        from train.fit import pick_device
+        from train.models import build_model
+
+        if spec.task not in ("classification", "regression"):
+            raise UniptError(
+                f"model {directory} is a {spec.task} model; predict and evaluate take classification and "
+                "regression models"
+            )
+        self.directory = directory
+        self.spec = spec
+        self.device = pick_device(device)
+        self._device_setting = device
+        self._backbone_path = backbone
+        self._backbone: Any = None
+        config = TrainConfig(
+            variant=spec.variant,
+            embed_size=spec.embed_size,
+            downsample_factor=spec.downsample_factor,
+            dropout=spec.dropout,
+            task=spec.task,
+        )
+        torch.manual_seed(0)  # weights are all loaded below; this only keeps construction quiet
+        network = build_model(
+            spec.variant, _Shape(spec, str(directory)), config, num_outputs=spec.num_outputs
+        )
+        try:
+            network.load_state_dict(load_file(str(directory / MODEL_WEIGHTS)))
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise UniptError(f"{directory / MODEL_WEIGHTS} does not fit its model.json ({first})") from exc
+        self.network = network.to(self.device).eval()
+
+    # --- the backbone --------------------------------------------------------------------------------------
+    def backbone_config(self) -> BackboneConfig:
+        b = self.spec.backbone
+        return BackboneConfig(
+            name_or_path=self._backbone_path or b["name_or_path"],
+            revision=b.get("revision"),
+            layers=list(self.spec.layers),
+            max_length=max(2, min(self.spec.max_length, 8192)),
+            batch_size=self.spec.batch_size,
+            trust_remote_code=bool(b.get("trust_remote_code")),
+            allow_pickle=bool(b.get("allow_pickle")),
+        )
+
+    def backbone(self) -> Any:
+        """The backbone the model was trained on, checked by its hashes and loaded once."""
+        if self._backbone is None:
+            from pipeline import experiment
+            from pipeline.identity import backbone_identity
+
+            settings = self.backbone_config()
+            identity = backbone_identity(settings)
+            for name in ("weights_sha256", "config_sha256", "tokenizer_sha256"):
+                have, want = getattr(identity, name), self.spec.backbone.get(name)
+                if have != want:
+                    raise UniptError(
+                        f"backbone {settings.name_or_path} is not the one this model was trained on: its "
+                        f"{name} is {have[:12]}, the model's {str(want)[:12]}; point --backbone at the "
+                        "original files"
+                    )
+            from extract.backbones import load_backbone
+
+            target = experiment.PreparedBackbone("main", settings, identity, {}, self.spec.cache_key)
+            self._backbone = load_backbone(
+                experiment.load_spec(target, self.spec.autocast, device=self._device_setting)
+            )
+        return self._backbone
+
+    # --- raw inputs -> outputs -----------------------------------------------------------------------------
+    def activations(self, inputs: list) -> list[dict[int, np.ndarray]]:
+        """Per input, each layer's activations as the cache would hold them (rounded to its dtype),
+        decoded to float32: ``[tokens, width]``, or ``[H, W, C]`` for feature maps."""
+        spec = self.spec
+        compute = "float16" if spec.dtype == "float16" else "float32"  # what extraction workers compute
+        shard = self.backbone().encode(inputs, spec.layers, spec.max_length, spec.batch_size, compute)
+        per_example: list[dict[int, np.ndarray]] = [{} for _ in inputs]
+        for layer in spec.layers:
+            stored, scale = encode_rows(shard.layers[layer], spec.dtype)
+            rows = decode_rows(stored, spec.dtype, scale).astype(np.float32, copy=False)
+            grid = spec.grids.get(str(layer))
+            if grid:
+                maps = rows.reshape(len(inputs), grid[0], grid[1], -1)
+                for i in range(len(inputs)):
+                    per_example[i][layer] = maps[i]
+            else:
+                assert shard.lengths is not None
+                bounds = np.concatenate([[0], np.cumsum(shard.lengths)])
+                for i in range(len(inputs)):
+                    per_example[i][layer] = rows[bounds[i] : bounds[i + 1]]
+        return per_example
+
+    def outputs(self, examples: list[dict[int, np.ndarray]]) -> np.ndarray:
+        """The model's outputs (in label units for regression) for per-example activations."""
+        import torch
+
+        from train.loader import padding_mask
+
+        spec = self.spec
+        if spec.grids:
+            hidden = [
+                torch.from_numpy(np.stack([ex[layer] for ex in examples])).permute(0, 3, 1, 2).contiguous()
+                for layer in spec.layers
+            ]
+            h, w = spec.grids[str(spec.layers[-1])]
+            mask = torch.ones(len(examples), h * w, dtype=torch.bool)
+        else:
+            lengths = [ex[spec.layers[0]].shape[0] for ex in examples]
+            hidden = []
+            for layer in spec.layers:
+                padded = np.zeros((len(examples), max(lengths), examples[0][layer].shape[1]), np.float32)
+                for row, ex in enumerate(examples):
+                    padded[row, : lengths[row]] = ex[layer]
+                hidden.append(torch.from_numpy(padded))
+            mask = padding_mask(lengths)
+        return self.forward(hidden, mask)
+
+    def forward(self, hidden: list, mask: Any) -> np.ndarray:
+        """Padded batch tensors (as :class:`train.loader.Batch` holds them) -> outputs, in label units."""
+        import torch
+
+        with torch.no_grad():
+            out, _ = self.network([h.to(self.device) for h in hidden], mask.to(self.device))
+        out = out.float().cpu().numpy().astype(np.float64)
+        if self.spec.task == "regression":
+            target = self.spec.target or {"mean": 0.0, "std": 1.0}
+            return out[:, 0] * target["std"] + target["mean"]
+        return out
+
+    def predict(
+        self,
+        inputs: list,
+        ids: list[str] | None = None,
+        *,
+        batch_size: int = 256,
+        progress: bool = False,
+    ) -> Predictions:
+        """Labels (or values) and class probabilities for raw texts (or images, as
+        :func:`pipeline.images.load_image` gives them)."""
+        from tqdm import tqdm
+
+        if not inputs:
+            raise UniptError("nothing to predict: the input is empty")
+        check_inputs(inputs, self.spec.input)
+        ids = ids if ids is not None else [str(i) for i in range(len(inputs))]
+        parts = []
+        bar = tqdm(total=len(inputs), unit="ex", desc="predict", disable=not progress, dynamic_ncols=True)
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start : start + batch_size]
+            parts.append(self.outputs(self.activations(chunk)))
+            bar.update(len(chunk))
+        bar.close()
+        return Predictions(list(ids), np.concatenate(parts), list(self.spec.label_names), self.spec.task)
+
+    def outputs_from_cache(self, reader: ActivationCache, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(example indices, outputs) of one split of the cache the model was trained on: what the run
+        record's metrics were computed from."""
+        from train.loader import CacheBatches
+
+        data = CacheBatches(reader, split, self.spec.layers, 64)
+        indices, outputs = [], []
+        for batch in data.epoch(0):
+            outputs.append(self.forward(batch.hidden, batch.mask))
+            indices.append(batch.indices)
+        return np.concatenate(indices), np.concatenate(outputs)
+
+    def evaluate(self, inputs: list, labels: list, *, batch_size: int = 256, progress: bool = False) -> dict:
+        """The task's metrics of the model's predictions on labelled raw inputs."""
+        import torch
+
+        from train.tasks.classification import classification_head
+        from train.tasks.regression import regression_head
+
+        predictions = self.predict(inputs, batch_size=batch_size, progress=progress)
+        if self.spec.task == "regression":
+            try:
+                truth = torch.tensor([float(v) for v in labels], dtype=torch.float64)
+            except (TypeError, ValueError) as exc:
+                raise UniptError(f"a label is not a number ({exc}); regression labels are numbers") from exc
+            head = regression_head(0.0, 1.0)
+            return head.metrics(torch.from_numpy(predictions.outputs), truth)
+        index = {name: i for i, name in enumerate(self.spec.label_names)}
+        unknown = sorted({str(v) for v in labels if str(v) not in index})
+        if unknown:
+            raise UniptError(
+                f"labels {unknown[:5]} are not among the model's classes {self.spec.label_names}; fix them"
+            )
+        truth = torch.tensor([index[str(v)] for v in labels])
+        head = classification_head(len(self.spec.label_names))
+        return head.metrics(head.collect(torch.from_numpy(predictions.outputs)), truth)
+
+
+def check_inputs(inputs: list, kind: str) -> None:
+    if kind == "text":
+        bad = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+        if bad:
+            raise UniptError(f"input {bad[0]} is {inputs[bad[0]]!r:.40}, not text; this model reads texts")
+    elif any(not isinstance(x, dict) or "pixels" not in x for x in inputs):
+        raise UniptError("this model reads images; give an input file with an image column (--image-column)")
+
+
+def model_directory(target: str | Path, registry: str | Path = DEFAULT_REGISTRY) -> Path:
+    """A run id (or unique prefix) in ``registry``, a run directory, or a folder from ``unipt export``."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return path
+    if not Path(registry).expanduser().exists():
+        raise UniptError(f"{target} is neither a model folder nor a run id (no registry at {registry})")
+    with Registry(registry, create=False) as runs:
+        entry = runs.get(str(target))
+    return Path(entry.artifacts.get("model") or entry.artifacts["run_dir"])
+
+
+def load_model(
+    target: str | Path,
+    *,
+    registry: str | Path = DEFAULT_REGISTRY,
+    device: str = "auto",
+    backbone: str | None = None,
+) -> TunedModel:
+    """The tuned model of a run (id or directory) or an exported folder. ``backbone`` points at the
+    backbone's files when they are not where the model says (they must hash the same)."""
+    directory = model_directory(target, registry)
+    return TunedModel(directory, read_model_spec(directory), device=device, backbone=backbone)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+@dataclass
+class InputTable:
+    ids: list[str]
+    inputs: list
+    labels: list | None
+
+
+def read_inputs(
+    path: str | Path,
+    *,
+    kind: str = "text",
+    text_column: str = "text",
+    image_column: str = "image",
+    id_column: str | None = None,
+    label_column: str | None = None,
+) -> InputTable:
+    """Raw inputs from a CSV, JSONL or Parquet file (ids default to the row numbers)."""
+    import pyarrow.csv as pa_csv
+    import pyarrow.json as pa_json
+    import pyarrow.parquet as pq
+    from pyarrow import ArrowException
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UniptError(f"input file {path} not found")
+    readers = {".csv": pa_csv.read_csv, ".jsonl": pa_json.read_json, ".json": pa_json.read_json}
+    readers[".parquet"] = pq.read_table
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise UniptError(
+            f"input {path}: unknown format {path.suffix!r}; give a .csv, .jsonl or .parquet file"
+        )
+    try:
+        table = reader(str(path))
+    except ArrowException as exc:
+        raise UniptError(f"input {path} is not readable ({str(exc).splitlines()[0]})") from exc
+    column = text_column if kind == "text" else image_column
+    wanted = [c for c in (column, id_column, label_column) if c]
+    missing = [c for c in wanted if c not in table.column_names]
+    if missing:
+        raise UniptError(f"input {path} has no column {missing[0]!r} (columns: {table.column_names})")
+    if table.num_rows == 0:
+        raise UniptError(f"input {path} has no rows")
+    values = table.column(column).to_pylist()
+    if kind == "text":
+        empty = [i for i, v in enumerate(values) if not isinstance(v, str)]
+        if empty:
+            raise UniptError(f"input {path} row {empty[0]}: {column} is {values[empty[0]]!r}, not text")
+    else:
+        from pipeline.images import load_image
+
+        values = [load_image(v, path.parent, row) for row, v in enumerate(values)]
+    ids = [str(v) for v in table.column(id_column).to_pylist()] if id_column else None
+    labels = table.column(label_column).to_pylist() if label_column else None
+    return InputTable(ids or [str(i) for i in range(table.num_rows)], values, labels)
+
+
+def write_predictions(predictions: Predictions, out: str | Path) -> Path:
+    """``out`` as CSV or JSONL (by its extension)."""
+    out = Path(out).expanduser()
+    rows = predictions.rows()
+    if out.suffix.lower() not in (".csv", ".jsonl"):
+        raise UniptError(f"--out {out}: give a .csv or .jsonl file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".jsonl":
+        out.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+    else:
+        with open(out, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return out
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return " | ".join(f"{k} {v:.4f}" if not math.isnan(v) else f"{k} nan" for k, v in metrics.items())
