@@ -37,6 +37,7 @@ def summary_line(result: experiment.RunResult) -> str:
     """One line per run: the task's summary metrics on test (classification: accuracy and macro-F1) beside
     each baseline's, the same on val with the metric that picked the best epoch, timings, cache, run dir."""
     trained, timings = result.trained, result.timings
+    device = trained.runtime.get("device_reason") or trained.runtime.get("device", "?")
     m, task = trained.metrics, get_task(trained.task)
     names = task.summary_metrics
     baselines = [(label, _scores(m, f"{prefix}_test_", names)) for prefix, label in task.baselines]
@@ -46,7 +47,7 @@ def summary_line(result: experiment.RunResult) -> str:
         f"test {_scores(m, 'test_', names)}{f' ({shown})' if shown else ''} | "
         f"val {_scores(m, 'val_', names)}, best epoch {m.get('best_epoch', '-')} by val_{select} | "
         f"extract {timings.extract_s:.1f}s ({'cache hit' if result.cache_hit else 'cache miss'}) | "
-        f"train {m['train_seconds']:.1f}s ({m['seconds_per_epoch']:.1f}s/epoch) | "
+        f"train {m['train_seconds']:.1f}s ({m['seconds_per_epoch']:.1f}s/epoch) on {device} | "
         f"cache {human_bytes(trained.cache_bytes)} | run {result.run_dir}"
     )
 
