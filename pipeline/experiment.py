@@ -354,9 +354,6 @@ def train(
     device = pick_device(prep.config.train.device)
     reason = device_reason(prep.config.train.device, device)
     say(f"training on {reason}")
-    device = pick_device(prep.config.train.device)
-    reason = device_reason(prep.config.train.device, device)
-    say(f"training on {reason}")
     result = run_task(task, readers, prep.config.train, prep.config.seed, options)
     prefix = (lambda name: f"{name} ") if task.caches > 1 else (lambda name: "")
     return Trained(

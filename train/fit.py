@@ -72,15 +72,6 @@ def device_reason(setting: str, device: torch.device) -> str:
     return "cpu (no GPU visible)"
 
 
-def device_reason(setting: str, device: torch.device) -> str:
-    """Which device trains and why, for the run record and the summary line: a CPU fallback must show."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    if setting == "cpu":
-        return "cpu (train.device: cpu)"
-    return "cpu (no GPU visible)"
-
-
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full precision. Only CUDA gets AMP: on CPU it is slower."""
     if device.type != "cuda" or setting == "off":
