@@ -155,6 +155,19 @@ def _warn_truncated(count: int, inputs: list, max_length: int) -> None:
     )
 
 
+def _warn_no_content(positions: list[int], ids: list[str]) -> None:
+    """One line for texts the tokenizer turns into nothing but special or unknown tokens (emoji-only or
+    zero-width text): the model sees no content in them, yet they are trained and scored like the rest."""
+    shown = ", ".join(repr(ids[p]) for p in positions[:3]) + (", ..." if len(positions) > 3 else "")
+    print(
+        f"unipt: warning: {len(positions)} text(s) tokenize to nothing but special or unknown tokens "
+        f"(e.g. emoji-only or zero-width text; ids {shown}); the model sees no content in them: clean or "
+        "drop them, or use a backbone whose vocabulary covers them",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 # Ray resource names of the actor options we use.
 _RESOURCE_NAMES = {"num_cpus": "CPU", "num_gpus": "GPU"}
 FREE_WAIT_S = 10.0  # how long to let just-killed actors (a previous extraction) hand back their CPUs
@@ -443,6 +456,7 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
         location = builder.location
 
         totals = {"tokens": 0, "bytes": 0, "raw_bytes": 0, "forward_s": 0.0, "write_s": 0.0, "truncated": 0}
+        totals["no_content"] = []  # example positions whose text is only special/unknown tokens
         resumed_examples = sum(s.num_examples for s in shards if s.shard_id in finished)
         bar = tqdm(
             total=examples.num_rows,
@@ -481,6 +495,8 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
         totals["shards_requeued"] = pool.requeued
         if totals["truncated"]:
             _warn_truncated(int(totals["truncated"]), inputs, request.backbone.max_length)
+        if totals["no_content"]:
+            _warn_no_content(sorted(totals["no_content"]), examples.column("example_id").to_pylist())
         shards_done_at = time.perf_counter()
 
         metadata = examples.select(["example_id", "label", "split"])

@@ -65,4 +65,5 @@ class ExtractionWorker:
             "write_s": time.perf_counter() - t1,
             "wait_s": t0 - waited,
             "truncated": encoded.truncated,
+            "no_content": [shard.example_start + i for i in encoded.no_content],
         }

@@ -17,6 +17,7 @@ from pipeline.cli_model import add_model_commands, prepare_train
 from pipeline.cli_runs import add_runs_commands
 from pipeline.errors import UniptError
 from pipeline.log import configure_cli_logging
+from pipeline.storage import explain_storage_error
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -134,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except UniptError as exc:
         print(f"unipt: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # An object store's client raises its own errors from deep inside fsspec and zarr: missing
+        # credentials become one line here; anything else is a bug and keeps its traceback.
+        problem = explain_storage_error(exc)
+        if problem is None:
+            raise
+        print(f"unipt: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

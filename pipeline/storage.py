@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import traceback
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,8 +25,15 @@ from zarr.storage import FsspecStore, LocalStore
 
 from pipeline.errors import UniptError
 
-# Option names that carry secrets: refused in configs so they cannot end up in run records.
-_SECRET_OPTIONS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key")
+# Option names that carry secrets, compared lower-case without "_" and "-": refused in configs at any
+# depth, so they cannot end up in config.yaml, run records or the registry. A name is a secret if it
+# contains one of these words (client_secret, aws_session_token, sas_token, db_password, api_key) ...
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "connectionstring", "apikey", "sas")
+# ... or ends with "key" (key, SSECustomerKey, account_key, access_key), except names of key *ids* or
+# settings that only point at a key.
+_NOT_SECRET = ("keyid", "keyarn", "kmskeyid", "keyname", "keytype")
+# user:password@ in a URL (s3://user:pass@host/..., https://user:pass@endpoint).
+_URL_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]*@", re.IGNORECASE)
 
 
 class Location:
@@ -38,6 +47,7 @@ class Location:
             self.url = text.rstrip("/")
         else:
             self.url = str(Path(text).expanduser().resolve())
+        check_url(text, "cache location")
         self.options = dict(options or {})
         check_no_secrets(self.options)
         self._fs: fsspec.AbstractFileSystem | None = None
@@ -79,6 +89,12 @@ class Location:
                     raise UniptError(
                         f"no fsspec backend for {scheme}:// ({exc}); install it, e.g. `pip install s3fs`"
                     ) from exc
+                except TypeError as exc:  # an option the backend does not take
+                    scheme = self.url.split("://", 1)[0]
+                    raise UniptError(
+                        f"storage.options: the {scheme}:// filesystem refused them ({exc}); remove or rename "
+                        "that option (see the backend's fsspec documentation)"
+                    ) from None
         return self._fs
 
     @property
@@ -162,15 +178,71 @@ class Location:
         return FsspecStore.from_url(self.url, storage_options=self.options, read_only=read_only)
 
 
+def looks_secret(name: str) -> bool:
+    """True for option names that carry credentials (see ``_SECRET_WORDS``)."""
+    flat = re.sub(r"[_\-\s]", "", name.lower())
+    if flat.endswith(_NOT_SECRET):
+        return False
+    return flat.endswith("key") or any(word in flat for word in _SECRET_WORDS)
+
+
+def check_url(url: str, where: str) -> None:
+    """Refuse a URL carrying ``user:password@`` (never echoing it)."""
+    if _URL_PASSWORD.match(url.strip()):
+        raise UniptError(
+            f"{where} carries a user:password@ in its URL; remove it and put the credentials in the "
+            "environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), never in a config"
+        )
+
+
 def check_no_secrets(options: Mapping[str, Any]) -> None:
+    """Refuse storage options that hold a credential anywhere (a secret-like key at any depth, or a URL
+    with a password), naming where but never the value."""
+
     def walk(node: Any, where: str) -> None:
         if isinstance(node, Mapping):
             for key, value in node.items():
-                if str(key).lower() in _SECRET_OPTIONS:
+                if looks_secret(str(key)):
                     raise UniptError(
                         f"storage option {where}{key} looks like a credential; put it in the environment "
-                        "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), never in a config"
+                        "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN), never in a "
+                        "config"
                     )
                 walk(value, f"{where}{key}.")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{where.rstrip('.')}[{i}].")
+        elif isinstance(node, str):
+            check_url(node, f"storage option {where.rstrip('.')}")
 
     walk(options, "")
+
+
+# Exception class names (by name: their packages are optional) that mean "no usable credentials".
+_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+# Client packages whose TypeError means an option they do not take.
+_STORE_PACKAGES = ("fsspec", "s3fs", "gcsfs", "adlfs", "aiobotocore", "botocore")
+
+
+def explain_storage_error(exc: BaseException) -> UniptError | None:
+    """One line for an object store's missing credentials, or None if ``exc`` is something else."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TypeError) and "unexpected keyword argument" in str(current):
+            # Backends such as s3fs take unknown options silently and fail on the first request.
+            files = [frame.filename for frame in traceback.extract_tb(current.__traceback__)]
+            if any(f"{os.sep}{package}{os.sep}" in name for name in files for package in _STORE_PACKAGES):
+                return UniptError(
+                    f"storage.options: the object store's client refused them ({current}); remove or "
+                    "rename that option (see the backend's fsspec documentation)"
+                )
+        if type(current).__name__ in _CREDENTIAL_ERRORS:
+            return UniptError(
+                f"the object store refused the request: {type(current).__name__} ({current}); set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_ENDPOINT_URL for an S3-compatible "
+                "store) in the environment, or use a local cache root"
+            )
+        current = current.__cause__ or current.__context__
+    return None

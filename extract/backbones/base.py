@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -37,6 +37,8 @@ class EncodedShard:
     lengths: list[int] | None
     layers: dict[int, np.ndarray]
     truncated: int = 0  # inputs cut to max_length tokens (text encoders)
+    # Positions of inputs that tokenized to nothing but special or unknown tokens (text encoders).
+    no_content: list[int] = field(default_factory=list)
 
 
 @runtime_checkable

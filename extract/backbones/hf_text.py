@@ -109,7 +109,11 @@ class HFTextBackbone:
                     layer: h[row, :n].numpy() for layer, h in zip(layers, hidden, strict=True)
                 }
         packed = {layer: np.concatenate([ex[layer] for ex in per_example], axis=0) for layer in layers}
-        return EncodedShard(lengths=lengths, layers=packed, truncated=_count_truncated(encoded, max_length))
+        # Emoji-only or zero-width text often becomes [CLS] [UNK] [SEP] or just [CLS] [SEP]: worth a warning.
+        special = set(self.tokenizer.all_special_ids)
+        no_content = [i for i, example_ids in enumerate(ids) if all(t in special for t in example_ids)]
+        truncated = _count_truncated(encoded, max_length)
+        return EncodedShard(lengths=lengths, layers=packed, truncated=truncated, no_content=no_content)
 
 
 def _count_truncated(encoded: Any, max_length: int) -> int:
