@@ -22,6 +22,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.errors import UniptError
 from pipeline.log import say
 from pipeline.registry import Registry, RunEntry, differences, result_metrics
+from pipeline.runs import without_nan
 
 
 @dataclass
@@ -157,5 +158,7 @@ def rerun(
     timings = experiment.timings_since(started, train_started, extract_s)
     run_dir = experiment.record(prep, trained, cache_hit, timings, lineage)
     new = experiment.RunResult(run_dir, trained, timings, cache_hit)
-    diffs = differences(result_metrics(old.metrics), result_metrics(trained.metrics))
+    # Records keep an undefined metric as null (older ones as NaN): compare both sides that way.
+    before, after = without_nan(old.metrics), without_nan(trained.metrics)
+    diffs = differences(result_metrics(before), result_metrics(after))
     return RerunResult(old, new, lineage, diffs)

@@ -76,6 +76,18 @@ def _why_undefined(path: str) -> str:
     return "not a finite number (NaN or infinity), so it is recorded as null"
 
 
+def without_nan(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (at any depth) as None: how a record stores it, so a
+    fresh result compares equal to a recorded one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    return value
+
+
 def finite_record(doc: dict[str, Any]) -> dict[str, Any]:
     """``doc`` with every NaN or infinite float replaced by null, and ``undefined`` saying where and why:
     JSON has no NaN, and a record must load in any strict parser."""

@@ -16,7 +16,7 @@ from pipeline.config import DatasetConfig, SplitConfig, TrainConfig
 from pipeline.datasets import load_dataset
 from pipeline.registry import RunEntry
 from pipeline.rerun import stored_config
-from pipeline.runs import finite_record
+from pipeline.runs import finite_record, without_nan
 from pipeline.tasks import get_task, select_metric
 from tests.conftest import make_sentiment_rows, strict_json, write_config, write_csv
 from train.metrics import accuracy, class_report, macro_f1, pearson, spearman
@@ -144,6 +144,8 @@ def test_a_record_never_holds_nan():
     assert strict_json(text)["metrics"]["val_pearson"] is None
     assert doc["undefined"]["metrics.val_pearson"].startswith("a correlation of constant predictions")
     assert "history[0].val_spearman" in doc["undefined"]
+    # A rerun compares a fresh result with a recorded one the way the record keeps it.
+    assert without_nan({"a": math.nan, "b": [math.inf, 1.0]}) == {"a": None, "b": [None, 1.0]}
 
 
 # --- 3. imbalance visible ----------------------------------------------------------------------------------
