@@ -1,0 +1,130 @@
+"""The tuned model is the product: every run writes it (model.safetensors + model.json), `unipt export`
+copies it out, and `unipt predict/evaluate` run it on raw inputs exactly as training saw its cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline import experiment
+from pipeline.cache_open import open_cache
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.datasets import load_dataset
+from pipeline.model_files import MODEL_CARD, MODEL_WEIGHTS, read_model_spec
+from pipeline.predict import load_model
+from tests.conftest import make_sentiment_rows, save_tiny_bert, write_config, write_csv
+
+
+def _trained(tmp_path, tiny_bert_dir, dtype: str):
+    data = write_csv(tmp_path / "reviews.csv", make_sentiment_rows(160))
+    config_path = write_config(
+        tmp_path / "c.yaml", str(data), str(tiny_bert_dir), tmp_path, train={"epochs": 3},
+        extract={"dtype": dtype},
+    )  # fmt: skip
+    config = load_config(config_path)
+    prep = experiment.prepare(config)
+    return config_path, prep, experiment.run(prep, progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_predicting_raw_text_gives_the_cache_logits_and_the_recorded_accuracy(
+    dtype, tmp_path, tiny_bert_dir, ray_session
+):
+    _, prep, run = _trained(tmp_path, tiny_bert_dir, dtype)
+    spec = read_model_spec(run.run_dir)
+    assert (run.run_dir / MODEL_WEIGHTS).is_file()
+    assert spec.dtype == dtype and spec.cache_key == prep.key and spec.run_id == run.run_id
+    assert spec.layers == [0, 1, 2] and spec.hidden_sizes == {"0": 32, "1": 32, "2": 32}
+    assert spec.label_names == ["neg", "pos"] and spec.max_length == 32 and spec.input == "text"
+    assert spec.backbone["weights_sha256"] == prep.primary.identity.weights_sha256
+    assert spec.metrics["test_acc"] == run.trained.metrics["test_acc"]
+
+    model = load_model(run.run_dir, device="cpu")
+    reader = open_cache(prep.cache_root.location(prep.key))
+    indices, from_cache = model.outputs_from_cache(reader, "test")
+    table = prep.dataset.table
+    texts = [table.column("text")[int(i)].as_py() for i in indices]
+    ids = [table.column("example_id")[int(i)].as_py() for i in indices]
+    predictions = model.predict(texts, ids, batch_size=16)
+    # The same activations (rounded to the cache's dtype), so the same logits up to float noise.
+    np.testing.assert_allclose(predictions.outputs, from_cache, atol=2e-3, rtol=1e-3)
+    labels = reader.labels()[indices]
+    accuracy = float(np.mean(predictions.outputs.argmax(1) == labels))
+    assert accuracy == pytest.approx(run.trained.metrics["test_acc"])
+    assert predictions.example_ids == ids
+    probs = predictions.probabilities
+    assert probs is not None and np.allclose(probs.sum(1), 1.0)
+    metrics = model.evaluate(texts, [spec.label_names[int(y)] for y in labels], batch_size=16)
+    assert metrics["acc"] == pytest.approx(run.trained.metrics["test_acc"])
+
+
+def test_export_predict_and_evaluate_from_the_command_line(tmp_path, tiny_bert_dir, ray_session, capsys):
+    config_path, prep, run = _trained(tmp_path, tiny_bert_dir, "float16")
+    registry = str(tmp_path / "registry.sqlite")
+    out = tmp_path / "exported"
+    assert main(["export", run.run_id[:18], "--out", str(out), "--registry", registry]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([MODEL_CARD, MODEL_WEIGHTS])
+    card = json.loads((out / MODEL_CARD).read_text())
+    assert card["backbone"]["name_or_path"] == str(tiny_bert_dir) and card["cache_key"] == prep.key
+    capsys.readouterr()
+
+    dataset = load_dataset(load_config(config_path).dataset)
+    test = dataset.table.filter(dataset.table.column("split").to_numpy(zero_copy_only=False) == "test")
+    rows = [
+        {"id": i, "text": t, "label": dataset.label_names[y]}
+        for i, t, y in zip(
+            test.column("example_id").to_pylist(),
+            test.column("text").to_pylist(),
+            test.column("label").to_pylist(),
+            strict=True,
+        )
+    ]
+    labelled = write_csv(tmp_path / "test.csv", rows)
+    preds = tmp_path / "preds.csv"
+    argv = ["--input", str(labelled), "--id-column", "id", "--no-progress", "--device", "cpu"]
+    assert main(["predict", str(out), *argv, "--out", str(preds)]) == 0
+    with open(preds) as handle:
+        written = list(csv.DictReader(handle))
+    assert [r["example_id"] for r in written] == [r["id"] for r in rows]
+    assert set(written[0]) == {"example_id", "label", "prob_neg", "prob_pos"}
+    accuracy = np.mean([w["label"] == r["label"] for w, r in zip(written, rows, strict=True)])
+    assert accuracy == pytest.approx(run.trained.metrics["test_acc"])
+
+    capsys.readouterr()
+    assert main(["evaluate", run.run_id, *argv, "--registry", registry]) == 0
+    line = capsys.readouterr().out
+    assert f"acc {run.trained.metrics['test_acc']:.4f}" in line and f"{len(rows)} examples" in line
+
+    assert main(["predict", str(out), "--text", "a wonderful film", "--text", "dull", "--no-progress"]) == 0
+    printed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [p["example_id"] for p in printed] == ["0", "1"] and all(
+        p["label"] in ("neg", "pos") for p in printed
+    )
+
+    # Bad input is refused in one line, like every other command.
+    for bad in (
+        ["--input", str(tmp_path / "missing.csv")],
+        ["--input", str(labelled), "--text-column", "review"],
+        ["--input", str(config_path)],
+        [],
+    ):
+        code = main(["predict", str(out), *bad, "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("unipt: error:") and err.count("\n") == 1, (bad, err)
+
+
+def test_predict_refuses_a_backbone_whose_weights_differ(tmp_path, tiny_bert_dir, ray_session, capsys):
+    _, prep, run = _trained(tmp_path, tiny_bert_dir, "float16")
+    other = save_tiny_bert(tmp_path / "other-bert", seed=1)
+    code = main(["predict", str(run.run_dir), "--text", "fine", "--backbone", str(other), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "weights_sha256" in err and "not the one this model was trained on" in err
+    # The same files elsewhere hash the same and are accepted.
+    moved = shutil.copytree(tiny_bert_dir, tmp_path / "moved-bert")
+    code = main(["predict", str(run.run_dir), "--text", "fine", "--backbone", str(moved), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
