@@ -139,6 +139,14 @@ class TrainConfig(_Strict):
         "must be integer multiples of the last stage's) or clip4clip (token caches; the official "
         "CLIP4Clip form, output added back to the last layer).",
     )
+    method: Literal["unipt", "lst", "scalar_mix", "linear_probe"] = Field(
+        "unipt",
+        description="What trains on the cache: unipt (the paper's parallel network, by `variant`), lst "
+        "(Ladder Side-Tuning: a gated side network of width backbone/side_reduction), scalar_mix (a learned "
+        "softmax mix of every layer, mean-pooled, then an MLP) or linear_probe (a linear layer on the last "
+        "layer's mean-pooled tokens); all train with the same loop, task and head.",
+    )
+    side_reduction: int = Field(8, gt=0, description="method lst: the side network's width is backbone / r.")
     embed_size: int | None = Field(None, gt=0, description="UniPT output width; default = backbone width.")
     downsample_factor: int = Field(2, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)

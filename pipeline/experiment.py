@@ -361,7 +361,7 @@ def train(
         metrics=dict(result.metrics),
         history=result.history,
         layer_weights=result.layer_weights,
-        layer_names=[f"{prefix(backbones[0].name)}layer {layer}" for layer in readers[0].layers[:-1]],
+        layer_names=weighted_layer_names(readers[0].layers, result.layer_weights, prefix(backbones[0].name)),
         cache_source=readers[0].source,
         cache_bytes=sum(reader.nbytes_on_disk() for reader in readers),
         gallery_layer_weights=result.gallery_layer_weights,
@@ -402,6 +402,13 @@ def model_spec(prep: Prepared, reader: ActivationCache) -> ModelSpec:
         1 if task.label_kind == "numeric" else len(reader.label_names),
         target,
     )
+
+
+def weighted_layer_names(layers: list[int], weights: list[float], prefix: str = "") -> list[str]:
+    """Names for a model's per-layer weights: UniPT weighs the layers beside its anchor (all but the
+    last); the other methods (scalar mix, LST, the probe) weigh every layer."""
+    named = layers[:-1] if len(weights) == len(layers) - 1 else layers
+    return [f"{prefix}layer {layer}" for layer in named]
 
 
 @contextmanager

@@ -46,6 +46,8 @@ class ModelSpec:
     batch_size: int  # the backbone batch size extraction used
     cache_key: str
     dataset_fingerprint: str
+    method: str = "unipt"  # train.method: what network the weights belong to
+    side_reduction: int = 8  # train.side_reduction (method lst)
     target: dict[str, float] | None = None  # regression: train-split mean and std of the label
     metrics: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
@@ -93,6 +95,8 @@ def describe_model(
     return ModelSpec(
         task=config.train.task,
         variant=config.train.variant,
+        method=config.train.method,
+        side_reduction=config.train.side_reduction,
         num_outputs=num_outputs,
         label_names=list(label_names),
         layers=list(reader_layers),

@@ -29,6 +29,7 @@ from pipeline.encoding import decode_rows, encode_rows
 from pipeline.errors import UniptError
 from pipeline.model_files import MODEL_WEIGHTS, ModelSpec, read_model_spec
 from pipeline.registry import DEFAULT_REGISTRY, Registry
+from pipeline.tasks import get_task
 
 
 @dataclass
@@ -101,10 +102,10 @@ class TunedModel:
         from train.fit import pick_device
         from train.models import build_model
 
-        if spec.task not in ("classification", "regression"):
+        if get_task(spec.task).caches != 1:
             raise UniptError(
-                f"model {directory} is a {spec.task} model; predict and evaluate take classification and "
-                "regression models"
+                f"model {directory} is a {spec.task} model; predict and evaluate take one-cache "
+                "models (classification, regression)"
             )
         self.directory = directory
         self.spec = spec
@@ -114,6 +115,8 @@ class TunedModel:
         self._backbone: Any = None
         config = TrainConfig(
             variant=spec.variant,
+            method=spec.method,
+            side_reduction=spec.side_reduction,
             embed_size=spec.embed_size,
             downsample_factor=spec.downsample_factor,
             dropout=spec.dropout,

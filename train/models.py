@@ -1,4 +1,5 @@
-"""Build the UniPT classifier a training config asks for, checked against the cache it will read."""
+"""Build the model a training config asks for (UniPT by variant, or another method by ``train.method``),
+checked against the cache it will read."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
+from train.methods import build_method
 from train.unipt import UniPTClassifier
 from train.unipt_clip4clip import UniPTClip4ClipClassifier
 from train.unipt_cnn import UniPTCNNClassifier, stride_ratios
@@ -43,6 +45,13 @@ def build_model(
     widths = [reader.hidden_sizes[layer] for layer in layers]
     num_classes = len(reader.label_names) if num_outputs is None else num_outputs
     maps = is_feature_map_cache(reader)
+    if config.method != "unipt":
+        if maps:
+            raise UniptError(
+                f"train.method {config.method!r} reads token sequences, but cache {reader.source} holds CNN "
+                "feature maps; use train.method: unipt with train.variant: cnn"
+            )
+        return build_method(config.method, widths, num_classes, config)
     if maps and variant != "cnn":
         raise UniptError(
             f"train.variant {variant!r} needs token sequences, but cache {reader.source} holds CNN "
