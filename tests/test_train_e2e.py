@@ -152,7 +152,7 @@ def test_regression_run_end_to_end(ray_session, tmp_path, tiny_bert_dir, capsys)
         train={"task": "regression", "epochs": 15, "lr": 3e-3, "dropout": 0.0},
     )
     assert main(["run", str(config), "--no-progress"]) == 0
-    assert "test_pearson" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("test pearson ")  # the summary line leads with the headline
     (run_dir,) = (tmp_path / "runs").iterdir()
     record = _record(run_dir)
     metrics = record["metrics"]
