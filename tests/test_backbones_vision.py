@@ -53,9 +53,10 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def images() -> list[dict]:
     """Four real MNIST digits (28x28 gray, as the dataset column gives them) and one random RGB image."""
-    ds = load_dataset(DatasetConfig(source="bundled:mnist_5k", limit=4))
+    # 200 so every digit has training examples (loading refuses a class only val/test hold); 4 are used.
+    ds = load_dataset(DatasetConfig(source="bundled:mnist_5k", limit=200))
     rgb = np.random.default_rng(0).integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
-    return ds.table.column("image").to_pylist() + [make_image(rgb)]
+    return ds.table.column("image").to_pylist()[:4] + [make_image(rgb)]
 
 
 def _rgb(image: dict) -> np.ndarray:
