@@ -54,7 +54,13 @@ class DatasetConfig(_Strict):
     source: str = Field(
         ...,
         description="'bundled:rotten_tomatoes', 'bundled:bbc_news', 'bundled:mnist_5k' (images), "
-        "or a .csv/.jsonl/.parquet path",
+        "a .csv/.jsonl/.parquet path, 'hf:NAME[:CONFIG]' (a Hugging Face datasets hub id, or a local "
+        "dataset folder) or 'hf-disk:PATH' (a `save_to_disk` folder); hf sources need [hf-datasets]",
+    )
+    revision: str | None = Field(
+        None,
+        description="hf:NAME sources: the hub revision (a tag, branch or commit) to load; None = the default "
+        "branch. Pin a commit for data that cannot change under you.",
     )
     text_column: str | None = Field(
         "text", description="Column of texts; null for an image-only file (with image_column)."
@@ -263,6 +269,30 @@ class StorageConfig(_Strict):
 
 
 _BACKBONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+class TrackingConfig(_Strict):
+    """Where a run is also reported (the run record and the registry stay the source of truth)."""
+
+    tensorboard: str | None = Field(
+        None,
+        description="A directory for TensorBoard event files: each run writes <dir>/<run_id>/ (train loss "
+        "and validation metrics per epoch, final metrics, the config). None = off. Needs [tracking].",
+    )
+    mlflow: str | None = Field(
+        None,
+        description="An MLflow tracking URI (http(s)://server, sqlite:///mlflow.db) or a directory (a local "
+        "file store): per-epoch and final metrics, the config as params, dataset fingerprint and cache key "
+        "as tags, plots and model.safetensors as artifacts, in the experiment named by `name`. None = off. "
+        "Needs [tracking].",
+    )
+
+    @field_validator("mlflow")
+    @classmethod
+    def _no_password_in_the_uri(cls, uri: str | None) -> str | None:
+        if uri is not None:
+            check_url(uri, "tracking.mlflow")
+        return uri
+
+
 
 
 class ExperimentConfig(_Strict):
@@ -279,6 +309,9 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     storage: StorageConfig = StorageConfig()
 
+    tracking: TrackingConfig = Field(
+        TrackingConfig(), description="Report runs to TensorBoard and/or MLflow too (off by default)."
+    )
     @model_validator(mode="after")
     def _one_backbone_section(self) -> ExperimentConfig:
         if (self.backbone is None) == (self.backbones is None):

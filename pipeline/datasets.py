@@ -37,6 +37,7 @@ from pipeline.bundled import bundled_data_path, is_bundled
 from pipeline.config import DatasetConfig
 from pipeline.errors import UniptError
 from pipeline.hashing import canonical_json
+from pipeline.hf_sources import is_hf_source
 from pipeline.images import IMAGE_COLUMN, IMAGE_TYPE, image_digest, load_image, make_image
 from pipeline.log import log, say
 from pipeline.tasks import get_task
@@ -141,6 +142,12 @@ def _read_source(config: DatasetConfig) -> _RawExamples:
             return _mnist_5k(bundled_data_path(config.source))
         bundled_data_path(config.source)  # an unknown name: this error lists the bundled datasets
         raise UniptError(f"bundled dataset {config.source!r} has no reader")
+    if is_hf_source(config.source):  # hf:NAME[:CONFIG], hf-disk:PATH (Hugging Face datasets, an extra)
+        from pipeline.hf_sources import read_hf_source
+
+        return read_hf_source(config)
+    if config.revision is not None:
+        raise UniptError(f"dataset.revision applies to hf:NAME sources, not {config.source}; drop it")
     return _read_table_file(Path(config.source), config)
 
 
