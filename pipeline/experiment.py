@@ -29,6 +29,7 @@ from pipeline.cache_open import open_cache
 from pipeline.config import BackboneConfig, ExperimentConfig
 from pipeline.datasets import DatasetTable, load_dataset
 from pipeline.errors import UniptError
+from pipeline.extras import has, install_hint
 from pipeline.from_cache import (
     CACHE_SOURCE,
     backbone_is_here,
@@ -56,6 +57,7 @@ from pipeline.runs import (
     write_run_record,
 )
 from pipeline.tasks import TaskInfo, get_task
+from pipeline.tracking import Tracker
 
 if TYPE_CHECKING:
     from extract.runner import ExtractionResult
@@ -506,10 +508,14 @@ def record(
         spec = dataclasses.replace(trained.model_spec, metrics=dict(trained.metrics), run_id=doc["run_id"])
         write_model(run_dir, trained.model_state, spec)
     names = trained.layer_names or [f"#{i}" for i in range(len(trained.layer_weights))]
-    write_run_plots(
-        run_dir, trained.history, trained.layer_weights, names, metric=get_task(trained.task).val_metric
-    )
-    write_report_plots(run_dir, trained.report)
+    if has("matplotlib"):
+        write_run_plots(
+            run_dir, trained.history, trained.layer_weights, names, metric=get_task(trained.task).val_metric
+        )
+        write_report_plots(run_dir, trained.report)
+    else:  # a lean install trains and records all the same; only the pictures need the [plots] extra
+        hint = install_hint("matplotlib")
+        say(f"plots skipped: matplotlib is not installed ({hint}); record.json has the numbers")
     register_run(prep.config.storage.registry, doc, run_dir)
     return run_dir
 
@@ -591,15 +597,42 @@ def _train_and_record(
     checkpoint = Path(checkpoint_root).expanduser() / run_id / CHECKPOINT_FILE
     if resume_from is not None:
         say(f"resuming run {run_id} from {resume_from}")
-    # A resumed run keeps the thread count its first epochs ran with, so it ends where it would have.
-    with torch_threads(checkpoint_threads(resume_from) if resume_from is not None else None):
-        import torch
+    tracker = start_tracking(prep, run_id)
+    try:
+        # A resumed run keeps the thread count its first epochs ran with, so it ends where it would have.
+        with torch_threads(checkpoint_threads(resume_from) if resume_from is not None else None):
+            import torch
 
-        meta = {"run_id": run_id, "torch_threads": torch.get_num_threads()}
-        trained = train(prep, cache, progress=progress, checkpoint=checkpoint, resume=resume_from, meta=meta)
-    timings = timings_since(started, train_started, extract_s)
-    run_dir = record(prep, trained, cache_hit, timings, run_id=run_id)
+            meta = {"run_id": run_id, "torch_threads": torch.get_num_threads()}
+            trained = train(
+                prep,
+                cache,
+                progress=progress,
+                checkpoint=checkpoint,
+                resume=resume_from,
+                meta=meta,
+                on_epoch_end=tracker.epoch if tracker.enabled else None,
+            )
+        timings = timings_since(started, train_started, extract_s)
+        extra = {"tracking": tracker.ids()} if tracker.enabled else None
+        run_dir = record(prep, trained, cache_hit, timings, extra=extra, run_id=run_id)
+    except BaseException:
+        tracker.fail()
+        raise
+    tracker.finish(run_dir, trained.history, trained.metrics)
     return RunResult(run_dir, trained, timings, cache_hit)
+
+
+def start_tracking(prep: Prepared, run_id: str) -> Tracker:
+    """The run's tracking sinks (``tracking:`` in the config), opened with the config as params and the
+    dataset fingerprint and cache key as tags; a tracker that does nothing when no sink is set."""
+    tracker = Tracker(prep.config.tracking, run_id)
+    if tracker.enabled:
+        tags = {"dataset_fingerprint": prep.dataset.fingerprint, "cache_key": prep.key}
+        if len(prep.backbones) > 1:
+            tags.update({f"cache_key.{b.name}": b.key for b in prep.backbones.values()})
+        tracker.start(prep.config, tags)
+    return tracker
 
 
 def run_to_continue(prep: Prepared, resume: str | None) -> tuple[str, Path | None]:

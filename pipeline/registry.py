@@ -282,6 +282,8 @@ def register_run(path: str | Path, record: dict[str, Any], run_dir: str | Path) 
     }
     if (run_dir / "model.json").is_file():  # the tuned model (pipeline.model_files), for export/predict
         artifacts["model"] = str(run_dir)
+    if record.get("tracking"):  # where the run also went (MLflow run id, TensorBoard folder): findable here
+        artifacts["tracking"] = record["tracking"]
     with Registry(path) as registry:
         registry.register(record, artifacts)
 

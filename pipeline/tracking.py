@@ -1,0 +1,200 @@
+"""Tracking sinks: a run's numbers, settings and files sent to MLflow and/or TensorBoard as it trains.
+
+Off unless the config's ``tracking:`` section names a sink (``tensorboard: DIR``, ``mlflow: URI``). The
+run record and the registry stay the source of truth; a sink is a view of the run for the tools
+researchers already watch, and the registry keeps the ids to find it there (``tracking`` in the record
+and the registered run's artifacts).
+
+What each sink gets:
+
+- per epoch (live, as the fit loop reports it): ``train_loss``, ``lr`` and every ``val_*`` metric;
+- at the end: the final metrics (``test_acc``, ``val_acc``, the baselines' under their own names);
+- the config as params (MLflow; flattened ``train.lr``-style keys) or one YAML text (TensorBoard);
+- tags: the unipt run id, the dataset fingerprint and the cache key;
+- MLflow only: the run's plots, ``model.safetensors``, ``model.json`` and ``record.json`` as artifacts.
+
+TensorBoard writes ``<DIR>/<run_id>/events.out.tfevents.*``, one folder per run, so ``tensorboard
+--logdir DIR`` compares runs. Both need ``pip install 'unipt-cache[tracking]'``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from pipeline.extras import require
+from pipeline.log import say
+
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig, TrackingConfig
+
+# Files of a run directory that go to MLflow as artifacts, when the run wrote them.
+ARTIFACT_FILES = (
+    "curves.png",
+    "layer_weights.png",
+    "confusion.png",
+    "model.safetensors",
+    "model.json",
+    "record.json",
+    "config.yaml",
+)
+# MLflow refuses a param value longer than this.
+_MAX_PARAM_CHARS = 6000
+
+
+class Tracker:
+    """One run's sinks; every method is a no-op for a sink the config leaves off."""
+
+    def __init__(self, config: TrackingConfig, run_id: str) -> None:
+        self.config = config
+        self.run_id = run_id
+        self.mlflow_run_id: str | None = None
+        self._mlflow: Any = None  # an MlflowClient
+        self._tensorboard: Any = None  # a SummaryWriter
+        self._logged_epochs: set[int] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.tensorboard is not None or self.config.mlflow is not None
+
+    def start(self, experiment: ExperimentConfig, tags: dict[str, str]) -> None:
+        """Open the sinks, log the config as params and ``tags`` (fingerprint, cache key) as tags."""
+        if self.config.mlflow is not None:
+            self._start_mlflow(experiment, tags)
+        if self.config.tensorboard is not None:
+            require("tensorboard", "tracking.tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = Path(self.config.tensorboard).expanduser() / self.run_id
+            self._tensorboard = SummaryWriter(log_dir=str(log_dir))
+            config_yaml = yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False)
+            self._tensorboard.add_text("config", f"```\n{config_yaml}```")
+            self._tensorboard.add_text("tags", "\n\n".join(f"{k}: {v}" for k, v in sorted(tags.items())))
+            say(f"tracking: TensorBoard events in {log_dir}")
+
+    def _start_mlflow(self, experiment: ExperimentConfig, tags: dict[str, str]) -> None:
+        require("mlflow", "tracking.mlflow")
+        uri = mlflow_uri(self.config.mlflow)
+        if uri.startswith("file:"):
+            # MLflow 3 refuses its file store unless told otherwise; a config that names a directory chose it.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment.name)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment.name)
+        tags = {"unipt.run_id": self.run_id, **tags}
+        run = client.create_run(experiment_id, run_name=self.run_id, tags=tags)
+        self._mlflow, self.mlflow_run_id = client, run.info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(key, _param_value(value)) for key, value in sorted(flatten(experiment).items())]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+            client.log_batch(self.mlflow_run_id, params=params[start : start + 100])
+        say(f"tracking: MLflow run {self.mlflow_run_id} in experiment {experiment.name!r} at {uri}")
+
+    def epoch(self, epoch: int, record: dict[str, Any] | None = None) -> None:
+        """One finished epoch's history record (``train_loss``, ``lr``, ``val_*``); the fit loop's
+        ``on_epoch_end``."""
+        if not record or epoch in self._logged_epochs:
+            return
+        self._logged_epochs.add(epoch)
+        values = {k: v for k, v in record.items() if k not in ("epoch", "seconds") and _finite(v)}
+        self._log(values, epoch)
+
+    def finish(self, run_dir: Path, history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+        """Epochs not seen live (those before a resume), the final metrics and the run's files."""
+        for record in history:
+            self.epoch(int(record["epoch"]), record)
+        final_step = max((int(r["epoch"]) for r in history), default=0)
+        finals = {k: v for k, v in flatten(metrics).items() if _finite(v)}
+        if self._mlflow is not None:
+            self._log_mlflow({f"final.{k}": v for k, v in finals.items()}, final_step)
+            for name in ARTIFACT_FILES:
+                if (run_dir / name).is_file():
+                    self._mlflow.log_artifact(self.mlflow_run_id, str(run_dir / name))
+            self._mlflow.set_terminated(self.mlflow_run_id, "FINISHED")
+        if self._tensorboard is not None:
+            for key, value in finals.items():
+                self._tensorboard.add_scalar(f"final/{key}", float(value), final_step)
+            self._tensorboard.close()
+
+    def fail(self) -> None:
+        """Close the sinks of a run that raised: MLflow marks it FAILED."""
+        if self._mlflow is not None:
+            self._mlflow.set_terminated(self.mlflow_run_id, "FAILED")
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+    def ids(self) -> dict[str, str]:
+        """Where the run is in each sink: what the record and the registry keep."""
+        ids = {}
+        if self.mlflow_run_id is not None:
+            ids["mlflow_uri"] = mlflow_uri(self.config.mlflow)
+            ids["mlflow_run_id"] = self.mlflow_run_id
+        if self._tensorboard is not None:
+            ids["tensorboard_dir"] = str(Path(self._tensorboard.log_dir).resolve())
+        return ids
+
+    def _log(self, values: dict[str, float], step: int) -> None:
+        self._log_mlflow(values, step)
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                self._tensorboard.add_scalar(_tensorboard_tag(key), float(value), step)
+            self._tensorboard.flush()
+
+    def _log_mlflow(self, values: dict[str, float], step: int) -> None:
+        if self._mlflow is None or not values:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step) for key, value in values.items()]
+        self._mlflow.log_batch(self.mlflow_run_id, metrics=metrics)
+
+
+def mlflow_uri(value: str | None) -> str:
+    """A tracking URI as MLflow takes it: a plain path (a local file store) becomes a ``file:`` URI."""
+    assert value is not None
+    if "://" in value or value.startswith(("file:", "databricks")):
+        return value
+    return Path(value).expanduser().resolve().as_uri()
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}``; a pydantic model is dumped first."""
+    if hasattr(tree, "model_dump"):
+        tree = tree.model_dump(mode="json")
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _tensorboard_tag(key: str) -> str:
+    """``val_acc`` -> ``val/acc``, ``train_loss`` -> ``train/loss``: TensorBoard groups by the prefix."""
+    for split in ("train_", "val_", "test_"):
+        if key.startswith(split):
+            return f"{split[:-1]}/{key[len(split) :]}"
+    return f"train/{key}" if key == "lr" else key
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    text = text.removesuffix("\n...").strip()
+    return text[:_MAX_PARAM_CHARS]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
