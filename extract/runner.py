@@ -21,12 +21,15 @@ from tqdm.auto import tqdm
 
 from extract.ray_session import connect, root_cause
 from extract.spec import BackboneLoadSpec
-from pipeline.cache import CacheRoot
+from pipeline.cache import SEGMENT_KIND, VIEW_KIND, CacheReader, CacheRoot, is_complete, read_attrs
 from pipeline.cache_layout import LayerSpec, ShardSpec, StoreLayout
+from pipeline.cache_space import SpacePlan, plan_space, segment_id, write_space_file, write_view
 from pipeline.cache_writer import CacheBuilder
 from pipeline.config import BackboneConfig, ExtractConfig
+from pipeline.datasets import input_hashes
 from pipeline.errors import UniptError
-from pipeline.locks import ReadLease, exclusive
+from pipeline.identity import space_key, space_key_fields
+from pipeline.locks import LeaseSet, ReadLease, exclusive
 from pipeline.storage import Location
 
 
@@ -79,18 +82,22 @@ class ExtractionResult:
 def run_extraction(
     request: ExtractionRequest, ray_address: str | None = None, progress: bool = True
 ) -> ExtractionResult:
-    """Build the cache for ``request`` (or find it); the result holds a read lease on it."""
+    """Find or build the dataset version's view (``request.key``) over its activation space, extracting
+    only the inputs no segment of the space holds; the result holds read leases on the view and its
+    segments."""
     root, key = request.cache_root, request.key
     t0 = time.perf_counter()
-    hit = _leased_if_committed(root, key)
+    hit = _leased_view(root, key)
     if hit is not None:
         return ExtractionResult(path=root.location(key), cache_hit=True, lease=hit)
     if request.examples.num_rows == 0:
         raise UniptError("the dataset is empty after loading and filtering; nothing to extract")
+    space = space_key(request.key_fields)
+    hashes = input_hashes(request.examples)
 
     def waiting() -> None:
         print(
-            f"unipt: another extraction of cache {key} is running; waiting for it",
+            f"unipt: another extraction in activation space {space} is running; waiting for it",
             file=sys.stderr,
             flush=True,
         )
@@ -99,48 +106,120 @@ def run_extraction(
     # after ray.init() has crashed in oneMKL (seen with Ray 2.60); the other order is safe.
     import extract.worker  # noqa: F401
 
-    # Connected before the build lock is taken: an unreachable cluster fails here and leaves nothing
-    # (no lock file) behind.
-    started_ray = connect(ray_address)
+    # A first look without the lock: when inputs are missing, Ray is connected before the lock is taken,
+    # so an unreachable cluster fails here and leaves nothing (no lock file) behind.
+    probe = plan_space(root, space, hashes)
+    probe.release()
+    connected = [connect(ray_address)] if probe.missing else []
+
+    def ensure_ray() -> None:
+        # A segment the first look found may have been removed (gc) by the time the lock is ours.
+        if not ray.is_initialized():
+            connected.append(connect(ray_address))
+
     try:
-        with exclusive(root.lock_location(key), on_wait=waiting):
-            hit = _leased_if_committed(root, key)
-            if hit is not None:  # built by the run we waited for
+        # One lock per space: extractions of overlapping versions never build the same inputs twice.
+        with exclusive(root.lock_location(space), on_wait=waiting):
+            hit = _leased_view(root, key)
+            if hit is not None:  # written by the run we waited for
                 return ExtractionResult(
                     path=root.location(key), cache_hit=True, seconds=time.perf_counter() - t0, lease=hit
                 )
-            # Taken before anything is published, and kept after the build lock is let go: gc needs this
-            # lease exclusively to remove the cache, so it cannot delete what we are about to train on.
-            lease = ReadLease(root.lease_location(key))
+            plan = plan_space(root, space, hashes)
             try:
-                published = CacheBuilder(root, key).publish_if_committed()
-                if published is not None:
-                    return ExtractionResult(path=published, cache_hit=True, lease=lease)
-                result = _extract(request, progress, t0)
-            except BaseException:
-                lease.release()
-                raise
-            result.lease = lease
+                result = _build_view(request, plan, hashes, ensure_ray, progress, t0)
+            finally:
+                plan.release()  # the result holds its own leases now
             return result
     except RayError as exc:
         raise UniptError(
             f"extraction failed in a Ray worker: {root_cause(exc)}; any finished shards are kept under "
-            f"{root.partial_location(key)} and the same command resumes from them"
+            f"{root.root.child('.partial')} and the same command resumes from them"
         ) from exc
     finally:
-        if started_ray:
+        if any(connected):
             ray.shutdown()
 
 
-def _leased_if_committed(root: CacheRoot, key: str) -> ReadLease | None:
-    """A read lease on the committed cache ``key``, or None if there is none (any more)."""
+def _build_view(
+    request: ExtractionRequest,
+    plan: SpacePlan,
+    hashes: list[str],
+    ensure_ray: Callable[[], None],
+    progress: bool,
+    t0: float,
+) -> ExtractionResult:
+    """Under the space lock: extract the missing inputs into one new segment, then write the view."""
+    root, key, space = request.cache_root, request.key, plan.space
+    examples = request.examples
+    if plan.missing:
+        _say(f"cache: {plan.reused:,} of {plan.unique:,} inputs reused; extracting {len(plan.missing):,}")
+    else:
+        _say(f"cache: all {plan.unique:,} inputs reused; writing the view only (no backbone forward pass)")
+    leases = []
+    try:
+        result = ExtractionResult(path=root.location(key), cache_hit=not plan.missing)
+        if plan.missing:
+            ensure_ray()
+            new_hashes = [hashes[i] for i in plan.missing]
+            segment = segment_id(space, new_hashes)
+            leases.append(ReadLease(root.lease_location(segment)))  # before it is published: gc keeps it
+            write_space_file(root, space, space_key_fields(request.key_fields))
+            builder = CacheBuilder(root, segment, final=root.segment_location(space, segment))
+            published = builder.publish_if_committed()
+            if published is None:
+                result = _extract(
+                    request, examples.take(plan.missing), new_hashes, builder, space, progress, t0
+                )
+            reader = CacheReader(root.segment_location(space, segment))
+            plan.readers[segment] = reader
+            plan.where.update({h: (segment, row) for row, h in enumerate(new_hashes)})
+        attrs = {
+            "key_fields": request.key_fields,
+            "dataset_fingerprint": request.key_fields.get("dataset_fingerprint"),
+            "label_names": request.label_names,
+        }
+        readers = plan.readers
+        first = next(iter(readers.values()))
+        attrs["backbone"] = {**first.attrs.get("backbone", {}), "name": request.backbone_name}
+        # Taken before the view is published, and kept after the lock is let go: gc needs these leases
+        # exclusively to remove the view or a segment, so it cannot delete what we are about to train on.
+        leases.append(ReadLease(root.lease_location(key)))
+        leases += [ReadLease(root.lease_location(s)) for s in readers]
+        t_view = time.perf_counter()
+        path = write_view(root, key, attrs, examples, hashes, plan.where, readers)
+        if not plan.missing:
+            _say(f"wrote view {key} over {len(readers)} segment(s) in {time.perf_counter() - t_view:.2f}s")
+        result.path = path
+        result.seconds = time.perf_counter() - t0
+        result.stats["reused_inputs"] = plan.reused
+        result.stats["unique_inputs"] = plan.unique
+        result.lease = LeaseSet(leases)
+        return result
+    except BaseException:
+        for lease in leases:
+            lease.release()
+        raise
+
+
+def _leased_view(root: CacheRoot, key: str) -> ReadLease | None:
+    """Read leases on the committed view ``key`` and every segment it reads (or a legacy cache), or None
+    if there is none (any more) or a segment it names is gone (then it is rebuilt)."""
     if not root.has(key):
         return None
     lease = ReadLease(root.lease_location(key))
-    if root.has(key):  # still there now that we hold the lease: from here on gc leaves it alone
-        return lease
-    lease.release()  # a gc removed it between the two looks
-    return None
+    attrs = read_attrs(root.location(key)) if root.has(key) else None
+    if attrs is None:  # a gc removed it between the two looks
+        lease.release()
+        return None
+    leases = [lease]
+    for entry in attrs.get("segments", []) if attrs.get("kind") == VIEW_KIND else []:
+        leases.append(ReadLease(root.lease_location(str(entry["id"]))))
+        if not is_complete(root.segment_location(str(attrs.get("space_key")), str(entry["id"]))):
+            for held in leases:
+                held.release()
+            return None
+    return LeaseSet(leases)
 
 
 def _warn_truncated(count: int, inputs: list, max_length: int) -> None:
@@ -393,7 +472,17 @@ class _WorkerPool:
         return len(self.down)
 
 
-def _extract(request: ExtractionRequest, progress: bool, t0: float) -> ExtractionResult:
+def _extract(
+    request: ExtractionRequest,
+    examples: pa.Table,
+    hashes: list[str],
+    builder: CacheBuilder,
+    space: str,
+    progress: bool,
+    t0: float,
+) -> ExtractionResult:
+    """Extract ``examples`` (one per input no segment holds; ``hashes`` are their input hashes) into the
+    new segment ``builder`` builds, resuming from its finished shards."""
     from extract.worker import SHARDS_IN_FLIGHT, ExtractionWorker
 
     count, resources, threads = _worker_layout(request.extract.workers)
@@ -412,14 +501,13 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
         hidden_sizes = {layer: int(description["hidden_sizes"][layer]) for layer in layers}
         grids = {int(k): tuple(v) for k, v in description.get("grids", {}).items()}
         input_column = description.get("input", "text")
-        if input_column not in request.examples.column_names:
-            have = "images" if "image" in request.examples.column_names else "texts"
+        if input_column not in examples.column_names:
+            have = "images" if "image" in examples.column_names else "texts"
             raise UniptError(
                 f"backbone {request.backbone_name} reads {input_column}s but the dataset holds {have}; "
                 "pair text backbones with text datasets and image backbones with image datasets"
             )
 
-        examples = request.examples
         ext = request.extract
         # Images give every example the same token count (ViT: patches + CLS); reserve exactly that.
         max_length = int(description.get("tokens_per_example") or request.backbone.max_length)
@@ -437,17 +525,17 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
             chunks_per_file=ext.chunks_per_file,
         )
         shards = layout.shards()
-        builder = CacheBuilder(request.cache_root, request.key)
-        fields = request.key_fields
+        fields = space_key_fields(request.key_fields)
+        # A segment belongs to its space, not to a dataset version: no fingerprint, labels or splits.
         attrs = {
+            "kind": SEGMENT_KIND,
+            "space_key": space,
             "key_fields": fields,
-            "dataset_fingerprint": fields["dataset_fingerprint"],
             "backbone": {"name": request.backbone_name, **fields["backbone"], **description},
             "tokenizer": {
                 "class": description.get("tokenizer"),
                 "sha256": fields["backbone"].get("tokenizer_sha256"),
             },
-            "label_names": request.label_names,
         }
         builder.create(layout, attrs)
         finished = builder.finished_shards()
@@ -499,7 +587,7 @@ def _extract(request: ExtractionRequest, progress: bool, t0: float) -> Extractio
             _warn_no_content(sorted(totals["no_content"]), examples.column("example_id").to_pylist())
         shards_done_at = time.perf_counter()
 
-        metadata = examples.select(["example_id", "label", "split"])
+        metadata = pa.table({"input_hash": pa.array(hashes, pa.string())})
         path = builder.commit(
             layout,
             metadata,

@@ -1,36 +1,75 @@
-"""The activation cache: one Zarr v3 store per (dataset, backbone, settings) cache key.
+"""The activation cache: activation spaces of segments, and dataset versions as views over them.
 
-Layout of ``<cache_root>/<key>/`` (the root is a local directory or an fsspec URL such as
-``s3://bucket/caches``)::
+Format 4. A backbone runs once per *input*, not once per dataset version. Under ``<cache_root>/`` (a
+local directory or an fsspec URL such as ``s3://bucket/caches``)::
 
-    zarr.json            group attributes: format version, cache key and the fields hashed into it,
-                         dataset fingerprint, backbone identity (name, revision, weights/config/tokenizer
-                         sha256, model type), tokenizer, layer list, hidden sizes, feature-map grids,
-                         dtype, max length, label names, counts, the store layout, ``complete: true``
+    spaces/<space>/space.json        an activation space: what decides an activation's bytes (backbone
+                                     identity, layers, max length, preprocessing, dtype, autocast, format
+                                     version; :func:`pipeline.identity.space_key`), nothing about labels,
+                                     ids or splits
+    spaces/<space>/segments/<id>/    a segment: one Zarr store written exactly like a format-3 cache
+                                     (below), whose examples are *inputs*: ``examples.parquet`` holds
+                                     ``input_hash, length`` (the sha256 of exactly what the backbone read:
+                                     :func:`pipeline.datasets.input_hashes`); each input is stored once
+    <key>/                           a view: one dataset version (``key`` is the cache key, which hashes
+                                     the dataset fingerprint with the space's fields). ``zarr.json`` (a group
+                                     with no arrays) holds the attributes a cache always had plus ``kind:
+                                     view``, ``space_key`` and ``segments`` (each id with the digest of its
+                                     ``checksums.json``, so a replaced segment is refused);
+                                     ``examples.parquet`` holds ``example_id, label, split, length,
+                                     input_hash, segment, row`` in the dataset's order (split, then id):
+                                     example i's activations are example ``row`` of segment ``segment``;
+                                     ``checksums.json`` seals both. A few KiB to MiB, written in seconds.
+    <key>/ (format 2 or 3)           a cache from before spaces: read as one segment with one view, never
+                                     rewritten
+
+A segment (and a format-3 cache) is laid out as::
+
+    zarr.json            group attributes: format version, kind, the key fields, backbone identity (name,
+                         revision, weights/config/tokenizer sha256, model type), tokenizer, layer list,
+                         hidden sizes, feature-map grids, dtype, max length, counts, the store layout
+                         (shard plan, chunking, codec), ``complete: true``
     layer_00/ ...        one array per stored hidden state, [rows, width], chunked along rows
     layer_00_scale/ ...  (int8 stores only) float32 [rows]: each token's dequantization scale
     offsets/             int64 [num_examples, 2]: example i's tokens are rows offsets[i,0]:offsets[i,1]
                          of every token-sequence layer
     offsets_NN/          (feature-map layers only) the same for layer NN, whose H*W rows per example
                          differ from other layers'
-    examples.parquet     per-example metadata: example_id, label, split, length
+    examples.parquet     per-example metadata (a segment: input_hash, length; format 3: example_id,
+                         label, split, length)
     checksums.json       the manifest: sha256 of every file (chunks, every zarr.json, examples.parquet)
                          and each chunk file's crc32c trailer, recorded as written, sealed by its own
-                         digest (`unipt cache verify`; format-3 reads check against it too)
+                         digest (`unipt cache verify`; format-3+ reads check against it too)
 
 Row layout, dtypes and codecs: see :mod:`pipeline.cache_layout` and :mod:`pipeline.encoding`.
+Reading through a view: :mod:`pipeline.cache_view` (a gap-free virtual row space, so a version trains
+on the same batches however its inputs were extracted). Spaces, views, compaction:
+:mod:`pipeline.cache_space`.
 
-A cache becomes visible only when complete. Locally it is built under
-``<cache_root>/.partial/<key>/`` with a marker per finished shard (an interrupted build resumes
-from them) and renamed to ``<cache_root>/<key>`` in one step. Object stores have no rename, so
-there the store is built in place and ``complete: true`` in ``zarr.json``, written last, is the
-commit. Either way readers refuse a store that is incomplete, from another format version, or
-built for another dataset or backbone, and :class:`CacheRoot` lists only complete stores.
+Incremental extraction (``extract/runner.py``), under the space's build lock: the inputs of the version
+that no segment holds are extracted into one new segment (its id hashes the space and those inputs,
+so a rerun after a crash resumes the same partial store), then the view is written. A relabelled or
+re-split version extracts nothing.
 
-Every read of a format-3 store is checked (see :class:`CacheReader`): a damaged, missing or
+A store becomes visible only when complete. Locally a segment is built under
+``<cache_root>/.partial/<id>/`` with a marker per finished shard (an interrupted build resumes from
+them) and renamed into place in one step; a view is written beside the root and renamed into place.
+Object stores have no rename, so there both are built in place and ``complete: true`` in
+``zarr.json``, written last, is the commit. Either way readers refuse a store that is incomplete,
+from another format version, or built for another dataset or backbone, and :class:`CacheRoot` lists
+only complete stores. Read leases (``.leases/<key or segment>.lock``) keep `unipt cache gc` and
+``unipt cache compact`` from removing a view or segment being read.
+
+Every read of a format-3+ store is checked (see :class:`CacheReader`): a damaged, missing or
 displaced chunk, or metadata that contradicts the attributes, stops the read with one line naming
 the array, chunk and rows and pointing at ``unipt cache verify``. :func:`pipeline.cache_open.open_cache`
-opens a path that may also be an HDF5 export.
+opens a path that may also be an HDF5 export; ``CacheReader(path)`` of a view gives a
+:class:`~pipeline.cache_view.ViewReader`.
+
+Migration from format 3: nothing is converted. Format-3 caches stay readable by key or path (`unipt
+train --cache`, `verify`, `export`, reruns of the runs that used them) and are kept by gc while a run
+uses them. The format version is part of the cache key, so a config first run after upgrading extracts
+its inputs once more, into a space; from then on new versions of the data reuse them.
 """
 
 from __future__ import annotations
@@ -75,6 +114,11 @@ from pipeline.storage import Location
 
 PARTIAL_DIR = ".partial"
 LEASES_DIR = ".leases"
+SPACES_DIR = "spaces"
+SEGMENTS_DIR = "segments"
+SPACE_FILE = "space.json"
+VIEW_KIND = "view"
+SEGMENT_KIND = "segment"
 
 
 def check_key(key: str) -> None:
@@ -110,6 +154,28 @@ class CacheRoot:
         """The lock file readers of ``key`` hold shared and gc takes exclusively (:mod:`pipeline.locks`)."""
         check_key(key)
         return self.root.child(LEASES_DIR, f"{key}.lock")
+
+    def space_location(self, space: str) -> Location:
+        """An activation space: ``space.json`` and its segments (see the module docstring)."""
+        check_key(space)
+        return self.root.child(SPACES_DIR, space)
+
+    def segment_location(self, space: str, segment: str) -> Location:
+        check_key(segment)
+        return self.space_location(space).child(SEGMENTS_DIR, segment)
+
+    def spaces(self) -> list[str]:
+        return sorted(name for name in self.root.child(SPACES_DIR).listdir() if is_key(name))
+
+    def segments(self, space: str) -> list[str]:
+        """Committed segments of ``space``, oldest first (by commit time, then id)."""
+        folder = self.space_location(space).child(SEGMENTS_DIR)
+        found = []
+        for name in folder.listdir():
+            attrs = read_attrs(folder.child(name)) if is_key(name) else None
+            if attrs and attrs.get("complete"):
+                found.append((str(attrs.get("committed_at", "")), name))
+        return [name for _, name in sorted(found)]
 
     def has(self, key: str) -> bool:
         return is_complete(self.location(key))
@@ -329,6 +395,24 @@ class CacheReader(ActivationCache):
     ``strict=False`` skips all of it, for ``unipt cache verify`` to report on a damaged store.
     """
 
+    def __new__(
+        cls,
+        target: str | Path | Location,
+        expect: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+        strict: bool = True,
+    ) -> CacheReader:
+        # A dataset version's view is opened like any cache (by key, path or URL): it reads through its
+        # segments with the same API, so every caller of CacheReader works on views unchanged.
+        if cls is CacheReader:
+            location = target if isinstance(target, Location) else Location(target, options)
+            attrs = read_attrs(location)
+            if attrs is not None and attrs.get("kind") == VIEW_KIND:
+                from pipeline.cache_view import ViewReader
+
+                return super().__new__(ViewReader)
+        return super().__new__(cls)
+
     def __init__(
         self,
         target: str | Path | Location,
@@ -340,7 +424,7 @@ class CacheReader(ActivationCache):
         self.source = str(self.location)
         self.strict = strict
         # Taken before anything is read: from here on `unipt cache gc` leaves this cache alone.
-        self.lease = _read_lease(self.location)
+        self.lease: ReadLease = _read_lease(self.location)
         self._examples: pa.Table | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._manifest: dict[str, Any] | None = None  # set at open for strict format-3 reads
@@ -591,7 +675,12 @@ def _read_lease(location: Location) -> ReadLease:
     """A lease for a store that sits in a cache root under its key; none for other paths (gc never
     touches those), so opening a cache by an arbitrary path creates no lock files beside it."""
     if location.is_local and is_key(location.name) and os.path.isdir(location.url):
-        return ReadLease(CacheRoot(os.path.dirname(location.url)).lease_location(location.name))
+        parent = os.path.dirname(location.url)
+        if os.path.basename(parent) == SEGMENTS_DIR:  # <root>/spaces/<space>/segments/<segment>
+            root = os.path.dirname(os.path.dirname(os.path.dirname(parent)))
+            if os.path.basename(os.path.dirname(os.path.dirname(parent))) == SPACES_DIR:
+                return ReadLease(CacheRoot(root).lease_location(location.name))
+        return ReadLease(CacheRoot(parent).lease_location(location.name))
     return ReadLease(None)
 
 

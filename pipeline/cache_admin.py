@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.cache import LEASES_DIR, PARTIAL_DIR, CacheReader, CacheRoot, is_key
+from pipeline.cache import LEASES_DIR, PARTIAL_DIR, SEGMENT_KIND, VIEW_KIND, CacheReader, CacheRoot, is_key
 from pipeline.checksums import Problem, verify_files
 from pipeline.locks import exclusive_if_free
 from pipeline.storage import Location
@@ -58,6 +59,24 @@ def describe(reader: CacheReader) -> dict[str, Any]:
         },
         "shards": len(layout.shards()),
         "bytes_on_disk": reader.nbytes_on_disk(),
+        **_view_part(reader),
+    }
+
+
+def _view_part(reader: CacheReader) -> dict[str, Any]:
+    """A view's space and segments (a cache of format 2 or 3 is its own one segment)."""
+    from pipeline.cache_view import ViewReader
+
+    if not isinstance(reader, ViewReader):
+        return {"kind": reader.attrs.get("kind", "cache")}
+    return {
+        "kind": VIEW_KIND,
+        "space": reader.space,
+        "segments": [
+            {"id": entry["id"], "inputs": segment.num_examples, "bytes_on_disk": segment.nbytes_on_disk()}
+            for entry, segment in zip(reader.attrs.get("segments", []), reader.segments, strict=True)
+        ],
+        "view_bytes_on_disk": reader.own_bytes(),
     }
 
 
@@ -72,7 +91,18 @@ def verify(reader: CacheReader, progress: Callable[[int], None] | None = None) -
         return arrays[array].rows_per_file if array in arrays else None
 
     problems = verify_files(reader.location, expected, rows_of, progress=progress)
-    return problems + reader.metadata_problems()
+    problems += reader.metadata_problems()
+    for segment in getattr(reader, "segments", []):  # a view: every segment it reads, each named
+        for problem in verify(segment, progress):
+            name = f"segment {segment.location.name}"
+            problems.append(Problem(f"{name}/{problem.file}", f"{name}: {problem.what}", problem.message))
+    return problems
+
+
+def expected_files(reader: CacheReader) -> int:
+    """How many files ``verify`` re-hashes (a view's own and its segments')."""
+    own = len(reader.checksums(missing_ok=True))
+    return own + sum(expected_files(segment) for segment in getattr(reader, "segments", []))
 
 
 @dataclass(frozen=True)
@@ -81,6 +111,13 @@ class Garbage:
     bytes: int
     committed: bool
     in_use: bool = False  # a reader holds its lease, or (unfinished) an extraction is building it
+    kind: str = "cache"  # "view", "cache" (format 2/3, or a self-contained store) or "segment"
+    space: str | None = None  # a segment's activation space
+
+    def location(self, root: CacheRoot) -> Location:
+        if self.kind == SEGMENT_KIND and self.space is not None:
+            return root.segment_location(self.space, self.key)
+        return root.location(self.key) if self.committed else root.partial_location(self.key)
 
 
 def _guard(root: CacheRoot, key: str, committed: bool) -> Location:
@@ -94,13 +131,26 @@ def _in_use(root: CacheRoot, key: str, committed: bool) -> bool:
 
 
 def find_garbage(root: CacheRoot, referenced: Iterable[str], include_partial: bool = False) -> list[Garbage]:
-    """Committed caches no run record references (and, optionally, unfinished ones)."""
+    """Views and caches no run record references, then the segments no remaining view reads (and,
+    optionally, unfinished stores). A view in use is kept, and so are its segments."""
+    from pipeline.cache_space import segments_needed, views_of
+
     keep = set(referenced)
-    found = [
-        Garbage(key, root.location(key).size(), True, _in_use(root, key, True))
-        for key in root.keys()
-        if key not in keep
-    ]
+    views = views_of(root)
+    found = []
+    for key in root.keys():
+        if key in keep:
+            continue
+        item = Garbage(key, root.location(key).size(), True, _in_use(root, key, True))
+        found.append(dataclasses.replace(item, kind=VIEW_KIND if key in views else "cache"))
+    removed = {item.key for item in found if not item.in_use}
+    needed = segments_needed({key: attrs for key, attrs in views.items() if key not in removed})
+    for space in root.spaces():
+        for segment in root.segments(space):
+            if segment not in needed:
+                size = root.segment_location(space, segment).size()
+                in_use = _in_use(root, segment, True)
+                found.append(Garbage(segment, size, True, in_use, kind=SEGMENT_KIND, space=space))
     if include_partial:
         found += [
             Garbage(key, root.partial_location(key).size(), False, _in_use(root, key, False))
@@ -113,9 +163,11 @@ def remove(root: CacheRoot, item: Garbage) -> bool:
     """Remove a store unless it is in use (then False): checked and renamed away under one lock, so a
     reader either got its lease first (and the store stays) or waits and then finds no store. The lock
     file goes with it."""
-    location = root.location(item.key) if item.committed else root.partial_location(item.key)
+    location = item.location(root)
     with exclusive_if_free(_guard(root, item.key, item.committed)) as free:
         if not free:
+            return False
+        if item.kind == SEGMENT_KIND and _still_read(root, item):
             return False
         if location.is_local and location.exists():
             # Rename first, so the key disappears in one step and no reader meets a half-deleted store.
@@ -125,6 +177,14 @@ def remove(root: CacheRoot, item: Garbage) -> bool:
             location = trash
     location.remove()
     return True
+
+
+def _still_read(root: CacheRoot, item: Garbage) -> bool:
+    """Whether a committed view reads the segment after all: one written since gc looked (its extraction
+    held the segment's lease until the view was committed, so under our lease the answer is final)."""
+    from pipeline.cache_space import segments_needed, views_of
+
+    return item.key in segments_needed(views_of(root, item.space))
 
 
 def sweep_lock_files(root: CacheRoot) -> int:

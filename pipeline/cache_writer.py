@@ -91,10 +91,13 @@ def _sharded(layout: StoreLayout) -> dict[str, int]:
 class CacheBuilder:
     """Creates a partial store, collects finished shards, and commits the store atomically."""
 
-    def __init__(self, cache_root: CacheRoot, key: str) -> None:
+    def __init__(self, cache_root: CacheRoot, key: str, final: Location | None = None) -> None:
+        """``final``: where the committed store goes (a segment of an activation space); by default
+        ``<cache_root>/<key>``, a self-contained cache. Locally it is built in ``.partial/<key>``."""
         self.cache_root = cache_root
         self.key = key
-        self.location = cache_root.partial_location(key)
+        self.final = final if final is not None else cache_root.location(key)
+        self.location = cache_root.partial_location(key) if cache_root.root.is_local else self.final
 
     def create(self, layout: StoreLayout, attrs: dict[str, Any]) -> None:
         """Create the arrays, or keep an existing partial store with the same key and layout (resume).
@@ -128,7 +131,7 @@ class CacheBuilder:
 
     def publish_if_committed(self) -> Location | None:
         """Finish a commit that was interrupted between marking the store complete and publishing it."""
-        if self.location != self.cache_root.location(self.key) and is_complete(self.location):
+        if self.location != self.final and is_complete(self.location):
             return self._publish()
         return None
 
@@ -213,9 +216,10 @@ class CacheBuilder:
         self.location.child(METADATA_FILE).write_bytes(root_bytes)
 
     def _publish(self) -> Location:
-        final = self.cache_root.location(self.key)
+        final = self.final
         if final == self.location:
             return final
+        os.makedirs(os.path.dirname(final.url), exist_ok=True)
         try:
             os.replace(self.location.url, final.url)  # one rename: the store appears whole or not at all
         except OSError:
@@ -244,6 +248,7 @@ def write_shard(
     shard: ShardSpec,
     layers: dict[int, np.ndarray],
     lengths: list[int] | None = None,
+    scales: dict[int, np.ndarray] | None = None,
 ) -> ShardWritten:
     """Write one shard's token rows for every layer, then its marker.
 
@@ -251,6 +256,8 @@ def write_shard(
     sequence layer, ``[num_examples * H * W, C]`` for a feature-map layer. ``lengths`` are the
     per-example token counts of the sequence layers (for a cache of feature maps only, leave it
     out: each example's length is then the first layer's H*W).
+    ``scales``: the rows are already encoded (as stored, with these int8 scales when the dtype has
+    them), copied from another store without a decode/encode round trip (``unipt cache compact``).
     Called by extraction workers; each shard owns its rows, so workers never share a file.
     """
     if lengths is None:
@@ -261,7 +268,7 @@ def write_shard(
     if len(lengths) != shard.num_examples:
         raise UniptError(f"shard {shard.shard_id}: {len(lengths)} lengths for {shard.num_examples} examples")
     with clear_disk_full(location, f"shard {shard.shard_id}"):
-        return _write_shard(location, layout, shard, layers, lengths)
+        return _write_shard(location, layout, shard, layers, lengths, scales)
 
 
 def _write_shard(
@@ -270,6 +277,7 @@ def _write_shard(
     shard: ShardSpec,
     layers: dict[int, np.ndarray],
     lengths: list[int],
+    scales: dict[int, np.ndarray] | None = None,
 ) -> ShardWritten:
     recorder = ChecksumRecorder(location.zarr_store(), chunks_per_file=_sharded(layout))
     group = zarr.open_group(store=recorder, mode="r+")
@@ -294,7 +302,10 @@ def _write_shard(
                 f"more than max_length {layout.max_length}"
             )
         base, _ = layout.row_span(shard, spec)
-        stored, scale = encode_rows(rows, layout.dtype)
+        if scales is None:
+            stored, scale = encode_rows(rows, layout.dtype)
+        else:
+            stored, scale = rows, scales.get(spec.index)
         group[layer_array_name(spec.index)].with_config(write_config)[base : base + expected] = stored
         if scale is not None:
             group[scale_array_name(spec.index)].with_config(write_config)[base : base + expected] = scale

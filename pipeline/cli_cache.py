@@ -9,7 +9,7 @@ import sys
 from tqdm.auto import tqdm
 
 from pipeline.cache import CacheReader, CacheRoot, is_key
-from pipeline.cache_admin import describe, find_garbage, remove, sweep_lock_files, verify
+from pipeline.cache_admin import describe, expected_files, find_garbage, remove, sweep_lock_files, verify
 from pipeline.cache_open import open_cache
 from pipeline.errors import UniptError
 from pipeline.log import human_bytes
@@ -37,12 +37,36 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not keys:
         print(f"no committed caches under {root}", file=sys.stderr)
     for key in keys:
-        reader = CacheReader(root.location(key))
+        try:
+            reader = CacheReader(root.location(key))
+        except UniptError as exc:  # a view whose segment is gone: say so, list the rest
+            print(f"{key}  unreadable: {exc}")
+            continue
+        segments = getattr(reader, "segments", None)
+        what = (
+            f"view of space {reader.attrs.get('space_key')} ({len(segments)} segment(s))"
+            if segments is not None
+            else f"format {reader.format_version} cache (one segment, one view)"
+        )
+        size = reader.own_bytes() if segments is not None else reader.nbytes_on_disk()
         print(
             f"{key}  {reader.attrs.get('backbone', {}).get('name', '?'):<28} {reader.dtype:<8} "
             f"{reader.num_examples:>7} ex  {reader.attrs.get('total_tokens', 0):>9} tok  "
-            f"{human_bytes(reader.nbytes_on_disk()):>9}  {reader.attrs.get('committed_at', '')}"
+            f"{human_bytes(size):>9}  {reader.attrs.get('committed_at', '')}  {what}"
         )
+        reader.lease.release()
+    for space in root.spaces():
+        segments = root.segments(space)
+        sizes = {segment: root.segment_location(space, segment).size() for segment in segments}
+        print(f"space {space}  {len(segments)} segment(s)  {human_bytes(sum(sizes.values()))}")
+        for segment in segments:
+            reader = CacheReader(root.segment_location(space, segment))
+            print(
+                f"  segment {segment}  {reader.num_examples:>7} inputs  "
+                f"{reader.attrs.get('total_tokens', 0):>9} tok  {human_bytes(sizes[segment]):>9}  "
+                f"{reader.attrs.get('committed_at', '')}"
+            )
+            reader.lease.release()
     partial = root.partial_keys()
     if partial:
         print(
@@ -59,7 +83,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     reader = _open(args.cache, args.cache_root, strict=False)
-    expected = len(reader.checksums(missing_ok=True))
+    expected = expected_files(reader)
     with tqdm(total=expected, unit="file", desc="verify", disable=args.no_progress) as bar:
         problems = verify(reader, progress=bar.update)
     for problem in problems:
@@ -82,7 +106,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     found = find_garbage(root, referenced, include_partial=args.include_partial)
     garbage = []
     for item in found:
-        kind = "" if item.committed else " (unfinished)"
+        kind = (" (unfinished)" if not item.committed else
+                f" (segment of space {item.space})" if item.space else
+                " (view)" if item.kind == "view" else "")  # fmt: skip
         # In use: read by a running process (a training run) or, unfinished, still being extracted.
         if item.in_use or (args.yes and not remove(root, item)):
             user = "a running process is reading it" if item.committed else "an extraction is building it"
@@ -101,6 +127,26 @@ def cmd_gc(args: argparse.Namespace) -> int:
         )
     else:
         print(f"{'removed' if args.yes else 'nothing to remove:'} {summary}")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from pipeline.cache_space import compact
+    from pipeline.locks import exclusive
+
+    root = CacheRoot(args.cache_root)
+    space = args.space
+    if not is_key(space) or space not in root.spaces():
+        raise UniptError(f"no activation space {space} under {root}; `unipt cache ls` lists them")
+    before = sum(root.segment_location(space, s).size() for s in root.segments(space))
+    # The space's build lock: no extraction adds a segment (or writes a view) while we merge.
+    with exclusive(
+        root.lock_location(space), on_wait=lambda: print("waiting for an extraction", file=sys.stderr)
+    ):
+        merged = compact(root, space)
+    if merged is not None:
+        after = sum(root.segment_location(space, s).size() for s in root.segments(space))
+        print(f"compacted space {space} into {merged} ({human_bytes(before)} -> {human_bytes(after)})")
     return 0
 
 
@@ -138,7 +184,13 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(handler=handler)
         return p
 
-    action("ls", "list committed caches: key, backbone, dtype, examples, tokens, size", cmd_ls)
+    action("ls", "list views (and older caches), then each activation space's segments", cmd_ls)
+    compact_p = action(
+        "compact",
+        "merge an activation space's segments into one (atomic; its views are rewritten to read it)",
+        cmd_compact,
+    )
+    compact_p.add_argument("space", help="the activation space's key (see `unipt cache ls`)")
     action("info", "print one cache's identity, layers, layout and size as JSON", cmd_info, target=True)
     verify_p = action(
         "verify",

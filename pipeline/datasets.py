@@ -398,6 +398,22 @@ def _content_group(content: str) -> str:
     return hashlib.sha256(" ".join(content.split()).encode("utf-8")).hexdigest()
 
 
+def input_hashes(table: pa.Table) -> list[str]:
+    """Each example's input identity for the activation cache: the sha256 of exactly what a backbone
+    reads (the text, the image's digest, or both for an image-text pair; see :func:`_content_of`).
+
+    Unlike the split group (:func:`_content_group`), whitespace counts here: it decides no split, but
+    some tokenizers (byte-level BPE) see it, and two inputs may share rows only if their bytes agree.
+    """
+    columns = [c for c in (IMAGE_COLUMN, "text") if c in table.column_names]
+    values = [table.column(c).to_pylist() for c in columns]
+    inputs = zip(*values, strict=True) if len(values) > 1 else ((v,) for v in values[0])
+    return [
+        hashlib.sha256(_content_of(row if len(row) > 1 else row[0]).encode("utf-8")).hexdigest()
+        for row in inputs
+    ]
+
+
 def _merge_groups(groups: list[str], content_keys: list[str]) -> list[str]:
     """Groups joined wherever identical inputs sit in different groups (a snippet quoted for two
     movies), so that both rules hold: a group stays in one split, and so does every copy of an input.

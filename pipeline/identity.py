@@ -165,3 +165,17 @@ def cache_key_fields(
 def cache_key(fields: dict[str, Any]) -> str:
     # 32 hex chars (128 bits) keep directory names short with no realistic collision risk.
     return sha256_json(fields)[:32]
+
+
+def space_key_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a cache key that decide activation bytes: all but the dataset's fingerprint.
+
+    Labels, ids and the split assignment change the fingerprint (and so the cache key, which names a
+    dataset version's *view*) but not one activation, so they stay out of the *space* the view reads.
+    """
+    return {name: value for name, value in fields.items() if name != "dataset_fingerprint"}
+
+
+def space_key(fields: dict[str, Any]) -> str:
+    """The activation space of a cache key's fields: one per backbone identity and byte-deciding setting."""
+    return sha256_json(space_key_fields(fields))[:32]

@@ -167,3 +167,20 @@ class ReadLease:
 
     def __del__(self) -> None:
         self.release()
+
+
+class LeaseSet(ReadLease):
+    """Several read leases held and let go together: a view's and those of the segments it reads."""
+
+    def __init__(self, leases: list[ReadLease]) -> None:
+        super().__init__(None)
+        self.leases = list(leases)
+
+    @property
+    def held(self) -> bool:
+        return any(lease.held for lease in self.leases)
+
+    def release(self) -> None:
+        leases, self.leases = getattr(self, "leases", []), []
+        for lease in leases:
+            lease.release()

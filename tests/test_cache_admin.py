@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from pipeline import FORMAT_VERSION
 from pipeline.cache import CacheRoot
 from pipeline.cli import main
 from pipeline.runs import write_run_record
@@ -70,7 +71,7 @@ def test_ls_and_info_describe_the_cache(tmp_path, capsys):
     info = json.loads(out)
     assert info["key"] == KEY and info["layers"] == [0, 2] and info["hidden_sizes"] == {"0": 4, "2": 6}
     assert info["dtype"] == "int8" and info["examples"] == len(LENGTHS)
-    assert info["total_tokens"] == sum(LENGTHS) and info["format_version"] == 3
+    assert info["total_tokens"] == sum(LENGTHS) and info["format_version"] == FORMAT_VERSION
     assert info["bytes_on_disk"] > 0 and info["codec"]["chunk_rows"] == 8
 
 

@@ -38,7 +38,17 @@ def extracted(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPat
     config = write_config(root / "config.yaml", str(data), str(tiny_bert_dir), root, train={"epochs": 1})
     assert main(["extract", str(config), "--no-progress"]) == 0
     (key,) = CacheRoot(root / "cache").keys()
-    return {"config": config, "store": root / "cache" / key, "key": key}
+    # The view names one segment of its activation space: that Zarr store is what the damage hits.
+    (segment,) = (root / "cache" / "spaces").glob("*/segments/*")
+    return {"config": config, "root": root / "cache", "store": segment, "key": key}
+
+
+def _copy(extracted: dict, tmp_path: Path) -> Path:
+    """The extracted cache root copied under ``tmp_path`` (views and spaces); its segment's store."""
+    shutil.copytree(
+        extracted["root"], tmp_path / "cache", ignore=shutil.ignore_patterns(".partial", ".leases")
+    )
+    return tmp_path / "cache" / extracted["store"].relative_to(extracted["root"])
 
 
 # --- the corruptions -----------------------------------------------------------------------------------
@@ -93,9 +103,10 @@ def _set_data_type(meta: dict) -> None:
 
 def _edit_examples(store: Path) -> None:
     table = pq.read_table(store / EXAMPLES_FILE)
-    labels = table.column("label").to_pylist()
-    labels[0] = labels[1] if labels[1] != labels[0] else labels[2]  # one label changed, still valid parquet
-    table = table.set_column(table.column_names.index("label"), "label", pa.array(labels))
+    column = "label" if "label" in table.column_names else "input_hash"  # a segment holds inputs
+    labels = table.column(column).to_pylist()
+    labels[0] = labels[1] if labels[1] != labels[0] else labels[2]  # one value changed, still valid parquet
+    table = table.set_column(table.column_names.index(column), column, pa.array(labels))
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     (store / EXAMPLES_FILE).write_bytes(buffer.getvalue())
@@ -220,8 +231,7 @@ def _train(extracted: dict, where: Path) -> int:
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
 def test_corruption_is_named_by_verify_and_stops_training(kind, extracted, tmp_path, capsys):
     corruption = CORRUPTIONS[kind]
-    store = tmp_path / "cache" / extracted["key"]
-    shutil.copytree(extracted["store"], store)
+    store = _copy(extracted, tmp_path)
     corruption.damage(store)
     capsys.readouterr()
 
@@ -247,8 +257,7 @@ def test_corruption_is_named_by_verify_and_stops_training(kind, extracted, tmp_p
 
 def test_the_undamaged_copy_verifies_and_trains(extracted, tmp_path, capsys):
     """The control for the table above: the same copy, undamaged, verifies and trains."""
-    store = tmp_path / "cache" / extracted["key"]
-    shutil.copytree(extracted["store"], store)
+    store = _copy(extracted, tmp_path)
     assert (
         main(["cache", "verify", extracted["key"], "--cache-root", str(tmp_path / "cache"), "--no-progress"])
         == 0
@@ -262,8 +271,7 @@ def test_the_undamaged_copy_verifies_and_trains(extracted, tmp_path, capsys):
 
 
 def test_export_of_a_damaged_cache_stops_with_one_line_and_writes_nothing(extracted, tmp_path, capsys):
-    store = tmp_path / "cache" / extracted["key"]
-    shutil.copytree(extracted["store"], store)
+    store = _copy(extracted, tmp_path)
     _flip(_chunk(store, 2, 1))
     out = tmp_path / "copy.h5"
     capsys.readouterr()

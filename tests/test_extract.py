@@ -32,8 +32,11 @@ def test_cache_holds_exactly_what_the_backbone_produced(ray_session, prepared, t
     backbone = HFTextBackbone(BackboneLoadSpec(str(tiny_bert_dir)))
     config = prepared.config
     texts = prepared.dataset.table.column("text").to_pylist()
-    shards = reader.layout.shards()
-    assert len(shards) == 4
+    # A fresh extraction is one segment of the space, its inputs in the dataset's order (no duplicates
+    # here); the view reads through it.
+    (segment,) = reader.segments
+    shards = segment.layout.shards()
+    assert len(shards) == 4 and reader.examples.column("row").to_pylist() == list(range(240))
     for shard in shards:
         encoded = backbone.encode(
             texts[shard.example_start : shard.example_stop],

@@ -45,6 +45,19 @@ def key(slow_config: Path) -> str:
     return experiment.prepare(load_config(slow_config)).key
 
 
+def _segment(config: Path) -> tuple[str, str]:
+    """(id, path under the cache root) of the one segment a fresh extraction of ``config`` builds: the
+    Zarr store whose shards resume and whose bytes must not depend on the interruption."""
+    from pipeline.cache_space import segment_id
+    from pipeline.datasets import input_hashes
+    from pipeline.identity import space_key
+
+    prep = experiment.prepare(load_config(config))
+    space = space_key(prep.key_fields)
+    segment = segment_id(space, list(dict.fromkeys(input_hashes(prep.dataset.table))))
+    return segment, f"spaces/{space}/segments/{segment}"
+
+
 def _extract(config: Path, cache_root: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [
@@ -70,7 +83,7 @@ def reference(slow_config: Path, key: str, tmp_path_factory: pytest.TempPathFact
     root = tmp_path_factory.mktemp("reference")
     proc = _extract(slow_config, root / "cache", root / "log.txt")
     assert proc.wait(timeout=300) == 0, (root / "log.txt").read_text()
-    return _checksums(root / "cache" / key)
+    return _checksums(root / "cache" / _segment(slow_config)[1])
 
 
 def _checksums(store: Path) -> dict[str, str]:
@@ -98,12 +111,13 @@ def test_kill_9_of_the_driver_then_the_same_command_finishes_only_the_missing_sh
     slow_config, key, reference, tmp_path
 ):
     cache = tmp_path / "cache"
+    segment, store = _segment(slow_config)
     proc = _extract(slow_config, cache, tmp_path / "killed.txt")
-    _wait_for_markers(cache / ".partial" / key / "_shards", 2, proc)
+    _wait_for_markers(cache / ".partial" / segment / "_shards", 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     time.sleep(1.0)  # let anything the kill missed show itself by writing
-    done = len(list((cache / ".partial" / key / "_shards").glob("*.json")))
+    done = len(list((cache / ".partial" / segment / "_shards").glob("*.json")))
     assert 2 <= done < 15 and not (cache / key).exists()  # interrupted, nothing published
 
     again = _extract(slow_config, cache, tmp_path / "resumed.txt")
@@ -111,32 +125,34 @@ def test_kill_9_of_the_driver_then_the_same_command_finishes_only_the_missing_sh
     log = (tmp_path / "resumed.txt").read_text()
     assert again.returncode == 0, log
     assert f"{done} shards resumed" in log or f"{done + 1} shards resumed" in log
-    assert _checksums(cache / key) == reference  # byte-identical to the uninterrupted build
+    assert _checksums(cache / store) == reference  # byte-identical to the uninterrupted build
     assert verify(CacheReader(cache / key)) == []
 
 
 def test_a_worker_killed_mid_run_is_restarted_and_its_shard_redone(slow_config, key, reference, tmp_path):
     cache = tmp_path / "cache"
+    segment, store = _segment(slow_config)
     before = _ray_worker_pids()
     proc = _extract(slow_config, cache, tmp_path / "log.txt")
-    _wait_for_markers(cache / ".partial" / key / "_shards", 1, proc)
+    _wait_for_markers(cache / ".partial" / segment / "_shards", 1, proc)
     workers = _ray_worker_pids() - before
     assert workers, "no extraction worker process found"
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=300) == 0, (tmp_path / "log.txt").read_text()
-    assert _checksums(cache / key) == reference
+    assert _checksums(cache / store) == reference
     assert verify(CacheReader(cache / key)) == []
 
 
 def test_two_concurrent_extractions_of_one_key_build_it_once(slow_config, key, reference, tmp_path):
     cache = tmp_path / "cache"
+    segment, store = _segment(slow_config)
     first = _extract(slow_config, cache, tmp_path / "first.txt")
     second = _extract(slow_config, cache, tmp_path / "second.txt")
     assert first.wait(timeout=300) == 0 and second.wait(timeout=300) == 0
     logs = (tmp_path / "first.txt").read_text() + (tmp_path / "second.txt").read_text()
     assert logs.count("extracted 240 examples") == 1  # one built it ...
     assert "waiting for it" in logs or "cache hit" in logs  # ... the other waited for it and reused it
-    assert _checksums(cache / key) == reference
+    assert _checksums(cache / store) == reference
     assert verify(CacheReader(cache / key)) == []
-    assert not (cache / ".partial" / key).exists()
+    assert not (cache / ".partial" / segment).exists()

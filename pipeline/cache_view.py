@@ -1,0 +1,280 @@
+"""Reading a dataset version (a *view*) through the segments of its activation space.
+
+A view is a small store beside the caches (``<cache_root>/<key>/``: ``zarr.json``, ``examples.parquet``,
+``checksums.json``, no arrays; see :mod:`pipeline.cache`). Its examples are in the dataset's own order
+(split, then id), each naming the segment and the example row there that hold its input's activations.
+:class:`ViewReader` presents exactly the API of a self-contained cache: example ``i``'s rows of a
+layer are ``offsets_for(layer)[i]`` in a *virtual* row space where the view's examples sit back to
+back, and ``read_rows`` maps a virtual range onto the segments' rows.
+
+Why a virtual, gap-free row space: the loader cuts blocks where rows stop being back to back, and its
+seeded shuffles depend only on the block sizes. Segments have gaps at their shard boundaries, in
+places that depend on how the data arrived (one extraction, or several); the virtual space has none,
+so a dataset version trains on exactly the same batches however its activations were extracted.
+
+Reads stay block-contiguous: a virtual range whose rows are back to back in one segment (a
+from-scratch extraction, away from shard boundaries) is one read, returned as is; otherwise the range
+is cut per segment into clusters of nearby rows (one read each, so a chunk is decoded once per
+block, not once per example) and gathered into place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache import SEGMENT_KIND, CacheReader
+from pipeline.cache_layout import layer_array_name
+from pipeline.checksums import CHECKSUMS_FILE, Problem, digest
+from pipeline.errors import UniptError
+from pipeline.locks import LeaseSet
+from pipeline.storage import Location
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    """Where each view example's rows of one offsets array sit: virtual [vstart, vstop), and in the
+    segments (segment index, physical start)."""
+
+    vstart: np.ndarray
+    vstop: np.ndarray
+    segment: np.ndarray
+    pstart: np.ndarray
+
+
+class _VirtualArray:
+    """Shape and dtype of a view's virtual array (what the HDF5 export sizes its datasets by)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.shape = shape
+        self.dtype = dtype
+
+
+def parent_of(location: Location) -> Location:
+    """The folder holding ``location`` (for a view: the cache root its segments are under)."""
+    return Location(location.url.rstrip("/").rsplit("/", 1)[0], location.options)
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])`` without a Python loop."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(counts)
+    return np.repeat(np.asarray(starts, dtype=np.int64), counts) + (
+        np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)
+    )
+
+
+def gather(
+    segment: np.ndarray,
+    physical: np.ndarray,
+    counts: np.ndarray,
+    fetch: Callable[[int, int, int], np.ndarray],
+    gap: Callable[[int], int],
+) -> np.ndarray:
+    """Rows of many (segment, start, count) pieces back to back, each segment read in few large runs."""
+    total = int(counts.sum())
+    targets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    out: np.ndarray | None = None
+    for index in np.unique(segment):
+        mine = np.flatnonzero(segment == index)
+        mine = mine[np.argsort(physical[mine], kind="stable")]
+        begins, ends = physical[mine], physical[mine] + counts[mine]
+        reach = np.maximum.accumulate(ends)
+        cuts = np.flatnonzero(begins[1:] > reach[:-1] + gap(int(index))) + 1
+        for part in np.split(np.arange(len(mine)), cuts):
+            a, b = int(begins[part].min()), int(ends[part].max())
+            rows = fetch(int(index), a, b)
+            if out is None:
+                out = np.empty((total, *rows.shape[1:]), dtype=rows.dtype)
+            picked = mine[part]
+            out[_ranges(targets[picked], counts[picked])] = rows[_ranges(begins[part] - a, counts[picked])]
+    assert out is not None
+    return out
+
+
+class ViewReader(CacheReader):
+    """A dataset version read through its activation space's segments; the API of :class:`CacheReader`.
+
+    Opening it checks the view like any format-3+ store (sealed manifest, ``zarr.json`` and
+    ``examples.parquet`` digests, attributes against the layout), then opens every segment it names
+    (each with its own checks and read lease) and checks that each is the very segment the view was
+    written against (the digest of its ``checksums.json``).
+    """
+
+    def __init__(
+        self,
+        target: str | Path | Location,
+        expect: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+        strict: bool = True,
+    ) -> None:
+        super().__init__(target, expect, options, strict)
+        self.segments: list[CacheReader] = []
+        self._mappings: dict[str, _Mapping] = {}
+        try:
+            self.space: str = str(self.attrs.get("space_key", ""))
+            root = parent_of(self.location)
+            for entry in self.attrs.get("segments", []):
+                self.segments.append(self._open_segment(root, entry, options, strict))
+        except BaseException:
+            for segment in self.segments:
+                segment.lease.release()
+            self.lease.release()
+            raise
+        self.lease = LeaseSet([self.lease, *(segment.lease for segment in self.segments)])
+
+    def _open_segment(
+        self, root: Location, entry: dict[str, Any], options: dict[str, Any] | None, strict: bool
+    ) -> CacheReader:
+        from pipeline.cache import CacheRoot
+
+        location = CacheRoot(root).segment_location(self.space, str(entry["id"]))
+        try:
+            segment = CacheReader(location, options=options, strict=strict)
+        except UniptError as exc:
+            if "no activation cache at" not in str(exc):
+                raise
+            raise UniptError(
+                f"cache {self.source} is a view over segment {entry['id']} of activation space "
+                f"{self.space}, which is not at {location}; run `unipt extract` for this config (it "
+                "re-extracts only what is missing), or copy the whole cache root, not just the view"
+            ) from exc
+        try:
+            attrs = segment.attrs
+            if attrs.get("kind") != SEGMENT_KIND or attrs.get("space_key") != self.space:
+                raise self._damaged("zarr.json", f"names {location} as a segment of its space, but it is not")
+            if strict and entry.get("checksums"):
+                raw = location.child(CHECKSUMS_FILE).read_bytes()
+                if digest(raw) != entry["checksums"]:
+                    raise self._damaged(
+                        f"segment {entry['id']}",
+                        "is not the segment this view was written against (its checksums differ)",
+                    )
+        except BaseException:
+            segment.lease.release()
+            raise
+        return segment
+
+    # --- the mapping ------------------------------------------------------------------------------------
+    def _mapping(self, offsets_name: str) -> _Mapping:
+        if offsets_name not in self._mappings:
+            virtual = self.expected_offsets(offsets_name)
+            if virtual is None:
+                raise self._damaged("examples.parquet", "has no length column")
+            spec = next(s for s in self.layout.layers if s.offsets_name == offsets_name)
+            segment = self.examples.column("segment").to_numpy().astype(np.int64)
+            row = self.examples.column("row").to_numpy().astype(np.int64)
+            pstart = np.zeros(len(row), dtype=np.int64)
+            for index, reader in enumerate(self.segments):
+                mine = segment == index
+                if not mine.any():
+                    continue
+                physical = reader.offsets_for(spec.index)
+                if int(row[mine].max()) >= len(physical):
+                    raise self._damaged("examples.parquet", f"points past the end of segment {index}")
+                pstart[mine] = physical[row[mine], 0]
+                lengths = physical[row[mine], 1] - physical[row[mine], 0]
+                if not np.array_equal(lengths, virtual[mine, 1] - virtual[mine, 0]):
+                    raise self._damaged(
+                        "examples.parquet",
+                        f"disagrees with segment {self.attrs['segments'][index]['id']} on token counts",
+                    )
+            self._mappings[offsets_name] = _Mapping(virtual[:, 0], virtual[:, 1], segment, pstart)
+        return self._mappings[offsets_name]
+
+    def _gather(self, offsets_name: str, start: int, stop: int, fetch: Any) -> np.ndarray:
+        """Virtual rows ``start:stop`` of an array laid out by ``offsets_name``; ``fetch(segment, lo,
+        hi)`` reads physical rows of one segment."""
+        m = self._mapping(offsets_name)
+        first = int(np.searchsorted(m.vstop, start, side="right"))
+        last = int(np.searchsorted(m.vstart, stop, side="left"))
+        lo = np.maximum(m.vstart[first:last], start)
+        hi = np.minimum(m.vstop[first:last], stop)
+        keep = hi > lo
+        lo, hi = lo[keep], hi[keep]
+        segment = m.segment[first:last][keep]
+        physical = m.pstart[first:last][keep] + (lo - m.vstart[first:last][keep])
+        counts = hi - lo
+        if len(counts) == 0:
+            return fetch(0, 0, 0)
+        if (segment == segment[0]).all() and np.array_equal(physical[1:], physical[:-1] + counts[:-1]):
+            return fetch(int(segment[0]), int(physical[0]), int(physical[-1] + counts[-1]))  # one run
+        # Several runs: each segment read in few large pieces, gathered into the view's order.
+        return gather(
+            segment, physical, counts, fetch, lambda index: self.segments[index].layout.rows_per_file
+        )
+
+    # --- the API training uses ----------------------------------------------------------------------------
+    def offsets_for(self, layer: int) -> np.ndarray:
+        name = self.layer_spec(layer).offsets_name
+        offsets = self.expected_offsets(name)
+        if offsets is None:
+            raise self._damaged("examples.parquet", "has no length column")
+        return offsets
+
+    def read_rows(self, layer: int, start: int, stop: int) -> np.ndarray:
+        spec = self.layer_spec(layer)
+        return self._gather(
+            spec.offsets_name, start, stop, lambda seg, lo, hi: self.segments[seg].read_rows(layer, lo, hi)
+        )
+
+    def read_stored(self, name: str, start: int, stop: int) -> np.ndarray:
+        spec = self._specs.get(name)
+        if spec is None:
+            raise UniptError(f"cache {self.source} has no array {name}")
+        if spec.layer is None:  # an offsets array: the virtual one
+            return self.offsets_for(next(s.index for s in self.layout.layers if s.offsets_name == name))[
+                start:stop
+            ]
+        return self._gather(
+            spec.layer.offsets_name,
+            start,
+            stop,
+            lambda seg, lo, hi: self.segments[seg].read_stored(name, lo, hi),
+        )
+
+    def stored_array(self, name: str) -> Any:
+        spec = self._specs.get(name)
+        if spec is None:
+            raise UniptError(f"cache {self.source} has no array {name}")
+        return _VirtualArray(spec.shape, spec.dtype)
+
+    def array(self, layer: int) -> Any:
+        return self.stored_array(layer_array_name(self.layer_spec(layer).index))
+
+    def _check_array(self, name: str) -> None:
+        raise UniptError(f"cache {self.source} is a view: its arrays live in its segments")
+
+    def metadata_problems(self) -> list[Problem]:
+        problems = []
+        manifest = self.manifest()
+        if manifest is None:
+            problems.append(Problem(CHECKSUMS_FILE, CHECKSUMS_FILE, "file is missing or unreadable"))
+        for problem in self.attribute_problems():
+            problems.append(Problem("zarr.json", "zarr.json", f"contradicts itself: {problem}"))
+        return problems
+
+    def nbytes_on_disk(self) -> int:
+        """The view's files plus every segment it reads (segments may be shared with other views)."""
+        return self.location.size() + sum(segment.nbytes_on_disk() for segment in self.segments)
+
+    def own_bytes(self) -> int:
+        return self.location.size()
+
+
+def view_summary(reader: ViewReader) -> dict[str, Any]:
+    """What ``unipt cache info`` adds for a view: its space and segments."""
+    return {
+        "space": reader.space,
+        "segments": [
+            {"id": entry["id"], "examples": reader.segments[i].num_examples}
+            for i, entry in enumerate(reader.attrs.get("segments", []))
+        ],
+    }
