@@ -85,7 +85,9 @@ def test_other_format_version_is_refused(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["format_version"] = 1
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(UniptError, match="format version 1, this unipt reads versions 2, 3, 4; re-extract it"):
+    with pytest.raises(
+        UniptError, match="format version 1, this unipt reads versions 2, 3, 4; re-extract it"
+    ):
         CacheReader(root.location(KEY))
 
 
