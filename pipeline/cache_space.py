@@ -244,7 +244,8 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
                     picks.append((index, row, value))
         first = readers[0]
         data = first.layout.to_json()
-        data.update(num_examples=len(picks))
+        # Every segment's row budget fits (real spaces share one max_length; images a fixed token count).
+        data.update(num_examples=len(picks), max_length=max(r.layout.max_length for r in readers))
         layout = StoreLayout.from_json(data)
         new_id = segment_id(space, [value for _, _, value in picks])
         builder = CacheBuilder(root, new_id, final=root.segment_location(space, new_id))

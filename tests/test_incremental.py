@@ -183,3 +183,39 @@ def _untimed(values: dict) -> dict:
     return {
         name: value for name, value in values.items() if "seconds" not in name and not name.endswith("_s")
     }
+
+
+def test_compact_merges_segments_rewrites_views_and_gc_removes_what_no_view_reads(tmp_path, capsys):
+    from pipeline.cli import main
+
+    root = CacheRoot(tmp_path)
+    first = _segment(root, "01" * 16, [3, 5, 2, 7], ["h0", "h1", "h2", "h3"], seed=0)
+    second = _segment(root, "02" * 16, [2, 8], ["h4", "h5"], seed=1)
+    rows = [first[0][i] for i in range(4)] + [second[0][i] for i in range(2)]
+    hashes = ["h5", "h0", "h1", "h4", "h2", "h3"]
+    examples = pa.table(
+        {"example_id": [f"e{i}" for i in range(6)], "label": [0, 1] * 3, "split": ["train"] * 6}
+    )
+    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
+    where = {f"h{i}": ("01" * 16, i) for i in range(4)} | {"h4": ("02" * 16, 0), "h5": ("02" * 16, 1)}
+    write_view(
+        root, "ee" * 16, {"key_fields": {}, "label_names": ["a", "b"]}, examples, hashes, where, readers
+    )
+    for reader in readers.values():
+        reader.lease.release()
+    expected = np.concatenate([rows[int(h[1])] for h in hashes])
+
+    assert main(["cache", "compact", SPACE, "--cache-root", str(tmp_path)]) == 0
+    (merged,) = root.segments(SPACE)
+    view = CacheReader(root.location("ee" * 16))
+    assert [s.location.name for s in view.segments] == [merged]
+    np.testing.assert_array_equal(view.read_rows(0, 0, len(expected)), expected)
+    view.lease.release()
+    assert main(["cache", "ls", "--cache-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"view of space {SPACE} (1 segment(s))" in out and f"segment {merged}" in out
+
+    # No run references the view: gc removes it, and then the segment no view reads any more.
+    args = ["--runs-root", str(tmp_path / "runs"), "--registry", str(tmp_path / "r.sqlite")]
+    assert main(["cache", "gc", "--cache-root", str(tmp_path), *args, "--yes"]) == 0
+    assert root.keys() == [] and root.segments(SPACE) == []
