@@ -14,14 +14,17 @@ from pipeline import experiment
 from pipeline.cli_cache import add_cache_commands
 from pipeline.cli_common import load_args, print_summary
 from pipeline.cli_model import add_model_commands, prepare_train
+from pipeline.cli_plan import add_plan_command
 from pipeline.cli_runs import add_runs_commands
 from pipeline.errors import UniptError
 from pipeline.log import configure_cli_logging
+from pipeline.plan import check_space
 from pipeline.storage import explain_storage_error
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     prep = experiment.prepare(load_args(args))
+    check_space(prep, force=args.force, ray_address=args.ray_address, progress=not args.no_progress)
     result = experiment.run(
         prep, ray_address=args.ray_address, progress=not args.no_progress, resume=args.resume
     )
@@ -31,6 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     prep = experiment.prepare(load_args(args))
+    check_space(prep, force=args.force, ray_address=args.ray_address, progress=not args.no_progress)
     extractions = experiment.extract_all(prep, ray_address=args.ray_address, progress=not args.no_progress)
     for result in extractions.values():
         result.release()  # nothing reads the caches in this command
@@ -58,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  unipt run configs/rt_minilm.yaml                      # extract if needed, train, record\n"
             "  unipt run configs/rt_minilm.yaml --set train.epochs=3 # override any config value\n"
+            "  unipt plan configs/rt_minilm.yaml                     # cache size, times, free disk\n"
             "  unipt extract configs/rt_minilm.yaml --ray-address auto  # extract on a running Ray cluster\n"
             "  unipt train configs/rt_minilm.yaml                    # tune again from the cache only\n"
             "  unipt train --cache run.h5 --set train.lr=5e-4        # a cache alone: no data, no backbone\n"
@@ -105,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_extract,
     )
     ext.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    for command in (run, ext):
+        command.add_argument(
+            "--force",
+            action="store_true",
+            help="extract even when the predicted cache size exceeds the free space at the cache root",
+        )
     train = experiment(
         "train", "train UniPT from an existing cache; never loads the backbone", cmd_train, True
     )
@@ -124,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_commands(sub)
     add_model_commands(sub)
     add_runs_commands(sub, experiment)
+    add_plan_command(sub, experiment)
     return parser
 
 

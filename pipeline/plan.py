@@ -1,0 +1,401 @@
+"""What a cache will cost before it is built: ``unipt plan`` and the free-space check of ``unipt extract``.
+
+The recipe, top to bottom (:func:`plan`):
+
+1. **Sample**: a seeded sample of the dataset (``dataset.limit``) is extracted for real, as float32, into a
+   scratch cache root: the same Ray workers, backbone, tokenizer and shard layout as the full job, timed.
+2. **Size**: the sample's float32 rows are re-encoded to every storage dtype and compressed with the
+   configured codec (in memory), so each dtype's bytes per token are measured, not looked up. Tokens of the
+   whole dataset come from the sample's tokens per character (text) or per example (images).
+3. **Time**: extraction = the sample's fixed cost (Ray, backbone load) + its forward seconds per token x the
+   dataset's tokens; an epoch from the cache = UniPT trained on the sample cache (the second epoch, past
+   warm-up) scaled by train+val tokens; an online epoch (the backbone on every batch, as the paper's code
+   does) = that + the forward seconds of the train+val tokens.
+4. **Verdict**: the free space at ``storage.cache_root``, and whether extract + epochs x cached epoch beats
+   epochs x online epoch for ``train.epochs`` (and from how many epochs on it does).
+
+:func:`check_space` is what ``unipt extract``/``run`` call before extracting: nothing when every cache
+exists or the worst case (every example ``max_length`` tokens, uncompressed) fits; otherwise a plan, and
+a one-line refusal when its predicted size exceeds the free space (``--force`` skips the check).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.storage import MemoryStore
+
+from pipeline import experiment
+from pipeline.cache import ActivationCache
+from pipeline.cache_open import open_cache
+from pipeline.config import ExtractConfig
+from pipeline.encoding import STORAGE_DTYPES, compressors, encode_rows, has_scale
+from pipeline.errors import UniptError
+from pipeline.experiment import Prepared, PreparedBackbone
+from pipeline.log import human_bytes, say
+from train.tasks import train_task
+
+SAMPLE_EXAMPLES = 256
+# What the files besides the layer arrays take per example: offsets (2 x int64), examples.parquet, metadata.
+PER_EXAMPLE_OVERHEAD = 24
+
+
+@dataclass
+class BackbonePlan:
+    """The predictions for one backbone's cache of the whole dataset."""
+
+    backbone: str
+    key: str
+    cached: bool  # the cache exists already: nothing to extract
+    examples: int
+    tokens: int  # predicted over the whole dataset
+    layers: list[int]
+    widths: list[int]
+    sample_examples: int
+    sample_tokens: int
+    bytes_by_dtype: dict[str, int]  # predicted cache size on disk per storage dtype
+    dtype: str  # the configured one
+    extract_s: float  # predicted wall seconds of the extraction (0 when cached)
+    fixed_s: float  # of which: Ray start, backbone load (measured on the sample)
+    forward_s_per_1k_tokens: float
+    cache_epoch_s: float
+    online_epoch_s: float
+
+    @property
+    def predicted_bytes(self) -> int:
+        return self.bytes_by_dtype[self.dtype]
+
+
+@dataclass
+class Plan:
+    """Every backbone's predictions, the free space where the caches go, and whether caching pays off."""
+
+    config_name: str
+    cache_root: str
+    free_bytes: int | None  # None: an object store, whose free space is not known
+    epochs: int
+    backbones: list[BackbonePlan] = field(default_factory=list)
+    sample_s: float = 0.0
+
+    @property
+    def needed_bytes(self) -> int:
+        return sum(b.predicted_bytes for b in self.backbones if not b.cached)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.free_bytes is None else self.needed_bytes <= self.free_bytes
+
+    @property
+    def cache_total_s(self) -> float:
+        """Extract once, then every epoch from the cache (the primary backbone trains)."""
+        primary = self.backbones[0]
+        return sum(b.extract_s for b in self.backbones) + self.epochs * primary.cache_epoch_s
+
+    @property
+    def online_total_s(self) -> float:
+        return self.epochs * self.backbones[0].online_epoch_s
+
+    @property
+    def pays_off(self) -> bool:
+        return self.cache_total_s < self.online_total_s
+
+    @property
+    def break_even_epochs(self) -> int | None:
+        """The fewest epochs from which the cache is faster overall (None: never, on these timings)."""
+        primary = self.backbones[0]
+        saved = primary.online_epoch_s - primary.cache_epoch_s
+        if saved <= 0:
+            return None
+        return max(1, int(np.floor(sum(b.extract_s for b in self.backbones) / saved)) + 1)
+
+    def as_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "needed_bytes": self.needed_bytes,
+            "fits": self.fits,
+            "cache_total_s": self.cache_total_s,
+            "online_total_s": self.online_total_s,
+            "pays_off": self.pays_off,
+            "break_even_epochs": self.break_even_epochs,
+        }
+
+    def lines(self) -> list[str]:
+        """The human-readable plan, as ``unipt plan`` prints it."""
+        out = [f"plan for {self.config_name} (measured on a sample, in {self.sample_s:.0f}s)"]
+        for b in self.backbones:
+            shape = f"{len(b.layers)} hidden states x {max(b.widths)}"
+            out.append(
+                f"{b.backbone} ({shape}): {b.examples:,} examples, ~{b.tokens:,} tokens "
+                f"(sample: {b.sample_examples} examples, {b.sample_tokens:,} tokens)"
+                + (f"; cache {b.key} exists, nothing to extract" if b.cached else "")
+            )
+            sizes = " | ".join(
+                f"{dtype} {human_bytes(n)}{' (configured)' if dtype == b.dtype else ''}"
+                for dtype, n in b.bytes_by_dtype.items()
+            )
+            out.append(f"  cache size   {sizes}")
+            out.append(
+                f"  extraction   ~{b.extract_s:.0f}s ({b.fixed_s:.0f}s start-up + "
+                f"{b.forward_s_per_1k_tokens:.2f}s per 1k tokens)"
+            )
+            out.append(
+                f"  one epoch    from the cache ~{b.cache_epoch_s:.1f}s | online ~{b.online_epoch_s:.1f}s "
+                "(backbone forward on every batch)"
+            )
+        free = "unknown (object store)" if self.free_bytes is None else human_bytes(self.free_bytes)
+        verdict = {
+            None: "",
+            True: ": fits",
+            False: f": does NOT fit ({human_bytes(self.needed_bytes)} needed)",
+        }
+        out.append(f"free space   {free} at {self.cache_root}{verdict[self.fits]}")
+        even = self.break_even_epochs
+        when = f"break-even at {even} epoch(s)" if even else "the cache never catches up on this machine"
+        out.append(
+            f"{self.epochs} epochs  extract + train from the cache ~{self.cache_total_s:.0f}s vs online "
+            f"~{self.online_total_s:.0f}s: {'caching pays off' if self.pays_off else 'online is faster'} "
+            f"({when})"
+        )
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+
+
+def plan(
+    prep: Prepared,
+    *,
+    sample: int = SAMPLE_EXAMPLES,
+    ray_address: str | None = None,
+    progress: bool = False,
+) -> Plan:
+    """Predict size, extraction and epoch time of ``prep``'s caches from a timed sample (see module doc)."""
+    started = time.perf_counter()
+    config = prep.config
+    result = Plan(
+        config_name=config.name,
+        cache_root=str(prep.cache_root),
+        free_bytes=free_bytes(prep),
+        epochs=config.train.epochs,
+    )
+    scratch = Path(tempfile.mkdtemp(prefix="unipt-plan-"))
+    try:
+        sampled = _sample_prepared(prep, sample, scratch)
+        for name, target in prep.backbones.items():
+            result.backbones.append(_plan_backbone(prep, sampled, name, target, ray_address, progress))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result.sample_s = time.perf_counter() - started
+    return result
+
+
+def check_space(
+    prep: Prepared, *, force: bool = False, ray_address: str | None = None, progress: bool = False
+) -> Plan | None:
+    """Refuse (``UniptError``) to extract caches predicted to be larger than the cache root's free space.
+
+    Costs nothing when every cache exists, the root is an object store, or even the worst case fits; only
+    then is the sample extracted (see :func:`plan`). Returns the plan when one was made.
+    """
+    missing = [b for b in prep.backbones.values() if not prep.cache_root.has(b.key)]
+    free = free_bytes(prep)
+    if force or not missing or free is None:
+        return None
+    bound = sum(_worst_case_bytes(prep, b) or float("inf") for b in missing)
+    if bound <= free:
+        return None
+    say(f"only {human_bytes(free)} free at {prep.cache_root}: predicting the cache size from a sample first")
+    predicted = plan(prep, ray_address=ray_address, progress=progress)
+    if predicted.fits is False:
+        dtype = prep.config.extract.dtype
+        smallest = min(predicted.backbones[0].bytes_by_dtype.items(), key=lambda item: item[1])
+        raise UniptError(
+            f"the {dtype} cache needs about {human_bytes(predicted.needed_bytes)} but only "
+            f"{human_bytes(free)} is free at {prep.cache_root}; free some space (`unipt cache gc --yes`), "
+            f"point storage.cache_root elsewhere, store fewer bytes (extract.dtype={smallest[0]}: "
+            f"~{human_bytes(smallest[1])}; or fewer backbone.layers), or pass --force to extract anyway"
+        )
+    return predicted
+
+
+def free_bytes(prep: Prepared) -> int | None:
+    """Free bytes on the filesystem holding ``storage.cache_root`` (its nearest existing parent)."""
+    location = prep.cache_root.root
+    if not location.is_local:
+        return None
+    path = Path(location.fs_path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def _sample_prepared(prep: Prepared, sample: int, scratch: Path) -> Prepared:
+    """The same experiment on a seeded sample, stored as float32 (every dtype is re-encoded from it) under
+    ``scratch``: nothing is written where the real caches go."""
+    config = prep.config
+    limit = min(sample, config.dataset.limit or sample, len(prep.dataset))
+    sampled = config.model_copy(
+        update={
+            "dataset": config.dataset.model_copy(update={"limit": limit}),
+            "extract": config.extract.model_copy(update={"dtype": "float32"}),
+            "storage": config.storage.model_copy(update={"cache_root": str(scratch / "cache")}),
+        }
+    )
+    return experiment.prepare(sampled)
+
+
+def _plan_backbone(
+    prep: Prepared,
+    sampled: Prepared,
+    name: str,
+    target: PreparedBackbone,
+    ray_address: str | None,
+    progress: bool,
+) -> BackbonePlan:
+    extraction = experiment.extract(sampled, name, ray_address=ray_address, progress=progress)
+    try:
+        reader = open_cache(extraction.path)
+        lengths = reader.examples.column("length").to_numpy().astype(np.int64)
+        sample_tokens = int(lengths.sum())
+        tokens = _predicted_tokens(prep, sampled, lengths, target.config.max_length)
+        scale = tokens / max(1, sample_tokens)
+        per_dtype = bytes_by_dtype(reader, prep.config.extract)
+        sizes = {
+            dtype: int(n * scale + PER_EXAMPLE_OVERHEAD * len(prep.dataset)) for dtype, n in per_dtype.items()
+        }
+        forward = float(extraction.stats.get("forward_s", extraction.seconds))
+        fixed = max(0.0, extraction.seconds - max(forward, float(extraction.stats.get("write_s", 0.0))))
+        per_token = forward / max(1, sample_tokens)
+        epoch_s = _cache_epoch_seconds(reader, prep) if target is prep.primary else 0.0
+    finally:
+        extraction.release()
+    fit_tokens = _fit_tokens(prep, tokens)  # train + val: what an epoch reads (val is evaluated every epoch)
+    sample_fit = _split_tokens(reader, lengths, ("train", "val"))
+    cache_epoch = epoch_s * fit_tokens / max(1, sample_fit)
+    cached = prep.cache_root.has(target.key)
+    return BackbonePlan(
+        backbone=target.config.name_or_path,
+        key=target.key,
+        cached=cached,
+        examples=len(prep.dataset),
+        tokens=tokens,
+        layers=list(reader.layers),
+        widths=[reader.hidden_sizes[layer] for layer in reader.layers],
+        sample_examples=len(lengths),
+        sample_tokens=sample_tokens,
+        bytes_by_dtype=sizes,
+        dtype=prep.config.extract.dtype,
+        extract_s=0.0 if cached else fixed + per_token * tokens,
+        fixed_s=fixed,
+        forward_s_per_1k_tokens=per_token * 1000,
+        cache_epoch_s=cache_epoch,
+        online_epoch_s=cache_epoch + per_token * fit_tokens,
+    )
+
+
+def _predicted_tokens(prep: Prepared, sampled: Prepared, lengths: np.ndarray, max_length: int) -> int:
+    """The dataset's token count. Text: each example's characters x the sample's tokens per character
+    (over examples not cut at ``max_length``), capped at ``max_length``; otherwise the sample's mean."""
+    table, sample_table = prep.dataset.table, sampled.dataset.table
+    if "text" not in table.column_names:
+        return int(round(lengths.mean() * len(table)))
+    sample_chars = np.array([len(t or "") for t in sample_table.column("text").to_pylist()], dtype=np.float64)
+    whole = lengths < max_length
+    rate = lengths[whole].sum() / max(1.0, sample_chars[whole].sum())
+    chars = np.array([len(t or "") for t in table.column("text").to_pylist()], dtype=np.float64)
+    # Special tokens ([CLS], [SEP]) do not grow with the text: the sample's shortest example bounds them.
+    return int(np.minimum(np.maximum(chars * rate, lengths.min()), max_length).sum())
+
+
+def _fit_tokens(prep: Prepared, tokens: int) -> float:
+    """Train + val share of ``tokens`` (by example counts)."""
+    counts = prep.dataset.split_counts()
+    return tokens * (counts["train"] + counts["val"]) / max(1, sum(counts.values()))
+
+
+def _split_tokens(reader: ActivationCache, lengths: np.ndarray, splits: tuple[str, ...]) -> int:
+    return int(sum(lengths[reader.split_indices(split)].sum() for split in splits))
+
+
+def bytes_by_dtype(reader: ActivationCache, ext: ExtractConfig) -> dict[str, int]:
+    """A cache's layer arrays (and scales) as each storage dtype would store them, compressed with ``ext``'s
+    codec in chunks of ``ext.chunk_rows``: measured bytes, not a table (its small files left out)."""
+    totals = dict.fromkeys(STORAGE_DTYPES, 0)
+    for layer in reader.layers:
+        rows = np.concatenate(
+            [reader.read_rows(layer, a, b) for a, b in _written_ranges(reader.offsets_for(layer))]
+        )
+        rows = rows.astype(np.float32, copy=False)
+        for dtype in STORAGE_DTYPES:
+            stored, scale = encode_rows(rows, dtype)
+            totals[dtype] += _compressed_bytes(stored, ext)
+            if has_scale(dtype) and scale is not None:
+                totals[dtype] += _compressed_bytes(scale, ext)
+    return totals
+
+
+def _written_ranges(offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Example row ranges merged where they touch: a shard's examples are packed, and the rows between
+    shards are reserved but never written (reading them is an error)."""
+    ranges: list[tuple[int, int]] = []
+    for start, stop in offsets.tolist():
+        if stop <= start:
+            continue
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], stop)
+        else:
+            ranges.append((start, stop))
+    return ranges
+
+
+def _compressed_bytes(values: np.ndarray, ext: ExtractConfig) -> int:
+    array = zarr.create_array(
+        store=MemoryStore(),
+        shape=values.shape,
+        chunks=(ext.chunk_rows, *values.shape[1:]),
+        dtype=values.dtype,
+        compressors=compressors(
+            ext.codec, ext.shuffle, ext.compression_level, values.dtype.itemsize, ext.blosc_blocksize
+        ),
+        fill_value=0,
+    )
+    array[...] = values
+    return int(array.nbytes_stored())
+
+
+def _cache_epoch_seconds(reader: ActivationCache, prep: Prepared) -> float:
+    """Seconds of one UniPT epoch (train + val pass) on the sample cache: the second of two, past warm-up."""
+    config = prep.config.train.model_copy(
+        update={"epochs": 2, "linear_probe": False, "early_stopping_patience": None}
+    )
+    result = train_task(reader, config, prep.config.seed, progress=False)
+    return float(result.history[-1]["seconds"])
+
+
+def _worst_case_bytes(prep: Prepared, target: PreparedBackbone) -> int | None:
+    """Every example at ``max_length`` tokens, every value uncompressed: an upper bound read from the
+    backbone's config.json (no backbone loaded). None when the shape is not there (bundled CNN, ...)."""
+    try:
+        meta = json.loads((Path(target.identity.local_dir) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    meta = meta.get("text_config", meta)
+    width, depth = meta.get("hidden_size"), meta.get("num_hidden_layers")
+    if not isinstance(width, int) or not isinstance(depth, int):
+        return None
+    layers = depth + 1 if target.config.layers == "all" else len(target.config.layers)
+    dtype = prep.config.extract.dtype
+    per_value = STORAGE_DTYPES[dtype].itemsize + (4 / width if has_scale(dtype) else 0)
+    rows = len(prep.dataset) * target.config.max_length
+    # Blosc adds a header per block; an incompressible chunk can grow by a few bytes per MiB: 1% covers it.
+    return int(rows * layers * width * per_value * 1.01) + PER_EXAMPLE_OVERHEAD * len(prep.dataset)

@@ -1,0 +1,90 @@
+"""``unipt plan``: the predicted cache size is the real one (within 15%), and extraction refuses to start
+on a filesystem too small for it (a real tmpfs), unless forced."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from pipeline import experiment
+from pipeline import plan as planning
+from pipeline.config import load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rt_minilm.yaml"
+
+
+def _bytes_under(folder: Path) -> int:
+    """What the caches under ``folder`` take: the size of every file (locks and leases are empty)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path):
+    """A real 24 MiB tmpfs (needs root, or CAP_SYS_ADMIN, to mount); skipped where it cannot be mounted."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'mount failed'})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_plan_predicts_every_dtype_and_writes_nothing_where_the_caches_go(tiny_config: Path, tmp_path: Path):
+    out = run_cli("plan", str(tiny_config), "--json", "--no-progress", "--sample", "64")
+    result = json.loads(out.stdout)
+    (backbone,) = result["backbones"]
+    sizes = backbone["bytes_by_dtype"]
+    # Same values, fewer bits: float32 > float16 and bfloat16 > int8 (which also stores a scale per token).
+    assert sizes["float32"] > sizes["float16"] > sizes["int8"]
+    assert sizes["float32"] > sizes["bfloat16"] > sizes["int8"]
+    assert backbone["dtype"] == "float16" and result["needed_bytes"] == sizes["float16"]
+    assert backbone["sample_examples"] == 64 and backbone["examples"] == 240
+    assert backbone["tokens"] > backbone["sample_tokens"]
+    # Online runs the backbone on every batch on top of the same UniPT step.
+    assert backbone["online_epoch_s"] > backbone["cache_epoch_s"] > 0
+    assert result["fits"] is True and result["free_bytes"] > 0
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_check_space_is_free_when_the_worst_case_fits_or_forced(tiny_config: Path):
+    prep = experiment.prepare(load_config(tiny_config))
+    worst = planning._worst_case_bytes(prep, prep.primary)
+    # 240 examples x 32 tokens x (2 layers + embeddings) x width 32 x 2 bytes, plus 1% and the small files.
+    assert worst == int(240 * 32 * 3 * 32 * 2 * 1.01) + planning.PER_EXAMPLE_OVERHEAD * 240
+    assert planning.check_space(prep) is None  # fits by the bound: no sample extracted
+    assert planning.check_space(prep, force=True) is None
+
+
+@pytest.mark.slow
+def test_predicted_size_is_within_15_percent_of_the_real_cache(tmp_path: Path, ray_session):
+    config = load_config(DEFAULT_CONFIG, ["dataset.limit=1500", f"storage.cache_root={tmp_path / 'cache'}"])
+    prep = experiment.prepare(config)
+    predicted = planning.plan(prep, sample=200)
+    with experiment.extract(prep, progress=False) as extraction:
+        assert not extraction.cache_hit
+        actual_tokens = extraction.tokens
+    actual = _bytes_under(tmp_path / "cache")
+    (backbone,) = predicted.backbones
+    assert abs(backbone.predicted_bytes - actual) / actual < 0.15, (backbone.predicted_bytes, actual)
+    assert abs(backbone.tokens - actual_tokens) / actual_tokens < 0.15, (backbone.tokens, actual_tokens)
+
+
+@pytest.mark.slow
+def test_extract_refuses_when_the_cache_cannot_fit_on_a_small_filesystem(small_filesystem: Path):
+    args = ["extract", str(DEFAULT_CONFIG), "--set", "dataset.limit=1000", "--no-progress"]
+    refused = run_cli(*args, "--cache-root", str(small_filesystem), check=False)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("unipt: error:")]
+    assert len(errors) == 1 and refused.stderr.rstrip().endswith(errors[0])
+    assert "free at" in errors[0] and "--force" in errors[0] and "float16" in errors[0]
+    # Refused before extracting: no cache, no partial store, on the small filesystem.
+    assert _bytes_under(small_filesystem) == 0
