@@ -40,14 +40,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402  (before Ray: see extract/runner.py)
-import zarr  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
 from pipeline.cache import ActivationCache, CacheReader  # noqa: E402
-from pipeline.cache_layout import layer_array_name, scale_array_name  # noqa: E402
 from pipeline.config import TrainConfig, load_config  # noqa: E402
-from pipeline.encoding import decode_rows, has_scale  # noqa: E402
 from train.loader import Batch, CacheBatches  # noqa: E402
 from train.models import build_model  # noqa: E402
 
@@ -71,12 +68,10 @@ def loader_for(reader: ActivationCache, train: TrainConfig, seed: int = 0) -> Ca
     return CacheBatches.for_split(reader, "train", train, seed, shuffle=True)
 
 
-def raw_pass(group: zarr.Group, dtype: str, loader: CacheBatches, seed: int) -> tuple[float, int]:
-    """Seconds to read + decode the loader's blocks of every layer straight from Zarr; decoded bytes."""
+def raw_pass(reader: CacheReader, loader: CacheBatches, seed: int) -> tuple[float, int]:
+    """Seconds to read + decode the loader's blocks of every layer, one layer after another through the
+    reader's own checked read path (``read_rows``), no thread, no padding; the decoded bytes."""
     offsets = loader.offsets
-    # Opened once, outside the timing, as the reader does: the metadata lookups are not the data path.
-    arrays = {layer: group[layer_array_name(layer)] for layer in loader.layers}
-    scales = {layer: group[scale_array_name(layer)] for layer in loader.layers} if has_scale(dtype) else {}
     order = np.random.default_rng(seed).permutation(len(loader.blocks))
     decoded = 0
     started = time.perf_counter()
@@ -84,8 +79,7 @@ def raw_pass(group: zarr.Group, dtype: str, loader: CacheBatches, seed: int) -> 
         block = loader.blocks[i]
         for layer in loader.layers:
             start, stop = int(offsets[layer][block[0], 0]), int(offsets[layer][block[-1], 1])
-            scale = scales[layer][start:stop] if scales else None
-            decoded += decode_rows(arrays[layer][start:stop], dtype, scale).nbytes
+            decoded += reader.read_rows(layer, start, stop).nbytes
     return time.perf_counter() - started, decoded
 
 
@@ -154,16 +148,15 @@ def measure(
     lands on all of them alike and the ratios between them stay meaningful.
     """
     loader = loader_for(reader, train)
-    group = zarr.open_group(store=reader.location.zarr_store(read_only=True), mode="r")
     samples = len(loader.indices)
-    _, decoded = raw_pass(group, reader.dtype, loader, seed=0)  # warm the page cache: time decoding, not disk
+    _, decoded = raw_pass(reader, loader, seed=0)  # warm the page cache: time decoding, not disk
     # A shuffled epoch's first batches: representative lengths, so representative padding and compute.
     batches = [b for _, b in zip(range(steps), loader_for(reader, train, seed=1).epoch(0), strict=False)]
     stepper = Stepper(reader, train, device)
     consumption_pass(stepper, batches[:2])  # warm-up: allocator, autograd graph, AdamW state
     runs: dict[str, list[tuple[float, float, int]]] = {key: [] for key in ("raw", "loader", "need", "fed")}
     for r in range(repeats):
-        runs["raw"].append(_timed(lambda r=r: (raw_pass(group, reader.dtype, loader, seed=r)[0], samples)))
+        runs["raw"].append(_timed(lambda r=r: (raw_pass(reader, loader, seed=r)[0], samples)))
         runs["loader"].append(_timed(lambda r=r: loader_pass(loader, epoch=r)))
         runs["need"].append(_timed(lambda: consumption_pass(stepper, batches)))
         runs["fed"].append(_timed(lambda r=r: train_from_loader_pass(stepper, loader, epoch=r)))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli_common import print_summary
+from pipeline.cli_common import load_args, print_summary
 from pipeline.cli_model import load_config_or_cache
 from pipeline.config import TrainConfig, parse_value
 from pipeline.errors import UniptError
@@ -27,7 +27,16 @@ from pipeline.registry import (
     result_metrics,
 )
 from pipeline.rerun import rerun
-from pipeline.sweep import SweepResult, Trial, sweep
+from pipeline.sweep import (
+    DISTRIBUTIONS,
+    Distribution,
+    Search,
+    SweepResult,
+    Trial,
+    describe,
+    resume_sweep,
+    sweep,
+)
 from pipeline.tasks import get_task, headline_of, task_names
 
 
@@ -199,22 +208,76 @@ def grid_trials(args: argparse.Namespace, grid: dict[str, list[str]]) -> list[Tr
     return trials
 
 
+def parse_samples(specs: list[str]) -> dict[str, Distribution]:
+    """``["train.lr=loguniform:1e-4:1e-2"]`` -> ``{"train.lr": Distribution("loguniform", (1e-4, 1e-2))}``."""
+    example = "--sample train.lr=loguniform:1e-4:1e-2 (or uniform:A:B, randint:A:B, choice:V1:V2)"
+    samples: dict[str, Distribution] = {}
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        key = key.strip()
+        kind, _, rest = text.partition(":")
+        if not sep or kind not in DISTRIBUTIONS or not rest:
+            raise UniptError(f"--sample {spec!r} is not KEY=KIND:ARGS; write it like {example}")
+        parse_grid([f"{key}=0"])  # the same rules for the key as --grid
+        if key in samples:
+            raise UniptError(f"--sample {key} is given twice; give it once")
+        args = tuple(_numeric(parse_value(v.strip(), f"--sample {key}", example)) for v in rest.split(":"))
+        numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+        if kind != "choice" and (len(args) != 2 or not numeric or not args[0] < args[1]):
+            raise UniptError(
+                f"--sample {spec!r}: {kind} takes two numbers LOW:HIGH with LOW < HIGH; {example}"
+            )
+        if kind == "loguniform" and args[0] <= 0:
+            raise UniptError(f"--sample {spec!r}: loguniform needs LOW > 0")
+        samples[key] = Distribution(kind, args)
+    return samples
+
+
+def _numeric(value: Any) -> Any:
+    """YAML reads ``1e-3`` as text (it wants ``1.0e-3``); a bound written so is still a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    grid = parse_grid(args.grid)
-    if args.parallel is not None and args.parallel < 1:
-        raise UniptError(f"--parallel {args.parallel}: give 1 or more trials at a time")
-    base = load_config_or_cache(args)
-    result = sweep(
-        base,
-        grid_trials(args, grid),
-        parallel=args.parallel,
-        ray_address=args.ray_address,
-        progress=not args.no_progress,
-        cache=args.cache,
-    )
-    _table(result, list(grid))
+    if args.resume:
+        runs_root = args.runs_root or (load_args(args).storage.runs_root if args.config else ".unipt/runs")
+        result = resume_sweep(
+            args.resume, runs_root, ray_address=args.ray_address, progress=not args.no_progress
+        )
+        keys = list(result.results[0].params) if result.results else []
+    else:
+        grid = parse_grid(args.grid or [])
+        samples = parse_samples(args.sample or [])
+        if not grid and not samples:
+            raise UniptError(
+                "a sweep needs --grid train.KEY=V1,V2 or --sample train.KEY=KIND:ARGS (or --resume)"
+            )
+        if args.parallel is not None and args.parallel < 1:
+            raise UniptError(f"--parallel {args.parallel}: give 1 or more trials at a time")
+        if args.search == "optuna" and not samples:
+            raise UniptError("--search optuna needs at least one --sample distribution to search")
+        base = load_config_or_cache(args)
+        result = sweep(
+            base,
+            grid_trials(args, grid) if grid else [],
+            search=Search(samples, args.samples, args.search),
+            parallel=args.parallel,
+            gpus_per_trial=args.gpus_per_trial,
+            early_stop=args.early_stop,
+            ray_address=args.ray_address,
+            progress=not args.no_progress,
+            cache=args.cache,
+        )
+        keys = [*grid, *samples]
+    _table(result, keys)
+    finished = sum(r.status == "finished" for r in result.results)
     print(
-        f"{result.sweep_id}: {len(result.results)} runs from one cache "
+        f"{result.sweep_id}: {finished} of {len(result.results)} trials finished as runs from one cache "
         f"({'cache hit' if result.cache_hit else 'extracted once'}) in {result.seconds:.1f}s; "
         f"`unipt runs ls --sweep {result.sweep_id}` lists them"
     )
@@ -222,23 +285,34 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _table(result: SweepResult, keys: list[str]) -> None:
-    """The trials, best validation headline metric first."""
+    """The trials, finished ones by best validation headline metric first; then stopped and failed ones,
+    each failure's cause below the table."""
     name = result.headline
-    columns = ["rank", "run_id", *keys, f"val_{name}", f"test_{name}", "best_epoch"]
+
+    def number(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+    columns = ["rank", "run_id", *keys, f"val_{name}", f"test_{name}", "best_epoch", "cpus", "gpus", "status"]
     body = [
         [
             str(rank),
-            trial.run_id,
-            *(_show(trial.params[key]) for key in keys),
-            f"{trial.metrics.get(f'val_{name}', float('nan')):.4f}",
-            f"{trial.metrics.get(f'test_{name}', float('nan')):.4f}",
+            trial.run_id or "-",
+            *(_show(trial.params.get(key, "-")) for key in keys),
+            number(trial.metrics.get(f"val_{name}")),
+            number(trial.metrics.get(f"test_{name}")),
             str(trial.metrics.get("best_epoch", "-")),
+            f"{trial.resources.get('CPU', 0):g}",
+            f"{trial.resources.get('GPU', 0):g}",
+            trial.status if trial.status != "stopped" else f"stopped@{trial.epochs}",
         ]
         for rank, trial in enumerate(result.results, start=1)
     ]
     widths = [max(len(row[c]) for row in [columns, *body]) for c in range(len(columns))]
     for row in [columns, *body]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    for rank, trial in enumerate(result.results, start=1):
+        if trial.error:
+            print(f"trial {rank} ({describe(trial.params)}) failed: {trial.error}")
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -310,9 +384,33 @@ def add_runs_commands(
     sweep.add_argument(
         "--grid",
         action="append",
-        required=True,
         metavar="train.KEY=V1,V2",
         help="values of one train.* setting (repeatable; the trials are every combination)",
     )
+    sweep.add_argument(
+        "--sample",
+        action="append",
+        metavar="train.KEY=KIND:ARGS",
+        help="a sampled train.* setting: uniform:LOW:HIGH, loguniform:LOW:HIGH, randint:LOW:HIGH or "
+        "choice:V1:V2:... (repeatable), drawn --samples times per grid point",
+    )
+    sweep.add_argument("--samples", type=int, default=1, help="draws of the --sample settings (default 1)")
+    sweep.add_argument(
+        "--search", choices=("random", "optuna"), default="random", help="how --sample draws (default random)"
+    )
     sweep.add_argument("--parallel", type=int, help="trials at a time (default: one per Ray CPU)")
+    sweep.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPU (fraction) each trial asks Ray for (default: cluster GPUs / --parallel; 0 without GPUs)",
+    )
+    sweep.add_argument(
+        "--early-stop",
+        choices=("asha", "none"),
+        default="none",
+        help="asha: stop trials whose validation score trails at an epoch milestone (default none)",
+    )
+    sweep.add_argument(
+        "--resume", metavar="SWEEP_ID", help="continue an interrupted sweep (keeps finished trials)"
+    )
     sweep.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")

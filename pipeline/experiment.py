@@ -330,7 +330,7 @@ def train(
     checkpoint: Path | None = None,
     resume: Path | None = None,
     meta: dict[str, Any] | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> Trained:
     """Train the config's task from its cache(s): by key, or ``cache`` (a reader, path, URL or .h5 file).
 

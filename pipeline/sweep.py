@@ -1,25 +1,42 @@
-"""Train many settings from one cache: every trial is a Ray task and a registered run.
+"""Train many settings from one cache on Ray Tune: every finished trial is a registered run.
 
 Only ``train.*`` settings vary, so every trial reads the cache extracted (once) for the base config,
 or the one cache given (``cache=``: a path, URL or .h5 file; then nothing is extracted and neither the
 dataset nor the backbone need be on this machine).
+
+The trials are a grid (a list of :class:`Trial`, each a full config) and, optionally, sampled settings
+(:class:`Search`: ``uniform``/``loguniform``/``randint``/``choice`` distributions drawn ``samples``
+times per grid point, at random or by Optuna's TPE). Each trial is a Tune trial asking for its share of
+the cluster: ``cpus // parallel`` CPUs and, when the cluster has GPUs, a GPU fraction (``gpus_per_trial``,
+by default ``gpus / parallel``), so trials on a GPU machine really train on the GPU. Each epoch's
+validation score is reported to Tune through the fit loop's epoch hook, which lets ASHA stop bad trials
+early (``early_stop="asha"``). A failed trial is recorded as failed and the others go on; an interrupted
+sweep continues with ``sweep(..., resume=SWEEP_ID)`` (Tune's experiment state lives in
+``<runs_root>/sweeps/<sweep_id>/``): finished trials are kept, the rest run again.
 Results are sorted by the task's headline metric on validation (:mod:`pipeline.tasks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
+import os
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 from pipeline import experiment
 from pipeline.cache_open import open_cache
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, TrainConfig
 from pipeline.errors import UniptError
 from pipeline.log import say
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+SWEEP_FILE = "sweep.json"  # what --resume needs to rebuild the sweep, beside Tune's experiment state
 
 
 @dataclass
@@ -28,64 +45,221 @@ class Trial:
     config: ExperimentConfig
 
 
+@dataclass(frozen=True)
+class Distribution:
+    """One sampled ``train.*`` setting: ``uniform``/``loguniform`` (low, high), ``randint`` (low, high,
+    high exclusive) or ``choice`` (the values)."""
+
+    kind: str
+    args: tuple[Any, ...]
+
+    def tune(self) -> Any:
+        from ray import tune
+
+        return {
+            "uniform": tune.uniform,
+            "loguniform": tune.loguniform,
+            "randint": tune.randint,
+            "choice": lambda *values: tune.choice(list(values)),
+        }[self.kind](*self.args)
+
+
+@dataclass
+class Search:
+    """Sampled settings on top of the grid: ``samples`` draws per grid point, ``random`` or ``optuna``."""
+
+    distributions: dict[str, Distribution] = field(default_factory=dict)
+    samples: int = 1
+    algorithm: Literal["random", "optuna"] = "random"
+
+
 @dataclass
 class TrialResult:
-    index: int  # position in the sweep's trial list
+    index: int  # position in the sweep's trial list (Tune's trial order)
     params: dict[str, Any]
-    run_id: str
-    metrics: dict[str, Any]
+    run_id: str | None  # the registered run; None for a stopped or failed trial
+    metrics: dict[str, Any]  # a finished trial's run metrics; else its last reported epoch's
+    status: str = "finished"  # finished, stopped (ASHA), failed
+    epochs: int = 0  # epochs reported
+    resources: dict[str, float] = field(default_factory=dict)  # what the trial asked Ray for
+    error: str | None = None  # a failed trial's cause, one line
 
 
 @dataclass
 class SweepResult:
     sweep_id: str
     headline: str  # the task's headline metric (without the val_/test_ prefix)
-    results: list[TrialResult]  # best validation score first; trials without one last
+    results: list[TrialResult]  # finished by best validation score, then stopped, then failed
     cache_hit: bool
     seconds: float
+    resources: dict[str, float] = field(default_factory=dict)  # each trial's request: CPU, GPU
 
 
 def describe(params: dict[str, Any]) -> str:
     return " ".join(f"{key}={value}" for key, value in params.items())
 
 
-def train_trial(prep: experiment.Prepared, threads: int) -> tuple[experiment.Trained, float]:
-    """One trial, run as a Ray task: train from the cache with this task's CPU share."""
-    import torch
+def sweep_dir(runs_root: str | Path, sweep_id: str) -> Path:
+    return Path(runs_root).expanduser().resolve() / "sweeps" / sweep_id
 
-    torch.set_num_threads(threads)
+
+# ---------------------------------------------------------------------------------------------- trial
+
+
+@dataclass
+class _Context:
+    """Everything a trial needs, shipped once to Ray's object store."""
+
+    prep: experiment.Prepared
+    trials: list[Trial]
+    sweep_id: str
+    cache_hit: bool
+    extract_s: float
+    threads: int
+    cwd: str  # the driver's: Tune starts trials in their own directory, and configs hold relative paths
+    started: float
+
+
+def trial_config(trial: Trial, sampled: dict[str, Any]) -> ExperimentConfig:
+    """The trial's config with the sampled ``train.*`` values, validated like any config."""
+    if not sampled:
+        return trial.config
+    train = {**trial.config.train.model_dump(), **{k.partition(".")[2]: v for k, v in sampled.items()}}
+    return trial.config.model_copy(update={"train": TrainConfig.model_validate(train)})
+
+
+def _run_trial(space: dict[str, Any], context: _Context) -> None:
+    """One Tune trial, in a Ray worker: train from the cache, reporting each epoch; record the run."""
+    import ray
+    import torch
+    from ray import tune
+
+    os.chdir(context.cwd)
+    torch.set_num_threads(context.threads)
+    trial = context.trials[space["trial"]]
+    sampled = {k: v for k, v in space.items() if k != "trial"}
+    prep = dataclasses.replace(context.prep, config=trial_config(trial, sampled))
+    headline = f"val_{prep.task.headline}"
+    epochs = prep.config.train.epochs
+    resources = {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
+
+    def report(epoch: int, record: dict[str, Any]) -> None:
+        # The last epoch is reported after the run is recorded: a scheduler stopping the trial then
+        # cannot cut it off between its last epoch and its run record.
+        if epoch < epochs:
+            tune.report({"epoch": epoch, headline: _number(record.get(headline))})
+
     started = time.perf_counter()
-    trained = experiment.train(prep, progress=False)
-    return trained, round(time.perf_counter() - started, 3)
+    trained = experiment.train(prep, progress=False, on_epoch_end=report)
+    trained.runtime["ray_resources"] = resources
+    if resources.get("GPU") and trained.runtime.get("device") == "cpu":
+        # Ray set a GPU aside for this trial but torch cannot see one: say so in the record.
+        trained.runtime["device_reason"] = (
+            f"cpu (no GPU visible: Ray gave this trial {resources['GPU']:g} GPU, torch sees no CUDA device)"
+        )
+    timings = experiment.Timings(
+        round(context.extract_s, 3),
+        round(time.perf_counter() - started, 3),
+        round(time.time() - context.started, 3),
+    )
+    params = {**trial.params, **sampled}
+    lineage = {"sweep": {"id": context.sweep_id, "trial": space["trial"], "params": params}}
+    run_dir = experiment.record(prep, trained, context.cache_hit, timings, lineage)
+    last = trained.history[-1] if trained.history else {}
+    tune.report(
+        {
+            "epoch": len(trained.history),
+            headline: _number(last.get(headline)),
+            "run_id": run_dir.name,
+            "metrics": json.loads(json.dumps(trained.metrics, default=str)),
+            "device": trained.runtime.get("device_reason", trained.runtime.get("device")),
+        }
+    )
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+# ---------------------------------------------------------------------------------------------- sweep
 
 
 def sweep(
     base: ExperimentConfig,
     trials: list[Trial],
     *,
+    search: Search | None = None,
     parallel: int | None = None,
+    gpus_per_trial: float | None = None,
+    early_stop: Literal["asha", "none"] = "none",
     ray_address: str | None = None,
     progress: bool = True,
     cache: str | None = None,
 ) -> SweepResult:
-    """Extract (or reuse) the base config's cache (or use ``cache``), then train every trial, ``parallel``
-    at a time."""
+    """Extract (or reuse) the base config's cache (or use ``cache``), then train every trial on Ray Tune,
+    ``parallel`` at a time, each with its CPU and GPU share."""
+    search = search or Search()
+    if not trials and search.distributions:
+        trials = [Trial({}, base)]
     if not trials:
-        raise UniptError("a sweep needs at least one trial; give --grid train.KEY=V1,V2")
+        raise UniptError("a sweep needs at least one trial; give --grid train.KEY=V1,V2 or --sample")
     if parallel is not None and parallel < 1:
         raise UniptError(f"--parallel {parallel}: give 1 or more trials at a time")
+    if gpus_per_trial is not None and gpus_per_trial < 0:
+        raise UniptError(f"--gpus-per-trial {gpus_per_trial}: give 0 or more (0.5: two trials share a GPU)")
+    if search.samples < 1:
+        raise UniptError(f"--samples {search.samples}: give 1 or more")
+    if early_stop not in ("asha", "none"):
+        raise UniptError(f"--early-stop {early_stop}: choose asha or none")
+    sweep_id = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    spec = {
+        "sweep_id": sweep_id,
+        "base": base.model_dump(mode="json"),
+        "trials": [{"params": t.params, "config": t.config.model_dump(mode="json")} for t in trials],
+        "distributions": {k: [d.kind, list(d.args)] for k, d in search.distributions.items()},
+        "samples": search.samples,
+        "algorithm": search.algorithm,
+        "parallel": parallel,
+        "gpus_per_trial": gpus_per_trial,
+        "early_stop": early_stop,
+        "cache": cache,
+    }
+    return _run(spec, ray_address=ray_address, progress=progress, resume=False)
+
+
+def resume_sweep(
+    sweep_id: str, runs_root: str | Path, *, ray_address: str | None = None, progress: bool = True
+) -> SweepResult:
+    """Continue an interrupted sweep: its finished trials are kept, the unfinished and failed ones run."""
+    path = sweep_dir(runs_root, sweep_id) / SWEEP_FILE
+    if not path.exists():
+        raise UniptError(
+            f"no sweep {sweep_id} under {Path(runs_root).expanduser()}/sweeps; give the id `unipt sweep` "
+            "printed, and the same --runs-root (or config) as the sweep"
+        )
+    return _run(json.loads(path.read_text()), ray_address=ray_address, progress=progress, resume=True)
+
+
+def _run(spec: dict[str, Any], *, ray_address: str | None, progress: bool, resume: bool) -> SweepResult:
     started = time.perf_counter()
+    base = ExperimentConfig.model_validate(spec["base"])
+    trials = [Trial(t["params"], ExperimentConfig.model_validate(t["config"])) for t in spec["trials"]]
+    search = Search(
+        {k: Distribution(kind, tuple(args)) for k, (kind, args) in spec["distributions"].items()},
+        spec["samples"],
+        spec["algorithm"],
+    )
+    cache, sweep_id = spec["cache"], spec["sweep_id"]
     prep = experiment.prepare(base) if cache is None else experiment.prepare_for_cache(cache, base)
     headline = prep.task.headline
+    where = sweep_dir(base.storage.runs_root, sweep_id)
 
     import ray
     import torch  # noqa: F401  (before Ray starts: see extract/runner.py)
 
-    from extract.ray_session import connect, root_cause
+    from extract.ray_session import connect
 
     owns_session = connect(ray_address)  # one Ray session for the extraction and the trials
-    sweep_id = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    results: list[TrialResult] = []
     extractions: dict[str, Any] = {}
     # A given cache is read by every trial: hold a read lease on it (gc leaves it alone) until they end.
     held = open_cache(prep.cache, options=base.storage.options) if prep.cache else None
@@ -94,43 +268,21 @@ def sweep(
             extractions = experiment.extract_all(prep, ray_address=ray_address, progress=progress)
         cache_hit = all(r.cache_hit for r in extractions.values())
         extract_s = sum(r.seconds for r in extractions.values())
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        parallel = min(parallel or cpus, len(trials))
-        share = max(1, cpus // parallel)
+        total = len(trials) * search.samples
+        resources, parallel = _trial_resources(spec["parallel"], spec["gpus_per_trial"], total)
+        if not resume:
+            where.mkdir(parents=True, exist_ok=True)
+            (where / SWEEP_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        gpu = f", {resources['gpu']:g} GPU each" if resources["gpu"] else ""
         say(
-            f"{sweep_id}: {len(trials)} trials on cache {prep.key}, {parallel} at a time, {share} CPU(s) each"
+            f"{sweep_id}: {total} trials on cache {prep.key}, {parallel} at a time, "
+            f"{int(resources['cpu'])} CPU(s) each{gpu}"
+            + (" (resumed: finished trials are kept)" if resume else "")
         )
-        task = ray.remote(train_trial).options(num_cpus=share)
-        pending: dict[Any, int] = {}
-        queue = list(range(len(trials)))
-        while queue or pending:
-            while queue and len(pending) < parallel:
-                i = queue.pop(0)
-                pending[task.remote(dataclasses.replace(prep, config=trials[i].config), share)] = i
-            done, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done[0])
-            try:
-                trained, train_s = ray.get(done[0])
-            except ray.exceptions.RayError as exc:
-                raise UniptError(
-                    f"sweep trial {describe(trials[i].params)} failed in a Ray worker: {root_cause(exc)}; "
-                    f"finished trials are registered under sweep {sweep_id}"
-                ) from exc
-            timings = experiment.Timings(
-                round(extract_s, 3), train_s, round(time.perf_counter() - started, 3)
-            )
-            lineage = {
-                "sweep": {"id": sweep_id, "trial": i, "trials": len(trials), "params": trials[i].params}
-            }
-            trial_prep = dataclasses.replace(prep, config=trials[i].config)
-            run_dir = experiment.record(trial_prep, trained, True, timings, lineage)
-            m = trained.metrics
-            say(
-                f"trial {len(results) + 1}/{len(trials)} {describe(trials[i].params)}: "
-                f"val_{headline} {m.get(f'val_{headline}', math.nan):.4f} "
-                f"test_{headline} {m.get(f'test_{headline}', math.nan):.4f} -> {run_dir.name}"
-            )
-            results.append(TrialResult(i, trials[i].params, run_dir.name, m))
+        context = _Context(
+            prep, trials, sweep_id, cache_hit, extract_s, int(resources["cpu"]), os.getcwd(), time.time()
+        )
+        grid = _tune(spec, search, trials, context, resources, parallel, headline, where, resume)
     finally:
         if held is not None:
             experiment.release_reader(held)
@@ -138,8 +290,180 @@ def sweep(
             extraction.release()
         if owns_session:
             ray.shutdown()
-    results.sort(key=lambda r: (_val_order(r.metrics, headline), r.index))
-    return SweepResult(sweep_id, headline, results, cache_hit, time.perf_counter() - started)
+    results = _results(grid, trials, headline)
+    request = {"CPU": resources["cpu"], "GPU": resources["gpu"]}
+    for result in results:
+        result.resources = result.resources or request
+    # Tune ends fit() quietly on Ctrl-C: trials still running, or never started, mean an interruption.
+    done = sum(r.status != "interrupted" for r in results)
+    if done < total:
+        raise UniptError(
+            f"sweep {sweep_id} was interrupted with {total - done} of {total} trials unfinished; "
+            f"continue it with `unipt sweep --resume {sweep_id}` (finished trials are kept)"
+        )
+    order = {"finished": 0, "stopped": 1, "failed": 2}
+    results.sort(key=lambda r: (order.get(r.status, 3), _val_order(r.metrics, headline), r.index))
+    return SweepResult(sweep_id, headline, results, cache_hit, time.perf_counter() - started, request)
+
+
+def _trial_resources(parallel: int | None, gpus_per_trial: float | None, total: int) -> tuple[dict, int]:
+    """Each trial's request ({"cpu", "gpu"}) and how many run at once.
+
+    An even split of the cluster: ``cpus // parallel`` CPUs and, when it has GPUs, ``gpus / parallel`` of
+    a GPU (Ray hides GPUs from a trial that asks for none, which would then train on the CPU).
+    """
+    import ray
+
+    cluster = ray.cluster_resources()
+    cpus, gpus = max(1, int(cluster.get("CPU", 1))), float(cluster.get("GPU", 0))
+    parallel = min(parallel or cpus, total)
+    share = max(1, cpus // parallel)
+    if gpus_per_trial is None:
+        gpu = round(gpus / parallel, 4) if gpus else 0.0
+        gpu = float(int(gpu)) if gpu >= 1 else gpu  # whole GPUs when there are enough
+    else:
+        gpu = float(gpus_per_trial)
+        if gpu > gpus:
+            raise UniptError(
+                f"--gpus-per-trial {gpu:g} but the Ray cluster has {gpus:g} GPU(s); give at most that, "
+                "or 0 to train on CPUs"
+            )
+    return {"cpu": share, "gpu": gpu}, parallel
+
+
+def _tune(
+    spec: dict[str, Any],
+    search: Search,
+    trials: list[Trial],
+    context: _Context,
+    resources: dict[str, float],
+    parallel: int,
+    headline: str,
+    where: Path,
+    resume: bool,
+) -> Any:
+    try:
+        from ray import tune
+    except ImportError as exc:  # ray without its tune extra (pandas, tensorboardX, ...)
+        raise UniptError(
+            f"unipt sweep runs on Ray Tune, which is not installed ({exc}); install it with "
+            "pip install 'unipt-cache[tune]'"
+        ) from exc
+
+    metric = f"val_{headline}"
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, context=context), {"cpu": resources["cpu"], "gpu": resources["gpu"]}
+    )
+    if resume:
+        tuner = tune.Tuner.restore(str(where), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        space: dict[str, Any] = {k: d.tune() for k, d in search.distributions.items()}
+        searcher = None
+        if search.algorithm == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            # Optuna proposes every value, so the grid's points become one categorical choice.
+            space["trial"] = tune.choice(list(range(len(trials))))
+            searcher = OptunaSearch(metric=metric, mode="max", seed=context.prep.config.seed)
+        else:
+            space["trial"] = tune.grid_search(list(range(len(trials))))
+        scheduler = None
+        if spec["early_stop"] == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            epochs = max(t.config.train.epochs for t in trials)
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration", max_t=epochs, grace_period=1, reduction_factor=2
+            )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode="max",
+                num_samples=search.samples * (len(trials) if searcher is not None else 1),
+                search_alg=searcher,
+                scheduler=scheduler,
+                max_concurrent_trials=parallel,
+            ),
+            run_config=tune.RunConfig(
+                name=where.name,
+                storage_path=str(where.parent),
+                verbose=0,
+                # One failed trial is recorded as failed; the others go on.
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                callbacks=[_SayTrials(metric, trials)],
+            ),
+        )
+    # Tune's own console output (its config box, each failure's whole traceback) is off: the sweep says
+    # one line per trial and prints its table.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    tune_logger = logging.getLogger("ray.tune")
+    level = tune_logger.level
+    tune_logger.setLevel(logging.CRITICAL)
+    try:
+        return tuner.fit()
+    finally:
+        tune_logger.setLevel(level)
+
+
+class _SayTrials:
+    """A Tune callback (built lazily: ray.tune is imported only by a sweep) that says each trial's end."""
+
+    def __new__(cls, metric: str, grid: list[Trial]) -> Any:
+        from ray.tune import Callback
+
+        class SayTrials(Callback):
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                last = trial.last_result or {}
+                params = _params(grid, trial.config)
+                if last.get("run_id"):
+                    say(f"trial {trial.trial_id} {params}: {metric} {_number(last.get(metric)):.4f} -> "
+                        f"{last['run_id']}")  # fmt: skip
+                else:
+                    say(f"trial {trial.trial_id} {params}: stopped after epoch {last.get('epoch', 0)} "
+                        f"({metric} {_number(last.get(metric)):.4f})")  # fmt: skip
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                params = _params(grid, trial.config)
+                say(f"trial {trial.trial_id} {params}: failed (cause below); the others go on")
+
+        return SayTrials()
+
+
+def _params(trials: list[Trial], config: dict[str, Any]) -> str:
+    return describe(
+        {**trials[config.get("trial", 0)].params, **{k: v for k, v in config.items() if k != "trial"}}
+    )
+
+
+def _results(grid: Any, trials: list[Trial], headline: str) -> list[TrialResult]:
+    from extract.ray_session import root_cause
+
+    # The trials' states (terminated, error, or still pending/running when the sweep was interrupted).
+    states = {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+    out = []
+    for index, result in enumerate(grid):
+        config = result.config or {}
+        i = config.get("trial", 0)
+        params = {**trials[i].params, **{k: v for k, v in config.items() if k != "trial"}}
+        last = result.metrics or {}
+        # A trial that never reported has no trial_id in its metrics; its directory name holds it.
+        state = states.get(last.get("trial_id")) or next(
+            (s for tid, s in states.items() if tid in str(result.path)), None
+        )
+        if result.error is not None:
+            cause = root_cause(result.error)
+            out.append(TrialResult(index, params, None, {}, "failed", last.get("epoch", 0), error=cause))
+        elif last.get("run_id"):
+            metrics = last.get("metrics", {})
+            out.append(TrialResult(index, params, last["run_id"], metrics, "finished", last.get("epoch", 0)))
+        elif state == "TERMINATED":
+            seen = {f"val_{headline}": last.get(f"val_{headline}")}
+            out.append(TrialResult(index, params, None, seen, "stopped", last.get("epoch", 0)))
+        else:
+            out.append(TrialResult(index, params, None, {}, "interrupted", last.get("epoch", 0)))
+    return out
 
 
 def _val_order(metrics: dict[str, Any], headline: str) -> tuple[int, float]:

@@ -276,7 +276,7 @@ def test_gc_while_training_reads_skips_that_cache_and_training_finishes(tmp_path
     build_cache(root, LENGTHS, {0: 8}, key=other)  # unused by anyone: gc removes it
     outputs = []
 
-    def gc_mid_training(epoch: int) -> None:
+    def gc_mid_training(epoch: int, record: dict) -> None:
         if epoch == 1:  # the run is between epochs, its reader open: no run record points at the cache yet
             outputs.append(_gc(capsys, tmp_path))
 

@@ -140,8 +140,12 @@ def test_sweep_trains_a_grid_from_one_cache_in_parallel(tiny_config, tmp_path, c
         "val_acc",
         "test_acc",
         "best_epoch",
+        "cpus",
+        "gpus",
+        "status",
     ]
     body = [line.split() for line in table[1:5]]
+    assert all(row[-3:] == ["1", "0", "finished"] for row in body)  # no GPUs here: none asked for
     assert [row[0] for row in body] == ["1", "2", "3", "4"]
     val = [float(row[4]) for row in body]
     assert val == sorted(val, reverse=True)
@@ -212,7 +216,8 @@ def _sorted_by_headline(out: str, headline: str) -> list[list[str]]:
     """The sweep table's rows, checked to be sorted by the task's validation headline metric."""
     lines = out.splitlines()
     header = lines[0].split()
-    assert header[-3:] == [f"val_{headline}", f"test_{headline}", "best_epoch"], header
+    at = header.index(f"val_{headline}")
+    assert header[at : at + 3] == [f"val_{headline}", f"test_{headline}", "best_epoch"], header
     body = [line.split() for line in lines[1:] if line.split() and line.split()[0].isdigit()]
     scores = [float(row[header.index(f"val_{headline}")]) for row in body]
     assert scores == sorted(scores, reverse=True), scores

@@ -37,7 +37,7 @@ def _without_timing(result) -> tuple[dict, list[dict]]:
 
 
 def _stop_after(epochs: int):
-    def hook(epoch: int) -> None:
+    def hook(epoch: int, record: dict) -> None:
         if epoch == epochs:
             raise Interrupted
 

@@ -102,13 +102,14 @@ def fit(
     checkpoint: Path | None = None,
     resume: Path | None = None,
     meta: dict[str, Any] | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """Train ``task.model`` for ``config.epochs`` (fewer if early stopping fires) and load its best weights.
 
     ``checkpoint``: where to write a checkpoint after every epoch. ``resume``: a checkpoint to continue
     from (made with the same settings and data). ``meta`` is stored in each checkpoint as is (e.g. the
-    run id). ``on_epoch_end(epoch)`` runs after an epoch's checkpoint is written.
+    run id). ``on_epoch_end(epoch, record)`` runs after an epoch's checkpoint is written, with that epoch's
+    history record (train loss, ``val_*`` metrics): e.g. a sweep reports it to its scheduler.
     """
     model = task.model.to(device)
     if len(task.train_data) == 0:
@@ -207,7 +208,7 @@ def fit(
                 },
             )
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
+            on_epoch_end(epoch + 1, record)
     train_seconds = seconds_before + time.perf_counter() - t0
     if best_state is None:
         raise UniptError(f"checkpoint {resume} holds no finished epoch; start the run again without --resume")

@@ -56,7 +56,8 @@ class TrainOptions:
     checkpoint: Path | None = None  # written after every epoch
     resume: Path | None = None  # a checkpoint to continue from
     meta: dict[str, Any] | None = None  # stored in each checkpoint as is (e.g. the run id)
-    on_epoch_end: Callable[[int], None] | None = None  # after an epoch's checkpoint is written
+    # (epoch, its history record) after an epoch's checkpoint is written
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None
 
 
 @dataclass

@@ -37,7 +37,7 @@ def train_task(
     checkpoint: Path | None = None,
     resume: Path | None = None,
     meta: dict[str, Any] | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """``config.task`` on one cache (or a list, for two-cache tasks); the Python shortcut of the recipe's
     training step for code that already holds open caches."""

@@ -1,0 +1,152 @@
+"""`unipt sweep` on Ray Tune: each trial asks for its share of the cluster's CPUs and GPUs (tested with
+Ray's logical resources: ``ray.init(num_gpus=1)`` on a machine without one), ASHA stops trailing trials
+from the epoch hook's validation scores, a failed trial is recorded as failed while the others finish,
+sampled settings (random or Optuna), and an interrupted sweep continues with ``--resume``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.registry import Registry
+
+FAST = ["--set", "train.epochs=3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def one_gpu_ray():
+    """A local Ray that believes it has one GPU (logical resources: nothing runs on it here)."""
+    import ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+    if was_running:  # hand the session-wide local Ray back as the other tests expect it
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+
+
+def _sweep(capsys, *args: str) -> tuple[int, list[list[str]], str, str]:
+    code = main(["sweep", *args])
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    table = [
+        line.split()
+        for line in lines
+        if line.split() and (line.startswith("rank") or line.split()[0].isdigit())
+    ]
+    return code, table, out, err
+
+
+def _trials(tmp_path: Path, sweep_id: str) -> list:
+    with Registry(str(tmp_path / "registry.sqlite")) as registry:
+        return registry.list(sweep_id=sweep_id)
+
+
+def test_each_trial_asks_for_an_even_gpu_share_and_a_failed_trial_does_not_stop_the_others(
+    tiny_config, tmp_path, capsys, one_gpu_ray
+):
+    code, table, out, err = _sweep(
+        capsys, str(tiny_config), *FAST, "--grid", "train.lr=1e-2,3e-3",
+        "--grid", "train.variant=transformer,cnn", "--parallel", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "4 trials" in err and "2 at a time, 1 CPU(s) each, 0.5 GPU each" in err
+    header, body = table[0], table[1:]
+    assert header == [
+        "rank", "run_id", "train.lr", "train.variant", "val_acc", "test_acc", "best_epoch",
+        "cpus", "gpus", "status",
+    ]  # fmt: skip
+    assert [row[-3:] for row in body[:2]] == [["1", "0.5", "finished"]] * 2
+    assert [row[-1] for row in body[2:]] == ["failed", "failed"] and {row[3] for row in body[2:]} == {"cnn"}
+    assert out.count("failed: train.variant 'cnn' needs CNN feature maps") == 2  # the cause, one line each
+    val = [float(row[4]) for row in body[:2]]
+    assert val == sorted(val, reverse=True)
+
+    sweep_id = out.strip().splitlines()[-1].split(":")[0]
+    runs = _trials(tmp_path, sweep_id)
+    assert {r.run_id for r in runs} == {row[1] for row in body[:2]}  # every finished trial is a run
+    for run in runs:
+        # What the trial asked Ray for, and that it trained on the CPU although Ray gave it a GPU share.
+        assert run.runtime["ray_resources"] == {"CPU": 1.0, "GPU": 0.5}
+        assert run.runtime["device_reason"].startswith("cpu (no GPU visible: Ray gave this trial 0.5 GPU")
+        assert run.runtime["torch_threads"] == 1
+
+
+def test_asha_stops_a_trailing_trial_from_its_epoch_scores(tiny_config, tmp_path, capsys, one_gpu_ray):
+    code, table, out, err = _sweep(
+        capsys, str(tiny_config), *FAST, "--grid", "train.lr=3e-2,1e-7", "--parallel", "1",
+        "--gpus-per-trial", "0.25", "--early-stop", "asha",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "1 at a time, 2 CPU(s) each, 0.25 GPU each" in err
+    (best, slow) = table[1:]
+    assert best[2] == "0.03" and best[-1] == "finished" and best[-2] == "0.25"
+    assert slow[2] == "1e-07" and slow[-1] in ("stopped@1", "stopped@2") and slow[1] == "-"
+    sweep_id = out.strip().splitlines()[-1].split(":")[0]
+    assert [r.run_id for r in _trials(tmp_path, sweep_id)] == [best[1]]  # a stopped trial is no run
+    assert (
+        main(["sweep", str(tiny_config), "--grid", "train.lr=1e-3", "--gpus-per-trial", "2", "--no-progress"])
+        == 2
+    )
+    assert "--gpus-per-trial 2 but the Ray cluster has 1 GPU(s)" in capsys.readouterr().err
+
+
+def test_sampled_settings_with_optuna(tiny_config, tmp_path, capsys, one_gpu_ray):
+    code, table, out, err = _sweep(
+        capsys, str(tiny_config), *FAST, "--sample", "train.lr=loguniform:1e-3:1e-1",
+        "--sample", "train.dropout=choice:0.0:0.3", "--samples", "2", "--search", "optuna", "--parallel", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert table[0][2:4] == ["train.lr", "train.dropout"] and len(table) == 3
+    for row in table[1:]:
+        assert 1e-3 <= float(row[2]) <= 1e-1 and row[3] in ("0.0", "0.3") and row[-1] == "finished"
+
+
+def _registered(registry: Path) -> int:
+    if not registry.exists():
+        return 0
+    try:
+        with sqlite3.connect(registry) as db:
+            return db.execute("select count(*) from runs").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_an_interrupted_sweep_continues_with_resume(tiny_config, tmp_path, capsys, one_gpu_ray):
+    registry = tmp_path / "registry.sqlite"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "sweep", str(tiny_config), *FAST, "--parallel", "1",
+         "--sample", "train.lr=loguniform:1e-3:1e-2", "--samples", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 400
+    while _registered(registry) < 1 and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sweep.poll() is None, sweep.communicate()
+    sweep.send_signal(signal.SIGINT)  # Ctrl-C, one trial in
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 2 and "unipt sweep --resume sweep-" in err, err[-3000:]
+    sweep_id = err.split("unipt sweep --resume ")[1].split("`")[0]
+    first = _trials(tmp_path, sweep_id)
+    assert 1 <= len(first) < 3
+
+    code, table, out, err = _sweep(
+        capsys, "--resume", sweep_id, "--runs-root", str(tmp_path / "runs"), "--no-progress"
+    )
+    assert code == 0, err
+    runs = _trials(tmp_path, sweep_id)
+    assert len(runs) == 3 and len({r.run_id for r in runs}) == 3  # finished trials kept, none twice
+    assert {r.run_id for r in first} <= {r.run_id for r in runs}
+    assert sorted(row[1] for row in table[1:]) == sorted(r.run_id for r in runs)
+    spec = json.loads((tmp_path / "runs" / "sweeps" / sweep_id / "sweep.json").read_text())
+    assert spec["samples"] == 3 and "train.lr" in spec["distributions"]
