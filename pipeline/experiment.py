@@ -227,7 +227,7 @@ def extract(
     else:
         counts = prep.dataset.split_counts()
         say(
-            f"cache miss {target.key}{label}: extracting {len(prep.dataset)} examples "
+            f"cache miss {target.key}{label}: a view of {len(prep.dataset)} examples "
             f"(train {counts['train']}, val {counts['val']}, test {counts['test']}) "
             f"with {settings.name_or_path}"
         )
