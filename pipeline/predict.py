@@ -135,6 +135,8 @@ class TunedModel:
 
     # --- the backbone --------------------------------------------------------------------------------------
     def backbone_config(self) -> BackboneConfig:
+        """The backbone settings extraction used, as model.json stored them (trust_remote_code and
+        allow_pickle included: the model never loads code or pickles its training run did not)."""
         b = self.spec.backbone
         return BackboneConfig(
             name_or_path=self._backbone_path or b["name_or_path"],
