@@ -1,13 +1,16 @@
-"""What the storage dtype costs in accuracy: UniPT trained from fp16, bf16 and int8 caches of one dataset.
+"""What the storage dtype and the stored layers cost in accuracy: UniPT trained from caches of one dataset.
 
 Runs the default experiment (configs/rt_minilm.yaml: Rotten Tomatoes, all-MiniLM-L6-v2) once per
 dtype: one extraction each (the same snippets, the same backbone), then UniPT training with
 several seeds from that cache. Prints a table of cache size, test/val accuracy (mean and std over
 seeds) and the change against fp16, and writes it to benchmarks/results/dtype_accuracy.json.
+``--layer-sets`` adds one fp16 cache per set of stored hidden states (e.g. every second one, the last 4).
 
     python benchmarks/dtype_accuracy.py                       # fp16 vs int8, 3 seeds (~15 min on 2 cores)
     python benchmarks/dtype_accuracy.py --dtypes float16 bfloat16 int8 --seeds 0
     python benchmarks/dtype_accuracy.py --limit 800 --epochs 2 --seeds 0   # a quick look
+    python benchmarks/dtype_accuracy.py --dtypes float16 bfloat16 int8 float8_e4m3 \
+        --layer-sets 0,2,4,6 3,4,5,6 --limit 2000 --epochs 3            # the README's dtype/layer table
 """
 
 from __future__ import annotations
@@ -38,11 +41,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="configs/rt_minilm.yaml")
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "int8"])
+    parser.add_argument("--dtypes", nargs="*", default=["float16", "int8"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--limit", type=int, default=None, help="use a seeded sample of this many examples")
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     parser.add_argument("--cache-root", default=".unipt/cache")
+    parser.add_argument(
+        "--layer-sets",
+        nargs="*",
+        default=[],
+        help="extra fp16 caches storing only these hidden states, each set comma-separated (e.g. 0,2,4,6)",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -52,16 +61,19 @@ def main() -> None:
     if args.epochs:
         base.append(f"train.epochs={args.epochs}")
     rows = []
-    for dtype in args.dtypes:
-        prep = experiment.prepare(load_config(args.config, [*base, f"extract.dtype={dtype}"]))
+    # (row label, overrides): every dtype with the config's layers, then fp16 with each layer subset.
+    variants = [(dtype, [f"extract.dtype={dtype}"]) for dtype in args.dtypes]
+    variants += [
+        (f"float16 layers {s}", ["extract.dtype=float16", f"backbone.layers=[{s}]"]) for s in args.layer_sets
+    ]
+    for dtype, variant in variants:
+        prep = experiment.prepare(load_config(args.config, [*base, *variant]))
         t0 = time.perf_counter()
         extraction = experiment.extract(prep, progress=True)
         extract_s = time.perf_counter() - t0
         runs = []
         for seed in args.seeds:
-            seeded = experiment.prepare(
-                load_config(args.config, [*base, f"extract.dtype={dtype}", f"seed={seed}"])
-            )
+            seeded = experiment.prepare(load_config(args.config, [*base, *variant, f"seed={seed}"]))
             trained = experiment.train(seeded, progress=False)
             runs.append(
                 {
@@ -78,6 +90,7 @@ def main() -> None:
         rows.append(
             {
                 "dtype": dtype,
+                "layers": prep.primary.config.layers,
                 "cache_key": prep.key,
                 "cache_bytes": trained.cache_bytes,
                 "extract_s": round(extract_s, 1) if not extraction.cache_hit else None,
@@ -89,6 +102,7 @@ def main() -> None:
                 "runs": runs,
             }
         )
+        _write(args, base, rows)  # after every variant: a long run that is stopped keeps what it measured
 
     ref = next((r for r in rows if r["dtype"] == "float16"), rows[0])
     columns = ("dtype", "cache MiB", "size/fp16", "test acc", "val acc", "Δtest", "Δval")
@@ -107,6 +121,11 @@ def main() -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(columns, *table, strict=True)]
     for line in (columns, tuple("-" * w for w in widths), *table):
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)))
+    out = _write(args, base, rows)
+    print(f"\nwritten to {out}")
+
+
+def _write(args: argparse.Namespace, base: list[str], rows: list[dict]) -> Path:
     report = {
         "benchmark": "dtype_accuracy",
         "date": time.strftime("%Y-%m-%d"),
@@ -114,6 +133,7 @@ def main() -> None:
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "load_average_1m": os.getloadavg()[0],  # the cores may be shared: compare within one run only
         },
         "config": args.config,
         "overrides": base,
@@ -123,7 +143,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten to {out}")
+    return out
 
 
 if __name__ == "__main__":

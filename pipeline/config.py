@@ -114,8 +114,9 @@ class ExtractConfig(_Strict):
         "auto", description="Ray actors; 'auto' = one per GPU, or one CPU worker using all cores."
     )
     shard_size: int = Field(512, gt=0, description="Examples per shard (the unit of work and of resume).")
-    dtype: Literal["float16", "bfloat16", "float32", "int8"] = Field(
-        "float16", description="Storage dtype; int8 is lossy (per-token scales), see README."
+    dtype: Literal["float16", "bfloat16", "float32", "int8", "float8_e4m3"] = Field(
+        "float16",
+        description="Storage dtype; int8 and float8_e4m3 are lossy (per-token scales), see README.",
     )
     autocast: Literal["none", "bfloat16", "float16"] = Field(
         "none",

@@ -8,6 +8,9 @@ Storage dtypes:
 - ``float32``: exact copies of the backbone's float32 output.
 - ``int8``: lossy, symmetric per-token quantization: each row (token) ``x`` is stored as
   ``round(x / s)`` with ``s = max|x| / 127`` kept in a float32 side array. Half of fp16's size.
+- ``float8_e4m3``: lossy, torch's ``float8_e4m3fn`` (4 exponent bits, 3 mantissa bits, max 448) with the
+  same per-token scale as int8 (``s = max|x| / 448``), stored as its raw 8 bits (``uint8``). Same size
+  as int8; a relative (not absolute) error per value, so small activations keep more precision.
 
 Decoding gives float16 for fp16 stores and float32 for every other dtype.
 
@@ -31,7 +34,29 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
     "bfloat16": np.dtype(np.uint16),
     "float32": np.dtype(np.float32),
     "int8": np.dtype(np.int8),
+    "float8_e4m3": np.dtype(np.uint8),  # the raw bits of torch.float8_e4m3fn
 }
+FLOAT8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def _float8_e4m3_values() -> np.ndarray:
+    """float32 value of each of the 256 float8_e4m3fn bit patterns (decoding is one table lookup, no torch).
+
+    Sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal; 0x7F/0xFF are NaN (no
+    infinities: the "fn" format spends them on range).
+    """
+    bits = np.arange(256, dtype=np.uint32)
+    sign = np.where(bits & 0x80, -1.0, 1.0)
+    exponent = ((bits >> 3) & 0xF).astype(np.int32)
+    mantissa = (bits & 0x7).astype(np.float64)
+    normal = (1.0 + mantissa / 8.0) * np.exp2(exponent - 7.0)
+    subnormal = (mantissa / 8.0) * 2.0**-6
+    values = sign * np.where(exponent == 0, subnormal, normal)
+    values[(bits & 0x7F) == 0x7F] = np.nan
+    return values.astype(np.float32)
+
+
+_FLOAT8_VALUES = _float8_e4m3_values()
 CODECS = ("blosc-zstd", "blosc-lz4", "zstd", "lz4", "none")
 SHUFFLES = {"byte": "shuffle", "bit": "bitshuffle", "none": "noshuffle"}
 
@@ -41,7 +66,7 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 
 
 def has_scale(dtype: str) -> bool:
-    return dtype == "int8"
+    return dtype in ("int8", "float8_e4m3")
 
 
 def encode_rows(rows: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -60,11 +85,19 @@ def encode_rows(rows: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | 
         safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
         quantized = np.clip(np.rint(values / safe[:, None]), -127, 127).astype(np.int8)
         return quantized, scale.astype(np.float32)
+    if dtype == "float8_e4m3":
+        import torch  # a core dependency; imported here so `unipt cache ls` stays quick
+
+        scale = np.abs(values).max(axis=1) / FLOAT8_MAX if len(values) else np.zeros(0, np.float32)
+        safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        # Clipped first: x / s can round a hair past 448, which float8_e4m3fn (no infinities) makes NaN.
+        scaled = torch.from_numpy(np.clip(values / safe[:, None], -FLOAT8_MAX, FLOAT8_MAX))
+        return scaled.to(torch.float8_e4m3fn).view(torch.uint8).numpy(), scale.astype(np.float32)
     raise UniptError(f"unknown storage dtype {dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
 
 
 def decode_rows(stored: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> np.ndarray:
-    """The inverse of :func:`encode_rows` (exact for float16/float32, rounded for bfloat16/int8)."""
+    """The inverse of :func:`encode_rows` (exact for float16/float32, rounded for bfloat16/int8/float8)."""
     if dtype in ("float16", "float32"):
         return stored
     if dtype == "bfloat16":
@@ -73,6 +106,10 @@ def decode_rows(stored: np.ndarray, dtype: str, scale: np.ndarray | None = None)
         if scale is None:
             raise UniptError("an int8 cache layer is missing its per-token scales; the store is damaged")
         return stored.astype(np.float32) * scale[:, None]
+    if dtype == "float8_e4m3":
+        if scale is None:
+            raise UniptError("a float8_e4m3 cache layer is missing its per-token scales; store damaged")
+        return _FLOAT8_VALUES[stored] * scale[:, None]
     raise UniptError(f"unknown storage dtype {dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
 
 

@@ -5,8 +5,9 @@ images)`` runs what extraction ran, exactly: the backbone with the same identity
 difference, if this machine's files hash differently), the same tokenizer settings, truncation,
 image transform and compute precision, through the same ``Backbone.encode``; then it rounds every
 activation to the cache's dtype with the cache's own encoder (:func:`pipeline.encoding.encode_rows`:
-fp16, bf16, or int8 with per-token scales), so UniPT sees the values it was trained on. The backbone is
-loaded on first use (on the GPU when there is one); :meth:`TunedModel.outputs_from_cache` needs none.
+fp16, bf16, or int8/float8_e4m3 with per-token scales), so UniPT sees the values it was trained on. The
+backbone is loaded on first use (on the GPU when there is one); :meth:`TunedModel.outputs_from_cache`
+needs none.
 
 This module drives both stages (a backbone, then a trained model), like :mod:`pipeline.experiment`.
 """

@@ -31,7 +31,7 @@ def _trained(tmp_path, tiny_bert_dir, dtype: str):
     return config_path, prep, experiment.run(prep, progress=False)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8"])
+@pytest.mark.parametrize("dtype", ["float16", "int8", "float8_e4m3"])
 def test_predicting_raw_text_gives_the_cache_logits_and_the_recorded_accuracy(
     dtype, tmp_path, tiny_bert_dir, ray_session
 ):
