@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from extract.ray_session import connect, root_cause
 from extract.spec import BackboneLoadSpec
-from pipeline.cache import SEGMENT_KIND, VIEW_KIND, CacheReader, CacheRoot, is_complete, read_attrs
-from pipeline.cache_layout import LayerSpec, ShardSpec, StoreLayout
+from pipeline.cache import CacheReader, CacheRoot, is_complete, read_attrs
+from pipeline.cache_layout import SEGMENT_KIND, VIEW_KIND, LayerSpec, ShardSpec, StoreLayout
 from pipeline.cache_space import SpacePlan, plan_space, segment_id, write_space_file, write_view
 from pipeline.cache_writer import CacheBuilder
 from pipeline.config import BackboneConfig, ExtractConfig

@@ -91,12 +91,14 @@ from pipeline import READABLE_FORMAT_VERSIONS
 from pipeline.cache_layout import (
     EXAMPLES_FILE,
     METADATA_FILE,
+    VIEW_KIND,
     ArraySpec,
     LayerSpec,
     StoreLayout,
     layer_array_name,
     scale_array_name,
 )
+from pipeline.cache_view import ViewMixin
 from pipeline.checksums import (
     CHECKSUMS_FILE,
     CheckedStore,
@@ -117,8 +119,6 @@ LEASES_DIR = ".leases"
 SPACES_DIR = "spaces"
 SEGMENTS_DIR = "segments"
 SPACE_FILE = "space.json"
-VIEW_KIND = "view"
-SEGMENT_KIND = "segment"
 
 
 def check_key(key: str) -> None:
@@ -408,8 +408,6 @@ class CacheReader(ActivationCache):
             location = target if isinstance(target, Location) else Location(target, options)
             attrs = read_attrs(location)
             if attrs is not None and attrs.get("kind") == VIEW_KIND:
-                from pipeline.cache_view import ViewReader
-
                 return super().__new__(ViewReader)
         return super().__new__(cls)
 
@@ -687,3 +685,12 @@ def _read_lease(location: Location) -> ReadLease:
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
     return text if len(text) <= 16 else text[:12] + "..."
+
+
+class ViewReader(ViewMixin, CacheReader):
+    """A dataset version read through its activation space's segments, with the API of
+    :class:`CacheReader` (how: :mod:`pipeline.cache_view`). ``CacheReader(path)`` gives one for a view."""
+
+    def _segment_reader(self, root: Location, segment_id: str, options: dict[str, Any] | None, strict: bool):
+        location = CacheRoot(root).segment_location(self.space, segment_id)
+        return location, lambda: CacheReader(location, options=options, strict=strict)

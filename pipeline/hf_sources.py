@@ -25,6 +25,7 @@ from pipeline.config import DatasetConfig
 from pipeline.errors import UniptError
 from pipeline.extras import require
 from pipeline.log import say
+from pipeline.raw_examples import RawExamples
 
 HF_PREFIX = "hf:"
 HF_DISK_PREFIX = "hf-disk:"
@@ -44,7 +45,7 @@ def parse_hf_source(source: str) -> tuple[str, str | None]:
 
 
 def read_hf_source(config: DatasetConfig) -> Any:
-    """The source's rows as :class:`pipeline.datasets._RawExamples`."""
+    """The source's rows as :class:`pipeline.raw_examples.RawExamples`."""
     require("datasets", f"dataset.source {config.source}")
     import datasets
 
@@ -106,8 +107,6 @@ def _load_from_disk(config: DatasetConfig) -> Any:
 
 
 def _rows(parts: dict[str | None, Any], config: DatasetConfig, own_splits: bool) -> Any:
-    from pipeline.datasets import _RawExamples
-
     if config.text_column is None and config.image_column is None:
         raise UniptError("dataset.text_column and dataset.image_column are both null; name at least one")
     texts, labels, ids, groups, splits, images = [], [], [], [], [], []
@@ -131,7 +130,7 @@ def _rows(parts: dict[str | None, Any], config: DatasetConfig, own_splits: bool)
         groups += column(config.split.group_column, "split.group_column") or []
         splits += [split_name] * n if own_splits else column(config.split_column, "split_column") or []
         images += column(config.image_column, "image_column") or []
-    return _RawExamples(
+    return RawExamples(
         texts=texts if config.text_column is not None else None,
         labels=labels,
         ids=ids if config.id_column is not None else None,

@@ -12,10 +12,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline import experiment
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheReader, CacheRoot, ViewReader
 from pipeline.cache_layout import LayerSpec, StoreLayout
 from pipeline.cache_space import write_view
-from pipeline.cache_view import ViewReader
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.config import load_config
 from tests.conftest import make_sentiment_rows, write_config, write_csv

@@ -1,0 +1,16 @@
+"""The rows a dataset source gives before normalization: what every reader (files, bundled sets,
+Hugging Face datasets) returns and :func:`pipeline.datasets.normalize` turns into the normalized table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RawExamples:
+    texts: list[str] | None
+    labels: list[str]
+    ids: list[str] | None = None
+    groups: list[str] | None = None
+    splits: list[str] | None = None
+    images: list[dict] | None = None  # image datasets: column values of pipeline.images.IMAGE_TYPE
