@@ -143,5 +143,7 @@ def test_amp_is_off_on_cpu(tmp_path):
     for setting in ("auto", "off", "bfloat16", "float16"):
         assert amp_dtype(setting, torch.device("cpu")) is None
     assert math.isfinite(
-        train_task(_reader(tmp_path), CONFIG.model_copy(update={"amp": "float16"}), 0, False).metrics["val_acc"]
+        train_task(_reader(tmp_path), CONFIG.model_copy(update={"amp": "float16"}), 0, False).metrics[
+            "val_acc"
+        ]
     )
