@@ -50,4 +50,5 @@ def configure_cli_logging(level: int = logging.INFO) -> None:
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         log.addHandler(_StderrHandler())
     log.setLevel(level)
-    log.propagate = False
+    # Records still propagate: the root logger has no handler in the CLI (so nothing prints twice),
+    # and a host that configured logging (pytest, a notebook) keeps seeing them.
