@@ -15,6 +15,9 @@ from pipeline.errors import UniptError
 from tests.conftest import write_config
 
 MNIST = "bundled:mnist_5k"
+# A seeded sample in which every digit of val/test also has training examples (loading refuses a class
+# that only val/test hold; with content-grouped splits 24 was such a sample).
+LIMIT = 30
 
 
 def _image_config(tmp_path, backbone: str, **backbone_options):
@@ -23,7 +26,7 @@ def _image_config(tmp_path, backbone: str, **backbone_options):
         MNIST,
         backbone,
         tmp_path,
-        dataset={"source": MNIST, "id_column": None, "limit": 24},
+        dataset={"source": MNIST, "id_column": None, "limit": LIMIT},
         backbone={"name_or_path": backbone, "batch_size": 8, **backbone_options},
         extract={"shard_size": 10, "chunk_rows": 64},
     )
@@ -36,7 +39,7 @@ def test_efficientnet_stages_land_as_feature_maps(ray_session, tmp_path):
     reader = CacheReader(result.path)
     assert reader.layers == [3, 4, 8] and reader.hidden_sizes == {3: 40, 4: 80, 8: 1280}
     assert reader.attrs["grids"] == {"3": [14, 14], "4": [7, 7], "8": [4, 4]}
-    assert reader.attrs["backbone"]["input"] == "image" and reader.num_examples == 24
+    assert reader.attrs["backbone"]["input"] == "image" and reader.num_examples == LIMIT
 
     backbone = load_backbone(BackboneLoadSpec("bundled:efficientnet-lite0", device="cpu"))
     images = prep.dataset.table.column("image").to_pylist()
@@ -58,7 +61,7 @@ def test_vit_tokens_land_as_sequences(ray_session, tmp_path, tiny_vit_dir):
     prep = _image_config(tmp_path, str(tiny_vit_dir))
     reader = CacheReader(experiment.extract(prep, progress=False).path)
     assert reader.layers == [0, 1, 2] and reader.attrs["grids"] == {}
-    assert reader.examples.column("length").to_pylist() == [17] * 24  # 16 patches + CLS
+    assert reader.examples.column("length").to_pylist() == [17] * LIMIT  # 16 patches + CLS
     backbone = load_backbone(BackboneLoadSpec(str(tiny_vit_dir), device="cpu"))
     images = prep.dataset.table.column("image").to_pylist()
     encoded = backbone.encode(images[10:20], [0, 1, 2], 17, 8)  # the second shard, in one call like a worker
