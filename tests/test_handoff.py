@@ -67,7 +67,9 @@ def cluster_cache(tmp_path, tiny_bert_dir, ray_session):
 
 def test_train_from_a_copied_cache_alone_matches_the_run_made_next_to_the_data(cluster_cache, tmp_path):
     config, normal, location = cluster_cache
-    copy = shutil.copytree(location.url, tmp_path / "gpu" / "carried-cache")
+    # A view's activations live in its space's segments beside it: carry the whole cache root.
+    root = shutil.copytree(Path(location.url).parent, tmp_path / "gpu" / "carried-root")
+    copy = root / Path(location.url).name
     shutil.rmtree(tmp_path / "cluster")  # the data file, the model folder and the original cache: all gone
 
     runs, registry = tmp_path / "gpu" / "runs", tmp_path / "gpu" / "registry.sqlite"
@@ -164,7 +166,7 @@ def test_the_record_holds_the_key_of_the_cache_read_so_gc_keeps_it(cluster_cache
 
 def test_sweep_from_a_cache_alone(cluster_cache, tmp_path, ray_session):
     config, normal, location = cluster_cache
-    copy = shutil.copytree(location.url, tmp_path / "carried")
+    copy = shutil.copytree(Path(location.url).parent, tmp_path / "carried") / Path(location.url).name
     shutil.rmtree(tmp_path / "cluster")
     storage = [f"storage.runs_root={tmp_path / 'sw'}", f"storage.registry={tmp_path / 'sw.sqlite'}"]
     configs = [
