@@ -7,7 +7,6 @@ backbone in memory.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pipeline.datasets import input_hashes
 from pipeline.errors import UniptError
 from pipeline.identity import space_key, space_key_fields
 from pipeline.locks import LeaseSet, ReadLease, exclusive
+from pipeline.log import log, say
 from pipeline.storage import Location
 
 
@@ -96,11 +96,7 @@ def run_extraction(
     hashes = input_hashes(request.examples)
 
     def waiting() -> None:
-        print(
-            f"unipt: another extraction in activation space {space} is running; waiting for it",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"another extraction in activation space {space} is running; waiting for it")
 
     # torch before Ray: inside a `ray job` whose working_dir was just unpacked, importing torch
     # after ray.init() has crashed in oneMKL (seen with Ray 2.60); the other order is safe.
@@ -153,9 +149,9 @@ def _build_view(
     root, key, space = request.cache_root, request.key, plan.space
     examples = request.examples
     if plan.missing:
-        _say(f"cache: {plan.reused:,} of {plan.unique:,} inputs reused; extracting {len(plan.missing):,}")
+        say(f"cache: {plan.reused:,} of {plan.unique:,} inputs reused; extracting {len(plan.missing):,}")
     else:
-        _say(f"cache: all {plan.unique:,} inputs reused; writing the view only (no backbone forward pass)")
+        say(f"cache: all {plan.unique:,} inputs reused; writing the view only (no backbone forward pass)")
     leases = []
     try:
         result = ExtractionResult(path=root.location(key), cache_hit=not plan.missing)
@@ -189,7 +185,7 @@ def _build_view(
         t_view = time.perf_counter()
         path = write_view(root, key, attrs, examples, hashes, plan.where, readers)
         if not plan.missing:
-            _say(f"wrote view {key} over {len(readers)} segment(s) in {time.perf_counter() - t_view:.2f}s")
+            say(f"wrote view {key} over {len(readers)} segment(s) in {time.perf_counter() - t_view:.2f}s")
         result.path = path
         result.seconds = time.perf_counter() - t0
         result.stats["reused_inputs"] = plan.reused
@@ -226,11 +222,9 @@ def _warn_truncated(count: int, inputs: list, max_length: int) -> None:
     """One line for the whole extraction, not one per text or per shard."""
     lengths = [len(text) for text in inputs if isinstance(text, str)]
     longest = f" (the longest has {max(lengths):,} characters)" if lengths else ""
-    print(
-        f"unipt: warning: {count} text(s) longer than backbone.max_length ({max_length} tokens) were "
-        f"truncated to it{longest}; raise backbone.max_length to keep more of each text",
-        file=sys.stderr,
-        flush=True,
+    log.warning(
+        f"warning: {count} text(s) longer than backbone.max_length ({max_length} tokens) were "
+        f"truncated to it{longest}; raise backbone.max_length to keep more of each text"
     )
 
 
@@ -238,12 +232,10 @@ def _warn_no_content(positions: list[int], ids: list[str]) -> None:
     """One line for texts the tokenizer turns into nothing but special or unknown tokens (emoji-only or
     zero-width text): the model sees no content in them, yet they are trained and scored like the rest."""
     shown = ", ".join(repr(ids[p]) for p in positions[:3]) + (", ..." if len(positions) > 3 else "")
-    print(
-        f"unipt: warning: {len(positions)} text(s) tokenize to nothing but special or unknown tokens "
+    log.warning(
+        f"warning: {len(positions)} text(s) tokenize to nothing but special or unknown tokens "
         f"(e.g. emoji-only or zero-width text; ids {shown}); the model sees no content in them: clean or "
-        "drop them, or use a backbone whose vocabulary covers them",
-        file=sys.stderr,
-        flush=True,
+        "drop them, or use a backbone whose vocabulary covers them"
     )
 
 
@@ -287,7 +279,7 @@ def _worker_layout(setting: int | str) -> tuple[int, dict[str, float], int]:
                 f"extract.workers={setting} asks for {asked}, but the Ray cluster has room for none now "
                 f"({have}); wait for other jobs to finish, add nodes, or lower extract.workers"
             )
-        _say(
+        say(
             f"extract.workers={setting} asks for {asked}; the Ray cluster can place {placeable} now "
             f"({have}), so {placeable} will run"
         )
@@ -322,10 +314,6 @@ def _show_available(nodes: list[dict[str, float]]) -> str:
     return ", ".join(
         f"{free.get(name, 0):g} of {sum(n.get(name, 0) for n in nodes):g} {name} free" for name in names
     )
-
-
-def _say(message: str) -> None:
-    print(f"unipt: {message}", file=sys.stderr, flush=True)
 
 
 class _WorkerPool:
@@ -428,7 +416,7 @@ class _WorkerPool:
                 if self.reprobe_at and wait_s < NOTICE_EVERY_S:
                     continue
                 if not self.ready:
-                    _say(
+                    say(
                         f"waiting for extraction workers: none of {len(self.actors)} is running yet "
                         f"(each needs {_show(self.resources)}; "
                         f"{_show_available([n['Resources'] for n in ray.nodes() if n.get('Alive')])})"
@@ -576,7 +564,7 @@ def _extract(
         bar.close()
         lost = pool.workers_lost
         if lost:
-            _say(
+            say(
                 f"lost {lost} of {count} workers; their shards were re-queued "
                 f"({pool.requeued} shard(s) redone by the {count - lost} left)"
             )

@@ -1,8 +1,10 @@
-"""The ``unipt`` logger: every stage reports progress through it; the CLI decides where it goes.
+"""The ``unipt`` logger: every stage reports progress through it, never by printing.
 
-Library code calls :func:`say` (INFO) or ``log.warning``; nothing prints directly, so a Python user of
-:mod:`pipeline.experiment` chooses what to see with the standard :mod:`logging` setup, and the CLI shows
-each message as one ``unipt: ...`` line on stderr.
+Library code calls :func:`say` (INFO) or ``log.warning``; nothing prints directly. By default every
+message is one ``unipt: ...`` line on stderr, for the CLI and a Python user of :mod:`pipeline.experiment`
+alike (progress is what a long job owes its user); quieter is one standard call away:
+``logging.getLogger("unipt").setLevel(logging.WARNING)``. Records also propagate, so a host that set up
+:mod:`logging` (pytest, a notebook, a service) sees them too.
 """
 
 from __future__ import annotations
@@ -52,3 +54,6 @@ def configure_cli_logging(level: int = logging.INFO) -> None:
     log.setLevel(level)
     # Records still propagate: the root logger has no handler in the CLI (so nothing prints twice),
     # and a host that configured logging (pytest, a notebook) keeps seeing them.
+
+
+configure_cli_logging()  # the default: see the module docstring
