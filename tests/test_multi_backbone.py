@@ -125,7 +125,7 @@ def test_image_text_retrieval_end_to_end(tmp_path, tiny_vit_dir, tiny_bert_dir, 
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path), "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert captured.err.count("cache miss") == 2 and "test_rsum" in captured.out
+    assert captured.err.count("cache miss") == 2 and "test rsum" in captured.out
     (record_file,) = (tmp_path / "runs").glob("*/record.json")
     record = json.loads(record_file.read_text())
     metrics = record["metrics"]
