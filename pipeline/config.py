@@ -269,7 +269,6 @@ class StorageConfig(_Strict):
         return cache_root
 
 
-_BACKBONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 class TrackingConfig(_Strict):
     """Where a run is also reported (the run record and the registry stay the source of truth)."""
 
@@ -294,6 +293,7 @@ class TrackingConfig(_Strict):
         return uri
 
 
+_BACKBONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 class ExperimentConfig(_Strict):
@@ -309,10 +309,10 @@ class ExperimentConfig(_Strict):
     extract: ExtractConfig = ExtractConfig()
     train: TrainConfig = TrainConfig()
     storage: StorageConfig = StorageConfig()
-
     tracking: TrackingConfig = Field(
         TrackingConfig(), description="Report runs to TensorBoard and/or MLflow too (off by default)."
     )
+
     @model_validator(mode="after")
     def _one_backbone_section(self) -> ExperimentConfig:
         if (self.backbone is None) == (self.backbones is None):

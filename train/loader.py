@@ -51,7 +51,9 @@ def to_device(batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], t
     Copies are ``non_blocking`` (they overlap compute when the batch sits in pinned memory), and a
     float16 batch is upcast after the copy, on the device: half the bytes cross the bus.
     """
-    hidden = [h.to(device, non_blocking=True).float() for h in batch.hidden]
+    hidden = [h.to(device, non_blocking=True) for h in batch.hidden]
+    # Only activations are upcast: the online baselines' batches carry token ids, which stay integers.
+    hidden = [h.float() if h.is_floating_point() else h for h in hidden]
     return hidden, batch.mask.to(device, non_blocking=True)
 
 
