@@ -48,7 +48,9 @@ def pure_forward_seconds(prep, repeats: int) -> tuple[float, int]:
     from extract.spec import BackboneLoadSpec
 
     settings = prep.config.primary_backbone
-    backbone = load_backbone(BackboneLoadSpec(prep.backbone.local_dir, autocast=prep.config.extract.autocast))
+    backbone = load_backbone(
+        BackboneLoadSpec(prep.primary.identity.local_dir, autocast=prep.config.extract.autocast)
+    )
     column = "image" if backbone.input_kind == "image" else "text"
     inputs = prep.dataset.table.column(column).to_pylist()
     layers = (

@@ -10,6 +10,7 @@ from extract.spec import BackboneLoadSpec
 from pipeline import experiment
 from pipeline.cache import CacheReader
 from pipeline.config import load_config
+from pipeline.datasets import input_hashes
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +35,20 @@ def test_minilm_on_rotten_tomatoes(ray_session, tmp_path):
     assert reader.num_examples == 600
     assert reader.attrs["backbone"]["model_type"] == "bert"
 
-    backbone = HFTextBackbone(BackboneLoadSpec(prep.backbone.local_dir))
+    backbone = HFTextBackbone(BackboneLoadSpec(prep.primary.identity.local_dir))
     texts = prep.dataset.table.column("text").to_pylist()
     lengths = [len(ids) for ids in backbone.tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
     assert reader.examples.column("length").to_pylist() == lengths
-    shard = reader.layout.shards()[1]
-    encoded = backbone.encode(texts[shard.example_start : shard.example_stop], reader.layers, 128, 64)
+    # The second shard of the segment the view reads, against the backbone run on exactly its inputs in
+    # one call, as a worker ran it (same batches, so the same bits).
+    (segment,) = reader.segments
+    shard = segment.layout.shards()[1]
+    text_of = dict(zip(input_hashes(prep.dataset.table), texts, strict=True))
+    hashes = segment.examples.column("input_hash").to_pylist()[shard.example_start : shard.example_stop]
+    encoded = backbone.encode([text_of[h] for h in hashes], segment.layers, 128, 64)
     for layer in (0, 3, 6):
         cached = np.concatenate(
-            [reader.read_example(i, layer) for i in range(shard.example_start, shard.example_stop)]
+            [segment.read_example(i, layer) for i in range(shard.example_start, shard.example_stop)]
         )
         np.testing.assert_array_equal(cached, encoded.layers[layer])
 
