@@ -91,7 +91,8 @@ def _recorded_checksums(store: Path) -> dict[str, str]:
 
 
 def _only_cache(root: Path) -> Path:
-    stores = [p for p in root.iterdir() if not p.name.startswith(".")]
+    """The one segment the extraction wrote (its view, beside it, holds no activations)."""
+    stores = list(root.glob("spaces/*/segments/*"))
     assert len(stores) == 1, stores
     return stores[0]
 
