@@ -234,3 +234,16 @@ class StoreLayout:
             for s in data["layers"]
         )
         return cls(**fields)
+
+
+def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])``, without a Python loop: the row
+    indices of many row ranges at once (a view's gather, the loader's padding scatter)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(counts)
+    # Each position's offset within its range, plus its range's start.
+    within = np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)
+    return np.repeat(np.asarray(starts, dtype=np.int64), counts) + within

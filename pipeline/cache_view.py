@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.cache_layout import SEGMENT_KIND, layer_array_name
+from pipeline.cache_layout import SEGMENT_KIND, concat_ranges, layer_array_name
 from pipeline.checksums import CHECKSUMS_FILE, Problem, digest
 from pipeline.errors import UniptError
 from pipeline.locks import LeaseSet
@@ -61,18 +61,6 @@ def parent_of(location: Location) -> Location:
     return Location(location.url.rstrip("/").rsplit("/", 1)[0], location.options)
 
 
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])`` without a Python loop."""
-    counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(counts)
-    return np.repeat(np.asarray(starts, dtype=np.int64), counts) + (
-        np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)
-    )
-
-
 def gather(
     segment: np.ndarray,
     physical: np.ndarray,
@@ -96,7 +84,9 @@ def gather(
             if out is None:
                 out = np.empty((total, *rows.shape[1:]), dtype=rows.dtype)
             picked = mine[part]
-            out[_ranges(targets[picked], counts[picked])] = rows[_ranges(begins[part] - a, counts[picked])]
+            out[concat_ranges(targets[picked], counts[picked])] = rows[
+                concat_ranges(begins[part] - a, counts[picked])
+            ]
     assert out is not None
     return out
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import ActivationCache
+from pipeline.cache_layout import concat_ranges
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 
@@ -210,8 +211,8 @@ class CacheBatches:
             for blk, rows, items in groups.values():
                 starts, stops = blk.starts[layer][items], blk.stops[layer][items]
                 counts = stops - starts
-                source = _ranges(starts, counts)
-                target = _ranges(np.asarray(rows, dtype=np.int64) * longest, counts)
+                source = concat_ranges(starts, counts)
+                target = concat_ranges(np.asarray(rows, dtype=np.int64) * longest, counts)
                 flat[target] = blk.rows[layer][source]
             hidden.append(torch.from_numpy(out))
         mask = padding_mask(lengths)
@@ -245,18 +246,6 @@ class CacheBatches:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])``, without a Python loop."""
-    counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(counts)
-    # Each position's offset within its range, plus its range's start.
-    within = np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)
-    return np.repeat(np.asarray(starts, dtype=np.int64), counts) + within
 
 
 def plan_blocks(indices: np.ndarray, offsets: list[np.ndarray], block_examples: int) -> list[np.ndarray]:
