@@ -191,6 +191,28 @@ def remove_segments(root: CacheRoot, space: str, segment_ids: list[str]) -> list
     return kept
 
 
+def remove_empty_spaces(root: CacheRoot) -> list[str]:
+    """Remove activation spaces left with no segment and no view (gc took their last segment);
+    returns their ids. Each is checked and removed under the space's build lock, so an extraction
+    that is about to write a segment into it either waits for this or runs first and keeps it."""
+    from pipeline.cache_space import views_of
+
+    removed = []
+    for space in root.spaces():
+        with exclusive_if_free(root.lock_location(space)) as free:
+            if not free or root.segments(space) or views_of(root, space):
+                continue
+            location = root.space_location(space)
+            if location.is_local and location.exists():
+                trash = root.root.child(TRASH_DIR, f"{space}-{uuid.uuid4().hex[:8]}")
+                os.makedirs(os.path.dirname(trash.url), exist_ok=True)
+                os.replace(location.url, trash.url)
+                location = trash
+            location.remove()
+            removed.append(space)
+    return removed
+
+
 def _still_read(root: CacheRoot, item: Garbage) -> bool:
     """Whether a committed view reads the segment after all: one written since gc looked (its extraction
     held the segment's lease until the view was committed, so under our lease the answer is final)."""

@@ -14,6 +14,7 @@ from pipeline.cache_admin import (
     expected_files,
     find_garbage,
     remove,
+    remove_empty_spaces,
     remove_segments,
     sweep_lock_files,
     verify,
@@ -125,6 +126,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{'removing' if args.yes else 'would remove'} {item.key}{kind}  {human_bytes(item.bytes)}")
         garbage.append(item)
     if args.yes:
+        for space in remove_empty_spaces(root):
+            print(f"removing space {space}: no segment or view left in it")
         sweep_lock_files(root)  # empty lock files left by killed processes
     total = sum(item.bytes for item in garbage)
     summary = f"{len(garbage)} cache(s), {human_bytes(total)}"

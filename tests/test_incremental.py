@@ -218,3 +218,73 @@ def test_compact_merges_segments_rewrites_views_and_gc_removes_what_no_view_read
     args = ["--runs-root", str(tmp_path / "runs"), "--registry", str(tmp_path / "r.sqlite")]
     assert main(["cache", "gc", "--cache-root", str(tmp_path), *args, "--yes"]) == 0
     assert root.keys() == [] and root.segments(SPACE) == []
+    # ...and the space it leaves empty, so nothing of it stays on disk.
+    assert f"removing space {SPACE}" in capsys.readouterr().out
+    assert root.spaces() == [] and not root.space_location(SPACE).exists()
+
+
+def test_concurrent_extractions_of_overlapping_versions_build_each_input_once(
+    ray_session, tmp_path, tiny_bert_dir, capfd
+):
+    """Two versions sharing 40 of their inputs, extracted at the same moment into one root: the space's
+    lock lets one build while the other waits, which then extracts only what the first did not."""
+    import threading
+
+    rows = make_sentiment_rows(160, seed=3)
+    sources = {"x": write_csv(tmp_path / "x.csv", rows[:100]), "y": write_csv(tmp_path / "y.csv", rows[60:])}
+
+    def prepare(name: str, root: str) -> experiment.Prepared:
+        path = write_config(tmp_path / f"{name}-{root}.yaml", str(sources[name]), str(tiny_bert_dir),
+                            tmp_path / root)  # fmt: skip
+        return experiment.prepare(load_config(path))
+
+    shared = [prepare("x", "shared"), prepare("y", "shared")]
+    start = threading.Barrier(2)
+    results: list = [None, None]
+    errors: list[BaseException] = []
+
+    def extract(index: int) -> None:
+        start.wait()
+        try:
+            results[index] = experiment.extract(shared[index], progress=False)
+        except BaseException as exc:  # reported by the assertion below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=extract, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    err = capfd.readouterr().err
+    assert "another extraction in activation space" in err and "waiting for it" in err
+    # 160 distinct inputs between them, each through the backbone once: 100 by the first, 60 by the second.
+    assert sorted(r.examples for r in results) == [60, 100]
+    for result in results:
+        result.release()
+
+    root = shared[0].cache_root
+    (space,) = root.spaces()
+    held = []
+    for segment in root.segments(space):
+        reader = CacheReader(root.segment_location(space, segment))
+        held += reader.examples.column("input_hash").to_pylist()
+        reader.lease.release()
+    assert len(held) == len(set(held)) == 160
+
+    # Each version reads what it would have read extracted alone (up to the backbone's batch dependence).
+    for name, prep in zip("xy", shared, strict=True):
+        alone = prepare(name, f"alone-{name}")
+        with experiment.extract(alone, progress=False):
+            pass
+        assert alone.key == prep.key
+        mine, theirs = CacheReader(root.location(prep.key)), CacheReader(alone.cache_root.location(alone.key))
+        assert mine.num_examples == theirs.num_examples == 100
+        for layer in mine.layers:
+            np.testing.assert_array_equal(mine.offsets_for(layer), theirs.offsets_for(layer))
+            total = int(mine.offsets_for(layer)[-1, 1])
+            np.testing.assert_allclose(
+                mine.read_rows(layer, 0, total), theirs.read_rows(layer, 0, total), rtol=2e-3, atol=2e-3
+            )
+        mine.lease.release()
+        theirs.lease.release()
