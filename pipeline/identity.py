@@ -158,7 +158,9 @@ def cache_key_fields(
         "max_length": backbone_config.max_length,
         "dtype": extract_config.dtype,
         "autocast": extract_config.autocast,
-        "preprocessing": {"truncation": True, "special_tokens": True},
+        # Texts are padded to a multiple of 8 of their own length (extract.backbones.hf_text): rows from
+        # the longest-in-batch padding of earlier versions differ in their last bits, so not one space.
+        "preprocessing": {"truncation": True, "special_tokens": True, "padding": "own_length_multiple_of_8"},
     }
 
 

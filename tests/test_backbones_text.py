@@ -138,3 +138,42 @@ def test_roberta_hidden_states_match_the_model_one_text_at_a_time(tiny_roberta_d
         for layer in (0, 2):
             got = encoded.layers[layer][offsets[i] : offsets[i + 1]]
             np.testing.assert_allclose(got, states[layer][0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_texts_activations_do_not_depend_on_what_it_is_batched_with(tiny_roberta_dir):
+    """Same bytes for the same text in any batch: what lets segments built at different times (an
+    incremental extraction) hold exactly what one extraction from scratch would."""
+    from transformers import AutoTokenizer, RobertaModel
+
+    from extract.backbones.hf_text import padded_length, same_padding_batches
+
+    backbone = load_backbone(BackboneLoadSpec(str(tiny_roberta_dir), device="cpu"))
+    many = [f"{text} {' '.join(FILLER[: k % 9])}".strip() for k, text in enumerate(TEXTS * 6)]
+    batched = backbone.encode(many, [0, 1, 2], max_length=24, batch_size=5, dtype="float32")
+    offsets = np.cumsum([0] + batched.lengths)
+    for i in (0, 7, 13, 22):
+        alone = backbone.encode([many[i]], [0, 1, 2], max_length=24, batch_size=5, dtype="float32")
+        for layer in (0, 1, 2):
+            np.testing.assert_array_equal(
+                batched.layers[layer][offsets[i] : offsets[i + 1]], alone.layers[layer]
+            )
+
+    # What it guards against: padded to the longest text beside it, a text's rows change in their last bits.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_roberta_dir)
+    model = RobertaModel.from_pretrained(tiny_roberta_dir, use_safetensors=True).eval()
+    short, longest = many[2], max(many, key=len)
+    with torch.no_grad():
+        n = len(tokenizer(short)["input_ids"])
+        own = model(**tokenizer([short], return_tensors="pt"), output_hidden_states=True).hidden_states
+        beside = model(
+            **tokenizer([short, longest], padding=True, return_tensors="pt"), output_hidden_states=True
+        )
+    assert not all(torch.equal(a[0, :n], b[0, :n]) for a, b in zip(own, beside.hidden_states, strict=True))
+
+    # Batches: sorted by length, each one padding length (next multiple of 8, capped), at most batch_size.
+    lengths = [3, 17, 9, 8, 16, 1, 30, 8, 5]
+    batches = same_padding_batches(lengths, batch_size=2, max_length=30)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 2 and len({padded_length(lengths[i], 30) for i in batch}) == 1
+    assert [padded_length(n, 30) for n in (1, 8, 9, 29, 30)] == [8, 8, 16, 30, 30]

@@ -91,13 +91,13 @@ class HFTextBackbone:
         keys = [k for k in encoded.keys() if self._accepts is None or k in self._accepts]
         ids = encoded["input_ids"]
         lengths = [len(x) for x in ids]
-        # Batching by length keeps padding (wasted compute) small; the order is deterministic.
-        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
         per_example: list[dict[int, np.ndarray] | None] = [None] * len(texts)
-        for start in range(0, len(order), batch_size):
-            batch_idx = order[start : start + batch_size]
+        for batch_idx in same_padding_batches(lengths, batch_size, max_length):
             features = self.tokenizer.pad(
-                {key: [encoded[key][i] for i in batch_idx] for key in keys}, return_tensors="pt"
+                {key: [encoded[key][i] for i in batch_idx] for key in keys},
+                padding="max_length",
+                max_length=padded_length(lengths[batch_idx[0]], max_length),
+                return_tensors="pt",
             )
             features = {k: to_device(v, self.device) for k, v in features.items()}
             with autocast(self.device, self.autocast):
@@ -114,6 +114,36 @@ class HFTextBackbone:
         no_content = [i for i, example_ids in enumerate(ids) if all(t in special for t in example_ids)]
         truncated = _count_truncated(encoded, max_length)
         return EncodedShard(lengths=lengths, layers=packed, truncated=truncated, no_content=no_content)
+
+
+PAD_MULTIPLE = 8
+
+
+def padded_length(length: int, max_length: int) -> int:
+    """The length a text of ``length`` tokens is padded to: the next multiple of :data:`PAD_MULTIPLE`
+    (at most ``max_length``), decided by the text alone, never by the longest text beside it."""
+    return min(-(-length // PAD_MULTIPLE) * PAD_MULTIPLE, max(length, max_length))
+
+
+def same_padding_batches(lengths: list[int], batch_size: int, max_length: int) -> list[list[int]]:
+    """Indices of ``lengths`` in batches of at most ``batch_size`` that all pad to one length.
+
+    Why: padding changes the last bits of a transformer's activations (masked positions still enter
+    its softmax and matmul reductions), while the batch size does not. Padding every text to a length
+    of its own makes its rows a function of the text alone, so the same input gets the same bytes in
+    any segment, whatever it was batched with (an incremental extraction then equals one from scratch
+    bit for bit). Sorted by length, so padding stays under 8 tokens a text; the order is deterministic.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    for index in order:
+        pad = padded_length(lengths[index], max_length)
+        last = batches[-1] if batches else None
+        if last is None or len(last) == batch_size or padded_length(lengths[last[0]], max_length) != pad:
+            batches.append([index])
+        else:
+            last.append(index)
+    return batches
 
 
 def _count_truncated(encoded: Any, max_length: int) -> int:
