@@ -207,7 +207,7 @@ class CacheBatches:
                 out[row, : stop - start] = blk.rows[layer][start:stop]
             # CUDA batches keep the decoded dtype (upcast on the device, see to_device); CPU ones are upcast
             # here, once per padded batch.
-            hidden.append(torch.from_numpy(out) if self.pin_memory else _as_float32(out))
+            hidden.append(torch.from_numpy(out) if self.pin_memory else as_float32(out))
         mask = padding_mask(lengths)
         indices = np.array([ex[0] for ex in examples], dtype=np.int64)
         return Batch(hidden=hidden, mask=mask, labels=torch.from_numpy(self.labels[indices]), indices=indices)
@@ -245,8 +245,8 @@ class CacheBatches:
 _SERIAL_ELEMENTS = 32768
 
 
-def _as_float32(array: np.ndarray) -> torch.Tensor:
-    """``array`` as a float32 tensor, cast by torch's vectorised code in pieces small enough that each runs
+def as_float32(array: np.ndarray) -> torch.Tensor:
+    """``array`` (float16 or float32) as a float32 tensor, cast by torch's vectorised code in pieces small enough that each runs
     in this thread: numpy's float16 cast is scalar code (~1 GB/s here, the largest cost of a batch before),
     and one whole-batch torch cast would start a second OpenMP team in the collate thread, competing with
     the training step's threads for the same cores."""
