@@ -6,7 +6,7 @@ fixed-size row per example), and raw reads through the ``zarrs`` (Rust) codec pi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -139,10 +139,10 @@ class ArrowPeer:
         self.source.close()
 
 
-def zarrs_reads(reader: CacheReader) -> dict[int, zarr.Array] | None:
-    """The reader's layer arrays opened through the zarrs codec pipeline, or None where that cannot be done:
-    zarrs not installed, a remote store, a dtype decoded after the read (bfloat16, int8, float8), or a
-    view that is not one whole segment.
+def zarrs_reads(reader: CacheReader) -> Callable[[int, int, int], np.ndarray] | None:
+    """``read(layer, start, stop)``: the reader's rows read through the zarrs codec pipeline, or None where
+    that cannot be done: zarrs not installed, a remote store, or a dtype decoded after the read (bfloat16,
+    int8, float8). A view's rows are gathered from its segments exactly as its own ``read_rows`` does.
 
     zarrs refuses wrapped stores ("zarrs-python does not support CheckedStore stores") and zarr then falls
     back to its own pipeline, so these arrays sit on a plain LocalStore: zarrs checks every chunk's crc32c,
@@ -152,31 +152,34 @@ def zarrs_reads(reader: CacheReader) -> dict[int, zarr.Array] | None:
         import zarrs  # noqa: F401
     except ImportError:
         return None
-    source = reader
-    if isinstance(reader, ViewReader):
-        if len(reader.segments) != 1:
-            return None
-        source = reader.segments[0]
-        for layer in reader.layers:
-            if not np.array_equal(reader.offsets_for(layer), source.offsets_for(layer)):
-                return None  # the view reorders or drops rows: a gather, not one read
-    if reader.dtype not in ("float16", "float32") or not source.location.is_local:
+    sources = reader.segments if isinstance(reader, ViewReader) else [reader]
+    if reader.dtype not in ("float16", "float32") or not all(s.location.is_local for s in sources):
         return None
+    arrays = []
     with zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):
-        group = zarr.open_group(zarr.storage.LocalStore(source.location.url, read_only=True), mode="r")
-        arrays = {layer: group[layer_array_name(layer)] for layer in reader.layers}
-    if not all(type(a._async_array.codec_pipeline).__name__ == "ZarrsCodecPipeline" for a in arrays.values()):
+        for source in sources:
+            group = zarr.open_group(zarr.storage.LocalStore(source.location.url, read_only=True), mode="r")
+            arrays.append({layer: group[layer_array_name(layer)] for layer in reader.layers})
+    pipelines = {type(a._async_array.codec_pipeline).__name__ for a in arrays[0].values()}
+    if pipelines != {"ZarrsCodecPipeline"}:  # zarr fell back to its own pipeline: nothing to compare
         return None
-    return arrays
+
+    def read(layer: int, start: int, stop: int) -> np.ndarray:
+        if not isinstance(reader, ViewReader):
+            return arrays[0][layer][start:stop]
+        name = reader.layer_spec(layer).offsets_name
+        return reader._gather(name, start, stop, lambda seg, lo, hi: arrays[seg][layer][lo:hi])
+
+    return read
 
 
-def zarrs_pass(arrays: dict[int, zarr.Array], loader: CacheBatches, seed: int) -> float:
-    """Seconds for :func:`benchmarks.loader_throughput.raw_pass`'s reads through the zarrs arrays."""
+def zarrs_pass(read: Callable[[int, int, int], np.ndarray], loader: CacheBatches, seed: int) -> float:
+    """Seconds for :func:`benchmarks.loader_throughput.raw_pass`'s reads through the zarrs pipeline."""
     order = np.random.default_rng(seed).permutation(len(loader.blocks))
     started = time.perf_counter()
     for i in order:
         block = loader.blocks[i]
         for layer in loader.layers:
             offsets = loader.offsets[layer]
-            arrays[layer][int(offsets[block[0], 0]) : int(offsets[block[-1], 1])]
+            read(layer, int(offsets[block[0], 0]), int(offsets[block[-1], 1]))
     return time.perf_counter() - started
