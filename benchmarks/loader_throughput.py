@@ -5,9 +5,16 @@ built by the pipeline's own ``do_extract``), over the train split, each the medi
 
 - **raw**: read + decode every stored layer's rows of the train split straight from Zarr, in the same
   contiguous row ranges (blocks) the loader reads, shuffled the same way; no padding, no batching,
-  no thread. The ceiling for the bytes the loader has to move.
+  no thread, through the reader's checked read path (every chunk's crc32c and the manifest's position
+  checks, exactly as the loader reads). The ceiling for the bytes the loader has to move.
+- **raw (zarrs pipeline)**: the same reads through the ``zarrs`` Rust codec pipeline, where it is installed
+  (on a plain store: zarrs cannot wrap the reader's checking store; see :mod:`benchmarks.loader_peers`).
+- **numpy copy ceiling**: a plain numpy copy of the same decoded rows, block by block: memory speed.
 - **loader**: one full epoch of :class:`train.loader.CacheBatches` with shuffling on (block order,
   shuffle buffer, prefetch thread, padding into float32 batches), as training uses it.
+- **peer**: the same examples stored as SAELens stores activations (an uncompressed, memory-mapped Arrow
+  IPC file, one fixed-size row per example padded to the split's longest), read in the loader's own
+  shuffled batches into the same padded float32 batches. Its bytes on disk per example are reported too.
 - **consumption**: UniPT training steps (``train.models.build_model``'s model for the config:
   forward, backward, AdamW step) on ``--steps`` batches already in memory: the rate the model needs.
 - **train from loader**: the same steps fed by the loader, one epoch: what training actually gets.
@@ -28,6 +35,7 @@ benchmarks/results/loader_throughput.json and .csv.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -275,7 +283,10 @@ def main() -> int:
     if not isinstance(reader, CacheReader):
         raise SystemExit("loader_throughput reads a Zarr cache")
     device = pick_device(config.train.device)
+    load_before = os.getloadavg()
     result = measure(reader, config.train, args.repeats, args.steps, device)
+    # Other work on the machine shows in every wall-clock rate: the 1-minute load average around the run.
+    result["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
 
     print(
         f"\n{result['train_examples']} train examples, {result['decoded_bytes'] / MB:.0f} MB decoded, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 import torch
@@ -60,6 +61,15 @@ def test_loader_throughput_measures_every_stage(reader, tmp_path):
     common.write_report(out, {"benchmark": "t", **result}, loader_throughput.COLUMNS, quiet=True)
     assert json.loads(out.read_text())["rows"][0]["stage"] == "raw read+decode"
     assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("stage,samples")
+
+
+def test_without_zarrs_the_benchmark_leaves_its_row_out(reader, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zarrs", None)  # what an environment without the package sees
+    assert loader_peers.zarrs_reads(reader) is None
+    train = TrainConfig(embed_size=8, batch_size=4, block_examples=3, shuffle_buffer_blocks=2, device="cpu")
+    result = loader_throughput.measure(reader, train, repeats=1, steps=1, device=torch.device("cpu"))
+    assert result["zarrs_over_raw"] is None
+    assert "raw read+decode (zarrs pipeline)" not in {row["stage"] for row in result["rows"]}
 
 
 def test_arrow_peer_delivers_the_loaders_padded_batches(reader, tmp_path):

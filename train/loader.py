@@ -6,11 +6,13 @@ block order and then examples within a window of blocks (a shuffle buffer); a ba
 thread reads the next blocks (each block's layers concurrently, ``reader_threads`` at a time) and a
 second one pads them into batches while the model computes. Only the requested layers are read.
 
-Padding is one vectorised scatter per layer. With ``length_grouping`` the examples of each shuffle
-window are sorted by length before they are cut into batches (the batches then go out in a seeded
-random order), so a batch pads to about its own length rather than to the window's longest example.
+Padding is one slice copy (a memcpy) per example and layer, in the decoded dtype. With
+``length_grouping`` the examples of each shuffle window are sorted by length before they are cut into
+batches (the batches then go out in a seeded random order), so a batch pads to about its own length
+rather than to the window's longest example.
 For CUDA (``pin_memory``) rows stay in the cache's decoded dtype (fp16 stays fp16) in pinned host
-memory and are upcast on the device (:func:`to_device`); for the CPU they are padded straight into float32.
+memory and are upcast on the device (:func:`to_device`); for the CPU the padded batch is upcast to float32
+in the collate thread (:func:`as_float32`).
 
 A feature-map cache (CNN stages) comes out as maps: each stage is ``[B, C, H, W]``, read through
 that stage's own offsets, since its H*W rows per image differ from every other stage's.
@@ -246,10 +248,10 @@ _SERIAL_ELEMENTS = 32768
 
 
 def as_float32(array: np.ndarray) -> torch.Tensor:
-    """``array`` (float16 or float32) as a float32 tensor, cast by torch's vectorised code in pieces small enough that each runs
-    in this thread: numpy's float16 cast is scalar code (~1 GB/s here, the largest cost of a batch before),
-    and one whole-batch torch cast would start a second OpenMP team in the collate thread, competing with
-    the training step's threads for the same cores."""
+    """``array`` (float16 or float32) as a float32 tensor, cast by torch's vectorised code in pieces small
+    enough that each runs in this thread: numpy's float16 cast is scalar code (~1 GB/s here, the largest
+    cost of a batch before), and one whole-batch torch cast would start a second OpenMP team in the collate
+    thread, competing with the training step's threads for the same cores."""
     source = torch.from_numpy(array)
     if source.dtype == torch.float32:
         return source
