@@ -5,9 +5,16 @@ built by the pipeline's own ``do_extract``), over the train split, each the medi
 
 - **raw**: read + decode every stored layer's rows of the train split straight from Zarr, in the same
   contiguous row ranges (blocks) the loader reads, shuffled the same way; no padding, no batching,
-  no thread. The ceiling for the bytes the loader has to move.
+  no thread, through the reader's checked read path (every chunk's crc32c and the manifest's position
+  checks, exactly as the loader reads). The ceiling for the bytes the loader has to move.
+- **raw (zarrs pipeline)**: the same reads through the ``zarrs`` Rust codec pipeline, where it is installed
+  (on a plain store: zarrs cannot wrap the reader's checking store; see :mod:`benchmarks.loader_peers`).
+- **numpy copy ceiling**: a plain numpy copy of the same decoded rows, block by block: memory speed.
 - **loader**: one full epoch of :class:`train.loader.CacheBatches` with shuffling on (block order,
   shuffle buffer, prefetch thread, padding into float32 batches), as training uses it.
+- **peer**: the same examples stored as SAELens stores activations (an uncompressed, memory-mapped Arrow
+  IPC file, one fixed-size row per example padded to the split's longest), read in the loader's own
+  shuffled batches into the same padded float32 batches. Its bytes on disk per example are reported too.
 - **consumption**: UniPT training steps (``train.models.build_model``'s model for the config:
   forward, backward, AdamW step) on ``--steps`` batches already in memory: the rate the model needs.
 - **train from loader**: the same steps fed by the loader, one epoch: what training actually gets.
@@ -28,8 +35,10 @@ benchmarks/results/loader_throughput.json and .csv.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402  (before Ray: see extract/runner.py)
 from torch import nn  # noqa: E402
 
+from benchmarks import loader_peers  # noqa: E402
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
 from pipeline.cache import ActivationCache, CacheReader  # noqa: E402
 from pipeline.config import TrainConfig, load_config  # noqa: E402
@@ -49,6 +59,9 @@ from train.loader import Batch, CacheBatches  # noqa: E402
 from train.models import build_model  # noqa: E402
 
 MB = 1e6
+RAW, RAW_ZARRS, COPY = "raw read+decode", "raw read+decode (zarrs pipeline)", "numpy copy ceiling"
+LOADER, PEER = "loader (CacheBatches)", "peer: memory-mapped Arrow (SAELens-style)"
+NEED, FED = "UniPT step consumption", "UniPT training from loader"
 COLUMNS = (
     "stage",
     "samples",
@@ -154,12 +167,28 @@ def measure(
     batches = [b for _, b in zip(range(steps), loader_for(reader, train, seed=1).epoch(0), strict=False)]
     stepper = Stepper(reader, train, device)
     consumption_pass(stepper, batches[:2])  # warm-up: allocator, autograd graph, AdamW state
-    runs: dict[str, list[tuple[float, float, int]]] = {key: [] for key in ("raw", "loader", "need", "fed")}
-    for r in range(repeats):
-        runs["raw"].append(_timed(lambda r=r: (raw_pass(reader, loader, seed=r)[0], samples)))
-        runs["loader"].append(_timed(lambda r=r: loader_pass(loader, epoch=r)))
-        runs["need"].append(_timed(lambda: consumption_pass(stepper, batches)))
-        runs["fed"].append(_timed(lambda r=r: train_from_loader_pass(stepper, loader, epoch=r)))
+    blocks = loader_peers.decoded_blocks(reader, loader)
+    zarrs = loader_peers.zarrs_reads(reader)
+    with tempfile.TemporaryDirectory(prefix="unipt-arrow-peer-") as scratch:
+        peer = loader_peers.ArrowPeer(reader, loader, Path(scratch) / "activations.arrow")
+        peer.epoch(0)  # the file was just written: its pages are cached, as the Zarr store's are
+        runs: dict[str, list[tuple[float, float, int]]] = {
+            key: [] for key in ("raw", "zarrs", "copy", "loader", "peer", "need", "fed")
+        }
+        for r in range(repeats):
+            runs["raw"].append(_timed(lambda r=r: (raw_pass(reader, loader, seed=r)[0], samples)))
+            if zarrs is not None:
+                runs["zarrs"].append(_timed(lambda r=r: (loader_peers.zarrs_pass(zarrs, loader, r), samples)))
+            runs["copy"].append(_timed(lambda r=r: (loader_peers.copy_pass(blocks, seed=r), samples)))
+            runs["loader"].append(_timed(lambda r=r: loader_pass(loader, epoch=r)))
+            runs["peer"].append(_timed(lambda r=r: _peer_pass(peer, r)))
+            runs["need"].append(_timed(lambda: consumption_pass(stepper, batches)))
+            runs["fed"].append(_timed(lambda r=r: train_from_loader_pass(stepper, loader, epoch=r)))
+        peer_bytes = peer.nbytes_on_disk()
+        peer_width = peer.width
+        peer.close()
+    blocks.clear()  # the decoded copy of the split: free it before the caller goes on
+    loader.close()
 
     def stage(name: str, passes: list[tuple[float, float, int]], moved: int | None) -> dict[str, Any]:
         seconds = statistics.median(w for w, _, _ in passes)
@@ -178,22 +207,27 @@ def measure(
 
     # Consumption moves no cache bytes; its MB/s is what it would need at the cache's bytes per example.
     consumed_bytes = int(decoded / samples * runs["need"][0][2])
-    rows = [
-        stage("raw read+decode", runs["raw"], decoded),
-        stage("loader (CacheBatches)", runs["loader"], decoded),
-        stage("UniPT step consumption", runs["need"], consumed_bytes),
-        stage("UniPT training from loader", runs["fed"], decoded),
-    ]
+    named = {
+        "raw": stage(RAW, runs["raw"], decoded),
+        "zarrs": stage(RAW_ZARRS, runs["zarrs"], decoded) if runs["zarrs"] else None,
+        "copy": stage(COPY, runs["copy"], decoded),
+        "loader": stage(LOADER, runs["loader"], decoded),
+        "peer": stage(PEER, runs["peer"], decoded),
+        "need": stage(NEED, runs["need"], consumed_bytes),
+        "fed": stage(FED, runs["fed"], decoded),
+    }
+    rows = [row for row in named.values() if row is not None]
     raw_rate, need, need_cpu = (
-        rows[0]["samples_per_s"],
-        rows[2]["samples_per_s"],
-        rows[2]["samples_per_cpu_s"],
+        named["raw"]["samples_per_s"],
+        named["need"]["samples_per_s"],
+        named["need"]["samples_per_cpu_s"],
     )
     for row in rows:
         row["vs_raw"] = row["samples_per_s"] / raw_rate
         row["vs_consumption"] = row["samples_per_s"] / need
         cpu_rate = row["samples_per_cpu_s"]
         row["vs_consumption_cpu"] = cpu_rate / need_cpu if cpu_rate and need_cpu else None
+    cache_bytes = reader.nbytes_on_disk()
     return {
         "train_examples": samples,
         "decoded_bytes": decoded,
@@ -201,11 +235,26 @@ def measure(
         "batch_size": train.batch_size,
         "consumption_steps": len(batches),
         "rows": rows,
-        "loader_over_raw": rows[1]["vs_raw"],
-        "loader_over_consumption": rows[1]["vs_consumption"],
-        "loader_over_consumption_cpu": rows[1]["vs_consumption_cpu"],
-        "training_from_loader_over_consumption": rows[3]["vs_consumption"],
+        "loader_over_raw": named["loader"]["vs_raw"],
+        "loader_over_consumption": named["loader"]["vs_consumption"],
+        "loader_over_consumption_cpu": named["loader"]["vs_consumption_cpu"],
+        "training_from_loader_over_consumption": named["fed"]["vs_consumption"],
+        "raw_over_copy_ceiling": named["raw"]["mb_per_s"] / named["copy"]["mb_per_s"],
+        "zarrs_over_raw": named["zarrs"]["vs_raw"] if named["zarrs"] else None,
+        "loader_over_arrow_peer": named["loader"]["samples_per_s"] / named["peer"]["samples_per_s"],
+        # Bytes per train example on disk: ours over the whole cache (every split), the peer's for its file.
+        "bytes_per_example": {
+            "cache": cache_bytes / reader.num_examples,
+            "arrow_peer": peer_bytes / samples,
+            "arrow_peer_padded_to": peer_width,
+        },
     }
+
+
+def _peer_pass(peer: loader_peers.ArrowPeer, epoch: int) -> tuple[float, int]:
+    started = time.perf_counter()
+    count = peer.epoch(epoch)
+    return time.perf_counter() - started, count
 
 
 def main() -> int:
@@ -234,7 +283,10 @@ def main() -> int:
     if not isinstance(reader, CacheReader):
         raise SystemExit("loader_throughput reads a Zarr cache")
     device = pick_device(config.train.device)
+    load_before = os.getloadavg()
     result = measure(reader, config.train, args.repeats, args.steps, device)
+    # Other work on the machine shows in every wall-clock rate: the 1-minute load average around the run.
+    result["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
 
     print(
         f"\n{result['train_examples']} train examples, {result['decoded_bytes'] / MB:.0f} MB decoded, "
@@ -260,6 +312,15 @@ def main() -> int:
         f"{result['loader_over_consumption']:.2f} (> 1: the loader is not the bottleneck; per CPU second "
         f"{result['loader_over_consumption_cpu']:.2f}), "
         f"training from loader/consumption {result['training_from_loader_over_consumption']:.2f}"
+    )
+    zarrs = result["zarrs_over_raw"]
+    per_example = result["bytes_per_example"]
+    print(
+        f"raw/numpy copy {result['raw_over_copy_ceiling']:.2f} (MB/s), "
+        f"zarrs/raw {'n/a (zarrs not usable here)' if zarrs is None else f'{zarrs:.2f}'}, "
+        f"loader/Arrow peer {result['loader_over_arrow_peer']:.2f} (samples/s); bytes on disk per example: "
+        f"cache {per_example['cache']:,.0f}, Arrow peer {per_example['arrow_peer']:,.0f} "
+        f"(padded to {per_example['arrow_peer_padded_to']} tokens)"
     )
     report = {
         "benchmark": "loader_throughput",

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
+import torch
 
-from benchmarks import accuracy, cache_size, common, loader_throughput, plot_tradeoff
+from benchmarks import accuracy, cache_size, common, loader_peers, loader_throughput, plot_tradeoff
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.config import TrainConfig
 from tests.conftest import KEY, build_cache
@@ -38,12 +40,19 @@ def test_cache_size_row_against_fp32_layouts(reader):
 
 def test_loader_throughput_measures_every_stage(reader, tmp_path):
     train = TrainConfig(embed_size=8, batch_size=4, block_examples=3, shuffle_buffer_blocks=2, device="cpu")
-    import torch
 
     result = loader_throughput.measure(reader, train, repeats=1, steps=2, device=torch.device("cpu"))
     stages = {row["stage"]: row for row in result["rows"]}
-    assert len(stages) == 4 and result["train_examples"] == 12
-    assert stages["raw read+decode"]["samples"] == stages["loader (CacheBatches)"]["samples"] == 12
+    assert result["train_examples"] == 12
+    names = ["raw read+decode", "numpy copy ceiling", "loader (CacheBatches)"]
+    names += ["peer: memory-mapped Arrow (SAELens-style)", "UniPT training from loader"]
+    assert all(stages[name]["samples"] == 12 for name in names)
+    # zarrs is installed in the dev environment and this is a local float16 cache: its row is there too.
+    assert stages["raw read+decode (zarrs pipeline)"]["samples"] == 12 and result["zarrs_over_raw"] > 0
+    assert stages["numpy copy ceiling"]["mb_per_s"] > 0 and result["raw_over_copy_ceiling"] > 0
+    # The peer's rows are padded to the split's longest example (9 tokens), fp16, three layers of 8.
+    assert result["bytes_per_example"]["arrow_peer_padded_to"] == 9
+    assert result["bytes_per_example"]["arrow_peer"] > 9 * 3 * 8 * 2
     assert stages["UniPT step consumption"]["samples"] == 8  # two in-memory batches of 4
     assert stages["UniPT step consumption"]["vs_consumption"] == pytest.approx(1.0)
     # fp16 rows of the 12 train examples, every layer: the bytes both the raw pass and the loader move.
@@ -52,6 +61,31 @@ def test_loader_throughput_measures_every_stage(reader, tmp_path):
     common.write_report(out, {"benchmark": "t", **result}, loader_throughput.COLUMNS, quiet=True)
     assert json.loads(out.read_text())["rows"][0]["stage"] == "raw read+decode"
     assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("stage,samples")
+
+
+def test_without_zarrs_the_benchmark_leaves_its_row_out(reader, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zarrs", None)  # what an environment without the package sees
+    assert loader_peers.zarrs_reads(reader) is None
+    train = TrainConfig(embed_size=8, batch_size=4, block_examples=3, shuffle_buffer_blocks=2, device="cpu")
+    result = loader_throughput.measure(reader, train, repeats=1, steps=1, device=torch.device("cpu"))
+    assert result["zarrs_over_raw"] is None
+    assert "raw read+decode (zarrs pipeline)" not in {row["stage"] for row in result["rows"]}
+
+
+def test_arrow_peer_delivers_the_loaders_padded_batches(reader, tmp_path):
+    train = TrainConfig(embed_size=8, batch_size=4, block_examples=3, shuffle_buffer_blocks=2, device="cpu")
+    loader = loader_throughput.loader_for(reader, train)
+    peer = loader_peers.ArrowPeer(reader, loader, tmp_path / "peer.arrow")
+    theirs = list(peer.batches(1))
+    ours = list(loader.epoch(1))
+    assert [list(indices) for indices, _, _ in theirs] == [list(batch.indices) for batch in ours]
+    for (_, hidden, mask), batch in zip(theirs, ours, strict=True):
+        assert torch.equal(mask, batch.mask)
+        for a, b in zip(hidden, batch.hidden, strict=True):
+            assert a.dtype == torch.float32 and torch.equal(a, b)
+    # One fixed-size row per example, padded to the longest (9 tokens): more bytes than the ragged rows.
+    assert peer.nbytes_on_disk() > 12 * 9 * 3 * 8 * 2 > sum(LENGTHS[:12]) * 3 * 8 * 2
+    peer.close()
 
 
 def test_accuracy_summary_and_tradeoff_plot(tmp_path):

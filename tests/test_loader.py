@@ -113,3 +113,17 @@ def test_to_device_upcasts_half_precision_batches():
     batch = Batch([half], torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, dtype=torch.long), np.zeros(1))
     (hidden,), mask = to_device(batch, torch.device("cpu"))
     assert hidden.dtype == torch.float32 and hidden.tolist() == [[[0.5, -1.25]]] and mask.all()
+
+
+def test_float16_batches_are_upcast_exactly_in_pieces_and_float32_ones_are_not_copied():
+    from train.loader import as_float32
+
+    # 300 rows of 384: several of the serial pieces the cast is cut into, the last one partial.
+    half = np.random.default_rng(0).standard_normal((3, 100, 384)).astype(np.float16)
+    half[0, 0, :3] = [np.inf, -0.0, np.float16(6e-8)]  # infinities, signed zero, a subnormal survive
+    out = as_float32(half)
+    assert out.dtype == torch.float32 and out.shape == (3, 100, 384)
+    assert np.array_equal(out.numpy(), half.astype(np.float32))
+    assert np.signbit(out[0, 0, 1].item())
+    single = np.ones((2, 5, 4), dtype=np.float32)
+    assert as_float32(single).data_ptr() == single.ctypes.data  # already float32: shared, not copied

@@ -6,11 +6,13 @@ block order and then examples within a window of blocks (a shuffle buffer); a ba
 thread reads the next blocks (each block's layers concurrently, ``reader_threads`` at a time) and a
 second one pads them into batches while the model computes. Only the requested layers are read.
 
-Padding is one vectorised scatter per layer. With ``length_grouping`` the examples of each shuffle
-window are sorted by length before they are cut into batches (the batches then go out in a seeded
-random order), so a batch pads to about its own length rather than to the window's longest example.
+Padding is one slice copy (a memcpy) per example and layer, in the decoded dtype. With
+``length_grouping`` the examples of each shuffle window are sorted by length before they are cut into
+batches (the batches then go out in a seeded random order), so a batch pads to about its own length
+rather than to the window's longest example.
 For CUDA (``pin_memory``) rows stay in the cache's decoded dtype (fp16 stays fp16) in pinned host
-memory and are upcast on the device (:func:`to_device`); for the CPU they are padded straight into float32.
+memory and are upcast on the device (:func:`to_device`); for the CPU the padded batch is upcast to float32
+in the collate thread (:func:`as_float32`).
 
 A feature-map cache (CNN stages) comes out as maps: each stage is ``[B, C, H, W]``, read through
 that stage's own offsets, since its H*W rows per image differ from every other stage's.
@@ -29,7 +31,6 @@ import numpy as np
 import torch
 
 from pipeline.cache import ActivationCache
-from pipeline.cache_layout import concat_ranges
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 
@@ -193,28 +194,22 @@ class CacheBatches:
         if self.maps:
             return self._collate_maps(examples)
         first = self.layers[0]
-        lengths = np.array([blk.stops[first][i] - blk.starts[first][i] for _, (blk, i) in examples])
+        spans = [(blk, int(blk.starts[first][i]), int(blk.stops[first][i])) for _, (blk, i) in examples]
+        lengths = np.array([stop - start for _, start, stop in spans], dtype=np.int64)
         longest = int(lengths.max())
-        # Where each example's rows land in the flattened [B * longest] output, grouped by source block
-        # (a batch draws from the few blocks of one shuffle window): one gather + scatter per block.
-        groups: dict[int, tuple[_Block, list[int], list[int]]] = {}
-        for row, (_, (blk, i)) in enumerate(examples):
-            _, rows, items = groups.setdefault(id(blk), (blk, [], []))
-            rows.append(row)
-            items.append(i)
         hidden = []
         for layer in self.layers:
-            sample = next(iter(groups.values()))[0].rows[layer]
-            dtype = sample.dtype if self.pin_memory else np.float32
-            out = self._empty((len(examples), longest, sample.shape[1]), dtype)
-            flat = out.reshape(len(examples) * longest, -1)
-            for blk, rows, items in groups.values():
-                starts, stops = blk.starts[layer][items], blk.stops[layer][items]
-                counts = stops - starts
-                source = concat_ranges(starts, counts)
-                target = concat_ranges(np.asarray(rows, dtype=np.int64) * longest, counts)
-                flat[target] = blk.rows[layer][source]
-            hidden.append(torch.from_numpy(out))
+            # Token layers share one offsets array, so the first layer's spans hold for every layer. One
+            # slice copy (a memcpy) per example, in the decoded dtype: on this 2-core machine that costs a
+            # quarter of the CPU of a fancy-index gather + scatter with the float16 -> float32 cast folded
+            # in (numpy's cast is scalar code, ~1 GB/s; torch's, below, is vectorised).
+            sample = spans[0][0].rows[layer]
+            out = self._empty((len(examples), longest, sample.shape[1]), sample.dtype)
+            for row, (blk, start, stop) in enumerate(spans):
+                out[row, : stop - start] = blk.rows[layer][start:stop]
+            # CUDA batches keep the decoded dtype (upcast on the device, see to_device); CPU ones are upcast
+            # here, once per padded batch.
+            hidden.append(torch.from_numpy(out) if self.pin_memory else as_float32(out))
         mask = padding_mask(lengths)
         indices = np.array([ex[0] for ex in examples], dtype=np.int64)
         return Batch(hidden=hidden, mask=mask, labels=torch.from_numpy(self.labels[indices]), indices=indices)
@@ -246,6 +241,26 @@ class CacheBatches:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+
+
+# Below this many elements torch runs an elementwise op in the calling thread (ATen's GRAIN_SIZE).
+_SERIAL_ELEMENTS = 32768
+
+
+def as_float32(array: np.ndarray) -> torch.Tensor:
+    """``array`` (float16 or float32) as a float32 tensor, cast by torch's vectorised code in pieces small
+    enough that each runs in this thread: numpy's float16 cast is scalar code (~1 GB/s here, the largest
+    cost of a batch before), and one whole-batch torch cast would start a second OpenMP team in the collate
+    thread, competing with the training step's threads for the same cores."""
+    source = torch.from_numpy(array)
+    if source.dtype == torch.float32:
+        return source
+    out = torch.empty(source.shape, dtype=torch.float32)
+    flat_in, flat_out = source.reshape(-1, source.shape[-1]), out.view(-1, source.shape[-1])
+    step = max(1, _SERIAL_ELEMENTS // max(1, source.shape[-1]))
+    for start in range(0, flat_in.shape[0], step):
+        flat_out[start : start + step].copy_(flat_in[start : start + step])
+    return out
 
 
 def plan_blocks(indices: np.ndarray, offsets: list[np.ndarray], block_examples: int) -> list[np.ndarray]:
