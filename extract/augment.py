@@ -20,7 +20,7 @@ from pipeline.images import image_array, make_image
 
 def view_rng(view_hash: str) -> np.random.Generator:
     """The generator of one augmented view (named by its input hash)."""
-    return np.random.default_rng(int(view_hash[:32], 16))
+    return np.random.default_rng(int(view_hash, 16))  # SeedSequence takes all 256 bits
 
 
 # --- images ---------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ block, not once per example) and gathered into place.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +169,8 @@ class ViewMixin:
                 f"cache {self.source} stores {self.num_views} view(s) per example, not view {view}; "
                 "extract it with a larger extract.views"
             )
-        other = copy.copy(self)
+        other = object.__new__(type(self))  # CacheReader.__new__ wants a target: copy the state by hand
+        other.__dict__.update(self.__dict__)
         other.view_index = view
         other._mappings, other._expected_offsets, other._offsets = {}, {}, {}
         return other
