@@ -286,7 +286,7 @@ def test_k3_text_views_after_k1_reuse_view_zero_and_hold_the_noised_encodings(
     assert experiment.extract(three, progress=False).cache_hit
     metrics = experiment.train(replace(three, config=three.config.model_copy(
         update={"train": three.config.train.model_copy(update={"epochs": 3})})), progress=False).metrics  # fmt: skip
-    assert 0 <= metrics["test_accuracy"] <= 1
+    assert 0 <= metrics["test_acc"] <= 1
 
 
 def test_k2_efficientnet_views_are_the_backbone_on_the_augmented_images(ray_session, tmp_path):
