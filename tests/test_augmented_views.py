@@ -126,7 +126,9 @@ def test_one_view_keeps_todays_keys_and_k_views_get_their_own_key_in_the_same_sp
     four = cache_key_fields("f" * 64, IDENTITY, backbone, ExtractConfig(views=4))
     other_seed = cache_key_fields("f" * 64, IDENTITY, backbone, ExtractConfig(views=4, view_seed=1))
     assert len({cache_key(today), cache_key(four), cache_key(other_seed)}) == 3
-    assert cache_key(four) != cache_key(cache_key_fields("f" * 64, IDENTITY, backbone, ExtractConfig(views=2)))
+    assert cache_key(four) != cache_key(
+        cache_key_fields("f" * 64, IDENTITY, backbone, ExtractConfig(views=2))
+    )
     assert space_key(four) == space_key(today) == space_key(other_seed)  # the views are inputs of one space
     with pytest.raises(ValueError):
         ExtractConfig(views=0)
@@ -204,7 +206,9 @@ def test_training_reads_view_epoch_plus_seed_mod_k_and_val_test_read_view_zero(t
     assert len({per_view[k][0] for k in range(3)}) == 3 and len({per_view[k][12] for k in range(3)}) == 1
     # Without shuffling (evaluation, prediction) training's split is read as it is: view 0.
     plain = CacheBatches(reader, "train", [0], batch_size=4)
-    assert plain.num_views == 1 and all(v == value[per_view[0][i]] for i, (v, _) in _rows_seen(plain, 3).items())
+    assert plain.num_views == 1 and all(
+        v == value[per_view[0][i]] for i, (v, _) in _rows_seen(plain, 3).items()
+    )
     with pytest.raises(UniptError, match="stores 3 view"):
         reader.view(3)
     reader.lease.release()
@@ -284,8 +288,10 @@ def test_k3_text_views_after_k1_reuse_view_zero_and_hold_the_noised_encodings(
     k3.lease.release()
     # A rerun is a hit; training through the views runs (epoch e reads view (e + seed) mod 3).
     assert experiment.extract(three, progress=False).cache_hit
-    metrics = experiment.train(replace(three, config=three.config.model_copy(
-        update={"train": three.config.train.model_copy(update={"epochs": 3})})), progress=False).metrics  # fmt: skip
+    train_config = three.config.train.model_copy(update={"epochs": 3})
+    trained = experiment.train(replace(three, config=three.config.model_copy(update={"train": train_config})),
+                               progress=False)  # fmt: skip
+    metrics = trained.metrics
     assert 0 <= metrics["test_acc"] <= 1
 
 
