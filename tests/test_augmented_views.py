@@ -137,7 +137,8 @@ def test_one_view_keeps_todays_keys_and_k_views_get_their_own_key_in_the_same_sp
 # --- the loader -----------------------------------------------------------------------------------------
 
 SPACE = "5a" * 16
-SEGMENT = "01" * 16
+SEGMENT, SEGMENT_2 = "01" * 16, "02" * 16
+VIEW_KEY = "ee" * 16
 
 
 def _view_with_views(tmp_path, views: int = 3):
@@ -151,28 +152,35 @@ def _view_with_views(tmp_path, views: int = 3):
     inputs = list(dict.fromkeys(hashes + [h for column in extra for h in column]))
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 9, len(inputs)).tolist()
-    layout = StoreLayout(
-        layers=(LayerSpec(0, 4),), num_examples=len(inputs), max_length=8, shard_size=5, chunk_rows=8
-    )
-    builder = CacheBuilder(root, SEGMENT, final=root.segment_location(SPACE, SEGMENT))
-    builder.create(layout, {"kind": "segment", "space_key": SPACE, "key_fields": {}})
-    rows = [np.full((n, 4), j + 1, dtype=np.float16) for j, n in enumerate(lengths)]
-    for shard in layout.shards():
-        part = slice(shard.example_start, shard.example_stop)
-        write_shard(builder.location, layout, shard, {0: np.concatenate(rows[part])}, lengths[part])
-    builder.commit(layout, pa.table({"input_hash": inputs}), {})
-    segment = CacheReader(root.segment_location(SPACE, SEGMENT))
+    # Two segments (as after an extraction of K views on top of K=1): inputs in order, cut in two.
+    half = len(inputs) // 2
+    readers = {}
+    for seg, members in ((SEGMENT, range(half)), (SEGMENT_2, range(half, len(inputs)))):
+        part = [lengths[j] for j in members]
+        layout = StoreLayout(
+            layers=(LayerSpec(0, 4),), num_examples=len(part), max_length=8, shard_size=5, chunk_rows=8
+        )
+        builder = CacheBuilder(root, seg, final=root.segment_location(SPACE, seg))
+        builder.create(layout, {"kind": "segment", "space_key": SPACE, "key_fields": {}})
+        rows = [np.full((lengths[j], 4), j + 1, dtype=np.float16) for j in members]
+        for shard in layout.shards():
+            cut = slice(shard.example_start, shard.example_stop)
+            write_shard(builder.location, layout, shard, {0: np.concatenate(rows[cut])}, part[cut])
+        builder.commit(layout, pa.table({"input_hash": [inputs[j] for j in members]}), {})
+        readers[seg] = CacheReader(root.segment_location(SPACE, seg))
     examples = pa.table(
         {"example_id": [f"e{i:02d}" for i in range(len(splits))], "label": [i % 2 for i in range(14)],
          "split": splits}
     )  # fmt: skip
-    where = {h: (SEGMENT, j) for j, h in enumerate(inputs)}
-    key = "ee" * 16
+    where = {
+        h: (SEGMENT if j < half else SEGMENT_2, j if j < half else j - half) for j, h in enumerate(inputs)
+    }
     attrs = {"key_fields": {"dataset_fingerprint": "v"}, "label_names": ["a", "b"]}
-    write_view(root, key, attrs, examples, hashes, where, {SEGMENT: segment}, views=extra)
-    segment.lease.release()
+    write_view(root, VIEW_KEY, attrs, examples, hashes, where, readers, views=extra)
+    for reader in readers.values():
+        reader.lease.release()
     value = {h: j + 1 for j, h in enumerate(inputs)}
-    return CacheReader(root.location(key)), [hashes, *extra], value, lengths
+    return CacheReader(root.location(VIEW_KEY)), [hashes, *extra], value, lengths
 
 
 def _rows_seen(batches, epoch: int) -> dict[int, tuple[float, int]]:
@@ -212,6 +220,32 @@ def test_training_reads_view_epoch_plus_seed_mod_k_and_val_test_read_view_zero(t
     with pytest.raises(UniptError, match="stores 3 view"):
         reader.view(3)
     reader.lease.release()
+
+
+def test_compaction_keeps_every_view_and_hdf5_export_says_it_holds_view_zero_only(tmp_path, capfd):
+    from pipeline.cache_open import open_cache
+    from pipeline.cache_space import compact
+    from pipeline.hdf5 import export_hdf5
+
+    reader, per_view, value, lengths = _view_with_views(tmp_path, views=3)
+    before = {k: [reader.view(k).read_example(i, 0).tolist() for i in range(14)] for k in range(3)}
+    assert len(reader.segments) == 2
+    reader.lease.release()
+    root = CacheRoot(tmp_path)
+    compact(root, SPACE, progress=False)
+    merged = CacheReader(root.location(VIEW_KEY))
+    assert len(merged.segments) == 1 and merged.num_views == 3
+    assert {k: [merged.view(k).read_example(i, 0).tolist() for i in range(14)] for k in range(3)} == before
+    assert before[1][0] != before[0][0] and before[1][12] == before[0][12]
+
+    out = export_hdf5(merged, tmp_path / "x.h5")
+    merged.lease.release()
+    assert (
+        "HDF5 export holds view 0 only; the 2 augmented view(s) stay in the cache" in capfd.readouterr().err
+    )
+    exported = open_cache(out)
+    assert exported.num_views == 1 and [exported.read_example(i, 0).tolist() for i in range(14)] == before[0]
+    exported.close()
 
 
 def test_a_cache_without_views_has_one_and_refuses_another(tmp_path):
