@@ -19,6 +19,9 @@ local directory or an fsspec URL such as ``s3://bucket/caches``)::
                                      ``examples.parquet`` holds ``example_id, label, split, length,
                                      input_hash, segment, row`` in the dataset's order (split, then id):
                                      example i's activations are example ``row`` of segment ``segment``;
+                                     with augmented views (``views: K`` attribute) also ``length_k,
+                                     input_hash_k, segment_k, row_k`` for k = 1..K-1 (see
+                                     :mod:`pipeline.augment`);
                                      ``checksums.json`` seals both. A few KiB to MiB, written in seconds.
     <key>/ (format 2 or 3)           a cache from before spaces: read as one segment with one view, never
                                      rewritten
