@@ -115,7 +115,7 @@ class CacheBatches:
         self.block_examples = block_examples
         self._plan = list(self.blocks)  # this cache's own plan (a paired cache may replace self.blocks)
         # Augmented views (training only): epoch e reads view (e + seed) mod K of every example, each
-        # view through its own reader and offsets, made when first read (K small, offsets O(examples)).
+        # view through its own reader and offsets, made when the epoch starts.
         self.num_views = reader.num_views if views else 1
         self._views: dict[int, tuple[ActivationCache, dict[int, np.ndarray]]] = {0: (reader, self.offsets)}
         first = self.offsets[self.layers[0]]
@@ -174,6 +174,9 @@ class CacheBatches:
                     f"cache {self.reader.source}: augmented view {view} cuts into other blocks than view 0; "
                     f"run `unipt cache verify {self.reader.source}`"
                 )
+            # Only view 0 and the latest view stay: memory stays at two views' offsets however large K.
+            for old in [k for k in self._views if k not in (0, view)]:
+                del self._views[old]
             self._views[view] = (reader, offsets)
         return self._views[view]
 
