@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from extract.ray_session import connect, root_cause
 from extract.spec import BackboneLoadSpec
+from pipeline.augment import augmented_hashes
 from pipeline.cache import CacheReader, CacheRoot, is_complete, read_attrs
 from pipeline.cache_layout import SEGMENT_KIND, VIEW_KIND, LayerSpec, ShardSpec, StoreLayout
 from pipeline.cache_space import SpacePlan, plan_space, segment_id, write_space_file, write_view
@@ -94,6 +95,10 @@ def run_extraction(
         raise UniptError("the dataset is empty after loading and filtering; nothing to extract")
     space = space_key(request.key_fields)
     hashes = input_hashes(request.examples)
+    # Augmented views (extract.views > 1) are inputs of their own, planned and extracted with the rest.
+    splits = request.examples.column("split").to_pylist()
+    extra = augmented_hashes(hashes, splits, request.extract.views, request.extract.view_seed)
+    everything = hashes + [h for view in extra for h in view]
 
     def waiting() -> None:
         say(f"another extraction in activation space {space} is running; waiting for it")
@@ -104,7 +109,7 @@ def run_extraction(
 
     # A first look without the lock: when inputs are missing, Ray is connected before the lock is taken,
     # so an unreachable cluster fails here and leaves nothing (no lock file) behind.
-    probe = plan_space(root, space, hashes)
+    probe = plan_space(root, space, everything)
     probe.release()
     connected = [connect(ray_address)] if probe.missing else []
 
@@ -121,9 +126,9 @@ def run_extraction(
                 return ExtractionResult(
                     path=root.location(key), cache_hit=True, seconds=time.perf_counter() - t0, lease=hit
                 )
-            plan = plan_space(root, space, hashes)
+            plan = plan_space(root, space, everything)
             try:
-                result = _build_view(request, plan, hashes, ensure_ray, progress, t0)
+                result = _build_view(request, plan, hashes, extra, ensure_ray, progress, t0)
             finally:
                 plan.release()  # the result holds its own leases now
             return result
@@ -141,15 +146,19 @@ def _build_view(
     request: ExtractionRequest,
     plan: SpacePlan,
     hashes: list[str],
+    extra: list[list[str]],
     ensure_ray: Callable[[], None],
     progress: bool,
     t0: float,
 ) -> ExtractionResult:
-    """Under the space lock: extract the missing inputs into one new segment, then write the view."""
+    """Under the space lock: extract the missing inputs into one new segment, then write the view.
+    ``extra`` holds the input hashes of augmented views 1.. (plan positions past the examples)."""
     root, key, space = request.cache_root, request.key, plan.space
     examples = request.examples
+    everything = hashes + [h for view in extra for h in view]
+    inputs = f"inputs (of {len(extra) + 1} views)" if extra else "inputs"
     if plan.missing:
-        say(f"cache: {plan.reused:,} of {plan.unique:,} inputs reused; extracting {len(plan.missing):,}")
+        say(f"cache: {plan.reused:,} of {plan.unique:,} {inputs} reused; extracting {len(plan.missing):,}")
     else:
         say(f"cache: all {plan.unique:,} inputs reused; writing the view only (no backbone forward pass)")
     leases = []
@@ -157,15 +166,26 @@ def _build_view(
         result = ExtractionResult(path=root.location(key), cache_hit=not plan.missing)
         if plan.missing:
             ensure_ray()
-            new_hashes = [hashes[i] for i in plan.missing]
+            new_hashes = [everything[i] for i in plan.missing]
             segment = segment_id(space, new_hashes)
             leases.append(ReadLease(root.lease_location(segment)))  # before it is published: gc keeps it
             write_space_file(root, space, space_key_fields(request.key_fields))
             builder = CacheBuilder(root, segment, final=root.segment_location(space, segment))
             published = builder.publish_if_committed()
             if published is None:
+                # Position p is view p // n of example p % n; views past 0 are augmented in the workers.
+                n = examples.num_rows
+                sources = [i % n for i in plan.missing]
+                views = [everything[i] if i >= n else None for i in plan.missing]
                 result = _extract(
-                    request, examples.take(plan.missing), new_hashes, builder, space, progress, t0
+                    request,
+                    examples.take(sources),
+                    new_hashes,
+                    builder,
+                    space,
+                    progress,
+                    t0,
+                    views=views if any(v is not None for v in views) else None,
                 )
             reader = CacheReader(root.segment_location(space, segment))
             plan.readers[segment] = reader
@@ -183,7 +203,7 @@ def _build_view(
         leases.append(ReadLease(root.lease_location(key)))
         leases += [ReadLease(root.lease_location(s)) for s in readers]
         t_view = time.perf_counter()
-        path = write_view(root, key, attrs, examples, hashes, plan.where, readers)
+        path = write_view(root, key, attrs, examples, hashes, plan.where, readers, views=extra)
         if not plan.missing:
             say(f"wrote view {key} over {len(readers)} segment(s) in {time.perf_counter() - t_view:.2f}s")
         result.path = path
@@ -468,9 +488,11 @@ def _extract(
     space: str,
     progress: bool,
     t0: float,
+    views: list[str | None] | None = None,
 ) -> ExtractionResult:
     """Extract ``examples`` (one per input no segment holds; ``hashes`` are their input hashes) into the
-    new segment ``builder`` builds, resuming from its finished shards."""
+    new segment ``builder`` builds, resuming from its finished shards. ``views`` names, per example,
+    the augmented view to extract of it (its input hash), or None for the input as is."""
     from extract.worker import SHARDS_IN_FLIGHT, ExtractionWorker
 
     count, resources, threads = _worker_layout(request.extract.workers)
@@ -550,6 +572,7 @@ def _extract(
                 shard,
                 inputs[shard.example_start : shard.example_stop],
                 request.backbone.batch_size,
+                None if views is None else views[shard.example_start : shard.example_stop],
             )
 
         def done(stats: dict[str, Any]) -> None:

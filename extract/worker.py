@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from extract.augment import augment_images
 from extract.spec import BackboneLoadSpec
 from pipeline.cache_layout import ShardSpec, StoreLayout
 from pipeline.cache_writer import write_shard
@@ -43,14 +44,26 @@ class ExtractionWorker:
         shard: ShardSpec,
         inputs: list,
         batch_size: int,
+        views: list[str | None] | None = None,
     ) -> dict[str, Any]:
+        """Encode and write one shard. ``views`` (one per input, or None) names the augmented view of an
+        input by its hash (:mod:`pipeline.augment`): images are augmented here, texts by the backbone's
+        tokenizer-level noise."""
         layers = [spec.index for spec in layout.layers]
+        options: dict[str, Any] = {}
+        if views is not None and any(view is not None for view in views):
+            if self.backbone.input_kind == "image":
+                inputs = augment_images(inputs, views)
+            else:
+                options["token_noise"] = views
         # fp16 stores take the fp16 output as is; the other dtypes are encoded from float32.
         compute_dtype = "float16" if layout.dtype == "float16" else "float32"
         waited = time.perf_counter()
         with self._forward:
             t0 = time.perf_counter()
-            encoded = self.backbone.encode(inputs, layers, layout.max_length, batch_size, compute_dtype)
+            encoded = self.backbone.encode(
+                inputs, layers, layout.max_length, batch_size, compute_dtype, **options
+            )
             t1 = time.perf_counter()
         lengths = encoded.lengths if any(spec.grid is None for spec in layout.layers) else None
         first = layout.layers[0].index

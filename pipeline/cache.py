@@ -19,6 +19,9 @@ local directory or an fsspec URL such as ``s3://bucket/caches``)::
                                      ``examples.parquet`` holds ``example_id, label, split, length,
                                      input_hash, segment, row`` in the dataset's order (split, then id):
                                      example i's activations are example ``row`` of segment ``segment``;
+                                     with augmented views (``views: K`` attribute) also ``length_k,
+                                     input_hash_k, segment_k, row_k`` for k = 1..K-1 (see
+                                     :mod:`pipeline.augment`);
                                      ``checksums.json`` seals both. A few KiB to MiB, written in seconds.
     <key>/ (format 2 or 3)           a cache from before spaces: read as one segment with one view, never
                                      rewritten
@@ -224,6 +227,25 @@ class ActivationCache:
     attrs: dict[str, Any]
     examples: pa.Table
 
+    view_index: int = 0  # which augmented view this reader reads (pipeline.augment); 0: the inputs as is
+
+    @property
+    def num_views(self) -> int:
+        """Augmented views stored per example (``extract.views``); 1 for caches without them."""
+        return int(self.attrs.get("views", 1))
+
+    def view(self, view: int) -> ActivationCache:
+        """This cache as read through augmented view ``view`` (same examples, labels and splits; each
+        example's rows are those of its view). View 0 is this reader; only a dataset version's view over
+        an activation space stores more (:class:`ViewReader`)."""
+        if view != 0:
+            raise UniptError(f"cache {self.source} stores no augmented view {view} (it has 1 view)")
+        return self
+
+    def _column(self, name: str) -> str:
+        """The examples.parquet column ``name`` of the view this reader reads."""
+        return name
+
     def _validate(self, expect: dict[str, Any] | None) -> None:
         if not self.attrs.get("complete"):
             raise UniptError(
@@ -324,10 +346,10 @@ class ActivationCache:
         """The offsets array ``name`` as the layout and examples.parquet's lengths determine it (None for an
         examples table without lengths): what the stored one must equal, and where rows must exist."""
         if name not in self._expected_offsets:
-            if "length" not in self.examples.column_names:
+            if self._column("length") not in self.examples.column_names:
                 return None
             spec = next(s for s in self.layout.layers if s.offsets_name == name)
-            lengths = self.examples.column("length").to_numpy()
+            lengths = self.examples.column(self._column("length")).to_numpy()
             self._expected_offsets[name] = self.layout.offsets(spec, lengths)
         return self._expected_offsets[name]
 

@@ -42,6 +42,12 @@ def grid_offsets_name(layer: int) -> str:
     return f"offsets_{layer:02d}"
 
 
+def view_column(name: str, view: int) -> str:
+    """A view's examples.parquet column (``length``, ``input_hash``, ``segment``, ``row``) for augmented
+    view ``view`` (:mod:`pipeline.augment`): ``name`` itself for view 0, ``name_<view>`` after it."""
+    return name if view == 0 else f"{name}_{view}"
+
+
 # What a store under a cache root is (its root attribute ``kind``; see pipeline/cache.py): a dataset
 # version's *view*, or a *segment* of an activation space. Here, not in cache.py, so that the view
 # reader's logic (pipeline/cache_view.py) needs nothing from the module that builds on it.

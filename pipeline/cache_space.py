@@ -37,6 +37,7 @@ from pipeline.cache_layout import (
     ShardSpec,
     StoreLayout,
     layer_array_name,
+    view_column,
 )
 from pipeline.cache_layout import scale_array_name as scale_name
 from pipeline.cache_view import gather
@@ -146,24 +147,31 @@ def write_view(
     hashes: list[str],
     where: dict[str, tuple[str, int]],
     readers: dict[str, CacheReader],
+    views: list[list[str]] | None = None,
 ) -> Location:
     """Write (or rewrite) the view ``key``: ``examples`` (example_id, label, split) in the dataset's
     order, each pointed at the segment row holding its input. Atomic: built beside the root and renamed
-    into place locally; on object stores ``zarr.json`` (with ``complete: true``) is written last."""
-    order = list(dict.fromkeys(where[h][0] for h in hashes))  # segments in first use
+    into place locally; on object stores ``zarr.json`` (with ``complete: true``) is written last.
+
+    ``views`` (augmented views 1.., :mod:`pipeline.augment`) gives each example's input hash in each
+    further view: its columns get the view's number as suffix (:func:`view_column`)."""
+    views = views or []
+    order = list(dict.fromkeys(where[h][0] for column in (hashes, *views) for h in column))  # first use
     index = {segment: i for i, segment in enumerate(order)}
     lengths_of = {s: readers[s].examples.column("length").to_numpy() for s in order}
-    segment = np.array([index[where[h][0]] for h in hashes], dtype=np.int32)
-    row = np.array([where[h][1] for h in hashes], dtype=np.int64)
-    length = np.array([lengths_of[where[h][0]][where[h][1]] for h in hashes], dtype=np.int32)
     table = examples.select(["example_id", "label", "split"])
-    for name, values in (
-        ("length", pa.array(length, pa.int32())),
-        ("input_hash", pa.array(hashes, pa.string())),
-        ("segment", pa.array(segment, pa.int32())),
-        ("row", pa.array(row, pa.int64())),
-    ):
-        table = table.append_column(name, values)
+    for view, column in enumerate([hashes, *views]):
+        segment = np.array([index[where[h][0]] for h in column], dtype=np.int32)
+        row = np.array([where[h][1] for h in column], dtype=np.int64)
+        length = np.array([lengths_of[where[h][0]][where[h][1]] for h in column], dtype=np.int32)
+        for name, values in (
+            ("length", pa.array(length, pa.int32())),
+            ("input_hash", pa.array(column, pa.string())),
+            ("segment", pa.array(segment, pa.int32())),
+            ("row", pa.array(row, pa.int64())),
+        ):
+            table = table.append_column(view_column(name, view), values)
+    length = table.column("length").to_numpy()  # view 0's: what the attributes count
     first = readers[order[0]]
     layout = virtual_layout(first.layout, table.num_rows)
     view_attrs = {
@@ -180,6 +188,7 @@ def write_view(
         "layout": layout.to_json(),
         "num_examples": int(table.num_rows),
         "total_tokens": int(length.sum()),
+        **({"views": len(views) + 1} if views else {}),
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": True,
     }
@@ -281,8 +290,12 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
                 if name in view.attrs
             }
             view_hashes = view.examples.column("input_hash").to_pylist()
+            augmented = [
+                view.examples.column(view_column("input_hash", k)).to_pylist()
+                for k in range(1, view.num_views)
+            ]
             view.lease.release()
-            write_view(root, key, keep, view.examples, view_hashes, where, {new_id: merged})
+            write_view(root, key, keep, view.examples, view_hashes, where, {new_id: merged}, augmented)
         merged.lease.release()
         lease.release()
     finally:

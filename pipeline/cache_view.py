@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.cache_layout import SEGMENT_KIND, concat_ranges, layer_array_name
+from pipeline.cache_layout import SEGMENT_KIND, concat_ranges, layer_array_name, view_column
 from pipeline.checksums import CHECKSUMS_FILE, Problem, digest
 from pipeline.errors import UniptError
 from pipeline.locks import LeaseSet
@@ -156,6 +156,28 @@ class ViewMixin:
             raise
         return segment
 
+    # --- augmented views -----------------------------------------------------------------------------------
+    def view(self, view: int) -> ViewMixin:
+        """This dataset version as read through augmented view ``view`` (:mod:`pipeline.augment`): the
+        same examples, labels and splits, each example's rows those of its view, in a virtual row space
+        of the view's own (gap-free too, so the loader's block plan is the same for every view). Shares
+        this reader's segments and leases."""
+        if view == self.view_index:
+            return self
+        if not 0 <= view < self.num_views:
+            raise UniptError(
+                f"cache {self.source} stores {self.num_views} view(s) per example, not view {view}; "
+                "extract it with a larger extract.views"
+            )
+        other = object.__new__(type(self))  # CacheReader.__new__ wants a target: copy the state by hand
+        other.__dict__.update(self.__dict__)
+        other.view_index = view
+        other._mappings, other._expected_offsets, other._offsets = {}, {}, {}
+        return other
+
+    def _column(self, name: str) -> str:
+        return view_column(name, self.view_index)
+
     # --- the mapping ------------------------------------------------------------------------------------
     def _mapping(self, offsets_name: str) -> _Mapping:
         if offsets_name not in self._mappings:
@@ -163,8 +185,8 @@ class ViewMixin:
             if virtual is None:
                 raise self._damaged("examples.parquet", "has no length column")
             spec = next(s for s in self.layout.layers if s.offsets_name == offsets_name)
-            segment = self.examples.column("segment").to_numpy().astype(np.int64)
-            row = self.examples.column("row").to_numpy().astype(np.int64)
+            segment = self.examples.column(self._column("segment")).to_numpy().astype(np.int64)
+            row = self.examples.column(self._column("row")).to_numpy().astype(np.int64)
             pstart = np.zeros(len(row), dtype=np.int64)
             for index, reader in enumerate(self.segments):
                 mine = segment == index

@@ -134,6 +134,17 @@ class ExtractConfig(_Strict):
     chunks_per_file: int = Field(
         1, gt=0, description="Chunks per file; > 1 turns on Zarr's sharding codec (fewer, larger files)."
     )
+    views: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Augmented views per training example (VSE-infinity recipe: random resized crop "
+        "0.6-1.0 + flip for images, 20% token mask/replace/delete for texts); view 0 is the input as is, "
+        "val/test read only it, and training reads view (epoch + seed) mod views. In the cache key when > 1.",
+    )
+    view_seed: int = Field(
+        0, ge=0, description="Seed of the augmented views (extract.views > 1); part of their identity."
+    )
 
 
 _AMP_ALIASES = {"bf16": "bfloat16", "fp16": "float16"}  # deprecated train.amp spellings

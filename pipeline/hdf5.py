@@ -25,6 +25,7 @@ from pipeline.cache_layout import layer_array_name, scale_array_name
 from pipeline.encoding import has_scale
 from pipeline.errors import UniptError
 from pipeline.extras import require
+from pipeline.log import say
 
 ATTRS = "unipt"
 EXAMPLES_GROUP = "examples"
@@ -53,7 +54,13 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
     h5py = _h5py()
     try:
         with h5py.File(tmp, "w") as f:
-            f.attrs[ATTRS] = json.dumps(reader.attrs, sort_keys=True)
+            attrs = dict(reader.attrs)
+            if attrs.pop("views", 1) > 1:  # the file holds view 0's rows only: it must not claim more
+                say(
+                    f"HDF5 export holds view 0 only; the {reader.num_views - 1} augmented view(s) stay "
+                    "in the cache"
+                )
+            f.attrs[ATTRS] = json.dumps(attrs, sort_keys=True)
             for spec in layout.layers:
                 names = [layer_array_name(spec.index)]
                 if has_scale(reader.dtype):

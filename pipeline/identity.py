@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import FORMAT_VERSION
+from pipeline.augment import views_key_field
 from pipeline.bundled import bundled_cnn_settings, bundled_model_path, is_bundled
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.errors import UniptError
@@ -30,6 +31,7 @@ _TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "preprocessor_config.json",
 )
+_VERSION_ONLY = ("dataset_fingerprint", "views")  # key fields that name a version, not activation bytes
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
@@ -150,7 +152,7 @@ def cache_key_fields(
     extract_config: ExtractConfig,
 ) -> dict[str, Any]:
     """Everything that determines a cache's bytes; hashed into the key and kept in the store."""
-    return {
+    fields = {
         "format_version": FORMAT_VERSION,
         "dataset_fingerprint": dataset_fingerprint,
         "backbone": backbone.key_fields(),
@@ -162,6 +164,10 @@ def cache_key_fields(
         # the longest-in-batch padding of earlier versions differ in their last bits, so not one space.
         "preprocessing": {"truncation": True, "special_tokens": True, "padding": "own_length_multiple_of_8"},
     }
+    views = views_key_field(extract_config)
+    if views is not None:  # absent for one view: caches made before augmented views keep their keys
+        fields["views"] = views
+    return fields
 
 
 def cache_key(fields: dict[str, Any]) -> str:
@@ -174,8 +180,9 @@ def space_key_fields(fields: dict[str, Any]) -> dict[str, Any]:
 
     Labels, ids and the split assignment change the fingerprint (and so the cache key, which names a
     dataset version's *view*) but not one activation, so they stay out of the *space* the view reads.
+    So do augmented views: each is an input of its own, named by its input hash (:mod:`pipeline.augment`).
     """
-    return {name: value for name, value in fields.items() if name != "dataset_fingerprint"}
+    return {name: value for name, value in fields.items() if name not in _VERSION_ONLY}
 
 
 def space_key(fields: dict[str, Any]) -> str:

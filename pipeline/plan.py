@@ -239,6 +239,14 @@ def free_bytes(prep: Prepared) -> int | None:
 # ------------------------------------------------------------------------------------------------ steps
 
 
+def inputs_per_example(prep: Prepared) -> float:
+    """Backbone inputs per example: 1, plus ``extract.views - 1`` augmented views of each train example."""
+    views = prep.config.extract.views
+    if views == 1:
+        return 1.0
+    return 1 + (views - 1) * prep.dataset.split_counts()["train"] / max(1, len(prep.dataset))
+
+
 def _sample_prepared(prep: Prepared, sample: int, scratch: Path) -> Prepared:
     """The same experiment on a seeded sample, stored as float32 (every dtype is re-encoded from it) under
     ``scratch``: nothing is written where the real caches go."""
@@ -247,7 +255,8 @@ def _sample_prepared(prep: Prepared, sample: int, scratch: Path) -> Prepared:
     sampled = config.model_copy(
         update={
             "dataset": config.dataset.model_copy(update={"limit": limit}),
-            "extract": config.extract.model_copy(update={"dtype": "float32"}),
+            # One view: the sample measures the cost per input, scaled by the inputs per example after.
+            "extract": config.extract.model_copy(update={"dtype": "float32", "views": 1}),
             "storage": config.storage.model_copy(update={"cache_root": str(scratch / "cache")}),
         }
     )
@@ -268,7 +277,8 @@ def _plan_backbone(
         lengths = reader.examples.column("length").to_numpy().astype(np.int64)
         sample_tokens = int(lengths.sum())
         tokens = _predicted_tokens(prep, sampled, lengths, target.config.max_length)
-        scale = tokens / max(1, sample_tokens)
+        views = inputs_per_example(prep)
+        scale = tokens / max(1, sample_tokens) * views
         per_dtype = bytes_by_dtype(reader, prep.config.extract)
         sizes = {
             dtype: int(n * scale + PER_EXAMPLE_OVERHEAD * len(prep.dataset)) for dtype, n in per_dtype.items()
@@ -295,7 +305,7 @@ def _plan_backbone(
         sample_tokens=sample_tokens,
         bytes_by_dtype=sizes,
         dtype=prep.config.extract.dtype,
-        extract_s=0.0 if cached else fixed + per_token * tokens,
+        extract_s=0.0 if cached else fixed + per_token * tokens * views,
         fixed_s=fixed,
         forward_s_per_1k_tokens=per_token * 1000,
         cache_epoch_s=cache_epoch,
@@ -396,6 +406,6 @@ def _worst_case_bytes(prep: Prepared, target: PreparedBackbone) -> int | None:
     layers = depth + 1 if target.config.layers == "all" else len(target.config.layers)
     dtype = prep.config.extract.dtype
     per_value = STORAGE_DTYPES[dtype].itemsize + (4 / width if has_scale(dtype) else 0)
-    rows = len(prep.dataset) * target.config.max_length
+    rows = len(prep.dataset) * target.config.max_length * inputs_per_example(prep)
     # Blosc adds a header per block; an incompressible chunk can grow by a few bytes per MiB: 1% covers it.
     return int(rows * layers * width * per_value * 1.01) + PER_EXAMPLE_OVERHEAD * len(prep.dataset)

@@ -25,11 +25,13 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
 import torch
 
+from pipeline.augment import TRAIN_SPLIT, view_for_epoch
 from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
@@ -85,6 +87,7 @@ class CacheBatches:
         length_grouping: bool = False,
         reader_threads: int = 4,
         pin_memory: bool = False,
+        views: bool = False,
     ) -> None:
         self.reader = reader
         self.layers = list(layers)
@@ -110,6 +113,12 @@ class CacheBatches:
         self.offsets = {layer: reader.offsets_for(layer) for layer in self.layers}
         distinct = list({id(o): o for o in self.offsets.values()}.values())  # token layers share one
         self.blocks = plan_blocks(self.indices, distinct, block_examples)
+        self.block_examples = block_examples
+        self._plan = list(self.blocks)  # this cache's own plan (a paired cache may replace self.blocks)
+        # Augmented views (training only): epoch e reads view (e + seed) mod K of every example, each
+        # view through its own reader and offsets, made when the epoch starts.
+        self.num_views = reader.num_views if views else 1
+        self._views: dict[int, tuple[ActivationCache, dict[int, np.ndarray]]] = {0: (reader, self.offsets)}
         first = self.offsets[self.layers[0]]
         # Token counts decide the grouping; feature maps all have one size, so there is nothing to group.
         self.lengths = None if self.maps else first[:, 1] - first[:, 0]
@@ -143,15 +152,41 @@ class CacheBatches:
             length_grouping=config.length_grouping and shuffle,
             reader_threads=config.reader_threads,
             pin_memory=pick_device(config.device).type == "cuda",
+            views=shuffle and split == TRAIN_SPLIT,
         )
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
 
+    def view_of_epoch(self, epoch: int) -> int:
+        """The augmented view this split reads in ``epoch``: 0 unless it trains on a cache with views."""
+        return view_for_epoch(epoch, self.seed, self.num_views) if self.num_views > 1 else 0
+
+    def _view(self, view: int) -> tuple[ActivationCache, dict[int, np.ndarray]]:
+        if view not in self._views:
+            reader = self.reader.view(view)
+            offsets = {layer: reader.offsets_for(layer) for layer in self.layers}
+            distinct = list({id(o): o for o in offsets.values()}.values())
+            # Every view's virtual rows are gap-free, so its blocks are view 0's; the shuffles (which
+            # depend on block sizes only) and a paired cache's plan stay valid whichever view is read.
+            own = plan_blocks(self.indices, distinct, self.block_examples)
+            if len(own) != len(self._plan) or not all(map(np.array_equal, own, self._plan)):
+                raise UniptError(
+                    f"cache {self.reader.source}: augmented view {view} cuts into other blocks than view 0; "
+                    f"run `unipt cache verify {self.reader.source}`"
+                )
+            # Only view 0 and the latest view stay: memory stays at two views' offsets however large K.
+            for old in [k for k in self._views if k not in (0, view)]:
+                del self._views[old]
+            self._views[view] = (reader, offsets)
+        return self._views[view]
+
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        view = self.view_of_epoch(epoch)
+        self._view(view)  # opened here, so a bad view fails before any batch
         order = epoch_order(
             self.blocks,
-            self._read_block,
+            partial(self._read_block, view=view),
             self.batch_size,
             self.shuffle,
             seed=self.seed,
@@ -166,16 +201,18 @@ class CacheBatches:
             batches = _prefetch(batches, 2, name="cache-collate")
         yield from batches
 
-    def _read_block(self, indices: np.ndarray) -> list[tuple[_Block, int]]:
-        """Every layer's rows of one block, the layers read concurrently (Zarr decodes off the GIL)."""
+    def _read_block(self, indices: np.ndarray, view: int = 0) -> list[tuple[_Block, int]]:
+        """Every layer's rows of one block (of augmented view ``view``), the layers read concurrently
+        (Zarr decodes off the GIL)."""
+        reader, offsets = self._view(view)
         spans = {}
         for layer in self.layers:
-            starts, stops = self.offsets[layer][indices, 0], self.offsets[layer][indices, 1]
+            starts, stops = offsets[layer][indices, 0], offsets[layer][indices, 1]
             spans[layer] = (starts, stops, int(starts[0]), int(stops[-1]))
 
         def read(layer: int) -> np.ndarray:
             _, _, base, end = spans[layer]
-            return self.reader.read_rows(layer, base, end)
+            return reader.read_rows(layer, base, end)
 
         if self.reader_threads > 1 and len(self.layers) > 1:
             if self._pool is None:

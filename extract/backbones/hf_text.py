@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from extract.augment import noise_encoding
 from extract.backbones.base import (
     EncodedShard,
     autocast,
@@ -58,6 +59,9 @@ class HFTextBackbone:
         parameters = inspect.signature(self.model.forward).parameters
         named = {name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
         self._accepts = named if "input_ids" in named else None
+        # Random replacement tokens must have an embedding: the smaller of tokenizer and model vocabularies.
+        vocab = len(self.tokenizer)
+        self._vocab_size = min(vocab, int(getattr(self.config, "vocab_size", vocab)))
 
     @property
     def num_hidden_states(self) -> int:
@@ -78,9 +82,19 @@ class HFTextBackbone:
 
     @torch.inference_mode()
     def encode(
-        self, texts: list[str], layers: list[int], max_length: int, batch_size: int, dtype: str = "float16"
+        self,
+        texts: list[str],
+        layers: list[int],
+        max_length: int,
+        batch_size: int,
+        dtype: str = "float16",
+        token_noise: list[str | None] | None = None,
     ) -> EncodedShard:
-        """Every requested hidden state for every text, real tokens only, cast to ``dtype``."""
+        """Every requested hidden state for every text, real tokens only, cast to ``dtype``.
+
+        ``token_noise`` (one entry per text) gives the augmented views: a text with a view hash is
+        encoded with that view's token noise (:func:`extract.augment.noise_encoding`), after truncation.
+        """
         out_dtype = check_dtype(dtype)
         check_layers(layers, self.num_hidden_states)
         if any(not isinstance(text, str) for text in texts):
@@ -88,6 +102,11 @@ class HFTextBackbone:
                 "this backbone is a text encoder, but the inputs are not text (an image dataset?)"
             )
         encoded = self.tokenizer(texts, truncation=True, max_length=max_length)
+        truncated = _count_truncated(encoded, max_length)
+        if token_noise is not None and any(view is not None for view in token_noise):
+            special = set(self.tokenizer.all_special_ids)
+            mask_id = self.tokenizer.mask_token_id
+            encoded = noise_encoding(dict(encoded), token_noise, special, mask_id, self._vocab_size)
         keys = [k for k in encoded.keys() if self._accepts is None or k in self._accepts]
         ids = encoded["input_ids"]
         lengths = [len(x) for x in ids]
@@ -112,7 +131,6 @@ class HFTextBackbone:
         # Emoji-only or zero-width text often becomes [CLS] [UNK] [SEP] or just [CLS] [SEP]: worth a warning.
         special = set(self.tokenizer.all_special_ids)
         no_content = [i for i, example_ids in enumerate(ids) if all(t in special for t in example_ids)]
-        truncated = _count_truncated(encoded, max_length)
         return EncodedShard(lengths=lengths, layers=packed, truncated=truncated, no_content=no_content)
 
 
