@@ -25,7 +25,7 @@ from pipeline.cache_layout import SEGMENT_KIND, VIEW_KIND, LayerSpec, ShardSpec,
 from pipeline.cache_space import SpacePlan, plan_space, segment_id, write_space_file, write_view
 from pipeline.cache_writer import CacheBuilder
 from pipeline.config import BackboneConfig, ExtractConfig
-from pipeline.datasets import input_hashes
+from pipeline.datasets import backbone_inputs, input_hashes
 from pipeline.errors import UniptError
 from pipeline.identity import space_key, space_key_fields
 from pipeline.locks import LeaseSet, ReadLease, exclusive
@@ -528,7 +528,7 @@ def _extract(
         builder.create(layout, attrs)
         finished = builder.finished_shards()
         todo = [s for s in shards if s.shard_id not in finished]
-        inputs = examples.column(input_column).to_pylist()
+        inputs = backbone_inputs(examples, input_column)  # (text, text_pair) tuples for pair datasets
         location = builder.location
 
         totals = {"tokens": 0, "bytes": 0, "raw_bytes": 0, "forward_s": 0.0, "write_s": 0.0, "truncated": 0}

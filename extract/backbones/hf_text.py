@@ -67,6 +67,26 @@ class HFTextBackbone:
     def hidden_size(self) -> int:
         return int(getattr(self.config, "hidden_size", None) or self.config.d_model)
 
+    def _tokenize(self, texts: list, max_length: int) -> Any:
+        if texts and all(isinstance(x, tuple) and len(x) == 2 for x in texts):
+            firsts, seconds = (list(part) for part in zip(*texts, strict=True))
+            if all(isinstance(text, str) for text in firsts + seconds):
+                try:
+                    return self.tokenizer(firsts, seconds, truncation=True, max_length=max_length)
+                except Exception as exc:  # a tokenizer with no pair template, or pairs that cannot fit
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise UniptError(
+                        f"tokenizer {type(self.tokenizer).__name__} cannot encode text pairs to "
+                        f"{max_length} tokens ({reason}); raise backbone.max_length or use a backbone whose "
+                        "tokenizer takes pairs (BERT-style)"
+                    ) from exc
+        if any(not isinstance(text, str) for text in texts):
+            raise UniptError(
+                "this backbone is a text encoder, but the inputs are neither texts nor (text, text_pair) "
+                "pairs (an image dataset?)"
+            )
+        return self.tokenizer(texts, truncation=True, max_length=max_length)
+
     def describe(self) -> dict:
         return {
             "model_type": self.config.model_type,
@@ -80,14 +100,12 @@ class HFTextBackbone:
     def encode(
         self, texts: list[str], layers: list[int], max_length: int, batch_size: int, dtype: str = "float16"
     ) -> EncodedShard:
-        """Every requested hidden state for every text, real tokens only, cast to ``dtype``."""
+        """Every requested hidden state for every text, real tokens only, cast to ``dtype``. ``texts``
+        may instead be ``(text, text_pair)`` tuples, encoded as the tokenizer encodes pairs (its segment
+        ids; truncation ``longest_first``, the longer text cut first)."""
         out_dtype = check_dtype(dtype)
         check_layers(layers, self.num_hidden_states)
-        if any(not isinstance(text, str) for text in texts):
-            raise UniptError(
-                "this backbone is a text encoder, but the inputs are not text (an image dataset?)"
-            )
-        encoded = self.tokenizer(texts, truncation=True, max_length=max_length)
+        encoded = self._tokenize(texts, max_length)
         keys = [k for k in encoded.keys() if self._accepts is None or k in self._accepts]
         ids = encoded["input_ids"]
         lengths = [len(x) for x in ids]
