@@ -18,10 +18,14 @@ from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
 from pipeline import experiment
 from pipeline.cache import CacheReader
+from pipeline.cache_open import open_cache
+from pipeline.cli import main
 from pipeline.config import DatasetConfig, load_config
 from pipeline.datasets import DatasetTable, backbone_inputs, input_hashes, load_dataset, normalize
 from pipeline.errors import UniptError
 from pipeline.images import make_image
+from pipeline.model_files import read_model_spec
+from pipeline.predict import load_model
 from pipeline.raw_examples import RawExamples
 from tests.conftest import make_sentiment_rows, write_config, write_csv
 
@@ -288,3 +292,41 @@ def test_rt_same_movie_is_balanced_split_by_movie_and_deterministic():
     reseeded = load_dataset(DatasetConfig(source="bundled:rt_same_movie", split={"seed": 1}))
     assert reseeded.fingerprint != ds.fingerprint
     assert all(c["same"] == c["different"] for c in reseeded.class_counts().values())
+
+
+def test_a_pair_model_is_recorded_and_predicts_pairs_as_its_cache_saw_them(
+    ray_session, tmp_path, tiny_bert_dir, capsys
+):
+    path = write_csv(tmp_path / "pairs.csv", pair_rows(120))
+    config_path = write_config(
+        tmp_path / "pairs.yaml", str(path), str(tiny_bert_dir), tmp_path,
+        dataset={"text_pair_column": "second"}, train={"epochs": 2},
+    )  # fmt: skip
+    prep = experiment.prepare(load_config(config_path))
+    run = experiment.run(prep, progress=False)  # extract, train, probe, record, registry
+    assert {"test_acc", "probe_test_acc", "majority_test_acc"} <= set(run.trained.metrics)
+    spec = read_model_spec(run.run_dir)
+    assert spec.input == "text_pair"
+
+    model = load_model(run.run_dir, device="cpu")
+    indices, from_cache = model.outputs_from_cache(open_cache(prep.cache_root.location(prep.key)), "test")
+    table = prep.dataset.table
+    rows = [
+        {"id": table.column("example_id")[int(i)].as_py(), "a": table.column("text")[int(i)].as_py(),
+         "b": table.column("text_pair")[int(i)].as_py()}
+        for i in indices
+    ]  # fmt: skip
+    predictions = model.predict([(r["a"], r["b"]) for r in rows], batch_size=16)
+    np.testing.assert_allclose(predictions.outputs, from_cache, atol=2e-3, rtol=1e-3)
+
+    inputs = write_csv(tmp_path / "inputs.csv", rows)
+    out = tmp_path / "preds.csv"
+    argv = ["--input", str(inputs), "--text-column", "a", "--text-pair-column", "b", "--id-column", "id"]
+    assert main(["predict", str(run.run_dir), *argv, "--out", str(out), "--no-progress"]) == 0
+    assert out.read_text().count("\n") == len(rows) + 1
+    # A pair model given single texts (or no second column) is one line of error, not a wrong number.
+    for bad in (["--text", "a wonderful film"], ["--input", str(inputs), "--text-column", "a"]):
+        capsys.readouterr()
+        assert main(["predict", str(run.run_dir), *bad, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("unipt: error:") and err.count("\n") == 1, err
