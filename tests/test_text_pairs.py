@@ -210,6 +210,19 @@ def test_backbone_encodes_pairs_as_the_tokenizer_does(tiny_bert_dir):
     assert tokenizer.decode(cut["input_ids"][3]).endswith("[SEP] moving [SEP]")
 
 
+def test_online_baselines_tokenize_pairs_as_extraction_does(tmp_path, tiny_bert_dir):
+    from pipeline.baselines import load_online_data
+    from pipeline.config import BackboneConfig, TrainConfig
+
+    ds = load_dataset(pair_config(write_csv(tmp_path / "pairs.csv", pair_rows(24))))
+    backbone = BackboneConfig(name_or_path=str(tiny_bert_dir), max_length=16)
+    data = load_online_data(ds.table, ds.label_names, backbone, TrainConfig(device="cpu"))
+    firsts, seconds = ds.table.column("text").to_pylist(), ds.table.column("text_pair").to_pylist()
+    reference = data.backbone.tokenizer(firsts, seconds, truncation=True, max_length=16)
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert data.encoded[key] == reference[key]
+
+
 def test_cached_pair_activations_are_the_backbone_on_the_pair_encoding(ray_session, tmp_path, tiny_bert_dir):
     path = write_csv(tmp_path / "pairs.csv", pair_rows(96))
     config_path = write_config(
