@@ -26,7 +26,7 @@ from pipeline.cache_layout import SEGMENT_KIND, VIEW_KIND, LayerSpec, ShardSpec,
 from pipeline.cache_space import SpacePlan, plan_space, segment_id, write_space_file, write_view
 from pipeline.cache_writer import CacheBuilder
 from pipeline.config import BackboneConfig, ExtractConfig
-from pipeline.datasets import input_hashes
+from pipeline.datasets import TEXT_PAIR_COLUMN, backbone_inputs, input_hashes
 from pipeline.errors import UniptError
 from pipeline.identity import space_key, space_key_fields
 from pipeline.locks import LeaseSet, ReadLease, exclusive
@@ -195,6 +195,8 @@ def _build_view(
             "dataset_fingerprint": request.key_fields.get("dataset_fingerprint"),
             "label_names": request.label_names,
         }
+        if TEXT_PAIR_COLUMN in examples.column_names:  # a model trained on it must be given pairs too
+            attrs["input"] = "text_pair"
         readers = plan.readers
         first = next(iter(readers.values()))
         attrs["backbone"] = {**first.attrs.get("backbone", {}), "name": request.backbone_name}
@@ -550,7 +552,7 @@ def _extract(
         builder.create(layout, attrs)
         finished = builder.finished_shards()
         todo = [s for s in shards if s.shard_id not in finished]
-        inputs = examples.column(input_column).to_pylist()
+        inputs = backbone_inputs(examples, input_column)  # (text, text_pair) tuples for pair datasets
         location = builder.location
 
         totals = {"tokens": 0, "bytes": 0, "raw_bytes": 0, "forward_s": 0.0, "write_s": 0.0, "truncated": 0}

@@ -33,6 +33,7 @@ from extract.spec import BackboneLoadSpec
 from pipeline.bundled import bundled_cnn_settings
 from pipeline.cache_layout import LayerSpec, StoreLayout
 from pipeline.config import BackboneConfig, ExtractConfig, TrainConfig
+from pipeline.datasets import backbone_inputs
 from pipeline.errors import UniptError
 from pipeline.resources import peak_cuda_mib, peak_rss_mib
 from train.loader import Batch, epoch_order, padding_mask, plan_blocks
@@ -233,8 +234,9 @@ def load_online_data(
         raise UniptError(
             f"backbone.layers {layers} out of range: this backbone has hidden states 0..{count - 1}"
         )
-    texts = dataset_table.column("text").to_pylist()
-    encoded = dict(backbone.tokenizer(texts, truncation=True, max_length=backbone_config.max_length))
+    # Text pairs are tokenized as pairs, exactly as extraction does (segment ids included).
+    inputs = backbone_inputs(dataset_table, "text")
+    encoded = dict(backbone._tokenize(inputs, backbone_config.max_length))
     accepted = backbone._accepts  # the inputs its forward names, as in extraction
     encoded = {key: value for key, value in encoded.items() if accepted is None or key in accepted}
     index = OnlineIndex.laid_out(

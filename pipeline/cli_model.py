@@ -61,8 +61,9 @@ def _model_and_inputs(args: argparse.Namespace, label_column: str | None = None)
         raise UniptError('nothing to read: give --input FILE (csv, jsonl, parquet) or --text "..."')
     table = read_inputs(
         args.input,
-        kind="image" if model.spec.input == "image" else "text",
+        kind=model.spec.input,
         text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
         image_column=args.image_column,
         id_column=args.id_column,
         label_column=label_column,
@@ -124,6 +125,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("model", help="a run id (or unique prefix), a run directory, or an exported folder")
         p.add_argument("--input", help="a .csv, .jsonl or .parquet file of inputs")
         p.add_argument("--text-column", default="text", help="the input's text column (default: text)")
+        p.add_argument(
+            "--text-pair-column", default="text_pair", help="text-pair models: the second text's column"
+        )
         p.add_argument("--image-column", default="image", help="image models: the column of image paths")
         p.add_argument("--id-column", help="a column of example ids (default: the row numbers)")
         p.add_argument("--backbone", help="the backbone's folder, when not where model.json says")

@@ -53,7 +53,8 @@ class SplitConfig(_Strict):
 class DatasetConfig(_Strict):
     source: str = Field(
         ...,
-        description="'bundled:rotten_tomatoes', 'bundled:bbc_news', 'bundled:mnist_5k' (images), "
+        description="'bundled:rotten_tomatoes', 'bundled:rt_same_movie' (text pairs), 'bundled:bbc_news', "
+        "'bundled:mnist_5k' (images), "
         "a .csv/.jsonl/.parquet path, 'hf:NAME[:CONFIG]' (a Hugging Face datasets hub id, or a local "
         "dataset folder) or 'hf-disk:PATH' (a `save_to_disk` folder); hf sources need [hf-datasets]",
     )
@@ -69,6 +70,11 @@ class DatasetConfig(_Strict):
         None,
         description="Column of image file paths (relative to the data file) or encoded image bytes; "
         "with text_column too, every example is an image-text pair (e.g. for retrieval).",
+    )
+    text_pair_column: str | None = Field(
+        None,
+        description="Column of second texts: each example is the pair (text, text_pair), encoded together "
+        "the way the tokenizer encodes pairs (segment ids and all), for NLI/paraphrase/QA-style tasks.",
     )
     label_column: str = "label"
     id_column: str | None = None

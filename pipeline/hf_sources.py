@@ -109,7 +109,7 @@ def _load_from_disk(config: DatasetConfig) -> Any:
 def _rows(parts: dict[str | None, Any], config: DatasetConfig, own_splits: bool) -> Any:
     if config.text_column is None and config.image_column is None:
         raise UniptError("dataset.text_column and dataset.image_column are both null; name at least one")
-    texts, labels, ids, groups, splits, images = [], [], [], [], [], []
+    texts, labels, ids, groups, splits, images, text_pairs = [], [], [], [], [], [], []
     for split_name, part in parts.items():
         table = _arrow_table(part, config)
         n = table.num_rows
@@ -125,6 +125,7 @@ def _rows(parts: dict[str | None, Any], config: DatasetConfig, own_splits: bool)
             return table.column(name).to_pylist()
 
         texts += column(config.text_column, "text_column") or []
+        text_pairs += column(config.text_pair_column, "text_pair_column") or []
         labels += _label_values(part, column(config.label_column, "label_column"), config.label_column)
         ids += column(config.id_column, "id_column") or []
         groups += column(config.split.group_column, "split.group_column") or []
@@ -132,6 +133,7 @@ def _rows(parts: dict[str | None, Any], config: DatasetConfig, own_splits: bool)
         images += column(config.image_column, "image_column") or []
     return RawExamples(
         texts=texts if config.text_column is not None else None,
+        text_pairs=text_pairs if config.text_pair_column is not None else None,
         labels=labels,
         ids=ids if config.id_column is not None else None,
         groups=groups if config.split.group_column is not None else None,

@@ -37,7 +37,7 @@ class ModelSpec:
     embed_size: int | None
     downsample_factor: int
     dropout: float
-    input: str  # "text" or "image": what the backbone reads
+    input: str  # "text", "image" or "text_pair" ((text, text_pair) tuples): what the backbone reads
     dtype: str  # the cache's storage dtype: predictions round activations to it
     max_length: int  # what extraction passed the backbone (tokens per image for image encoders)
     preprocessing: dict[str, Any]
@@ -105,7 +105,7 @@ def describe_model(
         embed_size=config.train.embed_size,
         downsample_factor=config.train.downsample_factor,
         dropout=config.train.dropout,
-        input=str(described.get("input", "text")),
+        input=str(attrs.get("input") or described.get("input", "text")),  # the view says text_pair
         dtype=dtype,
         max_length=int(layout_max_length),
         preprocessing=dict(fields.get("preprocessing", {})),

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import zarr
 from zarr.storage import MemoryStore
 
@@ -36,6 +37,7 @@ from pipeline import experiment
 from pipeline.cache import ActivationCache
 from pipeline.cache_open import open_cache
 from pipeline.config import ExtractConfig
+from pipeline.datasets import TEXT_PAIR_COLUMN
 from pipeline.encoding import STORAGE_DTYPES, compressors, encode_rows, has_scale
 from pipeline.errors import UniptError
 from pipeline.experiment import Prepared, PreparedBackbone
@@ -319,12 +321,18 @@ def _predicted_tokens(prep: Prepared, sampled: Prepared, lengths: np.ndarray, ma
     table, sample_table = prep.dataset.table, sampled.dataset.table
     if "text" not in table.column_names:
         return int(round(lengths.mean() * len(table)))
-    sample_chars = np.array([len(t or "") for t in sample_table.column("text").to_pylist()], dtype=np.float64)
+    sample_chars, chars = _characters(sample_table), _characters(table)
     whole = lengths < max_length
     rate = lengths[whole].sum() / max(1.0, sample_chars[whole].sum())
-    chars = np.array([len(t or "") for t in table.column("text").to_pylist()], dtype=np.float64)
     # Special tokens ([CLS], [SEP]) do not grow with the text: the sample's shortest example bounds them.
     return int(np.minimum(np.maximum(chars * rate, lengths.min()), max_length).sum())
+
+
+def _characters(table: pa.Table) -> np.ndarray:
+    """Each example's characters: its text's, plus its second text's in a text-pair dataset."""
+    columns = [c for c in ("text", TEXT_PAIR_COLUMN) if c in table.column_names]
+    counts = [[len(t or "") for t in table.column(c).to_pylist()] for c in columns]
+    return np.sum(np.array(counts, dtype=np.float64), axis=0)
 
 
 def _fit_tokens(prep: Prepared, tokens: int) -> float:

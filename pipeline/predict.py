@@ -297,7 +297,18 @@ class TunedModel:
 
 
 def check_inputs(inputs: list, kind: str) -> None:
-    if kind == "text":
+    if kind == "text_pair":
+        bad = [
+            i
+            for i, x in enumerate(inputs)
+            if not (isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(t, str) for t in x))
+        ]
+        if bad:
+            raise UniptError(
+                f"input {bad[0]} is {inputs[bad[0]]!r:.40}, not a (text, text_pair) pair; this model reads "
+                "text pairs: give --input FILE with --text-column and --text-pair-column"
+            )
+    elif kind == "text":
         bad = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
         if bad:
             raise UniptError(f"input {bad[0]} is {inputs[bad[0]]!r:.40}, not text; this model reads texts")
@@ -345,6 +356,7 @@ def read_inputs(
     *,
     kind: str = "text",
     text_column: str = "text",
+    text_pair_column: str = "text_pair",
     image_column: str = "image",
     id_column: str | None = None,
     label_column: str | None = None,
@@ -369,18 +381,23 @@ def read_inputs(
         table = reader(str(path))
     except ArrowException as exc:
         raise UniptError(f"input {path} is not readable ({str(exc).splitlines()[0]})") from exc
-    column = text_column if kind == "text" else image_column
-    wanted = [c for c in (column, id_column, label_column) if c]
+    column = image_column if kind == "image" else text_column
+    second = text_pair_column if kind == "text_pair" else None
+    wanted = [c for c in (column, second, id_column, label_column) if c]
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise UniptError(f"input {path} has no column {missing[0]!r} (columns: {table.column_names})")
     if table.num_rows == 0:
         raise UniptError(f"input {path} has no rows")
     values = table.column(column).to_pylist()
-    if kind == "text":
-        empty = [i for i, v in enumerate(values) if not isinstance(v, str)]
-        if empty:
-            raise UniptError(f"input {path} row {empty[0]}: {column} is {values[empty[0]]!r}, not text")
+    if kind != "image":
+        for name in (column, second) if second else (column,):
+            texts = table.column(name).to_pylist()
+            empty = [i for i, v in enumerate(texts) if not isinstance(v, str)]
+            if empty:
+                raise UniptError(f"input {path} row {empty[0]}: {name} is {texts[empty[0]]!r}, not text")
+        if second:  # a text-pair model: (text, text_pair) tuples, as extraction gave them
+            values = list(zip(values, table.column(second).to_pylist(), strict=True))
     else:
         from pipeline.images import load_image
 

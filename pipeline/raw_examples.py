@@ -4,6 +4,14 @@ Hugging Face datasets) returns and :func:`pipeline.datasets.normalize` turns int
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class TextPair(NamedTuple):
+    """One example of a text-pair dataset: what a text backbone encodes as ``tokenizer(text, text_pair)``."""
+
+    text: str
+    text_pair: str
 
 
 @dataclass
@@ -14,3 +22,4 @@ class RawExamples:
     groups: list[str] | None = None
     splits: list[str] | None = None
     images: list[dict] | None = None  # image datasets: column values of pipeline.images.IMAGE_TYPE
+    text_pairs: list[str] | None = None  # text-pair datasets: each example's second text

@@ -51,8 +51,9 @@ class Backbone(Protocol):
     feature-map backbones add ``grids`` ``{index: [H, W]}`` (at their fixed input size).
 
     ``encode(inputs, layers, max_length, batch_size, dtype)`` takes ``table.column(describe()["input"])
-    .to_pylist()`` (strings, or image dicts from ``pipeline.images``) and returns the requested hidden
-    states of every input, cast to ``dtype`` (``float16`` or ``float32``). Text backbones also take
+    .to_pylist()`` (strings, or image dicts from ``pipeline.images``; for a text-pair table, ``(text,
+    text_pair)`` tuples: ``pipeline.datasets.backbone_inputs``) and returns the requested hidden states
+    of every input, cast to ``dtype`` (``float16`` or ``float32``). Text backbones also take
     ``token_noise`` (one augmented view's input hash or None per text, :mod:`extract.augment`); image
     inputs are augmented by the worker before ``encode``.
     """

@@ -71,6 +71,26 @@ class HFTextBackbone:
     def hidden_size(self) -> int:
         return int(getattr(self.config, "hidden_size", None) or self.config.d_model)
 
+    def _tokenize(self, texts: list, max_length: int) -> Any:
+        if texts and all(isinstance(x, tuple) and len(x) == 2 for x in texts):
+            firsts, seconds = (list(part) for part in zip(*texts, strict=True))
+            if all(isinstance(text, str) for text in firsts + seconds):
+                try:
+                    return self.tokenizer(firsts, seconds, truncation=True, max_length=max_length)
+                except Exception as exc:  # a tokenizer with no pair template, or pairs that cannot fit
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise UniptError(
+                        f"tokenizer {type(self.tokenizer).__name__} cannot encode text pairs to "
+                        f"{max_length} tokens ({reason}); raise backbone.max_length or use a backbone whose "
+                        "tokenizer takes pairs (BERT-style)"
+                    ) from exc
+        if any(not isinstance(text, str) for text in texts):
+            raise UniptError(
+                "this backbone is a text encoder, but the inputs are neither texts nor (text, text_pair) "
+                "pairs (an image dataset?)"
+            )
+        return self.tokenizer(texts, truncation=True, max_length=max_length)
+
     def describe(self) -> dict:
         return {
             "model_type": self.config.model_type,
@@ -90,18 +110,16 @@ class HFTextBackbone:
         dtype: str = "float16",
         token_noise: list[str | None] | None = None,
     ) -> EncodedShard:
-        """Every requested hidden state for every text, real tokens only, cast to ``dtype``.
+        """Every requested hidden state for every text, real tokens only, cast to ``dtype``. ``texts``
+        may instead be ``(text, text_pair)`` tuples, encoded as the tokenizer encodes pairs (its segment
+        ids; truncation ``longest_first``, the longer text cut first).
 
         ``token_noise`` (one entry per text) gives the augmented views: a text with a view hash is
         encoded with that view's token noise (:func:`extract.augment.noise_encoding`), after truncation.
         """
         out_dtype = check_dtype(dtype)
         check_layers(layers, self.num_hidden_states)
-        if any(not isinstance(text, str) for text in texts):
-            raise UniptError(
-                "this backbone is a text encoder, but the inputs are not text (an image dataset?)"
-            )
-        encoded = self.tokenizer(texts, truncation=True, max_length=max_length)
+        encoded = self._tokenize(texts, max_length)
         truncated = _count_truncated(encoded, max_length)
         if token_noise is not None and any(view is not None for view in token_noise):
             special = set(self.tokenizer.all_special_ids)
