@@ -203,7 +203,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     )
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -226,7 +226,11 @@ def main() -> int:
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     try:
         if args.worker:
             config = load_config(args.config, [*(args.set or []), f"seed={args.seed}"])
@@ -237,6 +241,10 @@ def main() -> int:
     except UniptError as exc:
         print(f"methods: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _shown_path(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def drive(args: argparse.Namespace) -> dict[str, Any]:
@@ -297,7 +305,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
 
             counts = prep.dataset.split_counts()
             datasets[dataset] = {
-                "config": str(CONFIGS[dataset].relative_to(ROOT)),
+                "config": _shown_path(CONFIGS[dataset]),
                 "task": config.train.task,
                 "examples": len(prep.dataset),
                 "splits": counts,
