@@ -71,7 +71,8 @@ COLUMNS = (
 
 # --- one training, in its own process -----------------------------------------------------------------------
 def run_one(method: str, config: ExperimentConfig) -> dict[str, Any]:
-    """Train ``method`` once in this process (a fresh interpreter per run) and measure it."""
+    """Train ``method`` once in this process (a fresh interpreter per run) and measure it; ``config`` has
+    ``train.method`` set to it (for a frozen-backbone method) and the run's seed."""
     from pipeline import experiment
     from pipeline.resources import peak_rss_mib
     from pipeline.tasks import get_task
@@ -94,8 +95,7 @@ def run_one(method: str, config: ExperimentConfig) -> dict[str, Any]:
         )
         metrics, history, examples = result.metrics, result.history, len(dataset)
     else:
-        prep = experiment.prepare(config.model_copy(update={"train": config.train.model_copy(
-            update={"method": method})}))  # fmt: skip
+        prep = experiment.prepare(config)
         trained = experiment.train(prep, progress=False)
         metrics, history, examples = trained.metrics, trained.history, len(prep.dataset)
     return {
@@ -238,7 +238,8 @@ def main() -> int:
     args = build_parser().parse_args()
     try:
         if args.worker:
-            config = load_config(args.config, [*(args.set or []), f"seed={args.seed}"])
+            method = [f"train.method={args.worker}"] if args.worker in METHODS else []
+            config = load_config(args.config, [*(args.set or []), f"seed={args.seed}", *method])
             Path(args.result).write_text(json.dumps(run_one(args.worker, config)))
             return 0
         drive(args)

@@ -35,7 +35,7 @@ def toy_configs(tmp_path, tiny_bert_dir, monkeypatch):
 
 def test_methods_report(toy_configs, tmp_path, ray_session):
     out = tmp_path / "results" / "methods.json"
-    argv = ["--datasets", "toy_cls", "toy_reg", "--methods", "unipt", "--seeds", "0", "1"]
+    argv = ["--datasets", "toy_cls", "toy_reg", "--methods", "scalar_mix", "unipt", "--seeds", "0"]
     argv += ["--cache-root", str(tmp_path / "cache"), "--out", str(out)]
     methods.drive(methods.build_parser().parse_args(argv))
 
@@ -46,21 +46,22 @@ def test_methods_report(toy_configs, tmp_path, ray_session):
         and "load_average_1m_now" in report["machine"]
     )
     runs = {(r["dataset"], r["method"], r["seed"]): r for r in report["runs"]}
-    # Two seeds per dataset, full fine-tuning once (seed 0) where the task is classification.
-    expected = {(d, "unipt", s) for d in ("toy_cls", "toy_reg") for s in (0, 1)}
+    # Each method per dataset, full fine-tuning once (seed 0) where the task is classification.
+    expected = {(d, m, 0) for d in ("toy_cls", "toy_reg") for m in ("scalar_mix", "unipt")}
     assert set(runs) == expected | {("toy_cls", "full_finetune", 0)}
     for run in runs.values():
         assert run["peak_rss_mib"] > 100 and run["seconds_per_epoch"] > 0 and run["epochs"] == 1
         assert run["metric"] == ("acc" if run["dataset"] == "toy_cls" else "pearson")
-    params = {m: runs[("toy_cls", m, 0)]["trainable_params"] for m in ("unipt", "full_finetune")}
-    assert params["unipt"] < params["full_finetune"]
+    params = {
+        m: runs[("toy_cls", m, 0)]["trainable_params"] for m in ("scalar_mix", "unipt", "full_finetune")
+    }
+    assert params["scalar_mix"] != params["unipt"] < params["full_finetune"]  # each child trained its method
 
     rows = {(r["dataset"], r["method"]): r for r in report["rows"]}
     assert set(rows) == {k[:2] for k in runs}
-    unipt = rows[("toy_cls", "unipt")]
-    seeds = [runs[("toy_cls", "unipt", s)]["test"] for s in (0, 1)]
-    assert unipt["seeds"] == 2 and unipt["test_mean"] == pytest.approx(sum(seeds) / 2)
-    assert report["goal"]["toy_cls"]["above_scalar_mix"] is None  # not run
+    assert rows[("toy_cls", "unipt")]["test_mean"] == runs[("toy_cls", "unipt", 0)]["test"]
+    assert isinstance(report["goal"]["toy_cls"]["above_scalar_mix"], bool)
+    assert report["goal"]["toy_cls"]["above_lst"] is None  # not run
     assert isinstance(report["goal"]["toy_cls"]["within_1pt_of_full_finetune"], bool)
     assert report["goal"]["toy_reg"]["within_1pt_of_full_finetune"] is None  # no full fine-tuning there
     assert out.with_suffix(".csv").read_text().splitlines()[0] == ",".join(methods.COLUMNS)
@@ -77,3 +78,14 @@ def test_goal_is_judged_on_means():
         "unipt_minus_full_finetune"
     ] == pytest.approx(-0.011)
     assert methods.goal(rows[:3])["d"]["within_1pt_of_full_finetune"] is None
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    runs = [
+        {"metric": "acc", "test": t, "val": 0.5, "trainable_params": 10, "peak_rss_mib": rss,
+         "seconds_per_epoch": sec, "epochs": 3, "examples": 100}
+        for t, rss, sec in [(0.7, 900.0, 2.0), (0.8, 1000.0, 9.0), (0.9, 950.0, 3.0)]
+    ]  # fmt: skip
+    row = methods.summarise("d", "unipt", runs)
+    assert row["test_mean"] == pytest.approx(0.8) and row["test_std"] == pytest.approx(0.1)
+    assert row["seeds"] == 3 and row["peak_rss_mib"] == 950.0 and row["seconds_per_epoch"] == 3.0  # medians
