@@ -170,14 +170,20 @@ def remove(root: CacheRoot, item: Garbage) -> bool:
             return False
         if item.kind == SEGMENT_KIND and _still_read(root, item):
             return False
-        if location.is_local and location.exists():
-            # Rename first, so the key disappears in one step and no reader meets a half-deleted store.
-            trash = root.root.child(TRASH_DIR, f"{item.key}-{uuid.uuid4().hex[:8]}")
-            os.makedirs(os.path.dirname(trash.url), exist_ok=True)
-            os.replace(location.url, trash.url)
-            location = trash
+        location = _to_trash(root, location, item.key)
     location.remove()
     return True
+
+
+def _to_trash(root: CacheRoot, location: Location, name: str) -> Location:
+    """Rename a local store into the root's trash and return where it went (an object store: as is).
+    Renaming first makes the key disappear in one step, so no reader meets a half-deleted store."""
+    if not (location.is_local and location.exists()):
+        return location
+    trash = root.root.child(TRASH_DIR, f"{name}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.dirname(trash.url), exist_ok=True)
+    os.replace(location.url, trash.url)
+    return trash
 
 
 def remove_segments(root: CacheRoot, space: str, segment_ids: list[str]) -> list[str]:
@@ -202,13 +208,7 @@ def remove_empty_spaces(root: CacheRoot) -> list[str]:
         with exclusive_if_free(root.lock_location(space)) as free:
             if not free or root.segments(space) or views_of(root, space):
                 continue
-            location = root.space_location(space)
-            if location.is_local and location.exists():
-                trash = root.root.child(TRASH_DIR, f"{space}-{uuid.uuid4().hex[:8]}")
-                os.makedirs(os.path.dirname(trash.url), exist_ok=True)
-                os.replace(location.url, trash.url)
-                location = trash
-            location.remove()
+            _to_trash(root, root.space_location(space), space).remove()
             removed.append(space)
     return removed
 
