@@ -150,7 +150,7 @@ def test_inputs_of_the_wrong_kind_are_one_clear_error(tiny_vit_dir, tiny_bert_di
         vision.encode(images, [0, 3], 0, 4)
     text = load_backbone(BackboneLoadSpec(str(tiny_bert_dir), device="cpu"))
     assert isinstance(text, HFTextBackbone) and text.describe()["input"] == "text"
-    with pytest.raises(UniptError, match="text encoder, but the inputs are not text"):
+    with pytest.raises(UniptError, match="text encoder, but the inputs are neither texts"):
         text.encode(images, [0], 16, 4)
 
 

@@ -6,6 +6,7 @@ No timing is asserted: only that every stage runs, counts what it should and wri
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
@@ -47,8 +48,11 @@ def test_loader_throughput_measures_every_stage(reader, tmp_path):
     names = ["raw read+decode", "numpy copy ceiling", "loader (CacheBatches)"]
     names += ["peer: memory-mapped Arrow (SAELens-style)", "UniPT training from loader"]
     assert all(stages[name]["samples"] == 12 for name in names)
-    # zarrs is installed in the dev environment and this is a local float16 cache: its row is there too.
-    assert stages["raw read+decode (zarrs pipeline)"]["samples"] == 12 and result["zarrs_over_raw"] > 0
+    # zarrs is optional (not a dependency): with it installed this local float16 cache gets its row too.
+    if importlib.util.find_spec("zarrs") is not None:
+        assert stages["raw read+decode (zarrs pipeline)"]["samples"] == 12 and result["zarrs_over_raw"] > 0
+    else:
+        assert "raw read+decode (zarrs pipeline)" not in stages
     assert stages["numpy copy ceiling"]["mb_per_s"] > 0 and result["raw_over_copy_ceiling"] > 0
     # The peer's rows are padded to the split's longest example (9 tokens), fp16, three layers of 8.
     assert result["bytes_per_example"]["arrow_peer_padded_to"] == 9
