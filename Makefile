@@ -68,6 +68,13 @@ bench-full: setup
 	$(BIN)/python benchmarks/baselines.py
 	$(BIN)/python benchmarks/extract_overhead.py --limit 0 --repeats 3
 	$(BIN)/python benchmarks/plot_tradeoff.py
+	$(BIN)/python benchmarks/incremental.py --epochs 3
+	$(BIN)/python benchmarks/incremental.py --loader
+	$(BIN)/python benchmarks/length_grouping.py
+	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/methods.py
+	$(BIN)/python benchmarks/augmented_views.py
+	$(BIN)/python benchmarks/text_pairs.py --seeds 0 1 2
 
 clean:
 	rm -rf .unipt
