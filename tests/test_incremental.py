@@ -159,11 +159,8 @@ def test_b_incremental_trains_exactly_like_b_from_scratch(ray_session, versions)
         CacheReader(scratch.cache_root.location(scratch.key)),
     )
     assert len(a.segments) == 2 and len(b.segments) == 1
-    for layer in a.layers:
-        np.testing.assert_array_equal(a.offsets_for(layer), b.offsets_for(layer))
-        total = int(a.offsets_for(layer)[-1, 1])
-        # Bit for bit: an input's rows do not depend on the inputs batched beside it (hf_text's padding).
-        np.testing.assert_array_equal(a.read_rows(layer, 0, total), b.read_rows(layer, 0, total))
+    # Bit for bit: an input's rows do not depend on the inputs batched beside it (hf_text's padding).
+    _assert_same_rows(a, b)
     a.lease.release()
     b.lease.release()
     first = experiment.train(incremental, progress=False)
@@ -171,6 +168,14 @@ def test_b_incremental_trains_exactly_like_b_from_scratch(ray_session, versions)
     assert _untimed(first.metrics) == _untimed(second.metrics)
     for mine, theirs in zip(first.history, second.history, strict=True):
         assert _untimed(mine) == _untimed(theirs)
+
+
+def _assert_same_rows(mine: CacheReader, theirs: CacheReader) -> None:
+    """Every stored layer of two caches: the same offsets and the same rows, bit for bit."""
+    for layer in mine.layers:
+        np.testing.assert_array_equal(mine.offsets_for(layer), theirs.offsets_for(layer))
+        total = int(mine.offsets_for(layer)[-1, 1])
+        np.testing.assert_array_equal(mine.read_rows(layer, 0, total), theirs.read_rows(layer, 0, total))
 
 
 def _untimed(values: dict) -> dict:
@@ -275,9 +280,6 @@ def test_concurrent_extractions_of_overlapping_versions_build_each_input_once(
         assert alone.key == prep.key
         mine, theirs = CacheReader(root.location(prep.key)), CacheReader(alone.cache_root.location(alone.key))
         assert mine.num_examples == theirs.num_examples == 100
-        for layer in mine.layers:
-            np.testing.assert_array_equal(mine.offsets_for(layer), theirs.offsets_for(layer))
-            total = int(mine.offsets_for(layer)[-1, 1])
-            np.testing.assert_array_equal(mine.read_rows(layer, 0, total), theirs.read_rows(layer, 0, total))
+        _assert_same_rows(mine, theirs)
         mine.lease.release()
         theirs.lease.release()
