@@ -121,8 +121,8 @@ class HFTextBackbone:
         check_layers(layers, self.num_hidden_states)
         encoded = self._tokenize(texts, max_length)
         truncated = _count_truncated(encoded, max_length)
+        special = set(self.tokenizer.all_special_ids)
         if token_noise is not None and any(view is not None for view in token_noise):
-            special = set(self.tokenizer.all_special_ids)
             mask_id = self.tokenizer.mask_token_id
             encoded = noise_encoding(dict(encoded), token_noise, special, mask_id, self._vocab_size)
         keys = [k for k in encoded.keys() if self._accepts is None or k in self._accepts]
@@ -147,7 +147,6 @@ class HFTextBackbone:
                 }
         packed = {layer: np.concatenate([ex[layer] for ex in per_example], axis=0) for layer in layers}
         # Emoji-only or zero-width text often becomes [CLS] [UNK] [SEP] or just [CLS] [SEP]: worth a warning.
-        special = set(self.tokenizer.all_special_ids)
         no_content = [i for i, example_ids in enumerate(ids) if all(t in special for t in example_ids)]
         return EncodedShard(lengths=lengths, layers=packed, truncated=truncated, no_content=no_content)
 
