@@ -120,13 +120,28 @@ class Registry:
             # write lock up front and waits on busy_timeout instead of failing at commit time.
             self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._use_wal()
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise UniptError(
                 f"run registry {self.path} cannot be opened ({exc}); fix the path or pass another --registry"
             ) from exc
+
+    def _use_wal(self) -> None:
+        # Switching a new database to WAL needs an exclusive lock, and SQLite answers "database is
+        # locked" at once (without its busy handler) while another process opens or switches the same
+        # file, so the switch is retried for as long as an ordinary write would wait.
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self._db.close()
