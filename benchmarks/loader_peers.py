@@ -100,7 +100,8 @@ class ArrowPeer:
         return pa.list_(pa.list_(pa.from_numpy_dtype(dtype), reader.hidden_sizes[layer]), self.width)
 
     def batches(self, epoch: int) -> Iterator[tuple[np.ndarray, list[torch.Tensor], torch.Tensor]]:
-        """One epoch's (example indices, padded float32 layers, mask): the loader's examples and order."""
+        """One epoch's (example indices, padded layers in the loader's dtype, mask): the loader's examples
+        and order."""
         loader = self.loader
         order = epoch_order(
             loader.blocks,
@@ -124,7 +125,8 @@ class ArrowPeer:
                 for part in np.unique(parts):  # a batch draws from the few blocks of one shuffle window
                     where = np.flatnonzero(parts == part)
                     out[where] = column[part][self.row_of[indices[where]], :longest]
-                hidden.append(as_float32(out))
+                # The loader's own rule: 16-bit rows stay 16-bit for to_device (training keeps them).
+                hidden.append(torch.from_numpy(out) if loader.keep_dtype else as_float32(out))
             yield indices, hidden, padding_mask(lengths)
 
     def epoch(self, epoch: int) -> int:

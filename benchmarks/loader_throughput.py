@@ -55,7 +55,7 @@ from benchmarks import loader_peers  # noqa: E402
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
 from pipeline.cache import ActivationCache, CacheReader  # noqa: E402
 from pipeline.config import TrainConfig, load_config  # noqa: E402
-from train.loader import Batch, CacheBatches  # noqa: E402
+from train.loader import Batch, CacheBatches, to_device  # noqa: E402
 from train.models import build_model  # noqa: E402
 
 MB = 1e6
@@ -117,7 +117,7 @@ class Stepper:
         self.loss = nn.CrossEntropyLoss()
 
     def step(self, batch: Batch) -> None:
-        logits, _ = self.model([h.to(self.device) for h in batch.hidden], batch.mask.to(self.device))
+        logits, _ = self.model(*to_device(batch, self.device))  # upcasts 16-bit rows, as training does
         loss = self.loss(logits.float(), batch.labels.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

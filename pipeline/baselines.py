@@ -32,11 +32,19 @@ from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
 from pipeline.bundled import bundled_cnn_settings
 from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_space import virtual_layout
 from pipeline.config import BackboneConfig, ExtractConfig, TrainConfig
 from pipeline.datasets import backbone_inputs
 from pipeline.errors import UniptError
 from pipeline.resources import peak_cuda_mib, peak_rss_mib
-from train.loader import Batch, epoch_order, padding_mask, plan_blocks
+from train.loader import (
+    PREFETCH_BLOCKS,
+    Batch,
+    budgeted_block_examples,
+    epoch_order,
+    padding_mask,
+    plan_blocks,
+)
 from train.loop import TrainOptions, TrainResult, fit_head, pick_device
 from train.models import build_model
 from train.tasks.classification import classification_head
@@ -51,7 +59,7 @@ class OnlineIndex:
 
     Layers, widths, labels and splits are the dataset's and backbone's: enough to size the model
     (:func:`train.models.build_model` reads these fields as it reads a cache's). ``offsets`` are the
-    rows extraction would give each example (each shard starting on its own row span), so the block
+    rows a cache's view gives each example (back to back, :mod:`pipeline.cache_view`), so the block
     plan, and therefore the seeded shuffle, is that of a real cache.
     """
 
@@ -92,7 +100,8 @@ class OnlineIndex:
             label_names=list(label_names),
             examples=table.select(["example_id", "label", "split"]),
             lengths=counts,
-            offsets=layout.offsets(specs[0], counts),
+            # A format-4 cache is read through a view whose rows sit back to back (no shard gaps).
+            offsets=virtual_layout(layout, len(counts)).offsets(specs[0], counts),
         )
 
     def layer_spec(self, layer: int) -> LayerSpec:
@@ -123,7 +132,17 @@ class OnlineBatches:
     ) -> None:
         self.data, self.config, self.seed, self.shuffle, self.inputs = data, config, seed, shuffle, inputs
         self.indices = data.index.split_indices(split)
-        self.blocks = plan_blocks(self.indices, [data.index.offsets], config.block_examples)
+        # Blocks as the cache loader cuts them for the same examples (same tokens, same layer widths).
+        index = data.index
+        width = sum(index.hidden_sizes[layer] for layer in index.layers)
+        tokens = float(np.mean(index.lengths[self.indices])) if len(self.indices) else 0.0
+        block_examples = budgeted_block_examples(
+            config.block_examples,
+            tokens * width,
+            config.loader_memory_mb,
+            blocks_held=PREFETCH_BLOCKS + config.shuffle_buffer_blocks + 1,
+        )
+        self.blocks = plan_blocks(self.indices, [index.offsets], block_examples)
         self.labels = data.index.labels()
 
     def __len__(self) -> int:

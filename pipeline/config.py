@@ -182,6 +182,13 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     block_examples: int = Field(256, gt=0, description="Examples read per cache block (shuffle unit).")
     shuffle_buffer_blocks: int = Field(4, gt=0)
+    loader_memory_mb: int | None = Field(
+        512,
+        gt=0,
+        description="At most this many MiB of float16 rows held by the loader at once (the shuffle window, "
+        "the prefetch queue and the block being read): caches with wide or many layers get blocks of fewer "
+        "than block_examples examples. null: no cap (the blocks of runs made before it existed).",
+    )
     length_grouping: bool = Field(
         True,
         description="Batch training examples of similar length together within each shuffle window (seeded, "

@@ -50,6 +50,8 @@ def stored_config(old: RunEntry, registry: str) -> ExperimentConfig:
     raw.setdefault("dataset", {}).setdefault("split", {}).setdefault("scheme", 1)
     # Runs made before length grouping batched examples in plain shuffled order: keep it.
     raw.setdefault("train", {}).setdefault("length_grouping", False)
+    # ... and read blocks of block_examples examples whatever their bytes.
+    raw.setdefault("train", {}).setdefault("loader_memory_mb", None)
     if old.runtime.get("device") == "cpu" and raw.get("train", {}).get("device", "auto") == "auto":
         import torch
 

@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheReader, CacheRoot
+from pipeline.config import TrainConfig
 from tests.conftest import KEY, build_cache
-from train.loader import CacheBatches
+from train.loader import PREFETCH_BLOCKS, CacheBatches, budgeted_block_examples, to_device
 
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4, 6, 3, 5, 2, 7]
 SPLITS = ["train"] * 9 + ["val"] * 4
@@ -127,3 +128,50 @@ def test_float16_batches_are_upcast_exactly_in_pieces_and_float32_ones_are_not_c
     assert np.signbit(out[0, 0, 1].item())
     single = np.ones((2, 5, 4), dtype=np.float32)
     assert as_float32(single).data_ptr() == single.ctypes.data  # already float32: shared, not copied
+
+
+def _dtype_reader(tmp_path, dtype: str) -> CacheReader:
+    root = CacheRoot(tmp_path / dtype)
+    build_cache(root, LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS, dtype=dtype)
+    return CacheReader(root.location(KEY))
+
+
+def test_training_batches_keep_16_bit_rows_and_upcast_in_to_device_to_the_float32_batches(tmp_path):
+    config = TrainConfig(batch_size=4, block_examples=2)
+    for dtype, kept in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("int8", torch.float32)):
+        reader = _dtype_reader(tmp_path, dtype)
+        training = CacheBatches.for_split(reader, "train", config, seed=0, shuffle=True)
+        # Readers that take batches as they are (probe, prediction) get float32 from the collate thread.
+        plain = CacheBatches(
+            reader, "train", reader.layers, 4, shuffle=True, seed=0, block_examples=2, length_grouping=True
+        )
+        assert len(training.blocks) == len(plain.blocks)
+        assert all(map(np.array_equal, training.blocks, plain.blocks))
+        for kept_batch, float_batch in zip(training.epoch(1), plain.epoch(1), strict=True):
+            assert [h.dtype for h in kept_batch.hidden] == [kept] * 3, dtype
+            assert [h.dtype for h in float_batch.hidden] == [torch.float32] * 3
+            hidden, mask = to_device(kept_batch, torch.device("cpu"))
+            assert torch.equal(mask, float_batch.mask)
+            for upcast, direct in zip(hidden, float_batch.hidden, strict=True):
+                assert upcast.dtype == torch.float32 and torch.equal(upcast, direct), dtype
+
+
+def test_blocks_shrink_to_the_loader_memory_budget(tmp_path):
+    root = CacheRoot(tmp_path)
+    build_cache(root, LENGTHS, {0: 4096, 1: 4096}, shard_size=4, splits=SPLITS, codec="none")
+    reader = CacheReader(root.location(KEY))
+    values = float(np.mean(LENGTHS[:9])) * 8192  # 9 train examples x both layers' widths
+    held = PREFETCH_BLOCKS + 1 + 1  # prefetch queue, shuffle window of 1 block, the block being read
+    expected = int(2**20 // (held * values * 2))
+    assert 1 <= expected < 8
+    assert budgeted_block_examples(8, values, 1, held) == expected
+    assert budgeted_block_examples(8, values, None, held) == 8  # no cap: the configured size
+    assert budgeted_block_examples(8, values, 10**6, held) == 8  # a cap far above: unchanged
+    assert budgeted_block_examples(8, 1e12, 1, held) == 1  # one example over the cap: blocks of one
+
+    capped = CacheBatches(
+        reader, "train", [0, 1], 2, shuffle=True, block_examples=8, shuffle_buffer_blocks=1, memory_mb=1
+    )
+    free = CacheBatches(reader, "train", [0, 1], 2, shuffle=True, block_examples=8, shuffle_buffer_blocks=1)
+    assert max(len(b) for b in capped.blocks) == expected < max(len(b) for b in free.blocks)
+    assert sorted(i for b in capped.epoch(0) for i in b.indices.tolist()) == list(range(9))

@@ -68,6 +68,17 @@ def test_online_batches_are_the_cache_batches(fp32_cache, online_data):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def test_online_blocks_follow_the_cache_loaders_memory_budget(fp32_cache, online_data):
+    prep, reader = fp32_cache
+    train = prep.config.train.model_copy(update={"loader_memory_mb": 1, "block_examples": 1000})
+    cached = CacheBatches.for_split(reader, "train", train, seed=0, shuffle=True)
+    online = online_data.batches("train", True, train, 0, online_data.hidden_states)
+    assert max(len(block) for block in cached.blocks) < min(train.block_examples, len(cached.indices))
+    assert [b.tolist() for b in online.blocks] == [b.tolist() for b in cached.blocks]
+    for from_cache, live in zip(cached.epoch(1), online.epoch(1), strict=True):
+        np.testing.assert_array_equal(from_cache.indices, live.indices)
+
+
 def test_unipt_online_trains_the_same_model_as_unipt_from_cache(fp32_cache, online_data):
     prep, reader = fp32_cache
     cached = train_task(reader, prep.config.train, seed=0, progress=False)

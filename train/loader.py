@@ -10,9 +10,15 @@ Padding is one slice copy (a memcpy) per example and layer, in the decoded dtype
 ``length_grouping`` the examples of each shuffle window are sorted by length before they are cut into
 batches (the batches then go out in a seeded random order), so a batch pads to about its own length
 rather than to the window's longest example.
-For CUDA (``pin_memory``) rows stay in the cache's decoded dtype (fp16 stays fp16) in pinned host
-memory and are upcast on the device (:func:`to_device`); for the CPU the padded batch is upcast to float32
-in the collate thread (:func:`as_float32`).
+Training batches (:meth:`CacheBatches.for_split`) keep the cache's 16-bit rows as they are stored (fp16
+stays fp16, bf16 stays bf16) and the training thread upcasts them where it computes (:func:`to_device`):
+on CUDA after a ``non_blocking`` copy out of pinned host memory, on the CPU with torch's vectorised cast
+inside the step. Half the bytes are padded, queued and copied, and the loader threads do no casting. Other
+readers (probe, prediction) get float32 batches, upcast in the collate thread (:func:`as_float32`).
+
+The loader holds a few blocks at once (the shuffle window, the prefetch queue, the block being read);
+``memory_mb`` caps their float16 bytes by reading fewer examples per block where examples are wide
+(:func:`budgeted_block_examples`), so a BERT-large cache does not hold gigabytes in flight.
 
 A feature-map cache (CNN stages) comes out as maps: each stage is ``[B, C, H, W]``, read through
 that stage's own offsets, since its H*W rows per image differ from every other stage's.
@@ -33,16 +39,18 @@ import torch
 
 from pipeline.augment import TRAIN_SPLIT, view_for_epoch
 from pipeline.cache import ActivationCache
+from pipeline.cache_layout import layer_array_name
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 
 T = TypeVar("T")  # what a block read gives per example
+PREFETCH_BLOCKS = 4  # blocks read ahead of training
 
 
 @dataclass
 class Batch:
     # One tensor per requested layer: [B, N, D_l] zero-padded tokens, or [B, C_l, H_l, W_l] maps. float32,
-    # or the cache's decoded dtype (float16) when the loader keeps it for the device (see to_device).
+    # or the cache's 16-bit dtype (float16, bfloat16) when the loader keeps it for the device (to_device).
     hidden: list[torch.Tensor]
     mask: torch.Tensor  # [B, N] bool, True on real tokens; for maps all True over the last layer's H*W
     labels: torch.Tensor  # [B] int64
@@ -53,7 +61,8 @@ def to_device(batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], t
     """A batch's hidden states (float32) and mask on ``device``.
 
     Copies are ``non_blocking`` (they overlap compute when the batch sits in pinned memory), and a
-    float16 batch is upcast after the copy, on the device: half the bytes cross the bus.
+    16-bit batch is upcast after the copy, on the device: half the bytes cross the bus. On the CPU the
+    upcast is one vectorised torch cast per layer in the training thread.
     """
     hidden = [h.to(device, non_blocking=True) for h in batch.hidden]
     # Only activations are upcast: the online baselines' batches carry token ids, which stay integers.
@@ -83,11 +92,13 @@ class CacheBatches:
         seed: int = 0,
         block_examples: int = 256,
         shuffle_buffer_blocks: int = 4,
-        prefetch_blocks: int = 4,
+        prefetch_blocks: int = PREFETCH_BLOCKS,
         length_grouping: bool = False,
         reader_threads: int = 4,
         pin_memory: bool = False,
         views: bool = False,
+        keep_dtype: bool = False,
+        memory_mb: int | None = None,
     ) -> None:
         self.reader = reader
         self.layers = list(layers)
@@ -100,6 +111,10 @@ class CacheBatches:
         self.reader_threads = max(1, reader_threads)
         # Pinned batches are for a CUDA copy; they keep the cache's dtype so the device does the upcast.
         self.pin_memory = pin_memory and torch.cuda.is_available()
+        # 16-bit rows stay 16-bit until to_device when asked (training), or when they go to CUDA.
+        self.keep_dtype = keep_dtype or self.pin_memory
+        # bfloat16 rows are kept as their stored bits (numpy has no bfloat16) and viewed as torch.bfloat16.
+        self.raw_bfloat16 = self.keep_dtype and reader.dtype == "bfloat16"
         self._pool: ThreadPoolExecutor | None = None
         self.indices = reader.split_indices(split)
         self.labels = reader.labels()
@@ -112,6 +127,12 @@ class CacheBatches:
             )
         self.offsets = {layer: reader.offsets_for(layer) for layer in self.layers}
         distinct = list({id(o): o for o in self.offsets.values()}.values())  # token layers share one
+        block_examples = budgeted_block_examples(
+            block_examples,
+            self._values_per_example(),
+            memory_mb,
+            blocks_held=prefetch_blocks + shuffle_buffer_blocks + 1,
+        )
         self.blocks = plan_blocks(self.indices, distinct, block_examples)
         self.block_examples = block_examples
         self._plan = list(self.blocks)  # this cache's own plan (a paired cache may replace self.blocks)
@@ -153,7 +174,19 @@ class CacheBatches:
             reader_threads=config.reader_threads,
             pin_memory=pick_device(config.device).type == "cuda",
             views=shuffle and split == TRAIN_SPLIT,
+            keep_dtype=True,  # every training consumer goes through to_device, which upcasts
+            memory_mb=config.loader_memory_mb,
         )
+
+    def _values_per_example(self) -> float:
+        """Mean values (over this split's examples and the requested layers) one example's rows hold."""
+        if len(self.indices) == 0:
+            return 0.0
+        total = 0.0
+        for layer in self.layers:
+            spans = self.offsets[layer][self.indices]
+            total += float(np.mean(spans[:, 1] - spans[:, 0])) * self.reader.hidden_sizes[layer]
+        return total
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
@@ -212,6 +245,8 @@ class CacheBatches:
 
         def read(layer: int) -> np.ndarray:
             _, _, base, end = spans[layer]
+            if self.raw_bfloat16:  # the stored bits, viewed as torch.bfloat16 once padded (no decoding)
+                return reader.read_stored(layer_array_name(layer), base, end)
             return reader.read_rows(layer, base, end)
 
         if self.reader_threads > 1 and len(self.layers) > 1:
@@ -244,12 +279,18 @@ class CacheBatches:
             out = self._empty((len(examples), longest, sample.shape[1]), sample.dtype)
             for row, (blk, start, stop) in enumerate(spans):
                 out[row, : stop - start] = blk.rows[layer][start:stop]
-            # CUDA batches keep the decoded dtype (upcast on the device, see to_device); CPU ones are upcast
-            # here, once per padded batch.
-            hidden.append(torch.from_numpy(out) if self.pin_memory else as_float32(out))
+            hidden.append(self._as_tensor(out))
         mask = padding_mask(lengths)
         indices = np.array([ex[0] for ex in examples], dtype=np.int64)
         return Batch(hidden=hidden, mask=mask, labels=torch.from_numpy(self.labels[indices]), indices=indices)
+
+    def _as_tensor(self, padded: np.ndarray) -> torch.Tensor:
+        """A padded batch array as the tensor a Batch carries: its 16-bit dtype kept for to_device's upcast,
+        or float32 (upcast here) for readers that take the batch as it is."""
+        if not self.keep_dtype:
+            return as_float32(padded)
+        tensor = torch.from_numpy(padded)
+        return tensor.view(torch.bfloat16) if self.raw_bfloat16 else tensor
 
     def _empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A zeroed batch array; in pinned (page-locked) memory when the batch goes to CUDA."""
@@ -266,8 +307,7 @@ class CacheBatches:
                 blk.rows[layer][blk.starts[layer][i] : blk.stops[layer][i]].reshape(h, w, -1)
                 for _, (blk, i) in examples
             ]
-            stacked = np.stack(maps).astype(np.float32, copy=False)
-            hidden.append(torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous())  # [B, C, H, W]
+            hidden.append(self._as_tensor(np.stack(maps)).permute(0, 3, 1, 2).contiguous())  # [B, C, H, W]
         h, w = self.grids[self.layers[-1]]
         mask = torch.ones(len(examples), h * w, dtype=torch.bool)
         indices = np.array([ex[0] for ex in examples], dtype=np.int64)
@@ -298,6 +338,21 @@ def as_float32(array: np.ndarray) -> torch.Tensor:
     for start in range(0, flat_in.shape[0], step):
         flat_out[start : start + step].copy_(flat_in[start : start + step])
     return out
+
+
+def budgeted_block_examples(
+    block_examples: int, values_per_example: float, memory_mb: int | None, blocks_held: int
+) -> int:
+    """``block_examples``, lowered (to 1 at least) so that ``blocks_held`` blocks of examples holding
+    ``values_per_example`` float16 values each fit in ``memory_mb`` MiB; unchanged when ``memory_mb`` is None.
+
+    A pure function of the split's shape, so an online baseline that walks the same examples (same token
+    counts, same layer widths) cuts the same blocks and sees the same batches.
+    """
+    if memory_mb is None or values_per_example <= 0:
+        return block_examples
+    fits = int(memory_mb * 2**20 // (blocks_held * values_per_example * 2))
+    return max(1, min(block_examples, fits))
 
 
 def plan_blocks(indices: np.ndarray, offsets: list[np.ndarray], block_examples: int) -> list[np.ndarray]:
