@@ -7,8 +7,9 @@ On the default experiment (configs/rt_minilm.yaml, every snippet unless ``--limi
 - **UniPT from the cache**: seeds ``--seeds``, each trained with grouping off and on (taking turns, so a
   load that comes and goes lands on both alike): median seconds per epoch, val/test accuracy;
 - **UniPT online** (backbone in memory, :mod:`pipeline.baselines`): the same on ``--online-limit``
-  snippets for ``--online-epochs`` epochs, one seed: it walks the batches the cache loader would give,
-  so grouping must speed it up alike for the cache-vs-online ratio to stay fair.
+  snippets for ``--online-epochs`` epochs, seeds ``--online-seeds`` (default: ``--seeds``), off and on
+  taking turns: it walks the batches the cache loader would give, so grouping must speed it up alike for
+  the cache-vs-online ratio to stay fair.
 
 Writes benchmarks/results/length_grouping.json and .csv.
 
@@ -67,6 +68,7 @@ def main() -> int:
         "--online-limit", type=int, default=2000, help="snippets for the online runs (0: skip)"
     )
     parser.add_argument("--online-epochs", type=int, default=2)
+    parser.add_argument("--online-seeds", type=int, nargs="+", help="online seeds (default: --seeds)")
     parser.add_argument("--cache-root", default=".unipt/cache")
     parser.add_argument("--out", default=str(RESULTS / "length_grouping.json"))
     args = parser.parse_args()
@@ -114,13 +116,13 @@ def main() -> int:
         online = load_config(args.config, [f"dataset.limit={args.online_limit}", "train.linear_probe=false",
                                            f"train.epochs={args.online_epochs}"])  # fmt: skip
         online_prep = experiment.prepare(online)
-        for grouping in (False, True):
+        for seed, grouping in [(s, g) for s in args.online_seeds or args.seeds for g in (False, True)]:
             result = train_online(
                 online_prep.dataset.table,
                 online_prep.dataset.label_names,
                 online.backbone,
                 with_train(online, length_grouping=grouping).train,
-                online.seed,
+                seed,
                 "unipt-online",
                 online.extract,
             )
@@ -129,14 +131,14 @@ def main() -> int:
                 {
                     "stage": "unipt-online",
                     "length_grouping": grouping,
-                    "seed": online.seed,
+                    "seed": seed,
                     "seconds_per_epoch": per_epoch,
                     "val_acc": result.metrics["val_acc"],
                     "test_acc": result.metrics["test_acc"],
                     "samples_per_s": online_prep.dataset.split_counts()["train"] / per_epoch,
                 }
             )
-            print(f"online grouping {grouping}: {per_epoch:.1f}s/epoch", flush=True)
+            print(f"online seed {seed} grouping {grouping}: {per_epoch:.1f}s/epoch", flush=True)
 
     summary: dict[str, Any] = {}
     for stage in ("unipt-cache", "unipt-online"):
