@@ -105,7 +105,7 @@ def run_method(method: str, config: ExperimentConfig, cache: str, progress: bool
 
         if config.backbone is None:
             raise UniptError("baselines take a config with one `backbone`, not a `backbones` mapping")
-        dataset = load_dataset(config.dataset)
+        dataset = load_dataset(config.dataset, task=train.task)
         data = load_online_data(dataset.table, dataset.label_names, config.backbone, train, config.extract)
         cpu = time.process_time()
         result, _ = fit_online(data, train, seed, method, progress=progress)
@@ -286,6 +286,12 @@ def drive(args: argparse.Namespace) -> int:
         raise UniptError("--repeats must be at least 1")
     overrides = _overrides(args)
     config = load_config(args.config, overrides)
+    if config.train.task != "classification":
+        # Its table is accuracy and a logistic probe; the online baselines themselves train any one-head task.
+        raise UniptError(
+            f"benchmarks/baselines.py compares accuracy on a classification config, not train.task "
+            f"{config.train.task!r}; for regression use benchmarks/methods.py (full fine-tuning included)"
+        )
     prep = experiment.prepare(config)
     counts = prep.dataset.split_counts()
     started = time.perf_counter()

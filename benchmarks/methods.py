@@ -8,9 +8,11 @@ Datasets, each with the bundled all-MiniLM-L6-v2 and its own config:
 
 Each dataset's cache is extracted once (``pipeline.experiment.extract``); then every method in
 ``train.method`` (linear_probe, scalar_mix, lst, unipt) trains from that same cache with each seed through
-the recipe (``pipeline.experiment.train``), and full fine-tuning of the backbone (a linear head, at
-``train.lr / 10``, ``pipeline.baselines.train_online``) runs once, seed 0, where the task is classification
-(the online baselines are classifiers). Every (dataset, method, seed) trains in a fresh Python process, so
+the recipe (``pipeline.experiment.train``), and full fine-tuning of the backbone (a linear layer into the
+task's head, at ``train.lr / 10``, ``pipeline.baselines.train_online``) runs once, seed 0, for every
+dataset: it trains the config's ``train.task`` with the head, metrics and best-epoch rule of the cache
+runs, so its row is regression too on ``rt_movie_score`` (a task with no online baseline, such as
+retrieval, is skipped with a note). Every (dataset, method, seed) trains in a fresh Python process, so
 its peak RSS is that training's alone. Recorded per run: the task's headline test metric (accuracy, or
 Pearson for regression) and its val value, trainable parameters, peak RSS, median seconds per epoch (each
 epoch includes its validation pass). Prints mean ± std over seeds and writes
@@ -336,10 +338,9 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                 save()
         if args.skip_full_finetune or done(dataset, FULL_FINETUNE, args.seeds[0]):
             continue
-        if config.train.task != "classification":
-            print(
-                f"  {FULL_FINETUNE}: skipped for {dataset} (the online baselines are classifiers)", flush=True
-            )
+        if prep.task.head is None:
+            print(f"  {FULL_FINETUNE}: skipped for {dataset} (train.task {config.train.task} has no online "
+                  "baseline: it is not one model with one head)", flush=True)  # fmt: skip
             continue
         ft_overrides = dataset_overrides(args, settings["finetune_limit"])
         if args.finetune_epochs is not None:

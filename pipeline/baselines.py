@@ -1,11 +1,17 @@
 """Training with the backbone in memory: the baselines that training from a cache is measured against.
 
 - ``unipt-online``: what the paper's code does. The frozen backbone runs (under ``torch.no_grad``) on
-  every batch of every epoch to produce the hidden states, which feed the same UniPT classifier as
-  training from a cache (:func:`train.models.build_model` for ``train.variant``), with the same head,
-  optimiser, schedule and best-on-validation selection (:func:`train.loop.fit_head`).
-- ``full-finetune``: the backbone itself is trained, with a linear head on its last hidden state
-  (masked mean), AdamW at a smaller learning rate (``train.lr / 10`` unless given).
+  every batch of every epoch to produce the hidden states, which feed the same UniPT model as training
+  from a cache (:func:`train.models.build_model` for ``train.variant``), with the same head, optimiser,
+  schedule and best-on-validation selection (:func:`train.loop.fit_head`).
+- ``full-finetune``: the backbone itself is trained, with a linear layer on its last hidden state
+  (masked mean) into the task's head, AdamW at a smaller learning rate (``train.lr / 10`` unless given).
+
+Both train ``train.task`` through the seam a cache run uses: the task's head (loss, outputs, metrics:
+:func:`train.tasks.task_head`, the registry's ``head``) built from the same label names and train-split
+labels, and the best epoch picked by the same validation metric (:func:`train.loop.selection`), so an
+online run reports the metric names of the cache run of its task (classification: acc, f1; regression:
+mse, pearson, spearman). A task that is not one model with one head (retrieval) has no online baseline.
 
 Both walk the examples in exactly the batches that :class:`~train.loader.CacheBatches` would give
 from a cache of the same dataset: the same block plan (:func:`train.loader.plan_blocks`, over the rows
@@ -37,6 +43,7 @@ from pipeline.config import BackboneConfig, ExtractConfig, TrainConfig
 from pipeline.datasets import backbone_inputs
 from pipeline.errors import UniptError
 from pipeline.resources import peak_cuda_mib, peak_rss_mib
+from pipeline.tasks import get_task
 from train.loader import (
     PREFETCH_BLOCKS,
     Batch,
@@ -45,9 +52,9 @@ from train.loader import (
     padding_mask,
     plan_blocks,
 )
-from train.loop import TrainOptions, TrainResult, fit_head, pick_device
+from train.loop import TrainOptions, TrainResult, fit_head, pick_device, selection
 from train.models import build_model
-from train.tasks.classification import classification_head
+from train.tasks import task_head
 from train.unipt import masked_mean
 
 METHODS = ("unipt-online", "full-finetune")
@@ -187,10 +194,6 @@ class OnlineData:
     def layers(self) -> list[int]:
         return self.index.layers
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.index.label_names)
-
     def pad(self, indices: np.ndarray) -> dict[str, Tensor]:
         features = self.backbone.tokenizer.pad(
             {key: [values[i] for i in indices] for key, values in self.encoded.items()}, return_tensors="pt"
@@ -231,10 +234,7 @@ def load_online_data(
         raise UniptError("online baselines take text datasets; this one has no `text` column (images?)")
     if bundled_cnn_settings(backbone_config.name_or_path) is not None:
         raise UniptError("online baselines take Hugging Face text encoders, not the bundled CNN")
-    if train_config.task != "classification":
-        raise UniptError(
-            f"online baselines are classifiers; set train.task: classification, not {train_config.task}"
-        )
+    check_task(train_config.task, dataset_table.column("label").to_numpy())
     started = time.perf_counter()
     device = pick_device(train_config.device)
     spec = BackboneLoadSpec(
@@ -270,27 +270,46 @@ def load_online_data(
     return OnlineData(backbone, encoded, index, device, setup_seconds=time.perf_counter() - started)
 
 
-class FineTuneClassifier(nn.Module):
-    """The backbone, trained, with a linear head on the masked mean of its last hidden state.
+def check_task(task: str, labels: np.ndarray) -> None:
+    """Refuse a task with no online baseline, or labels that are not the kind the task trains on."""
+    info = get_task(task)
+    if info.head is None:
+        raise UniptError(
+            f"online baselines (unipt-online, full-finetune) train one model with one head and train.task "
+            f"{task!r} is not that; train it from its caches (unipt run), or set train.task: "
+            "classification or regression"
+        )
+    numeric = bool(np.issubdtype(labels.dtype, np.floating))
+    if numeric != (info.label_kind == "numeric"):
+        held = "numeric" if numeric else "class"
+        raise UniptError(
+            f"train.task is {task!r} but the dataset holds {held} labels; load the dataset with the "
+            "config's train.task (pipeline.datasets.load_dataset(..., task=...))"
+        )
+
+
+class FineTuneModel(nn.Module):
+    """The backbone, trained, with a linear layer from the masked mean of its last hidden state to the
+    task head's outputs (class logits, or one standardised regression value).
 
     Called like UniPT (``model(hidden, mask)``) so the same loop trains it; here ``hidden`` holds the
     tokenizer's tensors (input ids first) in ``keys`` order.
     """
 
     def __init__(
-        self, backbone: nn.Module, keys: list[str], width: int, num_classes: int, dropout: float
+        self, backbone: nn.Module, keys: list[str], width: int, num_outputs: int, dropout: float
     ) -> None:
         super().__init__()
         self.backbone = backbone.requires_grad_(True)
         self.keys = list(keys)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(width, num_classes)
+        self.output = nn.Linear(width, num_outputs)
 
     def forward(self, hidden: list[Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
         inputs = dict(zip(self.keys, hidden, strict=True))
         tokens = self.backbone(**inputs, return_dict=True).last_hidden_state
-        logits = self.classifier(self.dropout(masked_mean(tokens, mask)))
-        return logits, logits.new_zeros(len(logits), 0)  # no per-layer weights
+        outputs = self.output(self.dropout(masked_mean(tokens, mask)))
+        return outputs, outputs.new_zeros(len(outputs), 0)  # no per-layer weights
 
 
 def fit_online(
@@ -304,27 +323,31 @@ def fit_online(
     """Train ``method`` on tokenized ``data``; returns the result and the trained model."""
     if method not in METHODS:
         raise UniptError(f"unknown online method {method!r}; choose one of {', '.join(METHODS)}")
+    index = data.index
+    check_task(train_config.task, index.labels())
     if data.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(data.device)
-    # Seeded after the backbone is loaded, so the model starts exactly as train_classifier's does.
+    # Seeded after the backbone is loaded, so the model starts exactly as a cache run's does.
     torch.manual_seed(seed)
     if method == "unipt-online":
-        model = build_model(train_config.variant, data.index, train_config, num_outputs=data.num_classes)
         inputs, config = data.hidden_states, train_config
     else:
-        model = FineTuneClassifier(
-            data.backbone.model,
-            list(data.encoded),
-            data.backbone.hidden_size,
-            data.num_classes,
-            train_config.dropout,
-        )
         lr = finetune_lr if finetune_lr is not None else train_config.lr / 10
         inputs, config = data.token_inputs, train_config.model_copy(update={"lr": lr})
-    model = model.to(data.device)
     splits = [data.batches(s, s == "train", config, seed, inputs) for s in ("train", "val", "test")]
-    head = classification_head(data.num_classes)
-    result = fit_head(model, *splits, config, head, data.device, TrainOptions(progress=progress), seed=seed)
+    # The head and the selection a cache run of the task builds from the same labels (train_single_cache).
+    train_labels = index.labels()[splits[0].indices]
+    head = task_head(get_task(config.task), list(index.label_names), train_labels)
+    if method == "unipt-online":
+        model = build_model(config.variant, index, config, num_outputs=head.outputs)
+    else:
+        width = data.backbone.hidden_size
+        model = FineTuneModel(data.backbone.model, list(data.encoded), width, head.outputs, config.dropout)
+    options = TrainOptions(progress=progress)
+    select = selection(config, train_labels)
+    result = fit_head(
+        model.to(data.device), *splits, config, head, data.device, options, seed=seed, select=select
+    )
     result.metrics.update(
         {
             "lr": config.lr,
@@ -351,7 +374,8 @@ def train_online(
     """Train a baseline with the backbone in memory on a normalized dataset table (its split column).
 
     ``method`` is ``"unipt-online"`` or ``"full-finetune"`` (see the module docstring). Metrics are
-    those of :func:`train.loop.fit_head` (classification) plus ``lr``, ``setup_seconds`` (backbone load and
+    those of :func:`train.loop.fit_head` for ``train.task`` (val_* and test_* of the task's metrics, best
+    epoch...) plus ``lr``, ``setup_seconds`` (backbone load and
     tokenization), ``backbone_params``, ``peak_rss_mib`` and ``peak_cuda_mib`` (None without CUDA).
     ``extract_config`` gives the shard layout whose batch order to follow (default: the defaults).
     """

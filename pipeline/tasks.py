@@ -8,7 +8,9 @@ record read it from here. How the task trains lives in its own module under ``tr
 here by import path, so this module stays light (the extraction driver imports it, never ``train/``).
 
 Adding a task: write ``train/tasks/<name>.py`` with a ``train(readers, config, seed, options)``
-function, then add one :func:`register_task` line at the bottom of this file.
+function, then add one :func:`register_task` line at the bottom of this file. A task that trains one
+model with one head also names its ``make_head(label_names, train_labels)`` (``head``): the baselines
+with the backbone in memory (:mod:`pipeline.baselines`) feed that same head, so they train the task too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class TaskInfo:
     # The metric that picks the best epoch when one class holds more than IMBALANCE_SHARE of train (with
     # train.select_metric: auto): accuracy rewards predicting the majority class there.
     imbalanced_select: str | None = None
+    # "module:function" giving the head of a one-model task from (label names, train labels); None for a
+    # task that is not one model with one head (retrieval): it has no backbone-in-memory baseline.
+    head: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -122,6 +127,7 @@ register_task(
         summary=("acc", "f1"),
         baselines=(("probe", "linear probe"), ("majority", "majority class")),
         imbalanced_select="f1",
+        head="train.tasks.classification:make_head",
     )
 )
 register_task(
@@ -136,6 +142,7 @@ register_task(
         "the last layer and the train mean are the baselines",
         summary=("pearson", "mse"),
         baselines=(("probe", "ridge probe"), ("mean", "mean predictor")),
+        head="train.tasks.regression:make_head",
     )
 )
 register_task(

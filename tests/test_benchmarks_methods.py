@@ -46,16 +46,20 @@ def test_methods_report(toy_configs, tmp_path, ray_session):
         and "load_average_1m_now" in report["machine"]
     )
     runs = {(r["dataset"], r["method"], r["seed"]): r for r in report["runs"]}
-    # Each method per dataset, full fine-tuning once (seed 0) where the task is classification.
-    expected = {(d, m, 0) for d in ("toy_cls", "toy_reg") for m in ("scalar_mix", "unipt")}
-    assert set(runs) == expected | {("toy_cls", "full_finetune", 0)}
+    # Each method per dataset, full fine-tuning once (seed 0) per dataset, regression included.
+    expected = {(d, m, 0) for d in ("toy_cls", "toy_reg") for m in ("scalar_mix", "unipt", "full_finetune")}
+    assert set(runs) == expected
     for run in runs.values():
         assert run["peak_rss_mib"] > 100 and run["seconds_per_epoch"] > 0 and run["epochs"] == 1
         assert run["metric"] == ("acc" if run["dataset"] == "toy_cls" else "pearson")
-    params = {
-        m: runs[("toy_cls", m, 0)]["trainable_params"] for m in ("scalar_mix", "unipt", "full_finetune")
-    }
-    assert params["scalar_mix"] != params["unipt"] < params["full_finetune"]  # each child trained its method
+    for dataset in ("toy_cls", "toy_reg"):
+        params = {
+            m: runs[(dataset, m, 0)]["trainable_params"] for m in ("scalar_mix", "unipt", "full_finetune")
+        }
+        assert params["scalar_mix"] != params["unipt"] < params["full_finetune"]  # each trained its method
+    # The regression fine-tuning has one output where classification's has two classes: 32 weights + 1 less.
+    cls_ft, reg_ft = (runs[(d, "full_finetune", 0)]["trainable_params"] for d in ("toy_cls", "toy_reg"))
+    assert cls_ft - reg_ft == 33
 
     rows = {(r["dataset"], r["method"]): r for r in report["rows"]}
     assert set(rows) == {k[:2] for k in runs}
@@ -63,7 +67,7 @@ def test_methods_report(toy_configs, tmp_path, ray_session):
     assert isinstance(report["goal"]["toy_cls"]["above_scalar_mix"], bool)
     assert report["goal"]["toy_cls"]["above_lst"] is None  # not run
     assert isinstance(report["goal"]["toy_cls"]["within_1pt_of_full_finetune"], bool)
-    assert report["goal"]["toy_reg"]["within_1pt_of_full_finetune"] is None  # no full fine-tuning there
+    assert isinstance(report["goal"]["toy_reg"]["within_1pt_of_full_finetune"], bool)  # Pearson against it
     assert out.with_suffix(".csv").read_text().splitlines()[0] == ",".join(methods.COLUMNS)
 
 

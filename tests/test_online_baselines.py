@@ -1,8 +1,10 @@
-"""Baselines with the backbone in memory (UniPT online, full fine-tuning) against training from a cache."""
+"""Baselines with the backbone in memory (UniPT online, full fine-tuning) against training from a cache,
+for both one-model tasks (classification, regression)."""
 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from pipeline import experiment
 from pipeline.baselines import fit_online, load_online_data, train_online
 from pipeline.cache import CacheReader
 from pipeline.config import load_config
+from pipeline.datasets import load_dataset
 from pipeline.errors import UniptError
 from train.loader import CacheBatches
 from train.tasks import train_task
@@ -79,10 +82,18 @@ def test_online_blocks_follow_the_cache_loaders_memory_budget(fp32_cache, online
         np.testing.assert_array_equal(from_cache.indices, live.indices)
 
 
+def _task_metrics(metrics: dict) -> set[str]:
+    return {key for key in metrics if key.startswith(("val_", "test_"))}
+
+
 def test_unipt_online_trains_the_same_model_as_unipt_from_cache(fp32_cache, online_data):
     prep, reader = fp32_cache
     cached = train_task(reader, prep.config.train, seed=0, progress=False)
     online, _ = fit_online(online_data, prep.config.train, seed=0, method="unipt-online")
+    assert _task_metrics(online.metrics) == _task_metrics(cached.metrics) == {
+        "val_acc", "val_f1", "test_acc", "test_f1"
+    }  # fmt: skip
+    assert online.select_metric == cached.select_metric
     for key in ("val_acc", "val_f1", "test_acc", "test_f1", "best_epoch", "trainable_params"):
         assert online.metrics[key] == pytest.approx(cached.metrics[key]), key
     losses = [[h["train_loss"] for h in r.history] for r in (cached, online)]
@@ -138,3 +149,94 @@ def test_benchmark_tiny_runs_all_four_methods(fp32_setup, fp32_cache, tmp_path):
     csv_lines = out.with_suffix(".csv").read_text().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("method,")
     assert "unipt-online" in result.stdout
+
+
+# --- regression --------------------------------------------------------------------------------------------
+def _score_rows(n: int) -> list[dict]:
+    """A review's score is (#positive - #negative sentiment words) plus noise: learnable from the text."""
+    from tests.conftest import NEGATIVE, POSITIVE, make_sentiment_rows
+
+    rng = random.Random(5)
+    rows = []
+    for row in make_sentiment_rows(n, seed=3):
+        words = row["text"].split()
+        score = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
+        rows.append({"id": row["id"], "text": row["text"], "label": round(score + rng.gauss(0, 0.3), 3)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def regression_cache(tmp_path_factory, tiny_bert_dir, ray_session):
+    from tests.conftest import write_config, write_csv
+
+    root = tmp_path_factory.mktemp("online_regression")
+    csv_path = write_csv(root / "scores.csv", _score_rows(160))
+    config_path = write_config(
+        root / "scores.yaml", str(csv_path), str(tiny_bert_dir), root, train={"task": "regression"}
+    )
+    prep = experiment.prepare(load_config(config_path, OVERRIDES))
+    reader = CacheReader(experiment.extract(prep, progress=False).path)
+    config = prep.config
+    data = load_online_data(
+        prep.dataset.table, prep.dataset.label_names, config.backbone, config.train, config.extract
+    )
+    return prep, reader, data
+
+
+def test_unipt_online_regression_trains_the_same_model_as_unipt_from_cache(regression_cache):
+    prep, reader, data = regression_cache
+    cached = train_task(reader, prep.config.train, seed=0, progress=False)
+    online, _ = fit_online(data, prep.config.train, seed=0, method="unipt-online")
+    names = ("mse", "pearson", "spearman")
+    assert (
+        _task_metrics(online.metrics)
+        == _task_metrics(cached.metrics)
+        == {f"{split}_{name}" for split in ("val", "test") for name in names}
+    )
+    assert online.select_metric == cached.select_metric == "pearson"  # the regression headline
+    for key in [f"{s}_{n}" for s in ("val", "test") for n in names] + ["best_epoch", "trainable_params"]:
+        assert online.metrics[key] == pytest.approx(cached.metrics[key]), key
+    losses = [[h["train_loss"] for h in r.history] for r in (cached, online)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    np.testing.assert_allclose(online.layer_weights, cached.layer_weights, rtol=1e-4)
+    assert cached.metrics["test_pearson"] > 0.3  # it learned something, so the comparison means something
+
+
+def test_full_finetune_trains_the_backbone_for_regression(regression_cache, tiny_bert_dir):
+    prep, _, data = regression_cache
+    train = prep.config.train.model_copy(update={"epochs": 3})
+    result, model = fit_online(data, train, seed=0, method="full-finetune", finetune_lr=1e-3)
+    before = load_file(tiny_bert_dir / "model.safetensors")
+    after = model.backbone.state_dict()
+    changed = [name for name, value in before.items() if not torch.equal(value, after[name])]
+    assert "encoder.layer.0.attention.self.query.weight" in changed
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0], losses
+    assert _task_metrics(result.metrics) == {
+        f"{split}_{name}" for split in ("val", "test") for name in ("mse", "pearson", "spearman")
+    }
+    assert result.select_metric == "pearson" and np.isfinite(result.metrics["test_mse"])
+    head_params = 32 + 1  # one output from the tiny BERT's width 32
+    assert result.metrics["trainable_params"] == result.metrics["backbone_params"] + head_params
+
+
+def test_online_baselines_refuse_retrieval_and_labels_of_the_other_kind(regression_cache, fp32_setup):
+    prep, _, data = regression_cache
+    config = prep.config
+    retrieval = config.train.model_copy(update={"task": "retrieval"})
+    table, names = prep.dataset.table, prep.dataset.label_names
+    for call in (
+        lambda: load_online_data(table, names, config.backbone, retrieval, config.extract),
+        lambda: fit_online(data, retrieval, seed=0, method="full-finetune"),
+    ):
+        with pytest.raises(UniptError, match="online baselines .* train.task 'retrieval'") as caught:
+            call()
+        assert "\n" not in str(caught.value) and "unipt run" in str(caught.value)
+    # Class labels trained as regression (or numbers as classes) would be a wrong number: refused.
+    classification = config.train.model_copy(update={"task": "classification"})
+    with pytest.raises(UniptError, match="train.task is 'classification' but the dataset holds numeric"):
+        fit_online(data, classification, seed=0, method="unipt-online")
+    _, cls_config = fp32_setup
+    classes = load_dataset(cls_config.dataset)
+    with pytest.raises(UniptError, match="train.task is 'regression' but the dataset holds class labels"):
+        load_online_data(classes.table, classes.label_names, config.backbone, config.train, config.extract)

@@ -75,12 +75,12 @@ def train_single_cache(
     readers: list[ActivationCache],
     config: TrainConfig,
     seed: int,
-    make_head: Callable[[ActivationCache, np.ndarray], Head],
+    make_head: Callable[[list[str], np.ndarray], Head],
     options: TrainOptions,
 ) -> TrainResult:
     """The config's UniPT variant on every layer of the one cache in ``readers``, checked to hold the
-    labels the task declares; ``make_head(reader, train_labels)`` gives the task's head (a regression
-    head standardises targets with the train split's statistics)."""
+    labels the task declares; ``make_head(label_names, train_labels)`` gives the task's head (a
+    regression head standardises targets with the train split's statistics)."""
     if len(readers) != 1:
         raise UniptError(f"train.task {config.task!r} trains on one cache, got {len(readers)}")
     (reader,) = readers
@@ -90,15 +90,20 @@ def train_single_cache(
     splits = [CacheBatches.for_split(reader, s, config, seed, shuffle=s == "train") for s in ("train", "val")]
     splits.append(CacheBatches.for_split(reader, "test", config, seed, shuffle=False))
     train_labels = reader.labels()[splits[0].indices]
-    head = make_head(reader, train_labels)
+    head = make_head(list(reader.label_names), train_labels)
     model = build_model(config.variant, reader, config, num_outputs=head.outputs).to(device)
     identity = {"cache_key": reader.attrs.get("cache_key")}  # where the cache lives may change
-    select = select_metric(
-        get_task(config.task), config.select_metric, largest_share(config.task, train_labels)
-    )
+    select = selection(config, train_labels)
     return fit_head(
         model, *splits, config, head, device, options, seed=seed, identity=identity, select=select
     )
+
+
+def selection(config: TrainConfig, train_labels: np.ndarray) -> tuple[str, str]:
+    """(the validation metric that picks the best epoch, why), from ``train.select_metric`` and, with
+    ``auto``, the train split's class balance: one rule for every way of feeding a head."""
+    share = largest_share(config.task, train_labels)
+    return select_metric(get_task(config.task), config.select_metric, share)
 
 
 def largest_share(task: str, train_labels: np.ndarray) -> float | None:

@@ -28,12 +28,14 @@ def classification_head(num_classes: int, label_names: list[str] | None = None) 
     )
 
 
+def make_head(label_names: list[str], _train_labels: np.ndarray) -> Head:
+    """The task's head for a dataset's label names (the seam a cache run and the online baselines share)."""
+    return classification_head(len(label_names), list(label_names))
+
+
 def train(
     readers: list[ActivationCache], config: TrainConfig, seed: int, options: TrainOptions
 ) -> TrainResult:
-    def make_head(reader: ActivationCache, _train_labels: np.ndarray) -> Head:
-        return classification_head(len(reader.label_names), list(reader.label_names))
-
     result = train_single_cache(readers, config, seed, make_head, options)
     result.metrics.update(majority_baseline(readers[0]))
     if config.linear_probe:

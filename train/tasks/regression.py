@@ -38,12 +38,14 @@ def regression_head(mean: float, std: float) -> Head:
     )
 
 
+def make_head(_label_names: list[str], train_labels: np.ndarray) -> Head:
+    """Standardised by the train split's labels (the seam a cache run and the online baselines share)."""
+    return regression_head(float(train_labels.mean()), float(train_labels.std()))
+
+
 def train(
     readers: list[ActivationCache], config: TrainConfig, seed: int, options: TrainOptions
 ) -> TrainResult:
-    def make_head(_reader: ActivationCache, train_labels: np.ndarray) -> Head:
-        return regression_head(float(train_labels.mean()), float(train_labels.std()))
-
     result = train_single_cache(readers, config, seed, make_head, options)
     result.metrics.update(mean_baseline(readers[0]))
     if config.linear_probe:
