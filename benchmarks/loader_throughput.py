@@ -117,7 +117,7 @@ class Stepper:
         self.loss = nn.CrossEntropyLoss()
 
     def step(self, batch: Batch) -> None:
-        logits, _ = self.model(*to_device(batch, self.device))  # upcasts 16-bit rows, as training does
+        logits, _ = self.model(*to_device(batch, self.device, self.model))  # as training feeds it
         loss = self.loss(logits.float(), batch.labels.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

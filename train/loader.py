@@ -57,16 +57,20 @@ class Batch:
     indices: np.ndarray  # example indices in the cache
 
 
-def to_device(batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A batch's hidden states (float32) and mask on ``device``.
+def to_device(
+    batch: Batch, device: torch.device, model: torch.nn.Module | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A batch's hidden states and mask on ``device``, the hidden states float32 unless ``model`` takes
+    them in the cache's 16-bit dtype (``takes_stored_dtype``, see :mod:`train.stored_inputs`).
 
     Copies are ``non_blocking`` (they overlap compute when the batch sits in pinned memory), and a
     16-bit batch is upcast after the copy, on the device: half the bytes cross the bus. On the CPU the
     upcast is one vectorised torch cast per layer in the training thread.
     """
     hidden = [h.to(device, non_blocking=True) for h in batch.hidden]
-    # Only activations are upcast: the online baselines' batches carry token ids, which stay integers.
-    hidden = [h.float() if h.is_floating_point() else h for h in hidden]
+    if not getattr(model, "takes_stored_dtype", False):
+        # Only activations are upcast: the online baselines' batches carry token ids, which stay integers.
+        hidden = [h.float() if h.is_floating_point() else h for h in hidden]
     return hidden, batch.mask.to(device, non_blocking=True)
 
 

@@ -138,7 +138,7 @@ def fit_head(
     say(f"best epoch chosen by val_{score} ({why})")
 
     def loss(batch: Batch, device: torch.device) -> tuple[Tensor, int]:
-        outputs, _ = model(*to_device(batch, device))
+        outputs, _ = model(*to_device(batch, device, model))
         return head.loss(outputs.float(), batch.labels.to(device)), len(batch.labels)
 
     def validate() -> dict[str, float]:
@@ -198,7 +198,7 @@ def evaluate(
         return {**dict.fromkeys(names, math.nan), "layer_weights": []}
     collected, labels, weights = [], [], []
     for batch in data.epoch(0):
-        outputs, layer_weights = model(*to_device(batch, device))
+        outputs, layer_weights = model(*to_device(batch, device, model))
         collected.append(head.collect(outputs))
         labels.append(batch.labels)
         weights.append(layer_weights.float().cpu())

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from train.stored_inputs import StoredInputLinear
+
 
 def l1norm(x: Tensor, dim: int) -> Tensor:
     return x / x.abs().sum(dim=dim, keepdim=True).clamp_min(1e-6)
@@ -68,7 +70,11 @@ class UniPT(nn.Module):
             raise ValueError(f"embed_size {embed_size} // downsample_factor {downsample_factor} must be >= 1")
         self.hidden_sizes = list(hidden_sizes)
         self.embed_size = embed_size
-        self.downsample = nn.ModuleList(nn.Sequential(nn.Linear(h, d), nn.LayerNorm(d)) for h in hidden_sizes)
+        # The cached layers meet nothing before these Linears, so they take the cache's 16-bit rows as they
+        # are (see train.stored_inputs); parameters and state-dict keys are nn.Linear's.
+        self.downsample = nn.ModuleList(
+            nn.Sequential(StoredInputLinear(h, d), nn.LayerNorm(d)) for h in hidden_sizes
+        )
         self.gate = nn.Linear(d, 1)
         self.projection = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
         self.up = nn.Linear(d, embed_size)
@@ -76,7 +82,7 @@ class UniPT(nn.Module):
     def forward(self, hidden: list[Tensor], mask: Tensor) -> UniPTOutput:
         if len(hidden) != len(self.downsample):
             raise ValueError(f"expected {len(self.downsample)} hidden states, got {len(hidden)}")
-        mask = mask.to(hidden[-1].dtype)
+        mask = mask.to(self.gate.weight.dtype)  # the hidden states may come in the cache's 16-bit dtype
         targets = [down(h) for down, h in zip(self.downsample, hidden, strict=True)]
         anchor = targets[-1]  # [B, N, d]
         others = torch.stack(targets[:-1], dim=1)  # [B, L, N, d]
@@ -88,6 +94,8 @@ class UniPT(nn.Module):
 
 class UniPTClassifier(nn.Module):
     """UniPT plus a classification head over the masked mean of its output tokens."""
+
+    takes_stored_dtype = True  # every hidden state goes straight into a StoredInputLinear
 
     def __init__(
         self,

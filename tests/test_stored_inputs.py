@@ -1,0 +1,69 @@
+"""The Linear that takes the cache's 16-bit rows as stored (train.stored_inputs)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.stored_inputs import StoredInputLinear
+from train.unipt import UniPTClassifier
+
+
+def _pair(seed: int = 0) -> tuple[StoredInputLinear, nn.Linear]:
+    torch.manual_seed(seed)
+    stored = StoredInputLinear(24, 8)
+    plain = nn.Linear(24, 8)
+    plain.load_state_dict(stored.state_dict())  # same keys, same parameters
+    return stored, plain
+
+
+def test_same_outputs_and_gradients_as_a_linear_on_the_upcast_rows():
+    for dtype in (torch.float16, torch.bfloat16):
+        stored, plain = _pair()
+        rows = torch.randn(3, 5, 24).to(dtype)
+        out = stored(rows)
+        expected = plain(rows.float())
+        assert out.dtype == torch.float32 and torch.equal(out, expected), dtype
+        upstream = torch.randn_like(out)
+        out.backward(upstream)
+        expected.backward(upstream)
+        torch.testing.assert_close(stored.weight.grad, plain.weight.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(stored.bias.grad, plain.bias.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_keeps_the_16_bit_rows_not_a_float32_copy_for_the_backward_pass():
+    saved: list[torch.Tensor] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    rows = torch.randn(4, 6, 24).half()
+    stored, plain = _pair()
+    held = {}
+    for name, layer, inputs in (("stored", stored, rows), ("plain", plain, rows.float())):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            layer(inputs).sum().backward()
+        held[name] = [t.dtype for t in saved if t.numel() == rows.numel()]  # any view of the rows
+    # nn.Linear keeps the float32 upcast of the rows; StoredInputLinear keeps the float16 rows themselves.
+    assert held == {"stored": [torch.float16], "plain": [torch.float32]}
+
+
+def test_unipt_trains_the_same_on_stored_fp16_rows_as_on_their_float32_upcast():
+    torch.manual_seed(0)
+    widths = [16, 16, 16]
+    hidden = [torch.randn(4, 7, w).half() for w in widths]
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 5, 3, 6])[:, None]
+    models = []
+    for inputs in (hidden, [h.float() for h in hidden]):
+        torch.manual_seed(1)
+        model = UniPTClassifier(widths, num_classes=3, embed_size=16, downsample_factor=2, dropout=0.0)
+        logits, weights = model(inputs, mask)
+        nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 1])).backward()
+        models.append((model, logits, weights))
+    (a, logits_a, weights_a), (b, logits_b, weights_b) = models
+    assert a.takes_stored_dtype
+    assert torch.equal(logits_a, logits_b) and torch.equal(weights_a, weights_b)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
