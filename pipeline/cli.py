@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import train  # noqa: F401  (first: it caps malloc arenas before any thread exists, see train.allocator)
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     args = build_parser().parse_args(argv)
     configure_cli_logging()

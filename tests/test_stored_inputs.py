@@ -67,3 +67,32 @@ def test_unipt_trains_the_same_on_stored_fp16_rows_as_on_their_float32_upcast():
     assert torch.equal(logits_a, logits_b) and torch.equal(weights_a, weights_b)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cpu_pieces_give_the_whole_layers_outputs_and_gradients():
+    # Wide rows: several ~1 MB pieces on the CPU, the same numbers as one Linear over the upcast layer.
+    stored, plain = _pair()
+    stored = StoredInputLinear(4096, 8)
+    plain = nn.Linear(4096, 8)
+    plain.load_state_dict(stored.state_dict())
+    rows = torch.randn(2, 300, 4096).half()
+    out, expected = stored(rows), plain(rows.float())
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)
+    # Summed piece by piece: float32 rounding in another order, nothing more.
+    torch.testing.assert_close(stored.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stored.bias.grad, plain.bias.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_one_malloc_arena_is_asked_for_at_import_unless_the_user_chose():
+    import subprocess
+    import sys
+
+    code = "import train.allocator as a; print(a._done, a.use_one_malloc_arena())"
+    run = [sys.executable, "-c", code]
+    chose = subprocess.run(run, capture_output=True, text=True, env={"MALLOC_ARENA_MAX": "4"}, check=True)
+    assert chose.stdout.split() == ["False", "False"]  # the user's MALLOC_ARENA_MAX wins
+    fresh = subprocess.run(run, capture_output=True, text=True, env={}, check=True)
+    assert fresh.stdout.split() == ["True", "False"]  # applied when train was imported, and only then

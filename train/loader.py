@@ -42,6 +42,7 @@ from pipeline.cache import ActivationCache
 from pipeline.cache_layout import layer_array_name
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
+from train.allocator import use_one_malloc_arena
 
 T = TypeVar("T")  # what a block read gives per example
 PREFETCH_BLOCKS = 4  # blocks read ahead of training
@@ -104,6 +105,7 @@ class CacheBatches:
         keep_dtype: bool = False,
         memory_mb: int | None = None,
     ) -> None:
+        use_one_malloc_arena()  # a no-op once train/__init__ has run (it has, unless imported oddly)
         self.reader = reader
         self.layers = list(layers)
         self.batch_size = batch_size
