@@ -91,7 +91,11 @@ def test_rerun_of_a_run_made_before_split_schemes_keeps_scheme_1(tmp_path, tiny_
     assert "scheme" not in config["dataset"]["split"]  # what an old record's config looks like
     fields = {name: None for name in RunEntry.__dataclass_fields__}
     old = RunEntry(**{**fields, "run_id": "old", "config": config, "runtime": {}})
-    assert stored_config(old, str(tmp_path / "r.sqlite")).dataset.split.scheme == 1
+    rerun = stored_config(old, str(tmp_path / "r.sqlite"))
+    assert rerun.dataset.split.scheme == 1
+    # Settings added later that change the batches: an old run's rerun gets what the old run computed.
+    assert (rerun.train.length_grouping, rerun.train.loader_memory_mb) == (False, None)
+    assert TrainConfig().loader_memory_mb == 512 and TrainConfig().length_grouping  # not the defaults
 
 
 # --- 2. no selection on empty or NaN ---------------------------------------------------------------------
