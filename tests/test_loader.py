@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import torch
 
@@ -175,3 +178,34 @@ def test_blocks_shrink_to_the_loader_memory_budget(tmp_path):
     free = CacheBatches(reader, "train", [0, 1], 2, shuffle=True, block_examples=8, shuffle_buffer_blocks=1)
     assert max(len(b) for b in capped.blocks) == expected < max(len(b) for b in free.blocks)
     assert sorted(i for b in capped.epoch(0) for i in b.indices.tolist()) == list(range(9))
+
+
+def test_examples_carried_to_the_next_window_do_not_keep_their_blocks_alive(tmp_path):
+    # One long example per block, longer block after block: with grouping, each window's longest examples
+    # wait for the next window, window after window, each from another block.
+    lengths = [length for k in range(20) for length in (20 + k, 1)]
+    root = CacheRoot(tmp_path)
+    build_cache(root, lengths, {0: 4, 1: 4}, shard_size=8, splits=["train"] * 40)
+    reader = CacheReader(root.location(KEY))
+    data = CacheBatches(
+        reader, "train", [0, 1], 12, shuffle=True, seed=0, block_examples=2, shuffle_buffer_blocks=2,
+        prefetch_blocks=1, length_grouping=True,
+    )  # fmt: skip
+    alive: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+    read = data._read_block
+
+    def tracked(indices, view=0):
+        items = read(indices, view)
+        alive[id(items[0][0])] = items[0][0]
+        return items
+
+    data._read_block = tracked
+    most = 0
+    seen = []
+    for batch in data.epoch(0):
+        gc.collect()
+        most = max(most, len(alive))
+        seen += batch.indices.tolist()
+    assert sorted(seen) == list(range(40))
+    # The window (2 blocks), the prefetch queue (1) and the block being read, plus one in hand: never more.
+    assert most <= 5, most

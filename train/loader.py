@@ -233,6 +233,7 @@ class CacheBatches:
             shuffle_buffer_blocks=self.shuffle_buffer_blocks,
             prefetch_blocks=self.prefetch_blocks,
             lengths=self.lengths if self.length_grouping else None,
+            carry=_own_rows,
         )
         batches = (self._collate(examples) for examples in order)
         if self.prefetch_blocks > 0:
@@ -361,6 +362,18 @@ def budgeted_block_examples(
     return max(1, min(block_examples, fits))
 
 
+def _own_rows(item: tuple[_Block, int]) -> tuple[_Block, int]:
+    """An example's rows copied out of its block, so that carrying it into the next shuffle window does not
+    keep the whole block (every layer of up to ``block_examples`` examples) in memory."""
+    block, i = item
+    rows, starts, stops = {}, {}, {}
+    for layer, layer_rows in block.rows.items():
+        start, stop = int(block.starts[layer][i]), int(block.stops[layer][i])
+        rows[layer] = layer_rows[start:stop].copy()
+        starts[layer], stops[layer] = np.zeros(1, np.int64), np.array([stop - start], np.int64)
+    return _Block(rows, starts, stops), 0
+
+
 def plan_blocks(indices: np.ndarray, offsets: list[np.ndarray], block_examples: int) -> list[np.ndarray]:
     """Cut sorted example indices into runs whose rows are back to back in every one of ``offsets``
     (one ``[n_examples, 2]`` start/stop array per layer, of one cache or several), at most
@@ -393,6 +406,7 @@ def epoch_order(
     shuffle_buffer_blocks: int,
     prefetch_blocks: int,
     lengths: np.ndarray | None = None,
+    carry: Callable[[T], T] | None = None,
 ) -> Iterator[list[tuple[int, T]]]:
     """One epoch's batches of ``(example index, item)``, ``read(block)`` giving one item per example.
 
@@ -407,6 +421,10 @@ def epoch_order(
     and those batches leave in a seeded random order. The batch count is unchanged (full batches, then one
     partial batch at the end of the epoch). Without ``lengths`` the draws are exactly those made before
     grouping existed, so ``train.length_grouping: false`` reproduces earlier runs batch for batch.
+
+    ``carry(item)``, if given, replaces each item that waits for the next window (the order is unchanged):
+    with grouping the longest examples are the ones left over, window after window, so without it a few
+    examples could keep every block they came from alive until the end of the epoch.
     """
     rng = np.random.default_rng([seed, epoch]) if shuffle else None
     order = rng.permutation(len(blocks)) if rng is not None else np.arange(len(blocks))
@@ -425,10 +443,12 @@ def epoch_order(
         if lengths is not None and rng is not None:
             batches, pending = _grouped(pending, lengths, batch_size, rng)
             yield from batches
-            continue
-        while len(pending) >= batch_size:
-            yield pending[:batch_size]
-            pending = pending[batch_size:]
+        else:
+            while len(pending) >= batch_size:
+                yield pending[:batch_size]
+                pending = pending[batch_size:]
+        if carry is not None:
+            pending = [(index, carry(item)) for index, item in pending]
     if buffered:
         pending += _examples_of(buffered, rng)
     if lengths is not None and rng is not None:
