@@ -72,6 +72,7 @@ bench-full: setup
 	$(BIN)/python benchmarks/incremental.py --loader
 	$(BIN)/python benchmarks/length_grouping.py
 	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/scaling.py --backbones minilm --sizes 12808 --resume
 	$(BIN)/python benchmarks/methods.py
 	$(BIN)/python benchmarks/augmented_views.py
 	$(BIN)/python benchmarks/text_pairs.py --seeds 0 1 2

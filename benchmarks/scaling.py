@@ -20,8 +20,9 @@ step's alone:
 
 Each epoch includes its validation pass. Fitted exponents are least-squares slopes in log-log space.
 
-    python benchmarks/scaling.py                                     # the README's table (~40 min, 2 cores)
-    python benchmarks/scaling.py --backbones minilm --sizes 100 200   # a quick look
+    python benchmarks/scaling.py                                     # the README's grid (~30 min, 2 cores)
+    python benchmarks/scaling.py --backbones minilm --sizes 12808 --resume   # + every snippet (~6 min)
+    python benchmarks/scaling.py --backbones minilm --sizes 100 200 --out /tmp/s.json   # a quick look
 """
 
 from __future__ import annotations
@@ -209,9 +210,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--backbones", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--sizes", nargs="+", type=int, default=[125, 250, 500])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1000, 4000])
     parser.add_argument(
-        "--large-sizes", nargs="+", type=int, default=[125, 250], help="sizes for bert-large (slow on CPU)"
+        "--large-sizes", nargs="+", type=int, default=[1000], help="sizes for bert-large (slow on CPU)"
     )
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "unipt-scaling"))
     parser.add_argument("--out", default=str(RESULTS / "scaling.json"))
@@ -302,7 +303,7 @@ def _write(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> N
         "benchmark": "scaling",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {**machine(), "load_average_1m": os.getloadavg()[0]},
-        "note": "2 CPU cores shared with other jobs: compare points of one run, not absolute seconds",
+        "note": "2 CPU cores (shared on a busy day): compare points of one run, not absolute seconds",
         "sizes": args.sizes,
         "large_sizes": args.large_sizes,
         "rows": rows,
