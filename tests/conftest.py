@@ -105,6 +105,18 @@ def make_sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def make_score_rows(n: int, column: str = "score") -> list[dict]:
+    """Regression rows: a review's score is (#positive - #negative sentiment words) plus noise, learnable
+    from the text, in ``column``."""
+    rng = random.Random(5)
+    rows = []
+    for row in make_sentiment_rows(n, seed=3):
+        words = row["text"].split()
+        score = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
+        rows.append({"id": row["id"], "text": row["text"], column: round(score + rng.gauss(0, 0.3), 3)})
+    return rows
+
+
 def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -4,7 +4,6 @@ for both one-model tasks (classification, regression)."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -152,25 +151,12 @@ def test_benchmark_tiny_runs_all_four_methods(fp32_setup, fp32_cache, tmp_path):
 
 
 # --- regression --------------------------------------------------------------------------------------------
-def _score_rows(n: int) -> list[dict]:
-    """A review's score is (#positive - #negative sentiment words) plus noise: learnable from the text."""
-    from tests.conftest import NEGATIVE, POSITIVE, make_sentiment_rows
-
-    rng = random.Random(5)
-    rows = []
-    for row in make_sentiment_rows(n, seed=3):
-        words = row["text"].split()
-        score = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
-        rows.append({"id": row["id"], "text": row["text"], "label": round(score + rng.gauss(0, 0.3), 3)})
-    return rows
-
-
 @pytest.fixture(scope="module")
 def regression_cache(tmp_path_factory, tiny_bert_dir, ray_session):
-    from tests.conftest import write_config, write_csv
+    from tests.conftest import make_score_rows, write_config, write_csv
 
     root = tmp_path_factory.mktemp("online_regression")
-    csv_path = write_csv(root / "scores.csv", _score_rows(160))
+    csv_path = write_csv(root / "scores.csv", make_score_rows(160, column="label"))
     config_path = write_config(
         root / "scores.yaml", str(csv_path), str(tiny_bert_dir), root, train={"task": "regression"}
     )

@@ -225,9 +225,9 @@ def _sorted_by_headline(out: str, headline: str) -> list[list[str]]:
 
 
 def test_a_regression_sweep_sorts_by_validation_pearson(tmp_path, tiny_bert_dir, capsys, ray_session):
-    from tests.test_train_e2e import _regression_rows
+    from tests.conftest import make_score_rows
 
-    data = write_csv(tmp_path / "scores.csv", _regression_rows(160))
+    data = write_csv(tmp_path / "scores.csv", make_score_rows(160))
     config = write_config(
         tmp_path / "reg.yaml",
         str(data),

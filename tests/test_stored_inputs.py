@@ -9,26 +9,30 @@ from train.stored_inputs import StoredInputLinear
 from train.unipt import UniPTClassifier
 
 
-def _pair(seed: int = 0) -> tuple[StoredInputLinear, nn.Linear]:
+def _pair(width: int = 24, seed: int = 0) -> tuple[StoredInputLinear, nn.Linear]:
     torch.manual_seed(seed)
-    stored = StoredInputLinear(24, 8)
-    plain = nn.Linear(24, 8)
+    stored = StoredInputLinear(width, 8)
+    plain = nn.Linear(width, 8)
     plain.load_state_dict(stored.state_dict())  # same keys, same parameters
     return stored, plain
 
 
+def _outputs_and_gradients_agree(rows: torch.Tensor, grad_atol: float) -> None:
+    """``StoredInputLinear`` on 16-bit ``rows`` against ``nn.Linear`` on their float32 upcast."""
+    stored, plain = _pair(rows.shape[-1])
+    out, expected = stored(rows), plain(rows.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # each output row is nn.Linear's
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(stored.weight.grad, plain.weight.grad, rtol=1e-5, atol=grad_atol)
+    torch.testing.assert_close(stored.bias.grad, plain.bias.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_same_outputs_and_gradients_as_a_linear_on_the_upcast_rows():
     for dtype in (torch.float16, torch.bfloat16):
-        stored, plain = _pair()
-        rows = torch.randn(3, 5, 24).to(dtype)
-        out = stored(rows)
-        expected = plain(rows.float())
-        assert out.dtype == torch.float32 and torch.equal(out, expected), dtype
-        upstream = torch.randn_like(out)
-        out.backward(upstream)
-        expected.backward(upstream)
-        torch.testing.assert_close(stored.weight.grad, plain.weight.grad, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(stored.bias.grad, plain.bias.grad, rtol=1e-6, atol=1e-6)
+        _outputs_and_gradients_agree(torch.randn(3, 5, 24).to(dtype), grad_atol=1e-6)
 
 
 def test_keeps_the_16_bit_rows_not_a_float32_copy_for_the_backward_pass():
@@ -70,20 +74,9 @@ def test_unipt_trains_the_same_on_stored_fp16_rows_as_on_their_float32_upcast():
 
 
 def test_cpu_pieces_give_the_whole_layers_outputs_and_gradients():
-    # Wide rows: several ~1 MB pieces on the CPU, the same numbers as one Linear over the upcast layer.
-    stored, plain = _pair()
-    stored = StoredInputLinear(4096, 8)
-    plain = nn.Linear(4096, 8)
-    plain.load_state_dict(stored.state_dict())
-    rows = torch.randn(2, 300, 4096).half()
-    out, expected = stored(rows), plain(rows.float())
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
-    upstream = torch.randn_like(out)
-    out.backward(upstream)
-    expected.backward(upstream)
-    # Summed piece by piece: float32 rounding in another order, nothing more.
-    torch.testing.assert_close(stored.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(stored.bias.grad, plain.bias.grad, rtol=1e-6, atol=1e-6)
+    # Wide rows: several ~1 MB pieces on the CPU; the weight's gradient is summed piece by piece (float32
+    # rounding in another order, nothing more).
+    _outputs_and_gradients_agree(torch.randn(2, 300, 4096).half(), grad_atol=1e-4)
 
 
 def test_one_malloc_arena_is_asked_for_at_import_unless_the_user_chose():

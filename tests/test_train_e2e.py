@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pipeline.cli import main
 from pipeline.config import DatasetConfig
 from pipeline.datasets import load_dataset
 from pipeline.errors import UniptError
-from tests.conftest import NEGATIVE, POSITIVE, make_sentiment_rows, write_config, write_csv
+from tests.conftest import make_score_rows, write_config, write_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EPOCHS = 20
@@ -101,19 +100,8 @@ def test_run_writes_plots_and_a_killed_run_resumes_to_the_same_result(
     assert "already finished" in capsys.readouterr().err
 
 
-def _regression_rows(n: int) -> list[dict]:
-    """A review's score is (#positive - #negative sentiment words) plus noise: learnable from the text."""
-    rng = random.Random(5)
-    rows = []
-    for row in make_sentiment_rows(n, seed=3):
-        words = row["text"].split()
-        score = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
-        rows.append({"id": row["id"], "text": row["text"], "score": round(score + rng.gauss(0, 0.3), 3)})
-    return rows
-
-
 def test_regression_dataset_keeps_numbers_and_the_fingerprint_covers_them(tmp_path):
-    rows = _regression_rows(40)
+    rows = make_score_rows(40)
     path = write_csv(tmp_path / "scores.csv", rows)
     config = DatasetConfig(source=str(path), id_column="id", label_column="score")
     table = load_dataset(config, task="regression")
@@ -142,7 +130,7 @@ def test_regression_dataset_keeps_numbers_and_the_fingerprint_covers_them(tmp_pa
 
 
 def test_regression_run_end_to_end(ray_session, tmp_path, tiny_bert_dir, capsys):
-    csv = write_csv(tmp_path / "scores.csv", _regression_rows(240))
+    csv = write_csv(tmp_path / "scores.csv", make_score_rows(240))
     config = write_config(
         tmp_path / "regression.yaml",
         str(csv),
