@@ -86,7 +86,8 @@ def test_arrow_peer_delivers_the_loaders_padded_batches(reader, tmp_path):
     for (_, hidden, mask), batch in zip(theirs, ours, strict=True):
         assert torch.equal(mask, batch.mask)
         for a, b in zip(hidden, batch.hidden, strict=True):
-            assert a.dtype == torch.float32 and torch.equal(a, b)
+            # Both hand the training step the cache's fp16 rows (the step upcasts them).
+            assert a.dtype == b.dtype == torch.float16 and torch.equal(a, b)
     # One fixed-size row per example, padded to the longest (9 tokens): more bytes than the ragged rows.
     assert peer.nbytes_on_disk() > 12 * 9 * 3 * 8 * 2 > sum(LENGTHS[:12]) * 3 * 8 * 2
     peer.close()
