@@ -47,6 +47,7 @@ from pipeline.tasks import get_task
 from train.loader import (
     PREFETCH_BLOCKS,
     Batch,
+    blocks_held,
     budgeted_block_examples,
     epoch_order,
     padding_mask,
@@ -147,7 +148,7 @@ class OnlineBatches:
             config.block_examples,
             tokens * width,
             config.loader_memory_mb,
-            blocks_held=PREFETCH_BLOCKS + config.shuffle_buffer_blocks + 1,
+            blocks_held=blocks_held(PREFETCH_BLOCKS, config.shuffle_buffer_blocks),
         )
         self.blocks = plan_blocks(self.indices, [index.offsets], block_examples)
         self.labels = data.index.labels()

@@ -42,7 +42,6 @@ from pipeline.cache import ActivationCache
 from pipeline.cache_layout import layer_array_name
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
-from train.allocator import use_one_malloc_arena
 
 T = TypeVar("T")  # what a block read gives per example
 PREFETCH_BLOCKS = 4  # blocks read ahead of training
@@ -105,7 +104,6 @@ class CacheBatches:
         keep_dtype: bool = False,
         memory_mb: int | None = None,
     ) -> None:
-        use_one_malloc_arena()  # a no-op once train/__init__ has run (it has, unless imported oddly)
         self.reader = reader
         self.layers = list(layers)
         self.batch_size = batch_size
@@ -137,7 +135,7 @@ class CacheBatches:
             block_examples,
             self._values_per_example(),
             memory_mb,
-            blocks_held=prefetch_blocks + shuffle_buffer_blocks + 1,
+            blocks_held=blocks_held(prefetch_blocks, shuffle_buffer_blocks),
         )
         self.blocks = plan_blocks(self.indices, distinct, block_examples)
         self.block_examples = block_examples
@@ -345,6 +343,11 @@ def as_float32(array: np.ndarray) -> torch.Tensor:
     for start in range(0, flat_in.shape[0], step):
         flat_out[start : start + step].copy_(flat_in[start : start + step])
     return out
+
+
+def blocks_held(prefetch_blocks: int, shuffle_buffer_blocks: int) -> int:
+    """Blocks a loader holds at once: the prefetch queue, the shuffle window and the block being read."""
+    return prefetch_blocks + shuffle_buffer_blocks + 1
 
 
 def budgeted_block_examples(
