@@ -229,6 +229,25 @@ def build_cache(
     return tokens, store_layout
 
 
+def write_scaled_store(root: CacheRoot, dtype: str, seed: int = 2) -> list[np.ndarray]:
+    """A committed one-layer cache of three float32 examples (4, 6 and 2 tokens, width 8), each scaled by a
+    random factor so per-token scaling (int8, fp8) has something to preserve, stored as ``dtype``; returns
+    the values written."""
+    rng = np.random.default_rng(seed)
+    lengths = [4, 6, 2]
+    values = [rng.standard_normal((n, 8)).astype(np.float32) * rng.uniform(0.1, 10) for n in lengths]
+    layout = StoreLayout(
+        (LayerSpec(0, 8),), num_examples=3, max_length=6, shard_size=2, chunk_rows=4, dtype=dtype
+    )
+    builder = CacheBuilder(root, KEY)
+    builder.create(layout, {"label_names": ["a", "b"]})
+    for shard in layout.shards():
+        part = slice(shard.example_start, shard.example_stop)
+        write_shard(builder.location, layout, shard, {0: np.concatenate(values[part])}, lengths[part])
+    builder.commit(layout, example_table(3), {})
+    return values
+
+
 def example_table(n: int, splits: list[str] | None = None) -> pa.Table:
     return pa.table(
         {

@@ -12,7 +12,7 @@ from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_layout import LayerSpec, StoreLayout
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.errors import UniptError
-from tests.conftest import KEY, build_cache, example_table
+from tests.conftest import KEY, build_cache, example_table, write_scaled_store
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -191,19 +191,8 @@ def test_feature_maps_round_trip_with_their_grids(tmp_path):
     [("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 1 / 127)],
 )
 def test_dtypes_round_trip_within_their_precision(tmp_path, dtype, tolerance):
-    rng = np.random.default_rng(2)
-    lengths = [4, 6, 2]
-    values = [rng.standard_normal((n, 8)).astype(np.float32) * rng.uniform(0.1, 10) for n in lengths]
-    layout = StoreLayout(
-        (LayerSpec(0, 8),), num_examples=3, max_length=6, shard_size=2, chunk_rows=4, dtype=dtype
-    )
     root = CacheRoot(tmp_path)
-    builder = CacheBuilder(root, KEY)
-    builder.create(layout, {"label_names": ["a", "b"]})
-    for shard in layout.shards():
-        part = slice(shard.example_start, shard.example_stop)
-        write_shard(builder.location, layout, shard, {0: np.concatenate(values[part])}, lengths[part])
-    builder.commit(layout, example_table(3), {})
+    values = write_scaled_store(root, dtype)
     reader = CacheReader(root.location(KEY))
     assert reader.dtype == dtype
     for i, want in enumerate(values):

@@ -8,10 +8,8 @@ import pytest
 import torch
 
 from pipeline.cache import CacheReader, CacheRoot
-from pipeline.cache_layout import LayerSpec, StoreLayout
-from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.encoding import FLOAT8_MAX, decode_rows, encode_rows
-from tests.conftest import KEY, build_cache, example_table
+from tests.conftest import KEY, build_cache, write_scaled_store
 
 
 def _rows(seed: int = 0) -> np.ndarray:
@@ -65,19 +63,8 @@ def test_round_trip_error_is_relative_to_each_value_not_the_token_max():
 
 
 def test_store_round_trip_and_size(tmp_path):
-    rng = np.random.default_rng(2)
-    lengths = [4, 6, 2]
-    values = [rng.standard_normal((n, 8)).astype(np.float32) * rng.uniform(0.1, 10) for n in lengths]
-    layout = StoreLayout(
-        (LayerSpec(0, 8),), num_examples=3, max_length=6, shard_size=2, chunk_rows=4, dtype="float8_e4m3"
-    )
     root = CacheRoot(tmp_path / "rt")
-    builder = CacheBuilder(root, KEY)
-    builder.create(layout, {"label_names": ["a", "b"]})
-    for shard in layout.shards():
-        part = slice(shard.example_start, shard.example_stop)
-        write_shard(builder.location, layout, shard, {0: np.concatenate(values[part])}, lengths[part])
-    builder.commit(layout, example_table(3), {})
+    values = write_scaled_store(root, "float8_e4m3")
     reader = CacheReader(root.location(KEY))
     assert reader.dtype == "float8_e4m3"
     for i, want in enumerate(values):
