@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cli import main
-from tests.conftest import make_sentiment_rows, write_config, write_csv
+from tests.conftest import extract_tiny, make_sentiment_rows, write_config, write_csv
 
 
 def _error_line(capsys: pytest.CaptureFixture, *argv: str) -> str:
@@ -160,11 +160,8 @@ def test_config_that_is_not_a_mapping(tmp_path, capsys):
 def extracted(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One real extraction (Ray, tiny BERT) that the cache tests below reuse or damage."""
     root = tmp_path_factory.mktemp("extracted")
-    data = write_csv(root / "data.csv", make_sentiment_rows(60))
-    config = write_config(root / "config.yaml", str(data), str(tiny_bert_dir), root, train={"epochs": 1})
-    assert main(["extract", str(config), "--no-progress"]) == 0
-    (key,) = CacheRoot(root / "cache").keys()
-    return {"root": root, "config": config, "data": data, "store": root / "cache" / key}
+    config, key = extract_tiny(root, tiny_bert_dir)
+    return {"root": root, "config": config, "data": root / "data.csv", "store": root / "cache" / key}
 
 
 def test_cache_built_for_another_dataset_version(extracted, tmp_path, tiny_bert_dir, capsys):

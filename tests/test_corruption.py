@@ -28,16 +28,18 @@ from pipeline.checksums import CHECKSUMS_FILE, digest
 from pipeline.cli import main
 from pipeline.encoding import compressors, encode_rows
 from pipeline.errors import UniptError
-from tests.conftest import KEY, build_cache, example_table, make_sentiment_rows, write_config, write_csv
+from tests.conftest import (
+    KEY,
+    build_cache,
+    example_table,
+    extract_tiny,
+)
 
 
 @pytest.fixture(scope="module")
 def extracted(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("extracted")
-    data = write_csv(root / "data.csv", make_sentiment_rows(60))
-    config = write_config(root / "config.yaml", str(data), str(tiny_bert_dir), root, train={"epochs": 1})
-    assert main(["extract", str(config), "--no-progress"]) == 0
-    (key,) = CacheRoot(root / "cache").keys()
+    config, key = extract_tiny(root, tiny_bert_dir)
     # The view names one segment of its activation space: that Zarr store is what the damage hits.
     (segment,) = (root / "cache" / "spaces").glob("*/segments/*")
     return {"config": config, "root": root / "cache", "store": segment, "key": key}
