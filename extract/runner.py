@@ -439,9 +439,10 @@ class _WorkerPool:
                     continue
                 if not self.ready:
                     say(
-                        f"waiting for extraction workers: none of {len(self.actors)} is running yet "
-                        f"(each needs {_show(self.resources)}; "
-                        f"{_show_available([n['Resources'] for n in ray.nodes() if n.get('Alive')])})"
+                        f"waiting for extraction workers: none of {len(self.actors)} has loaded the backbone "
+                        f"yet (each needs {_show(self.resources)}; "
+                        f"{_show_available([n['Resources'] for n in ray.nodes() if n.get('Alive')])}: "
+                        "workers that are loading hold theirs, so none free can also mean they are starting)"
                     )
                 continue
             ref = done[0]
