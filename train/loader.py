@@ -53,7 +53,7 @@ class Batch:
     # or the cache's 16-bit dtype (float16, bfloat16) when the loader keeps it for the device (to_device).
     hidden: list[torch.Tensor]
     mask: torch.Tensor  # [B, N] bool, True on real tokens; for maps all True over the last layer's H*W
-    labels: torch.Tensor  # [B] int64
+    labels: torch.Tensor  # [B]: int64 class ids, or the float targets of a regression cache
     indices: np.ndarray  # example indices in the cache
 
 
