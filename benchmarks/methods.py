@@ -23,6 +23,8 @@ a long run that is stopped keeps what it measured (``--resume`` continues it).
     python benchmarks/methods.py --limit 2000 --epochs 3            # a seeded sample of each dataset
     python benchmarks/methods.py --datasets rotten_tomatoes --seeds 0 --limit 300 --epochs 1 \
         --skip-full-finetune                                         # a quick look
+    python benchmarks/methods.py --merge a.json b.json --out benchmarks/results/methods.json
+                                                                     # runs made in parallel, one report
 """
 
 from __future__ import annotations
@@ -229,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-root", default=".unipt/cache", help="storage.cache_root for every dataset")
     parser.add_argument("--out", default=str(RESULTS / "methods.json"), help="JSON report; the CSV beside it")
     parser.add_argument("--resume", action="store_true", help="keep --out's runs, add the missing ones")
+    parser.add_argument("--merge", nargs="+", metavar="REPORT",
+                        help="train nothing: write --out from these reports' runs (and --out's, with "
+                        "--resume), for runs made in parallel into separate reports")  # fmt: skip
     parser.add_argument("--worker", choices=[*METHODS, FULL_FINETUNE], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -303,6 +308,20 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
 
     def done(dataset: str, method: str, seed: int) -> bool:
         return any((r["dataset"], r["method"], r["seed"]) == (dataset, method, seed) for r in runs)
+
+    if args.merge:
+        for path in args.merge:
+            other = json.loads(Path(path).read_text())
+            for run in other["runs"]:
+                if done(run["dataset"], run["method"], run["seed"]):
+                    raise UniptError(
+                        f"{path} has {run['dataset']} {run['method']} seed {run['seed']} too; merge reports "
+                        "of different runs only"
+                    )
+                runs.append(run)
+            datasets |= other["datasets"]
+        settings["merged"] = [_shown_path(Path(p).resolve()) for p in args.merge]
+        return save()
 
     for dataset in args.datasets:
         overrides = dataset_overrides(args, args.limit)

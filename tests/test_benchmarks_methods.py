@@ -93,3 +93,35 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     row = methods.summarise("d", "unipt", runs)
     assert row["test_mean"] == pytest.approx(0.8) and row["test_std"] == pytest.approx(0.1)
     assert row["seeds"] == 3 and row["peak_rss_mib"] == 950.0 and row["seconds_per_epoch"] == 3.0  # medians
+
+
+def _report(path, dataset: str, runs: list[tuple[str, int, float]]) -> None:
+    """A methods report of hand-made runs (what `drive` writes), for the merge."""
+    path.write_text(json.dumps({
+        "datasets": {dataset: {"task": "classification", "examples": 10}},
+        "runs": [
+            {"dataset": dataset, "method": m, "seed": s, "metric": "acc", "test": t, "val": t,
+             "trainable_params": 5, "peak_rss_mib": 900.0, "seconds_per_epoch": 2.0, "epochs": 1,
+             "examples": 10}
+            for m, s, t in runs
+        ],
+    }))  # fmt: skip
+
+
+def test_merge_combines_reports_and_refuses_a_run_twice(tmp_path):
+    _report(tmp_path / "a.json", "d1", [("unipt", 0, 0.8), ("unipt", 1, 0.6), ("lst", 0, 0.7)])
+    _report(tmp_path / "b.json", "d2", [("unipt", 0, 0.5)])
+    out = tmp_path / "merged.json"
+    argv = ["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)]
+    methods.drive(methods.build_parser().parse_args(argv))
+    report = json.loads(out.read_text())
+    assert set(report["datasets"]) == {"d1", "d2"} and len(report["runs"]) == 4
+    rows = {(r["dataset"], r["method"]): r for r in report["rows"]}
+    assert rows[("d1", "unipt")]["seeds"] == 2 and rows[("d1", "unipt")]["test_mean"] == pytest.approx(0.7)
+    assert report["goal"]["d1"]["above_lst"] is False  # 0.7 is not above 0.7
+
+    # The same run in two reports would count one seed twice: refused, and --out is left as it was.
+    argv = ["--merge", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "x.json")]
+    with pytest.raises(methods.UniptError, match="d1 unipt seed 0"):
+        methods.drive(methods.build_parser().parse_args(argv))
+    assert not (tmp_path / "x.json").exists()
