@@ -185,15 +185,15 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 KEY = "ab" * 16
 
 
-def extract_tiny(root: Path, tiny_bert_dir: Path) -> tuple[Path, str]:
-    """`unipt extract` of 60 sentiment rows with the tiny BERT under root: (its config, the cache key)."""
+def extract_tiny(root: Path, tiny_bert_dir: Path) -> tuple[Path, Path, str]:
+    """`unipt extract` of 60 sentiment rows with the tiny BERT under root: (config, data file, cache key)."""
     from pipeline.cli import main
 
     data = write_csv(root / "data.csv", make_sentiment_rows(60))
     config = write_config(root / "config.yaml", str(data), str(tiny_bert_dir), root, train={"epochs": 1})
     assert main(["extract", str(config), "--no-progress"]) == 0
     (key,) = CacheRoot(root / "cache").keys()
-    return config, key
+    return config, data, key
 
 
 def build_cache(

@@ -160,8 +160,8 @@ def test_config_that_is_not_a_mapping(tmp_path, capsys):
 def extracted(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One real extraction (Ray, tiny BERT) that the cache tests below reuse or damage."""
     root = tmp_path_factory.mktemp("extracted")
-    config, key = extract_tiny(root, tiny_bert_dir)
-    return {"root": root, "config": config, "data": root / "data.csv", "store": root / "cache" / key}
+    config, data, key = extract_tiny(root, tiny_bert_dir)
+    return {"root": root, "config": config, "data": data, "store": root / "cache" / key}
 
 
 def test_cache_built_for_another_dataset_version(extracted, tmp_path, tiny_bert_dir, capsys):

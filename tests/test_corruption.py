@@ -28,18 +28,13 @@ from pipeline.checksums import CHECKSUMS_FILE, digest
 from pipeline.cli import main
 from pipeline.encoding import compressors, encode_rows
 from pipeline.errors import UniptError
-from tests.conftest import (
-    KEY,
-    build_cache,
-    example_table,
-    extract_tiny,
-)
+from tests.conftest import KEY, build_cache, example_table, extract_tiny
 
 
 @pytest.fixture(scope="module")
 def extracted(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("extracted")
-    config, key = extract_tiny(root, tiny_bert_dir)
+    config, _, key = extract_tiny(root, tiny_bert_dir)
     # The view names one segment of its activation space: that Zarr store is what the damage hits.
     (segment,) = (root / "cache" / "spaces").glob("*/segments/*")
     return {"config": config, "root": root / "cache", "store": segment, "key": key}
