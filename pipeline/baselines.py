@@ -45,7 +45,7 @@ from pipeline.errors import UniptError
 from pipeline.resources import peak_cuda_mib, peak_rss_mib
 from pipeline.tasks import get_task
 from train.loader import (
-    PREFETCH_BLOCKS,
+    BUDGETED_PREFETCH_BLOCKS,
     Batch,
     blocks_held,
     budgeted_block_examples,
@@ -148,7 +148,7 @@ class OnlineBatches:
             config.block_examples,
             tokens * width,
             config.loader_memory_mb,
-            blocks_held=blocks_held(PREFETCH_BLOCKS, config.shuffle_buffer_blocks),
+            blocks_held=blocks_held(BUDGETED_PREFETCH_BLOCKS, config.shuffle_buffer_blocks),
         )
         self.blocks = plan_blocks(self.indices, [index.offsets], block_examples)
         self.labels = data.index.labels()

@@ -11,7 +11,7 @@ import torch
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.config import TrainConfig
 from tests.conftest import KEY, build_cache
-from train.loader import PREFETCH_BLOCKS, CacheBatches, budgeted_block_examples, to_device
+from train.loader import BUDGETED_PREFETCH_BLOCKS, CacheBatches, budgeted_block_examples, to_device
 
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4, 6, 3, 5, 2, 7]
 SPLITS = ["train"] * 9 + ["val"] * 4
@@ -25,8 +25,9 @@ def _reader(tmp_path):
 def test_every_example_once_per_epoch_padded_exactly(tmp_path):
     reader, tokens = _reader(tmp_path)
     data = CacheBatches(
-        reader, "train", [0, 2], batch_size=4, shuffle=True, seed=3, block_examples=2, shuffle_buffer_blocks=2
-    )
+        reader, "train", [0, 2], batch_size=4, shuffle=True, seed=3, block_examples=2,
+        shuffle_buffer_blocks=2, return_freed_memory=True,  # pages handed back between batches: same values
+    )  # fmt: skip
     seen = []
     for batch in data.epoch(0):
         assert len(batch.hidden) == 2 and batch.hidden[1].shape[-1] == 6  # only the layers asked for
@@ -71,6 +72,7 @@ def test_without_length_grouping_the_batches_are_those_of_the_loader_before_it(t
     before = [[[4, 5], [1, 0], [8, 3], [2, 7], [6]], [[0, 6], [7, 1], [5, 4], [2, 3], [8]]]
     assert [_batches(reader, e, length_grouping=False) for e in (0, 1)] == before
     assert [_batches(reader, e, length_grouping=False, reader_threads=1) for e in (0, 1)] == before
+    assert [_batches(reader, e, length_grouping=False, return_freed_memory=True) for e in (0, 1)] == before
 
 
 def test_length_grouping_batches_similar_lengths_in_a_fresh_seeded_order(tmp_path):
@@ -164,7 +166,7 @@ def test_blocks_shrink_to_the_loader_memory_budget(tmp_path):
     build_cache(root, LENGTHS, {0: 4096, 1: 4096}, shard_size=4, splits=SPLITS, codec="none")
     reader = CacheReader(root.location(KEY))
     values = float(np.mean(LENGTHS[:9])) * 8192  # 9 train examples x both layers' widths
-    held = PREFETCH_BLOCKS + 1 + 1  # prefetch queue, shuffle window of 1 block, the block being read
+    held = BUDGETED_PREFETCH_BLOCKS + 1 + 1  # budgeted queue, a shuffle window of 1 block, the block read
     expected = int(2**20 // (held * values * 2))
     assert 1 <= expected < 8
     assert budgeted_block_examples(8, values, 1, held) == expected

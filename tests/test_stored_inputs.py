@@ -89,3 +89,25 @@ def test_one_malloc_arena_is_asked_for_at_import_unless_the_user_chose():
     assert chose.stdout.split() == ["False", "False"]  # the user's MALLOC_ARENA_MAX wins
     fresh = subprocess.run(run, capture_output=True, text=True, env={}, check=True)
     assert fresh.stdout.split() == ["True", "False"]  # applied when train was imported, and only then
+
+
+def test_freed_memory_goes_back_to_the_system_where_the_heap_kept_it():
+    # 64 MiB of 64 KiB buffers (below glibc's mmap threshold: they come from the heap), every other one
+    # freed: the holes sit between live buffers, so without a trim the process keeps their pages.
+    import subprocess
+    import sys
+
+    code = """
+import os
+import train.allocator as a
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+kept = [bytearray(b"x" * 65536) for _ in range(1024)]
+del kept[::2]
+before = rss()
+released = a.return_freed_memory()
+print(released, round(before - rss()))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    released, freed_mib = run.stdout.split()
+    assert released == "True" and int(freed_mib) >= 24, run.stdout

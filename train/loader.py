@@ -16,9 +16,11 @@ on CUDA after a ``non_blocking`` copy out of pinned host memory, on the CPU with
 inside the step. Half the bytes are padded, queued and copied, and the loader threads do no casting. Other
 readers (probe, prediction) get float32 batches, upcast in the collate thread (:func:`as_float32`).
 
-The loader holds a few blocks at once (the shuffle window, the prefetch queue, the block being read);
-``memory_mb`` caps their float16 bytes by reading fewer examples per block where examples are wide
-(:func:`budgeted_block_examples`), so a BERT-large cache does not hold gigabytes in flight.
+The loader holds a few blocks at once (the shuffle window, and one block read ahead) and one padded batch
+ahead of the one training computes on; ``memory_mb`` caps the blocks' float16 bytes by reading fewer
+examples per block where examples are wide (:func:`budgeted_block_examples`), so a BERT-large cache does
+not hold gigabytes in flight. With ``return_freed_memory`` the pages those blocks and batches leave behind
+go back to the system after each batch (:mod:`train.allocator`).
 
 A feature-map cache (CNN stages) comes out as maps: each stage is ``[B, C, H, W]``, read through
 that stage's own offsets, since its H*W rows per image differ from every other stage's.
@@ -42,9 +44,18 @@ from pipeline.cache import ActivationCache
 from pipeline.cache_layout import layer_array_name
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
+from train.allocator import return_freed_memory
 
 T = TypeVar("T")  # what a block read gives per example
-PREFETCH_BLOCKS = 4  # blocks read ahead of training
+PREFETCH_BLOCKS = 1  # blocks read ahead of training: a deeper queue bought no speed, only memory
+# ``memory_mb`` is shared out over the blocks a loader held when the budget was introduced (this many queued):
+# kept fixed so block plans, and so the batches of earlier runs, do not move; the loader now holds fewer.
+BUDGETED_PREFETCH_BLOCKS = 4
+# With return_freed_memory, freed pages go back to the system after a padded batch at least this large.
+# Smaller batches leave holes too small to matter, while the pages a trim returns are zeroed again when
+# the next step uses them: on MiniLM-sized batches (~10 MiB) trimming after each made the epoch 1.6x longer.
+TRIM_AFTER_BATCH_BYTES = 32 * 2**20
+COLLATED_AHEAD = 1  # padded batches made ahead of training: each is as large as a training step's input
 
 
 @dataclass
@@ -103,6 +114,7 @@ class CacheBatches:
         views: bool = False,
         keep_dtype: bool = False,
         memory_mb: int | None = None,
+        return_freed_memory: bool = False,
     ) -> None:
         self.reader = reader
         self.layers = list(layers)
@@ -113,6 +125,7 @@ class CacheBatches:
         self.prefetch_blocks = prefetch_blocks
         self.length_grouping = length_grouping
         self.reader_threads = max(1, reader_threads)
+        self.return_freed_memory = return_freed_memory
         # Pinned batches are for a CUDA copy; they keep the cache's dtype so the device does the upcast.
         self.pin_memory = pin_memory and torch.cuda.is_available()
         # 16-bit rows stay 16-bit until to_device when asked (training), or when they go to CUDA.
@@ -135,7 +148,7 @@ class CacheBatches:
             block_examples,
             self._values_per_example(),
             memory_mb,
-            blocks_held=blocks_held(prefetch_blocks, shuffle_buffer_blocks),
+            blocks_held=blocks_held(BUDGETED_PREFETCH_BLOCKS, shuffle_buffer_blocks),
         )
         self.blocks = plan_blocks(self.indices, distinct, block_examples)
         self.block_examples = block_examples
@@ -180,6 +193,7 @@ class CacheBatches:
             views=shuffle and split == TRAIN_SPLIT,
             keep_dtype=True,  # every training consumer goes through to_device, which upcasts
             memory_mb=config.loader_memory_mb,
+            return_freed_memory=config.return_freed_memory,
         )
 
     def _values_per_example(self) -> float:
@@ -233,10 +247,10 @@ class CacheBatches:
             lengths=self.lengths if self.length_grouping else None,
             carry=_own_rows,
         )
-        batches = (self._collate(examples) for examples in order)
+        batches = (self._collate_and_trim(examples) for examples in order)
         if self.prefetch_blocks > 0:
             # Padding runs in its own thread too: the training thread only takes finished batches.
-            batches = _prefetch(batches, 2, name="cache-collate")
+            batches = _prefetch(batches, COLLATED_AHEAD, name="cache-collate")
         yield from batches
 
     def _read_block(self, indices: np.ndarray, view: int = 0) -> list[tuple[_Block, int]]:
@@ -266,6 +280,12 @@ class CacheBatches:
             {layer: spans[layer][1] - spans[layer][2] for layer in self.layers},
         )
         return [(block, i) for i in range(len(indices))]
+
+    def _collate_and_trim(self, examples: list[tuple[int, tuple[_Block, int]]]) -> Batch:
+        batch = self._collate(examples)
+        if self.return_freed_memory and sum(h.nbytes for h in batch.hidden) >= TRIM_AFTER_BATCH_BYTES:
+            return_freed_memory()  # what the blocks and batches before this one left (train.allocator)
+        return batch
 
     def _collate(self, examples: list[tuple[int, tuple[_Block, int]]]) -> Batch:
         if self.maps:
@@ -491,32 +511,42 @@ def _examples_of(
 
 
 def _prefetch(source: Iterator[T], depth: int, name: str = "cache-prefetch") -> Iterator[T]:
-    """Run ``source`` in a background thread, ``depth`` items ahead (Zarr decodes off the GIL)."""
-    items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    """Run ``source`` in a background thread, ``depth`` items ahead (Zarr decodes off the GIL).
+
+    At most ``depth`` items exist outside the caller at once, queued or still being made: the producer
+    takes a slot before it makes an item and the caller frees it when it takes one. (A bounded queue
+    alone would hold one more: the item made while the queue is full, waiting to be put; for padded
+    BERT-large batches that is a training step's whole input.)
+    """
+    items: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(max(1, depth))
     done = object()
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for item in source:
+            while True:
+                while not slots.acquire(timeout=0.05):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
+                item = next(source, done)
                 items.put(item)
+                if item is done:
+                    return
         except BaseException as exc:  # handed to the consumer, re-raised there
             items.put(exc)
-        items.put(done)
+            items.put(done)
 
     thread = threading.Thread(target=produce, daemon=True, name=name)
     thread.start()
     try:
         while (item := items.get()) is not done:
+            slots.release()
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
+        thread.join()
