@@ -97,6 +97,13 @@ def run_step(step: str, backbone: str, size: int, cache_root: Path) -> dict[str,
 
     config = load_config(CONFIG, _overrides(backbone, size, cache_root))
     prep = experiment.prepare(config)
+    if step.startswith("plan"):  # "plan<N>": unipt plan's predictions from a sample of N examples
+        from dataclasses import asdict
+
+        from pipeline.plan import plan
+
+        predicted = plan(prep, sample=int(step[4:]))
+        return {**asdict(predicted.backbones[0]), "plan_s": predicted.sample_s}
     if step == "extract":
         from pipeline.cache_open import open_cache
         from pipeline.plan import bytes_by_dtype
@@ -217,7 +224,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "unipt-scaling"))
     parser.add_argument("--out", default=str(RESULTS / "scaling.json"))
     parser.add_argument("--resume", action="store_true", help="keep the points in --out, add the rest")
-    parser.add_argument("--worker", choices=["extract", "cache", "online"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # extract, cache, online or plan<N>
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cache-root", help=argparse.SUPPRESS)

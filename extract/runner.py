@@ -22,7 +22,14 @@ from extract.ray_session import connect, root_cause
 from extract.spec import BackboneLoadSpec
 from pipeline.augment import augmented_hashes
 from pipeline.cache import CacheReader, CacheRoot, is_complete, read_attrs
-from pipeline.cache_layout import SEGMENT_KIND, VIEW_KIND, LayerSpec, ShardSpec, StoreLayout
+from pipeline.cache_layout import (
+    SEGMENT_KIND,
+    VIEW_KIND,
+    LayerSpec,
+    ShardSpec,
+    StoreLayout,
+    resolve_chunk_rows,
+)
 from pipeline.cache_space import SpacePlan, plan_space, segment_id, write_space_file, write_view
 from pipeline.cache_writer import CacheBuilder
 from pipeline.config import BackboneConfig, ExtractConfig
@@ -529,7 +536,7 @@ def _extract(
             num_examples=examples.num_rows,
             max_length=max_length,
             shard_size=ext.shard_size,
-            chunk_rows=ext.chunk_rows,
+            chunk_rows=resolve_chunk_rows(ext.chunk_rows, [hidden_sizes[layer] for layer in layers]),
             dtype=ext.dtype,
             codec=ext.codec,
             shuffle=ext.shuffle,

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
 from pipeline.bundled import bundled_cnn_settings
-from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_layout import LayerSpec, StoreLayout, resolve_chunk_rows
 from pipeline.cache_space import virtual_layout
 from pipeline.config import BackboneConfig, ExtractConfig, TrainConfig
 from pipeline.datasets import backbone_inputs
@@ -97,7 +97,7 @@ class OnlineIndex:
             num_examples=len(lengths),
             max_length=max_length,  # the row budget per example, as extraction reserves it
             shard_size=extract.shard_size,
-            chunk_rows=extract.chunk_rows,
+            chunk_rows=resolve_chunk_rows(extract.chunk_rows, [spec.width for spec in specs]),
             chunks_per_file=extract.chunks_per_file,
         )
         counts = np.asarray(lengths, dtype=np.int64)

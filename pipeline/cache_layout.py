@@ -68,6 +68,26 @@ class LayerSpec:
         return OFFSETS if self.grid is None else grid_offsets_name(self.index)
 
 
+# ``extract.chunk_rows: auto`` keeps a chunk near this many values: 4096 rows at MiniLM's width 384, where
+# benchmarks/cache_codecs.py chose 4096. Wider layers get fewer rows per chunk, because a loader reads
+# blocks of whole examples whose size its memory budget caps by bytes (train.loader_memory_mb): at BERT-large
+# width a block is ~1,200 rows, and every chunk it touches is decoded whole, so 4096-row chunks were each
+# decoded about four times per epoch.
+AUTO_CHUNK_VALUES = 4096 * 384
+MIN_AUTO_CHUNK_ROWS, MAX_AUTO_CHUNK_ROWS = 256, 4096
+
+
+def resolve_chunk_rows(setting: int | str, widths: list[int]) -> int:
+    """Rows per chunk for a store whose layers have ``widths``: ``setting`` itself, or for ``"auto"`` the
+    largest power of two of rows that keeps the widest layer's chunk within :data:`AUTO_CHUNK_VALUES` values
+    (256 to 4096 rows)."""
+    if setting != "auto":
+        return int(setting)
+    fits = max(1, AUTO_CHUNK_VALUES // max([1, *widths]))
+    rows = 1 << (fits.bit_length() - 1)  # the largest power of two <= fits
+    return min(MAX_AUTO_CHUNK_ROWS, max(MIN_AUTO_CHUNK_ROWS, rows))
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     """What one array of a store must look like: the writer creates it so, the reader checks it is so."""

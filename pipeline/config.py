@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import UniptError
 from pipeline.storage import check_no_secrets, check_url
@@ -131,7 +139,11 @@ class ExtractConfig(_Strict):
         "activations differ slightly from fp32, so it is part of the cache key. 'none' computes in fp32.",
     )
     # Defaults chosen by benchmarks/cache_codecs.py on real MiniLM activations (see README, Cache format).
-    chunk_rows: int = Field(4096, gt=0, description="Token rows per Zarr chunk.")
+    chunk_rows: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="Token rows per Zarr chunk. auto: 4096 up to width 384 (MiniLM), fewer for wider layers "
+        "(2048 at 768, 1024 at BERT-large's 1024), so a chunk stays near 3 MiB of float16.",
+    )
     codec: Literal["blosc-zstd", "blosc-lz4", "zstd", "lz4", "none"] = "blosc-zstd"
     shuffle: Literal["byte", "bit", "none"] = Field("byte", description="Blosc shuffle filter.")
     compression_level: int = Field(1, ge=0, le=9)

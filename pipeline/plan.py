@@ -35,6 +35,7 @@ from zarr.storage import MemoryStore
 
 from pipeline import experiment
 from pipeline.cache import ActivationCache
+from pipeline.cache_layout import resolve_chunk_rows
 from pipeline.cache_open import open_cache
 from pipeline.config import ExtractConfig
 from pipeline.datasets import TEXT_PAIR_COLUMN
@@ -347,8 +348,9 @@ def _split_tokens(reader: ActivationCache, lengths: np.ndarray, splits: tuple[st
 
 def bytes_by_dtype(reader: ActivationCache, ext: ExtractConfig) -> dict[str, int]:
     """A cache's layer arrays (and scales) as each storage dtype would store them, compressed with ``ext``'s
-    codec in chunks of ``ext.chunk_rows``: measured bytes, not a table (its small files left out)."""
+    codec in chunks of ``ext.chunk_rows`` rows: measured bytes, not a table (its small files left out)."""
     totals = dict.fromkeys(STORAGE_DTYPES, 0)
+    chunk_rows = resolve_chunk_rows(ext.chunk_rows, list(reader.hidden_sizes.values()))
     for layer in reader.layers:
         rows = np.concatenate(
             [reader.read_rows(layer, a, b) for a, b in _written_ranges(reader.offsets_for(layer))]
@@ -356,9 +358,9 @@ def bytes_by_dtype(reader: ActivationCache, ext: ExtractConfig) -> dict[str, int
         rows = rows.astype(np.float32, copy=False)
         for dtype in STORAGE_DTYPES:
             stored, scale = encode_rows(rows, dtype)
-            totals[dtype] += _compressed_bytes(stored, ext)
+            totals[dtype] += _compressed_bytes(stored, ext, chunk_rows)
             if has_scale(dtype) and scale is not None:
-                totals[dtype] += _compressed_bytes(scale, ext)
+                totals[dtype] += _compressed_bytes(scale, ext, chunk_rows)
     return totals
 
 
@@ -376,11 +378,11 @@ def _written_ranges(offsets: np.ndarray) -> list[tuple[int, int]]:
     return ranges
 
 
-def _compressed_bytes(values: np.ndarray, ext: ExtractConfig) -> int:
+def _compressed_bytes(values: np.ndarray, ext: ExtractConfig, chunk_rows: int) -> int:
     array = zarr.create_array(
         store=MemoryStore(),
         shape=values.shape,
-        chunks=(ext.chunk_rows, *values.shape[1:]),
+        chunks=(chunk_rows, *values.shape[1:]),
         dtype=values.dtype,
         compressors=compressors(
             ext.codec, ext.shuffle, ext.compression_level, values.dtype.itemsize, ext.blosc_blocksize

@@ -111,3 +111,26 @@ def test_worker_failure_is_one_clear_error_and_nothing_is_committed(
         experiment.extract(prep, progress=False)
     assert "\n" not in str(info.value)
     assert not prep.cache_root.has(prep.key) and prep.cache_root.keys() == []
+
+
+def test_auto_chunk_rows_shrink_for_wide_layers_and_keep_every_row(ray_session, tmp_path, sentiment_csv):
+    from pipeline.cache_layout import resolve_chunk_rows
+    from tests.conftest import save_tiny_bert, write_config
+
+    assert [resolve_chunk_rows("auto", [w]) for w in (32, 384, 768, 1024, 4096, 10**6)] == [
+        4096, 4096, 2048, 1024, 256, 256
+    ]  # fmt: skip
+    assert resolve_chunk_rows(100, [1024]) == 100  # a number is taken as it is
+    wide = save_tiny_bert(tmp_path / "wide-bert", hidden_size=768)
+    config = write_config(
+        tmp_path / "wide.yaml", str(sentiment_csv), str(wide), tmp_path, extract={"chunk_rows": "auto"}
+    )
+    result = experiment.extract(experiment.prepare(load_config(config)), progress=False)
+    reader = CacheReader(result.path)
+    (segment,) = reader.segments
+    assert segment.layout.chunk_rows == 2048 and reader.hidden_sizes[2] == 768
+    backbone = HFTextBackbone(BackboneLoadSpec(str(wide)))
+    texts = experiment.prepare(load_config(config)).dataset.table.column("text").to_pylist()
+    encoded = backbone.encode(texts[:64], [2], 32, 16)  # the first shard, as the worker encoded it
+    rows = np.concatenate([reader.read_example(i, 2) for i in range(64)])
+    np.testing.assert_array_equal(rows, encoded.layers[2])
