@@ -310,7 +310,7 @@ def _write(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> N
         "benchmark": "scaling",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {**machine(), "load_average_1m": os.getloadavg()[0]},
-        "note": "2 CPU cores (shared on a busy day): compare points of one run, not absolute seconds",
+        "note": "2 CPU cores: compare points of one run, not absolute seconds",
         "sizes": args.sizes,
         "large_sizes": args.large_sizes,
         "rows": rows,

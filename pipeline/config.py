@@ -197,8 +197,8 @@ class TrainConfig(_Strict):
     loader_memory_mb: int | None = Field(
         512,
         gt=0,
-        description="At most this many MiB of float16 rows held by the loader at once (the shuffle window, "
-        "the prefetch queue and the block being read): caches with wide or many layers get blocks of fewer "
+        description="At most this many MiB of float16 rows held by the loader at once (the shuffle window "
+        "and the block read ahead): caches with wide or many layers get blocks of fewer "
         "than block_examples examples. null: no cap (the blocks of runs made before it existed).",
     )
     length_grouping: bool = Field(
