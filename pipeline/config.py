@@ -209,9 +209,10 @@ class TrainConfig(_Strict):
     )
     return_freed_memory: bool = Field(
         True,
-        description="After each batch it pads, the loader hands memory freed inside the process back to the "
-        "system (glibc's malloc_trim): a lower peak RSS where batches are large (BERT-large: 0.46x online's "
-        "instead of 0.54x) for a slower epoch (about 1.3x there). Does not change results.",
+        description="After each padded batch of 32 MiB or more, the loader hands memory freed inside the "
+        "process back to the system (glibc's malloc_trim): a lower peak RSS where batches are large "
+        "(BERT-large: 0.46x online's instead of 0.52-0.54x) for a slower epoch (about 1.2-1.3x there). "
+        "Does not change results.",
     )
     reader_threads: int = Field(
         4, gt=0, description="Threads reading a cache block's layers concurrently (does not change results)."

@@ -20,7 +20,7 @@ The loader holds a few blocks at once (the shuffle window, and one block read ah
 ahead of the one training computes on; ``memory_mb`` caps the blocks' float16 bytes by reading fewer
 examples per block where examples are wide (:func:`budgeted_block_examples`), so a BERT-large cache does
 not hold gigabytes in flight. With ``return_freed_memory`` the pages those blocks and batches leave behind
-go back to the system after each batch (:mod:`train.allocator`).
+go back to the system after each large batch (:mod:`train.allocator`).
 
 A feature-map cache (CNN stages) comes out as maps: each stage is ``[B, C, H, W]``, read through
 that stage's own offsets, since its H*W rows per image differ from every other stage's.
