@@ -52,6 +52,7 @@ from train.loader import (
     epoch_order,
     padding_mask,
     plan_blocks,
+    return_memory_after,
 )
 from train.loop import TrainOptions, TrainResult, fit_head, pick_device, selection
 from train.models import build_model
@@ -173,12 +174,15 @@ class OnlineBatches:
         for examples in order:
             indices = np.array([index for index, _ in examples], dtype=np.int64)
             mask = padding_mask([length for _, length in examples]).to(self.data.device)
-            yield Batch(
+            batch = Batch(
                 hidden=self.inputs(self.data.pad(indices), mask),
                 mask=mask,
                 labels=torch.from_numpy(self.labels[indices]),
                 indices=indices,
             )
+            if self.config.return_freed_memory:  # as the cache loader does: the same allocator for both
+                return_memory_after(batch)
+            yield batch
 
 
 @dataclass

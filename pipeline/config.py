@@ -209,8 +209,9 @@ class TrainConfig(_Strict):
     )
     return_freed_memory: bool = Field(
         True,
-        description="After each padded batch of 32 MiB or more, the loader hands memory freed inside the "
-        "process back to the system (glibc's malloc_trim): a lower peak RSS where batches are large "
+        description="After each batch of 32 MiB of float16 activations or more, training hands memory freed "
+        "inside the process back to the system (glibc's malloc_trim; the online baseline too, so that "
+        "comparisons treat both alike): a lower peak RSS where batches are large "
         "(BERT-large: 0.46x online's instead of 0.52-0.54x) for a slower epoch (about 1.2-1.3x there). "
         "Does not change results.",
     )

@@ -10,7 +10,7 @@ it when imported and the CLI imports ``train`` first. ``MALLOC_ARENA_MAX`` set b
 Even in one arena, a step's buffers change size with every batch (each pads to its own longest example),
 so freed ones leave holes that the next, larger batch cannot use and the heap grows past the working set.
 :func:`return_freed_memory` gives those holes' pages back to the system (``malloc_trim``); the loader calls
-it after each large batch it pads (``train.return_freed_memory``, ``TRIM_AFTER_BATCH_BYTES``).
+it after each large batch it pads (``train.return_freed_memory``, ``TRIM_AFTER_BATCH_VALUES``).
 On the BERT-large-shaped cache of ``benchmarks/scaling.py`` that took an epoch's peak RSS from 1,940 to
 1,670 MiB, for 2-3 s more per 10-12 s epoch: the returned pages are zeroed again when they are used again.
 Results do not change.

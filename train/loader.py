@@ -51,10 +51,11 @@ PREFETCH_BLOCKS = 1  # blocks read ahead of training: a deeper queue bought no s
 # ``memory_mb`` is shared out over the blocks a loader held when the budget was introduced (this many queued):
 # kept fixed so block plans, and so the batches of earlier runs, do not move; the loader now holds fewer.
 BUDGETED_PREFETCH_BLOCKS = 4
-# With return_freed_memory, freed pages go back to the system after a padded batch at least this large.
-# Smaller batches leave holes too small to matter, while the pages a trim returns are zeroed again when
-# the next step uses them: on MiniLM-sized batches (~10 MiB) trimming after each made the epoch 1.6x longer.
-TRIM_AFTER_BATCH_BYTES = 32 * 2**20
+# With return_freed_memory, freed pages go back to the system after a batch of at least this many activation
+# values (32 MiB in float16). Smaller batches leave holes too small to matter, while the pages a trim returns
+# are zeroed again when the next step uses them: on MiniLM-sized batches (~10 MiB of float16) trimming after
+# each made the epoch 1.6x longer.
+TRIM_AFTER_BATCH_VALUES = 16 * 2**20
 COLLATED_AHEAD = 1  # padded batches made ahead of training: each is as large as a training step's input
 
 
@@ -283,8 +284,8 @@ class CacheBatches:
 
     def _collate_and_trim(self, examples: list[tuple[int, tuple[_Block, int]]]) -> Batch:
         batch = self._collate(examples)
-        if self.return_freed_memory and sum(h.nbytes for h in batch.hidden) >= TRIM_AFTER_BATCH_BYTES:
-            return_freed_memory()  # what the blocks and batches before this one left (train.allocator)
+        if self.return_freed_memory:
+            return_memory_after(batch)  # what the blocks and batches before this one left
         return batch
 
     def _collate(self, examples: list[tuple[int, tuple[_Block, int]]]) -> Batch:
@@ -363,6 +364,15 @@ def as_float32(array: np.ndarray) -> torch.Tensor:
     for start in range(0, flat_in.shape[0], step):
         flat_out[start : start + step].copy_(flat_in[start : start + step])
     return out
+
+
+def return_memory_after(batch: Batch) -> None:
+    """Hand freed memory back to the system (:mod:`train.allocator`) after a large batch: at least
+    :data:`TRIM_AFTER_BATCH_VALUES` activation values, whatever their dtype. The online baseline calls it on
+    the hidden states its backbone computed, so a cache-vs-online comparison treats both alike."""
+    values = sum(h.numel() for h in batch.hidden if h.is_floating_point())
+    if values >= TRIM_AFTER_BATCH_VALUES:
+        return_freed_memory()
 
 
 def blocks_held(prefetch_blocks: int, shuffle_buffer_blocks: int) -> int:
