@@ -125,12 +125,13 @@ def test_auto_chunk_rows_shrink_for_wide_layers_and_keep_every_row(ray_session, 
     config = write_config(
         tmp_path / "wide.yaml", str(sentiment_csv), str(wide), tmp_path, extract={"chunk_rows": "auto"}
     )
-    result = experiment.extract(experiment.prepare(load_config(config)), progress=False)
+    prepared = experiment.prepare(load_config(config))
+    result = experiment.extract(prepared, progress=False)
     reader = CacheReader(result.path)
     (segment,) = reader.segments
     assert segment.layout.chunk_rows == 2048 and reader.hidden_sizes[2] == 768
     backbone = HFTextBackbone(BackboneLoadSpec(str(wide)))
-    texts = experiment.prepare(load_config(config)).dataset.table.column("text").to_pylist()
+    texts = prepared.dataset.table.column("text").to_pylist()
     encoded = backbone.encode(texts[:64], [2], 32, 16)  # the first shard, as the worker encoded it
     rows = np.concatenate([reader.read_example(i, 2) for i in range(64)])
     np.testing.assert_array_equal(rows, encoded.layers[2])
