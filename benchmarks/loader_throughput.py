@@ -11,13 +11,18 @@ built by the pipeline's own ``do_extract``), over the train split, each the medi
   (on a plain store: zarrs cannot wrap the reader's checking store; see :mod:`benchmarks.loader_peers`).
 - **numpy copy ceiling**: a plain numpy copy of the same decoded rows, block by block: memory speed.
 - **loader**: one full epoch of :class:`train.loader.CacheBatches` with shuffling on (block order,
-  shuffle buffer, prefetch thread, padding into float32 batches), as training uses it.
+  shuffle buffer, padding into batches) working ahead in its background threads, as it feeds a GPU.
+- **loader between steps**: the same epoch read and padded in the calling thread, as training on the
+  CPU uses it (``train.loader_background: auto``).
 - **peer**: the same examples stored as SAELens stores activations (an uncompressed, memory-mapped Arrow
   IPC file, one fixed-size row per example padded to the split's longest), read in the loader's own
   shuffled batches into the same padded float32 batches. Its bytes on disk per example are reported too.
 - **consumption**: UniPT training steps (``train.models.build_model``'s model for the config:
-  forward, backward, AdamW step) on ``--steps`` batches already in memory: the rate the model needs.
-- **train from loader**: the same steps fed by the loader, one epoch: what training actually gets.
+  forward, backward, AdamW step) on one shuffled epoch's batches, made beforehand and held in memory
+  (``--steps N``: its first N batches): the rate the model needs.
+- **train from loader**: the same steps on the same epoch's batches, fed by the loader as training
+  feeds it (``CacheBatches.for_split``): what training actually gets. Both passes step through identical
+  batches, so their ratio is the loader's cost alone, not a difference in padding between two samples.
 
 Samples/s counts training examples per wall second; samples/CPU-s per second of this process's CPU
 time (all threads), which a machine shared with other work disturbs far less. MB/s is MB (1e6 bytes)
@@ -41,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +67,7 @@ from train.models import build_model  # noqa: E402
 MB = 1e6
 RAW, RAW_ZARRS, COPY = "raw read+decode", "raw read+decode (zarrs pipeline)", "numpy copy ceiling"
 LOADER, PEER = "loader (CacheBatches)", "peer: memory-mapped Arrow (SAELens-style)"
+LOADER_INLINE = "loader between steps (CPU training)"
 NEED, FED = "UniPT step consumption", "UniPT training from loader"
 COLUMNS = (
     "stage",
@@ -76,8 +83,13 @@ COLUMNS = (
 )
 
 
-def loader_for(reader: ActivationCache, train: TrainConfig, seed: int = 0) -> CacheBatches:
-    """The train split's batches exactly as :func:`train.tasks.train_task` builds them."""
+def loader_for(
+    reader: ActivationCache, train: TrainConfig, seed: int = 0, background: bool | None = None
+) -> CacheBatches:
+    """The train split's batches exactly as :func:`train.tasks.train_task` builds them; ``background``
+    overrides ``train.loader_background`` (True: reading ahead in threads, as for a GPU)."""
+    if background is not None:
+        train = train.model_copy(update={"loader_background": background})
     return CacheBatches.for_split(reader, "train", train, seed, shuffle=True)
 
 
@@ -136,9 +148,12 @@ def consumption_pass(stepper: Stepper, batches: list[Batch]) -> tuple[float, int
     return time.perf_counter() - started, sum(len(b.labels) for b in batches)
 
 
-def train_from_loader_pass(stepper: Stepper, loader: CacheBatches, epoch: int) -> tuple[float, int]:
+def train_from_loader_pass(
+    stepper: Stepper, loader: CacheBatches, epoch: int, steps: int | None = None
+) -> tuple[float, int]:
+    """Seconds for ``steps`` training steps (all: the epoch) fed by ``loader``; examples stepped on."""
     started, samples = time.perf_counter(), 0
-    for batch in loader.epoch(epoch):
+    for batch in islice(loader.epoch(epoch), steps):
         stepper.step(batch)
         samples += len(batch.labels)
     stepper.sync()
@@ -160,20 +175,22 @@ def measure(
     The stages take turns within each repeat, so a load that comes and goes on a shared machine
     lands on all of them alike and the ratios between them stay meaningful.
     """
-    loader = loader_for(reader, train)
+    loader = loader_for(reader, train, background=True)
+    inline = loader_for(reader, train, background=False)
+    training = loader_for(reader, train)  # what training on ``device`` uses
     samples = len(loader.indices)
     _, decoded = raw_pass(reader, loader, seed=0)  # warm the page cache: time decoding, not disk
-    # A shuffled epoch's first batches: representative lengths, so representative padding and compute.
-    batches = [b for _, b in zip(range(steps), loader_for(reader, train, seed=1).epoch(0), strict=False)]
     stepper = Stepper(reader, train, device)
-    consumption_pass(stepper, batches[:2])  # warm-up: allocator, autograd graph, AdamW state
+    consumption_pass(stepper, list(islice(inline.epoch(repeats), 2)))  # warm-up: allocator, AdamW state
+    steps = steps or None  # 0: the whole epoch
+    stepped = 0
     blocks = loader_peers.decoded_blocks(reader, loader)
     zarrs = loader_peers.zarrs_reads(reader)
     with tempfile.TemporaryDirectory(prefix="unipt-arrow-peer-") as scratch:
         peer = loader_peers.ArrowPeer(reader, loader, Path(scratch) / "activations.arrow")
         peer.epoch(0)  # the file was just written: its pages are cached, as the Zarr store's are
         runs: dict[str, list[tuple[float, float, int]]] = {
-            key: [] for key in ("raw", "zarrs", "copy", "loader", "peer", "need", "fed")
+            key: [] for key in ("raw", "zarrs", "copy", "loader", "inline", "peer", "need", "fed")
         }
         for r in range(repeats):
             runs["raw"].append(_timed(lambda r=r: (raw_pass(reader, loader, seed=r)[0], samples)))
@@ -181,14 +198,20 @@ def measure(
                 runs["zarrs"].append(_timed(lambda r=r: (loader_peers.zarrs_pass(zarrs, loader, r), samples)))
             runs["copy"].append(_timed(lambda r=r: (loader_peers.copy_pass(blocks, seed=r), samples)))
             runs["loader"].append(_timed(lambda r=r: loader_pass(loader, epoch=r)))
+            runs["inline"].append(_timed(lambda r=r: loader_pass(inline, epoch=r)))
             runs["peer"].append(_timed(lambda r=r: _peer_pass(peer, r)))
-            runs["need"].append(_timed(lambda: consumption_pass(stepper, batches)))
-            runs["fed"].append(_timed(lambda r=r: train_from_loader_pass(stepper, loader, epoch=r)))
+            # Epoch r's batches, made before the clock starts: the steps the loader-fed pass will take.
+            batches = list(islice(inline.epoch(r), steps))
+            stepped = len(batches)
+            runs["need"].append(_timed(lambda b=batches: consumption_pass(stepper, b)))
+            del batches
+            runs["fed"].append(_timed(lambda r=r: train_from_loader_pass(stepper, training, r, steps)))
         peer_bytes = peer.nbytes_on_disk()
         peer_width = peer.width
         peer.close()
     blocks.clear()  # the decoded copy of the split: free it before the caller goes on
-    loader.close()
+    for each in (loader, inline, training):
+        each.close()
 
     def stage(name: str, passes: list[tuple[float, float, int]], moved: int | None) -> dict[str, Any]:
         seconds = statistics.median(w for w, _, _ in passes)
@@ -212,9 +235,10 @@ def measure(
         "zarrs": stage(RAW_ZARRS, runs["zarrs"], decoded) if runs["zarrs"] else None,
         "copy": stage(COPY, runs["copy"], decoded),
         "loader": stage(LOADER, runs["loader"], decoded),
+        "inline": stage(LOADER_INLINE, runs["inline"], decoded),
         "peer": stage(PEER, runs["peer"], decoded),
         "need": stage(NEED, runs["need"], consumed_bytes),
-        "fed": stage(FED, runs["fed"], decoded),
+        "fed": stage(FED, runs["fed"], int(decoded / samples * runs["fed"][0][2])),
     }
     rows = [row for row in named.values() if row is not None]
     raw_rate, need, need_cpu = (
@@ -233,9 +257,11 @@ def measure(
         "decoded_bytes": decoded,
         "blocks": len(loader.blocks),
         "batch_size": train.batch_size,
-        "consumption_steps": len(batches),
+        "consumption_steps": stepped,
+        "training_loader_background": training.prefetch_blocks > 0,
         "rows": rows,
         "loader_over_raw": named["loader"]["vs_raw"],
+        "loader_between_steps_over_raw": named["inline"]["vs_raw"],
         "loader_over_consumption": named["loader"]["vs_consumption"],
         "loader_over_consumption_cpu": named["loader"]["vs_consumption_cpu"],
         "training_from_loader_over_consumption": named["fed"]["vs_consumption"],
@@ -265,7 +291,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=3000, help="dataset.limit: a seeded sample (0: all)")
     parser.add_argument("--dtype", default="float16", help="extract.dtype of the cache")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20, help="in-memory batches per consumption pass")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="batches per training pass (0: a whole epoch, the default)"
+    )
     parser.add_argument("--cache-root", default=".unipt/cache")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=str(RESULTS / "loader_throughput.json"))

@@ -218,6 +218,15 @@ class TrainConfig(_Strict):
     reader_threads: int = Field(
         4, gt=0, description="Threads reading a cache block's layers concurrently (does not change results)."
     )
+    loader_background: Literal["auto"] | bool = Field(
+        "auto",
+        description="Read and pad the next batches in background threads while a step runs (true), or in the "
+        "training thread between steps (false). auto: in the background when training on a GPU, which then "
+        "never waits for the CPU; in the training thread on the CPU, where the step's own threads already "
+        "keep every core busy and a background loader only competes with them (2 cores: training from "
+        "the loader 0.79 of the pure step in the background, 0.85 in the training thread). "
+        "Does not change results.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     linear_probe: bool = Field(
         True,

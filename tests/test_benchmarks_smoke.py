@@ -46,7 +46,7 @@ def test_loader_throughput_measures_every_stage(reader, tmp_path):
     stages = {row["stage"]: row for row in result["rows"]}
     assert result["train_examples"] == 12
     names = ["raw read+decode", "numpy copy ceiling", "loader (CacheBatches)"]
-    names += ["peer: memory-mapped Arrow (SAELens-style)", "UniPT training from loader"]
+    names += ["loader between steps (CPU training)", "peer: memory-mapped Arrow (SAELens-style)"]
     assert all(stages[name]["samples"] == 12 for name in names)
     # zarrs is optional (not a dependency): with it installed this local float16 cache gets its row too.
     if importlib.util.find_spec("zarrs") is not None:
@@ -57,8 +57,11 @@ def test_loader_throughput_measures_every_stage(reader, tmp_path):
     # The peer's rows are padded to the split's longest example (9 tokens), fp16, three layers of 8.
     assert result["bytes_per_example"]["arrow_peer_padded_to"] == 9
     assert result["bytes_per_example"]["arrow_peer"] > 9 * 3 * 8 * 2
-    assert stages["UniPT step consumption"]["samples"] == 8  # two in-memory batches of 4
+    # Both training passes take the same two batches of 4 (the first two of the repeat's epoch).
+    assert stages["UniPT step consumption"]["samples"] == stages["UniPT training from loader"]["samples"] == 8
     assert stages["UniPT step consumption"]["vs_consumption"] == pytest.approx(1.0)
+    assert result["consumption_steps"] == 2
+    assert result["training_loader_background"] is False  # CPU training reads between steps
     # fp16 rows of the 12 train examples, every layer: the bytes both the raw pass and the loader move.
     assert result["decoded_bytes"] == sum(LENGTHS[:12]) * 3 * 8 * 2
     out = tmp_path / "results" / "loader.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import numpy as np
@@ -11,7 +12,13 @@ import torch
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.config import TrainConfig
 from tests.conftest import KEY, build_cache
-from train.loader import BUDGETED_PREFETCH_BLOCKS, CacheBatches, budgeted_block_examples, to_device
+from train.loader import (
+    BUDGETED_PREFETCH_BLOCKS,
+    CacheBatches,
+    budgeted_block_examples,
+    to_device,
+    works_in_background,
+)
 
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4, 6, 3, 5, 2, 7]
 SPLITS = ["train"] * 9 + ["val"] * 4
@@ -133,6 +140,30 @@ def test_float16_batches_are_upcast_exactly_in_pieces_and_float32_ones_are_not_c
     assert np.signbit(out[0, 0, 1].item())
     single = np.ones((2, 5, 4), dtype=np.float32)
     assert as_float32(single).data_ptr() == single.ctypes.data  # already float32: shared, not copied
+
+
+def test_cpu_training_reads_between_steps_and_gives_the_batches_of_the_background_loader(tmp_path):
+    reader, _ = _reader(tmp_path)
+    threads_before = {t.name for t in threading.enumerate()}
+    made = {}
+    for setting in ("auto", False, True):  # the background one last: its threads outlive its epoch briefly
+        config = TrainConfig(batch_size=2, block_examples=2, loader_background=setting, device="cpu")
+        data = CacheBatches.for_split(reader, "train", config, seed=0, shuffle=True)
+        seen = []
+        for batch in data.epoch(1):
+            seen.append(batch)
+            if setting != True:  # noqa: E712  (auto and False)
+                # Nothing reads or pads ahead of the training thread: no loader thread is alive.
+                alive = {t.name for t in threading.enumerate()} - threads_before
+                assert not any(name.startswith(("cache-prefetch", "cache-collate")) for name in alive)
+        made[setting] = seen
+        assert (data.prefetch_blocks > 0) is (setting is True), setting
+    for inline, ahead in zip(made["auto"], made[True], strict=True):
+        assert inline.indices.tolist() == ahead.indices.tolist() and torch.equal(inline.mask, ahead.mask)
+        assert all(torch.equal(a, b) for a, b in zip(inline.hidden, ahead.hidden, strict=True))
+    # A GPU gets the background loader (the device is all "auto" looks at).
+    assert works_in_background("auto", torch.device("cuda"))
+    assert not works_in_background("auto", torch.device("cpu"))
 
 
 def _dtype_reader(tmp_path, dtype: str) -> CacheReader:

@@ -23,7 +23,9 @@ from pipeline.errors import UniptError
 from train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 
 # Settings that do not change what is computed: a run may resume with different values for them.
-_NOT_IDENTITY = ("device", "checkpoint_dir", "linear_probe", "reader_threads", "return_freed_memory")
+_NOT_IDENTITY = (
+    "device", "checkpoint_dir", "linear_probe", "reader_threads", "return_freed_memory", "loader_background",
+)  # fmt: skip
 # What a setting added later computed in runs made before it existed, where that is not its default.
 _BEFORE_IT_EXISTED = {"length_grouping": False, "loader_memory_mb": None}
 

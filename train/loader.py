@@ -4,7 +4,9 @@ Examples are read in *blocks*: runs of consecutive examples whose tokens sit in 
 contiguous row range, so a block costs one sequential read per layer. Training shuffles the
 block order and then examples within a window of blocks (a shuffle buffer); a background
 thread reads the next blocks (each block's layers concurrently, ``reader_threads`` at a time) and a
-second one pads them into batches while the model computes. Only the requested layers are read.
+second one pads them into batches while the model computes. Training on the CPU reads and pads between
+steps instead (``train.loader_background``: the step's threads already use every core). Only the
+requested layers are read.
 
 Padding is one slice copy (a memcpy) per example and layer, in the decoded dtype. With
 ``length_grouping`` the examples of each shuffle window are sorted by length before they are cut into
@@ -179,6 +181,7 @@ class CacheBatches:
         """
         from train.fit import pick_device  # train.fit does not import the loader: no cycle
 
+        device = pick_device(config.device)
         return cls(
             reader,
             split,
@@ -188,9 +191,10 @@ class CacheBatches:
             seed=seed,
             block_examples=config.block_examples,
             shuffle_buffer_blocks=config.shuffle_buffer_blocks,
+            prefetch_blocks=PREFETCH_BLOCKS if works_in_background(config.loader_background, device) else 0,
             length_grouping=config.length_grouping and shuffle,
             reader_threads=config.reader_threads,
-            pin_memory=pick_device(config.device).type == "cuda",
+            pin_memory=device.type == "cuda",
             views=shuffle and split == TRAIN_SPLIT,
             keep_dtype=True,  # every training consumer goes through to_device, which upcasts
             memory_mb=config.loader_memory_mb,
@@ -344,6 +348,17 @@ class CacheBatches:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+
+
+def works_in_background(setting: str | bool, device: torch.device) -> bool:
+    """Whether the loader reads and pads ahead in its own threads (``train.loader_background``).
+
+    ``auto``: on a GPU, yes: the step runs on the device and the CPU is free to prepare the next batch. On
+    the CPU, no: torch's intra-op threads already occupy every core during a step, so a background reader
+    takes its time from the step and, worse, stalls the step's parallel regions whenever it preempts one
+    of their threads; reading between steps costs only the reading.
+    """
+    return device.type != "cpu" if setting == "auto" else bool(setting)
 
 
 # Below this many elements torch runs an elementwise op in the calling thread (ATen's GRAIN_SIZE).
