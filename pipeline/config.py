@@ -218,6 +218,14 @@ class TrainConfig(_Strict):
     reader_threads: int = Field(
         4, gt=0, description="Threads reading a cache block's layers concurrently (does not change results)."
     )
+    keep_decoded_mb: int = Field(
+        0,
+        ge=0,
+        description="Keep up to this many MiB of the training split's decoded cache blocks in memory from "
+        "one epoch to the next, so later epochs skip reading and decoding them (0: off). For repeated "
+        "epochs over a cache whose training split fits in RAM; the loader then holds up to this much on "
+        "top of loader_memory_mb. Does not change results.",
+    )
     loader_background: Literal["auto"] | bool = Field(
         "auto",
         description="Read and pad the next batches in background threads while a step runs (true), or in the "

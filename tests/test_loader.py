@@ -166,6 +166,41 @@ def test_cpu_training_reads_between_steps_and_gives_the_batches_of_the_backgroun
     assert not works_in_background("auto", torch.device("cpu"))
 
 
+def test_kept_decoded_blocks_serve_later_epochs_within_their_budget(tmp_path):
+    reader, _ = _reader(tmp_path)
+    reads = []
+
+    def counting(data):
+        read = data._read_block
+        data._read_block = lambda indices, view=0: reads.append(int(indices[0])) or read(indices, view)
+        return data
+
+    plain = CacheBatches.for_split(reader, "train", TrainConfig(batch_size=2, block_examples=2), 0, True)
+    kept = counting(
+        CacheBatches.for_split(
+            reader, "train", TrainConfig(batch_size=2, block_examples=2, keep_decoded_mb=1), 0, True
+        )
+    )
+    for epoch in range(3):
+        for a, b in zip(plain.epoch(epoch), kept.epoch(epoch), strict=True):
+            assert a.indices.tolist() == b.indices.tolist() and torch.equal(a.mask, b.mask)
+            assert all(torch.equal(x, y) for x, y in zip(a.hidden, b.hidden, strict=True))
+        if epoch == 0:
+            assert sorted(reads) == [int(block[0]) for block in kept.blocks]
+    assert len(reads) == len(kept.blocks)  # epochs 1 and 2 read nothing
+    assert 0 < kept._kept_bytes <= 2**20
+    # A budget smaller than every block keeps none of them: each epoch reads every block again.
+    reads.clear()
+    tiny = counting(CacheBatches(reader, "train", reader.layers, 2, shuffle=True, block_examples=2))
+    tiny.keep_decoded_bytes = 1
+    for epoch in range(2):
+        list(tiny.epoch(epoch))
+    assert len(reads) == 2 * len(tiny.blocks) and tiny._kept_bytes == 0
+    # One budget, spent on the training split: evaluation splits keep nothing.
+    config = TrainConfig(batch_size=2, block_examples=2, keep_decoded_mb=1)
+    assert CacheBatches.for_split(reader, "val", config, 0, False).keep_decoded_bytes == 0
+
+
 def _dtype_reader(tmp_path, dtype: str) -> CacheReader:
     root = CacheRoot(tmp_path / dtype)
     build_cache(root, LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS, dtype=dtype)

@@ -25,6 +25,7 @@ from train.checkpoint import load_checkpoint, restore_rng_states, rng_states, sa
 # Settings that do not change what is computed: a run may resume with different values for them.
 _NOT_IDENTITY = (
     "device", "checkpoint_dir", "linear_probe", "reader_threads", "return_freed_memory", "loader_background",
+    "keep_decoded_mb",
 )  # fmt: skip
 # What a setting added later computed in runs made before it existed, where that is not its default.
 _BEFORE_IT_EXISTED = {"length_grouping": False, "loader_memory_mb": None}

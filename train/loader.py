@@ -118,6 +118,7 @@ class CacheBatches:
         keep_dtype: bool = False,
         memory_mb: int | None = None,
         return_freed_memory: bool = False,
+        keep_decoded_mb: int = 0,
     ) -> None:
         self.reader = reader
         self.layers = list(layers)
@@ -129,6 +130,10 @@ class CacheBatches:
         self.length_grouping = length_grouping
         self.reader_threads = max(1, reader_threads)
         self.return_freed_memory = return_freed_memory
+        # Decoded blocks kept across epochs, by (view, first example, examples), while they fit the budget.
+        self.keep_decoded_bytes = keep_decoded_mb * 2**20
+        self._kept: dict[tuple[int, int, int], list[tuple[_Block, int]]] = {}
+        self._kept_bytes = 0
         # Pinned batches are for a CUDA copy; they keep the cache's dtype so the device does the upcast.
         self.pin_memory = pin_memory and torch.cuda.is_available()
         # 16-bit rows stay 16-bit until to_device when asked (training), or when they go to CUDA.
@@ -199,6 +204,7 @@ class CacheBatches:
             keep_dtype=True,  # every training consumer goes through to_device, which upcasts
             memory_mb=config.loader_memory_mb,
             return_freed_memory=config.return_freed_memory,
+            keep_decoded_mb=config.keep_decoded_mb if split == TRAIN_SPLIT else 0,
         )
 
     def _values_per_example(self) -> float:
@@ -242,7 +248,7 @@ class CacheBatches:
         self._view(view)  # opened here, so a bad view fails before any batch
         order = epoch_order(
             self.blocks,
-            partial(self._read_block, view=view),
+            partial(self._kept_or_read, view=view),
             self.batch_size,
             self.shuffle,
             seed=self.seed,
@@ -257,6 +263,20 @@ class CacheBatches:
             # Padding runs in its own thread too: the training thread only takes finished batches.
             batches = _prefetch(batches, COLLATED_AHEAD, name="cache-collate")
         yield from batches
+
+    def _kept_or_read(self, indices: np.ndarray, view: int = 0) -> list[tuple[_Block, int]]:
+        """A block's decoded rows: kept from an earlier epoch, or read now (and kept while they fit)."""
+        if not self.keep_decoded_bytes:
+            return self._read_block(indices, view)
+        key = (view, int(indices[0]), len(indices))
+        if key in self._kept:
+            return self._kept[key]
+        items = self._read_block(indices, view)
+        size = sum(rows.nbytes for rows in items[0][0].rows.values()) if items else 0
+        if self._kept_bytes + size <= self.keep_decoded_bytes:
+            self._kept[key] = items  # padding only copies out of a block's rows, so they can be shared
+            self._kept_bytes += size
+        return items
 
     def _read_block(self, indices: np.ndarray, view: int = 0) -> list[tuple[_Block, int]]:
         """Every layer's rows of one block (of augmented view ``view``), the layers read concurrently
