@@ -21,13 +21,17 @@ built by the pipeline's own ``do_extract``), over the train split, each the medi
   forward, backward, AdamW step) on one shuffled epoch's batches, made beforehand and held in memory
   (``--steps N``: its first N batches): the rate the model needs.
 - **train from loader**: the same steps on the same epoch's batches, fed by the loader as training
-  feeds it (``CacheBatches.for_split``): what training actually gets. Both passes step through identical
-  batches, so their ratio is the loader's cost alone, not a difference in padding between two samples.
-- **train from loader, other mode**: the same, with the loader in the mode ``train.loader_background:
-  auto`` did not choose for this device (on the CPU: reading ahead in background threads), to show why.
-- **train from loader, decoded blocks kept**: the same, with ``train.keep_decoded_mb`` large enough for
-  the whole split, after one untimed epoch that filled it: what epochs after the first get when the
-  training split fits in memory (no reading or decoding left, only padding).
+  feeds it (``CacheBatches.for_split`` with the config's settings): what training actually gets. Both
+  passes step through identical batches, so their ratio is the loader's cost alone, not a difference in
+  padding between two samples. Where ``train.keep_decoded_mb`` keeps the split's decoded blocks (``auto``:
+  the split fits ``train.loader_memory_mb``), an untimed epoch fills them first: the timed passes are
+  what the epochs after the first get.
+- **train from loader, reading every epoch**: the same with ``train.keep_decoded_mb: 0``: every pass
+  reads and decodes its blocks (a first epoch, or a split too large to keep).
+- **... other mode**: that again with the loader in the mode ``train.loader_background: auto`` did not
+  choose for this device (on the CPU: reading ahead in background threads), to show why.
+
+The loader rows (**loader**, **loader between steps**) always read and decode: they are compared with raw.
 
 Samples/s counts training examples per wall second; samples/CPU-s per second of this process's CPU
 time (all threads), which a machine shared with other work disturbs far less. MB/s is MB (1e6 bytes)
@@ -74,8 +78,8 @@ RAW, RAW_ZARRS, COPY = "raw read+decode", "raw read+decode (zarrs pipeline)", "n
 LOADER, PEER = "loader (CacheBatches)", "peer: memory-mapped Arrow (SAELens-style)"
 LOADER_INLINE = "loader between steps (CPU training)"
 NEED, FED = "UniPT step consumption", "UniPT training from loader"
-FED_OTHER = "UniPT training from loader, other mode"  # the loader_background setting auto did not pick
-FED_KEPT = "UniPT training from loader, decoded blocks kept"
+FED_READING = "UniPT training from loader, reading every epoch"
+FED_OTHER = "UniPT training from loader, reading every epoch, other mode"  # the loader mode auto passed over
 COLUMNS = (
     "stage",
     "samples",
@@ -182,17 +186,19 @@ def measure(
     The stages take turns within each repeat, so a load that comes and goes on a shared machine
     lands on all of them alike and the ratios between them stay meaningful.
     """
-    loader = loader_for(reader, train, background=True)
-    inline = loader_for(reader, train, background=False)
+    reading = train.model_copy(update={"keep_decoded_mb": 0})  # every pass reads and decodes
+    loader = loader_for(reader, reading, background=True)
+    inline = loader_for(reader, reading, background=False)
     training = loader_for(reader, train)  # what training on ``device`` uses
-    other = loader_for(reader, train, background=not training.prefetch_blocks)  # the mode auto passed over
+    fed_reading = loader_for(reader, reading)
+    other = loader_for(reader, reading, background=not training.prefetch_blocks)
     samples = len(loader.indices)
     _, decoded = raw_pass(reader, loader, seed=0)  # warm the page cache: time decoding, not disk
     stepper = Stepper(reader, train, device)
     consumption_pass(stepper, list(islice(inline.epoch(repeats), 2)))  # warm-up: allocator, AdamW state
     steps = steps or None  # 0: the whole epoch
-    kept = loader_for(reader, train.model_copy(update={"keep_decoded_mb": decoded // 2**20 + 1}))
-    loader_pass(kept, epoch=repeats)  # fills it: the timed passes below are later epochs
+    if training.keep_decoded_bytes:
+        loader_pass(training, epoch=repeats)  # fills the kept blocks: the timed passes are later epochs
     stepped = 0
     blocks = loader_peers.decoded_blocks(reader, loader)
     zarrs = loader_peers.zarrs_reads(reader)
@@ -201,7 +207,7 @@ def measure(
         peer.epoch(0)  # the file was just written: its pages are cached, as the Zarr store's are
         runs: dict[str, list[tuple[float, float, int]]] = {
             key: []
-            for key in ("raw", "zarrs", "copy", "loader", "inline", "peer", "need", "fed", "other", "kept")
+            for key in ("raw", "zarrs", "copy", "loader", "inline", "peer", "need", "fed", "reading", "other")
         }
         for r in range(repeats):
             runs["raw"].append(_timed(lambda r=r: (raw_pass(reader, loader, seed=r)[0], samples)))
@@ -217,13 +223,13 @@ def measure(
             runs["need"].append(_timed(lambda b=batches: consumption_pass(stepper, b)))
             del batches
             runs["fed"].append(_timed(lambda r=r: train_from_loader_pass(stepper, training, r, steps)))
+            runs["reading"].append(_timed(lambda r=r: train_from_loader_pass(stepper, fed_reading, r, steps)))
             runs["other"].append(_timed(lambda r=r: train_from_loader_pass(stepper, other, r, steps)))
-            runs["kept"].append(_timed(lambda r=r: train_from_loader_pass(stepper, kept, r, steps)))
         peer_bytes = peer.nbytes_on_disk()
         peer_width = peer.width
         peer.close()
     blocks.clear()  # the decoded copy of the split: free it before the caller goes on
-    for each in (loader, inline, training, other, kept):
+    for each in (loader, inline, training, fed_reading, other):
         each.close()
 
     def stage(name: str, passes: list[tuple[float, float, int]], moved: int | None) -> dict[str, Any]:
@@ -252,8 +258,8 @@ def measure(
         "peer": stage(PEER, runs["peer"], decoded),
         "need": stage(NEED, runs["need"], consumed_bytes),
         "fed": stage(FED, runs["fed"], int(decoded / samples * runs["fed"][0][2])),
+        "reading": stage(FED_READING, runs["reading"], int(decoded / samples * runs["reading"][0][2])),
         "other": stage(FED_OTHER, runs["other"], int(decoded / samples * runs["other"][0][2])),
-        "kept": stage(FED_KEPT, runs["kept"], int(decoded / samples * runs["kept"][0][2])),
     }
     rows = [row for row in named.values() if row is not None]
     raw_rate, need, need_cpu = (
@@ -268,7 +274,7 @@ def measure(
         row["vs_consumption_cpu"] = cpu_rate / need_cpu if cpu_rate and need_cpu else None
     # The machine's speed drifts between repeats (a shared VM: the same pass varies by a third), so the
     # training passes are also compared within each repeat, each against that repeat's pure-step pass.
-    for key in ("fed", "other", "kept"):
+    for key in ("fed", "reading", "other"):
         paired = [need[0] / fed[0] for need, fed in zip(runs["need"], runs[key], strict=True)]
         named[key]["vs_consumption_paired"] = statistics.median(paired)
     cache_bytes = reader.nbytes_on_disk()
@@ -285,8 +291,9 @@ def measure(
         "loader_over_consumption": named["loader"]["vs_consumption"],
         "loader_over_consumption_cpu": named["loader"]["vs_consumption_cpu"],
         "training_from_loader_over_consumption": named["fed"]["vs_consumption"],
-        "training_from_loader_other_mode_over_consumption": named["other"]["vs_consumption"],
-        "training_from_kept_blocks_over_consumption": named["kept"]["vs_consumption"],
+        "training_reading_every_epoch_over_consumption": named["reading"]["vs_consumption"],
+        "training_other_mode_over_consumption": named["other"]["vs_consumption"],
+        "training_keeps_decoded_blocks": training.keep_decoded_bytes > 0,
         "raw_over_copy_ceiling": named["raw"]["mb_per_s"] / named["copy"]["mb_per_s"],
         "zarrs_over_raw": named["zarrs"]["vs_raw"] if named["zarrs"] else None,
         "loader_over_arrow_peer": named["loader"]["samples_per_s"] / named["peer"]["samples_per_s"],

@@ -62,8 +62,10 @@ def test_loader_throughput_measures_every_stage(reader, tmp_path):
     assert stages["UniPT step consumption"]["vs_consumption"] == pytest.approx(1.0)
     assert result["consumption_steps"] == 2
     assert result["training_loader_background"] is False  # CPU training reads between steps
-    assert stages["UniPT training from loader, other mode"]["samples"] == 8
-    assert stages["UniPT training from loader, decoded blocks kept"]["samples"] == 8
+    assert stages["UniPT training from loader, reading every epoch"]["samples"] == 8
+    assert stages["UniPT training from loader, reading every epoch, other mode"]["samples"] == 8
+    # 12 examples of 3 fp16 layers fit the default loader budget, and training runs 10 epochs: kept.
+    assert result["training_keeps_decoded_blocks"] is True
     # fp16 rows of the 12 train examples, every layer: the bytes both the raw pass and the loader move.
     assert result["decoded_bytes"] == sum(LENGTHS[:12]) * 3 * 8 * 2
     out = tmp_path / "results" / "loader.json"

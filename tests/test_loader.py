@@ -201,6 +201,27 @@ def test_kept_decoded_blocks_serve_later_epochs_within_their_budget(tmp_path):
     assert CacheBatches.for_split(reader, "val", config, 0, False).keep_decoded_bytes == 0
 
 
+def test_auto_keeps_a_split_that_fits_the_loader_budget_when_a_later_epoch_will_use_it(tmp_path):
+    reader, _ = _reader(tmp_path)
+
+    def kept(**settings):
+        config = TrainConfig(batch_size=2, block_examples=2, **settings)
+        return CacheBatches.for_split(reader, "train", config, 0, True).keep_decoded_bytes
+
+    data = CacheBatches.for_split(reader, "train", TrainConfig(batch_size=2, block_examples=2), 0, True)
+    # The 9 train examples' fp16 rows, layers of widths 4, 4 and 6.
+    assert data.decoded_bytes() == sum(LENGTHS[:9]) * (4 + 4 + 6) * 2
+    assert kept(epochs=3, loader_memory_mb=1) == 2**20  # fits: the whole split is kept
+    assert kept(epochs=1, loader_memory_mb=1) == 0  # no later epoch to use it
+    assert kept(epochs=3, loader_memory_mb=None) == 0  # runs made before the budget existed
+    assert kept(epochs=3, keep_decoded_mb=0) == 0 and kept(epochs=1, keep_decoded_mb=5) == 5 * 2**20
+    big = _dtype_reader(tmp_path, "float16")
+    config = TrainConfig(batch_size=2, block_examples=2, epochs=3, loader_memory_mb=1)
+    split = CacheBatches.for_split(big, "train", config, 0, True)
+    split.indices = np.repeat(split.indices, 10_000)  # as if the split were 10,000 times larger (> 1 MiB)
+    assert split.decoded_bytes() > 2**20 and split.kept_bytes_for("auto", config) == 0
+
+
 def _dtype_reader(tmp_path, dtype: str) -> CacheReader:
     root = CacheRoot(tmp_path / dtype)
     build_cache(root, LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS, dtype=dtype)
