@@ -232,7 +232,7 @@ class TrainConfig(_Strict):
         description="Read and pad the next batches in background threads while a step runs (true), or in the "
         "training thread between steps (false). auto: in the background when training on a GPU, which then "
         "need not wait for the CPU; between steps on the CPU, where the step's own threads already use "
-        "every core, so reading ahead buys no speed (2 cores: 0.84-0.85 of the pure step either way) "
+        "every core, so reading ahead buys no speed (2 cores: 0.81-0.91 of the pure step either way) "
         "and costs a padded batch and a block of memory (a BERT-large-shaped cache epoch: ~1,600 MiB "
         "peak instead of ~1,650). Does not change results.",
     )
