@@ -224,7 +224,8 @@ class TrainConfig(_Strict):
         description="Keep up to this many MiB of the training split's decoded cache blocks in memory from "
         "one epoch to the next, so later epochs skip reading and decoding them (0: off). auto: keep the "
         "whole training split when training runs more than one epoch and its decoded rows fit in "
-        "loader_memory_mb (the loader then holds those blocks instead of re-reading them), else nothing. "
+        "loader_memory_mb (the loader then holds those blocks instead of re-reading them), else nothing "
+        "(and nothing on a cache with augmented views, where each epoch reads another view). "
         "Set a size to keep more than loader_memory_mb when RAM allows. Does not change results.",
     )
     loader_background: Literal["auto"] | bool = Field(

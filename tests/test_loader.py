@@ -219,7 +219,11 @@ def test_auto_keeps_a_split_that_fits_the_loader_budget_when_a_later_epoch_will_
     config = TrainConfig(batch_size=2, block_examples=2, epochs=3, loader_memory_mb=1)
     split = CacheBatches.for_split(big, "train", config, 0, True)
     split.indices = np.repeat(split.indices, 10_000)  # as if the split were 10,000 times larger (> 1 MiB)
-    assert split.decoded_bytes() > 2**20 and split.kept_bytes_for("auto", config) == 0
+    assert split.decoded_bytes() > 2**20 and split.kept_bytes_for(config) == 0
+    split.indices = split.indices[:3]
+    assert split.kept_bytes_for(config) == 2**20
+    split.num_views = 2  # each epoch would read another augmented view: keeping one helps no epoch after
+    assert split.kept_bytes_for(config) == 0
 
 
 def _dtype_reader(tmp_path, dtype: str) -> CacheReader:

@@ -206,16 +206,17 @@ class CacheBatches:
             return_freed_memory=config.return_freed_memory,
         )
         if split == TRAIN_SPLIT:  # one budget, for the split read every epoch
-            data.keep_decoded_bytes = data.kept_bytes_for(config.keep_decoded_mb, config)
+            data.keep_decoded_bytes = data.kept_bytes_for(config)
         return data
 
-    def kept_bytes_for(self, setting: str | int, config: TrainConfig) -> int:
-        """The bytes of decoded blocks to keep across epochs for ``train.keep_decoded_mb`` = ``setting``:
-        ``auto`` keeps the whole split when there is a later epoch to use it and the split's decoded rows
-        fit in ``train.loader_memory_mb`` (holding them then costs no more than the loader may hold)."""
-        if setting != "auto":
-            return int(setting) * 2**20
-        if config.epochs < 2 or config.loader_memory_mb is None:
+    def kept_bytes_for(self, config: TrainConfig) -> int:
+        """The bytes of decoded blocks to keep across epochs for ``config.keep_decoded_mb``: ``auto`` keeps
+        the whole split when there is a later epoch to use it and the split's decoded rows fit in
+        ``train.loader_memory_mb`` (holding them then costs no more than the loader may hold). A cache with
+        augmented views reads another view each epoch, so ``auto`` keeps nothing there."""
+        if config.keep_decoded_mb != "auto":
+            return int(config.keep_decoded_mb) * 2**20
+        if config.epochs < 2 or config.loader_memory_mb is None or self.num_views > 1:
             return 0
         budget = config.loader_memory_mb * 2**20
         return budget if self.decoded_bytes() <= budget else 0
