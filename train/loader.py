@@ -18,11 +18,12 @@ on CUDA after a ``non_blocking`` copy out of pinned host memory, on the CPU with
 inside the step. Half the bytes are padded, queued and copied, and the loader threads do no casting. Other
 readers (probe, prediction) get float32 batches, upcast in the collate thread (:func:`as_float32`).
 
-The loader holds a few blocks at once (the shuffle window, and one block read ahead) and one padded batch
-ahead of the one training computes on; ``memory_mb`` caps the blocks' float16 bytes by reading fewer
-examples per block where examples are wide (:func:`budgeted_block_examples`), so a BERT-large cache does
-not hold gigabytes in flight. With ``return_freed_memory`` the pages those blocks and batches leave behind
-go back to the system after each large batch (:mod:`train.allocator`).
+The loader holds a few blocks at once (the shuffle window and, when it works ahead, one block read ahead)
+and, working ahead, one padded batch ahead of the one training computes on; ``memory_mb`` caps the blocks'
+float16 bytes by reading fewer examples per block where examples are wide (:func:`budgeted_block_examples`),
+so a BERT-large cache does not hold gigabytes in flight. With ``train.keep_decoded_mb`` the training split's
+blocks stay decoded for later epochs, within their own budget. With ``return_freed_memory`` the pages
+those blocks and batches leave behind go back to the system after each large batch (:mod:`train.allocator`).
 
 A feature-map cache (CNN stages) comes out as maps: each stage is ``[B, C, H, W]``, read through
 that stage's own offsets, since its H*W rows per image differ from every other stage's.
@@ -118,7 +119,6 @@ class CacheBatches:
         keep_dtype: bool = False,
         memory_mb: int | None = None,
         return_freed_memory: bool = False,
-        keep_decoded_mb: int = 0,
     ) -> None:
         self.reader = reader
         self.layers = list(layers)
@@ -130,8 +130,9 @@ class CacheBatches:
         self.length_grouping = length_grouping
         self.reader_threads = max(1, reader_threads)
         self.return_freed_memory = return_freed_memory
-        # Decoded blocks kept across epochs, by (view, first example, examples), while they fit the budget.
-        self.keep_decoded_bytes = keep_decoded_mb * 2**20
+        # Decoded blocks kept across epochs, by (view, first example, examples), while they fit this budget:
+        # none unless for_split sets it (train.keep_decoded_mb), since only it knows the training config.
+        self.keep_decoded_bytes = 0
         self._kept: dict[tuple[int, int, int], list[tuple[_Block, int]]] = {}
         self._kept_bytes = 0
         # Pinned batches are for a CUDA copy; they keep the cache's dtype so the device does the upcast.
