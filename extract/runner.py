@@ -69,7 +69,8 @@ class ExtractionResult:
     bytes_written: int = 0
     shards_run: int = 0
     shards_resumed: int = 0
-    workers: int = 0
+    workers: int = 0  # the actors started (extract.workers, cut to what the cluster could place)
+    workers_used: int = 0  # of those, the ones that finished at least one shard
     workers_lost: int = 0
     stats: dict[str, float] = field(default_factory=dict)
     lease: ReadLease | None = field(default=None, repr=False, compare=False)
@@ -365,6 +366,7 @@ class _WorkerPool:
         self.resources = resources
         self.per_actor = SHARDS_IN_FLIGHT  # each actor twice: see extract/worker.py
         self.ready: set[int] = set()
+        self.shards_done: Counter[int] = Counter()  # actor -> shards it finished (the work it did)
         self.lost: set[int] = set()  # dead for good
         self.down: set[int] = set()  # failed and not answering again (yet): the lost, and the unplaceable
         self.in_flight = dict.fromkeys(range(len(actors)), 0)
@@ -420,6 +422,7 @@ class _WorkerPool:
                 self.requeued += 1
             elif shard.shard_id not in finished:  # a shard redone after a lost reply counts once
                 finished.add(shard.shard_id)
+                self.shards_done[i] += 1
                 on_done(value)
 
     def _next(self) -> tuple[int, ShardSpec | None, Any, RayActorError | None]:
@@ -488,6 +491,17 @@ class _WorkerPool:
     def workers_lost(self) -> int:
         """Actors that failed and never answered again (dead, or their restart could not be placed)."""
         return len(self.down)
+
+    @property
+    def workers_used(self) -> int:
+        """Actors that finished at least one shard."""
+        return sum(1 for done in self.shards_done.values() if done)
+
+    @property
+    def never_started(self) -> int:
+        """Actors that finished no shard and did not fail on one: never placed or never loaded (their node
+        lost while they loaded the backbone, no room for them, or the others were done first)."""
+        return sum(1 for i in range(len(self.actors)) if not self.shards_done[i] and i not in self.down)
 
 
 def _extract(
@@ -595,11 +609,18 @@ def _extract(
 
         pool.run(todo, submit, done)
         bar.close()
-        lost = pool.workers_lost
+        lost, idle = pool.workers_lost, pool.never_started
         if lost:
             say(
                 f"lost {lost} of {count} workers; their shards were re-queued "
                 f"({pool.requeued} shard(s) redone by the {count - lost} left)"
+            )
+        if idle and todo:
+            # A worker whose node goes away while it loads the backbone leaves no error behind: Ray
+            # restarts it somewhere, and where there is no room its first answer never comes.
+            say(
+                f"{idle} of {count} workers ran no shard: they never started (no room on the cluster, or "
+                "their node was lost while they loaded the backbone) or the others finished first"
             )
         totals["shards_requeued"] = pool.requeued
         if totals["truncated"]:
@@ -637,6 +658,7 @@ def _extract(
         shards_run=len(todo),
         shards_resumed=len(finished),
         workers=count,
+        workers_used=pool.workers_used,
         workers_lost=lost,
         stats=totals,
     )

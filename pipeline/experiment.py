@@ -247,11 +247,14 @@ def extract(
     if not result.cache_hit:
         resumed = f", {result.shards_resumed} shards resumed" if result.shards_resumed else ""
         stats = result.stats
+        workers = f"{result.workers}"
+        if result.shards_run and result.workers_used < result.workers:  # some never ran a shard: say so
+            workers = f"{result.workers_used} of {result.workers}"
         say(
             f"extracted{label} {result.examples} examples, {result.tokens} tokens, "
             f"{human_bytes(result.bytes_written)} written in {result.seconds:.1f}s "
             f"({stats.get('forward_s', 0):.1f}s backbone, {stats.get('write_s', 0):.1f}s writes overlapped) "
-            f"on {result.workers} worker(s){resumed} -> {result.path}"
+            f"on {workers} worker(s){resumed} -> {result.path}"
         )
     return result
 
