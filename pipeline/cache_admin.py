@@ -100,6 +100,19 @@ def verify(reader: CacheReader, progress: Callable[[int], None] | None = None) -
     return problems
 
 
+def damaged_stores(reader: CacheReader, problems: list[Problem]) -> list[str]:
+    """The stores (the cache itself, or the segments of a view) that hold ``problems``: what to delete
+    so that the next extraction writes them again (a view's other segments stay and are reused)."""
+    segments = {f"segment {s.location.name}/": str(s.location) for s in getattr(reader, "segments", [])}
+    stores = []
+    for problem in problems:
+        store = next((path for prefix, path in segments.items() if problem.file.startswith(prefix)), None)
+        store = store or str(reader.location)
+        if store not in stores:
+            stores.append(store)
+    return stores
+
+
 def expected_files(reader: CacheReader) -> int:
     """How many files ``verify`` re-hashes (a view's own and its segments')."""
     own = len(reader.checksums(missing_ok=True))

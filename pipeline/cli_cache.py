@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from pipeline.cache import CacheReader, CacheRoot, is_key
 from pipeline.cache_admin import (
+    damaged_stores,
     describe,
     expected_files,
     find_garbage,
@@ -98,9 +99,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"DAMAGED {problem}")
     if problems:
+        stores = damaged_stores(reader, problems)
         print(
             f"unipt: {len({p.file for p in problems})} of {expected} files damaged in {reader.source}; "
-            "remove the cache (`unipt cache gc` or delete it) and re-extract",
+            f"delete the damaged store{'s' if len(stores) > 1 else ''} ({' '.join(stores)}) and run "
+            "`unipt extract` (or `unipt run`) again: it re-extracts what they held and reuses the rest",
             file=sys.stderr,
         )
         return 1

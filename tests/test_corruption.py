@@ -258,6 +258,25 @@ def test_corruption_is_named_by_verify_and_stops_training(kind, extracted, tmp_p
     assert not list(runs.glob("*/record.json")) and _registered_runs(registry) == 0
 
 
+def test_following_verifys_advice_repairs_the_cache(extracted, tmp_path, capsys):
+    """verify names the damaged store (the view's segment, not the view), and deleting it and extracting
+    again, as it says, gives a cache that verifies and trains."""
+    store = _copy(extracted, tmp_path)
+    _flip(_chunk(store, 1, 0))
+    capsys.readouterr()
+    root = ["--cache-root", str(tmp_path / "cache"), "--no-progress"]
+    assert main(["cache", "verify", extracted["key"], *root]) == 1
+    advice = capsys.readouterr().err
+    assert f"delete the damaged store ({store})" in advice, advice
+    assert "run `unipt extract`" in advice, advice
+
+    shutil.rmtree(store)
+    assert main(["extract", str(extracted["config"]), *root]) == 0, capsys.readouterr().err
+    assert "extracting" in capsys.readouterr().err  # the deleted segment's inputs were extracted again
+    assert main(["cache", "verify", extracted["key"], *root]) == 0
+    assert _train(extracted, tmp_path) == 0, capsys.readouterr().err
+
+
 def test_the_undamaged_copy_verifies_and_trains(extracted, tmp_path, capsys):
     """The control for the table above: the same copy, undamaged, verifies and trains."""
     store = _copy(extracted, tmp_path)
