@@ -47,7 +47,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_and_inputs(args: argparse.Namespace, label_column: str | None = None):
+def _model_and_inputs(args: argparse.Namespace, labelled: bool = False):
     from pipeline.predict import InputTable, load_model, read_inputs
 
     if args.batch_size < 1:
@@ -59,14 +59,16 @@ def _model_and_inputs(args: argparse.Namespace, label_column: str | None = None)
         return model, InputTable([str(i) for i in range(len(args.text))], list(args.text), None)
     if not args.input:
         raise UniptError('nothing to read: give --input FILE (csv, jsonl, parquet) or --text "..."')
+    # An unset column is the one the model was trained on (model.json), else the usual name.
+    trained = model.spec.columns
     table = read_inputs(
         args.input,
         kind=model.spec.input,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        image_column=args.image_column,
+        text_column=args.text_column or trained.get("text", "text"),
+        text_pair_column=args.text_pair_column or trained.get("text_pair", "text_pair"),
+        image_column=args.image_column or trained.get("image", "image"),
         id_column=args.id_column,
-        label_column=label_column,
+        label_column=(args.label_column or trained.get("label", "label")) if labelled else None,
     )
     return model, table
 
@@ -89,7 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.predict import format_metrics
 
-    model, table = _model_and_inputs(args, label_column=args.label_column)
+    model, table = _model_and_inputs(args, labelled=True)
     assert table.labels is not None
     metrics = model.evaluate(
         table.inputs, table.labels, batch_size=args.batch_size, progress=not args.no_progress
@@ -124,11 +126,12 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("model", help="a run id (or unique prefix), a run directory, or an exported folder")
         p.add_argument("--input", help="a .csv, .jsonl or .parquet file of inputs")
-        p.add_argument("--text-column", default="text", help="the input's text column (default: text)")
+        trained = "default: the column the model was trained on, else"
+        p.add_argument("--text-column", help=f"the input's text column ({trained} text)")
         p.add_argument(
-            "--text-pair-column", default="text_pair", help="text-pair models: the second text's column"
+            "--text-pair-column", help=f"text-pair models: the second text's column ({trained} text_pair)"
         )
-        p.add_argument("--image-column", default="image", help="image models: the column of image paths")
+        p.add_argument("--image-column", help=f"image models: the column of image paths ({trained} image)")
         p.add_argument("--id-column", help="a column of example ids (default: the row numbers)")
         p.add_argument("--backbone", help="the backbone's folder, when not where model.json says")
         p.add_argument(
@@ -146,6 +149,4 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
                 "--out", help="write predictions here (.csv or .jsonl); default: JSON lines on stdout"
             )
         else:
-            p.add_argument(
-                "--label-column", default="label", help="the input's label column (default: label)"
-            )
+            p.add_argument("--label-column", help=f"the input's label column ({trained} label)")

@@ -49,6 +49,9 @@ class ModelSpec:
     method: str = "unipt"  # train.method: what network the weights belong to
     side_reduction: int = 8  # train.side_reduction (method lst)
     target: dict[str, float] | None = None  # regression: train-split mean and std of the label
+    # The training data's columns by role (text, text_pair, image, label): predict and evaluate read the
+    # same names from an input file unless told otherwise. Empty in models written before it.
+    columns: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
     format: int = MODEL_FORMAT
@@ -115,7 +118,19 @@ def describe_model(
         cache_key=str(attrs.get("cache_key", "")),
         dataset_fingerprint=str(attrs.get("dataset_fingerprint", "")),
         target=target,
+        columns=training_columns(config.dataset),
     )
+
+
+def training_columns(dataset: Any) -> dict[str, str]:
+    """The columns ``dataset`` (a DatasetConfig) reads, by role; only those it names."""
+    roles = {
+        "text": dataset.text_column,
+        "text_pair": dataset.text_pair_column,
+        "image": dataset.image_column,
+        "label": dataset.label_column,
+    }
+    return {role: str(name) for role, name in roles.items() if name}
 
 
 def write_model(directory: str | Path, state: dict[str, Any], spec: ModelSpec) -> Path:

@@ -128,3 +128,40 @@ def test_predict_refuses_a_backbone_whose_weights_differ(tmp_path, tiny_bert_dir
     moved = shutil.copytree(tiny_bert_dir, tmp_path / "moved-bert")
     code = main(["predict", str(run.run_dir), "--text", "fine", "--backbone", str(moved), "--no-progress"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_predict_and_evaluate_read_the_columns_the_model_was_trained_on(
+    tmp_path, tiny_bert_dir, ray_session, capsys
+):
+    """A model trained on a file whose columns are `review` and `stars` reads the same names from an
+    input file without --text-column/--label-column; a flag still overrides, and a model.json written
+    before the columns were recorded falls back to `text` and `label`."""
+    rows = [{"id": r["id"], "review": r["text"], "stars": r["label"]} for r in make_sentiment_rows(120)]
+    data = write_csv(tmp_path / "reviews.csv", rows)
+    config_path = write_config(
+        tmp_path / "c.yaml", str(data), str(tiny_bert_dir), tmp_path, train={"epochs": 2},
+        dataset={"text_column": "review", "label_column": "stars"},
+    )  # fmt: skip
+    run = experiment.run(experiment.prepare(load_config(config_path)), progress=False)
+    spec = read_model_spec(run.run_dir)
+    assert spec.columns == {"text": "review", "label": "stars"}
+
+    held_out = write_csv(tmp_path / "new.csv", rows[:20])
+    argv = ["--input", str(held_out), "--no-progress", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(["predict", str(run.run_dir), *argv]) == 0
+    predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(predicted) == 20 and all(p["label"] in ("neg", "pos") for p in predicted)
+    assert main(["evaluate", str(run.run_dir), *argv]) == 0
+    assert "20 examples" in capsys.readouterr().out
+
+    # A flag overrides what the model recorded: this file has no `text` column, so it is refused.
+    assert main(["predict", str(run.run_dir), *argv, "--text-column", "text"]) == 2
+    assert "has no column 'text'" in capsys.readouterr().err
+
+    # An older model.json (no columns): the usual names, so this file's `review` is not found.
+    card = json.loads((run.run_dir / MODEL_CARD).read_text())
+    del card["columns"]
+    (run.run_dir / MODEL_CARD).write_text(json.dumps(card))
+    assert main(["predict", str(run.run_dir), *argv]) == 2
+    assert "has no column 'text'" in capsys.readouterr().err
