@@ -245,7 +245,10 @@ def extract(
     )
     result = run_extraction(request, ray_address=ray_address, progress=progress)
     if not result.cache_hit:
-        resumed = f", {result.shards_resumed} shards resumed" if result.shards_resumed else ""
+        resumed = ""
+        if result.shards_resumed:  # the tokens and bytes above are this run's shards only
+            shards = result.shards_resumed + result.shards_run
+            resumed = f", {result.shards_resumed} of {shards} shards resumed (tokens and bytes: this run's)"
         stats = result.stats
         workers = f"{result.workers}"
         if result.shards_run and result.workers_used < result.workers:  # some never ran a shard: say so
