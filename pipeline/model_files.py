@@ -123,7 +123,12 @@ def describe_model(
 
 
 def training_columns(dataset: Any) -> dict[str, str]:
-    """The columns ``dataset`` (a DatasetConfig) reads, by role; only those it names."""
+    """The columns ``dataset`` (a DatasetConfig) reads, by role; only those it names. None for a config
+    made from a cache alone: the cache does not record them, and the defaults would be a guess."""
+    from pipeline.from_cache import CACHE_SOURCE
+
+    if str(dataset.source).startswith(CACHE_SOURCE):
+        return {}
     roles = {
         "text": dataset.text_column,
         "text_pair": dataset.text_pair_column,

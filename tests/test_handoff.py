@@ -83,6 +83,8 @@ def test_train_from_a_copied_cache_alone_matches_the_run_made_next_to_the_data(c
     (run_dir,) = runs.iterdir()
     alone = _record(run_dir)
     _same_metrics(alone["metrics"], normal["metrics"])
+    # The cache does not record the data's column names: the model claims none (predict uses the defaults).
+    assert json.loads((run_dir / "model.json").read_text())["columns"] == {}
     assert alone["dataset"]["fingerprint"] == normal["dataset"]["fingerprint"]
     assert alone["cache"]["key"] == normal["cache"]["key"]
     assert alone["cache"]["key_fields"] == normal["cache"]["key_fields"]
