@@ -15,8 +15,9 @@ The recipe, top to bottom (:func:`plan`):
    epochs x online epoch for ``train.epochs`` (and from how many epochs on it does).
 
 :func:`check_space` is what ``unipt extract``/``run`` call before extracting: nothing when every cache
-exists or the worst case (every example ``max_length`` tokens, uncompressed) fits; otherwise a plan, and
-a one-line refusal when its predicted size exceeds the free space (``--force`` skips the check).
+exists, the worst case (every example ``max_length`` tokens, uncompressed) fits, or the dataset is too
+small for a sample to save anything; otherwise a plan, and a one-line refusal when its predicted size
+exceeds the free space (``--force`` skips the check).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ from pipeline.log import human_bytes, say
 from train.tasks import train_task
 
 SAMPLE_EXAMPLES = 256
+# check_space extracts no sample for a dataset this small (its worst case unknown or over the free space):
+# predicting would cost about as much as extracting it.
+SMALL_DATASET = 2 * SAMPLE_EXAMPLES
 # What the files besides the layer arrays take per example: offsets (2 x int64), examples.parquet, metadata.
 PER_EXAMPLE_OVERHEAD = 24
 
@@ -204,8 +208,9 @@ def check_space(
 ) -> Plan | None:
     """Refuse (``UniptError``) to extract caches predicted to be larger than the cache root's free space.
 
-    Costs nothing when every cache exists, the root is an object store, or even the worst case fits; only
-    then is the sample extracted (see :func:`plan`). Returns the plan when one was made.
+    Costs nothing when every cache exists, the root is an object store, even the worst case fits, or the
+    dataset has at most :data:`SMALL_DATASET` examples (said in one line); only then is the sample
+    extracted (see :func:`plan`). Returns the plan when one was made.
     """
     missing = [b for b in prep.backbones.values() if not prep.cache_root.has(b.key)]
     free = free_bytes(prep)
@@ -213,6 +218,14 @@ def check_space(
         return None
     bound = sum(_worst_case_bytes(prep, b) or float("inf") for b in missing)
     if bound <= free:
+        return None
+    if len(prep.dataset) <= SMALL_DATASET:
+        # A sample would be most of the extraction itself. A disk that fills up stops the extraction with
+        # one line, keeping its finished shards for the same command to resume.
+        say(
+            f"{len(prep.dataset)} examples: extracting without predicting the cache size from a sample first "
+            f"(the sample would be most of the work; {human_bytes(free)} free at {prep.cache_root})"
+        )
         return None
     say(f"only {human_bytes(free)} free at {prep.cache_root}: predicting the cache size from a sample first")
     predicted = plan(prep, ray_address=ray_address, progress=progress)

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, write_config
 
 from pipeline import experiment
 from pipeline import plan as planning
@@ -62,6 +62,26 @@ def test_check_space_is_free_when_the_worst_case_fits_or_forced(tiny_config: Pat
     assert worst == int(240 * 32 * 3 * 32 * 2 * 1.01) + planning.PER_EXAMPLE_OVERHEAD * 240
     assert planning.check_space(prep) is None  # fits by the bound: no sample extracted
     assert planning.check_space(prep, force=True) is None
+
+
+def test_check_space_extracts_no_sample_of_a_dataset_smaller_than_two_samples(tmp_path: Path, capsys):
+    """EfficientNet's shape is not in a config.json, so there is no worst case to compare with the free
+    space: a small dataset is extracted without a sample (which would be most of it), saying so. (A larger
+    one still gets the sample: the refusal on a small filesystem below.)"""
+
+    def prepared(limit: int):
+        config = write_config(
+            tmp_path / f"mnist{limit}.yaml", "bundled:mnist_5k", "bundled:efficientnet-lite0", tmp_path,
+            dataset={"source": "bundled:mnist_5k", "id_column": None, "limit": limit},
+        )  # fmt: skip
+        return experiment.prepare(load_config(config))
+
+    small = prepared(planning.SMALL_DATASET)
+    assert planning._worst_case_bytes(small, small.primary) is None
+    assert planning.check_space(small) is None
+    said = capsys.readouterr().err
+    assert f"{planning.SMALL_DATASET} examples: extracting without predicting the cache size" in said
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 @pytest.mark.slow
