@@ -109,6 +109,22 @@ def test_cnn_variant_refuses_stages_whose_grids_do_not_divide(tmp_path):
         train_task(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
 
 
+def test_the_cnn_refusal_suggests_stages_that_fit(tmp_path):
+    """EfficientNet-Lite0 on MNIST with every stage (grids 56, 56, 28, 14, 7, 7, 4, 4, 4, as extracted): 7
+    is no multiple of 4, and the refusal names the stages that do fit, keeping the last (deepest) one."""
+    grids = [56, 56, 28, 14, 7, 7, 4, 4, 4]
+    specs = tuple(LayerSpec(i, 2, grid=(g, g)) for i, g in enumerate(grids))
+    build_map_cache(CacheRoot(tmp_path), specs, n=2)
+    reader = CacheReader(CacheRoot(tmp_path).location(KEY))
+    with pytest.raises(UniptError, match=r"pick other backbone.layers, e\.g\. \[0, 1, 2, 6, 7, 8\] \(every"):
+        train_task(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
+    # The suggestion trains.
+    fitting = tuple(spec for spec in specs if spec.index in (0, 1, 2, 6, 7, 8))
+    build_map_cache(CacheRoot(tmp_path / "fit"), fitting, n=2)
+    fit_reader = CacheReader(CacheRoot(tmp_path / "fit").location(KEY))
+    assert build_model("cnn", fit_reader, TrainConfig(variant="cnn")) is not None
+
+
 def test_training_each_variant_on_small_synthetic_caches(tmp_path, map_cache):
     reader, _ = map_cache
     cnn = train_task(

@@ -69,9 +69,10 @@ def build_model(
             stride_ratios(grids)
         except ValueError as exc:
             shown = ", ".join(f"{layer}: {h}x{w}" for layer, (h, w) in zip(layers, grids, strict=True))
+            suggestion = _stages_that_fit(layers, grids)
             raise UniptError(
                 f"train.variant 'cnn' cannot use these stages (layer: grid {shown}): every grid must be an "
-                "integer multiple of the last stage's; pick other backbone.layers"
+                f"integer multiple of the last stage's; pick other backbone.layers{suggestion}"
             ) from exc
         return UniPTCNNClassifier(
             widths,
@@ -97,3 +98,19 @@ def build_model(
         downsample_factor=config.downsample_factor,
         dropout=config.dropout,
     )
+
+
+def _stages_that_fit(layers: list[int], grids: list[tuple[int, int]]) -> str:
+    """A suggestion for the CNN variant: the longest run of stages whose grids are integer multiples of
+    its last stage's (``, e.g. [0, 1, 2]``), or nothing if no two stages fit together."""
+    best: list[int] = []
+    for end in range(len(layers)):
+        last_h, last_w = grids[end]
+        fit = [
+            layer
+            for layer, (h, w) in zip(layers[: end + 1], grids[: end + 1], strict=True)
+            if h >= last_h and w >= last_w and h % last_h == 0 and w % last_w == 0
+        ]
+        if len(fit) >= max(2, len(best)):
+            best = fit
+    return f", e.g. {best} (every stage whose grid is a multiple of the last one's)" if best else ""
