@@ -95,6 +95,7 @@ def describe_model(
         "trust_remote_code": settings.trust_remote_code,
         "allow_pickle": settings.allow_pickle,
     }
+    input_kind = str(attrs.get("input") or described.get("input", "text"))  # the view says text_pair
     return ModelSpec(
         task=config.train.task,
         variant=config.train.variant,
@@ -108,7 +109,7 @@ def describe_model(
         embed_size=config.train.embed_size,
         downsample_factor=config.train.downsample_factor,
         dropout=config.train.dropout,
-        input=str(attrs.get("input") or described.get("input", "text")),  # the view says text_pair
+        input=input_kind,
         dtype=dtype,
         max_length=int(layout_max_length),
         preprocessing=dict(fields.get("preprocessing", {})),
@@ -118,20 +119,22 @@ def describe_model(
         cache_key=str(attrs.get("cache_key", "")),
         dataset_fingerprint=str(attrs.get("dataset_fingerprint", "")),
         target=target,
-        columns=training_columns(config.dataset),
+        columns=training_columns(config.dataset, input_kind),
     )
 
 
-def training_columns(dataset: Any) -> dict[str, str]:
-    """The columns ``dataset`` (a DatasetConfig) reads, by role; only those it names. None for a config
-    made from a cache alone: the cache does not record them, and the defaults would be a guess."""
+def training_columns(dataset: Any, input_kind: str) -> dict[str, str]:
+    """The columns ``dataset`` (a DatasetConfig) reads for a model whose backbone reads ``input_kind``, by
+    role; only those it names. None for a config made from a cache alone: the cache does not record them,
+    and the defaults would be a guess."""
     from pipeline.from_cache import CACHE_SOURCE
 
     if str(dataset.source).startswith(CACHE_SOURCE):
         return {}
+    reads_text = input_kind != "image"  # an image model's text_column is only the config's default
     roles = {
-        "text": dataset.text_column,
-        "text_pair": dataset.text_pair_column,
+        "text": dataset.text_column if reads_text else None,
+        "text_pair": dataset.text_pair_column if reads_text else None,
         "image": dataset.image_column,
         "label": dataset.label_column,
     }

@@ -189,6 +189,8 @@ def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path
 
     with pytest.raises(UniptError, match="set train.variant: cnn"):
         train_task(reader, TrainConfig(epochs=1), seed=0, progress=False)
+    # model.json of an image model names no text column (the config's text_column is only its default).
+    assert experiment.model_spec(prep, reader).columns == {"label": "label"}
 
     # The linear probe pools the last stage's map over its positions.
     features, labels = pooled_features(reader, "train", reader.layers[-1])
