@@ -373,7 +373,8 @@ def add_runs_commands(
 
     sweep = experiment(
         "sweep",
-        "train a grid of UniPT settings from one cache, trials in parallel on Ray; each is a registered run",
+        "train UniPT settings (a grid, sampled draws, optional ASHA early stopping) from one cache as Ray "
+        "Tune trials, each with a CPU share and a GPU share when there are GPUs; each is a registered run",
         cmd_sweep,
         optional_config=True,
     )
