@@ -7,10 +7,16 @@ group with one dataset per metadata column, and the store's attributes as JSON i
 attribute ``unipt``. Only rows holding tokens are copied; HDF5, like Zarr, allocates no chunk
 that is never written. The export reads through the reader's checks: a damaged chunk stops it with
 one line (and no output file), never copies zeros or bad bytes.
+
+The file checks itself too: every activation chunk carries HDF5's Fletcher-32 checksum (verified by HDF5
+on every read; a mismatch stops training with one line), and the small datasets (offsets, the examples
+columns) a sha256 in the attribute ``unipt_digests``, checked when the file is opened. A file exported
+before that has neither: opening it says so (its reads are unchecked) and asks for a new export.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -28,8 +34,10 @@ from pipeline.extras import require
 from pipeline.log import say
 
 ATTRS = "unipt"
+DIGESTS = "unipt_digests"  # sha256 of each small dataset (offsets, examples columns), checked at open
 EXAMPLES_GROUP = "examples"
 COMPRESSIONS = ("none", "lzf", "gzip")
+_WARNED_UNCHECKED: set[str] = set()  # files already said to be unchecked
 _COPY_ROWS = 65536  # rows per copy step: bounded memory whatever the cache size
 
 
@@ -61,6 +69,7 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
                     "in the cache"
                 )
             f.attrs[ATTRS] = json.dumps(attrs, sort_keys=True)
+            digests: dict[str, str] = {}
             for spec in layout.layers:
                 names = [layer_array_name(spec.index)]
                 if has_scale(reader.dtype):
@@ -68,6 +77,7 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
                 offsets = reader.offsets_for(spec.index)
                 if spec.offsets_name not in f:
                     f.create_dataset(spec.offsets_name, data=offsets)
+                    digests[spec.offsets_name] = _digest(offsets)
                 for name in names:
                     source = reader.stored_array(name)  # opened and read with the reader's checks
                     target = f.create_dataset(
@@ -76,6 +86,7 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
                         dtype=source.dtype,
                         chunks=(min(layout.chunk_rows, source.shape[0]), *source.shape[1:]),
                         compression=None if compression == "none" else compression,
+                        fletcher32=True,  # a checksum per chunk, verified by HDF5 on every read
                         fillvalue=0,
                     )
                     for start, stop in _used_row_ranges(layout, spec, offsets):
@@ -88,14 +99,28 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
             for column in reader.examples.column_names:
                 values = reader.examples.column(column)
                 if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-                    group.create_dataset(column, data=values.to_pylist(), dtype=h5py.string_dtype())
+                    data = values.to_pylist()
+                    group.create_dataset(column, data=data, dtype=h5py.string_dtype())
                 else:
-                    group.create_dataset(column, data=values.to_numpy())
+                    data = values.to_numpy()
+                    group.create_dataset(column, data=data)
+                digests[f"{EXAMPLES_GROUP}/{column}"] = _digest(data)
+            f.attrs[DIGESTS] = json.dumps(digests, sort_keys=True)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _digest(data: np.ndarray | list) -> str:
+    """sha256 of a small dataset's values: an array's dtype, shape and bytes, or a list of strings."""
+    if isinstance(data, list):
+        text = json.dumps([v.decode("utf-8") if isinstance(v, bytes) else v for v in data])
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    array = np.ascontiguousarray(data)
+    header = f"{array.dtype.str}{array.shape}".encode()
+    return hashlib.sha256(header + array.tobytes()).hexdigest()
 
 
 def _used_row_ranges(layout, spec, offsets: np.ndarray) -> list[tuple[int, int]]:
@@ -126,6 +151,13 @@ class HDF5CacheReader(ActivationCache):
         if ATTRS not in self.file.attrs:
             raise UniptError(f"{self.path} is an HDF5 file but not a unipt cache (no '{ATTRS}' attribute)")
         self.attrs = json.loads(self.file.attrs[ATTRS])
+        self._digests = json.loads(self.file.attrs[DIGESTS]) if DIGESTS in self.file.attrs else None
+        if self._digests is None and self.source not in _WARNED_UNCHECKED:
+            _WARNED_UNCHECKED.add(self.source)  # once per file and process: training opens it more than once
+            say(
+                f"warning: {self.path} was exported without checksums (by an older unipt): its reads are "
+                "not verified; export it again (`unipt cache export ... --format hdf5`) for a checked copy"
+            )
         self._validate(expect)
         group = self.file[EXAMPLES_GROUP]
         columns = {}
@@ -134,11 +166,28 @@ class HDF5CacheReader(ActivationCache):
             columns[name] = (
                 [v.decode("utf-8") for v in data[:]] if h5py.check_string_dtype(data.dtype) else data[:]
             )
+            self._check_digest(f"{EXAMPLES_GROUP}/{name}", columns[name])
         order = ["example_id", "label", "split", "length"]
         self.examples = pa.table({name: columns[name] for name in order if name in columns})
 
+    def _check_digest(self, name: str, data: np.ndarray | list) -> None:
+        if self._digests is not None and self._digests.get(name) != _digest(data):
+            raise self._damaged(name, "its sha256 does not match the one recorded at export")
+
+    def _damaged(self, name: str, what: str) -> UniptError:
+        return UniptError(
+            f"HDF5 cache {self.path}: {name} is damaged ({what}); export it again from the Zarr cache "
+            "(`unipt cache export KEY --format hdf5`)"
+        )
+
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self.file[name][start:stop]
+        try:
+            rows = self.file[name][start:stop]
+        except OSError as exc:  # HDF5 failed a chunk's Fletcher-32 checksum or its decompression
+            raise self._damaged(f"{name} rows {start}-{stop}", str(exc).splitlines()[0]) from exc
+        if start == 0 and name in (self._digests or {}) and stop >= self.file[name].shape[0]:
+            self._check_digest(name, rows)  # a small dataset read whole (offsets)
+        return rows
 
     def nbytes_on_disk(self) -> int:
         return self.path.stat().st_size

@@ -42,6 +42,48 @@ def test_export_copies_every_example_exactly(tmp_path):
             assert f["layer_02"].shape[1] == 6 and f["examples/split"].shape == (len(lengths),)
 
 
+def _flip_byte(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf"])
+def test_a_damaged_hdf5_copy_stops_reading_in_one_line(tmp_path, compression, capsys):
+    """Every activation chunk carries a Fletcher-32 checksum and the small datasets a sha256 recorded at
+    export: a flipped byte in either is an error naming the dataset, never a changed number. (Before,
+    a byte flipped in an lzf chunk decoded to a different activation and training went on.)"""
+    root = CacheRoot(tmp_path)
+    build_cache(root, [5, 1, 9, 3, 7, 2, 8], {0: 4, 2: 6}, splits=["train"] * 4 + ["val"] * 3)
+    out = export_hdf5(CacheReader(root.location(KEY)), tmp_path / "copy.h5", compression=compression)
+    HDF5CacheReader(out).read_example(2, 2)  # the undamaged copy reads
+    with h5py.File(out) as f:
+        chunk = f["layer_02"].id.get_chunk_info(0)
+        label = f["examples/label"].id.get_offset()
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(out.read_bytes())
+    _flip_byte(damaged, chunk.byte_offset + chunk.size // 2)
+    with pytest.raises(UniptError, match=r"HDF5 cache .*damaged.h5: layer_02 rows \d+-\d+ is damaged \("):
+        HDF5CacheReader(damaged).read_example(2, 2)
+
+    labels = tmp_path / "labels.h5"
+    labels.write_bytes(out.read_bytes())
+    _flip_byte(labels, label)
+    with pytest.raises(UniptError, match="examples/label is damaged .*sha256 does not match"):
+        HDF5CacheReader(labels)
+
+    # A copy exported before the checksums existed still opens, and says once that it is unchecked.
+    capsys.readouterr()
+    with h5py.File(damaged, "r+") as f:
+        del f.attrs["unipt_digests"]
+    HDF5CacheReader(damaged)
+    HDF5CacheReader(damaged)
+    said = capsys.readouterr().err
+    assert said.count("was exported without checksums") == 1, said
+
+
 def test_export_never_overwrites(tmp_path):
     root = CacheRoot(tmp_path)
     build_cache(root, [3, 4], {0: 4})
