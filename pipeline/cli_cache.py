@@ -86,12 +86,27 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_hdf5(path: str) -> int:
+    from pipeline.hdf5 import verify_hdf5
+
+    checked, problems = verify_hdf5(path)
+    for problem in problems:
+        print(f"DAMAGED {problem}")
+    if problems:
+        print(f"unipt: {path} cannot be trusted; export it again from the Zarr cache", file=sys.stderr)
+        return 1
+    print(f"ok: {checked} datasets match their checksums ({path})")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     print(json.dumps(describe(_open(args.cache, args.cache_root)), indent=2))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if str(args.cache).endswith((".h5", ".hdf5")):
+        return _verify_hdf5(args.cache)
     reader = _open(args.cache, args.cache_root, strict=False)
     expected = expected_files(reader)
     with tqdm(total=expected, unit="file", desc="verify", disable=args.no_progress) as bar:

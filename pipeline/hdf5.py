@@ -113,6 +113,39 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
     return out
 
 
+class HDF5Damage(UniptError):
+    """A dataset of an HDF5 copy failed its checksum (or its decompression)."""
+
+
+def verify_hdf5(path: str | Path) -> tuple[int, list[str]]:
+    """(datasets checked, what is wrong): the examples columns and offsets against their sha256, every
+    activation dataset read whole through HDF5's Fletcher-32 checks. A file that is no unipt cache at all,
+    or one exported without checksums (nothing to verify against), raises."""
+    h5py = _h5py()
+    try:
+        reader = HDF5CacheReader(path, warn_unchecked=False)  # checks the examples columns
+    except HDF5Damage as exc:
+        return 1, [str(exc)]
+    try:
+        if reader._digests is None:
+            raise UniptError(
+                f"{path} was exported without checksums (by an older unipt), so there is nothing to verify "
+                "it against; export it again from the Zarr cache (`unipt cache export KEY --format hdf5`)"
+            )
+        names = sorted(name for name, item in reader.file.items() if isinstance(item, h5py.Dataset))
+        problems = []
+        for name in names:
+            rows = reader.file[name].shape[0]
+            try:
+                for start in range(0, max(rows, 1), _COPY_ROWS):
+                    reader._read(name, start, min(start + _COPY_ROWS, rows))
+            except HDF5Damage as exc:
+                problems.append(str(exc))
+        return len(names) + len(reader.file[EXAMPLES_GROUP]), problems
+    finally:
+        reader.close()
+
+
 def _digest(data: np.ndarray | list) -> str:
     """sha256 of a small dataset's values: an array's dtype, shape and bytes, or a list of strings."""
     if isinstance(data, list):
@@ -136,7 +169,9 @@ def _used_row_ranges(layout, spec, offsets: np.ndarray) -> list[tuple[int, int]]
 class HDF5CacheReader(ActivationCache):
     """A cache exported to HDF5, read with h5py; same API and same rows as :class:`CacheReader`."""
 
-    def __init__(self, path: str | Path, expect: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, path: str | Path, expect: dict[str, Any] | None = None, warn_unchecked: bool = True
+    ) -> None:
         self.path = Path(path).expanduser()
         self.source = str(self.path)
         if not self.path.is_file():
@@ -152,7 +187,7 @@ class HDF5CacheReader(ActivationCache):
             raise UniptError(f"{self.path} is an HDF5 file but not a unipt cache (no '{ATTRS}' attribute)")
         self.attrs = json.loads(self.file.attrs[ATTRS])
         self._digests = json.loads(self.file.attrs[DIGESTS]) if DIGESTS in self.file.attrs else None
-        if self._digests is None and self.source not in _WARNED_UNCHECKED:
+        if warn_unchecked and self._digests is None and self.source not in _WARNED_UNCHECKED:
             _WARNED_UNCHECKED.add(self.source)  # once per file and process: training opens it more than once
             say(
                 f"warning: {self.path} was exported without checksums (by an older unipt): its reads are "
@@ -175,7 +210,7 @@ class HDF5CacheReader(ActivationCache):
             raise self._damaged(name, "its sha256 does not match the one recorded at export")
 
     def _damaged(self, name: str, what: str) -> UniptError:
-        return UniptError(
+        return HDF5Damage(
             f"HDF5 cache {self.path}: {name} is damaged ({what}); export it again from the Zarr cache "
             "(`unipt cache export KEY --format hdf5`)"
         )

@@ -74,6 +74,16 @@ def test_a_damaged_hdf5_copy_stops_reading_in_one_line(tmp_path, compression, ca
     with pytest.raises(UniptError, match="examples/label is damaged .*sha256 does not match"):
         HDF5CacheReader(labels)
 
+    # `unipt cache verify` reads every dataset of the copy through the same checks.
+    capsys.readouterr()
+    assert main(["cache", "verify", str(out), "--no-progress"]) == 0
+    assert "datasets match their checksums" in capsys.readouterr().out
+    for bad, names in ((damaged, "layer_02 rows"), (labels, "examples/label")):
+        assert main(["cache", "verify", str(bad), "--no-progress"]) == 1
+        printed = capsys.readouterr()
+        assert [line for line in printed.out.splitlines() if line.startswith("DAMAGED")], printed.out
+        assert names in printed.out and "cannot be trusted" in printed.err
+
     # A copy exported before the checksums existed still opens, and says once that it is unchecked.
     capsys.readouterr()
     with h5py.File(damaged, "r+") as f:
@@ -82,6 +92,9 @@ def test_a_damaged_hdf5_copy_stops_reading_in_one_line(tmp_path, compression, ca
     HDF5CacheReader(damaged)
     said = capsys.readouterr().err
     assert said.count("was exported without checksums") == 1, said
+    assert main(["cache", "verify", str(damaged), "--no-progress"]) == 2  # nothing to verify against
+    said = capsys.readouterr().err
+    assert said.startswith("unipt: error:") and "nothing to verify" in said and said.count("\n") == 1
 
 
 def test_export_never_overwrites(tmp_path):
