@@ -136,9 +136,11 @@ def verify_hdf5(path: str | Path) -> tuple[int, list[str]]:
         problems = []
         for name in names:
             rows = reader.file[name].shape[0]
+            # A dataset with a recorded sha256 (offsets: one row per example) is read whole, so it is checked.
+            step = max(rows, 1) if name in reader._digests else _COPY_ROWS
             try:
-                for start in range(0, max(rows, 1), _COPY_ROWS):
-                    reader._read(name, start, min(start + _COPY_ROWS, rows))
+                for start in range(0, max(rows, 1), step):
+                    reader._read(name, start, min(start + step, rows))
             except HDF5Damage as exc:
                 problems.append(str(exc))
         return len(names) + len(reader.file[EXAMPLES_GROUP]), problems
