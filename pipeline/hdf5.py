@@ -16,7 +16,6 @@ before that has neither: opening it says so (its reads are unchecked) and asks f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -28,9 +27,11 @@ import pyarrow as pa
 
 from pipeline.cache import ActivationCache, CacheReader
 from pipeline.cache_layout import layer_array_name, scale_array_name
+from pipeline.checksums import digest
 from pipeline.encoding import has_scale
 from pipeline.errors import UniptError
 from pipeline.extras import require
+from pipeline.hashing import sha256_json
 from pipeline.log import say
 
 ATTRS = "unipt"
@@ -148,14 +149,12 @@ def verify_hdf5(path: str | Path) -> tuple[int, list[str]]:
         reader.close()
 
 
-def _digest(data: np.ndarray | list) -> str:
+def _digest(data: np.ndarray | list[str]) -> str:
     """sha256 of a small dataset's values: an array's dtype, shape and bytes, or a list of strings."""
     if isinstance(data, list):
-        text = json.dumps([v.decode("utf-8") if isinstance(v, bytes) else v for v in data])
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return sha256_json(data)
     array = np.ascontiguousarray(data)
-    header = f"{array.dtype.str}{array.shape}".encode()
-    return hashlib.sha256(header + array.tobytes()).hexdigest()
+    return digest(f"{array.dtype.str}{array.shape}".encode() + array.tobytes())
 
 
 def _used_row_ranges(layout, spec, offsets: np.ndarray) -> list[tuple[int, int]]:
