@@ -95,15 +95,20 @@ def verify(reader: CacheReader, progress: Callable[[int], None] | None = None) -
     problems += reader.metadata_problems()
     for segment in getattr(reader, "segments", []):  # a view: every segment it reads, each named
         for problem in verify(segment, progress):
-            name = f"segment {segment.location.name}"
+            name = _segment_name(segment)
             problems.append(Problem(f"{name}/{problem.file}", f"{name}: {problem.what}", problem.message))
     return problems
+
+
+def _segment_name(segment: CacheReader) -> str:
+    """How a view's problems name the segment they come from (``verify``'s prefix of their file)."""
+    return f"segment {segment.location.name}"
 
 
 def damaged_stores(reader: CacheReader, problems: list[Problem]) -> list[str]:
     """The stores (the cache itself, or the segments of a view) that hold ``problems``: what to delete
     so that the next extraction writes them again (a view's other segments stay and are reused)."""
-    segments = {f"segment {s.location.name}/": str(s.location) for s in getattr(reader, "segments", [])}
+    segments = {f"{_segment_name(s)}/": str(s.location) for s in getattr(reader, "segments", [])}
     stores = []
     for problem in problems:
         store = next((path for prefix, path in segments.items() if problem.file.startswith(prefix)), None)
