@@ -36,13 +36,13 @@ class _Strict(BaseModel):
 class SplitConfig(_Strict):
     """How examples are assigned to train/val/test when the data has no split column."""
 
-    train: float = Field(0.8, gt=0, lt=1)
-    val: float = Field(0.1, ge=0, lt=1)
-    test: float = Field(0.1, gt=0, lt=1)
+    train: float = Field(0.8, gt=0, lt=1, description="Fraction of examples (or groups) in train.")
+    val: float = Field(0.1, ge=0, lt=1, description="Fraction in val (picks the best epoch).")
+    test: float = Field(0.1, gt=0, lt=1, description="Fraction in test (reported, never used to pick).")
     group_column: str | None = Field(
         None, description="Examples sharing this column's value land in one split (e.g. movie)."
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the split assignment hash.")
     scheme: Literal[1, 2] = Field(
         2,
         description="How examples are grouped when there is neither a split_column nor a group_column. "
@@ -86,8 +86,12 @@ class DatasetConfig(_Strict):
         description="Column of second texts: each example is the pair (text, text_pair), encoded together "
         "the way the tokenizer encodes pairs (segment ids and all), for NLI/paraphrase/QA-style tasks.",
     )
-    label_column: str = "label"
-    id_column: str | None = None
+    label_column: str = Field(
+        "label", description="Column of labels (class names, or numbers for regression)."
+    )
+    id_column: str | None = Field(
+        None, description="Column of example ids; None = ids are hashes of the row's content."
+    )
     split_column: str | None = Field(None, description="Column holding train/val/test; else `split` is used.")
     split: SplitConfig = SplitConfig()
     limit: int | None = Field(
@@ -101,10 +105,13 @@ class BackboneConfig(_Strict):
         description="'bundled:all-minilm-l6-v2', 'bundled:efficientnet-lite0', a local HF folder (text or "
         "vision encoder), or a hub id",
     )
-    revision: str | None = None
-    layers: Literal["all"] | list[int] = "all"
-    max_length: int = Field(128, gt=1, le=8192)
-    batch_size: int = Field(64, gt=0)
+    revision: str | None = Field(None, description="Hub ids: the revision (tag, branch or commit) to load.")
+    layers: Literal["all"] | list[int] = Field(
+        "all",
+        description="Hidden states to store: all, or sorted indices (0 = the embeddings), e.g. [0, 3, 6].",
+    )
+    max_length: int = Field(128, gt=1, le=8192, description="Tokens per text; longer texts are truncated.")
+    batch_size: int = Field(64, gt=0, description="Examples per backbone forward during extraction.")
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the weights (only for sources you trust)."
     )
@@ -145,9 +152,11 @@ class ExtractConfig(_Strict):
         description="Token rows per Zarr chunk. auto: 4096 up to width 384 (MiniLM), fewer for wider layers "
         "(2048 at 768, 1024 at BERT-large's 1024), so a chunk stays near 3 MiB of float16.",
     )
-    codec: Literal["blosc-zstd", "blosc-lz4", "zstd", "lz4", "none"] = "blosc-zstd"
+    codec: Literal["blosc-zstd", "blosc-lz4", "zstd", "lz4", "none"] = Field(
+        "blosc-zstd", description="Compression of the activation chunks (every codec is checked by crc32c)."
+    )
     shuffle: Literal["byte", "bit", "none"] = Field("byte", description="Blosc shuffle filter.")
-    compression_level: int = Field(1, ge=0, le=9)
+    compression_level: int = Field(1, ge=0, le=9, description="Codec level (1 = fastest).")
     blosc_blocksize: int = Field(
         1 << 20, ge=0, description="Bytes per Blosc block (0 = Blosc's choice, which compresses worse)."
     )
@@ -186,15 +195,17 @@ class TrainConfig(_Strict):
     )
     side_reduction: int = Field(8, gt=0, description="method lst: the side network's width is backbone / r.")
     embed_size: int | None = Field(None, gt=0, description="UniPT output width; default = backbone width.")
-    downsample_factor: int = Field(2, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    downsample_factor: int = Field(
+        2, gt=0, description="UniPT: width of the parallel network = embed_size / this."
+    )
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in the trained network.")
+    epochs: int = Field(10, gt=0, description="Training epochs (the best on validation is kept).")
+    batch_size: int = Field(64, gt=0, description="Examples per training step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (warmup, then cosine decay).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up the lr.")
     block_examples: int = Field(256, gt=0, description="Examples read per cache block (shuffle unit).")
-    shuffle_buffer_blocks: int = Field(4, gt=0)
+    shuffle_buffer_blocks: int = Field(4, gt=0, description="Blocks mixed together when shuffling.")
     loader_memory_mb: int | None = Field(
         512,
         gt=0,
@@ -237,7 +248,9 @@ class TrainConfig(_Strict):
         "and costs a padded batch and a block of memory (a BERT-large-shaped cache epoch: ~1,600 MiB "
         "peak instead of ~1,650). Does not change results.",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Training device; auto = cuda when torch sees a GPU, else cpu (said in the run)."
+    )
     linear_probe: bool = Field(
         True,
         description="Also fit the last-layer probe baseline (classification: logistic regression; "
@@ -310,7 +323,7 @@ class StorageConfig(_Strict):
     cache_root: str = Field(
         ".unipt/cache", description="A directory or an fsspec URL such as s3://bucket/caches."
     )
-    runs_root: str = ".unipt/runs"
+    runs_root: str = Field(".unipt/runs", description="Where run folders (record.json, model, plots) go.")
     registry: str = Field(
         ".unipt/registry.sqlite", description="SQLite run registry (`unipt runs`, `rerun`, `sweep`)."
     )
@@ -361,8 +374,11 @@ _BACKBONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 class ExperimentConfig(_Strict):
-    name: str
-    seed: int = 0
+    name: str = Field(
+        description="Experiment name (runs, MLflow).",
+        json_schema_extra={"default_text": "the config file's name without `.yaml`"},
+    )
+    seed: int = Field(0, description="Seed of training (initialisation, shuffling).")
     dataset: DatasetConfig
     backbone: BackboneConfig | None = Field(None, description="The one backbone (or use `backbones`).")
     backbones: dict[str, BackboneConfig] | None = Field(
@@ -475,6 +491,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not isinstance(raw, dict):
         raise UniptError(f"config {path} must be a mapping of sections (dataset, backbone, ...)")
     raw = apply_overrides(raw, overrides or [])
+    raw.setdefault("name", path.stem)  # a config named my_data.yaml is experiment "my_data"
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:

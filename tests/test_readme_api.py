@@ -10,7 +10,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def python_api_example() -> str:
     text = README.read_text()
-    section = text[text.index("### The Python API") :]
+    section = text[text.index("## The Python API") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
