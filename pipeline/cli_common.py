@@ -49,6 +49,7 @@ def summary_line(result: experiment.RunResult) -> str:
         f"extract {timings.extract_s:.1f}s ({'cache hit' if result.cache_hit else 'cache miss'}) | "
         f"train {m['train_seconds']:.1f}s ({m['seconds_per_epoch']:.1f}s/epoch) on {device} | "
         f"cache {human_bytes(trained.cache_bytes)} | run {result.run_dir}"
+        + "".join(f" | WARNING: {warning}" for warning in trained.warnings)
     )
 
 

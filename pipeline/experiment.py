@@ -322,6 +322,7 @@ class Trained:
     model_spec: ModelSpec | None = None  # what model.json says about them
     select_metric: str | None = None  # the validation metric that picked the best epoch
     report: dict[str, Any] | None = None  # per split: per-class scores, confusion matrix (classification)
+    warnings: list[str] = field(default_factory=list)  # e.g. a model that predicts one class
 
     @property
     def headline(self) -> str:
@@ -345,6 +346,7 @@ def train(
     import torch
 
     from train.fit import device_reason, pick_device
+    from train.metrics import collapse_warnings
     from train.tasks import TrainOptions, run_task
 
     task = prep.task
@@ -375,6 +377,7 @@ def train(
         gallery_layer_weights=result.gallery_layer_weights,
         select_metric=result.select_metric,
         report=result.report,
+        warnings=collapse_warnings(result.metrics, result.report, result.select_metric),
         # CPU results depend on the thread count (reduction order), so a rerun restores it.
         runtime={
             "torch_threads": torch.get_num_threads(),
@@ -496,6 +499,7 @@ def record(
         },
         "metrics": trained.metrics,
         **({"report": trained.report} if trained.report else {}),
+        **({"warnings": trained.warnings} if trained.warnings else {}),
         "history": trained.history,
         "layer_weights": trained.layer_weights,
         # Two-cache tasks: the gallery side's UniPT weights beside the query side's.

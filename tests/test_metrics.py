@@ -32,3 +32,43 @@ def test_spearman_by_hand_with_ties():
     assert average_ranks(t([1, 2, 2, 3])).tolist() == [1.0, 2.5, 2.5, 4.0]
     assert average_ranks(t([30, 10, 20, 10])).tolist() == [4.0, 1.5, 3.0, 1.5]
     assert spearman(t([1, 2, 2, 3]), t([1, 3, 2, 4])) == pytest.approx(math.sqrt(0.9))
+
+
+def test_collapse_warnings_name_a_model_that_predicts_one_class():
+    from train.metrics import class_report, collapse_warnings
+
+    labels = torch.tensor([0, 1, 2, 0, 0, 1])
+    collapsed = torch.zeros(6, dtype=torch.long)
+    report = {"val": class_report(collapsed, labels, ["a", "b", "c"])}
+    metrics = {"val_acc": 0.5, "majority_val_acc": 0.5}
+    (warning,) = collapse_warnings(metrics, report, "acc")
+    assert "predicts one class (a) for every val example" in warning and "train.epochs" in warning
+
+
+def test_collapse_warnings_name_a_selected_metric_at_the_majority_baseline():
+    from train.metrics import class_report, collapse_warnings
+
+    labels = torch.tensor([0, 1, 2, 0, 0, 1])
+    mixed = torch.tensor([0, 0, 2, 0, 1, 0])  # three classes predicted, no better than the majority
+    report = {"val": class_report(mixed, labels, ["a", "b", "c"])}
+    (warning,) = collapse_warnings({"val_acc": 0.5, "majority_val_acc": 0.5}, report, "acc")
+    assert "is the majority class's" in warning
+    assert collapse_warnings({"val_acc": 0.6, "majority_val_acc": 0.5}, report, "acc") != []  # within 1/6
+    # One example of six above the baseline is 1/6: more than noise here, so no warning.
+    assert collapse_warnings({"val_acc": 0.8, "majority_val_acc": 0.5}, report, "acc") == []
+
+
+def test_collapse_warnings_name_constant_regression_predictions():
+    from train.metrics import collapse_warnings, pearson
+
+    constant = pearson(torch.ones(5), torch.arange(5.0))
+    (warning,) = collapse_warnings(
+        {"val_mse": 1.0, "val_pearson": constant, "test_mse": 1.0}, None, "pearson"
+    )
+    assert "same value for every val example" in warning
+    assert (
+        collapse_warnings(
+            {"val_mse": 1.0, "val_pearson": 0.4, "test_pearson": 0.3, "test_mse": 1.0}, None, "pearson"
+        )
+        == []
+    )

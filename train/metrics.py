@@ -118,3 +118,36 @@ def retrieval_metrics_from_ranks(
 def retrieval_metrics(similarity: torch.Tensor) -> dict[str, float]:
     """Query i (row) matches gallery item i (column): R@1/5/10 both ways and rSum."""
     return retrieval_metrics_from_ranks(match_ranks(similarity), match_ranks(similarity.T))
+
+
+def collapse_warnings(
+    metrics: dict[str, Any], report: dict[str, Any] | None, select: str | None
+) -> list[str]:
+    """What says a trained model learnt nothing, in words for the summary line and the record: every val or
+    test prediction is one class, the predictions do not vary (regression), or the metric that picked the
+    best epoch is the majority class's within one validation example."""
+    advice = "train longer (train.epochs) or try another train.lr"
+    found = []
+    for split, details in (report or {}).items():
+        confusion = details.get("confusion") if isinstance(details, dict) else None
+        if not confusion:
+            continue
+        predicted = [sum(column) for column in zip(*confusion, strict=True)]
+        present = [row for row in confusion if sum(row)]
+        used = [i for i, count in enumerate(predicted) if count]
+        if len(used) == 1 and len(present) > 1:
+            name = details.get("labels", [str(used[0])])[used[0]]
+            found.append(f"the model predicts one class ({name}) for every {split} example; {advice}")
+    for split in ("val", "test"):
+        pearson_value = metrics.get(f"{split}_pearson", 0.0)
+        if f"{split}_mse" in metrics and (pearson_value is None or pearson_value != pearson_value):
+            found.append(f"the model predicts the same value for every {split} example; {advice}")
+    if found or not select:
+        return found
+    # Classification: a selected metric within one validation example of the majority class's is no signal.
+    ours, baseline = metrics.get(f"val_{select}"), metrics.get(f"majority_val_{select}")
+    val_examples = sum(sum(row) for row in ((report or {}).get("val") or {}).get("confusion", []))
+    if isinstance(ours, float) and isinstance(baseline, float) and val_examples:
+        if abs(ours - baseline) <= 1 / val_examples:
+            found.append(f"val_{select} {ours:.4f} is the majority class's ({baseline:.4f}); {advice}")
+    return found
