@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", True) is False and not sys.stderr.isatty():
+        args.no_progress = True  # a log file gets the unipt: lines, not a bar's cursor escapes
     configure_cli_logging()
     try:
         return args.handler(args)
