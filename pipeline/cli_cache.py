@@ -23,11 +23,9 @@ from pipeline.cache_admin import (
 from pipeline.cache_open import open_cache
 from pipeline.errors import UniptError
 from pipeline.log import human_bytes
-from pipeline.registry import DEFAULT_REGISTRY, registered_cache_keys
+from pipeline.registry import registered_cache_keys
 from pipeline.runs import referenced_cache_keys
-
-DEFAULT_CACHE_ROOT = ".unipt/cache"
-DEFAULT_RUNS_ROOT = ".unipt/runs"
+from pipeline.storage import DEFAULT_CACHE_ROOT, DEFAULT_REGISTRY, DEFAULT_RUNS_ROOT
 
 
 def _open(target: str, cache_root: str, strict: bool = True) -> CacheReader:

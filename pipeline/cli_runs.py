@@ -27,6 +27,7 @@ from pipeline.registry import (
     result_metrics,
 )
 from pipeline.rerun import rerun
+from pipeline.storage import DEFAULT_RUNS_ROOT
 from pipeline.sweep import (
     DISTRIBUTIONS,
     Distribution,
@@ -245,7 +246,9 @@ def _numeric(value: Any) -> Any:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume:
-        runs_root = args.runs_root or (load_args(args).storage.runs_root if args.config else ".unipt/runs")
+        runs_root = args.runs_root or (
+            load_args(args).storage.runs_root if args.config else DEFAULT_RUNS_ROOT
+        )
         result = resume_sweep(
             args.resume, runs_root, ray_address=args.ray_address, progress=not args.no_progress
         )

@@ -25,7 +25,13 @@ from pydantic import (
 )
 
 from pipeline.errors import UniptError
-from pipeline.storage import check_no_secrets, check_url
+from pipeline.storage import (
+    DEFAULT_CACHE_ROOT,
+    DEFAULT_REGISTRY,
+    DEFAULT_RUNS_ROOT,
+    check_no_secrets,
+    check_url,
+)
 from pipeline.tasks import get_task, task_names
 
 
@@ -320,12 +326,21 @@ class TrainConfig(_Strict):
 
 
 class StorageConfig(_Strict):
+    # Unset, each comes from $UNIPT_HOME (else .unipt), as for commands that take no config.
     cache_root: str = Field(
-        ".unipt/cache", description="A directory or an fsspec URL such as s3://bucket/caches."
+        default_factory=lambda: DEFAULT_CACHE_ROOT,
+        description="A directory or an fsspec URL such as s3://bucket/caches.",
+        json_schema_extra={"default_text": "`$UNIPT_HOME/cache`, else `.unipt/cache`"},
     )
-    runs_root: str = Field(".unipt/runs", description="Where run folders (record.json, model, plots) go.")
+    runs_root: str = Field(
+        default_factory=lambda: DEFAULT_RUNS_ROOT,
+        description="Where run folders (record.json, model, plots) go.",
+        json_schema_extra={"default_text": "`$UNIPT_HOME/runs`, else `.unipt/runs`"},
+    )
     registry: str = Field(
-        ".unipt/registry.sqlite", description="SQLite run registry (`unipt runs`, `rerun`, `sweep`)."
+        default_factory=lambda: DEFAULT_REGISTRY,
+        description="SQLite run registry (`unipt runs`, `rerun`, `sweep`).",
+        json_schema_extra={"default_text": "`$UNIPT_HOME/registry.sqlite`, else `.unipt/registry.sqlite`"},
     )
     options: dict[str, Any] = Field(
         default_factory=dict,

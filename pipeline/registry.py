@@ -25,9 +25,9 @@ from typing import Any
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
 from pipeline.runs import RECORD_FILE
+from pipeline.storage import DEFAULT_REGISTRY as DEFAULT_REGISTRY  # re-exported: where commands look
 
 SCHEMA_VERSION = 1
-DEFAULT_REGISTRY = ".unipt/registry.sqlite"
 BUSY_TIMEOUT_S = 60.0
 # Wall-clock measurements: they differ between two runs of the same thing, so they are not "results".
 TIMING_METRICS = frozenset({"train_seconds", "seconds_per_epoch"})

@@ -246,3 +246,14 @@ def explain_storage_error(exc: BaseException) -> UniptError | None:
             )
         current = current.__cause__ or current.__context__
     return None
+
+
+def unipt_home() -> str:
+    """Where caches, runs and the registry live when the config names no place: ``$UNIPT_HOME``, else
+    ``.unipt`` in the working directory. Set UNIPT_HOME so every command finds them wherever it runs."""
+    return os.environ.get("UNIPT_HOME") or ".unipt"
+
+
+DEFAULT_CACHE_ROOT = f"{unipt_home()}/cache"
+DEFAULT_RUNS_ROOT = f"{unipt_home()}/runs"
+DEFAULT_REGISTRY = f"{unipt_home()}/registry.sqlite"
