@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,11 +188,8 @@ def check_cache_matches(prep: Prepared, reader: ActivationCache, backbone_checke
 
 
 def release_reader(reader: ActivationCache) -> None:
-    """Let go of a reader's lease (Zarr) or file (HDF5)."""
-    if hasattr(reader, "lease"):
-        reader.lease.release()
-    if hasattr(reader, "close"):
-        reader.close()
+    """Let go of a reader's leases (Zarr) or file (HDF5): :meth:`ActivationCache.close`."""
+    reader.close()
 
 
 def _shown(value: Any) -> str:
@@ -342,10 +339,7 @@ def train(
 
     ``checkpoint`` is written after every epoch; ``resume`` continues from one.
     """
-    import torch
-
-    from train.fit import device_reason, pick_device
-    from train.tasks import TrainOptions, run_task
+    from train.tasks import TrainOptions
 
     task = prep.task
     backbones = prep.training_backbones()
@@ -354,11 +348,28 @@ def train(
         raise UniptError(
             f"task {task.name} trains on {task.caches} caches found by key; --cache does not apply to it"
         )
-    if cache is None:
-        readers = [open_for_training(prep, backbone=b.name) for b in backbones]
-    else:
-        readers = [cache if isinstance(cache, ActivationCache) else open_for_training(prep, cache)]
-    options = TrainOptions(progress, checkpoint, resume, meta, on_epoch_end)
+    # The readers opened here are closed here (their leases let go); a reader passed in is the caller's.
+    with ExitStack() as opened:
+        if cache is None:
+            readers = [opened.enter_context(open_for_training(prep, backbone=b.name)) for b in backbones]
+        elif isinstance(cache, ActivationCache):
+            readers = [cache]
+        else:
+            readers = [opened.enter_context(open_for_training(prep, cache))]
+        return _train_on(
+            prep, readers, backbones, TrainOptions(progress, checkpoint, resume, meta, on_epoch_end)
+        )
+
+
+def _train_on(
+    prep: Prepared, readers: list[ActivationCache], backbones: list[PreparedBackbone], options: Any
+) -> Trained:
+    import torch
+
+    from train.fit import device_reason, pick_device
+    from train.tasks import run_task
+
+    task = prep.task
     device = pick_device(prep.config.train.device)
     reason = device_reason(prep.config.train.device, device)
     say(f"training on {reason}")
@@ -582,7 +593,10 @@ def train_from_cache(
             primary = dataclasses.replace(prep.primary, key=key_of(reader), key_fields=key_fields_of(reader))
             prep = dataclasses.replace(prep, backbones={primary.name: primary}, cache=str(cache))
         say(f"training from {reader.source} (no backbone forward pass)")
-    return _train_and_record(prep, started, 0.0, True, progress=progress, resume=resume, cache=reader)
+    with ExitStack() as opened:
+        if reader is not None:
+            opened.enter_context(reader)
+        return _train_and_record(prep, started, 0.0, True, progress=progress, resume=resume, cache=reader)
 
 
 def _train_and_record(

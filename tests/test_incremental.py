@@ -12,9 +12,11 @@ import pyarrow as pa
 import pytest
 
 from pipeline import experiment
-from pipeline.cache import CacheReader, CacheRoot, ViewReader
+from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_open import open_cache
 from pipeline.cache_space import write_view
+from pipeline.cache_view import ViewReader
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.config import load_config
 from tests.conftest import make_sentiment_rows, write_config, write_csv
@@ -64,7 +66,7 @@ def test_a_view_over_two_segments_reads_every_range_like_the_concatenated_exampl
             "split": ["train"] * 6 + ["test"] * 5,
         }
     )
-    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
+    readers = {s: open_cache(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
     where = {h: ("01" * 16, i) for i, h in enumerate(f"h{i}" for i in range(7))}
     where.update({h: ("02" * 16, i) for i, h in enumerate(["h7", "h8", "h9"])})
     key = "ee" * 16
@@ -73,7 +75,7 @@ def test_a_view_over_two_segments_reads_every_range_like_the_concatenated_exampl
     for reader in readers.values():
         reader.lease.release()
 
-    view = CacheReader(root.location(key))
+    view = open_cache(root.location(key))
     assert isinstance(view, ViewReader) and len(view.segments) == 2
     assert view.split_indices("test").tolist() == [6, 7, 8, 9, 10]
     for layer in (0, 1):
@@ -138,7 +140,7 @@ def test_versions_extract_only_what_no_segment_holds(ray_session, versions, capf
     root = b.cache_root
     (space,) = root.spaces()
     assert len(root.segments(space)) == 2 and len(root.keys()) == 4  # two segments, four views
-    view = CacheReader(root.location(b.key))
+    view = open_cache(root.location(b.key))
     assert view.num_examples == 202 and len(view.segments) == 2
     copies = view.examples.to_pandas().set_index("example_id")
     assert tuple(copies.loc["dup-3", ["segment", "row"]]) == tuple(copies.loc["r0003", ["segment", "row"]])
@@ -155,8 +157,8 @@ def test_b_incremental_trains_exactly_like_b_from_scratch(ray_session, versions)
         pass
     assert incremental.key == scratch.key
     a, b = (
-        CacheReader(incremental.cache_root.location(incremental.key)),
-        CacheReader(scratch.cache_root.location(scratch.key)),
+        open_cache(incremental.cache_root.location(incremental.key)),
+        open_cache(scratch.cache_root.location(scratch.key)),
     )
     assert len(a.segments) == 2 and len(b.segments) == 1
     # Bit for bit: an input's rows do not depend on the inputs batched beside it (hf_text's padding).
@@ -195,7 +197,7 @@ def test_compact_merges_segments_rewrites_views_and_gc_removes_what_no_view_read
     examples = pa.table(
         {"example_id": [f"e{i}" for i in range(6)], "label": [0, 1] * 3, "split": ["train"] * 6}
     )
-    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
+    readers = {s: open_cache(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
     where = {f"h{i}": ("01" * 16, i) for i in range(4)} | {"h4": ("02" * 16, 0), "h5": ("02" * 16, 1)}
     write_view(
         root, "ee" * 16, {"key_fields": {}, "label_names": ["a", "b"]}, examples, hashes, where, readers
@@ -206,7 +208,7 @@ def test_compact_merges_segments_rewrites_views_and_gc_removes_what_no_view_read
 
     assert main(["cache", "compact", SPACE, "--cache-root", str(tmp_path)]) == 0
     (merged,) = root.segments(SPACE)
-    view = CacheReader(root.location("ee" * 16))
+    view = open_cache(root.location("ee" * 16))
     assert [s.location.name for s in view.segments] == [merged]
     np.testing.assert_array_equal(view.read_rows(0, 0, len(expected)), expected)
     view.lease.release()
@@ -267,7 +269,7 @@ def test_concurrent_extractions_of_overlapping_versions_build_each_input_once(
     (space,) = root.spaces()
     held = []
     for segment in root.segments(space):
-        reader = CacheReader(root.segment_location(space, segment))
+        reader = open_cache(root.segment_location(space, segment))
         held += reader.examples.column("input_hash").to_pylist()
         reader.lease.release()
     assert len(held) == len(set(held)) == 160
@@ -278,7 +280,7 @@ def test_concurrent_extractions_of_overlapping_versions_build_each_input_once(
         with experiment.extract(alone, progress=False):
             pass
         assert alone.key == prep.key
-        mine, theirs = CacheReader(root.location(prep.key)), CacheReader(alone.cache_root.location(alone.key))
+        mine, theirs = open_cache(root.location(prep.key)), open_cache(alone.cache_root.location(alone.key))
         assert mine.num_examples == theirs.num_examples == 100
         _assert_same_rows(mine, theirs)
         mine.lease.release()
