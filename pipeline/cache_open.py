@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.cache import ActivationCache, CacheReader, read_attrs
 from pipeline.cache_layout import VIEW_KIND
-from pipeline.cache_view import ViewReader
+from pipeline.cache_view import STORED_ORDER, ViewReader
 from pipeline.hdf5 import HDF5CacheReader
 from pipeline.storage import Location
 
@@ -22,14 +22,17 @@ def open_cache(
     expect: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
     strict: bool = True,
+    view_order: int = STORED_ORDER,
 ) -> ActivationCache:
     """The reader for what is stored at ``target``, chosen by its stored attributes (``kind: view``: a
     :class:`ViewReader`) or its file name (an HDF5 export). Close it (or use it as a context manager)
-    to let go of its read leases. ``strict=False`` (Zarr only) skips the read checks, for verify."""
+    to let go of its read leases. ``strict=False`` (Zarr only) skips the read checks, for verify.
+    ``view_order`` is the order a view presents its examples in (``train.view_order``; other stores
+    are in their physical order already)."""
     if str(target).endswith((".h5", ".hdf5")):
         return HDF5CacheReader(target, expect=expect)
     location = target if isinstance(target, Location) else Location(target, options)
     attrs = read_attrs(location)
     if attrs is not None and attrs.get("kind") == VIEW_KIND:
-        return ViewReader(location, expect=expect, options=options, strict=strict)
+        return ViewReader(location, expect=expect, options=options, strict=strict, view_order=view_order)
     return CacheReader(location, expect=expect, options=options, strict=strict)

@@ -12,6 +12,14 @@ seeded shuffles depend only on the block sizes. Segments have gaps at their shar
 places that depend on how the data arrived (one extraction, or several); the virtual space has none,
 so a dataset version trains on exactly the same batches however its activations were extracted.
 
+The order of that row space is ``train.view_order``: 2 (the default for training) puts each split's
+examples in the order their inputs sit in the segments (segment, then row), which labels and ids do not
+change, so a relabelled version reads its segments front to back like its source, and a partial one
+reads only the chunks it uses, in order; 1 is the dataset's order as written (split, then id), which
+runs made before 2 keep. Under 2 the batches follow where the inputs were stored, so a version
+extracted incrementally batches differently from the same version extracted from scratch; under 1 they
+are the same.
+
 Reads stay block-contiguous: a virtual range whose rows are back to back in one segment (a
 from-scratch extraction, away from shard boundaries) is one read, returned as is; otherwise the range
 is cut per segment into clusters of nearby rows (one read each, so a chunk is decoded once per
@@ -35,6 +43,22 @@ from pipeline.checksums import CHECKSUMS_FILE, Problem, digest
 from pipeline.errors import CacheMissing, UniptError
 from pipeline.locks import LeaseSet
 from pipeline.storage import Location
+
+STORED_ORDER = 1  # ``train.view_order`` 1: the view's examples as written, the dataset's order (split, id)
+SEGMENT_ORDER = 2  # ... 2: each split in the order its inputs sit in the segments (segment, then row)
+VIEW_ORDERS = (STORED_ORDER, SEGMENT_ORDER)
+
+
+def segment_row_order(examples: pa.Table) -> np.ndarray:
+    """Positions of a view's examples split by split (in the order the splits first appear), each split
+    in the order its inputs sit in the segments: segment, then row. Labels and example ids play no part,
+    so a relabelled version of a dataset reads its segments front to back, like its source."""
+    split = examples.column("split").to_numpy(zero_copy_only=False)
+    _, first, codes = np.unique(split, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))[codes]
+    segment = examples.column("segment").to_numpy()
+    row = examples.column("row").to_numpy()
+    return np.lexsort((row, segment, rank))
 
 
 @dataclass(frozen=True)
@@ -68,7 +92,10 @@ def gather(
     fetch: Callable[[int, int, int], np.ndarray],
     gap: Callable[[int], int],
 ) -> np.ndarray:
-    """Rows of many (segment, start, count) pieces back to back, each segment read in few large runs."""
+    """Rows of many (segment, start, count) pieces back to back, each segment read in few large runs.
+
+    Pieces at most ``gap(segment)`` rows apart are read as one run. The view reads with a gap below one
+    chunk, so no run spans a chunk the view does not use: a partial view decodes only its own chunks."""
     total = int(counts.sum())
     targets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     out: np.ndarray | None = None
@@ -109,7 +136,14 @@ class ViewReader(ActivationCache):
         expect: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
         strict: bool = True,
+        view_order: int = STORED_ORDER,
     ) -> None:
+        if view_order not in VIEW_ORDERS:
+            raise UniptError(
+                f"view order {view_order} is not one of {list(VIEW_ORDERS)}; set train.view_order"
+            )
+        self.view_order = view_order
+        self._examples: pa.Table | None = None
         self.files = CacheReader(target, expect, options, strict, view_files=True)
         self.location = self.files.location
         self.source = self.files.source
@@ -167,10 +201,15 @@ class ViewReader(ActivationCache):
     # --- the view's own files ------------------------------------------------------------------------------
     @property
     def examples(self) -> pa.Table:
-        return self.files.examples
+        """The view's examples in its read order (``view_order``): every reading API follows it."""
+        if self._examples is None:
+            stored = self.files.examples
+            ordered = self.view_order == STORED_ORDER
+            self._examples = stored if ordered else stored.take(segment_row_order(stored))
+        return self._examples
 
     def _loaded_examples(self) -> pa.Table | None:
-        return self.files._loaded_examples()
+        return None if self.files._loaded_examples() is None else self.examples
 
     def manifest(self) -> dict[str, Any] | None:
         return self.files.manifest()
@@ -246,7 +285,7 @@ class ViewReader(ActivationCache):
             return fetch(int(segment[0]), int(physical[0]), int(physical[-1] + counts[-1]))  # one run
         # Several runs: each segment read in few large pieces, gathered into the view's order.
         return gather(
-            segment, physical, counts, fetch, lambda index: self.segments[index].layout.rows_per_file
+            segment, physical, counts, fetch, lambda index: self.segments[index].layout.chunk_rows - 1
         )
 
     # --- the API training uses ----------------------------------------------------------------------------

@@ -287,9 +287,10 @@ def open_for_training(
     built for other data or another backbone."""
     target = prep.backbones[backbone] if backbone is not None else prep.primary
     expect = {"dataset_fingerprint": prep.dataset.fingerprint, "backbone": target.key_fields["backbone"]}
+    order = prep.config.train.view_order
     if cache is None:
-        return open_cache(prep.cache_root.location(target.key), expect=expect)
-    return open_cache(cache, expect=expect, options=prep.config.storage.options)
+        return open_cache(prep.cache_root.location(target.key), expect=expect, view_order=order)
+    return open_cache(cache, expect=expect, options=prep.config.storage.options, view_order=order)
 
 
 def require_caches(prep: Prepared, how_to_build: str) -> None:
@@ -586,7 +587,9 @@ def train_from_cache(
         require_caches(prep, "run `unipt extract CONFIG` first (or `unipt run`)")
         reader = None
     else:
-        reader = open_cache(cache, options=prep.config.storage.options)
+        reader = open_cache(
+            cache, options=prep.config.storage.options, view_order=prep.config.train.view_order
+        )
         if prep.cache != str(cache):
             # The run records the key of the cache it reads, never the config's: rerun and gc rely on it.
             check_cache_matches(prep, reader)
