@@ -489,6 +489,12 @@ class CacheReader(ActivationCache):
         self.lease.release()
 
     @property
+    def read_gap(self) -> int:
+        """Unused rows a view may read between two runs it needs rather than read them apart: less than a
+        chunk, the unit Zarr decodes, so a view never decodes a chunk it has no row in."""
+        return self.layout.chunk_rows - 1
+
+    @property
     def checked(self) -> bool:
         """Whether reads check chunk checksums and presence (format 3 and strict)."""
         return self.strict and self.format_version >= 3

@@ -284,9 +284,7 @@ class ViewReader(ActivationCache):
         if (segment == segment[0]).all() and np.array_equal(physical[1:], physical[:-1] + counts[:-1]):
             return fetch(int(segment[0]), int(physical[0]), int(physical[-1] + counts[-1]))  # one run
         # Several runs: each segment read in few large pieces, gathered into the view's order.
-        return gather(
-            segment, physical, counts, fetch, lambda index: self.segments[index].layout.chunk_rows - 1
-        )
+        return gather(segment, physical, counts, fetch, lambda index: self.segments[index].read_gap)
 
     # --- the API training uses ----------------------------------------------------------------------------
     def offsets_for(self, layer: int) -> np.ndarray:
