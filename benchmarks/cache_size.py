@@ -32,6 +32,7 @@ import torch  # noqa: E402, F401  (before Ray: see extract/runner.py)
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
 from pipeline.cache import ActivationCache, CacheReader  # noqa: E402
 from pipeline.cache_layout import layer_array_name, scale_array_name  # noqa: E402
+from pipeline.cache_view import ViewReader  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -151,7 +152,11 @@ def main() -> int:
         reader = experiment.open_for_training(prep)
         on_disk = reader.nbytes_on_disk()
         rows.append(
-            size_row(reader, on_disk, activation_bytes(reader) if isinstance(reader, CacheReader) else None)
+            size_row(
+                reader,
+                on_disk,
+                activation_bytes(reader) if isinstance(reader, (CacheReader, ViewReader)) else None,
+            )
         )
         caches[dtype] = {"key": prep.key, "path": reader.source}
     print_rows(rows)

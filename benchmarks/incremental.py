@@ -88,6 +88,7 @@ def loader_throughput(work: Path, examples: int = 6000, passes: int = 3) -> dict
 
     from pipeline.cache import CacheReader, CacheRoot
     from pipeline.cache_layout import LayerSpec, StoreLayout
+    from pipeline.cache_open import open_cache
     from pipeline.cache_space import write_view
     from pipeline.cache_writer import CacheBuilder, write_shard
     from pipeline.config import TrainConfig
@@ -125,7 +126,7 @@ def loader_throughput(work: Path, examples: int = 6000, passes: int = 3) -> dict
         write_view(
             root, "ee" * 16, {"key_fields": {}, "label_names": ["a", "b"]}, table, hashes, where, readers
         )
-        view = CacheReader(root.location("ee" * 16))
+        view = open_cache(root.location("ee" * 16))
         config = TrainConfig()
         batches = CacheBatches.for_split(view, "train", config, seed=0, shuffle=True)
         nbytes = sum(lengths) * 384 * 2 * 3

@@ -14,8 +14,9 @@ import pyarrow as pa
 import torch
 import zarr
 
-from pipeline.cache import CacheReader, ViewReader
+from pipeline.cache import CacheReader
 from pipeline.cache_layout import layer_array_name
+from pipeline.cache_view import ViewReader
 from train.loader import CacheBatches, as_float32, epoch_order, padding_mask
 
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"

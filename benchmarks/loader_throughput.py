@@ -69,6 +69,7 @@ from torch import nn  # noqa: E402
 from benchmarks import loader_peers  # noqa: E402
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
 from pipeline.cache import ActivationCache, CacheReader  # noqa: E402
+from pipeline.cache_view import ViewReader  # noqa: E402
 from pipeline.config import TrainConfig, load_config  # noqa: E402
 from train.loader import Batch, CacheBatches, to_device  # noqa: E402
 from train.models import build_model  # noqa: E402
@@ -337,7 +338,7 @@ def main() -> int:
     prep = experiment.prepare(config)
     experiment.extract(prep, progress=False)
     reader = experiment.open_for_training(prep)
-    if not isinstance(reader, CacheReader):
+    if not isinstance(reader, (CacheReader, ViewReader)):
         raise SystemExit("loader_throughput reads a Zarr cache")
     device = pick_device(config.train.device)
     load_before = os.getloadavg()

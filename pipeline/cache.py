@@ -66,8 +66,9 @@ only complete stores. Read leases (``.leases/<key or segment>.lock``) keep `unip
 Every read of a format-3+ store is checked (see :class:`CacheReader`): a damaged, missing or
 displaced chunk, or metadata that contradicts the attributes, stops the read with one line naming
 the array, chunk and rows and pointing at ``unipt cache verify``. :func:`pipeline.cache_open.open_cache`
-opens a path that may also be an HDF5 export; ``CacheReader(path)`` of a view gives a
-:class:`~pipeline.cache_view.ViewReader`.
+opens a path that may be a view (:class:`~pipeline.cache_view.ViewReader`), a segment or format-2/3
+cache (:class:`CacheReader`) or an HDF5 export; every reader is a context manager whose ``close()``
+lets go of its read leases.
 
 Migration from format 3: nothing is converted. Format-3 caches stay readable by key or path (`unipt
 train --cache`, `verify`, `export`, reruns of the runs that used them) and are kept by gc while a run
@@ -80,8 +81,10 @@ from __future__ import annotations
 import io
 import json
 import os
+from abc import ABC, abstractmethod
 from functools import partial
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -101,7 +104,6 @@ from pipeline.cache_layout import (
     layer_array_name,
     scale_array_name,
 )
-from pipeline.cache_view import ViewMixin
 from pipeline.checksums import (
     CHECKSUMS_FILE,
     CheckedStore,
@@ -113,7 +115,7 @@ from pipeline.checksums import (
     seal_problem,
 )
 from pipeline.encoding import compressors, decode_rows, has_scale, offsets_compressors
-from pipeline.errors import UniptError
+from pipeline.errors import CacheDamaged, CacheMissing, UniptError
 from pipeline.locks import ReadLease
 from pipeline.storage import Location
 
@@ -220,8 +222,18 @@ def is_complete(location: Location) -> bool:
     return bool(attrs and attrs.get("complete"))
 
 
-class ActivationCache:
-    """Read access to a committed cache; subclasses supply the storage (Zarr store or HDF5 file)."""
+class ActivationCache(ABC):
+    """Read access to a committed cache: the interface training, export and the admin commands use.
+
+    Modelled on zarr-python's ``Store(ABC)``: the implementations supply the storage (:meth:`_read`,
+    :meth:`nbytes_on_disk`, :meth:`close`) and everything derived from the attributes and the examples
+    table (offsets, layers, splits, decoding) is written once here. Implementations:
+    :class:`CacheReader` (one Zarr store: a segment, or a cache of format 2/3),
+    :class:`pipeline.cache_view.ViewReader` (a dataset version, holding the readers of its segments) and
+    :class:`pipeline.hdf5.HDF5CacheReader`. :func:`pipeline.cache_open.open_cache` picks one.
+
+    A reader holds a read lease (or an open file) until :meth:`close`; use it as a context manager.
+    """
 
     source: str
     attrs: dict[str, Any]
@@ -248,7 +260,7 @@ class ActivationCache:
 
     def _validate(self, expect: dict[str, Any] | None) -> None:
         if not self.attrs.get("complete"):
-            raise UniptError(
+            raise CacheMissing(
                 f"cache {self.source} is incomplete (extraction did not finish); rerun `unipt extract`"
             )
         version = self.attrs.get("format_version")
@@ -277,8 +289,8 @@ class ActivationCache:
         self._offsets: dict[str, np.ndarray] = {}
         self._expected_offsets: dict[str, np.ndarray] = {}
 
-    def _damaged(self, what: str, why: str) -> UniptError:
-        return UniptError(
+    def _damaged(self, what: str, why: str) -> CacheDamaged:
+        return CacheDamaged(
             f"cache {self.source}: {what} {why}; run `unipt cache verify {self.source}` and re-extract it"
         )
 
@@ -317,15 +329,30 @@ class ActivationCache:
         return self.examples
 
     # --- storage hooks ------------------------------------------------------------------------------------
+    @abstractmethod
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
-        raise NotImplementedError
+        """Rows ``start:stop`` of the stored array ``name``, as stored."""
 
     def _locate_damage(self, name: str, start: int, stop: int, exc: Exception) -> str:
         """What exactly failed in a read of rows ``start:stop`` of array ``name`` (for the error line)."""
         return _reason(exc)
 
+    @abstractmethod
     def nbytes_on_disk(self) -> int:
-        raise NotImplementedError
+        """Bytes this cache occupies (a view: its own files and every segment it reads)."""
+
+    # --- lifetime -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def close(self) -> None:
+        """Let go of the read lease(s) or the open file; idempotent. Reads after it are undefined."""
+
+    def __enter__(self) -> ActivationCache:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
     # --- the API training uses ----------------------------------------------------------------------------
     @property
@@ -377,7 +404,7 @@ class ActivationCache:
         except (
             Exception
         ) as exc:  # a codec or checksum error here means damaged bytes, not a bug in the caller
-            raise UniptError(
+            raise CacheDamaged(
                 f"cache {self.source}: {name} rows {start}-{stop} could not be read "
                 f"({self._locate_damage(name, start, stop, exc)}); "
                 f"run `unipt cache verify {self.source}` and re-extract if it is damaged"
@@ -417,28 +444,14 @@ class CacheReader(ActivationCache):
     ``strict=False`` skips all of it, for ``unipt cache verify`` to report on a damaged store.
     """
 
-    def __new__(
-        cls,
-        target: str | Path | Location,
-        expect: dict[str, Any] | None = None,
-        options: dict[str, Any] | None = None,
-        strict: bool = True,
-    ) -> CacheReader:
-        # A dataset version's view is opened like any cache (by key, path or URL): it reads through its
-        # segments with the same API, so every caller of CacheReader works on views unchanged.
-        if cls is CacheReader:
-            location = target if isinstance(target, Location) else Location(target, options)
-            attrs = read_attrs(location)
-            if attrs is not None and attrs.get("kind") == VIEW_KIND:
-                return super().__new__(ViewReader)
-        return super().__new__(cls)
-
     def __init__(
         self,
         target: str | Path | Location,
         expect: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
         strict: bool = True,
+        *,
+        view_files: bool = False,
     ) -> None:
         self.location = target if isinstance(target, Location) else Location(target, options)
         self.source = str(self.location)
@@ -452,10 +465,16 @@ class CacheReader(ActivationCache):
         try:
             root = _read_root(self.location)
             if root is None:
-                raise UniptError(
+                raise CacheMissing(
                     f"no activation cache at {self.source}; run `unipt extract` (or `unipt run`) first"
                 )
             self._root_bytes, self.attrs = root
+            if self.attrs.get("kind") == VIEW_KIND and not view_files:
+                # A view's arrays live in its segments: read alone, its store would look empty.
+                raise UniptError(
+                    f"cache {self.source} is a view over an activation space; open it with "
+                    "pipeline.cache_open.open_cache, which reads it through its segments"
+                )
             self._validate(expect)
             self._specs = self.layout.arrays()
             if strict:
@@ -465,6 +484,15 @@ class CacheReader(ActivationCache):
             raise
         store = CheckedStore(self.location.zarr_store(read_only=True), self.checks)
         self.group = zarr.open_group(store=store, mode="r")
+
+    def close(self) -> None:
+        self.lease.release()
+
+    @property
+    def read_gap(self) -> int:
+        """Unused rows a view may read between two runs it needs rather than read them apart: less than a
+        chunk, the unit Zarr decodes, so a view never decodes a chunk it has no row in."""
+        return self.layout.chunk_rows - 1
 
     @property
     def checked(self) -> bool:
@@ -515,7 +543,7 @@ class CacheReader(ActivationCache):
                     self._check_digest(self._manifest, EXAMPLES_FILE, data)
                 self._examples = pq.read_table(io.BytesIO(data))
             except (FileNotFoundError, pa.ArrowException) as exc:
-                raise UniptError(
+                raise CacheDamaged(
                     f"cache {self.source}: {EXAMPLES_FILE} is missing or damaged ({type(exc).__name__}); "
                     f"run `unipt cache verify {self.source}` and re-extract"
                 ) from exc
@@ -707,12 +735,3 @@ def _read_lease(location: Location) -> ReadLease:
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
     return text if len(text) <= 16 else text[:12] + "..."
-
-
-class ViewReader(ViewMixin, CacheReader):
-    """A dataset version read through its activation space's segments, with the API of
-    :class:`CacheReader` (how: :mod:`pipeline.cache_view`). ``CacheReader(path)`` gives one for a view."""
-
-    def _segment_reader(self, root: Location, segment_id: str, options: dict[str, Any] | None, strict: bool):
-        location = CacheRoot(root).segment_location(self.space, segment_id)
-        return location, lambda: CacheReader(location, options=options, strict=strict)

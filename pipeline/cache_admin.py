@@ -66,7 +66,7 @@ def describe(reader: CacheReader) -> dict[str, Any]:
 
 def _view_part(reader: CacheReader) -> dict[str, Any]:
     """A view's space and segments (a cache of format 2 or 3 is its own one segment)."""
-    from pipeline.cache import ViewReader
+    from pipeline.cache_view import ViewReader
 
     if not isinstance(reader, ViewReader):
         return {"kind": reader.attrs.get("kind", "cache")}

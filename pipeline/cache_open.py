@@ -1,7 +1,8 @@
-"""Open a cache by path or URL, whatever its storage: a Zarr store, or an HDF5 export (``.h5``/``.hdf5``).
+"""Open a cache by path or URL, whatever it is: a view over an activation space, a Zarr store (a segment,
+or a cache of format 2/3), or an HDF5 export (``.h5``/``.hdf5``).
 
-Its own module because it needs both readers: :mod:`pipeline.hdf5` builds on :mod:`pipeline.cache`,
-so the dispatch cannot live in ``cache.py`` without an import loop.
+Its own module because it needs every reader: :mod:`pipeline.cache_view` and :mod:`pipeline.hdf5` build
+on :mod:`pipeline.cache`, so the dispatch cannot live in ``cache.py`` without an import loop.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import ActivationCache, CacheReader
+from pipeline.cache import ActivationCache, CacheReader, read_attrs
+from pipeline.cache_layout import VIEW_KIND
+from pipeline.cache_view import STORED_ORDER, ViewReader
 from pipeline.hdf5 import HDF5CacheReader
 from pipeline.storage import Location
 
@@ -18,8 +21,18 @@ def open_cache(
     target: str | Path | Location,
     expect: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
+    strict: bool = True,
+    view_order: int = STORED_ORDER,
 ) -> ActivationCache:
-    """A reader for a Zarr cache directory/URL or an exported HDF5 file (``.h5``/``.hdf5``)."""
+    """The reader for what is stored at ``target``, chosen by its stored attributes (``kind: view``: a
+    :class:`ViewReader`) or its file name (an HDF5 export). Close it (or use it as a context manager)
+    to let go of its read leases. ``strict=False`` (Zarr only) skips the read checks, for verify.
+    ``view_order`` is the order a view presents its examples in (``train.view_order``; other stores
+    are in their physical order already)."""
     if str(target).endswith((".h5", ".hdf5")):
         return HDF5CacheReader(target, expect=expect)
-    return CacheReader(target, expect=expect, options=options)
+    location = target if isinstance(target, Location) else Location(target, options)
+    attrs = read_attrs(location)
+    if attrs is not None and attrs.get("kind") == VIEW_KIND:
+        return ViewReader(location, expect=expect, options=options, strict=strict, view_order=view_order)
+    return CacheReader(location, expect=expect, options=options, strict=strict)

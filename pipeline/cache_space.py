@@ -8,6 +8,7 @@ the rest with :class:`~pipeline.cache_writer.CacheBuilder`, then writes the data
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -79,7 +80,7 @@ class SpacePlan:
 
     def release(self) -> None:
         for reader in self.readers.values():
-            reader.lease.release()
+            reader.close()
 
 
 def plan_space(root: CacheRoot, space: str, hashes: list[str]) -> SpacePlan:
@@ -99,7 +100,7 @@ def plan_space(root: CacheRoot, space: str, hashes: list[str]) -> SpacePlan:
                     raise
                 continue  # a gc removed it between the listing and the lease
             if not is_complete(reader.location):
-                reader.lease.release()
+                reader.close()
                 continue
             used = False
             for row, value in enumerate(reader.examples.column("input_hash").to_pylist()):
@@ -109,10 +110,10 @@ def plan_space(root: CacheRoot, space: str, hashes: list[str]) -> SpacePlan:
             if used:
                 readers[segment] = reader
             else:
-                reader.lease.release()
+                reader.close()
     except BaseException:
         for reader in readers.values():
-            reader.lease.release()
+            reader.close()
         raise
     seen: set[str] = set()
     missing = []
@@ -246,8 +247,8 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
     if len(segments) < 2:
         say(f"space {space} has {len(segments)} segment(s): nothing to compact")
         return None
-    readers = [CacheReader(root.segment_location(space, s)) for s in segments]
-    try:
+    with contextlib.ExitStack() as held:
+        readers = [held.enter_context(CacheReader(root.segment_location(space, s))) for s in segments]
         # Every input once, in segment then row order (the oldest segment's copy of a duplicate).
         seen: set[str] = set()
         picks: list[tuple[int, int, str]] = []
@@ -268,7 +269,7 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
             for name in ("kind", "space_key", "key_fields", "backbone", "tokenizer")
             if name in first.attrs
         }
-        lease = ReadLease(root.lease_location(new_id))
+        held.enter_context(ReadLease(root.lease_location(new_id)))
         builder.create(layout, attrs)
         done = builder.finished_shards()
         seg_of = np.array([p[0] for p in picks], dtype=np.int64)
@@ -280,27 +281,23 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
         location = builder.commit(
             layout, pa.table({"input_hash": pa.array(hashes, pa.string())}), {"compacted_from": segments}
         )
-        merged = CacheReader(location)
+        merged = held.enter_context(CacheReader(location))
         where = {value: (new_id, row) for row, value in enumerate(hashes)}
         for key in views_of(root, space):
-            view = CacheReader(root.location(key), strict=False)
-            keep = {
-                name: view.attrs[name]
-                for name in ("key_fields", "dataset_fingerprint", "label_names", "backbone")
-                if name in view.attrs
-            }
-            view_hashes = view.examples.column("input_hash").to_pylist()
-            augmented = [
-                view.examples.column(view_column("input_hash", k)).to_pylist()
-                for k in range(1, view.num_views)
-            ]
-            view.lease.release()
-            write_view(root, key, keep, view.examples, view_hashes, where, {new_id: merged}, augmented)
-        merged.lease.release()
-        lease.release()
-    finally:
-        for reader in readers:
-            reader.lease.release()
+            # The view's own files are all it needs: its examples and attributes, not its segments.
+            with CacheReader(root.location(key), strict=False, view_files=True) as view:
+                keep = {
+                    name: view.attrs[name]
+                    for name in ("key_fields", "dataset_fingerprint", "label_names", "backbone")
+                    if name in view.attrs
+                }
+                examples = view.examples
+                view_hashes = examples.column("input_hash").to_pylist()
+                augmented = [
+                    examples.column(view_column("input_hash", k)).to_pylist()
+                    for k in range(1, view.num_views)
+                ]
+            write_view(root, key, keep, examples, view_hashes, where, {new_id: merged}, augmented)
     return location
 
 

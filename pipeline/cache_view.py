@@ -12,6 +12,14 @@ seeded shuffles depend only on the block sizes. Segments have gaps at their shar
 places that depend on how the data arrived (one extraction, or several); the virtual space has none,
 so a dataset version trains on exactly the same batches however its activations were extracted.
 
+The order of that row space is ``train.view_order``: 2 (the default for training) puts each split's
+examples in the order their inputs sit in the segments (segment, then row), which labels and ids do not
+change, so a relabelled version reads its segments front to back like its source, and a partial one
+reads only the chunks it uses, in order; 1 is the dataset's order as written (split, then id), which
+runs made before 2 keep. Under 2 the batches follow where the inputs were stored, so a version
+extracted incrementally batches differently from the same version extracted from scratch; under 1 they
+are the same.
+
 Reads stay block-contiguous: a virtual range whose rows are back to back in one segment (a
 from-scratch extraction, away from shard boundaries) is one read, returned as is; otherwise the range
 is cut per segment into clusters of nearby rows (one read each, so a chunk is decoded once per
@@ -20,21 +28,37 @@ block, not once per example) and gathered into place.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from pipeline.cache import ActivationCache, CacheReader, CacheRoot
 from pipeline.cache_layout import SEGMENT_KIND, concat_ranges, layer_array_name, view_column
 from pipeline.checksums import CHECKSUMS_FILE, Problem, digest
-from pipeline.errors import UniptError
+from pipeline.errors import CacheMissing, UniptError
 from pipeline.locks import LeaseSet
 from pipeline.storage import Location
 
-if TYPE_CHECKING:
-    from pipeline.cache import CacheReader, ViewReader
+STORED_ORDER = 1  # ``train.view_order`` 1: the view's examples as written, the dataset's order (split, id)
+SEGMENT_ORDER = 2  # ... 2: each split in the order its inputs sit in the segments (segment, then row)
+VIEW_ORDERS = (STORED_ORDER, SEGMENT_ORDER)
+
+
+def segment_row_order(examples: pa.Table) -> np.ndarray:
+    """Positions of a view's examples split by split (in the order the splits first appear), each split
+    in the order its inputs sit in the segments: segment, then row. Labels and example ids play no part,
+    so a relabelled version of a dataset reads its segments front to back, like its source."""
+    split = examples.column("split").to_numpy(zero_copy_only=False)
+    _, first, codes = np.unique(split, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))[codes]
+    segment = examples.column("segment").to_numpy()
+    row = examples.column("row").to_numpy()
+    return np.lexsort((row, segment, rank))
 
 
 @dataclass(frozen=True)
@@ -68,7 +92,10 @@ def gather(
     fetch: Callable[[int, int, int], np.ndarray],
     gap: Callable[[int], int],
 ) -> np.ndarray:
-    """Rows of many (segment, start, count) pieces back to back, each segment read in few large runs."""
+    """Rows of many (segment, start, count) pieces back to back, each segment read in few large runs.
+
+    Pieces at most ``gap(segment)`` rows apart are read as one run. The view reads with a gap below one
+    chunk, so no run spans a chunk the view does not use: a partial view decodes only its own chunks."""
     total = int(counts.sum())
     targets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     out: np.ndarray | None = None
@@ -91,17 +118,16 @@ def gather(
     return out
 
 
-class ViewMixin:
-    """A dataset version read through its activation space's segments; the API of :class:`CacheReader`.
+class ViewReader(ActivationCache):
+    """A dataset version read through its activation space's segments, with the API of any
+    :class:`~pipeline.cache.ActivationCache`.
 
-    :class:`pipeline.cache.ViewReader` is this mixin on :class:`~pipeline.cache.CacheReader`: the view's
-    logic lives here, apart from the store reader it builds on, and needs nothing from it but
-    ``_segment_reader`` (where a segment is and how to open it).
-
-    Opening it checks the view like any format-3+ store (sealed manifest, ``zarr.json`` and
-    ``examples.parquet`` digests, attributes against the layout), then opens every segment it names
-    (each with its own checks and read lease) and checks that each is the very segment the view was
-    written against (the digest of its ``checksums.json``).
+    It holds readers, it is none of them: ``files`` reads the view's own store (``zarr.json``,
+    ``examples.parquet``, ``checksums.json``), checked like any format-3+ store (sealed manifest, digests,
+    attributes against the layout), and ``segments`` holds a :class:`~pipeline.cache.CacheReader` per
+    segment the view names (each with its own checks and read lease), each checked to be the very
+    segment the view was written against (the digest of its ``checksums.json``). :meth:`close` lets go
+    of all of them.
     """
 
     def __init__(
@@ -110,32 +136,48 @@ class ViewMixin:
         expect: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
         strict: bool = True,
+        view_order: int = STORED_ORDER,
     ) -> None:
-        super().__init__(target, expect, options, strict)
+        if view_order not in VIEW_ORDERS:
+            raise UniptError(
+                f"view order {view_order} is not one of {list(VIEW_ORDERS)}; set train.view_order"
+            )
+        self.view_order = view_order
+        self._examples: pa.Table | None = None
+        self.files = CacheReader(target, expect, options, strict, view_files=True)
+        self.location = self.files.location
+        self.source = self.files.source
+        self.strict = strict
+        self.attrs = self.files.attrs
         self.segments: list[CacheReader] = []
         self._mappings: dict[str, _Mapping] = {}
+        self._borrowed = False  # an augmented view's reader shares this one's segments and leases
         try:
+            self._validate(None)  # the layout and what follows from it; ``files`` checked ``expect``
+            self._specs = self.layout.arrays()
             self.space: str = str(self.attrs.get("space_key", ""))
             root = parent_of(self.location)
             for entry in self.attrs.get("segments", []):
                 self.segments.append(self._open_segment(root, entry, options, strict))
         except BaseException:
-            for segment in self.segments:
-                segment.lease.release()
-            self.lease.release()
+            self.close()
             raise
-        self.lease = LeaseSet([self.lease, *(segment.lease for segment in self.segments)])
+        self.lease = LeaseSet([self.files.lease, *(segment.lease for segment in self.segments)])
+
+    def close(self) -> None:
+        if self._borrowed:
+            return  # the reader it was derived from owns the leases
+        for reader in [self.files, *self.segments]:
+            reader.close()
 
     def _open_segment(
         self, root: Location, entry: dict[str, Any], options: dict[str, Any] | None, strict: bool
     ) -> CacheReader:
-        location, open_segment = self._segment_reader(root, str(entry["id"]), options, strict)
+        location = CacheRoot(root).segment_location(self.space, str(entry["id"]))
         try:
-            segment = open_segment()
-        except UniptError as exc:
-            if "no activation cache at" not in str(exc):
-                raise
-            raise UniptError(
+            segment = CacheReader(location, options=options, strict=strict)
+        except CacheMissing as exc:
+            raise CacheMissing(
                 f"cache {self.source} is a view over segment {entry['id']} of activation space "
                 f"{self.space}, which is not at {location}; run `unipt extract` for this config (it "
                 "re-extracts only what is missing), or copy the whole cache root, not just the view"
@@ -152,12 +194,31 @@ class ViewMixin:
                         "is not the segment this view was written against (its checksums differ)",
                     )
         except BaseException:
-            segment.lease.release()
+            segment.close()
             raise
         return segment
 
+    # --- the view's own files ------------------------------------------------------------------------------
+    @property
+    def examples(self) -> pa.Table:
+        """The view's examples in its read order (``view_order``): every reading API follows it."""
+        if self._examples is None:
+            stored = self.files.examples
+            ordered = self.view_order == STORED_ORDER
+            self._examples = stored if ordered else stored.take(segment_row_order(stored))
+        return self._examples
+
+    def _loaded_examples(self) -> pa.Table | None:
+        return None if self.files._loaded_examples() is None else self.examples
+
+    def manifest(self) -> dict[str, Any] | None:
+        return self.files.manifest()
+
+    def checksums(self, missing_ok: bool = False) -> dict[str, str]:
+        return self.files.checksums(missing_ok)
+
     # --- augmented views -----------------------------------------------------------------------------------
-    def view(self, view: int) -> ViewMixin:
+    def view(self, view: int) -> ViewReader:
         """This dataset version as read through augmented view ``view`` (:mod:`pipeline.augment`): the
         same examples, labels and splits, each example's rows those of its view, in a virtual row space
         of the view's own (gap-free too, so the loader's block plan is the same for every view). Shares
@@ -169,8 +230,8 @@ class ViewMixin:
                 f"cache {self.source} stores {self.num_views} view(s) per example, not view {view}; "
                 "extract it with a larger extract.views"
             )
-        other = object.__new__(type(self))  # CacheReader.__new__ wants a target: copy the state by hand
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
+        other._borrowed = True
         other.view_index = view
         other._mappings, other._expected_offsets, other._offsets = {}, {}, {}
         return other
@@ -223,9 +284,7 @@ class ViewMixin:
         if (segment == segment[0]).all() and np.array_equal(physical[1:], physical[:-1] + counts[:-1]):
             return fetch(int(segment[0]), int(physical[0]), int(physical[-1] + counts[-1]))  # one run
         # Several runs: each segment read in few large pieces, gathered into the view's order.
-        return gather(
-            segment, physical, counts, fetch, lambda index: self.segments[index].layout.rows_per_file
-        )
+        return gather(segment, physical, counts, fetch, lambda index: self.segments[index].read_gap)
 
     # --- the API training uses ----------------------------------------------------------------------------
     def offsets_for(self, layer: int) -> np.ndarray:
@@ -241,7 +300,7 @@ class ViewMixin:
             spec.offsets_name, start, stop, lambda seg, lo, hi: self.segments[seg].read_rows(layer, lo, hi)
         )
 
-    def read_stored(self, name: str, start: int, stop: int) -> np.ndarray:
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         spec = self._specs.get(name)
         if spec is None:
             raise UniptError(f"cache {self.source} has no array {name}")
@@ -265,9 +324,6 @@ class ViewMixin:
     def array(self, layer: int) -> Any:
         return self.stored_array(layer_array_name(self.layer_spec(layer).index))
 
-    def _check_array(self, name: str) -> None:
-        raise UniptError(f"cache {self.source} is a view: its arrays live in its segments")
-
     def metadata_problems(self) -> list[Problem]:
         problems = []
         manifest = self.manifest()
@@ -282,7 +338,7 @@ class ViewMixin:
         return self.location.size() + sum(segment.nbytes_on_disk() for segment in self.segments)
 
     def own_bytes(self) -> int:
-        return self.location.size()
+        return self.files.nbytes_on_disk()
 
 
 def view_summary(reader: ViewReader) -> dict[str, Any]:

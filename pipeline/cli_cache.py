@@ -21,6 +21,7 @@ from pipeline.cache_admin import (
     verify,
 )
 from pipeline.cache_open import open_cache
+from pipeline.cache_view import ViewReader
 from pipeline.errors import UniptError
 from pipeline.log import human_bytes
 from pipeline.registry import registered_cache_keys
@@ -28,13 +29,14 @@ from pipeline.runs import referenced_cache_keys
 from pipeline.storage import DEFAULT_CACHE_ROOT, DEFAULT_REGISTRY, DEFAULT_RUNS_ROOT
 
 
-def _open(target: str, cache_root: str, strict: bool = True) -> CacheReader:
-    """A cache named by its key (under --cache-root) or by its path/URL. ``strict=False`` (verify) opens
-    a store without the read checks, so that its damage can be listed rather than stop the open."""
+def _open(target: str, cache_root: str, strict: bool = True) -> CacheReader | ViewReader:
+    """A cache named by its key (under --cache-root) or by its path/URL; close it when done.
+    ``strict=False`` (verify) opens a store without the read checks, so that its damage can be listed
+    rather than stop the open."""
     location = CacheRoot(cache_root).location(target) if is_key(target) else target
-    reader = open_cache(location) if strict or str(location).endswith((".h5", ".hdf5")) else None
-    reader = reader or CacheReader(location, strict=False)
-    if not isinstance(reader, CacheReader):
+    reader = open_cache(location, strict=strict)
+    if not isinstance(reader, (CacheReader, ViewReader)):
+        reader.close()
         raise UniptError(f"{target} is an exported HDF5 copy; this command works on Zarr caches")
     return reader
 
@@ -46,7 +48,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"no committed caches under {root}", file=sys.stderr)
     for key in keys:
         try:
-            reader = CacheReader(root.location(key))
+            reader = open_cache(root.location(key))
         except UniptError as exc:  # a view whose segment is gone: say so, list the rest
             print(f"{key}  unreadable: {exc}")
             continue
@@ -62,19 +64,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
             f"{reader.num_examples:>7} ex  {reader.attrs.get('total_tokens', 0):>9} tok  "
             f"{human_bytes(size):>9}  {reader.attrs.get('committed_at', '')}  {what}"
         )
-        reader.lease.release()
+        reader.close()
     for space in root.spaces():
         segments = root.segments(space)
         sizes = {segment: root.segment_location(space, segment).size() for segment in segments}
         print(f"space {space}  {len(segments)} segment(s)  {human_bytes(sum(sizes.values()))}")
         for segment in segments:
-            reader = CacheReader(root.segment_location(space, segment))
-            print(
-                f"  segment {segment}  {reader.num_examples:>7} inputs  "
-                f"{reader.attrs.get('total_tokens', 0):>9} tok  {human_bytes(sizes[segment]):>9}  "
-                f"{reader.attrs.get('committed_at', '')}"
-            )
-            reader.lease.release()
+            with CacheReader(root.segment_location(space, segment)) as reader:
+                print(
+                    f"  segment {segment}  {reader.num_examples:>7} inputs  "
+                    f"{reader.attrs.get('total_tokens', 0):>9} tok  {human_bytes(sizes[segment]):>9}  "
+                    f"{reader.attrs.get('committed_at', '')}"
+                )
     partial = root.partial_keys()
     if partial:
         print(
@@ -98,21 +99,22 @@ def _verify_hdf5(path: str) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    print(json.dumps(describe(_open(args.cache, args.cache_root)), indent=2))
+    with _open(args.cache, args.cache_root) as reader:
+        print(json.dumps(describe(reader), indent=2))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     if str(args.cache).endswith((".h5", ".hdf5")):
         return _verify_hdf5(args.cache)
-    reader = _open(args.cache, args.cache_root, strict=False)
-    expected = expected_files(reader)
-    with tqdm(total=expected, unit="file", desc="verify", disable=args.no_progress) as bar:
-        problems = verify(reader, progress=bar.update)
+    with _open(args.cache, args.cache_root, strict=False) as reader:
+        expected = expected_files(reader)
+        with tqdm(total=expected, unit="file", desc="verify", disable=args.no_progress) as bar:
+            problems = verify(reader, progress=bar.update)
+        stores = damaged_stores(reader, problems)
     for problem in problems:
         print(f"DAMAGED {problem}")
     if problems:
-        stores = damaged_stores(reader, problems)
         print(
             f"unipt: {len({p.file for p in problems})} of {expected} files damaged in {reader.source}; "
             f"delete the damaged store{'s' if len(stores) > 1 else ''} ({' '.join(stores)}) and run "
@@ -184,13 +186,13 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.hdf5 import export_hdf5
 
-    reader = _open(args.cache, args.cache_root)
-    total = sum(
-        int((reader.offsets_for(layer)[:, 1] - reader.offsets_for(layer)[:, 0]).sum())
-        for layer in reader.layers
-    )
-    with tqdm(total=total, unit="row", desc="export", disable=args.no_progress) as bar:
-        out = export_hdf5(reader, args.out, compression=args.compression, progress=bar.update)
+    with _open(args.cache, args.cache_root) as reader:
+        total = sum(
+            int((reader.offsets_for(layer)[:, 1] - reader.offsets_for(layer)[:, 0]).sum())
+            for layer in reader.layers
+        )
+        with tqdm(total=total, unit="row", desc="export", disable=args.no_progress) as bar:
+            out = export_hdf5(reader, args.out, compression=args.compression, progress=bar.update)
     print(out)
     return 0
 

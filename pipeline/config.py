@@ -211,6 +211,14 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up the lr.")
     block_examples: int = Field(256, gt=0, description="Examples read per cache block (shuffle unit).")
+    view_order: Literal[1, 2] = Field(
+        2,
+        description="The order a view's examples are read in (and so its blocks and batches). 2 (default): "
+        "each split in the order its inputs sit in the segments (segment, then row), whatever the labels "
+        "and ids, so a relabelled or partial version reads its segments front to back. 1: the dataset's "
+        "order (split, then example id), in which a relabelled version reads a random permutation of "
+        "segment rows (runs made before 2; `unipt rerun` of such a run keeps 1).",
+    )
     shuffle_buffer_blocks: int = Field(4, gt=0, description="Blocks mixed together when shuffling.")
     loader_memory_mb: int | None = Field(
         512,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,11 +188,8 @@ def check_cache_matches(prep: Prepared, reader: ActivationCache, backbone_checke
 
 
 def release_reader(reader: ActivationCache) -> None:
-    """Let go of a reader's lease (Zarr) or file (HDF5)."""
-    if hasattr(reader, "lease"):
-        reader.lease.release()
-    if hasattr(reader, "close"):
-        reader.close()
+    """Let go of a reader's leases (Zarr) or file (HDF5): :meth:`ActivationCache.close`."""
+    reader.close()
 
 
 def _shown(value: Any) -> str:
@@ -290,9 +287,10 @@ def open_for_training(
     built for other data or another backbone."""
     target = prep.backbones[backbone] if backbone is not None else prep.primary
     expect = {"dataset_fingerprint": prep.dataset.fingerprint, "backbone": target.key_fields["backbone"]}
+    order = prep.config.train.view_order
     if cache is None:
-        return open_cache(prep.cache_root.location(target.key), expect=expect)
-    return open_cache(cache, expect=expect, options=prep.config.storage.options)
+        return open_cache(prep.cache_root.location(target.key), expect=expect, view_order=order)
+    return open_cache(cache, expect=expect, options=prep.config.storage.options, view_order=order)
 
 
 def require_caches(prep: Prepared, how_to_build: str) -> None:
@@ -343,11 +341,7 @@ def train(
 
     ``checkpoint`` is written after every epoch; ``resume`` continues from one.
     """
-    import torch
-
-    from train.fit import device_reason, pick_device
-    from train.metrics import collapse_warnings
-    from train.tasks import TrainOptions, run_task
+    from train.tasks import TrainOptions
 
     task = prep.task
     backbones = prep.training_backbones()
@@ -356,11 +350,29 @@ def train(
         raise UniptError(
             f"task {task.name} trains on {task.caches} caches found by key; --cache does not apply to it"
         )
-    if cache is None:
-        readers = [open_for_training(prep, backbone=b.name) for b in backbones]
-    else:
-        readers = [cache if isinstance(cache, ActivationCache) else open_for_training(prep, cache)]
-    options = TrainOptions(progress, checkpoint, resume, meta, on_epoch_end)
+    # The readers opened here are closed here (their leases let go); a reader passed in is the caller's.
+    with ExitStack() as opened:
+        if cache is None:
+            readers = [opened.enter_context(open_for_training(prep, backbone=b.name)) for b in backbones]
+        elif isinstance(cache, ActivationCache):
+            readers = [cache]
+        else:
+            readers = [opened.enter_context(open_for_training(prep, cache))]
+        return _train_on(
+            prep, readers, backbones, TrainOptions(progress, checkpoint, resume, meta, on_epoch_end)
+        )
+
+
+def _train_on(
+    prep: Prepared, readers: list[ActivationCache], backbones: list[PreparedBackbone], options: Any
+) -> Trained:
+    import torch
+
+    from train.fit import device_reason, pick_device
+    from train.metrics import collapse_warnings
+    from train.tasks import run_task
+
+    task = prep.task
     device = pick_device(prep.config.train.device)
     reason = device_reason(prep.config.train.device, device)
     say(f"training on {reason}")
@@ -579,14 +591,19 @@ def train_from_cache(
         require_caches(prep, "run `unipt extract CONFIG` first (or `unipt run`)")
         reader = None
     else:
-        reader = open_cache(cache, options=prep.config.storage.options)
+        reader = open_cache(
+            cache, options=prep.config.storage.options, view_order=prep.config.train.view_order
+        )
         if prep.cache != str(cache):
             # The run records the key of the cache it reads, never the config's: rerun and gc rely on it.
             check_cache_matches(prep, reader)
             primary = dataclasses.replace(prep.primary, key=key_of(reader), key_fields=key_fields_of(reader))
             prep = dataclasses.replace(prep, backbones={primary.name: primary}, cache=str(cache))
         say(f"training from {reader.source} (no backbone forward pass)")
-    return _train_and_record(prep, started, 0.0, True, progress=progress, resume=resume, cache=reader)
+    with ExitStack() as opened:
+        if reader is not None:
+            opened.enter_context(reader)
+        return _train_and_record(prep, started, 0.0, True, progress=progress, resume=resume, cache=reader)
 
 
 def _train_and_record(

@@ -160,11 +160,5 @@ def config_for_cache(cache: str, overrides: list[str] | None = None) -> Experime
     """:func:`config_from_cache` for a cache by path, URL or .h5 file."""
     from pipeline.cache_open import open_cache
 
-    reader = open_cache(cache)
-    try:
+    with open_cache(cache) as reader:
         return config_from_cache(reader, overrides)
-    finally:
-        if hasattr(reader, "lease"):
-            reader.lease.release()
-        if hasattr(reader, "close"):
-            reader.close()

@@ -29,7 +29,7 @@ from pipeline.cache import ActivationCache, CacheReader
 from pipeline.cache_layout import layer_array_name, scale_array_name
 from pipeline.checksums import digest
 from pipeline.encoding import has_scale
-from pipeline.errors import UniptError
+from pipeline.errors import CacheDamaged, CacheMissing, UniptError
 from pipeline.extras import require
 from pipeline.hashing import sha256_json
 from pipeline.log import say
@@ -114,7 +114,7 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
     return out
 
 
-class HDF5Damage(UniptError):
+class HDF5Damage(CacheDamaged):
     """A dataset of an HDF5 copy failed its checksum (or its decompression)."""
 
 
@@ -176,7 +176,7 @@ class HDF5CacheReader(ActivationCache):
         self.path = Path(path).expanduser()
         self.source = str(self.path)
         if not self.path.is_file():
-            raise UniptError(
+            raise CacheMissing(
                 f"no HDF5 cache at {self.path}; create one with `unipt cache export --format hdf5`"
             )
         h5py = _h5py()
@@ -210,7 +210,7 @@ class HDF5CacheReader(ActivationCache):
         if self._digests is not None and self._digests.get(name) != _digest(data):
             raise self._damaged(name, "its sha256 does not match the one recorded at export")
 
-    def _damaged(self, name: str, what: str) -> UniptError:
+    def _damaged(self, name: str, what: str) -> HDF5Damage:
         return HDF5Damage(
             f"HDF5 cache {self.path}: {name} is damaged ({what}); export it again from the Zarr cache "
             "(`unipt cache export KEY --format hdf5`)"
@@ -229,4 +229,4 @@ class HDF5CacheReader(ActivationCache):
         return self.path.stat().st_size
 
     def close(self) -> None:
-        self.file.close()
+        self.file.close()  # h5py: closing a closed file does nothing

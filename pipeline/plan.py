@@ -288,6 +288,7 @@ def _plan_backbone(
     progress: bool,
 ) -> BackbonePlan:
     extraction = experiment.extract(sampled, name, ray_address=ray_address, progress=progress)
+    reader = None
     try:
         reader = open_cache(extraction.path)
         lengths = reader.examples.column("length").to_numpy().astype(np.int64)
@@ -304,6 +305,8 @@ def _plan_backbone(
         per_token = forward / max(1, sample_tokens)
         epoch_s = _cache_epoch_seconds(reader, prep) if target is prep.primary else 0.0
     finally:
+        if reader is not None:
+            reader.close()  # what follows reads only what it already loaded
         extraction.release()
     fit_tokens = _fit_tokens(prep, tokens)  # train + val: what an epoch reads (val is evaluated every epoch)
     sample_fit = _split_tokens(reader, lengths, ("train", "val"))

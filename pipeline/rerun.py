@@ -52,6 +52,8 @@ def stored_config(old: RunEntry, registry: str) -> ExperimentConfig:
     raw.setdefault("train", {}).setdefault("length_grouping", False)
     # ... and read blocks of block_examples examples whatever their bytes.
     raw.setdefault("train", {}).setdefault("loader_memory_mb", None)
+    # ... and read a view's examples in the dataset's order (split, then id), not segment-row order.
+    raw.setdefault("train", {}).setdefault("view_order", 1)
     if old.runtime.get("device") == "cpu" and raw.get("train", {}).get("device", "auto") == "auto":
         import torch
 

@@ -21,8 +21,9 @@ from extract.backbones import load_backbone
 from extract.spec import BackboneLoadSpec
 from pipeline import experiment
 from pipeline.augment import augmented_hashes, view_for_epoch, view_hash
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
 from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_open import open_cache
 from pipeline.cache_space import write_view
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.config import BackboneConfig, ExtractConfig, TrainConfig, load_config
@@ -167,7 +168,7 @@ def _view_with_views(tmp_path, views: int = 3):
             cut = slice(shard.example_start, shard.example_stop)
             write_shard(builder.location, layout, shard, {0: np.concatenate(rows[cut])}, part[cut])
         builder.commit(layout, pa.table({"input_hash": [inputs[j] for j in members]}), {})
-        readers[seg] = CacheReader(root.segment_location(SPACE, seg))
+        readers[seg] = open_cache(root.segment_location(SPACE, seg))
     examples = pa.table(
         {"example_id": [f"e{i:02d}" for i in range(len(splits))], "label": [i % 2 for i in range(14)],
          "split": splits}
@@ -180,7 +181,7 @@ def _view_with_views(tmp_path, views: int = 3):
     for reader in readers.values():
         reader.lease.release()
     value = {h: j + 1 for j, h in enumerate(inputs)}
-    return CacheReader(root.location(VIEW_KEY)), [hashes, *extra], value, lengths
+    return open_cache(root.location(VIEW_KEY)), [hashes, *extra], value, lengths
 
 
 def _rows_seen(batches, epoch: int) -> dict[int, tuple[float, int]]:
@@ -233,7 +234,7 @@ def test_compaction_keeps_every_view_and_hdf5_export_says_it_holds_view_zero_onl
     reader.lease.release()
     root = CacheRoot(tmp_path)
     compact(root, SPACE, progress=False)
-    merged = CacheReader(root.location(VIEW_KEY))
+    merged = open_cache(root.location(VIEW_KEY))
     assert len(merged.segments) == 1 and merged.num_views == 3
     assert {k: [merged.view(k).read_example(i, 0).tolist() for i in range(14)] for k in range(3)} == before
     assert before[1][0] != before[0][0] and before[1][12] == before[0][12]
@@ -251,7 +252,7 @@ def test_compaction_keeps_every_view_and_hdf5_export_says_it_holds_view_zero_onl
 def test_a_cache_without_views_has_one_and_refuses_another(tmp_path):
     root = CacheRoot(tmp_path)
     build_cache(root, [3, 5, 2], {0: 4})
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     assert reader.num_views == 1 and reader.view(0) is reader
     with pytest.raises(UniptError, match="no augmented view 1"):
         reader.view(1)
@@ -291,7 +292,7 @@ def test_k3_text_views_after_k1_reuse_view_zero_and_hold_the_noised_encodings(
     )
     root = three.cache_root
     assert len(root.segments(root.spaces()[0])) == 2  # view 0's segment, and one with views 1 and 2
-    k1, k3 = CacheReader(root.location(one.key)), CacheReader(root.location(three.key))
+    k1, k3 = open_cache(root.location(one.key)), open_cache(root.location(three.key))
     assert k3.num_views == 3 and k1.num_views == 1
     for layer in k3.layers:  # view 0 is the K=1 version's rows, read from the very same segment
         np.testing.assert_array_equal(k3.offsets_for(layer), k1.offsets_for(layer))
@@ -339,7 +340,7 @@ def test_k2_efficientnet_views_are_the_backbone_on_the_augmented_images(ray_sess
     )  # fmt: skip
     prep = experiment.prepare(load_config(path))
     result = experiment.extract(prep, progress=False)
-    reader = CacheReader(result.path)
+    reader = open_cache(result.path)
     assert reader.num_views == 2
     view = reader.view(1)
     images = prep.dataset.table.column("image").to_pylist()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
+from pipeline.cache_open import open_cache
 from pipeline.cli import main
 from tests.conftest import extract_tiny, make_sentiment_rows, write_config, write_csv
 
@@ -229,7 +230,7 @@ def test_a_100k_character_text_is_truncated_with_one_warning(ray_session, tmp_pa
     assert "2 text(s) longer than backbone.max_length (32 tokens) were truncated" in warnings[0]
     assert "the longest has 100,001 characters" in warnings[0]
     (key,) = CacheRoot(tmp_path / "cache").keys()
-    reader = CacheReader(tmp_path / "cache" / key)
+    reader = open_cache(tmp_path / "cache" / key)
     ids = reader.examples.column("example_id").to_pylist()
     lengths = dict(zip(ids, reader.examples.column("length").to_pylist(), strict=True))
     assert lengths["r0002"] == lengths["r0040"] == 32  # cut to max_length, [CLS] ... [SEP]

@@ -15,6 +15,7 @@ import torch
 
 from benchmarks import accuracy, cache_size, common, loader_peers, loader_throughput, plot_tradeoff
 from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache_open import open_cache
 from pipeline.config import TrainConfig
 from tests.conftest import KEY, build_cache
 
@@ -25,7 +26,7 @@ SPLITS = ["train"] * 12 + ["val"] * 2 + ["test"] * 2
 @pytest.fixture
 def reader(tmp_path) -> CacheReader:
     build_cache(CacheRoot(tmp_path), LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=4, splits=SPLITS)
-    return CacheReader(CacheRoot(tmp_path).location(KEY))
+    return open_cache(CacheRoot(tmp_path).location(KEY))
 
 
 def test_cache_size_row_against_fp32_layouts(reader):

@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
 from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_open import open_cache
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache, example_table, write_scaled_store
@@ -19,7 +20,7 @@ def test_round_trip_is_exact(tmp_path):
     root = CacheRoot(tmp_path)
     lengths = [5, 1, 9, 3, 7, 2, 8]
     tokens, _ = build_cache(root, lengths, {0: 4, 2: 6})
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     assert reader.num_examples == 7 and reader.layers == [0, 2]
     assert reader.attrs["total_tokens"] == sum(lengths)
     assert reader.examples.column("length").to_pylist() == lengths
@@ -56,9 +57,9 @@ def test_incomplete_store_is_invisible_and_refused(tmp_path):
     build_cache(root, [3, 4, 5], {0: 4}, commit=False)
     assert not root.has(KEY) and root.keys() == [] and root.partial_keys() == [KEY]
     with pytest.raises(UniptError, match="incomplete"):
-        CacheReader(root.partial_location(KEY))
+        open_cache(root.partial_location(KEY))
     with pytest.raises(UniptError, match="no activation cache"):
-        CacheReader(root.location(KEY))
+        open_cache(root.location(KEY))
 
 
 def test_commit_refuses_missing_shards(tmp_path):
@@ -73,9 +74,9 @@ def test_commit_refuses_missing_shards(tmp_path):
 def test_cache_for_other_data_is_refused(tmp_path):
     root = CacheRoot(tmp_path)
     build_cache(root, [3, 4], {0: 4})
-    CacheReader(root.location(KEY), expect={"dataset_fingerprint": "f1"})
+    open_cache(root.location(KEY), expect={"dataset_fingerprint": "f1"})
     with pytest.raises(UniptError, match="built for another dataset fingerprint"):
-        CacheReader(root.location(KEY), expect={"dataset_fingerprint": "f2"})
+        open_cache(root.location(KEY), expect={"dataset_fingerprint": "f2"})
 
 
 def test_other_format_version_is_refused(tmp_path):
@@ -88,14 +89,14 @@ def test_other_format_version_is_refused(tmp_path):
     with pytest.raises(
         UniptError, match="format version 1, this unipt reads versions 2, 3, 4; re-extract it"
     ):
-        CacheReader(root.location(KEY))
+        open_cache(root.location(KEY))
 
 
 def test_unknown_layer_is_a_clear_error(tmp_path):
     root = CacheRoot(tmp_path)
     build_cache(root, [3, 4], {0: 4})
     with pytest.raises(UniptError, match=r"layer 5 is not in cache"):
-        CacheReader(root.location(KEY)).read_example(0, 5)
+        open_cache(root.location(KEY)).read_example(0, 5)
 
 
 def test_keys_cannot_escape_the_root(tmp_path):
@@ -148,7 +149,7 @@ def test_interrupted_publish_is_finished_by_the_next_run(tmp_path):
     assert not root.has(KEY)
     published = CacheBuilder(root, KEY).publish_if_committed()
     assert published == root.location(KEY) and root.has(KEY)
-    assert CacheReader(published).num_examples == 2
+    assert open_cache(published).num_examples == 2
 
 
 def test_reading_a_layer_subset_touches_no_other_layer(tmp_path):
@@ -157,7 +158,7 @@ def test_reading_a_layer_subset_touches_no_other_layer(tmp_path):
     # Remove the other layers' files outright: any access to them would fail or return zeros.
     shutil.rmtree(tmp_path / KEY / "layer_00")
     shutil.rmtree(tmp_path / KEY / "layer_01")
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     for i in range(5):
         np.testing.assert_array_equal(reader.read_example(i, 2), tokens[2][i])
 
@@ -176,7 +177,7 @@ def test_feature_maps_round_trip_with_their_grids(tmp_path):
         rows = {s.index: maps[s.index][part].reshape(-1, s.width) for s in specs}
         write_shard(builder.location, layout, shard, rows)
     builder.commit(layout, example_table(7), {})
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     assert reader.attrs["grids"] == {"1": [4, 4], "3": [2, 2]}
     assert reader.examples.column("length").to_pylist() == [16] * 7
     for spec in specs:
@@ -193,7 +194,7 @@ def test_feature_maps_round_trip_with_their_grids(tmp_path):
 def test_dtypes_round_trip_within_their_precision(tmp_path, dtype, tolerance):
     root = CacheRoot(tmp_path)
     values = write_scaled_store(root, dtype)
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     assert reader.dtype == dtype
     for i, want in enumerate(values):
         got = reader.read_example(i, 0)
@@ -211,7 +212,7 @@ def test_int8_store_is_about_half_of_fp16(tmp_path):
     for dtype in ("float16", "int8"):
         root = CacheRoot(tmp_path / dtype)
         build_cache(root, lengths, {0: 64}, shard_size=4, chunk_rows=64, dtype=dtype, codec="none")
-        sizes[dtype] = CacheReader(root.location(KEY)).nbytes_on_disk()
+        sizes[dtype] = open_cache(root.location(KEY)).nbytes_on_disk()
     assert 0.45 < sizes["int8"] / sizes["float16"] < 0.6
 
 
@@ -225,7 +226,7 @@ def test_every_codec_and_sharding_round_trips(tmp_path, codec):
         tokens, layout = build_cache(
             root, [5, 1, 9, 3, 7, 2], {0: 4}, chunks_per_file=chunks_per_file, **codec
         )
-        reader = CacheReader(root.location(KEY))
+        reader = open_cache(root.location(KEY))
         assert reader.layout.chunks_per_file == chunks_per_file
         for i in range(6):
             np.testing.assert_array_equal(reader.read_example(i, 0), tokens[0][i])
@@ -241,6 +242,6 @@ def test_a_truncated_chunk_stops_reading_with_a_pointer_to_verify(tmp_path):
     build_cache(root, [5, 1, 9, 3, 7], {0: 4})
     chunk = tmp_path / KEY / "layer_00" / "c" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:7])
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     with pytest.raises(UniptError, match=r"layer_00 rows 0-5 could not be read .*unipt cache verify"):
         reader.read_example(0, 0)

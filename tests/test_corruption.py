@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
 from pipeline.cache_admin import verify
 from pipeline.cache_layout import EXAMPLES_FILE, LayerSpec, StoreLayout
+from pipeline.cache_open import open_cache
 from pipeline.checksums import CHECKSUMS_FILE, digest
 from pipeline.cli import main
 from pipeline.encoding import compressors, encode_rows
@@ -324,7 +325,7 @@ def test_a_chunk_moved_into_another_position_fails_the_read_that_meets_it(tmp_pa
     tokens, _ = build_cache(root, [5, 1, 9, 3, 7, 2, 8], {0: 4}, codec="none")
     store = tmp_path / KEY
     shutil.copy(_chunk(store, 0, 0), _chunk(store, 0, 1))  # a valid chunk, crc32c and all, in the wrong place
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     np.testing.assert_array_equal(reader.read_example(0, 0), tokens[0][0])  # chunk 0 is fine
     with pytest.raises(UniptError, match=r"layer_00 chunk 1 \(rows 8-15\): not the chunk written there"):
         reader.read_example(2, 0)  # rows 6-14: crosses into chunk 1
@@ -335,12 +336,12 @@ def test_sharded_files_are_checked_chunk_by_chunk(tmp_path):
     tokens, _ = build_cache(root, [5, 1, 9, 3, 7, 2, 8], {0: 4}, chunks_per_file=2)
     shard_file = _chunk(tmp_path / KEY, 0, 0)  # rows 0-15 in two chunks of 8
     _flip(shard_file, 0.1)
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     with pytest.raises(
         UniptError, match=r"layer_00 chunk 0 \(rows 0-15\): its crc32c checksum does not match"
     ):
         reader.read_example(0, 0)
-    assert [p.what for p in verify(CacheReader(root.location(KEY), strict=False))] == [
+    assert [p.what for p in verify(open_cache(root.location(KEY), strict=False))] == [
         "layer_00 chunk 0 (rows 0-15)"
     ]
 
@@ -350,7 +351,7 @@ def test_a_missing_chunk_in_reserved_but_unused_rows_is_not_damage(tmp_path):
     does not expect their files."""
     root = CacheRoot(tmp_path)
     _, layout = build_cache(root, [5, 1, 9], {0: 4}, shard_size=2)
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     written = {int(p.name) for p in (tmp_path / KEY / "layer_00" / "c").iterdir()}
     expected = layout.files_with_rows(layout.arrays()["layer_00"], reader.offsets)
     assert expected == written
@@ -407,7 +408,7 @@ def _build_format_2_cache(root: Path, lengths: list[int], width: int) -> list[np
 
 def test_format_2_caches_stay_readable_with_verify_as_their_check(tmp_path, capsys):
     tokens = _build_format_2_cache(tmp_path, [5, 1, 9, 3, 7], 6)
-    reader = CacheReader(CacheRoot(tmp_path).location(KEY))
+    reader = open_cache(CacheRoot(tmp_path).location(KEY))
     assert reader.format_version == 2 and not reader.checked
     for i, want in enumerate(tokens):
         np.testing.assert_array_equal(reader.read_example(i, 0), want)

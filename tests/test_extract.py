@@ -11,7 +11,7 @@ import torch
 from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
 from pipeline import experiment
-from pipeline.cache import CacheReader
+from pipeline.cache_open import open_cache
 from pipeline.config import load_config
 from pipeline.errors import UniptError
 
@@ -24,7 +24,7 @@ def prepared(tiny_config):
 def test_cache_holds_exactly_what_the_backbone_produced(ray_session, prepared, tiny_bert_dir):
     result = experiment.extract(prepared, progress=False)
     assert not result.cache_hit and result.examples == 240
-    reader = CacheReader(result.path)
+    reader = open_cache(result.path)
     assert reader.layers == [0, 1, 2]  # embeddings + 2 layers
     assert reader.hidden_sizes == {0: 32, 1: 32, 2: 32}
     assert reader.attrs["dtype"] == "float16" and reader.attrs["key_fields"] == prepared.key_fields
@@ -68,7 +68,7 @@ def test_second_extraction_is_a_cache_hit(ray_session, prepared):
 
 def test_layer_subset_and_out_of_range(ray_session, tiny_config):
     subset = experiment.prepare(load_config(tiny_config, ["backbone.layers=[0, 2]"]))
-    reader = CacheReader(experiment.extract(subset, progress=False).path)
+    reader = open_cache(experiment.extract(subset, progress=False).path)
     assert reader.layers == [0, 2]
     wrong = experiment.prepare(load_config(tiny_config, ["backbone.layers=[0, 7]"]))
     with pytest.raises(UniptError, match=r"layers \[7\] out of range"):
@@ -127,7 +127,7 @@ def test_auto_chunk_rows_shrink_for_wide_layers_and_keep_every_row(ray_session, 
     )
     prepared = experiment.prepare(load_config(config))
     result = experiment.extract(prepared, progress=False)
-    reader = CacheReader(result.path)
+    reader = open_cache(result.path)
     (segment,) = reader.segments
     assert segment.layout.chunk_rows == 2048 and reader.hidden_sizes[2] == 768
     backbone = HFTextBackbone(BackboneLoadSpec(str(wide)))

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import experiment
-from pipeline.cache import CacheReader
 from pipeline.cache_admin import verify
+from pipeline.cache_open import open_cache
 from pipeline.config import load_config
 from tests.conftest import write_config
 
@@ -128,7 +128,7 @@ def test_kill_9_of_the_driver_then_the_same_command_finishes_only_the_missing_sh
     resumed = re.search(r"(\d+) of (\d+) shards resumed \(tokens and bytes: this run's\)", log)
     assert resumed and int(resumed.group(1)) in (done, done + 1), log
     assert _checksums(cache / store) == reference  # byte-identical to the uninterrupted build
-    assert verify(CacheReader(cache / key)) == []
+    assert verify(open_cache(cache / key)) == []
 
 
 def test_a_worker_killed_mid_run_is_restarted_and_its_shard_redone(slow_config, key, reference, tmp_path):
@@ -143,7 +143,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_its_shard_redone(slow_config, 
         os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=300) == 0, (tmp_path / "log.txt").read_text()
     assert _checksums(cache / store) == reference
-    assert verify(CacheReader(cache / key)) == []
+    assert verify(open_cache(cache / key)) == []
 
 
 def test_two_concurrent_extractions_of_one_key_build_it_once(slow_config, key, reference, tmp_path):
@@ -156,5 +156,5 @@ def test_two_concurrent_extractions_of_one_key_build_it_once(slow_config, key, r
     assert logs.count("extracted 240 examples") == 1  # one built it ...
     assert "waiting for it" in logs or "cache hit" in logs  # ... the other waited for it and reused it
     assert _checksums(cache / store) == reference
-    assert verify(CacheReader(cache / key)) == []
+    assert verify(open_cache(cache / key)) == []
     assert not (cache / ".partial" / segment).exists()

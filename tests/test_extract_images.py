@@ -9,7 +9,7 @@ import torch
 from extract.backbones import load_backbone
 from extract.spec import BackboneLoadSpec
 from pipeline import experiment
-from pipeline.cache import CacheReader
+from pipeline.cache_open import open_cache
 from pipeline.config import load_config
 from pipeline.errors import UniptError
 from tests.conftest import write_config
@@ -36,7 +36,7 @@ def _image_config(tmp_path, backbone: str, **backbone_options):
 def test_efficientnet_stages_land_as_feature_maps(ray_session, tmp_path):
     prep = _image_config(tmp_path, "bundled:efficientnet-lite0", layers=[3, 4, 8])
     result = experiment.extract(prep, progress=False)
-    reader = CacheReader(result.path)
+    reader = open_cache(result.path)
     assert reader.layers == [3, 4, 8] and reader.hidden_sizes == {3: 40, 4: 80, 8: 1280}
     assert reader.attrs["grids"] == {"3": [14, 14], "4": [7, 7], "8": [4, 4]}
     assert reader.attrs["backbone"]["input"] == "image" and reader.num_examples == LIMIT
@@ -59,7 +59,7 @@ def test_efficientnet_stages_land_as_feature_maps(ray_session, tmp_path):
 
 def test_vit_tokens_land_as_sequences(ray_session, tmp_path, tiny_vit_dir):
     prep = _image_config(tmp_path, str(tiny_vit_dir))
-    reader = CacheReader(experiment.extract(prep, progress=False).path)
+    reader = open_cache(experiment.extract(prep, progress=False).path)
     assert reader.layers == [0, 1, 2] and reader.attrs["grids"] == {}
     assert reader.examples.column("length").to_pylist() == [17] * LIMIT  # 16 patches + CLS
     backbone = load_backbone(BackboneLoadSpec(str(tiny_vit_dir), device="cpu"))

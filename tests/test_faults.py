@@ -22,9 +22,10 @@ from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 from zarr.storage import WrapperStore
 
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
 from pipeline.cache_admin import verify
 from pipeline.cache_layout import SHARD_MARKERS, LayerSpec, StoreLayout
+from pipeline.cache_open import open_cache
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.cli import main
 from pipeline.config import TrainConfig
@@ -116,7 +117,7 @@ def test_disk_full_while_writing_a_shard_commits_nothing_and_a_rerun_finishes(tm
     assert not list((tmp_path / ".partial" / KEY).rglob("*.tmp"))  # no torn files left behind
     assert not root.has(KEY) and root.keys() == []  # nothing visible under the key
     with pytest.raises(UniptError, match="incomplete"):
-        CacheReader(root.partial_location(KEY))
+        open_cache(root.partial_location(KEY))
     with pytest.raises(UniptError, match="are not written yet"):
         builder.commit(layout, example_table(12), {})
 
@@ -138,7 +139,7 @@ def test_disk_full_while_writing_a_shard_commits_nothing_and_a_rerun_finishes(tm
 
     disk.free = None  # space freed: the same commit now goes through
     builder.commit(layout, example_table(12), {})
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     assert verify(reader) == []
     for i in range(12):
         np.testing.assert_array_equal(reader.read_example(i, 2), tokens[2][starts[i] : starts[i + 1]])
@@ -186,7 +187,7 @@ def test_disk_full_on_a_real_small_filesystem_during_extraction(ray_session, tmp
         assert f", {done} of " in err and "shards resumed" in err or done == 0
         # The partial store was the space's new segment; committed, a view of this dataset names it.
         (view,) = root.keys()
-        assert root.partial_keys() == [] and verify(CacheReader(root.location(view))) == []
+        assert root.partial_keys() == [] and verify(open_cache(root.location(view))) == []
     finally:
         subprocess.run(["umount", "-l", str(fs)], capture_output=True)
 
@@ -220,7 +221,7 @@ KILLED_RUN = textwrap.dedent(
     loader.CacheBatches.epoch = epoch
     config = TrainConfig.model_validate_json(sys.argv[3])
     checkpoint = pathlib.Path(sys.argv[2])
-    train_task(CacheReader(sys.argv[1]), config, 3, progress=False, checkpoint=checkpoint)
+    train_task(open_cache(sys.argv[1]), config, 3, progress=False, checkpoint=checkpoint)
     """
 )
 
@@ -249,7 +250,7 @@ def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the killed process: CPU sums depend on the thread count
     try:
-        reader = CacheReader(store)
+        reader = open_cache(store)
         resumed = train_task(reader, CONFIG, 3, progress=False, checkpoint=checkpoint, resume=checkpoint)
         uninterrupted = train_task(reader, CONFIG, 3, progress=False)
     finally:
@@ -270,7 +271,7 @@ def _gc(capsys: pytest.CaptureFixture, root: Path) -> str:
 def test_gc_while_training_reads_skips_that_cache_and_training_finishes(tmp_path, capsys):
     reference = CacheRoot(tmp_path / "reference" / "cache")
     build_cache(reference, LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=5, splits=SPLITS)
-    expected = train_task(CacheReader(reference.location(KEY)), CONFIG, 3, progress=False)
+    expected = train_task(open_cache(reference.location(KEY)), CONFIG, 3, progress=False)
 
     root = CacheRoot(tmp_path / "cache")
     build_cache(root, LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=5, splits=SPLITS)  # the same bytes
@@ -282,7 +283,7 @@ def test_gc_while_training_reads_skips_that_cache_and_training_finishes(tmp_path
         if epoch == 1:  # the run is between epochs, its reader open: no run record points at the cache yet
             outputs.append(_gc(capsys, tmp_path))
 
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     result = train_task(reader, CONFIG, 3, progress=False, on_epoch_end=gc_mid_training)
     (out,) = outputs
     assert f"skipping {KEY}: a running process is reading it" in out
@@ -299,7 +300,7 @@ HOLD_READER = textwrap.dedent(
     """
     import sys
     from pipeline.cache import CacheReader
-    reader = CacheReader(sys.argv[1])
+    reader = open_cache(sys.argv[1])
     reader.read_example(0, 0)
     print("reading", flush=True)
     sys.stdin.read()  # hold the cache open until the test closes our stdin
@@ -354,10 +355,10 @@ def test_gc_include_partial_skips_a_store_being_extracted(tmp_path, capsys):
 def test_lease_files_stay_out_of_cache_listings(tmp_path):
     root = CacheRoot(tmp_path)
     build_cache(root, LENGTHS, {0: 8})
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     assert (tmp_path / ".leases" / f"{KEY}.lock").exists() and reader.lease.held
     assert root.keys() == [KEY] and root.partial_keys() == []
     # A cache opened by a path outside any cache root gets no lock files beside it.
     shutil.copytree(tmp_path / KEY, tmp_path / "copy")
-    assert not CacheReader(tmp_path / "copy").lease.held
+    assert not open_cache(tmp_path / "copy").lease.held
     assert json.loads((tmp_path / "copy" / "zarr.json").read_text())["attributes"]["complete"]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
+from pipeline.cache_open import open_cache
 from pipeline.encoding import FLOAT8_MAX, decode_rows, encode_rows
 from tests.conftest import KEY, build_cache, write_scaled_store
 
@@ -65,7 +66,7 @@ def test_round_trip_error_is_relative_to_each_value_not_the_token_max():
 def test_store_round_trip_and_size(tmp_path):
     root = CacheRoot(tmp_path / "rt")
     values = write_scaled_store(root, "float8_e4m3")
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     assert reader.dtype == "float8_e4m3"
     for i, want in enumerate(values):
         got = reader.read_example(i, 0)
@@ -77,7 +78,7 @@ def test_store_round_trip_and_size(tmp_path):
     for dtype in ("float16", "float8_e4m3"):
         cache_root = CacheRoot(tmp_path / dtype)
         build_cache(cache_root, [40] * 12, {0: 64}, shard_size=4, chunk_rows=64, dtype=dtype, codec="none")
-        sizes[dtype] = CacheReader(cache_root.location(KEY)).nbytes_on_disk()
+        sizes[dtype] = open_cache(cache_root.location(KEY)).nbytes_on_disk()
     # One byte a value plus a float32 scale per 64-value token: (64 + 4) / 128 of fp16.
     assert 0.45 < sizes["float8_e4m3"] / sizes["float16"] < 0.6
 

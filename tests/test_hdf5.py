@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline import experiment
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
 from pipeline.cache_open import open_cache
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -26,7 +26,7 @@ def test_export_copies_every_example_exactly(tmp_path):
     for dtype in ("float16", "int8"):
         root = CacheRoot(tmp_path / dtype)
         build_cache(root, lengths, {0: 4, 2: 6}, dtype=dtype, splits=["train"] * 4 + ["val"] * 3)
-        zarr_reader = CacheReader(root.location(KEY))
+        zarr_reader = open_cache(root.location(KEY))
         out = export_hdf5(zarr_reader, tmp_path / f"{dtype}.h5", compression="gzip")
         h5_reader = HDF5CacheReader(out)
         assert h5_reader.layers == [0, 2] and h5_reader.dtype == dtype
@@ -57,7 +57,7 @@ def test_a_damaged_hdf5_copy_stops_reading_in_one_line(tmp_path, compression, ca
     a byte flipped in an lzf chunk decoded to a different activation and training went on.)"""
     root = CacheRoot(tmp_path)
     build_cache(root, [5, 1, 9, 3, 7, 2, 8], {0: 4, 2: 6}, splits=["train"] * 4 + ["val"] * 3)
-    out = export_hdf5(CacheReader(root.location(KEY)), tmp_path / "copy.h5", compression=compression)
+    out = export_hdf5(open_cache(root.location(KEY)), tmp_path / "copy.h5", compression=compression)
     HDF5CacheReader(out).read_example(2, 2)  # the undamaged copy reads
     with h5py.File(out) as f:
         chunk = f["layer_02"].id.get_chunk_info(0)
@@ -103,7 +103,7 @@ def test_export_never_overwrites(tmp_path):
     target = tmp_path / "out.h5"
     target.write_text("precious")
     with pytest.raises(UniptError, match="already exists"):
-        export_hdf5(CacheReader(root.location(KEY)), target)
+        export_hdf5(open_cache(root.location(KEY)), target)
     assert target.read_text() == "precious"
 
 
@@ -169,6 +169,6 @@ def test_training_on_the_hdf5_export_gives_the_same_results(ray_session, tiny_co
 def test_hdf5_export_of_another_dataset_is_refused_for_training(ray_session, tiny_config, tmp_path):
     prep = experiment.prepare(load_config(tiny_config))
     experiment.extract(prep, progress=False)
-    out = export_hdf5(CacheReader(prep.cache_root.location(prep.key)), tmp_path / "c.h5")
+    out = export_hdf5(open_cache(prep.cache_root.location(prep.key)), tmp_path / "c.h5")
     with pytest.raises(UniptError, match="built for another dataset fingerprint"):
         open_cache(out, expect={"dataset_fingerprint": "0" * 64})

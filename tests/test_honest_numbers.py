@@ -96,6 +96,8 @@ def test_rerun_of_a_run_made_before_split_schemes_keeps_scheme_1(tmp_path, tiny_
     # Settings added later that change the batches: an old run's rerun gets what the old run computed.
     assert (rerun.train.length_grouping, rerun.train.loader_memory_mb) == (False, None)
     assert TrainConfig().loader_memory_mb == 512 and TrainConfig().length_grouping  # not the defaults
+    # ... and read a view's examples in the order written (split, then id), not segment-row order.
+    assert rerun.train.view_order == 1 and TrainConfig().view_order == 2
 
 
 # --- 2. no selection on empty or NaN ---------------------------------------------------------------------

@@ -12,11 +12,14 @@ import pyarrow as pa
 import pytest
 
 from pipeline import experiment
-from pipeline.cache import CacheReader, CacheRoot, ViewReader
+from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_open import open_cache
 from pipeline.cache_space import write_view
+from pipeline.cache_view import ViewReader, gather
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.config import load_config
+from pipeline.errors import CacheDamaged, CacheMissing, UniptError
 from tests.conftest import make_sentiment_rows, write_config, write_csv
 
 SPACE = "5a" * 16
@@ -64,7 +67,7 @@ def test_a_view_over_two_segments_reads_every_range_like_the_concatenated_exampl
             "split": ["train"] * 6 + ["test"] * 5,
         }
     )
-    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
+    readers = {s: open_cache(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
     where = {h: ("01" * 16, i) for i, h in enumerate(f"h{i}" for i in range(7))}
     where.update({h: ("02" * 16, i) for i, h in enumerate(["h7", "h8", "h9"])})
     key = "ee" * 16
@@ -73,7 +76,7 @@ def test_a_view_over_two_segments_reads_every_range_like_the_concatenated_exampl
     for reader in readers.values():
         reader.lease.release()
 
-    view = CacheReader(root.location(key))
+    view = open_cache(root.location(key))
     assert isinstance(view, ViewReader) and len(view.segments) == 2
     assert view.split_indices("test").tolist() == [6, 7, 8, 9, 10]
     for layer in (0, 1):
@@ -138,7 +141,7 @@ def test_versions_extract_only_what_no_segment_holds(ray_session, versions, capf
     root = b.cache_root
     (space,) = root.spaces()
     assert len(root.segments(space)) == 2 and len(root.keys()) == 4  # two segments, four views
-    view = CacheReader(root.location(b.key))
+    view = open_cache(root.location(b.key))
     assert view.num_examples == 202 and len(view.segments) == 2
     copies = view.examples.to_pandas().set_index("example_id")
     assert tuple(copies.loc["dup-3", ["segment", "row"]]) == tuple(copies.loc["r0003", ["segment", "row"]])
@@ -155,16 +158,18 @@ def test_b_incremental_trains_exactly_like_b_from_scratch(ray_session, versions)
         pass
     assert incremental.key == scratch.key
     a, b = (
-        CacheReader(incremental.cache_root.location(incremental.key)),
-        CacheReader(scratch.cache_root.location(scratch.key)),
+        open_cache(incremental.cache_root.location(incremental.key)),
+        open_cache(scratch.cache_root.location(scratch.key)),
     )
     assert len(a.segments) == 2 and len(b.segments) == 1
     # Bit for bit: an input's rows do not depend on the inputs batched beside it (hf_text's padding).
     _assert_same_rows(a, b)
     a.lease.release()
     b.lease.release()
-    first = experiment.train(incremental, progress=False)
-    second = experiment.train(scratch, progress=False)
+    # In the dataset's order (view order 1) the batches do not depend on how the inputs were extracted.
+    # (Order 2, the default, follows the segments' rows, which the two extractions laid out differently.)
+    first = experiment.train(versions("B", "shared", "train.view_order=1"), progress=False)
+    second = experiment.train(versions("B", "scratch", "train.view_order=1"), progress=False)
     assert _untimed(first.metrics) == _untimed(second.metrics)
     for mine, theirs in zip(first.history, second.history, strict=True):
         assert _untimed(mine) == _untimed(theirs)
@@ -195,7 +200,7 @@ def test_compact_merges_segments_rewrites_views_and_gc_removes_what_no_view_read
     examples = pa.table(
         {"example_id": [f"e{i}" for i in range(6)], "label": [0, 1] * 3, "split": ["train"] * 6}
     )
-    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
+    readers = {s: open_cache(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
     where = {f"h{i}": ("01" * 16, i) for i in range(4)} | {"h4": ("02" * 16, 0), "h5": ("02" * 16, 1)}
     write_view(
         root, "ee" * 16, {"key_fields": {}, "label_names": ["a", "b"]}, examples, hashes, where, readers
@@ -206,7 +211,7 @@ def test_compact_merges_segments_rewrites_views_and_gc_removes_what_no_view_read
 
     assert main(["cache", "compact", SPACE, "--cache-root", str(tmp_path)]) == 0
     (merged,) = root.segments(SPACE)
-    view = CacheReader(root.location("ee" * 16))
+    view = open_cache(root.location("ee" * 16))
     assert [s.location.name for s in view.segments] == [merged]
     np.testing.assert_array_equal(view.read_rows(0, 0, len(expected)), expected)
     view.lease.release()
@@ -267,7 +272,7 @@ def test_concurrent_extractions_of_overlapping_versions_build_each_input_once(
     (space,) = root.spaces()
     held = []
     for segment in root.segments(space):
-        reader = CacheReader(root.segment_location(space, segment))
+        reader = open_cache(root.segment_location(space, segment))
         held += reader.examples.column("input_hash").to_pylist()
         reader.lease.release()
     assert len(held) == len(set(held)) == 160
@@ -278,8 +283,128 @@ def test_concurrent_extractions_of_overlapping_versions_build_each_input_once(
         with experiment.extract(alone, progress=False):
             pass
         assert alone.key == prep.key
-        mine, theirs = CacheReader(root.location(prep.key)), CacheReader(alone.cache_root.location(alone.key))
+        mine, theirs = open_cache(root.location(prep.key)), open_cache(alone.cache_root.location(alone.key))
         assert mine.num_examples == theirs.num_examples == 100
         _assert_same_rows(mine, theirs)
         mine.lease.release()
         theirs.lease.release()
+
+
+def _two_views_of_one_segment(root: CacheRoot) -> tuple[str, str, dict]:
+    """One segment of inputs h0..h9 (rows 0..9), and two versions over it that differ only in labels and
+    example ids: the second's id order (ids hash the label) is a permutation of the segment's rows."""
+    rows = _segment(root, "01" * 16, [3, 5, 2, 7, 4, 1, 6, 2, 8, 3], [f"h{i}" for i in range(10)], seed=0)
+    (segment,) = root.segments(SPACE)
+    where = {f"h{i}": (segment, i) for i in range(10)}
+    splits = ["train"] * 7 + ["test"] * 3
+    source = ["h0", "h1", "h2", "h3", "h4", "h5", "h6", "h7", "h8", "h9"]
+    relabelled = ["h5", "h2", "h6", "h0", "h3", "h1", "h4", "h9", "h7", "h8"]  # same splits, new order
+    keys = ("e1" * 16, "e2" * 16)
+    with open_cache(root.segment_location(SPACE, segment)) as reader:
+        for key, hashes, label in zip(keys, (source, relabelled), (0, 1), strict=True):
+            examples = pa.table(
+                {
+                    "example_id": [f"{key[:2]}-{h}" for h in hashes],
+                    "label": [(int(h[1]) + label) % 2 for h in hashes],
+                    "split": splits,
+                }
+            )
+            attrs = {"key_fields": {"dataset_fingerprint": key}, "label_names": ["a", "b"]}
+            write_view(root, key, attrs, examples, hashes, where, {segment: reader})
+    return keys[0], keys[1], rows
+
+
+def test_view_order_2_reads_segment_rows_in_order_whatever_the_labels_and_ids(tmp_path):
+    root = CacheRoot(tmp_path)
+    source, relabelled, rows = _two_views_of_one_segment(root)
+    with (
+        open_cache(root.location(source), view_order=2) as a,
+        open_cache(root.location(relabelled), view_order=2) as b,
+    ):
+        for view in (a, b):
+            assert view.examples.column("row").to_pylist() == list(range(10))  # the segment's order
+            assert view.split_indices("test").tolist() == [7, 8, 9]
+        assert a.labels().tolist() != b.labels().tolist()  # only the labels differ
+        for layer in (0, 1):
+            total = int(a.offsets_for(layer)[-1, 1])
+            np.testing.assert_array_equal(a.offsets_for(layer), b.offsets_for(layer))
+            np.testing.assert_array_equal(a.read_rows(layer, 0, total), np.concatenate(rows[layer]))
+            np.testing.assert_array_equal(b.read_rows(layer, 0, total), np.concatenate(rows[layer]))
+        # Each example keeps its own label and rows in the new order.
+        hashes = b.examples.column("input_hash").to_pylist()
+        assert [int(h[1]) for h in hashes] == list(range(10))
+        np.testing.assert_array_equal(b.read_example(4, 0), rows[0][4])
+    # Order 1 (runs made before order 2) is the order as written: the relabelled version's permutation.
+    with open_cache(root.location(relabelled), view_order=1) as old:
+        assert old.examples.column("row").to_pylist() == [5, 2, 6, 0, 3, 1, 4, 9, 7, 8]
+        np.testing.assert_array_equal(old.read_example(0, 0), rows[0][5])
+
+
+def test_a_view_reads_only_chunks_holding_rows_it_uses():
+    # Part of a segment's examples (3 rows each; chunks of 8 rows): dense, then sparse. The runs gathered
+    # must not span a chunk of rows the view does not use, so a partial view decodes only its own chunks.
+    chunk = 8
+    starts = np.concatenate([np.arange(0, 200, 8), np.arange(200, 400, 40)]).astype(np.int64)
+    starts = starts[::-1].copy()  # the view's order need not be the rows'
+    counts = np.full(len(starts), 3, dtype=np.int64)
+    used = np.zeros(400, dtype=bool)
+    for s in starts:
+        used[s : s + 3] = True
+    fetched = []
+
+    def fetch(segment: int, lo: int, hi: int) -> np.ndarray:
+        fetched.append((lo, hi))
+        return np.arange(lo, hi)[:, None]
+
+    rows = gather(np.zeros(len(starts), dtype=np.int64), starts, counts, fetch, lambda _: chunk - 1)
+    np.testing.assert_array_equal(rows[:, 0], np.concatenate([np.arange(s, s + 3) for s in starts]))
+    for lo, hi in fetched:
+        for first in range((lo // chunk) * chunk, hi, chunk):
+            assert used[max(first, lo) : min(first + chunk, hi)].any(), (lo, hi, first)
+    assert len(fetched) < len(starts)  # nearby pieces still share a read
+
+
+def test_closing_a_view_lets_gc_remove_it_and_its_segment(tmp_path, capsys):
+    from pipeline.cli import main
+
+    root = CacheRoot(tmp_path / "cache")
+    source, relabelled, _ = _two_views_of_one_segment(root)
+    args = [
+        "cache",
+        "gc",
+        "--yes",
+        "--cache-root",
+        str(tmp_path / "cache"),
+        "--runs-root",
+        str(tmp_path / "runs"),
+    ]
+    args += ["--registry", str(tmp_path / "registry.sqlite")]
+    with open_cache(root.location(source)) as view:
+        assert isinstance(view, ViewReader) and view.lease.held
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert f"skipping {source} (view): a running process is reading it" in out
+        assert root.keys() == [source] and root.segments(SPACE)  # its segment stays too
+    assert not view.lease.held and not any((tmp_path / "cache" / ".leases").glob("*.lock"))
+    assert main(args) == 0
+    assert root.keys() == [] and root.segments(SPACE) == []
+
+
+def test_errors_are_typed_missing_or_damaged(tmp_path):
+    root = CacheRoot(tmp_path)
+    source, _, _ = _two_views_of_one_segment(root)
+    with pytest.raises(CacheMissing, match="no activation cache at"):
+        open_cache(tmp_path / "nothing-here")
+    (segment,) = root.segments(SPACE)
+    examples = root.segment_location(SPACE, segment).child("examples.parquet")
+    original = examples.read_bytes()
+    examples.write_bytes(original[:-9] + b"x" + original[-8:])  # one byte changed
+    with pytest.raises(CacheDamaged, match="differs from its checksum"):
+        open_cache(root.location(source))
+    examples.write_bytes(original)
+    open_cache(root.location(source)).close()  # whole again
+    root.segment_location(SPACE, segment).remove()
+    with pytest.raises(CacheMissing, match=f"view over segment {segment} .* copy the whole cache root"):
+        open_cache(root.location(source))
+    assert issubclass(CacheMissing, UniptError) and issubclass(CacheDamaged, UniptError)  # one CLI line
+    assert not any((tmp_path / ".leases").glob("*.lock"))  # a failed open holds no lease

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache_open import open_cache
 from pipeline.config import TrainConfig
 from tests.conftest import KEY, build_cache
 from train.loader import (
@@ -26,7 +27,7 @@ SPLITS = ["train"] * 9 + ["val"] * 4
 
 def _reader(tmp_path):
     tokens, _ = build_cache(CacheRoot(tmp_path), LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS)
-    return CacheReader(CacheRoot(tmp_path).location(KEY)), tokens
+    return open_cache(CacheRoot(tmp_path).location(KEY)), tokens
 
 
 def test_every_example_once_per_epoch_padded_exactly(tmp_path):
@@ -229,7 +230,7 @@ def test_auto_keeps_a_split_that_fits_the_loader_budget_when_a_later_epoch_will_
 def _dtype_reader(tmp_path, dtype: str) -> CacheReader:
     root = CacheRoot(tmp_path / dtype)
     build_cache(root, LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS, dtype=dtype)
-    return CacheReader(root.location(KEY))
+    return open_cache(root.location(KEY))
 
 
 def test_training_batches_keep_16_bit_rows_and_upcast_in_to_device_to_the_float32_batches(tmp_path):
@@ -255,7 +256,7 @@ def test_training_batches_keep_16_bit_rows_and_upcast_in_to_device_to_the_float3
 def test_blocks_shrink_to_the_loader_memory_budget(tmp_path):
     root = CacheRoot(tmp_path)
     build_cache(root, LENGTHS, {0: 4096, 1: 4096}, shard_size=4, splits=SPLITS, codec="none")
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     values = float(np.mean(LENGTHS[:9])) * 8192  # 9 train examples x both layers' widths
     held = BUDGETED_PREFETCH_BLOCKS + 1 + 1  # budgeted queue, a shuffle window of 1 block, the block read
     expected = int(2**20 // (held * values * 2))
@@ -279,7 +280,7 @@ def test_examples_carried_to_the_next_window_do_not_keep_their_blocks_alive(tmp_
     lengths = [length for k in range(20) for length in (20 + k, 1)]
     root = CacheRoot(tmp_path)
     build_cache(root, lengths, {0: 4, 1: 4}, shard_size=8, splits=["train"] * 40)
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     data = CacheBatches(
         reader, "train", [0, 1], 12, shuffle=True, seed=0, block_examples=2, shuffle_buffer_blocks=2,
         prefetch_blocks=1, length_grouping=True,

@@ -20,13 +20,13 @@ MiB = 2**20
 # after imports, opening the cache and reading one batch (Zarr's and torch's one-off allocations).
 EPOCH = """
 import json, resource, sys
-from pipeline.cache import CacheReader
+from pipeline.cache_open import open_cache
 from train.loader import CacheBatches
 
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
-data = CacheBatches(CacheReader(sys.argv[1]), "train", [0, 1], batch_size=64, shuffle=True, seed=0,
+data = CacheBatches(open_cache(sys.argv[1]), "train", [0, 1], batch_size=64, shuffle=True, seed=0,
                     block_examples=64, shuffle_buffer_blocks=4)
 batches = data.epoch(0)
 seen = len(next(batches).indices)

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
+from pipeline.cache_open import open_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache, random_padded_batch
@@ -106,7 +107,7 @@ SPLITS = ["train"] * 20 + ["val"] * 6 + ["test"] * 6
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_trains_from_a_cache_through_the_task_registry(tmp_path, method):
     build_cache(CacheRoot(tmp_path), LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=8, splits=SPLITS)
-    reader = CacheReader(CacheRoot(tmp_path).location(KEY))
+    reader = open_cache(CacheRoot(tmp_path).location(KEY))
     config = TrainConfig(method=method, epochs=2, batch_size=4, block_examples=4, side_reduction=2)
     result = train_task(reader, config, seed=0, progress=False)
     unipt = train_task(reader, config.model_copy(update={"method": "unipt"}), seed=0, progress=False)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline import experiment
 from pipeline.baselines import fit_online, load_online_data, train_online
-from pipeline.cache import CacheReader
+from pipeline.cache_open import open_cache
 from pipeline.config import load_config
 from pipeline.datasets import load_dataset
 from pipeline.errors import UniptError
@@ -41,7 +41,7 @@ def fp32_setup(tmp_path_factory, tiny_bert_dir):
 def fp32_cache(fp32_setup, ray_session):
     config_path, config = fp32_setup
     prep = experiment.prepare(config)
-    reader = CacheReader(experiment.extract(prep, progress=False).path)
+    reader = open_cache(experiment.extract(prep, progress=False).path)
     return prep, reader
 
 
@@ -161,7 +161,7 @@ def regression_cache(tmp_path_factory, tiny_bert_dir, ray_session):
         root / "scores.yaml", str(csv_path), str(tiny_bert_dir), root, train={"task": "regression"}
     )
     prep = experiment.prepare(load_config(config_path, OVERRIDES))
-    reader = CacheReader(experiment.extract(prep, progress=False).path)
+    reader = open_cache(experiment.extract(prep, progress=False).path)
     config = prep.config
     data = load_online_data(
         prep.dataset.table, prep.dataset.label_names, config.backbone, config.train, config.extract

@@ -8,7 +8,7 @@ import pytest
 from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
 from pipeline import experiment
-from pipeline.cache import CacheReader
+from pipeline.cache_open import open_cache
 from pipeline.config import load_config
 from pipeline.datasets import input_hashes
 
@@ -29,7 +29,7 @@ def test_minilm_on_rotten_tomatoes(ray_session, tmp_path):
     )
     prep = experiment.prepare(config)
     result = experiment.extract(prep, progress=False)
-    reader = CacheReader(result.path)
+    reader = open_cache(result.path)
     assert reader.layers == list(range(7))  # embeddings + 6 transformer layers
     assert set(reader.hidden_sizes.values()) == {384}
     assert reader.num_examples == 600

@@ -10,8 +10,9 @@ import socket
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
 from pipeline.cache_admin import verify
+from pipeline.cache_open import open_cache
 from pipeline.errors import UniptError
 from pipeline.storage import Location
 from tests.conftest import KEY, build_cache, run_cli
@@ -54,7 +55,7 @@ def test_store_round_trip_verify_and_gc_on_s3(s3_endpoint, tmp_path):
     lengths = [5, 1, 9, 3, 7, 2]
     tokens, _ = build_cache(root, lengths, {0: 4, 1: 6}, chunks_per_file=2, dtype="bfloat16")
     assert root.keys() == [KEY] and root.partial_keys() == []  # committed in place: no .partial on S3
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     for i in range(len(lengths)):
         np.testing.assert_allclose(reader.read_example(i, 1), tokens[1][i].astype(np.float32), rtol=8e-3)
     assert verify(reader) == []
@@ -63,14 +64,14 @@ def test_store_round_trip_verify_and_gc_on_s3(s3_endpoint, tmp_path):
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0x10
     damaged.write_bytes(bytes(data))
-    problems = verify(CacheReader(root.location(KEY)))
+    problems = verify(open_cache(root.location(KEY)))
     assert [p.what for p in problems] == ["layer_01 chunk 0 (rows 0-15)"]
 
     unfinished = "cd" * 16
     build_cache(root, lengths, {0: 4}, key=unfinished, commit=False)
     assert root.keys() == [KEY] and root.partial_keys() == [unfinished]
     with pytest.raises(UniptError, match="incomplete"):
-        CacheReader(root.location(unfinished))
+        open_cache(root.location(unfinished))
 
 
 def test_credentials_in_storage_options_are_refused():

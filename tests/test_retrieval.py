@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline import experiment
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
+from pipeline.cache_open import open_cache
 from pipeline.config import TrainConfig, load_config
 from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache, save_tiny_bert, write_config
@@ -36,7 +37,7 @@ def test_caches_of_different_examples_are_refused(tmp_path):
     lengths = [3, 4, 5, 2]
     build_cache(CacheRoot(tmp_path / "a"), lengths, {0: 4, 1: 4})
     build_cache(CacheRoot(tmp_path / "b"), lengths + [3], {0: 4, 1: 4})
-    one, two = (CacheReader(CacheRoot(tmp_path / name).location(KEY)) for name in "ab")
+    one, two = (open_cache(CacheRoot(tmp_path / name).location(KEY)) for name in "ab")
     with pytest.raises(UniptError, match="hold different examples"):
         train_task([one, two], TrainConfig(task="retrieval", epochs=1), seed=0, progress=False)
 
@@ -54,7 +55,7 @@ def test_retrieval_across_two_backbones_learns_to_match_examples(
     for name, backbone in (("query", tiny_bert_dir), ("gallery", second_bert_dir)):
         config = write_config(tmp_path / f"{name}.yaml", str(sentiment_csv), str(backbone), tmp_path)
         readers.append(
-            CacheReader(experiment.extract(experiment.prepare(load_config(config)), progress=False).path)
+            open_cache(experiment.extract(experiment.prepare(load_config(config)), progress=False).path)
         )
     query, gallery = readers
     assert query.hidden_sizes[2] == 32 and gallery.hidden_sizes[2] == 48

@@ -17,7 +17,6 @@ import torch
 from extract.backbones import HFTextBackbone
 from extract.spec import BackboneLoadSpec
 from pipeline import experiment
-from pipeline.cache import CacheReader
 from pipeline.cache_open import open_cache
 from pipeline.cli import main
 from pipeline.config import DatasetConfig, load_config
@@ -235,7 +234,7 @@ def test_cached_pair_activations_are_the_backbone_on_the_pair_encoding(ray_sessi
     )
     prep = experiment.prepare(load_config(config_path))
     result = experiment.extract(prep, progress=False)
-    reader = CacheReader(result.path)
+    reader = open_cache(result.path)
     pairs = list(zip(*(prep.dataset.table.column(c).to_pylist() for c in ("text", "text_pair")), strict=True))
     backbone = HFTextBackbone(BackboneLoadSpec(str(tiny_bert_dir), device="cpu"))
     tokenizer = backbone.tokenizer

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
+from pipeline.cache_open import open_cache
 from pipeline.cache_writer import CacheBuilder
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
@@ -28,7 +29,7 @@ class Interrupted(Exception):
 
 def _reader(tmp_path):
     build_cache(CacheRoot(tmp_path), LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=5, splits=SPLITS)
-    return CacheReader(CacheRoot(tmp_path).location(KEY))
+    return open_cache(CacheRoot(tmp_path).location(KEY))
 
 
 def _without_timing(result) -> tuple[dict, list[dict]]:
@@ -112,7 +113,7 @@ def _regression_reader(tmp_path, n: int = 120):
         {"example_id": [str(i) for i in range(n)], "label": pa.array(targets, pa.float64()), "split": splits}
     )
     CacheBuilder(root, KEY).commit(layout, table, {"label_names": []})
-    return CacheReader(root.location(KEY)), np.array(targets)
+    return open_cache(root.location(KEY)), np.array(targets)
 
 
 def test_regression_learns_a_numeric_target_and_reports_correlations(tmp_path):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.cache import CacheReader
+from pipeline.cache_open import open_cache
 from pipeline.cli import main
 from pipeline.config import DatasetConfig
 from pipeline.datasets import load_dataset
@@ -147,6 +147,6 @@ def test_regression_run_end_to_end(ray_session, tmp_path, tiny_bert_dir, capsys)
     assert metrics["test_pearson"] > 0.5 and metrics["test_spearman"] > 0.5, metrics
     assert math.isfinite(metrics["test_mse"]) and "probe_test_acc" not in metrics
     assert record["dataset"]["label_names"] == []
-    reader = CacheReader(record["cache"]["path"])
+    reader = open_cache(record["cache"]["path"])
     assert reader.labels().dtype.kind == "f"
     _assert_png(run_dir / "curves.png")

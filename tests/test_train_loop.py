@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
+from pipeline.cache_open import open_cache
 from pipeline.config import TrainConfig
 from tests.conftest import KEY, build_cache
 from train.tasks import train_task
@@ -14,7 +15,7 @@ LENGTHS = [4, 6, 3, 5, 7, 2, 6, 5, 4, 3, 6, 5]
 
 def _reader(tmp_path, splits):
     build_cache(CacheRoot(tmp_path), LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=5, splits=splits)
-    return CacheReader(CacheRoot(tmp_path).location(KEY))
+    return open_cache(CacheRoot(tmp_path).location(KEY))
 
 
 def test_same_seed_same_result(tmp_path):

@@ -12,6 +12,7 @@ import torch
 from pipeline import experiment
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_layout import LayerSpec, StoreLayout
+from pipeline.cache_open import open_cache
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.config import TrainConfig, load_config
 from pipeline.errors import UniptError
@@ -51,7 +52,7 @@ def build_map_cache(root: CacheRoot, specs=STAGES, n: int = 10) -> dict[int, np.
 @pytest.fixture
 def map_cache(tmp_path) -> tuple[CacheReader, dict[int, np.ndarray]]:
     maps = build_map_cache(CacheRoot(tmp_path))
-    return CacheReader(CacheRoot(tmp_path).location(KEY)), maps
+    return open_cache(CacheRoot(tmp_path).location(KEY)), maps
 
 
 def test_loader_gives_each_stage_as_exact_maps(map_cache):
@@ -86,7 +87,7 @@ def test_build_model_picks_the_variant_and_refuses_the_wrong_cache(tmp_path, map
             build_model(variant, reader, TrainConfig(variant=variant))
 
     build_cache(CacheRoot(tmp_path / "tokens"), [3, 5, 4, 2], {0: 8, 1: 8, 2: 8})
-    tokens = CacheReader(CacheRoot(tmp_path / "tokens").location(KEY))
+    tokens = open_cache(CacheRoot(tmp_path / "tokens").location(KEY))
     assert type(build_model("transformer", tokens, TrainConfig())) is UniPTClassifier
     assert isinstance(
         build_model("clip4clip", tokens, TrainConfig(variant="clip4clip")), UniPTClip4ClipClassifier
@@ -102,7 +103,7 @@ def test_build_model_picks_the_variant_and_refuses_the_wrong_cache(tmp_path, map
 def test_cnn_variant_refuses_stages_whose_grids_do_not_divide(tmp_path):
     specs = (LayerSpec(3, 4, grid=(6, 6)), LayerSpec(5, 4, grid=(4, 4)))
     build_map_cache(CacheRoot(tmp_path), specs, n=4)
-    reader = CacheReader(CacheRoot(tmp_path).location(KEY))
+    reader = open_cache(CacheRoot(tmp_path).location(KEY))
     with pytest.raises(
         UniptError, match=r"layer: grid 3: 6x6, 5: 4x4\): every grid must be an integer multiple"
     ):
@@ -115,13 +116,13 @@ def test_the_cnn_refusal_suggests_stages_that_fit(tmp_path):
     grids = [56, 56, 28, 14, 7, 7, 4, 4, 4]
     specs = tuple(LayerSpec(i, 2, grid=(g, g)) for i, g in enumerate(grids))
     build_map_cache(CacheRoot(tmp_path), specs, n=2)
-    reader = CacheReader(CacheRoot(tmp_path).location(KEY))
+    reader = open_cache(CacheRoot(tmp_path).location(KEY))
     with pytest.raises(UniptError, match=r"pick other backbone.layers, e\.g\. \[0, 1, 2, 6, 7, 8\] \(every"):
         train_task(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
     # The suggestion trains.
     fitting = tuple(spec for spec in specs if spec.index in (0, 1, 2, 6, 7, 8))
     build_map_cache(CacheRoot(tmp_path / "fit"), fitting, n=2)
-    fit_reader = CacheReader(CacheRoot(tmp_path / "fit").location(KEY))
+    fit_reader = open_cache(CacheRoot(tmp_path / "fit").location(KEY))
     assert build_model("cnn", fit_reader, TrainConfig(variant="cnn")) is not None
 
 
@@ -136,7 +137,7 @@ def test_training_each_variant_on_small_synthetic_caches(tmp_path, map_cache):
     build_cache(
         CacheRoot(tmp_path / "tokens"), [4, 6, 3, 5, 7, 2, 6, 5, 4, 3], {0: 8, 1: 8, 2: 8}, splits=SPLITS
     )
-    tokens = CacheReader(CacheRoot(tmp_path / "tokens").location(KEY))
+    tokens = open_cache(CacheRoot(tmp_path / "tokens").location(KEY))
     config = TrainConfig(variant="clip4clip", epochs=2, batch_size=4)
     one, two = (train_task(tokens, config, seed=3, progress=False) for _ in range(2))
     assert len(one.layer_weights) == 2 and one.layer_weights == two.layer_weights
@@ -165,7 +166,7 @@ def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path
     )
     config = load_config(path)
     prep = experiment.prepare(config)
-    reader = CacheReader(experiment.extract(prep, progress=False).path)
+    reader = open_cache(experiment.extract(prep, progress=False).path)
     assert [tuple(reader.layer_spec(layer).grid) for layer in reader.layers] == [
         (56, 56),
         (28, 28),
@@ -212,7 +213,7 @@ def test_clip4clip_variant_trains_from_a_tiny_bert_cache(ray_session, tmp_path, 
         train={"variant": "clip4clip", "epochs": 2, "batch_size": 16, "linear_probe": False},
     )
     config = load_config(path)
-    reader = CacheReader(experiment.extract(experiment.prepare(config), progress=False).path)
+    reader = open_cache(experiment.extract(experiment.prepare(config), progress=False).path)
     assert reader.layers == [0, 1, 2]
     result = train_task(reader, config.train, seed=0, progress=False)
     assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)

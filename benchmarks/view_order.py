@@ -1,0 +1,166 @@
+"""Views as fast as compact caches: one shuffled training epoch (CacheBatches) through a view, by
+``train.view_order``.
+
+Synthetic fp16 rows (one layer x 384, 10-50 tokens per example, ``--codec`` chunks) in one
+segment written in the source version's order. Passes of the train split, samples/s (median of
+``--passes``):
+
+* ``source``       the version the segment was extracted for (its ids follow the segment's rows)
+* ``relabelled``   the same inputs under other labels, so other ids: stored in a random permutation of
+                   the segment's rows (what ``bundled:rt_movie_score`` over the RT space is)
+* ``quarter``      a view of a random quarter of the inputs, in its own id order
+* ``compact``      the same quarter extracted on its own: a segment of just those inputs
+
+Goals (issue 28): relabelled / source <= 1.1 and compact / quarter rate <= 1.3 under view order 2; order
+1 (the order as written, what runs before it read) is measured beside it.
+
+    python benchmarks/view_order.py [--examples 6000] [--passes 3] [--out results/view_order.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402, F401  (before anything starts threads: see extract/runner.py)
+
+from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
+from pipeline.cache import CacheReader, CacheRoot  # noqa: E402
+from pipeline.cache_layout import LayerSpec, StoreLayout  # noqa: E402
+from pipeline.cache_open import open_cache  # noqa: E402
+from pipeline.cache_space import write_view  # noqa: E402
+from pipeline.cache_writer import CacheBuilder, write_shard  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
+from train.loader import CacheBatches  # noqa: E402
+
+SPACE = "5a" * 16
+WIDTH = 384
+
+
+def _segment(root: CacheRoot, seg: str, rows: list[np.ndarray], hashes: list[str], codec: str) -> CacheReader:
+    lengths = [len(r) for r in rows]
+    layout = StoreLayout((LayerSpec(0, WIDTH),), len(rows), max(lengths), shard_size=512, codec=codec)
+    builder = CacheBuilder(root, seg, final=root.segment_location(SPACE, seg))
+    builder.create(layout, {"kind": "segment", "space_key": SPACE, "key_fields": {}})
+    for shard in layout.shards():
+        part = rows[shard.example_start : shard.example_stop]
+        write_shard(builder.location, layout, shard, {0: np.concatenate(part)}, [len(r) for r in part])
+    builder.commit(layout, pa.table({"input_hash": hashes}), {})
+    return CacheReader(root.segment_location(SPACE, seg))
+
+
+def _view(root: CacheRoot, key: str, members: list[int], ids: list[str], splits: list[str], where: dict,
+          readers: dict) -> None:  # fmt: skip
+    """A version over ``members`` (input numbers), stored in its own (split, id) order."""
+    order = sorted(members, key=lambda m: ({"train": 0, "val": 1, "test": 2}[splits[m]], ids[m]))
+    table = pa.table(
+        {
+            "example_id": [ids[m] for m in order],
+            "label": [int(ids[m], 16) % 2 for m in order],
+            "split": [splits[m] for m in order],
+        }
+    )
+    hashes = [f"h{m:08d}" for m in order]
+    write_view(root, key, {"key_fields": {}, "label_names": ["a", "b"]}, table, hashes, where, readers)
+
+
+def _rate(root: CacheRoot, key: str, order: int, passes: int) -> float:
+    """Train-split samples/s of shuffled epochs, the median of ``passes``."""
+    config = TrainConfig()
+    rates = []
+    with open_cache(root.location(key), view_order=order) as view:
+        batches = CacheBatches.for_split(view, "train", config, seed=0, shuffle=True)
+        for epoch in range(passes):
+            t0 = time.perf_counter()
+            seen = sum(len(batch.indices) for batch in batches.epoch(epoch))
+            rates.append(seen / (time.perf_counter() - t0))
+        batches.close()
+    return float(sorted(rates)[len(rates) // 2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=6000)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--codec", default="blosc-zstd", help="the segments' codec (extract.codec)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "view_order.json")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    n = args.examples
+    lengths = rng.integers(10, 51, n)
+    splits = ["train"] * int(n * 0.8) + ["val"] * int(n * 0.1)
+    splits += ["test"] * (n - len(splits))
+    source_ids = [f"{i:08x}" for i in range(n)]  # the segment holds the source in its own order
+    relabelled_ids = [f"{v:08x}" for v in rng.permutation(n)]  # ids hash the label: another order
+    quarter = sorted(rng.choice(n, n // 4, replace=False).tolist())
+    work = Path(tempfile.mkdtemp(prefix="unipt-view-order-"))
+    try:
+        root = CacheRoot(work / "space")
+        rows = [rng.standard_normal((int(k), WIDTH)).astype(np.float16) for k in lengths]
+        hashes = [f"h{m:08d}" for m in range(n)]
+        reader = _segment(root, "01" * 16, rows, hashes, args.codec)
+        where = {h: ("01" * 16, m) for m, h in enumerate(hashes)}
+        readers = {"01" * 16: reader}
+        _view(root, "e1" * 16, list(range(n)), source_ids, splits, where, readers)
+        _view(root, "e2" * 16, list(range(n)), relabelled_ids, splits, where, readers)
+        _view(root, "e3" * 16, quarter, relabelled_ids, splits, where, readers)
+        reader.close()
+        # The quarter on its own: a segment of just its inputs, in the quarter version's order.
+        compact_root = CacheRoot(work / "compact")
+        order = sorted(
+            quarter, key=lambda m: ({"train": 0, "val": 1, "test": 2}[splits[m]], relabelled_ids[m])
+        )
+        compact = _segment(
+            compact_root, "02" * 16, [rows[m] for m in order], [hashes[m] for m in order], args.codec
+        )
+        compact_where = {hashes[m]: ("02" * 16, row) for row, m in enumerate(order)}
+        _view(compact_root, "e4" * 16, quarter, relabelled_ids, splits, compact_where, {"02" * 16: compact})
+        compact.close()
+
+        rates = {
+            "source": {o: _rate(root, "e1" * 16, o, args.passes) for o in (1, 2)},
+            "relabelled": {2: _rate(root, "e2" * 16, 2, args.passes), 1: _rate(root, "e2" * 16, 1, 1)},
+            "quarter": {2: _rate(root, "e3" * 16, 2, args.passes), 1: _rate(root, "e3" * 16, 1, 1)},
+            "compact": {o: _rate(compact_root, "e4" * 16, o, args.passes) for o in (1, 2)},
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = {
+        order: {
+            "source / relabelled": round(rates["source"][order] / rates["relabelled"][order], 2),
+            "compact / quarter": round(rates["compact"][order] / rates["quarter"][order], 2),
+        }
+        for order in (1, 2)
+    }
+    lines = [[name, f"{by[1]:,.0f}", f"{by[2]:,.0f}"] for name, by in rates.items()]
+    print_table(["view", "order 1 samples/s", "order 2 samples/s"], lines)
+    for order, values in ratios.items():
+        print(f"order {order}: " + ", ".join(f"{k} {v}x" for k, v in values.items()))
+    write_report(
+        args.out,
+        {
+            "machine": machine(),
+            "examples": n,
+            "codec": args.codec,
+            "passes": args.passes,
+            "rows": [
+                {"view": name, "order_1_samples_s": round(by[1], 1), "order_2_samples_s": round(by[2], 1)}
+                for name, by in rates.items()
+            ],
+            "slowdown": {str(k): v for k, v in ratios.items()},
+            "goals": {"source / relabelled": 1.1, "compact / quarter": 1.3},
+        },
+        ["view", "order_1_samples_s", "order_2_samples_s"],
+    )
+
+
+if __name__ == "__main__":
+    main()
