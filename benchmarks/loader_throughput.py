@@ -144,6 +144,7 @@ def _trial(path: str, train: TrainConfig, repeats: int, start: Any, results: Any
     use (reading every epoch, working ahead), ``repeats`` epochs once every trial is ready."""
     reader = CacheReader(path)
     loader = loader_for(reader, train, background=True)
+    loader_pass(loader, epoch=repeats)  # warm-up, as in the main process: threads, allocator, page cache
     start.wait()
     results.put([loader_pass(loader, epoch=r) for r in range(repeats)])
     loader.close()
