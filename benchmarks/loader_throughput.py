@@ -49,12 +49,14 @@ benchmarks/results/loader_throughput.json and .csv.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -64,15 +66,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402  (before Ray: see extract/runner.py)
-from torch import nn  # noqa: E402
 
 from benchmarks import loader_peers  # noqa: E402
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
 from pipeline.cache import ActivationCache, CacheReader  # noqa: E402
 from pipeline.cache_view import ViewReader  # noqa: E402
 from pipeline.config import TrainConfig, load_config  # noqa: E402
+from pipeline.tasks import get_task  # noqa: E402
 from train.loader import Batch, CacheBatches, to_device  # noqa: E402
 from train.models import build_model  # noqa: E402
+from train.tasks import task_head  # noqa: E402
 
 MB = 1e6
 RAW, RAW_ZARRS, COPY = "raw read+decode", "raw read+decode (zarrs pipeline)", "numpy copy ceiling"
@@ -81,6 +84,25 @@ LOADER_INLINE = "loader between steps (CPU training)"
 NEED, FED = "UniPT step consumption", "UniPT training from loader"
 FED_READING = "UniPT training from loader, reading every epoch"
 FED_OTHER = "UniPT training from loader, reading every epoch, other mode"  # the loader mode auto passed over
+RAW_ZARR = "raw read+decode through zarr-python (same cache)"  # the read path before pipeline/chunk_reader
+TRIALS_1, TRIALS_2 = "loader, 1 trial process", "loader, 2 trial processes in parallel (total)"
+# What earlier runs found (the README keeps only the latest table; the numbers are in the git history of
+# benchmarks/results/loader_throughput*.json). Written into every report as ``notes``.
+NOTES = (
+    "2026-12-01: Blosc-zstd cache read through zarr-python: raw 6,472 samples/s, loader 0.62x raw, "
+    "Arrow peer 4.3x raw; zarrs pipeline 1.15x raw (unchecked store); an lz4 cache read 1.45x "
+    "faster for 18% more bytes.",
+    "2026-12-01: reading one block and padding one batch ahead (was four blocks, two batches): "
+    "loader/raw 0.81.",
+    "2026-12-01: CPU training reads between steps (loader_background: auto) and keeps the decoded split "
+    "(keep_decoded_mb: auto): training from the loader 1.00-1.04x the pure step; reading every epoch "
+    "0.87-0.91.",
+    "2026-12-01: padding as one slice copy per example and layer; a vectorised gather (numpy take, torch "
+    "index_select/index_copy_) measured slower, and again with the memory-mapped read path (issue 28).",
+    "Issue 28: extract.codec none is the default and local uncompressed chunks are read out of memory maps "
+    "(pipeline/chunk_reader.py), crc32c checked once per chunk file and reader; the row 'raw read+decode "
+    "through zarr-python' is the same cache read the old way.",
+)
 COLUMNS = (
     "stage",
     "samples",
@@ -120,6 +142,51 @@ def raw_pass(reader: CacheReader, loader: CacheBatches, seed: int) -> tuple[floa
     return time.perf_counter() - started, decoded
 
 
+@contextlib.contextmanager
+def through_zarr(reader: CacheReader) -> Iterator[None]:
+    """Reads of ``reader`` (and of a view's segment readers) through zarr-python's codec pipeline instead
+    of :mod:`pipeline.chunk_reader`'s memory maps, for the before/after row; no-op on a compressed cache."""
+    stores = [reader, *getattr(reader, "segments", [])]
+    saved = [store._mapped for store in stores]
+    for store in stores:
+        store._mapped = None
+    try:
+        yield
+    finally:
+        for store, mapped in zip(stores, saved, strict=True):
+            store._mapped = mapped
+
+
+def _trial(path: str, train: TrainConfig, repeats: int, start: Any, results: Any) -> None:
+    """One sweep trial's reading, in its own process: its own reader of the cache, the loader training would
+    use (reading every epoch, working ahead), ``repeats`` epochs once every trial is ready."""
+    reader = CacheReader(path)
+    loader = loader_for(reader, train, background=True)
+    loader_pass(loader, epoch=repeats)  # warm-up, as in the main process: threads, allocator, page cache
+    start.wait()
+    results.put([loader_pass(loader, epoch=r) for r in range(repeats)])
+    loader.close()
+
+
+def trials_pass(path: str, train: TrainConfig, repeats: int, trials: int) -> list[tuple[float, float, int]]:
+    """Per repeat (wall seconds, CPU seconds: not measured here, examples): ``trials`` processes, each
+    reading the train split once per repeat from the same cache (one copy in the page cache), at once.
+    Seconds are the slowest trial's, examples the trials' total."""
+    context = multiprocessing.get_context("spawn")  # torch and reader threads do not survive a fork
+    start, results = context.Barrier(trials), context.Queue()
+    workers = [
+        context.Process(target=_trial, args=(path, train, repeats, start, results)) for _ in range(trials)
+    ]
+    for worker in workers:
+        worker.start()
+    passes = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    return [
+        (max(p[r][0] for p in passes), float("nan"), sum(p[r][1] for p in passes)) for r in range(repeats)
+    ]
+
+
 def loader_pass(loader: CacheBatches, epoch: int) -> tuple[float, int]:
     """Seconds for one shuffled epoch of padded batches; the number of examples delivered."""
     started, samples = time.perf_counter(), 0
@@ -129,20 +196,23 @@ def loader_pass(loader: CacheBatches, epoch: int) -> tuple[float, int]:
 
 
 class Stepper:
-    """UniPT training steps as train.fit runs them (AdamW, cross-entropy), on the CPU or a GPU."""
+    """UniPT training steps as train.fit runs them (AdamW, the task's head and loss: cross-entropy for
+    classification, MSE on standardised targets for regression), on the CPU or a GPU."""
 
     def __init__(self, reader: ActivationCache, train: TrainConfig, device: torch.device) -> None:
         torch.manual_seed(0)
         self.device = device
-        self.model = build_model(train.variant, reader, train).to(device).train()
+        train_labels = reader.labels()[reader.split_indices("train")]
+        self.head = task_head(get_task(train.task), list(reader.label_names), train_labels)
+        self.model = build_model(train.variant, reader, train, num_outputs=self.head.outputs).to(device)
+        self.model.train()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay
         )
-        self.loss = nn.CrossEntropyLoss()
 
     def step(self, batch: Batch) -> None:
-        logits, _ = self.model(*to_device(batch, self.device, self.model))  # as training feeds it
-        loss = self.loss(logits.float(), batch.labels.to(self.device))
+        outputs, _ = self.model(*to_device(batch, self.device, self.model))  # as training feeds it
+        loss = self.head.loss(outputs.float(), batch.labels.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -208,10 +278,24 @@ def measure(
         peer.epoch(0)  # the file was just written: its pages are cached, as the Zarr store's are
         runs: dict[str, list[tuple[float, float, int]]] = {
             key: []
-            for key in ("raw", "zarrs", "copy", "loader", "inline", "peer", "need", "fed", "reading", "other")
+            for key in (
+                "raw",
+                "raw_zarr",
+                "zarrs",
+                "copy",
+                "loader",
+                "inline",
+                "peer",
+                "need",
+                "fed",
+                "reading",
+                "other",
+            )
         }
         for r in range(repeats):
             runs["raw"].append(_timed(lambda r=r: (raw_pass(reader, loader, seed=r)[0], samples)))
+            with through_zarr(reader):
+                runs["raw_zarr"].append(_timed(lambda r=r: (raw_pass(reader, loader, seed=r)[0], samples)))
             if zarrs is not None:
                 runs["zarrs"].append(_timed(lambda r=r: (loader_peers.zarrs_pass(zarrs, loader, r), samples)))
             runs["copy"].append(_timed(lambda r=r: (loader_peers.copy_pass(blocks, seed=r), samples)))
@@ -230,12 +314,16 @@ def measure(
         peer_width = peer.width
         peer.close()
     blocks.clear()  # the decoded copy of the split: free it before the caller goes on
+    # Sweep trials on one machine: each its own process and reader, all sharing the page cache's one copy.
+    runs["trials_1"] = trials_pass(reader.source, reading, repeats, trials=1)
+    runs["trials_2"] = trials_pass(reader.source, reading, repeats, trials=2)
     for each in (loader, inline, training, fed_reading, other):
         each.close()
 
     def stage(name: str, passes: list[tuple[float, float, int]], moved: int | None) -> dict[str, Any]:
         seconds = statistics.median(w for w, _, _ in passes)
         cpu_seconds = statistics.median(c for _, c, _ in passes)
+        cpu_seconds = None if cpu_seconds != cpu_seconds else cpu_seconds  # NaN: other processes' CPU
         count = passes[0][2]
         return {
             "stage": name,
@@ -243,7 +331,7 @@ def measure(
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,
             "samples_per_s": count / seconds,
-            "samples_per_cpu_s": count / cpu_seconds if cpu_seconds > 0 else None,
+            "samples_per_cpu_s": count / cpu_seconds if cpu_seconds else None,
             "mb_per_s": moved / MB / seconds if moved is not None else None,
             "runs_s": [w for w, _, _ in passes],
         }
@@ -252,6 +340,7 @@ def measure(
     consumed_bytes = int(decoded / samples * runs["need"][0][2])
     named = {
         "raw": stage(RAW, runs["raw"], decoded),
+        "raw_zarr": stage(RAW_ZARR, runs["raw_zarr"], decoded),
         "zarrs": stage(RAW_ZARRS, runs["zarrs"], decoded) if runs["zarrs"] else None,
         "copy": stage(COPY, runs["copy"], decoded),
         "loader": stage(LOADER, runs["loader"], decoded),
@@ -261,6 +350,8 @@ def measure(
         "fed": stage(FED, runs["fed"], int(decoded / samples * runs["fed"][0][2])),
         "reading": stage(FED_READING, runs["reading"], int(decoded / samples * runs["reading"][0][2])),
         "other": stage(FED_OTHER, runs["other"], int(decoded / samples * runs["other"][0][2])),
+        "trials_1": stage(TRIALS_1, runs["trials_1"], decoded),
+        "trials_2": stage(TRIALS_2, runs["trials_2"], 2 * decoded),
     }
     rows = [row for row in named.values() if row is not None]
     raw_rate, need, need_cpu = (
@@ -296,6 +387,9 @@ def measure(
         "training_other_mode_over_consumption": named["other"]["vs_consumption"],
         "training_keeps_decoded_blocks": training.keep_decoded_bytes > 0,
         "raw_over_copy_ceiling": named["raw"]["mb_per_s"] / named["copy"]["mb_per_s"],
+        "raw_over_raw_through_zarr": named["raw"]["mb_per_s"] / named["raw_zarr"]["mb_per_s"],
+        "two_trials_over_one": named["trials_2"]["samples_per_s"] / named["trials_1"]["samples_per_s"],
+        "cache_codec": reader.layout.codec,
         "zarrs_over_raw": named["zarrs"]["vs_raw"] if named["zarrs"] else None,
         "loader_over_arrow_peer": named["loader"]["samples_per_s"] / named["peer"]["samples_per_s"],
         # Bytes per train example on disk: ours over the whole cache (every split), the peer's for its file.
@@ -359,8 +453,8 @@ def main() -> int:
                 f"{r['mb_per_s']:,.0f}",
                 f"{r['vs_raw']:.2f}",
                 f"{r['vs_consumption']:.2f}",
-                f"{r['samples_per_cpu_s']:,.0f}",
-                f"{r['vs_consumption_cpu']:.2f}",
+                "n/a" if r["samples_per_cpu_s"] is None else f"{r['samples_per_cpu_s']:,.0f}",
+                "n/a" if r["vs_consumption_cpu"] is None else f"{r['vs_consumption_cpu']:.2f}",
             )
             for r in result["rows"]
         ],
@@ -377,6 +471,11 @@ def main() -> int:
     zarrs = result["zarrs_over_raw"]
     per_example = result["bytes_per_example"]
     print(
+        f"{result['cache_codec']} cache: raw/raw through zarr-python "
+        f"{result['raw_over_raw_through_zarr']:.2f}, "
+        f"2 trial processes/1 {result['two_trials_over_one']:.2f} (samples/s in total)"
+    )
+    print(
         f"raw/numpy copy {result['raw_over_copy_ceiling']:.2f} (MB/s), "
         f"zarrs/raw {'n/a (zarrs not usable here)' if zarrs is None else f'{zarrs:.2f}'}, "
         f"loader/Arrow peer {result['loader_over_arrow_peer']:.2f} (samples/s); bytes on disk per example: "
@@ -387,6 +486,7 @@ def main() -> int:
         "benchmark": "loader_throughput",
         "machine": machine(),
         "config": args.config,
+        "notes": list(NOTES),
         "settings": {
             "limit": args.limit,
             "dtype": args.dtype,

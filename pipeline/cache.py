@@ -114,6 +114,7 @@ from pipeline.checksums import (
     digest,
     seal_problem,
 )
+from pipeline.chunk_reader import direct_reads
 from pipeline.encoding import compressors, decode_rows, has_scale, offsets_compressors
 from pipeline.errors import CacheDamaged, CacheMissing, UniptError
 from pipeline.locks import ReadLease
@@ -484,6 +485,8 @@ class CacheReader(ActivationCache):
             raise
         store = CheckedStore(self.location.zarr_store(read_only=True), self.checks)
         self.group = zarr.open_group(store=store, mode="r")
+        # Uncompressed local stores read straight out of memory maps, with the same checks (chunk_reader).
+        self._mapped = direct_reads(self.location, self.layout, self.checks) if self.checked else None
 
     def close(self) -> None:
         self.lease.release()
@@ -611,7 +614,10 @@ class CacheReader(ActivationCache):
         return problems
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self._array(name)[start:stop]
+        array = self._array(name)  # checked when first opened, whichever path then reads it
+        if self._mapped is not None and self._mapped.covers(self._specs[name]):
+            return self._mapped.read(self._specs[name], start, stop)
+        return array[start:stop]
 
     def _locate_damage(self, name: str, start: int, stop: int, exc: Exception) -> str:
         # A checksum failure does not say which chunk; a read that failed is rare, so find it by

@@ -159,7 +159,10 @@ class ExtractConfig(_Strict):
         "(2048 at 768, 1024 at BERT-large's 1024), so a chunk stays near 3 MiB of float16.",
     )
     codec: Literal["blosc-zstd", "blosc-lz4", "zstd", "lz4", "none"] = Field(
-        "blosc-zstd", description="Compression of the activation chunks (every codec is checked by crc32c)."
+        "none",
+        description="Chunk compression. none (the default) is read straight out of memory maps, decoding "
+        "nothing (benchmarks/loader_throughput.py); the compressors save ~15% of fp16 bytes, for slow disks "
+        "and object stores, and read through Zarr.",
     )
     shuffle: Literal["byte", "bit", "none"] = Field("byte", description="Blosc shuffle filter.")
     compression_level: int = Field(1, ge=0, le=9, description="Codec level (1 = fastest).")

@@ -62,6 +62,11 @@ def test_loader_throughput_measures_every_stage(reader, tmp_path):
     assert stages["UniPT step consumption"]["samples"] == stages["UniPT training from loader"]["samples"] == 8
     assert stages["UniPT step consumption"]["vs_consumption"] == pytest.approx(1.0)
     assert result["consumption_steps"] == 2
+    # Sweep trials: each its own process and reader; two read twice the examples in one pass between them.
+    assert stages["loader, 1 trial process"]["samples"] == 12
+    assert stages["loader, 2 trial processes in parallel (total)"]["samples"] == 24
+    assert result["two_trials_over_one"] > 0
+    assert stages["raw read+decode through zarr-python (same cache)"]["samples"] == 12
     assert result["training_loader_background"] is False  # CPU training reads between steps
     assert stages["UniPT training from loader, reading every epoch"]["samples"] == 8
     assert stages["UniPT training from loader, reading every epoch, other mode"]["samples"] == 8

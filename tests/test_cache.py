@@ -245,3 +245,63 @@ def test_a_truncated_chunk_stops_reading_with_a_pointer_to_verify(tmp_path):
     reader = open_cache(root.location(KEY))
     with pytest.raises(UniptError, match=r"layer_00 rows 0-5 could not be read .*unipt cache verify"):
         reader.read_example(0, 0)
+
+
+# --- reads that decode nothing (pipeline/chunk_reader.py) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])
+def test_uncompressed_local_reads_come_out_of_memory_maps_equal_to_zarrs(tmp_path, dtype):
+    root = CacheRoot(tmp_path)
+    build_cache(root, [5, 1, 9, 3, 7, 2, 8, 4], {0: 4, 1: 6}, codec="none", dtype=dtype)
+    reader = CacheReader(root.location(KEY))
+    assert reader._mapped is not None  # the default codec of a local store takes the mapped path
+    rng = np.random.default_rng(0)
+    names = ["layer_00", "layer_01"] + (["layer_00_scale"] if dtype == "int8" else [])
+    for name in names:
+        rows = reader._specs[name].shape[0]
+        for _ in range(40):  # ranges within a chunk, across chunks, over unwritten (all-zero) chunks
+            start = int(rng.integers(0, rows))
+            stop = int(rng.integers(start, rows + 1))
+            mapped = reader.read_stored(name, start, stop)
+            through_zarr = reader._array(name)[start:stop]
+            assert mapped.dtype == through_zarr.dtype
+            np.testing.assert_array_equal(mapped, through_zarr)
+
+
+def test_compressed_and_remote_stores_keep_the_zarr_path(tmp_path):
+    root = CacheRoot(tmp_path)
+    tokens, _ = build_cache(root, [5, 1, 9], {0: 4}, codec="zstd")
+    reader = CacheReader(root.location(KEY))
+    assert reader._mapped is None
+    np.testing.assert_array_equal(reader.read_example(2, 0), tokens[0][2])
+
+
+def test_a_mapped_chunk_replaced_while_open_is_checked_again(tmp_path):
+    root = CacheRoot(tmp_path)
+    tokens, _ = build_cache(root, [5, 1, 9, 3, 7, 2], {0: 4}, codec="none")
+    reader = CacheReader(root.location(KEY))
+    np.testing.assert_array_equal(reader.read_example(0, 0), tokens[0][0])
+    chunk = tmp_path / KEY / "layer_00" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0x10  # inside example 0's rows; the trailer still matches the manifest
+    chunk.unlink()
+    chunk.write_bytes(bytes(data))  # a new file (inode): its verdict is not the old one's
+    reader._mapped.close()
+    with pytest.raises(
+        UniptError, match=r"layer_00 chunk 0 \(rows 0-7\): its crc32c checksum does not match"
+    ):
+        reader.read_example(0, 0)
+
+
+def test_a_chunk_that_is_a_symlink_is_not_followed(tmp_path):
+    root = CacheRoot(tmp_path)
+    build_cache(root, [5, 1, 9, 3, 7, 2], {0: 4}, codec="none")
+    chunk = tmp_path / KEY / "layer_00" / "c" / "0" / "0"
+    outside = tmp_path / "outside"
+    shutil.copy(chunk, outside)  # the very bytes: only the link is wrong
+    chunk.unlink()
+    chunk.symlink_to(outside)
+    reader = CacheReader(root.location(KEY))
+    with pytest.raises(UniptError, match=r"layer_00 chunk 0 \(rows 0-7\): the chunk file cannot be opened"):
+        reader.read_example(0, 0)
