@@ -254,7 +254,7 @@ def test_a_truncated_chunk_stops_reading_with_a_pointer_to_verify(tmp_path):
 def test_uncompressed_local_reads_come_out_of_memory_maps_equal_to_zarrs(tmp_path, dtype):
     root = CacheRoot(tmp_path)
     build_cache(root, [5, 1, 9, 3, 7, 2, 8, 4], {0: 4, 1: 6}, codec="none", dtype=dtype)
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     assert reader._mapped is not None  # the default codec of a local store takes the mapped path
     rng = np.random.default_rng(0)
     names = ["layer_00", "layer_01"] + (["layer_00_scale"] if dtype == "int8" else [])
@@ -272,7 +272,7 @@ def test_uncompressed_local_reads_come_out_of_memory_maps_equal_to_zarrs(tmp_pat
 def test_compressed_and_remote_stores_keep_the_zarr_path(tmp_path):
     root = CacheRoot(tmp_path)
     tokens, _ = build_cache(root, [5, 1, 9], {0: 4}, codec="zstd")
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     assert reader._mapped is None
     np.testing.assert_array_equal(reader.read_example(2, 0), tokens[0][2])
 
@@ -280,7 +280,7 @@ def test_compressed_and_remote_stores_keep_the_zarr_path(tmp_path):
 def test_a_mapped_chunk_replaced_while_open_is_checked_again(tmp_path):
     root = CacheRoot(tmp_path)
     tokens, _ = build_cache(root, [5, 1, 9, 3, 7, 2], {0: 4}, codec="none")
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     np.testing.assert_array_equal(reader.read_example(0, 0), tokens[0][0])
     chunk = tmp_path / KEY / "layer_00" / "c" / "0" / "0"
     data = bytearray(chunk.read_bytes())
@@ -302,6 +302,6 @@ def test_a_chunk_that_is_a_symlink_is_not_followed(tmp_path):
     shutil.copy(chunk, outside)  # the very bytes: only the link is wrong
     chunk.unlink()
     chunk.symlink_to(outside)
-    reader = CacheReader(root.location(KEY))
+    reader = open_cache(root.location(KEY))
     with pytest.raises(UniptError, match=r"layer_00 chunk 0 \(rows 0-7\): the chunk file cannot be opened"):
         reader.read_example(0, 0)
