@@ -46,7 +46,7 @@ from pipeline.checksums import CHECKSUMS_FILE, digest, seal
 from pipeline.encoding import has_scale
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
-from pipeline.locks import ReadLease
+from pipeline.locks import ReadLease, exclusive
 from pipeline.log import say
 from pipeline.storage import Location
 
@@ -246,6 +246,7 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
     if len(segments) < 2:
         say(f"space {space} has {len(segments)} segment(s): nothing to compact")
         return None
+    refuse_damage(root, space, segments)
     readers = [CacheReader(root.segment_location(space, s)) for s in segments]
     try:
         # Every input once, in segment then row order (the oldest segment's copy of a duplicate).
@@ -269,21 +270,22 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
             if name in first.attrs
         }
         lease = ReadLease(root.lease_location(new_id))
-        builder.create(layout, attrs)
-        done = builder.finished_shards()
-        seg_of = np.array([p[0] for p in picks], dtype=np.int64)
-        row_of = np.array([p[1] for p in picks], dtype=np.int64)
-        for shard in layout.shards():
-            if shard.shard_id not in done:
-                _copy_shard(builder.location, layout, shard, readers, seg_of, row_of)
         hashes = [value for _, _, value in picks]
-        location = builder.commit(
-            layout, pa.table({"input_hash": pa.array(hashes, pa.string())}), {"compacted_from": segments}
-        )
+        with exclusive(root.lock_location(new_id)):  # the build lock gc --include-partial respects
+            builder.create(layout, attrs)
+            done = builder.finished_shards()
+            seg_of = np.array([p[0] for p in picks], dtype=np.int64)
+            row_of = np.array([p[1] for p in picks], dtype=np.int64)
+            for shard in layout.shards():
+                if shard.shard_id not in done:
+                    _copy_shard(builder.location, layout, shard, readers, seg_of, row_of)
+            location = builder.commit(
+                layout, pa.table({"input_hash": pa.array(hashes, pa.string())}), {"compacted_from": segments}
+            )
         merged = CacheReader(location)
         where = {value: (new_id, row) for row, value in enumerate(hashes)}
         for key in views_of(root, space):
-            view = CacheReader(root.location(key), strict=False)
+            view = CacheReader(root.location(key))  # strict: refuse_damage checked it; checked again
             keep = {
                 name: view.attrs[name]
                 for name in ("key_fields", "dataset_fingerprint", "label_names", "backbone")
@@ -302,6 +304,40 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
         for reader in readers:
             reader.lease.release()
     return location
+
+
+def refuse_damage(root: CacheRoot, space: str, segments: list[str]) -> None:
+    """Compaction rewrites and reseals what it copies, so anything `unipt cache verify` would find in the
+    space's segments or views (a flipped label, an edited zarr.json, a damaged chunk) must stop it, not be
+    sealed into the merged segment. Each store is opened strictly and verified whole; a symbolic link
+    among them is refused (compaction never works outside the cache root)."""
+    from pipeline.cache_admin import check_root_folders, verify
+
+    check_root_folders(root)
+    stores = [root.segment_location(space, s) for s in segments]
+    stores += [root.location(key) for key in views_of(root, space)]
+    for location in stores:
+        link = location.symlink_below(root.root)
+        if link is not None:
+            raise UniptError(
+                f"cannot compact space {space}: {link} is a symbolic link, and compaction never follows "
+                "links out of the cache root; put the store itself there (or remove the link)"
+            )
+        try:
+            reader = CacheReader(location)
+        except UniptError as exc:
+            raise UniptError(f"cannot compact space {space}: {exc}") from None
+        try:
+            problems = verify(reader, with_segments=False)  # each segment is verified once, on its own
+        finally:
+            reader.lease.release()
+        if problems:
+            raise UniptError(
+                f"cannot compact space {space}: {location} is damaged ({problems[0]}"
+                f"{f', and {len(problems) - 1} more' if len(problems) > 1 else ''}); run `unipt cache verify "
+                f"{location}`, delete the damaged store and run `unipt extract` again: compaction would "
+                "seal the damage into the merged segment"
+            )
 
 
 def _fetch(readers: list[CacheReader], name: str, index: int, lo: int, hi: int) -> np.ndarray:
