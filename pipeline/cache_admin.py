@@ -107,6 +107,40 @@ def verify(
     return problems
 
 
+def refuse_damaged_space(root: CacheRoot, space: str, segments: list[str]) -> None:
+    """Compaction rewrites and reseals what it copies, so anything `unipt cache verify` would find in the
+    space's segments or views (a flipped label, an edited zarr.json, a damaged chunk) must stop it, not be
+    sealed into the merged segment. Each store is opened strictly and verified whole; a symbolic link
+    among them is refused (compaction never works outside the cache root)."""
+    from pipeline.cache_space import views_of
+
+    check_root_folders(root)
+    stores = [root.segment_location(space, s) for s in segments]
+    stores += [root.location(key) for key in views_of(root, space)]
+    for location in stores:
+        link = location.symlink_below(root.root)
+        if link is not None:
+            raise UniptError(
+                f"cannot compact space {space}: {link} is a symbolic link, and compaction never follows "
+                "links out of the cache root; put the store itself there (or remove the link)"
+            )
+        try:
+            reader = CacheReader(location)
+        except UniptError as exc:
+            raise UniptError(f"cannot compact space {space}: {exc}") from None
+        try:
+            problems = verify(reader, with_segments=False)  # each segment is verified once, on its own
+        finally:
+            reader.lease.release()
+        if problems:
+            raise UniptError(
+                f"cannot compact space {space}: {location} is damaged ({problems[0]}"
+                f"{f', and {len(problems) - 1} more' if len(problems) > 1 else ''}); run `unipt cache verify "
+                f"{location}`, delete the damaged store and run `unipt extract` again: compaction would "
+                "seal the damage into the merged segment"
+            )
+
+
 def _segment_name(segment: CacheReader) -> str:
     """How a view's problems name the segment they come from (``verify``'s prefix of their file)."""
     return f"segment {segment.location.name}"

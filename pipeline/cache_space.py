@@ -246,7 +246,6 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
     if len(segments) < 2:
         say(f"space {space} has {len(segments)} segment(s): nothing to compact")
         return None
-    refuse_damage(root, space, segments)
     readers = [CacheReader(root.segment_location(space, s)) for s in segments]
     try:
         # Every input once, in segment then row order (the oldest segment's copy of a duplicate).
@@ -285,7 +284,7 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
         merged = CacheReader(location)
         where = {value: (new_id, row) for row, value in enumerate(hashes)}
         for key in views_of(root, space):
-            view = CacheReader(root.location(key))  # strict: refuse_damage checked it; checked again
+            view = CacheReader(root.location(key))  # strict: a damaged view is refused, never resealed
             keep = {
                 name: view.attrs[name]
                 for name in ("key_fields", "dataset_fingerprint", "label_names", "backbone")
@@ -304,40 +303,6 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
         for reader in readers:
             reader.lease.release()
     return location
-
-
-def refuse_damage(root: CacheRoot, space: str, segments: list[str]) -> None:
-    """Compaction rewrites and reseals what it copies, so anything `unipt cache verify` would find in the
-    space's segments or views (a flipped label, an edited zarr.json, a damaged chunk) must stop it, not be
-    sealed into the merged segment. Each store is opened strictly and verified whole; a symbolic link
-    among them is refused (compaction never works outside the cache root)."""
-    from pipeline.cache_admin import check_root_folders, verify
-
-    check_root_folders(root)
-    stores = [root.segment_location(space, s) for s in segments]
-    stores += [root.location(key) for key in views_of(root, space)]
-    for location in stores:
-        link = location.symlink_below(root.root)
-        if link is not None:
-            raise UniptError(
-                f"cannot compact space {space}: {link} is a symbolic link, and compaction never follows "
-                "links out of the cache root; put the store itself there (or remove the link)"
-            )
-        try:
-            reader = CacheReader(location)
-        except UniptError as exc:
-            raise UniptError(f"cannot compact space {space}: {exc}") from None
-        try:
-            problems = verify(reader, with_segments=False)  # each segment is verified once, on its own
-        finally:
-            reader.lease.release()
-        if problems:
-            raise UniptError(
-                f"cannot compact space {space}: {location} is damaged ({problems[0]}"
-                f"{f', and {len(problems) - 1} more' if len(problems) > 1 else ''}); run `unipt cache verify "
-                f"{location}`, delete the damaged store and run `unipt extract` again: compaction would "
-                "seal the damage into the merged segment"
-            )
 
 
 def _fetch(readers: list[CacheReader], name: str, index: int, lo: int, hi: int) -> np.ndarray:

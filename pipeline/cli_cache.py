@@ -17,6 +17,7 @@ from pipeline.cache_admin import (
     expected_files,
     find_garbage,
     linked_lock_files,
+    refuse_damaged_space,
     remove,
     remove_empty_spaces,
     remove_segments,
@@ -216,6 +217,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     with exclusive(
         root.lock_location(space), on_wait=lambda: print("waiting for an extraction", file=sys.stderr)
     ):
+        refuse_damaged_space(root, space, root.segments(space))  # compaction must not reseal damage
         merged = compact(root, space)
         if merged is not None:
             for segment in remove_segments(root, space, replaced):
