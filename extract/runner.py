@@ -178,23 +178,26 @@ def _build_view(
             segment = segment_id(space, new_hashes)
             leases.append(ReadLease(root.lease_location(segment)))  # before it is published: gc keeps it
             write_space_file(root, space, space_key_fields(request.key_fields))
-            builder = CacheBuilder(root, segment, final=root.segment_location(space, segment))
-            published = builder.publish_if_committed()
-            if published is None:
-                # Position p is view p // n of example p % n; views past 0 are augmented in the workers.
-                n = examples.num_rows
-                sources = [i % n for i in plan.missing]
-                views = [everything[i] if i >= n else None for i in plan.missing]
-                result = _extract(
-                    request,
-                    examples.take(sources),
-                    new_hashes,
-                    builder,
-                    space,
-                    progress,
-                    t0,
-                    views=views if any(v is not None for v in views) else None,
-                )
+            # The segment's build lock, held until it is published: the lock `unipt cache gc
+            # --include-partial` needs to remove `.partial/<segment>`, so it never takes what we write.
+            with exclusive(root.lock_location(segment)):
+                builder = CacheBuilder(root, segment, final=root.segment_location(space, segment))
+                published = builder.publish_if_committed()
+                if published is None:
+                    # Position p is view p // n of example p % n; views past 0 are augmented in the workers.
+                    n = examples.num_rows
+                    sources = [i % n for i in plan.missing]
+                    views = [everything[i] if i >= n else None for i in plan.missing]
+                    result = _extract(
+                        request,
+                        examples.take(sources),
+                        new_hashes,
+                        builder,
+                        space,
+                        progress,
+                        t0,
+                        views=views if any(v is not None for v in views) else None,
+                    )
             reader = CacheReader(root.segment_location(space, segment))
             plan.readers[segment] = reader
             plan.where.update({h: (segment, row) for row, h in enumerate(new_hashes)})

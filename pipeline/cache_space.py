@@ -47,7 +47,7 @@ from pipeline.checksums import CHECKSUMS_FILE, digest, seal
 from pipeline.encoding import has_scale
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
-from pipeline.locks import ReadLease
+from pipeline.locks import ReadLease, exclusive
 from pipeline.log import say
 from pipeline.storage import Location
 
@@ -270,22 +270,24 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
             if name in first.attrs
         }
         held.enter_context(ReadLease(root.lease_location(new_id)))
-        builder.create(layout, attrs)
-        done = builder.finished_shards()
-        seg_of = np.array([p[0] for p in picks], dtype=np.int64)
-        row_of = np.array([p[1] for p in picks], dtype=np.int64)
-        for shard in layout.shards():
-            if shard.shard_id not in done:
-                _copy_shard(builder.location, layout, shard, readers, seg_of, row_of)
         hashes = [value for _, _, value in picks]
-        location = builder.commit(
-            layout, pa.table({"input_hash": pa.array(hashes, pa.string())}), {"compacted_from": segments}
-        )
+        with exclusive(root.lock_location(new_id)):  # the build lock gc --include-partial respects
+            builder.create(layout, attrs)
+            done = builder.finished_shards()
+            seg_of = np.array([p[0] for p in picks], dtype=np.int64)
+            row_of = np.array([p[1] for p in picks], dtype=np.int64)
+            for shard in layout.shards():
+                if shard.shard_id not in done:
+                    _copy_shard(builder.location, layout, shard, readers, seg_of, row_of)
+            location = builder.commit(
+                layout, pa.table({"input_hash": pa.array(hashes, pa.string())}), {"compacted_from": segments}
+            )
         merged = held.enter_context(CacheReader(location))
         where = {value: (new_id, row) for row, value in enumerate(hashes)}
         for key in views_of(root, space):
-            # The view's own files are all it needs: its examples and attributes, not its segments.
-            with CacheReader(root.location(key), strict=False, view_files=True) as view:
+            # The view's own files are all it needs: its examples and attributes, not its segments. Strict:
+            # a damaged view is refused, never resealed.
+            with CacheReader(root.location(key), view_files=True) as view:
                 keep = {
                     name: view.attrs[name]
                     for name in ("key_fields", "dataset_fingerprint", "label_names", "backbone")

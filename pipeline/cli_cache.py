@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -12,12 +13,16 @@ from pipeline.cache import CacheReader, CacheRoot, is_key
 from pipeline.cache_admin import (
     damaged_stores,
     describe,
+    empty_trash,
     expected_files,
     find_garbage,
+    linked_lock_files,
+    refuse_damaged_space,
     remove,
     remove_empty_spaces,
     remove_segments,
     sweep_lock_files,
+    trash_leftovers,
     verify,
 )
 from pipeline.cache_open import open_cache
@@ -82,6 +87,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
             f"({len(partial)} unfinished: {', '.join(partial)}; `unipt extract` resumes them)",
             file=sys.stderr,
         )
+    trash = trash_leftovers(root)
+    if trash:
+        print(
+            f"({len(trash)} leftover(s) in {root.root.child('.trash')}, {human_bytes(sum(trash.values()))}, "
+            "from an interrupted gc or compact; `unipt cache gc --yes` removes them)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -126,8 +138,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_references_exist(args: argparse.Namespace) -> None:
+    """gc keeps what the runs root and the registry reference: if either is missing (run from another
+    folder, where the relative defaults point at nothing, or a typo), every cache would look unused."""
+    if args.no_registry:
+        return
+    missing = [path for path in (args.runs_root, args.registry) if not Path(path).expanduser().exists()]
+    if missing:
+        raise UniptError(
+            f"gc keeps the caches that the runs root {args.runs_root} and the registry {args.registry} "
+            f"reference, but {' and '.join(missing)} does not exist; pass the right --runs-root and "
+            "--registry (or run from the project folder), or --no-registry if no run needs these caches"
+        )
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     root = CacheRoot(args.cache_root)
+    _check_references_exist(args)
     # A cache is in use if a run record or the registry points at it (records may have been pruned).
     referenced = referenced_cache_keys(args.runs_root) | registered_cache_keys(args.registry)
     found = find_garbage(root, referenced, include_partial=args.include_partial)
@@ -135,7 +162,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for item in found:
         kind = (" (unfinished)" if not item.committed else
                 f" (segment of space {item.space})" if item.space else
+                " (space)" if item.kind == "space" else
                 " (view)" if item.kind == "view" else "")  # fmt: skip
+        if item.link is not None:
+            print(
+                f"skipping {item.key}{kind}: {item.link} is a symbolic link; gc never follows or deletes "
+                "through links in the cache root (remove the link yourself if it is not wanted)"
+            )
+            continue
         # In use: read by a running process (a training run) or, unfinished, still being extracted.
         if item.in_use or (args.yes and not remove(root, item)):
             user = "a running process is reading it" if item.committed else "an extraction is building it"
@@ -143,13 +177,23 @@ def cmd_gc(args: argparse.Namespace) -> int:
             continue
         print(f"{'removing' if args.yes else 'would remove'} {item.key}{kind}  {human_bytes(item.bytes)}")
         garbage.append(item)
+    for link in linked_lock_files(root):
+        print(f"skipping a lock file: {link} is a symbolic link; gc never follows or deletes it")
+    trash = trash_leftovers(root)
     if args.yes:
         for space in remove_empty_spaces(root):
             print(f"removing space {space}: no segment or view left in it")
         sweep_lock_files(root)  # empty lock files left by killed processes
-    total = sum(item.bytes for item in garbage)
-    summary = f"{len(garbage)} cache(s), {human_bytes(total)}"
-    if not args.yes and garbage:
+        trash = empty_trash(root)  # what a gc or compact killed midway left
+    if trash:
+        print(
+            f"{'removing' if args.yes else 'would remove'} {len(trash)} leftover(s) of an interrupted gc "
+            f"or compact in {root.root.child('.trash')}  {human_bytes(sum(trash.values()))}"
+        )
+    total = sum(item.bytes for item in garbage) + sum(trash.values())
+    leftovers = f" and {len(trash)} trash leftover(s)" if trash else ""
+    summary = f"{len(garbage)} cache(s){leftovers}, {human_bytes(total)}"
+    if not args.yes and (garbage or trash):
         print(
             f"dry run: {summary} unreferenced by any run in {args.runs_root} or {args.registry}; "
             "add --yes to remove them"
@@ -173,6 +217,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     with exclusive(
         root.lock_location(space), on_wait=lambda: print("waiting for an extraction", file=sys.stderr)
     ):
+        refuse_damaged_space(root, space, root.segments(space))  # compaction must not reseal damage
         merged = compact(root, space)
         if merged is not None:
             for segment in remove_segments(root, space, replaced):
@@ -242,6 +287,12 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
     )
     gc.add_argument(
         "--registry", default=DEFAULT_REGISTRY, help=f"run registry (default: {DEFAULT_REGISTRY})"
+    )
+    gc.add_argument(
+        "--no-registry",
+        action="store_true",
+        help="go on although the runs root or the registry does not exist (on purpose: no run needs "
+        "these caches); whichever of them exists is still honoured",
     )
     gc.add_argument("--yes", action="store_true", help="really remove them (default: only list them)")
     gc.add_argument(

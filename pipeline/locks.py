@@ -16,18 +16,30 @@ process that opened the file just before it was deleted never believes it holds 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
+from pipeline.errors import UniptError
 from pipeline.storage import Location
 
 
 def _open_lock_file(path: str) -> int:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        # O_NOFOLLOW: a link planted at a lock file's name must not make us create or lock (and, letting
+        # go, delete) a file elsewhere.
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UniptError(
+            f"lock file {path} is a symbolic link; unipt's lock files are plain files it creates itself: "
+            "remove the link"
+        ) from None
 
 
 def _still_at(fd: int, path: str) -> bool:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import stat
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +54,18 @@ class Location:
         check_no_secrets(self.options)
         self._fs: fsspec.AbstractFileSystem | None = None
 
+    @classmethod
+    def _exact(cls, url: str, options: dict[str, Any]) -> Location:
+        """A location at exactly ``url``, with no path resolved: a child of a checked location. Resolving
+        would follow a symbolic link inside a cache root to wherever it points (and gc would then delete
+        the target), so only the path a user names is resolved, never the names below it."""
+        location = cls.__new__(cls)
+        location.url, location.options, location._fs = url, dict(options), None
+        return location
+
     def __reduce__(self) -> tuple:
         # Ship only the URL and options; the worker opens its own filesystem (and reads its own credentials).
-        return (Location, (self.url, self.options))
+        return (Location._exact, (self.url, self.options))
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
@@ -105,7 +116,25 @@ class Location:
         for part in parts:
             if "\\" in part or any(piece in ("", ".", "..") for piece in part.split("/")):
                 raise UniptError(f"path part {part!r} would leave {self.url}; names must stay inside it")
-        return Location(self.url + "/" + "/".join(parts), self.options)
+        return Location._exact(self.url + "/" + "/".join(parts), self.options)
+
+    def symlink_below(self, root: Location) -> str | None:
+        """The first entry on the way from ``root`` down to this location (itself included) that is a
+        symbolic link, or None (object stores have no links). Checked with ``lstat``, never followed."""
+        if not self.is_local:
+            return None
+        prefix = root.url.rstrip("/") + "/"
+        if not self.url.startswith(prefix):
+            raise ValueError(f"{self.url} is not inside {root.url}")
+        path = root.url
+        for part in self.url[len(prefix) :].split("/"):
+            path = os.path.join(path, part)
+            try:
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    return path
+            except FileNotFoundError:
+                return None
+        return None
 
     # --- small files -------------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -169,13 +198,34 @@ class Location:
         return sum(self.files().values())
 
     def remove(self) -> None:
-        if self.exists():
-            self.fs.rm(self.fs_path, recursive=True)
+        """Delete what is at this location. Locally a symbolic link is unlinked itself, never its target,
+        and links inside a removed folder are unlinked as entries (``shutil.rmtree`` does not follow them)."""
+        if not self.is_local:
+            if self.exists():
+                self.fs.rm(self.fs_path, recursive=True)
+            return
+        try:
+            mode = os.lstat(self.url).st_mode
+        except FileNotFoundError:
+            return
+        try:
+            if stat.S_ISDIR(mode):
+                shutil.rmtree(self.url, onerror=_gone_is_fine)
+            else:
+                os.unlink(self.url)
+        except FileNotFoundError:
+            pass  # removed meanwhile by another gc: what we wanted
 
     def zarr_store(self, read_only: bool = False) -> Store:
         if self.is_local:
             return LocalStore(self.url, read_only=read_only)
         return FsspecStore.from_url(self.url, storage_options=self.options, read_only=read_only)
+
+
+def _gone_is_fine(function: Callable[..., Any], path: str, info: tuple) -> None:
+    """``shutil.rmtree``'s error handler: an entry another process deleted first is not an error."""
+    if not isinstance(info[1], FileNotFoundError):
+        raise info[1]
 
 
 def looks_secret(name: str) -> bool:

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
 
 from pipeline import FORMAT_VERSION
-from pipeline.cache import CacheRoot
+from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cli import main
+from pipeline.log import human_bytes
 from pipeline.runs import write_run_record
 from tests.conftest import KEY, build_cache
 
@@ -93,7 +100,7 @@ def test_gc_is_a_dry_run_until_told_and_keeps_referenced_caches(tmp_path, capsys
     build_cache(root, LENGTHS, {0: 4}, key=unfinished, commit=False)
     _record(str(runs), KEY, "run-1")
 
-    args = ["cache", "gc", "--cache-root", str(caches), "--runs-root", str(runs)]
+    args = ["cache", "gc", "--cache-root", str(caches), "--runs-root", str(runs), "--no-registry"]
     code, out, _ = _cli(capsys, *args)
     assert code == 0 and f"would remove {OTHER}" in out and "add --yes" in out
     assert KEY not in out and unfinished not in out
@@ -114,8 +121,118 @@ def test_gc_refuses_to_guess_when_a_run_record_is_unreadable(tmp_path, capsys):
     build_cache(CacheRoot(caches), LENGTHS, {0: 4})
     (runs / "broken").mkdir(parents=True)
     (runs / "broken" / "record.json").write_text("{not json")
-    code, _, err = _cli(capsys, "cache", "gc", "--cache-root", str(caches), "--runs-root", str(runs), "--yes")
+    code, _, err = _cli(
+        capsys, "cache", "gc", "--cache-root", str(caches), "--runs-root", str(runs), "--no-registry", "--yes"
+    )
     assert code == 2 and "run record" in err and "unreadable" in err
     assert CacheRoot(caches).keys() == [KEY]
     # The broken record was this test's own doing: the suite's strict-JSON check of records skips it.
     (runs / "broken" / "record.json").unlink()
+
+
+def test_gc_refuses_when_the_runs_root_or_registry_it_would_consult_does_not_exist(tmp_path, capsys):
+    caches, runs, registry = tmp_path / "cache", tmp_path / "runs", tmp_path / "registry.sqlite"
+    build_cache(CacheRoot(caches), LENGTHS, {0: 4})
+    _record(str(runs), KEY, "run-1")  # the runs root exists, the registry (a typo, say) does not
+    args = ["cache", "gc", "--yes", "--cache-root", str(caches), "--runs-root", str(runs)]
+    code, out, err = _cli(capsys, *args, "--registry", str(tmp_path / "registy.sqlite"))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert str(runs) in err and str(tmp_path / "registy.sqlite") in err and "--no-registry" in err
+    # Run from another folder: the relative default runs root is not there either.
+    code, _, err = _cli(capsys, *args[:-2], "--runs-root", "no/such/runs", "--registry", str(registry))
+    assert code == 2 and "no/such/runs and " in err and str(registry) in err
+    assert CacheRoot(caches).keys() == [KEY]
+    # Said on purpose: the existing runs root is still honoured, so the referenced cache stays.
+    code, out, _ = _cli(capsys, *args, "--registry", str(registry), "--no-registry")
+    assert code == 0 and "removed 0 cache(s)" in out and CacheRoot(caches).keys() == [KEY]
+    code, out, _ = _cli(capsys, *args[:-2], "--runs-root", str(tmp_path / "none"), "--no-registry")
+    assert code == 0 and f"removing {KEY}" in out and CacheRoot(caches).keys() == []
+
+
+def test_gc_removes_what_an_interrupted_gc_left_in_the_trash_and_ls_shows_it(tmp_path, capsys):
+    caches = tmp_path / "cache"
+    root = CacheRoot(caches)
+    build_cache(root, LENGTHS, {0: 4}, key=OTHER)
+    # A gc killed between its move into .trash and the delete leaves the store there, under no key.
+    trash = caches / ".trash" / f"{OTHER}-0badf00d"
+    trash.parent.mkdir()
+    (caches / OTHER).rename(trash)
+    size = sum(p.stat().st_size for p in trash.rglob("*") if p.is_file())
+    code, _, err = _cli(capsys, "cache", "ls", "--cache-root", str(caches))
+    assert code == 0 and f"1 leftover(s) in {caches / '.trash'}, {human_bytes(size)}" in err
+
+    args = ["cache", "gc", "--cache-root", str(caches), "--runs-root", str(tmp_path / "r"), "--no-registry"]
+    code, out, _ = _cli(capsys, *args)
+    assert code == 0 and "would remove 1 leftover(s)" in out and "add --yes" in out and trash.is_dir()
+    code, out, _ = _cli(capsys, *args, "--yes")
+    assert code == 0 and "removing 1 leftover(s)" in out and human_bytes(size) in out
+    assert not trash.exists() and not any((caches / ".trash").iterdir())
+    code, _, err = _cli(capsys, "cache", "ls", "--cache-root", str(caches))
+    assert "leftover" not in err
+
+
+def _space_with_a_view(root: CacheRoot) -> str:
+    """Two segments of an activation space and a view over both; returns the view's key."""
+    from pipeline.cache_space import write_view
+    from tests.test_incremental import SPACE, _segment
+
+    _segment(root, "01" * 16, [3, 5, 2, 7], ["h0", "h1", "h2", "h3"], seed=0)
+    _segment(root, "02" * 16, [2, 8], ["h4", "h5"], seed=1)
+    examples = pa.table(
+        {"example_id": [f"e{i}" for i in range(6)], "label": [0, 1] * 3, "split": ["train"] * 6}
+    )
+    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
+    where = {f"h{i}": ("01" * 16, i) for i in range(4)} | {"h4": ("02" * 16, 0), "h5": ("02" * 16, 1)}
+    key = "ee" * 16
+    attrs = {"key_fields": {}, "label_names": ["neg", "pos"]}
+    write_view(root, key, attrs, examples, ["h5", "h0", "h1", "h4", "h2", "h3"], where, readers)
+    for reader in readers.values():
+        reader.lease.release()
+    return key
+
+
+def _flip_labels(view: Path) -> None:
+    table = pq.read_table(view / "examples.parquet")
+    flipped = pc.subtract(pa.scalar(1, table.schema.field("label").type), table.column("label"))
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("label"), "label", flipped), view / "examples.parquet"
+    )
+
+
+def _swap_label_names(view: Path) -> None:
+    meta = json.loads((view / "zarr.json").read_text())
+    meta["attributes"]["label_names"] = meta["attributes"]["label_names"][::-1]
+    (view / "zarr.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+@pytest.mark.parametrize("tamper", [_flip_labels, _swap_label_names])
+def test_compact_refuses_a_space_that_verify_finds_damaged_and_launders_nothing(tmp_path, capsys, tamper):
+    from tests.test_incremental import SPACE
+
+    root = CacheRoot(tmp_path)
+    key = _space_with_a_view(root)
+    tamper(tmp_path / key)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    verify = ["cache", "verify", key, "--cache-root", str(tmp_path), "--no-progress"]
+    assert _cli(capsys, *verify)[0] == 1
+    code, out, err = _cli(capsys, "cache", "compact", SPACE, "--cache-root", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and f"cannot compact space {SPACE}" in err, err
+    assert str(tmp_path / key) in err and "unipt cache verify" in err
+    assert root.segments(SPACE) == ["01" * 16, "02" * 16]  # nothing merged, nothing resealed
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    assert _cli(capsys, *verify)[0] == 1  # still found
+
+
+def test_compact_refuses_a_damaged_segment_chunk(tmp_path, capsys):
+    from tests.test_incremental import SPACE
+
+    root = CacheRoot(tmp_path)
+    _space_with_a_view(root)
+    layer = Path(root.segment_location(SPACE, "02" * 16).url) / "layer_00"
+    chunk = next(p for p in sorted(layer.rglob("*")) if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    code, _, err = _cli(capsys, "cache", "compact", SPACE, "--cache-root", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "02" * 16 in err and "is damaged" in err
+    assert root.segments(SPACE) == ["01" * 16, "02" * 16]

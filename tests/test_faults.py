@@ -264,7 +264,7 @@ def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path)
 
 def _gc(capsys: pytest.CaptureFixture, root: Path) -> str:
     args = ["cache", "gc", "--yes", "--cache-root", str(root / "cache"), "--runs-root", str(root / "runs")]
-    assert main([*args, "--registry", str(root / "registry.sqlite")]) == 0
+    assert main([*args, "--registry", str(root / "registry.sqlite"), "--no-registry"]) == 0
     return capsys.readouterr().out
 
 
@@ -319,7 +319,8 @@ def test_gc_leaves_a_cache_that_another_process_reads(tmp_path, capsys):
     )
     try:
         assert reader.stdout.readline().strip() == "reading"
-        dry = main(["cache", "gc", "--cache-root", str(root.root), "--runs-root", str(tmp_path / "runs")])
+        runs = str(tmp_path / "runs")
+        dry = main(["cache", "gc", "--cache-root", str(root.root), "--runs-root", runs, "--no-registry"])
         assert dry == 0 and f"skipping {KEY}" in capsys.readouterr().out
         assert f"skipping {KEY}: a running process is reading it" in _gc(capsys, tmp_path)
         assert root.keys() == [KEY]
@@ -342,6 +343,7 @@ def test_gc_include_partial_skips_a_store_being_extracted(tmp_path, capsys):
         str(tmp_path / "runs"),
         "--registry",
         str(tmp_path / "r"),
+        "--no-registry",
     ]
     with exclusive(root.lock_location(KEY)):  # what `unipt extract` holds while it builds the key
         assert main(["cache", "gc", "--yes", "--include-partial", *args]) == 0

@@ -35,8 +35,8 @@ GC_LOOP = textwrap.dedent(
     while not Path(stop).exists():
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            main(["cache", "gc", "--yes", "--cache-root", cache_root, "--runs-root", runs_root,
-                  "--registry", registry])
+            main(["cache", "gc", "--yes", "--include-partial", "--cache-root", cache_root,
+                  "--runs-root", runs_root, "--registry", registry, "--no-registry"])
         removed += out.getvalue().count("removing ")
         rounds += 1
         time.sleep(0.02)
@@ -46,6 +46,8 @@ GC_LOOP = textwrap.dedent(
 
 
 def test_a_run_finishes_while_gc_yes_runs_in_a_loop(tmp_path, tiny_bert_dir, sentiment_csv):
+    """With --include-partial too: the segment the extraction is building in `.partial/` is under the
+    build lock gc checks (it used to check a lock nobody held, delete the segment, and the run died)."""
     config = write_config(
         tmp_path / "c.yaml",
         str(sentiment_csv),
@@ -156,5 +158,26 @@ def test_gc_yes_on_the_command_line_sweeps_stale_lock_files(tmp_path):
     run_cli(
         "cache", "gc", "--yes", "--cache-root", str(tmp_path / "cache"),
         "--runs-root", str(tmp_path / "runs"), "--registry", str(tmp_path / "registry.sqlite"),
+        "--no-registry",
     )  # fmt: skip
     assert _lock_files(tmp_path / "cache") == []
+
+
+def test_gc_include_partial_keeps_a_segment_under_its_build_lock(tmp_path, capsys):
+    """What an incremental extraction (extract/runner.py) and a compaction hold while a segment is in
+    `.partial/`: the space's lock, the segment's read lease and the segment's build lock."""
+    from pipeline.cli import main
+    from tests.test_incremental import SPACE
+
+    root = CacheRoot(tmp_path)
+    segment = "5e" * 16
+    build_cache(root, [3, 4, 5], {0: 4}, key=segment, commit=False)  # a partial store under .partial/
+    args = ["cache", "gc", "--yes", "--include-partial", "--cache-root", str(tmp_path), "--no-registry"]
+    with exclusive(root.lock_location(SPACE)), ReadLease(root.lease_location(segment)):
+        with exclusive(root.lock_location(segment)):
+            assert main(args) == 0
+            out = capsys.readouterr().out
+            assert f"skipping {segment} (unfinished): an extraction is building it" in out
+            assert root.partial_keys() == [segment]
+        assert main(args) == 0  # the build finished or died: its lock is free, the store is garbage
+    assert f"removing {segment} (unfinished)" in capsys.readouterr().out and root.partial_keys() == []

@@ -220,7 +220,7 @@ def test_compact_merges_segments_rewrites_views_and_gc_removes_what_no_view_read
     assert f"view of space {SPACE} (1 segment(s))" in out and f"segment {merged}" in out
 
     # No run references the view: gc removes it, and then the segment no view reads any more.
-    args = ["--runs-root", str(tmp_path / "runs"), "--registry", str(tmp_path / "r.sqlite")]
+    args = ["--runs-root", str(tmp_path / "runs"), "--registry", str(tmp_path / "r.sqlite"), "--no-registry"]
     assert main(["cache", "gc", "--cache-root", str(tmp_path), *args, "--yes"]) == 0
     assert root.keys() == [] and root.segments(SPACE) == []
     # ...and the space it leaves empty, so nothing of it stays on disk.

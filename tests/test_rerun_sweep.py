@@ -47,7 +47,7 @@ def test_rerun_after_gc_rebuilds_the_cache_and_reproduces_metrics_exactly(
         "cache", "gc", "--yes",
         "--cache-root", str(tmp_path / "cache"),
         "--runs-root", str(tmp_path / "elsewhere"),
-        "--registry", str(tmp_path / "other.sqlite"),
+        "--registry", str(tmp_path / "other.sqlite"), "--no-registry",
     )  # fmt: skip
     assert code == 0 and f"removing {original.cache_key}" in out and root.keys() == []
 

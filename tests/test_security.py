@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.config import BackboneConfig, load_config
 from pipeline.errors import UniptError
 from pipeline.storage import Location
-from tests.conftest import build_cache, make_sentiment_rows, write_config, write_csv
+from tests.conftest import KEY, build_cache, make_sentiment_rows, write_config, write_csv
 
 PROJECT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".venv", ".git", "node_modules", "build", "dist", ".unipt"}
@@ -265,6 +265,90 @@ def test_a_hostile_checksums_file_cannot_make_verify_read_outside_the_store(tmp_
     assert main(["cache", "verify", key, "--cache-root", str(tmp_path / "cache"), "--no-progress"]) == 2
     _, err = capsys.readouterr()
     assert "unipt: error: path part '..' would leave" in err and "Traceback" not in err
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    """Every file below ``path`` (or ``path`` itself) and its bytes: what must survive a gc untouched."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_gc_never_follows_a_symlink_out_of_the_cache_root(tmp_path, capsys):
+    """Hex-named links where gc looks (a view, a segment, a space, an unfinished store, a lease file),
+    each pointing outside the root: gc skips each with a warning, removes nothing through them, and
+    still collects the real garbage beside them."""
+    caches, outside = tmp_path / "cache", CacheRoot(tmp_path / "outside")
+    root = CacheRoot(caches)
+    build_cache(root, [3, 4, 5], {0: 4})  # real, unreferenced: gc removes it
+    view, segment, space, partial = "a1" * 16, "b2" * 16, "c3" * 16, "d4" * 16
+    for key in (view, segment):
+        build_cache(outside, [3, 4, 5], {0: 4}, key=key)  # committed stores, so gc lists the links
+    build_cache(outside, [3, 4], {0: 4}, key=partial, commit=False)
+    victim_file = tmp_path / "outside" / "precious.txt"
+    victim_file.write_text("not unipt's")
+    (tmp_path / "outside" / "space").mkdir()
+    (tmp_path / "outside" / "space" / "data.bin").write_bytes(b"\x01" * 64)
+    links = {
+        caches / view: tmp_path / "outside" / view,
+        caches / "spaces" / ("e5" * 16) / "segments" / segment: tmp_path / "outside" / segment,
+        caches / "spaces" / space: tmp_path / "outside" / "space",
+        caches / ".partial" / partial: tmp_path / "outside" / ".partial" / partial,
+        caches / ".leases" / f"{'f6' * 16}.lock": victim_file,
+    }
+    before = {target: _tree(target) for target in links.values()}
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target)
+
+    args = ["cache", "gc", "--cache-root", str(caches), "--no-registry", "--include-partial", "--yes"]
+    assert main([*args, "--runs-root", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert f"removing {KEY}" in out and KEY not in root.keys()
+    for link, target in links.items():
+        assert link.is_symlink(), f"gc removed the link {link}"
+        assert _tree(target) == before[target], f"gc changed {target} through {link}"
+        assert f"{link} is a symbolic link" in out
+    assert not (caches / ".trash").exists() or not any((caches / ".trash").iterdir())
+
+
+@pytest.mark.parametrize("folder", [".trash", ".partial", ".leases", "spaces"])
+def test_gc_refuses_a_cache_root_whose_own_folder_is_a_link(tmp_path, capsys, folder):
+    caches, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    build_cache(CacheRoot(caches), [3, 4, 5], {0: 4})
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    shutil.rmtree(caches / folder, ignore_errors=True)
+    (caches / folder).symlink_to(elsewhere)
+    args = ["cache", "gc", "--cache-root", str(caches), "--no-registry", "--include-partial", "--yes"]
+    assert main([*args, "--runs-root", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{caches / folder} is a symbolic link" in err
+    assert CacheRoot(caches).keys() == [KEY] and sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+
+
+def test_a_lock_file_that_is_a_link_is_never_followed(tmp_path):
+    from pipeline.locks import exclusive
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("data")
+    lock = CacheRoot(tmp_path / "cache").lock_location(KEY)
+    Path(lock.url).parent.mkdir(parents=True)
+    Path(lock.url).symlink_to(victim)
+    with pytest.raises(UniptError, match="is a symbolic link"), exclusive(lock):
+        pass
+    assert victim.read_text() == "data" and Path(lock.url).is_symlink()
+
+
+def test_children_of_a_location_are_never_resolved_through_links(tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "target")
+    root = Location(tmp_path / "root")
+    child = root.child("link")
+    assert child.url == str(tmp_path / "root" / "link") and child.symlink_below(root) == child.url
+    child.remove()  # the link goes, its target stays
+    assert not (tmp_path / "root" / "link").exists() and (tmp_path / "target").is_dir()
 
 
 # --- credentials ---------------------------------------------------------------------------------------
