@@ -457,3 +457,27 @@ def test_predict_runs_no_code_a_model_folder_names(good_model, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("unipt: error:") == 1 and "--trust-remote-code" in err and "Traceback" not in err
     assert not sentinel.exists()
+
+
+def test_a_known_backbone_with_an_auto_map_loads_without_running_its_code(tmp_path, tiny_bert_dir):
+    """A BERT folder whose config.json also maps to .py files (a downloaded folder naming remote code):
+    transformers' own class loads it, and the files never run (trust_remote_code=False is explicit)."""
+    from extract.backbones import load_backbone
+    from extract.spec import BackboneLoadSpec
+
+    folder = tmp_path / "bert-with-code"
+    shutil.copytree(tiny_bert_dir, folder)
+    sentinel = tmp_path / "custom-code-ran"
+    for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
+        (folder / name).write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModel": "modeling_evil.EvilModel",
+        "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    backbone = load_backbone(BackboneLoadSpec(str(folder), device="cpu"))
+    assert type(backbone.model).__name__ == "BertModel"
+    assert backbone.encode(["a fine film"], [0, 2], 16, 1, "float32").layers[2].shape[1] == 32
+    assert not sentinel.exists()
