@@ -52,7 +52,13 @@ def _model_and_inputs(args: argparse.Namespace, labelled: bool = False):
 
     if args.batch_size < 1:
         raise UniptError(f"--batch-size {args.batch_size}: give 1 or more")
-    model = load_model(args.model, registry=args.registry, device=args.device, backbone=args.backbone)
+    model = load_model(
+        args.model,
+        registry=args.registry,
+        device=args.device,
+        backbone=args.backbone,
+        trust_remote_code=args.trust_remote_code,
+    )
     if getattr(args, "text", None):
         if args.input:
             raise UniptError("give --input FILE or --text, not both")
@@ -134,6 +140,12 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--image-column", help=f"image models: the column of image paths ({trained} image)")
         p.add_argument("--id-column", help="a column of example ids (default: the row numbers)")
         p.add_argument("--backbone", help="the backbone's folder, when not where model.json says")
+        p.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="let the backbone run Python code shipped with it (only for a backbone you trust; "
+            "model.json alone never turns this on)",
+        )
         p.add_argument(
             "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU if any"
         )

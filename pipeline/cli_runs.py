@@ -246,11 +246,15 @@ def _numeric(value: Any) -> Any:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume:
-        runs_root = args.runs_root or (
-            load_args(args).storage.runs_root if args.config else DEFAULT_RUNS_ROOT
-        )
+        storage = load_args(args).storage if args.config else None
+        runs_root = args.runs_root or (storage.runs_root if storage else DEFAULT_RUNS_ROOT)
+        registry = args.registry or (storage.registry if storage else DEFAULT_REGISTRY)
         result = resume_sweep(
-            args.resume, runs_root, ray_address=args.ray_address, progress=not args.no_progress
+            args.resume,
+            runs_root,
+            registry=registry,
+            ray_address=args.ray_address,
+            progress=not args.no_progress,
         )
         keys = list(result.results[0].params) if result.results else []
     else:

@@ -60,14 +60,84 @@ class ModelSpec:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+    def from_json(cls, data: Any) -> ModelSpec:
+        if not isinstance(data, dict):
+            raise UniptError(
+                f"model.json holds a {type(data).__name__}, not a model description (an object); "
+                "export the run again"
+            )
         if data.get("format") != MODEL_FORMAT:
             raise UniptError(
                 f"model.json has format {data.get('format')}, this unipt reads {MODEL_FORMAT}; "
                 "export it again with this version"
             )
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        spec = cls(**{k: v for k, v in data.items() if k in known})
+        check_spec(spec)
+        return spec
+
+
+# Sizes a model.json may state. Real backbones stay far below them; a larger number is a damaged or hostile
+# file, refused before anything the size of it is allocated.
+MAX_WIDTH = 65536  # hidden and embed sizes
+MAX_LAYERS = 1024
+MAX_OUTPUTS = 1_000_000  # classes
+MAX_GRID = 4096  # a feature map's side
+
+
+def _count(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Refuse a model.json whose sizes or settings are not sane, in one line, before a network is built
+    from it (the weights are then checked against these sizes: :func:`pipeline.predict.check_weights`)."""
+    from pydantic import ValidationError
+
+    from pipeline.config import BackboneConfig, TrainConfig, _describe
+
+    def bad(what: str) -> UniptError:
+        return UniptError(f"model.json: {what}; it is damaged or not written by unipt: export the run again")
+
+    if not isinstance(spec.layers, list) or not spec.layers or len(spec.layers) > MAX_LAYERS:
+        raise bad(f"layers is {spec.layers!r:.60}, not a list of 1 to {MAX_LAYERS} layer indices")
+    if not all(_count(layer, 0, MAX_LAYERS) for layer in spec.layers):
+        raise bad(f"layers {spec.layers!r:.60} are not layer indices")
+    if not isinstance(spec.hidden_sizes, dict) or not isinstance(spec.grids, dict):
+        raise bad("hidden_sizes and grids must be objects keyed by layer")
+    for layer in spec.layers:
+        width = spec.hidden_sizes.get(str(layer))
+        if not _count(width, 1, MAX_WIDTH):
+            raise bad(f"layer {layer}'s hidden size is {width!r:.40}, not 1 to {MAX_WIDTH}")
+    for layer, grid in spec.grids.items():
+        if not (isinstance(grid, list) and len(grid) == 2 and all(_count(n, 1, MAX_GRID) for n in grid)):
+            raise bad(f"layer {layer}'s grid is {grid!r:.40}, not [height, width] of 1 to {MAX_GRID}")
+    if spec.embed_size is not None and not _count(spec.embed_size, 1, MAX_WIDTH):
+        raise bad(f"embed_size is {spec.embed_size!r:.40}, not 1 to {MAX_WIDTH}")
+    if not _count(spec.num_outputs, 1, MAX_OUTPUTS):
+        raise bad(f"num_outputs is {spec.num_outputs!r:.40}, not 1 to {MAX_OUTPUTS}")
+    if not isinstance(spec.label_names, list) or not all(isinstance(n, str) for n in spec.label_names):
+        raise bad("label_names is not a list of names")
+    if spec.task == "regression" and spec.num_outputs != 1:
+        raise bad(f"a regression model has 1 output, not {spec.num_outputs}")
+    if spec.task != "regression" and len(spec.label_names) != spec.num_outputs:
+        raise bad(f"{len(spec.label_names)} label_names for {spec.num_outputs} outputs")
+    if not isinstance(spec.backbone, dict) or not isinstance(spec.backbone.get("name_or_path"), str):
+        raise bad("backbone is not an object naming the backbone (name_or_path)")
+    train = {
+        "variant": spec.variant,
+        "method": spec.method,
+        "side_reduction": spec.side_reduction,
+        "embed_size": spec.embed_size,
+        "downsample_factor": spec.downsample_factor,
+        "dropout": spec.dropout,
+        "task": spec.task,
+    }
+    try:
+        TrainConfig.model_validate(train)
+        BackboneConfig.model_validate({"name_or_path": "-", "batch_size": spec.batch_size})
+    except ValidationError as exc:
+        raise bad(_describe(exc).split("; ")[0]) from None
 
 
 def describe_model(
@@ -153,6 +223,39 @@ def write_model(directory: str | Path, state: dict[str, Any], spec: ModelSpec) -
     text = json.dumps(spec.to_json(), indent=2, sort_keys=True, allow_nan=True)
     (directory / MODEL_CARD).write_text(text + "\n")
     return directory / MODEL_WEIGHTS
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in the safetensors file at ``path``, from its header alone (the library bounds
+    the header's length and checks every tensor's offsets against the file's size)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except (SafetensorError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise UniptError(
+            f"{path} is not a readable safetensors file ({reason}); export the run again"
+        ) from exc
+
+
+def check_weights(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse weights that are not the tensors ``expected`` (by name and shape: what model.json's sizes
+    build) before a network of those sizes is allocated."""
+    present = weight_shapes(path)
+    missing = sorted(set(expected) - set(present))
+    extra = sorted(set(present) - set(expected))
+    wrong = [name for name in sorted(set(expected) & set(present)) if expected[name] != present[name]]
+    if missing or extra or wrong:
+        first = (
+            f"{wrong[0]} is {list(present[wrong[0]])}, model.json makes it {list(expected[wrong[0]])}"
+            if wrong
+            else f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {extra[:3]}"
+        )
+        raise UniptError(f"{path} does not fit its model.json ({first}); export the run again")
 
 
 def read_model_spec(directory: str | Path) -> ModelSpec:

@@ -28,7 +28,7 @@ from pipeline.cache_layout import LayerSpec
 from pipeline.config import BackboneConfig, TrainConfig
 from pipeline.encoding import decode_rows, encode_rows
 from pipeline.errors import UniptError
-from pipeline.model_files import MODEL_WEIGHTS, ModelSpec, read_model_spec
+from pipeline.model_files import MODEL_WEIGHTS, ModelSpec, check_weights, read_model_spec
 from pipeline.registry import DEFAULT_REGISTRY, Registry
 from pipeline.tasks import get_task
 
@@ -96,7 +96,14 @@ class _Shape:
 class TunedModel:
     """A tuned UniPT and its head, ready for raw inputs (see the module docstring)."""
 
-    def __init__(self, directory: Path, spec: ModelSpec, device: str = "auto", backbone: str | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        spec: ModelSpec,
+        device: str = "auto",
+        backbone: str | None = None,
+        trust_remote_code: bool = False,
+    ):
         import torch
         from safetensors.torch import load_file
 
@@ -108,8 +115,10 @@ class TunedModel:
                 f"model {directory} is a {spec.task} model; predict and evaluate take one-cache "
                 "models (classification, regression)"
             )
+        refuse_stored_remote_code(directory, spec, trust_remote_code)
         self.directory = directory
         self.spec = spec
+        self.trust_remote_code = trust_remote_code
         self.device = pick_device(device)
         self._device_setting = device
         self._backbone_path = backbone
@@ -123,10 +132,14 @@ class TunedModel:
             dropout=spec.dropout,
             task=spec.task,
         )
+        shape = _Shape(spec, str(directory))
+        # Built first on the meta device (no memory): the sizes model.json states must be the tensors
+        # the weights file holds before a network of those sizes is allocated.
+        with torch.device("meta"):
+            planned = build_model(spec.variant, shape, config, num_outputs=spec.num_outputs).state_dict()
+        check_weights(directory / MODEL_WEIGHTS, {name: tuple(t.shape) for name, t in planned.items()})
         torch.manual_seed(0)  # weights are all loaded below; this only keeps construction quiet
-        network = build_model(
-            spec.variant, _Shape(spec, str(directory)), config, num_outputs=spec.num_outputs
-        )
+        network = build_model(spec.variant, shape, config, num_outputs=spec.num_outputs)
         try:
             network.load_state_dict(load_file(str(directory / MODEL_WEIGHTS)))
         except RuntimeError as exc:
@@ -136,8 +149,9 @@ class TunedModel:
 
     # --- the backbone --------------------------------------------------------------------------------------
     def backbone_config(self) -> BackboneConfig:
-        """The backbone settings extraction used, as model.json stored them (trust_remote_code and
-        allow_pickle included: the model never loads code or pickles its training run did not)."""
+        """The backbone settings extraction used, as model.json stored them (allow_pickle included: the
+        model never loads pickles its training run did not). ``trust_remote_code`` is the person's own
+        ``--trust-remote-code``, never model.json's: a file must not decide to run code."""
         b = self.spec.backbone
         return BackboneConfig(
             name_or_path=self._backbone_path or b["name_or_path"],
@@ -145,7 +159,7 @@ class TunedModel:
             layers=list(self.spec.layers),
             max_length=max(2, min(self.spec.max_length, 8192)),
             batch_size=self.spec.batch_size,
-            trust_remote_code=bool(b.get("trust_remote_code")),
+            trust_remote_code=self.trust_remote_code,
             allow_pickle=bool(b.get("allow_pickle")),
         )
 
@@ -334,11 +348,24 @@ def load_model(
     registry: str | Path = DEFAULT_REGISTRY,
     device: str = "auto",
     backbone: str | None = None,
+    trust_remote_code: bool = False,
 ) -> TunedModel:
     """The tuned model of a run (id or directory) or an exported folder. ``backbone`` points at the
-    backbone's files when they are not where the model says (they must hash the same)."""
+    backbone's files when they are not where the model says (they must hash the same).
+    ``trust_remote_code`` (the command line's ``--trust-remote-code``) lets a backbone run its own code."""
     directory = model_directory(target, registry)
-    return TunedModel(directory, read_model_spec(directory), device=device, backbone=backbone)
+    spec = read_model_spec(directory)
+    return TunedModel(directory, spec, device=device, backbone=backbone, trust_remote_code=trust_remote_code)
+
+
+def refuse_stored_remote_code(directory: Path, spec: ModelSpec, trust_remote_code: bool) -> None:
+    """A model whose backbone runs its own code loads only when the person asked for it on the command
+    line: model.json (a file anyone may have written) saying so is not enough."""
+    if spec.backbone.get("trust_remote_code") and not trust_remote_code:
+        raise UniptError(
+            f"model {directory} was trained on a backbone that runs its own Python code (model.json: "
+            "backbone.trust_remote_code); pass --trust-remote-code to run it, only for a backbone you trust"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- files

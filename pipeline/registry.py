@@ -65,6 +65,17 @@ CREATE INDEX IF NOT EXISTS run_caches_by_key ON run_caches(cache_key);
 CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs(sweep_id);
 CREATE INDEX IF NOT EXISTS runs_by_created ON runs(created_at);
 """
+# A sweep's spec as it started, and its digest: `unipt sweep --resume` trusts this copy, never the sweep's
+# folder under the runs root (anyone who can write there could change what the sweep runs). Created on
+# first use, so registries written before it stay schema version 1 and readable by older unipt.
+_SWEEPS = """
+CREATE TABLE IF NOT EXISTS sweeps (
+    sweep_id TEXT PRIMARY KEY,
+    spec_json TEXT NOT NULL,
+    spec_sha256 TEXT NOT NULL,
+    created_at TEXT NOT NULL
+)
+"""
 
 
 @dataclass(frozen=True)
@@ -249,6 +260,27 @@ class Registry:
             query += " LIMIT ?"
             params.append(limit)
         return [self._entry(row) for row in reversed(self._db.execute(query, params).fetchall())]
+
+    def record_sweep(self, sweep_id: str, spec: dict[str, Any]) -> str:
+        """Keep a new sweep's spec (what it runs) and its sha256, which ``--resume`` checks; returns it."""
+        digest = sha256_json(spec)
+        with self._write() as db:
+            db.execute(_SWEEPS)
+            db.execute(
+                "INSERT INTO sweeps (sweep_id, spec_json, spec_sha256, created_at) VALUES (?, ?, ?, ?)",
+                (sweep_id, _dumps(spec), digest, _now()),
+            )
+        return digest
+
+    def sweep_spec(self, sweep_id: str) -> tuple[dict[str, Any], str] | None:
+        """(spec, sha256) recorded when ``sweep_id`` started; None if this registry never saw it start."""
+        table = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sweeps'")
+        if table.fetchone() is None:
+            return None
+        row = self._db.execute(
+            "SELECT spec_json, spec_sha256 FROM sweeps WHERE sweep_id = ?", (sweep_id,)
+        ).fetchone()
+        return None if row is None else (json.loads(row[0]), row[1])
 
     def cache_keys(self) -> set[str]:
         """Every cache key some registered run uses."""

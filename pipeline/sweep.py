@@ -11,8 +11,10 @@ the cluster: ``cpus // parallel`` CPUs and, when the cluster has GPUs, a GPU fra
 by default ``gpus / parallel``), so trials on a GPU machine really train on the GPU. Each epoch's
 validation score is reported to Tune through the fit loop's epoch hook, which lets ASHA stop bad trials
 early (``early_stop="asha"``). A failed trial is recorded as failed and the others go on; an interrupted
-sweep continues with ``sweep(..., resume=SWEEP_ID)`` (Tune's experiment state lives in
-``<runs_root>/sweeps/<sweep_id>/``): finished trials are kept, the rest run again.
+sweep continues with :func:`resume_sweep`: the trials the registry holds as runs are kept and not run
+again, the rest run in a new Tune experiment. Resuming reads no Tune state (its ``tuner.pkl`` is a pickle,
+and the sweep's folder under the runs root is not trusted): the sweep's spec comes from the registry,
+which recorded it and its sha256 when the sweep started, and ``sweep.json`` must still match that digest.
 Results are sorted by the task's headline metric on validation (:mod:`pipeline.tasks`).
 """
 
@@ -33,7 +35,9 @@ from pipeline import experiment
 from pipeline.cache_open import open_cache
 from pipeline.config import ExperimentConfig, TrainConfig
 from pipeline.errors import UniptError
+from pipeline.hashing import sha256_json
 from pipeline.log import say
+from pipeline.registry import Registry, RunEntry
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 SWEEP_FILE = "sweep.json"  # what --resume needs to rebuild the sweep, beside Tune's experiment state
@@ -228,16 +232,48 @@ def sweep(
 
 
 def resume_sweep(
-    sweep_id: str, runs_root: str | Path, *, ray_address: str | None = None, progress: bool = True
+    sweep_id: str,
+    runs_root: str | Path,
+    *,
+    registry: str | Path,
+    ray_address: str | None = None,
+    progress: bool = True,
 ) -> SweepResult:
-    """Continue an interrupted sweep: its finished trials are kept, the unfinished and failed ones run."""
+    """Continue an interrupted sweep: its registered trials are kept, the others run."""
     path = sweep_dir(runs_root, sweep_id) / SWEEP_FILE
     if not path.exists():
         raise UniptError(
             f"no sweep {sweep_id} under {Path(runs_root).expanduser()}/sweeps; give the id `unipt sweep` "
             "printed, and the same --runs-root (or config) as the sweep"
         )
-    return _run(json.loads(path.read_text()), ray_address=ray_address, progress=progress, resume=True)
+    return _run(
+        trusted_spec(sweep_id, path, registry), ray_address=ray_address, progress=progress, resume=True
+    )
+
+
+def trusted_spec(sweep_id: str, path: Path, registry: str | Path) -> dict[str, Any]:
+    """The spec the registry recorded when ``sweep_id`` started, once ``path`` (its sweep.json) is checked
+    to still hash to the digest recorded with it: the sweep's folder decides nothing on its own."""
+    recorded = None
+    if Path(registry).expanduser().is_file():
+        with Registry(registry, create=False) as runs:
+            recorded = runs.sweep_spec(sweep_id)
+    if recorded is None:
+        raise UniptError(
+            f"the registry {registry} holds no record of sweep {sweep_id}, so its state cannot be trusted; "
+            "pass the --registry the sweep used (or start the sweep again)"
+        )
+    spec, digest = recorded
+    try:
+        on_disk = sha256_json(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        on_disk = f"unreadable ({type(exc).__name__})"
+    if on_disk != digest or sha256_json(spec) != digest:
+        raise UniptError(
+            f"{path} was changed after sweep {sweep_id} started (sha256 {on_disk[:12]}, the registry "
+            f"recorded {digest[:12]}); restore it or start a new sweep"
+        )
+    return spec
 
 
 def _run(spec: dict[str, Any], *, ray_address: str | None, progress: bool, resume: bool) -> SweepResult:
@@ -269,20 +305,26 @@ def _run(spec: dict[str, Any], *, ray_address: str | None, progress: bool, resum
         cache_hit = all(r.cache_hit for r in extractions.values())
         extract_s = sum(r.seconds for r in extractions.values())
         total = len(trials) * search.samples
-        resources, parallel = _trial_resources(spec["parallel"], spec["gpus_per_trial"], total)
+        registered = _registered(base.storage.registry, sweep_id) if resume else []
+        todo = _todo(trials, search, registered)
+        resources, parallel = _trial_resources(spec["parallel"], spec["gpus_per_trial"], max(1, len(todo)))
         if not resume:
             where.mkdir(parents=True, exist_ok=True)
             (where / SWEEP_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+            with Registry(base.storage.registry) as runs:
+                runs.record_sweep(sweep_id, spec)
         gpu = f", {resources['gpu']:g} GPU each" if resources["gpu"] else ""
+        kept = f" (resumed: {len(registered)} registered trial(s) kept, {len(todo)} to run)" if resume else ""
         say(
             f"{sweep_id}: {total} trials on cache {prep.key}, {parallel} at a time, "
-            f"{int(resources['cpu'])} CPU(s) each{gpu}"
-            + (" (resumed: finished trials are kept)" if resume else "")
+            f"{int(resources['cpu'])} CPU(s) each{gpu}{kept}"
         )
         context = _Context(
             prep, trials, sweep_id, cache_hit, extract_s, int(resources["cpu"]), os.getcwd(), time.time()
         )
-        grid = _tune(spec, search, trials, context, resources, parallel, headline, where, resume)
+        grid = None
+        if todo:
+            grid = _tune(spec, search, trials, context, resources, parallel, headline, where, todo, resume)
     finally:
         if held is not None:
             experiment.release_reader(held)
@@ -290,7 +332,9 @@ def _run(spec: dict[str, Any], *, ray_address: str | None, progress: bool, resum
             extraction.release()
         if owns_session:
             ray.shutdown()
-    results = _results(grid, trials, headline)
+    results = [*_kept(registered, trials), *(_results(grid, trials, headline) if grid is not None else [])]
+    for index, result in enumerate(results):
+        result.index = index
     request = {"CPU": resources["cpu"], "GPU": resources["gpu"]}
     for result in results:
         result.resources = result.resources or request
@@ -304,6 +348,51 @@ def _run(spec: dict[str, Any], *, ray_address: str | None, progress: bool, resum
     order = {"finished": 0, "stopped": 1, "failed": 2}
     results.sort(key=lambda r: (order.get(r.status, 3), _val_order(r.metrics, headline), r.index))
     return SweepResult(sweep_id, headline, results, cache_hit, time.perf_counter() - started, request)
+
+
+def _registered(registry: str | Path, sweep_id: str) -> list[RunEntry]:
+    """The sweep's trials the registry holds as runs: finished, so a resumed sweep does not run them."""
+    if not Path(registry).expanduser().is_file():
+        return []
+    with Registry(registry, create=False) as runs:
+        return runs.list(sweep_id=sweep_id)
+
+
+def _grid_point(trials: list[Trial], params: dict[str, Any] | None) -> int | None:
+    """Which trial (grid point) a registered run's swept params came from."""
+    params = params or {}
+    return next(
+        (i for i, t in enumerate(trials) if all(params.get(k) == v for k, v in t.params.items())), None
+    )
+
+
+def _todo(trials: list[Trial], search: Search, registered: list[RunEntry]) -> list[int]:
+    """The grid points still to run, one entry per trial: ``samples`` per point, less the registered ones
+    (Optuna picks the point itself: then only how many are left counts)."""
+    done = [0] * len(trials)
+    for entry in registered:
+        point = _grid_point(trials, entry.sweep_params)
+        if point is not None:
+            done[point] += 1
+    if search.algorithm == "optuna":
+        return list(range(max(0, len(trials) * search.samples - len(registered))))
+    return [i for i in range(len(trials)) for _ in range(max(0, search.samples - done[i]))]
+
+
+def _kept(registered: list[RunEntry], trials: list[Trial]) -> list[TrialResult]:
+    """A resumed sweep's registered trials, as results (their runs' metrics and resources)."""
+    return [
+        TrialResult(
+            0,
+            dict(entry.sweep_params or {}),
+            entry.run_id,
+            entry.metrics,
+            "finished",
+            int(entry.metrics.get("epochs", 0) or 0),
+            resources={k: float(v) for k, v in (entry.runtime.get("ray_resources") or {}).items()},
+        )
+        for entry in registered
+    ]
 
 
 def _trial_resources(parallel: int | None, gpus_per_trial: float | None, total: int) -> tuple[dict, int]:
@@ -340,8 +429,11 @@ def _tune(
     parallel: int,
     headline: str,
     where: Path,
+    todo: list[int],
     resume: bool,
 ) -> Any:
+    """Run the trials ``todo`` names (grid points, repeated once per draw) as one Tune experiment: the
+    sweep's own, or a resumed sweep's next one beside it (``resume-<time>``); Tune's state is never read."""
     try:
         from ray import tune
     except ImportError as exc:  # ray without its tune extra (pandas, tensorboardX, ...)
@@ -354,47 +446,47 @@ def _tune(
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, context=context), {"cpu": resources["cpu"], "gpu": resources["gpu"]}
     )
-    if resume:
-        tuner = tune.Tuner.restore(str(where), trainable, resume_unfinished=True, restart_errored=True)
+    space: dict[str, Any] = {k: d.tune() for k, d in search.distributions.items()}
+    searcher = None
+    if search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        # Optuna proposes every value, so the grid's points become one categorical choice.
+        space["trial"] = tune.choice(list(range(len(trials))))
+        searcher = OptunaSearch(metric=metric, mode="max", seed=context.prep.config.seed)
     else:
-        space: dict[str, Any] = {k: d.tune() for k, d in search.distributions.items()}
-        searcher = None
-        if search.algorithm == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
+        space["trial"] = tune.grid_search(todo)  # a point listed twice is drawn twice
+    scheduler = None
+    if spec["early_stop"] == "asha":
+        from ray.tune.schedulers import ASHAScheduler
 
-            # Optuna proposes every value, so the grid's points become one categorical choice.
-            space["trial"] = tune.choice(list(range(len(trials))))
-            searcher = OptunaSearch(metric=metric, mode="max", seed=context.prep.config.seed)
-        else:
-            space["trial"] = tune.grid_search(list(range(len(trials))))
-        scheduler = None
-        if spec["early_stop"] == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            epochs = max(t.config.train.epochs for t in trials)
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration", max_t=epochs, grace_period=1, reduction_factor=2
-            )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=metric,
-                mode="max",
-                num_samples=search.samples * (len(trials) if searcher is not None else 1),
-                search_alg=searcher,
-                scheduler=scheduler,
-                max_concurrent_trials=parallel,
-            ),
-            run_config=tune.RunConfig(
-                name=where.name,
-                storage_path=str(where.parent),
-                verbose=0,
-                # One failed trial is recorded as failed; the others go on.
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=[_SayTrials(metric, trials)],
-            ),
+        epochs = max(t.config.train.epochs for t in trials)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", max_t=epochs, grace_period=1, reduction_factor=2
         )
+    name, storage = (
+        (f"resume-{time.strftime('%Y%m%d-%H%M%S')}", where) if resume else (where.name, where.parent)
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode="max",
+            num_samples=len(todo) if searcher is not None else 1,
+            search_alg=searcher,
+            scheduler=scheduler,
+            max_concurrent_trials=parallel,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            verbose=0,
+            # One failed trial is recorded as failed; the others go on.
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            callbacks=[_SayTrials(metric, trials)],
+        ),
+    )
     # Tune's own console output (its config box, each failure's whole traceback) is off: the sweep says
     # one line per trial and prints its table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -418,8 +510,12 @@ class _SayTrials:
                 last = trial.last_result or {}
                 params = _params(grid, trial.config)
                 if last.get("run_id"):
-                    say(f"trial {trial.trial_id} {params}: {metric} {_number(last.get(metric)):.4f} -> "
-                        f"{last['run_id']}")  # fmt: skip
+                    # The run's metrics are its selected (best) epoch's, as the table shows; the last
+                    # report's own value is the last epoch's.
+                    chosen = last.get("metrics") or {}
+                    epoch = f" (epoch {chosen['best_epoch']})" if "best_epoch" in chosen else ""
+                    say(f"trial {trial.trial_id} {params}: {metric} {_number(chosen.get(metric)):.4f}{epoch} "
+                        f"-> {last['run_id']}")  # fmt: skip
                 else:
                     say(f"trial {trial.trial_id} {params}: stopped after epoch {last.get('epoch', 0)} "
                         f"({metric} {_number(last.get(metric)):.4f})")  # fmt: skip

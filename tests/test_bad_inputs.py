@@ -235,3 +235,54 @@ def test_a_100k_character_text_is_truncated_with_one_warning(ray_session, tmp_pa
     lengths = dict(zip(ids, reader.examples.column("length").to_pylist(), strict=True))
     assert lengths["r0002"] == lengths["r0040"] == 32  # cut to max_length, [CLS] ... [SEP]
     assert max(n for i, n in lengths.items() if i not in ("r0002", "r0040")) < 32
+
+
+# --- training checkpoints: a damaged one to resume from, a full disk to write one to --------------------
+
+
+def test_resume_from_a_checkpoint_missing_keys(extracted, tmp_path, capsys):
+    import torch
+
+    args = ["--runs-root", str(tmp_path / "runs"), "--registry", str(tmp_path / "registry.sqlite")]
+    assert main(["train", str(extracted["config"]), *args, "--no-progress"]) == 0
+    (checkpoint,) = (tmp_path / "runs").glob("*/checkpoint.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    del state["identity"]
+    torch.save(state, checkpoint)
+    line = _error_line(capsys, "train", str(extracted["config"]), *args, "--resume", str(checkpoint.parent))
+    assert f"checkpoint {checkpoint} lacks identity" in line and "train without --resume" in line
+
+
+def _with_file_size_limit(limit: int):
+    """What a full disk does to a writer: writes past ``limit`` bytes fail with an OSError (EFBIG)."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_training_onto_a_full_disk_leaves_no_half_written_checkpoint(extracted, tmp_path):
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    args = ["--runs-root", str(runs), "--registry", str(tmp_path / "registry.sqlite"), "--no-progress"]
+    # The tiny model's checkpoint is ~90 KB (weights, optimizer state, best weights); its other files
+    # are under 25 KB: the checkpoint is what hits the limit.
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", str(extracted["config"]), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_with_file_size_limit(60_000),
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("unipt: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "could not write the checkpoint" in lines[0] and "free space there" in lines[0]
+    assert not list(runs.rglob(".*.tmp")) and not list(runs.rglob("checkpoint.pt"))
+    assert not list(runs.glob("*/record.json"))  # no record of a run that did not finish

@@ -195,7 +195,8 @@ def test_trust_remote_code_is_off_unless_configured(tmp_path):
             }
         )
     )
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    # transformers refuses (trust_remote_code=False is passed explicitly); unipt says so in one line.
+    with pytest.raises(UniptError, match="ships its own Python code.*backbone.trust_remote_code: true"):
         load_backbone(BackboneLoadSpec(str(folder), device="cpu"))
     assert not sentinel.exists()
 
@@ -211,11 +212,11 @@ def test_trust_remote_code_reaches_transformers_only_from_the_config():
             if value is None:
                 continue
             passed.append(f"{path.name}:{call.lineno}")
-            # A config field (spec.trust_remote_code), or the value a run stored from its config
-            # (model.json's backbone["trust_remote_code"]): read from settings, never a literal.
+            # A config field (spec.trust_remote_code) or the command line's flag passed through: never a
+            # literal, and never a value read from a file (model.json's backbone["trust_remote_code"]).
             from_field = isinstance(value, ast.Attribute) and value.attr == "trust_remote_code"
-            from_stored = not isinstance(value, ast.Constant) and "'trust_remote_code'" in ast.unparse(value)
-            assert from_field or from_stored, f"{path}:{call.lineno} passes {ast.unparse(value)}"
+            passed_on = isinstance(value, ast.Name) and value.id == "trust_remote_code"
+            assert from_field or passed_on, f"{path}:{call.lineno} passes {ast.unparse(value)}"
     assert len(passed) >= 4  # AutoConfig, AutoModel, AutoTokenizer, AutoImageProcessor
 
 
@@ -417,3 +418,150 @@ def test_credentials_in_a_config_are_refused(tmp_path, tiny_bert_dir, sentiment_
     assert err.count("\n") == 1 and "looks like a credential; put it in the environment" in err
     assert "hunter2" not in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "registry.sqlite").exists()
+
+
+# --- hostile model folders (predict / evaluate) ----------------------------------------------------------
+
+
+def _model_folder(folder: Path) -> Path:
+    """A real tuned-model folder (model.json + model.safetensors) of the shape the tiny BERT gives, written
+    as training writes it; no backbone is needed to load it."""
+    from pipeline.config import TrainConfig
+    from pipeline.model_files import ModelSpec, write_model
+    from pipeline.predict import _Shape
+    from train.models import build_model
+
+    spec = ModelSpec(
+        task="classification", variant="transformer", num_outputs=2, label_names=["neg", "pos"],
+        layers=[0, 1, 2], hidden_sizes={"0": 32, "1": 32, "2": 32}, grids={}, embed_size=None,
+        downsample_factor=2, dropout=0.1, input="text", dtype="float16", max_length=32, preprocessing={},
+        backbone={"name_or_path": str(folder / "no-backbone")}, autocast="none", batch_size=8,
+        cache_key="", dataset_fingerprint="",
+    )  # fmt: skip
+    config = TrainConfig(variant="transformer", downsample_factor=2, dropout=0.1)
+    network = build_model("transformer", _Shape(spec, str(folder)), config, num_outputs=2)
+    write_model(folder, network.state_dict(), spec)
+    return folder
+
+
+def _edit_card(folder: Path, **changes) -> None:
+    card = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**card, **changes}))
+
+
+def _weights_header(folder: Path, length: int, body: bytes = b"{}") -> None:
+    (folder / "model.safetensors").write_bytes(length.to_bytes(8, "little") + body)
+
+
+HOSTILE_MODEL_FOLDERS = {
+    "model.json is a list": (lambda f: (f / "model.json").write_text("[1, 2]"), "holds a list"),
+    "safetensors header of 2^62": (lambda f: _weights_header(f, 2**62), "not a readable safetensors"),
+    "safetensors header of ~90 MB": (
+        lambda f: _weights_header(f, 90_000_000, b"{" + b" " * 90_000_000),
+        "not a readable safetensors",
+    ),
+    "weights not safetensors": (
+        lambda f: (f / "model.safetensors").write_bytes(b"PK\x03\x04 a zip, not safetensors"),
+        "not a readable safetensors",
+    ),
+    "embed_size 2^20": (lambda f: _edit_card(f, embed_size=2**20), "embed_size is 1048576"),
+    "hidden size 2^31": (
+        lambda f: _edit_card(f, hidden_sizes={"0": 2**31, "1": 32, "2": 32}),
+        "hidden size is 2147483648",
+    ),
+    # Within the limits, but not what the weights hold: refused before the network is allocated.
+    "embed_size 4096, weights of 32": (
+        lambda f: _edit_card(f, embed_size=4096),
+        "model.json makes it [2, 4096]",
+    ),
+    "label_names longer than the outputs": (
+        lambda f: _edit_card(f, label_names=["neg", "pos", "meh"]),
+        "3 label_names for 2 outputs",
+    ),
+    "num_outputs -5": (lambda f: _edit_card(f, num_outputs=-5), "num_outputs is -5"),
+    "batch_size 0": (lambda f: _edit_card(f, batch_size=0), "batch_size: Input should be greater than 0"),
+    "NaN dropout": (
+        lambda f: (f / "model.json").write_text(
+            (f / "model.json").read_text().replace('"dropout": 0.1', '"dropout": NaN')
+        ),
+        "dropout",
+    ),
+    'variant "os.system"': (lambda f: _edit_card(f, variant="os.system"), "variant: Input should be"),
+    "backbone.trust_remote_code: true": (
+        lambda f: _edit_card(f, backbone={"name_or_path": "anything", "trust_remote_code": True}),
+        "pass --trust-remote-code",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _model_folder(tmp_path_factory.mktemp("model") / "good")
+
+
+def test_the_untouched_model_folder_loads(good_model):
+    from pipeline.predict import load_model
+
+    model = load_model(good_model, device="cpu")  # the hostile cases below differ from it by one edit
+    assert model.spec.label_names == ["neg", "pos"] and model.trust_remote_code is False
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MODEL_FOLDERS))
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_hostile_model_folder_is_one_line(case, command, good_model, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(good_model, folder)
+    damage, expected = HOSTILE_MODEL_FOLDERS[case]
+    damage(folder)
+    data = write_csv(tmp_path / "in.csv", make_sentiment_rows(4))
+    before = sorted(p.name for p in folder.iterdir())
+    code = main([command, str(folder), "--input", str(data), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("unipt: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert expected in lines[0], lines[0]
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written beside it
+
+
+def test_predict_runs_no_code_a_model_folder_names(good_model, tmp_path, capsys):
+    """model.json asks for remote code and points at a folder whose config.json maps to a .py file: the
+    code never runs, with or without the backbone's files, and the refusal names the flag."""
+    folder = tmp_path / "model"
+    shutil.copytree(good_model, folder)
+    backbone = tmp_path / "custom-backbone"
+    backbone.mkdir()
+    sentinel = tmp_path / "custom-code-ran"
+    (backbone / "configuration_evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    (backbone / "config.json").write_text(
+        json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}})
+    )
+    _edit_card(folder, backbone={"name_or_path": str(backbone), "trust_remote_code": True})
+    assert main(["predict", str(folder), "--text", "a fine film", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("unipt: error:") == 1 and "--trust-remote-code" in err and "Traceback" not in err
+    assert not sentinel.exists()
+
+
+def test_a_known_backbone_with_an_auto_map_loads_without_running_its_code(tmp_path, tiny_bert_dir):
+    """A BERT folder whose config.json also maps to .py files (a downloaded folder naming remote code):
+    transformers' own class loads it, and the files never run (trust_remote_code=False is explicit)."""
+    from extract.backbones import load_backbone
+    from extract.spec import BackboneLoadSpec
+
+    folder = tmp_path / "bert-with-code"
+    shutil.copytree(tiny_bert_dir, folder)
+    sentinel = tmp_path / "custom-code-ran"
+    for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
+        (folder / name).write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModel": "modeling_evil.EvilModel",
+        "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    backbone = load_backbone(BackboneLoadSpec(str(folder), device="cpu"))
+    assert type(backbone.model).__name__ == "BertModel"
+    assert backbone.encode(["a fine film"], [0, 2], 16, 1, "float32").layers[2].shape[1] == 32
+    assert not sentinel.exists()

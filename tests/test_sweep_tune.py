@@ -140,9 +140,8 @@ def test_an_interrupted_sweep_continues_with_resume(tiny_config, tmp_path, capsy
     first = _trials(tmp_path, sweep_id)
     assert 1 <= len(first) < 3
 
-    code, table, out, err = _sweep(
-        capsys, "--resume", sweep_id, "--runs-root", str(tmp_path / "runs"), "--no-progress"
-    )
+    where = ["--runs-root", str(tmp_path / "runs"), "--registry", str(registry)]
+    code, table, out, err = _sweep(capsys, "--resume", sweep_id, *where, "--no-progress")
     assert code == 0, err
     runs = _trials(tmp_path, sweep_id)
     assert len(runs) == 3 and len({r.run_id for r in runs}) == 3  # finished trials kept, none twice
@@ -150,3 +149,96 @@ def test_an_interrupted_sweep_continues_with_resume(tiny_config, tmp_path, capsy
     assert sorted(row[1] for row in table[1:]) == sorted(r.run_id for r in runs)
     spec = json.loads((tmp_path / "runs" / "sweeps" / sweep_id / "sweep.json").read_text())
     assert spec["samples"] == 3 and "train.lr" in spec["distributions"]
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a replaced tuner.pkl would hold."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_a_killed_sweep_resumes_without_running_registered_trials_or_unpickling(
+    tiny_config, tmp_path, capsys, one_gpu_ray
+):
+    """kill -9 once the first trial is registered, a hostile tuner.pkl in the sweep's folder, then
+    --resume: the registered trial is kept (3 runs for 3 trials), nothing is unpickled, and each trial's
+    line shows its selected epoch's score, as the table does."""
+    import os
+    import pickle
+
+    registry = tmp_path / "registry.sqlite"
+    grid = ["--grid", "train.lr=1e-3,3e-3,1e-2"]
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "sweep", str(tiny_config), *FAST, "--parallel", "1", *grid],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 400
+    while _registered(registry) < 1 and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sweep.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(sweep.pid, signal.SIGKILL)  # the driver and the Ray it started, no cleanup
+    sweep.wait(timeout=60)
+    with Registry(str(registry)) as runs:
+        first = runs.list()
+    sweep_id = first[0].sweep_id
+    assert sweep_id and 1 <= len(first) < 3
+    sentinel = tmp_path / "unpickled"
+    for pkl in (tmp_path / "runs" / "sweeps" / sweep_id).rglob("*.pkl"):
+        pkl.write_bytes(pickle.dumps(_RunsCode(sentinel)))
+    (tmp_path / "runs" / "sweeps" / sweep_id / "tuner.pkl").write_bytes(pickle.dumps(_RunsCode(sentinel)))
+
+    where = ["--runs-root", str(tmp_path / "runs"), "--registry", str(registry)]
+    code, table, out, err = _sweep(capsys, "--resume", sweep_id, *where, "--no-progress")
+    assert code == 0, err
+    assert not sentinel.exists()
+    runs = _trials(tmp_path, sweep_id)
+    assert len(runs) == 3 and sorted(r.sweep_params["train.lr"] for r in runs) == [1e-3, 3e-3, 1e-2]
+    assert {r.run_id for r in first} <= {r.run_id for r in runs}
+    assert sorted(row[1] for row in table[1:]) == sorted(r.run_id for r in runs)
+    said = [line for line in err.splitlines() if line.startswith("unipt: trial ") and " -> " in line]
+    assert len(said) == 3 - len(first), err
+    for line in said:
+        run = next(r for r in runs if line.endswith(r.run_id))
+        assert f"val_acc {run.metrics['val_acc']:.4f} (epoch {run.metrics['best_epoch']})" in line, line
+
+
+def test_resume_trusts_only_the_registry_record_of_a_sweep(tmp_path, capsys):
+    from pipeline.errors import UniptError
+    from pipeline.sweep import SWEEP_FILE, trusted_spec
+
+    spec = {"sweep_id": "sweep-x", "base": {"backbone": {"trust_remote_code": False}}, "samples": 1}
+    folder = tmp_path / "runs" / "sweeps" / "sweep-x"
+    folder.mkdir(parents=True)
+    (folder / SWEEP_FILE).write_text(json.dumps(spec))
+    registry = tmp_path / "registry.sqlite"
+    with Registry(str(registry)) as runs:
+        runs.list()  # a registry that never saw the sweep start
+    with pytest.raises(UniptError, match="holds no record of sweep sweep-x"):
+        trusted_spec("sweep-x", folder / SWEEP_FILE, registry)
+    with pytest.raises(UniptError, match="holds no record of sweep sweep-x"):
+        trusted_spec("sweep-x", folder / SWEEP_FILE, tmp_path / "no-such-registry.sqlite")
+    with Registry(str(registry)) as runs:
+        runs.record_sweep("sweep-x", spec)
+    assert trusted_spec("sweep-x", folder / SWEEP_FILE, registry) == spec
+    spec["base"]["backbone"]["trust_remote_code"] = True  # edited in the untrusted folder
+    (folder / SWEEP_FILE).write_text(json.dumps(spec))
+    with pytest.raises(UniptError, match="was changed after sweep sweep-x started"):
+        trusted_spec("sweep-x", folder / SWEEP_FILE, registry)
+    args = [
+        "sweep",
+        "--resume",
+        "sweep-x",
+        "--runs-root",
+        str(tmp_path / "runs"),
+        "--registry",
+        str(registry),
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("unipt: error:") == 1 and "Traceback" not in err and "was changed after" in err

@@ -20,6 +20,11 @@ from pipeline.errors import UniptError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+# What a resumed run reads back: every checkpoint :func:`train.fit.fit` writes holds them all.
+RESUME_KEYS = (
+    "identity", "model", "optimizer", "scheduler", "scaler", "rng", "history", "best_state", "best_score",
+    "best_epoch", "stopped", "train_seconds",
+)  # fmt: skip
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
@@ -37,13 +42,21 @@ def resolve_checkpoint(target: str | Path) -> Path:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` so that a crash leaves either the old or the new checkpoint, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save({"version": CHECKPOINT_VERSION, **state}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            torch.save({"version": CHECKPOINT_VERSION, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # a full disk: OSError from open/fsync, RuntimeError from torch
+        tmp.unlink(missing_ok=True)  # no half-written file stays behind; the previous checkpoint does
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:120]
+        raise UniptError(
+            f"could not write the checkpoint {path} ({reason}); free space there (or set "
+            "train.checkpoint_dir / storage.runs_root to another disk) and train again"
+        ) from exc
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -55,6 +68,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise UniptError(f"{path} is not a unipt training checkpoint (version {CHECKPOINT_VERSION})")
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise UniptError(
+            f"checkpoint {path} lacks {', '.join(missing)}; it is damaged or incomplete: "
+            "train without --resume"
+        )
     return state
 
 

@@ -132,10 +132,16 @@ def fit(
     if resume is not None:
         saved = load_checkpoint(resume)
         _check_same_run(saved["identity"], identity, resume)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # tensors of other shapes or kinds
+            first = " ".join(str(exc).split())[:160]
+            raise UniptError(
+                f"checkpoint {resume} does not fit this run's model ({first}); train without --resume"
+            ) from exc
         history, best_state = saved["history"], saved["best_state"]
         best_score, best_epoch, stopped = saved["best_score"], saved["best_epoch"], saved["stopped"]
         seconds_before = saved["train_seconds"]

@@ -177,9 +177,20 @@ def load_hf_config(spec: BackboneLoadSpec) -> Any:
     quiet_transformers()
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(
-        hf_source(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
-    )
+    try:
+        return AutoConfig.from_pretrained(
+            hf_source(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except ValueError as exc:
+        if spec.trust_remote_code or "trust_remote_code" not in str(exc):
+            raise
+        # transformers refuses (trust_remote_code=False is passed explicitly, so it never prompts):
+        # say it in one line, naming the only switch that runs such code.
+        raise UniptError(
+            f"backbone {spec.name_or_path} ships its own Python code (its config.json has an auto_map) and "
+            "unipt runs none unless asked; set backbone.trust_remote_code: true in your config (or pass "
+            "--trust-remote-code to predict/evaluate), only for a source you trust"
+        ) from exc
 
 
 def load_hf_model(spec: BackboneLoadSpec, source: str) -> Any:
