@@ -2,7 +2,8 @@
 
 On ``--limit`` snippets of the default experiment (configs/rt_minilm.yaml):
 
-- extraction wall time against the backbone's pure forward pass, fp32 and ``extract.autocast: bfloat16``;
+- extraction wall time against the backbone's pure forward pass, fp32 and ``extract.autocast: bfloat16``
+  (``float16`` on cards that only emulate bf16);
 - loader samples/s against what UniPT's GPU training step consumes, and the fraction of the step time
   spent waiting for data when training from the loader (the GPU must not wait);
 - seconds per epoch training from the cache against UniPT online (backbone in memory), peak GPU memory
@@ -33,7 +34,21 @@ from benchmarks.common import machine, print_table  # noqa: E402
 from benchmarks.loader_throughput import Stepper, loader_for, measure  # noqa: E402
 from pipeline import experiment  # noqa: E402
 from pipeline.config import ExperimentConfig, load_config  # noqa: E402
+from pipeline.cuda_support import fast_half  # noqa: E402
 from train.loader import CacheBatches  # noqa: E402
+
+
+class LiveRows(list):
+    """The table's rows, each printed as it is measured: a check stopped by its time limit keeps them."""
+
+    def append(self, row: tuple[str, str, str]) -> None:
+        print("row: " + " | ".join(row), flush=True)
+        super().append(row)
+
+    def __iadd__(self, rows: Any) -> LiveRows:
+        for row in rows:
+            self.append(row)
+        return self
 
 
 def waiting_fraction(stepper: Stepper, loader: CacheBatches, epoch: int = 0) -> tuple[float, float]:
@@ -117,13 +132,14 @@ def main() -> int:
     print(
         f"gpu check: {machine()['cuda'] or 'no GPU'}, {args.limit} snippets, {args.epochs} epochs", flush=True
     )
-    rows: list[tuple[str, str, str]] = []
+    rows = LiveRows()
 
     # CPU parts, everywhere: the cache (the extraction of the default dtype), the loader against a step.
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     try:
         walls = {}
-        for autocast in ("none", "bfloat16") if gpu else ("none",):
+        # bf16 where the card has bf16 tensor cores; fp16 where bf16 would only be emulated (a T4).
+        for autocast in ("none", fast_half(0)) if gpu else ("none",):
             run = load_config(args.config, [*base, f"extract.autocast={autocast}"])
             prep = experiment.prepare(run)
             result = experiment.extract(prep, progress=False)

@@ -582,6 +582,7 @@ def _extract(
 
         totals = {"tokens": 0, "bytes": 0, "raw_bytes": 0, "forward_s": 0.0, "write_s": 0.0, "truncated": 0}
         totals["no_content"] = []  # example positions whose text is only special/unknown tokens
+        devices: set[str] = set()  # where the shards' forward passes ran, as each shard reports it
         resumed_examples = sum(s.num_examples for s in shards if s.shard_id in finished)
         bar = tqdm(
             total=examples.num_rows,
@@ -605,6 +606,7 @@ def _extract(
         def done(stats: dict[str, Any]) -> None:
             for name in totals:
                 totals[name] += stats[name]
+            devices.add(stats["device"])
             bar.update(stats["examples"])
             bar.set_postfix(
                 tokens=totals["tokens"], stored=f"{totals['bytes'] / 2**20:.0f}MiB", refresh=False
@@ -626,6 +628,10 @@ def _extract(
                 "their node was lost while they loaded the backbone) or the others finished first"
             )
         totals["shards_requeued"] = pool.requeued
+        totals["devices"] = sorted(devices)
+        if devices:
+            autocast = request.load_spec.autocast
+            say(f"extraction ran on {', '.join(sorted(devices))} (extract.autocast: {autocast})")
         if totals["truncated"]:
             _warn_truncated(int(totals["truncated"]), inputs, request.backbone.max_length)
         if totals["no_content"]:
@@ -642,6 +648,10 @@ def _extract(
                     "shards": len(shards),
                     "forward_s": round(totals["forward_s"], 3),
                     "write_s": round(totals["write_s"], 3),
+                    # Where and in what precision the rows were computed: a CPU run cannot pass for a GPU one.
+                    "devices": totals["devices"],
+                    "autocast": request.load_spec.autocast,
+                    "compute_dtype": "float16" if layout.dtype == "float16" else "float32",
                 }
             },
         )

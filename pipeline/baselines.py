@@ -25,6 +25,7 @@ The baselines hold a backbone and a trainer at once, so they sit beside the reci
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from pipeline.datasets import backbone_inputs
 from pipeline.errors import UniptError
 from pipeline.resources import peak_cuda_mib, peak_rss_mib
 from pipeline.tasks import get_task
+from train.fit import amp_dtype, precision
 from train.loader import (
     BUDGETED_PREFETCH_BLOCKS,
     Batch,
@@ -217,9 +219,14 @@ class OnlineData:
         return OnlineBatches(self, split, config, seed, shuffle, inputs)
 
     @torch.no_grad()
-    def hidden_states(self, features: dict[str, Tensor], mask: Tensor) -> list[Tensor]:
-        """The frozen backbone's requested hidden states, zero on padding (as a cache batch has them)."""
-        out = self.backbone.model(**features, output_hidden_states=True, return_dict=True)
+    def hidden_states(
+        self, features: dict[str, Tensor], mask: Tensor, amp: torch.dtype | None = None
+    ) -> list[Tensor]:
+        """The frozen backbone's requested hidden states, zero on padding (as a cache batch has them),
+        computed under ``amp``: the autocast dtype training runs in. Set here, because the loop draws
+        training batches outside its autocast and validation batches inside it."""
+        with precision(self.device, amp):
+            out = self.backbone.model(**features, output_hidden_states=True, return_dict=True)
         keep = mask[..., None].to(torch.float32)
         return [out.hidden_states[layer].to(torch.float32) * keep for layer in self.layers]
 
@@ -335,7 +342,8 @@ def fit_online(
     # Seeded after the backbone is loaded, so the model starts exactly as a cache run's does.
     torch.manual_seed(seed)
     if method == "unipt-online":
-        inputs, config = data.hidden_states, train_config
+        amp = amp_dtype(train_config.amp, data.device)
+        inputs, config = functools.partial(data.hidden_states, amp=amp), train_config
     else:
         lr = finetune_lr if finetune_lr is not None else train_config.lr / 10
         inputs, config = data.token_inputs, train_config.model_copy(update={"lr": lr})

@@ -395,6 +395,7 @@ def _train_on(
             "torch_threads": torch.get_num_threads(),
             "device": str(device),
             "device_reason": reason,  # e.g. "cpu (no GPU visible)": a silent CPU fallback shows
+            "amp": result.amp,  # the autocast dtype train.amp resolved to on this device
         },
         model_state=(
             {name: value.detach().cpu() for name, value in result.model.state_dict().items()}

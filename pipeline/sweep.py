@@ -8,7 +8,7 @@ The trials are a grid (a list of :class:`Trial`, each a full config) and, option
 (:class:`Search`: ``uniform``/``loguniform``/``randint``/``choice`` distributions drawn ``samples``
 times per grid point, at random or by Optuna's TPE). Each trial is a Tune trial asking for its share of
 the cluster: ``cpus // parallel`` CPUs and, when the cluster has GPUs, a GPU fraction (``gpus_per_trial``,
-by default ``gpus / parallel``), so trials on a GPU machine really train on the GPU. Each epoch's
+by default ``1 / ceil(parallel / gpus)``), so trials on a GPU machine really train on the GPU. Each epoch's
 validation score is reported to Tune through the fit loop's epoch hook, which lets ASHA stop bad trials
 early (``early_stop="asha"``). A failed trial is recorded as failed and the others go on; an interrupted
 sweep continues with :func:`resume_sweep`: the trials the registry holds as runs are kept and not run
@@ -34,6 +34,7 @@ from typing import Any, Literal
 from pipeline import experiment
 from pipeline.cache_open import open_cache
 from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.cuda_support import no_cuda_cause
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
 from pipeline.log import say
@@ -142,10 +143,15 @@ def _run_trial(space: dict[str, Any], context: _Context) -> None:
     torch.set_num_threads(context.threads)
     trial = context.trials[space["trial"]]
     sampled = {k: v for k, v in space.items() if k != "trial"}
-    prep = dataclasses.replace(context.prep, config=trial_config(trial, sampled))
+    resources = {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
+    config = trial_config(trial, sampled)
+    if not resources.get("GPU"):
+        # Ray no longer hides the GPUs from a trial that asked for none: "CPU" trials would all land on
+        # cuda:0, beside the trials that hold its shares.
+        config = config.model_copy(update={"train": config.train.model_copy(update={"device": "cpu"})})
+    prep = dataclasses.replace(context.prep, config=config)
     headline = f"val_{prep.task.headline}"
     epochs = prep.config.train.epochs
-    resources = {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
 
     def report(epoch: int, record: dict[str, Any]) -> None:
         # The last epoch is reported after the run is recorded: a scheduler stopping the trial then
@@ -159,7 +165,7 @@ def _run_trial(space: dict[str, Any], context: _Context) -> None:
     if resources.get("GPU") and trained.runtime.get("device") == "cpu":
         # Ray set a GPU aside for this trial but torch cannot see one: say so in the record.
         trained.runtime["device_reason"] = (
-            f"cpu (no GPU visible: Ray gave this trial {resources['GPU']:g} GPU, torch sees no CUDA device)"
+            f"cpu (no GPU visible: Ray gave this trial {resources['GPU']:g} GPU, but {no_cuda_cause()})"
         )
     timings = experiment.Timings(
         round(context.extract_s, 3),
@@ -395,21 +401,40 @@ def _kept(registered: list[RunEntry], trials: list[Trial]) -> list[TrialResult]:
     ]
 
 
+RAY_RESOURCE_STEP = 1e-4  # Ray's resolution for fractional resources
+TRIALS_PER_GPU = 2  # the default parallelism on a GPU machine, per GPU: overlaps one trial's data wait
+
+
+def gpu_share(parallel: int, gpus: float) -> float:
+    """Each trial's GPU share when ``parallel`` trials split ``gpus``: ``1 / ceil(parallel / gpus)``,
+    floored to Ray's resolution (a rounded-up share would fit one trial fewer on a GPU: 1/6 -> 0.1667
+    fits 5) and at most one GPU (a trial uses one; a share of 2 would hold a GPU it never touches)."""
+    if gpus <= 0:
+        return 0.0
+    per_gpu = math.ceil(parallel / gpus)
+    return min(1.0, math.floor(round(1 / per_gpu / RAY_RESOURCE_STEP, 6)) * RAY_RESOURCE_STEP)
+
+
+def default_parallel(cpus: int, gpus: float) -> int:
+    """Trials at a time when ``--parallel`` is not given: a small multiple of the GPUs on a GPU cluster
+    (one per CPU would put 16 processes on one GPU), else one per CPU."""
+    return max(1, int(TRIALS_PER_GPU * gpus)) if gpus > 0 else cpus
+
+
 def _trial_resources(parallel: int | None, gpus_per_trial: float | None, total: int) -> tuple[dict, int]:
     """Each trial's request ({"cpu", "gpu"}) and how many run at once.
 
-    An even split of the cluster: ``cpus // parallel`` CPUs and, when it has GPUs, ``gpus / parallel`` of
-    a GPU (Ray hides GPUs from a trial that asks for none, which would then train on the CPU).
+    An even split of the cluster: ``cpus // parallel`` CPUs and, when it has GPUs, :func:`gpu_share`
+    of a GPU. A trial with no GPU share trains on the CPU (see :func:`_run_trial`).
     """
     import ray
 
     cluster = ray.cluster_resources()
     cpus, gpus = max(1, int(cluster.get("CPU", 1))), float(cluster.get("GPU", 0))
-    parallel = min(parallel or cpus, total)
+    parallel = min(parallel or default_parallel(cpus, gpus), total)
     share = max(1, cpus // parallel)
     if gpus_per_trial is None:
-        gpu = round(gpus / parallel, 4) if gpus else 0.0
-        gpu = float(int(gpu)) if gpu >= 1 else gpu  # whole GPUs when there are enough
+        gpu = gpu_share(parallel, gpus)
     else:
         gpu = float(gpus_per_trial)
         if gpu > gpus:

@@ -9,19 +9,19 @@ import torch
 
 from pipeline.cli import main
 from pipeline.registry import Registry
-from train.fit import device_reason, pick_device
+from train.fit import amp_dtype, amp_name, device_reason, pick_device
 
 
 def test_the_reason_names_the_setting_or_the_missing_gpu():
     assert device_reason("cpu", torch.device("cpu")) == "cpu (train.device: cpu)"
     if not torch.cuda.is_available():
-        assert device_reason("auto", pick_device("auto")) == "cpu (no GPU visible)"
+        assert device_reason("auto", pick_device("auto")).startswith("cpu (no GPU visible: ")
 
 
 def test_run_record_registry_and_summary_say_which_device_trained(tiny_config, tmp_path, capsys, ray_session):
     assert main(["run", str(tiny_config), "--set", "train.epochs=1", "--no-progress"]) == 0
     out, err = capsys.readouterr()
-    want = "cpu (no GPU visible)" if not torch.cuda.is_available() else "cuda ("
+    want = "cpu (no GPU visible: " if not torch.cuda.is_available() else "cuda ("
     assert f"training on {want}" in err
     (summary,) = [line for line in out.splitlines() if " | extract " in line]
     assert f"/epoch) on {want}" in summary
@@ -31,3 +31,6 @@ def test_run_record_registry_and_summary_say_which_device_trained(tiny_config, t
     assert record["runtime"]["device_reason"].startswith(want) and entry.runtime["device_reason"].startswith(
         want
     )
+    # The precision train.amp (auto) resolved to on this device: full precision on the CPU.
+    assert record["runtime"]["amp"] == amp_name(amp_dtype("auto", pick_device("auto")))
+    assert torch.cuda.is_available() or record["runtime"]["amp"] == "off"

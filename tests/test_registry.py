@@ -9,6 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.cache import CacheRoot
 from pipeline.cli import main
@@ -121,7 +122,9 @@ def test_runs_ls_show_diff_after_real_runs(tiny_config, tmp_path, capsys, ray_se
     assert shown["versions"]["torch"] == record["versions"]["torch"]
     assert shown["project_commit"] == record["project_commit"]
     assert Path(shown["artifacts"]["record"]).is_file() and Path(shown["artifacts"]["config"]).is_file()
-    assert shown["runtime"]["device"] == "cpu" and shown["runtime"]["torch_threads"] >= 1
+    # The device the run actually had (pipeline.experiment records str(pick_device("auto"))).
+    assert shown["runtime"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert shown["runtime"]["torch_threads"] >= 1
     assert shown["created_at"] and shown["registered_at"]
 
     code, out, _ = _cli(capsys, "runs", "diff", first, second, "--registry", registry)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.cli import main
 from pipeline.registry import Registry
@@ -33,6 +34,29 @@ def one_gpu_ray():
     ray.shutdown()
     if was_running:  # hand the session-wide local Ray back as the other tests expect it
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+
+
+def _extracted_without_gpus(config: Path) -> None:
+    """The trials' cache, extracted by a Ray without GPUs: with this CPU torch, an extraction actor that
+    Ray gives a (logical) GPU refuses to run (see the test below), so the sweep must find its cache."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        assert main(["extract", str(config), "--no-progress"]) == 0
+    finally:
+        ray.shutdown()
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use the GPU Ray gives")
+def test_an_extraction_actor_given_a_gpu_torch_cannot_use_fails_in_one_line(tiny_config, capsys, one_gpu_ray):
+    assert main(["extract", str(tiny_config), "--no-progress"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unipt: error:")]
+    assert len(lines) == 1
+    assert "Ray gave this extraction worker GPU 0 but torch cannot use it: torch " in lines[0]
+    assert "is a CPU-only build (torch.version.cuda is None)" in lines[0]
 
 
 def _sweep(capsys, *args: str) -> tuple[int, list[list[str]], str, str]:
@@ -55,6 +79,7 @@ def _trials(tmp_path: Path, sweep_id: str) -> list:
 def test_each_trial_asks_for_an_even_gpu_share_and_a_failed_trial_does_not_stop_the_others(
     tiny_config, tmp_path, capsys, one_gpu_ray
 ):
+    _extracted_without_gpus(tiny_config)
     code, table, out, err = _sweep(
         capsys, str(tiny_config), *FAST, "--grid", "train.lr=1e-2,3e-3",
         "--grid", "train.variant=transformer,cnn", "--parallel", "2",
@@ -76,13 +101,19 @@ def test_each_trial_asks_for_an_even_gpu_share_and_a_failed_trial_does_not_stop_
     runs = _trials(tmp_path, sweep_id)
     assert {r.run_id for r in runs} == {row[1] for row in body[:2]}  # every finished trial is a run
     for run in runs:
-        # What the trial asked Ray for, and that it trained on the CPU although Ray gave it a GPU share.
+        # What the trial asked Ray for, and the device it actually trained on.
         assert run.runtime["ray_resources"] == {"CPU": 1.0, "GPU": 0.5}
-        assert run.runtime["device_reason"].startswith("cpu (no GPU visible: Ray gave this trial 0.5 GPU")
+        if torch.cuda.is_available():
+            assert run.runtime["device"] == "cuda" and run.runtime["device_reason"].startswith("cuda (")
+        else:  # Ray gave it a GPU share this CPU torch cannot use: the record says so, and why
+            assert run.runtime["device"] == "cpu"
+            assert run.runtime["device_reason"].startswith("cpu (no GPU visible: Ray gave this trial 0.5 GPU")
+            assert "CPU-only build" in run.runtime["device_reason"]
         assert run.runtime["torch_threads"] == 1
 
 
 def test_asha_stops_a_trailing_trial_from_its_epoch_scores(tiny_config, tmp_path, capsys, one_gpu_ray):
+    _extracted_without_gpus(tiny_config)
     code, table, out, err = _sweep(
         capsys, str(tiny_config), *FAST, "--grid", "train.lr=3e-2,1e-7", "--parallel", "1",
         "--gpus-per-trial", "0.25", "--early-stop", "asha",
@@ -101,7 +132,23 @@ def test_asha_stops_a_trailing_trial_from_its_epoch_scores(tiny_config, tmp_path
     assert "--gpus-per-trial 2 but the Ray cluster has 1 GPU(s)" in capsys.readouterr().err
 
 
+def test_a_trial_with_no_gpu_share_trains_on_the_cpu(tiny_config, tmp_path, capsys, one_gpu_ray):
+    # Ray no longer hides the GPUs from a trial asking for none: without train.device=cpu it would
+    # land on cuda:0 (where there is one) beside the trials holding its shares.
+    _extracted_without_gpus(tiny_config)
+    code, table, out, err = _sweep(
+        capsys, str(tiny_config), "--set", "train.epochs=1", "--no-progress", "--grid", "train.lr=1e-2",
+        "--gpus-per-trial", "0",
+    )  # fmt: skip
+    assert code == 0, err
+    sweep_id = out.strip().splitlines()[-1].split(":")[0]
+    (run,) = _trials(tmp_path, sweep_id)
+    assert run.runtime["device"] == "cpu" and run.runtime["device_reason"] == "cpu (train.device: cpu)"
+    assert run.runtime["ray_resources"].get("GPU", 0) == 0
+
+
 def test_sampled_settings_with_optuna(tiny_config, tmp_path, capsys, one_gpu_ray):
+    _extracted_without_gpus(tiny_config)
     code, table, out, err = _sweep(
         capsys, str(tiny_config), *FAST, "--sample", "train.lr=loguniform:1e-3:1e-1",
         "--sample", "train.dropout=choice:0.0:0.3", "--samples", "2", "--search", "optuna", "--parallel", "2",
@@ -123,6 +170,7 @@ def _registered(registry: Path) -> int:
 
 
 def test_an_interrupted_sweep_continues_with_resume(tiny_config, tmp_path, capsys, one_gpu_ray):
+    _extracted_without_gpus(tiny_config)
     registry = tmp_path / "registry.sqlite"
     sweep = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "sweep", str(tiny_config), *FAST, "--parallel", "1",

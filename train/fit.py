@@ -6,6 +6,7 @@ a validation function; :func:`fit` does the rest and leaves the model holding it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -19,7 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import TrainConfig
+from pipeline.cuda_support import native_bf16, no_cuda_cause, warn_if_emulated_bf16
 from pipeline.errors import UniptError
+from pipeline.log import say
 from train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 
 # Settings that do not change what is computed: a run may resume with different values for them.
@@ -55,7 +58,7 @@ class FitResult:
     best_epoch: int
     train_seconds: float
     stopped_early: bool
-    amp: str
+    amp: str  # the autocast dtype training ran in ("off", "float16", "bfloat16"): what the record says
 
 
 def pick_device(setting: str) -> torch.device:
@@ -72,16 +75,30 @@ def device_reason(setting: str, device: torch.device) -> str:
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if setting == "cpu":
         return "cpu (train.device: cpu)"
-    return "cpu (no GPU visible)"
+    return f"cpu (no GPU visible: {no_cuda_cause()})"
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full precision. Only CUDA gets AMP: on CPU it is slower."""
+    """The autocast dtype, or None for full precision. Only CUDA gets AMP: on CPU it is slower.
+
+    ``auto`` is bf16 only where the card has bf16 tensor cores (:mod:`pipeline.cuda_support`), else fp16
+    (with a GradScaler, see :func:`fit`)."""
     if device.type != "cuda" or setting == "off":
         return None
     if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.bfloat16 if setting == "bfloat16" else torch.float16
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """How the record and the checkpoint name an autocast dtype: ``off``, ``float16`` or ``bfloat16``."""
+    return "off" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The autocast training runs under; evaluation uses the same, so the best epoch (picked on val) and
+    the reported val and test metrics are computed alike."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -114,14 +131,40 @@ def fit(
     run id). ``on_epoch_end(epoch, record)`` runs after an epoch's checkpoint is written, with that epoch's
     history record (train loss, ``val_*`` metrics): e.g. a sweep reports it to its scheduler.
     """
+    try:
+        return _fit(task, config, seed, device, progress, checkpoint, resume, meta, on_epoch_end)
+    except torch.OutOfMemoryError as exc:
+        raise UniptError(
+            f"out of GPU memory while training with train.batch_size={config.batch_size}; lower "
+            f"train.batch_size (e.g. {max(1, config.batch_size // 2)}) and run again"
+        ) from exc
+
+
+def _fit(
+    task: Task,
+    config: TrainConfig,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+    checkpoint: Path | None,
+    resume: Path | None,
+    meta: dict[str, Any] | None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None,
+) -> FitResult:
     model = task.model.to(device)
     if len(task.train_data) == 0:
         raise UniptError("the cache has no training examples; check the dataset's split settings")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # The fused CUDA kernel: one launch per step instead of one per parameter tensor.
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
+    )
     total_steps = config.epochs * len(task.train_data)
     warmup = max(1, int(config.warmup_ratio * total_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
     autocast_dtype = amp_dtype(config.amp, device)
+    if autocast_dtype == torch.bfloat16 and config.amp == "bfloat16":
+        warn_if_emulated_bf16("train.amp", device)
+    amp = amp_name(autocast_dtype)
     # Loss scaling is only needed for fp16: bf16 has float32's exponent range.
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     identity = fit_identity(config, seed, task)
@@ -136,7 +179,7 @@ def fit(
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             schedule.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
+            _resume_scaler(scaler, saved, amp, resume)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # tensors of other shapes or kinds
             first = " ".join(str(exc).split())[:160]
             raise UniptError(
@@ -148,7 +191,7 @@ def fit(
         restore_rng_states(saved["rng"])
 
     def autocast() -> Any:
-        return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        return precision(device, autocast_dtype)
 
     t0 = time.perf_counter()
     start = len(history)
@@ -165,7 +208,8 @@ def fit(
         if stopped:
             break
         model.train()
-        epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
+        # Summed on the device and read once an epoch: a .item() per step would wait for the GPU each step.
+        epoch_start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
         for batch in _steps(task.train_data.epoch(epoch), len(task.train_data), epoch, progress):
             with autocast():
                 loss, n = task.loss(batch, device)
@@ -174,13 +218,13 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
-            loss_sum += loss.item() * n
+            loss_sum += loss.detach().float() * n
             seen += n
         with autocast():
             val = task.validate()
         record = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
+            "train_loss": loss_sum.item() / seen,
             "lr": schedule.get_last_lr()[0],
             "seconds": time.perf_counter() - epoch_start,
             **{f"val_{k}": v for k, v in val.items()},
@@ -207,6 +251,7 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": schedule.state_dict(),
                     "scaler": scaler.state_dict(),
+                    "amp": amp,
                     "rng": rng_states(),
                     "history": history,
                     "best_state": best_state,
@@ -222,8 +267,20 @@ def fit(
     if best_state is None:
         raise UniptError(f"checkpoint {resume} holds no finished epoch; start the run again without --resume")
     model.load_state_dict(best_state)
-    amp = "off" if autocast_dtype is None else str(autocast_dtype).removeprefix("torch.")
     return FitResult(history, best_epoch, train_seconds, stopped, amp)
+
+
+def _resume_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], amp: str, path: Path) -> None:
+    """Load the checkpoint's GradScaler state when both sides scale (fp16); say when the precision changed.
+
+    A run resumed on another card (or CPU) may resolve ``train.amp: auto`` differently: a disabled
+    scaler's state is empty and cannot be loaded into an enabled one, and the reverse has nothing to load.
+    """
+    was = saved.get("amp")  # checkpoints from before it was recorded do not say
+    if was is not None and was != amp:
+        say(f"checkpoint {path} was trained with amp {was}; resuming with amp {amp} (this card's precision)")
+    if scaler.is_enabled() and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
 
 
 def _steps(batches: Iterable[Any], total: int, epoch: int, progress: bool) -> Iterable[Any]:

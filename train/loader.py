@@ -73,10 +73,14 @@ class Batch:
 
 
 def to_device(
-    batch: Batch, device: torch.device, model: torch.nn.Module | None = None
+    batch: Batch,
+    device: torch.device,
+    model: torch.nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """A batch's hidden states and mask on ``device``, the hidden states float32 unless ``model`` takes
-    them in the cache's 16-bit dtype (``takes_stored_dtype``, see :mod:`train.stored_inputs`).
+    """A batch's hidden states and mask on ``device``, the hidden states in ``dtype`` (float32, or the
+    autocast dtype training runs in) unless ``model`` takes them in the cache's 16-bit dtype
+    (``takes_stored_dtype``, see :mod:`train.stored_inputs`).
 
     Copies are ``non_blocking`` (they overlap compute when the batch sits in pinned memory), and a
     16-bit batch is upcast after the copy, on the device: half the bytes cross the bus. On the CPU the
@@ -85,7 +89,7 @@ def to_device(
     hidden = [h.to(device, non_blocking=True) for h in batch.hidden]
     if not getattr(model, "takes_stored_dtype", False):
         # Only activations are upcast: the online baselines' batches carry token ids, which stay integers.
-        hidden = [h.float() if h.is_floating_point() else h for h in hidden]
+        hidden = [h.to(dtype) if h.is_floating_point() else h for h in hidden]
     return hidden, batch.mask.to(device, non_blocking=True)
 
 

@@ -23,7 +23,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from pipeline.log import say
 from pipeline.tasks import get_task, select_metric
-from train.fit import FitResult, Task, fit, pick_device
+from train.fit import FitResult, Task, amp_dtype, fit, pick_device, precision
 from train.loader import Batch, CacheBatches, to_device
 from train.models import build_model
 
@@ -46,6 +46,7 @@ class TrainResult:
     select_metric: str | None = None  # the validation metric that picked the best epoch
     # Per-split details a task reports beyond its metrics (classification: per-class scores, confusion).
     report: dict[str, Any] | None = None
+    amp: str = "off"  # the autocast dtype training and evaluation ran in (FitResult.amp)
 
 
 @dataclass
@@ -137,25 +138,29 @@ def fit_head(
     score, why = select or select_metric(info, config.select_metric, None)
     say(f"best epoch chosen by val_{score} ({why})")
 
-    def loss(batch: Batch, device: torch.device) -> tuple[Tensor, int]:
-        outputs, _ = model(*to_device(batch, device, model))
-        return head.loss(outputs.float(), batch.labels.to(device)), len(batch.labels)
+    amp = amp_dtype(config.amp, device)  # what fit() trains in; every evaluation runs in it too
+
+    def loss(moved: OnDevice.Moved, device: torch.device) -> tuple[Tensor, int]:
+        hidden, mask, labels = moved
+        outputs, _ = model(hidden, mask)
+        return head.loss(outputs.float(), labels), len(labels)
 
     def validate() -> dict[str, float]:
         if not len(val_data):
             return {}
-        scores = evaluate(model, val_data, device, head, info.metrics)
+        scores = evaluate(model, val_data, device, head, info.metrics, amp)
         return {k: v for k, v in scores.items() if k != "layer_weights"}
 
-    task = Task(model, train_data, loss, validate, score, identity or {"task": config.task})
+    on_device = OnDevice(train_data, lambda batch: batch_to_device(batch, device, model, amp), device)
+    task = Task(model, on_device, loss, validate, score, identity or {"task": config.task})
     fitted = fit(
         task, config, seed, device, options.progress, options.checkpoint, options.resume, options.meta,
         options.on_epoch_end,
     )  # fmt: skip
-    test = evaluate(model, test_data, device, head, info.metrics)
+    test = evaluate(model, test_data, device, head, info.metrics, amp)
     report = None
     if head.report is not None:
-        val = evaluate(model, val_data, device, head, info.metrics) if len(val_data) else {}
+        val = evaluate(model, val_data, device, head, info.metrics, amp) if len(val_data) else {}
         report = {
             split: scores["report"] for split, scores in (("val", val), ("test", test)) if "report" in scores
         }
@@ -166,6 +171,7 @@ def fit_head(
         model=model,
         select_metric=score,
         report=report,
+        amp=fitted.amp,
     )
 
 
@@ -188,17 +194,77 @@ def final_metrics(
     }
 
 
+def batch_to_device(
+    batch: Batch, device: torch.device, model: nn.Module, amp: torch.dtype | None
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """(hidden states, mask, labels) on ``device``: rows cast straight to the autocast dtype (autocast
+    would cast fp32 rows back down), labels pinned and copied without blocking the host."""
+    hidden, mask = to_device(batch, device, model, dtype=amp or torch.float32)
+    labels = batch.labels
+    if device.type == "cuda":
+        return hidden, mask, labels.pin_memory().to(device, non_blocking=True)
+    return hidden, mask, labels.to(device)
+
+
+class OnDevice:
+    """A :class:`BatchSource` whose batches arrive on the device, moved by ``move``.
+
+    On CUDA the next batch is copied on a side stream while the current step runs on the default one
+    (each batch is handed over only once its copy is done); elsewhere batches are moved as they come.
+    """
+
+    Moved = tuple[list[Tensor], Tensor, Tensor]
+
+    def __init__(self, source: BatchSource, move: Callable[[Batch], Moved], device: torch.device) -> None:
+        self.source, self.move, self.device = source, move, device
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def epoch(self, epoch: int = 0) -> Iterator[Moved]:
+        if self.device.type != "cuda":
+            yield from map(self.move, self.source.epoch(epoch))
+            return
+        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        ahead: tuple[OnDevice.Moved, torch.cuda.Event] | None = None
+        for batch in self.source.epoch(epoch):
+            with torch.cuda.stream(side):
+                moved = self.move(batch)
+                copied = torch.cuda.Event()
+                copied.record(side)
+            if ahead is not None:  # the next copy is queued first, so it runs beside this step
+                yield self._handed_over(*ahead, main)
+            ahead = moved, copied
+        if ahead is not None:
+            yield self._handed_over(*ahead, main)
+
+    @staticmethod
+    def _handed_over(moved: Moved, copied: torch.cuda.Event, main: torch.cuda.Stream) -> Moved:
+        main.wait_event(copied)
+        hidden, mask, labels = moved
+        for tensor in (*hidden, mask, labels):
+            tensor.record_stream(main)  # the allocator must not reuse it before the step is done with it
+        return moved
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: BatchSource, device: torch.device, head: Head, names: tuple[str, ...]
+    model: nn.Module,
+    data: BatchSource,
+    device: torch.device,
+    head: Head,
+    names: tuple[str, ...],
+    amp: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """The head's metrics (``names``) over a whole split, and the model's mean per-layer weights on it."""
+    """The head's metrics (``names``) over a whole split, and the model's mean per-layer weights on it,
+    computed under ``amp`` (the autocast dtype training used, or None for full precision)."""
     model.eval()
     if len(data) == 0:
         return {**dict.fromkeys(names, math.nan), "layer_weights": []}
     collected, labels, weights = [], [], []
     for batch in data.epoch(0):
-        outputs, layer_weights = model(*to_device(batch, device, model))
+        with precision(device, amp):
+            outputs, layer_weights = model(*to_device(batch, device, model, dtype=amp or torch.float32))
         collected.append(head.collect(outputs))
         labels.append(batch.labels)
         weights.append(layer_weights.float().cpu())

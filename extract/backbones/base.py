@@ -19,6 +19,7 @@ import torch
 
 from extract.spec import BackboneLoadSpec
 from pipeline.bundled import bundled_model_path, is_bundled
+from pipeline.cuda_support import warn_if_emulated_bf16
 from pipeline.errors import UniptError
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -84,6 +85,8 @@ def autocast(device: torch.device, setting: str) -> contextlib.AbstractContextMa
         raise UniptError(f"extract.autocast must be none, bfloat16 or float16, not {setting!r}")
     if device.type == "cpu" and setting == "float16":
         raise UniptError("extract.autocast float16 needs a CUDA device; use bfloat16 (or none) on CPU")
+    if device.type == "cuda" and setting == "bfloat16":
+        warn_if_emulated_bf16("extract.autocast", device)
     return torch.autocast(device.type, dtype=_AUTOCAST[setting])
 
 
@@ -193,11 +196,22 @@ def load_hf_config(spec: BackboneLoadSpec) -> Any:
         ) from exc
 
 
+def load_dtype(spec: BackboneLoadSpec) -> torch.dtype | str:
+    """The dtype a backbone's weights load in: float32 unless the config asks for autocast.
+
+    transformers' default ("auto") keeps the checkpoint's dtype, so a model saved in fp16 would run fp16
+    LayerNorm and softmax under ``extract.autocast: none``, which promises fp32. With autocast on, the
+    checkpoint's dtype stays (autocast runs the precision-sensitive ops in fp32 either way).
+    """
+    return torch.float32 if spec.autocast == "none" else "auto"
+
+
 def load_hf_model(spec: BackboneLoadSpec, source: str) -> Any:
     from transformers import AutoModel
 
     return AutoModel.from_pretrained(
         source,
+        dtype=load_dtype(spec),
         revision=spec.revision,
         trust_remote_code=spec.trust_remote_code,
         # Safetensors only, unless the config opts in to pickles (then safetensors still win if present).

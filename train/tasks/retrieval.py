@@ -12,7 +12,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from pipeline.log import say
 from pipeline.tasks import get_task, select_metric
-from train.fit import Task, fit, pick_device
+from train.fit import Task, amp_dtype, fit, pick_device, precision
 from train.loader import Batch
 from train.loop import TrainOptions, TrainResult, final_metrics
 from train.retrieval import (
@@ -71,7 +71,8 @@ def train(
         task, config, seed, device, options.progress, options.checkpoint, options.resume, options.meta,
         options.on_epoch_end,
     )  # fmt: skip
-    test = evaluate_retrieval(model, test_data, device)
+    with precision(device, amp_dtype(config.amp, device)):  # as training and validation ran
+        test = evaluate_retrieval(model, test_data, device)
     metrics = final_metrics(fitted, test, info.metrics, config, model)
     metrics["temperature"] = float(1.0 / model.scale().detach())
     return TrainResult(
@@ -81,4 +82,5 @@ def train(
         gallery_layer_weights=test["gallery_layer_weights"],
         model=model,
         select_metric=score,
+        amp=fitted.amp,
     )

@@ -1,0 +1,354 @@
+"""The CUDA paths, on a machine without a GPU (issue 29): device capabilities are faked with monkeypatch
+where torch must believe in a card, and an out-of-memory is injected where a real one cannot happen.
+What needs a real GPU (the side-stream copy overlapping a step, fused AdamW, a real OOM) is not run here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from extract.backbones import HFTextBackbone
+from extract.backbones.base import autocast as extract_autocast
+from extract.spec import BackboneLoadSpec
+from extract.worker import ExtractionWorker, _check_finite
+from pipeline import cuda_support, experiment
+from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache_layout import ShardSpec
+from pipeline.config import TrainConfig, load_config
+from pipeline.errors import UniptError
+from pipeline.sweep import default_parallel, gpu_share
+from tests.conftest import KEY, build_cache, make_sentiment_rows, save_tiny_bert, write_config, write_csv
+from train import checkpoint as checkpoint_module
+from train.checkpoint import CHECKPOINT_FILE
+from train.fit import Task, _resume_scaler, amp_dtype, device_reason, fit
+from train.loader import Batch
+from train.loop import OnDevice, batch_to_device, evaluate
+from train.tasks import train_task
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def card(monkeypatch):
+    """Fake one CUDA card of the given compute capability (torch's answers only: nothing runs on it)."""
+
+    def fake(major: int, minor: int, name: str = "Fake GPU") -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        cuda_support._warn_emulated_bf16.cache_clear()
+
+    yield fake
+    cuda_support._warn_emulated_bf16.cache_clear()
+
+
+# --- precision per card ----------------------------------------------------------------------------------
+
+
+def test_auto_amp_is_bf16_only_where_the_card_has_bf16_tensor_cores(card, monkeypatch):
+    # What misled the old rule: torch counts emulated bf16 as supported.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    card(7, 5, "Tesla T4")
+    assert amp_dtype("auto", CUDA) == torch.float16
+    card(8, 0, "A100")
+    assert amp_dtype("auto", CUDA) == torch.bfloat16
+    card(9, 0, "H100")
+    assert amp_dtype("auto", CUDA) == torch.bfloat16
+    assert amp_dtype("auto", torch.device("cpu")) is None and amp_dtype("off", CUDA) is None
+
+
+def test_explicit_bf16_on_a_card_that_emulates_it_warns_once(card, caplog):
+    card(7, 5, "Tesla T4")
+    with caplog.at_level(logging.WARNING, logger="unipt"):
+        cuda_support.warn_if_emulated_bf16("train.amp", CUDA)
+        cuda_support.warn_if_emulated_bf16("train.amp", CUDA)
+        with pytest.warns(UserWarning, match="CUDA"):  # torch's own: no CUDA here to autocast on
+            extract_autocast(CUDA, "bfloat16")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "train.amp is bfloat16" in w]) == 1
+    assert any("extract.autocast is bfloat16 but Tesla T4 (compute capability 7.5)" in w for w in warnings)
+    caplog.clear()
+    card(8, 6, "RTX 3090")
+    with caplog.at_level(logging.WARNING, logger="unipt"):
+        cuda_support.warn_if_emulated_bf16("train.amp", CUDA)
+    assert not caplog.records
+    assert cuda_support.fast_half(CUDA) == "bfloat16"
+    card(7, 0, "V100")
+    assert cuda_support.fast_half(CUDA) == "float16"
+
+
+def test_the_cpu_fallback_reason_names_the_cause(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert device_reason("auto", torch.device("cpu")).startswith("cpu (no GPU visible: torch ")
+    assert "is a CPU-only build (torch.version.cuda is None)" in device_reason("auto", torch.device("cpu"))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert "built for CUDA 12.8 but finds no usable device" in device_reason("auto", torch.device("cpu"))
+    assert "driver too old" in device_reason("auto", torch.device("cpu"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert "CUDA_VISIBLE_DEVICES hides every GPU" in device_reason("auto", torch.device("cpu"))
+    assert device_reason("cpu", torch.device("cpu")) == "cpu (train.device: cpu)"
+
+
+def test_resume_loads_the_scaler_only_when_both_sides_scale(caplog):
+    # A checkpoint written on the CPU (or with bf16 / amp off) holds a disabled scaler's empty state;
+    # loading it into an enabled scaler raised "The source state dict is empty".
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    with caplog.at_level(logging.INFO, logger="unipt"):
+        _resume_scaler(scaler, {"scaler": {}, "amp": "off"}, "float16", Path("ck.pt"))
+    assert scaler.get_scale() == 1024.0
+    assert "checkpoint ck.pt was trained with amp off; resuming with amp float16" in caplog.text
+    saved = torch.amp.GradScaler("cpu", init_scale=64.0, enabled=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="unipt"):
+        _resume_scaler(scaler, {"scaler": saved.state_dict(), "amp": "float16"}, "float16", Path("ck.pt"))
+    assert scaler.get_scale() == 64.0 and "resuming with amp" not in caplog.text
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    _resume_scaler(disabled, {"scaler": saved.state_dict(), "amp": "float16"}, "bfloat16", Path("ck.pt"))
+    assert not disabled.is_enabled()
+
+
+def test_the_cuda_rng_is_restored_only_for_the_gpus_that_exist(monkeypatch):
+    states = checkpoint_module.rng_states()
+    states["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # saved on 2
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed with one visible
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    checkpoint_module.restore_rng_states(states)
+    assert [device for device, _ in restored] == [0] and torch.equal(restored[0][1], states["cuda"][0])
+
+
+def test_the_amp_dtype_is_recorded_in_the_checkpoint_and_the_result(tmp_path):
+    build_cache(CacheRoot(tmp_path / "cache"), [4, 5, 3, 6, 2, 5, 4, 3], {0: 8, 1: 8}, shard_size=4)
+    reader = CacheReader(CacheRoot(tmp_path / "cache").location(KEY))
+    config = TrainConfig(epochs=1, batch_size=4, embed_size=8, amp="auto")
+    result = train_task(reader, config, seed=0, progress=False, checkpoint=tmp_path / CHECKPOINT_FILE)
+    assert result.amp == "off"  # auto on the CPU: full precision
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["amp"] == "off"
+
+
+def test_training_out_of_memory_is_one_line_suggesting_a_smaller_batch():
+    class Data:
+        def __len__(self) -> int:
+            return 1
+
+        def epoch(self, epoch: int = 0):
+            yield torch.ones(2, 3)
+
+    def loss(batch, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # injected
+
+    task = Task(nn.Linear(3, 1), Data(), loss, dict, "acc")
+    with pytest.raises(UniptError) as error:
+        fit(task, TrainConfig(epochs=1, batch_size=48), 0, torch.device("cpu"), progress=False)
+    message = str(error.value)
+    assert "out of GPU memory while training with train.batch_size=48" in message
+    assert "lower train.batch_size (e.g. 24)" in message and "\n" not in message
+
+
+class _RecordsPrecision(nn.Module):
+    """Outputs two logits; remembers the dtype its linear layer computed in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, hidden, mask):
+        out = self.linear(hidden[0].float().mean(1))
+        self.seen.append(out.dtype)
+        return out, out.new_zeros(len(out), 1)
+
+
+def _batches(n: int = 3) -> list[Batch]:
+    return [
+        Batch(
+            hidden=[torch.randn(2, 3, 4, dtype=torch.float16), torch.arange(6).reshape(2, 3)],
+            mask=torch.ones(2, 3, dtype=torch.bool),
+            labels=torch.tensor([0, 1]),
+            indices=np.array([2 * i, 2 * i + 1]),
+        )
+        for i in range(n)
+    ]
+
+
+class _Split:
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int = 0):
+        yield from self.batches
+
+
+def test_evaluation_runs_in_the_precision_training_ran_in():
+    from pipeline.tasks import get_task
+    from train.tasks import task_head
+
+    model = _RecordsPrecision()
+    head = task_head(get_task("classification"), ["neg", "pos"], np.array([0, 1]))
+    cpu = torch.device("cpu")
+    evaluate(model, _Split(_batches()), cpu, head, ("acc",), torch.bfloat16)
+    assert set(model.seen) == {torch.bfloat16}
+    model.seen.clear()
+    evaluate(model, _Split(_batches()), cpu, head, ("acc",), None)
+    assert set(model.seen) == {torch.float32}
+
+
+def test_rows_are_cast_straight_to_the_autocast_dtype_and_ids_stay_integers():
+    (batch,) = _batches(1)
+    hidden, mask, labels = batch_to_device(batch, torch.device("cpu"), nn.Identity(), torch.bfloat16)
+    assert hidden[0].dtype == torch.bfloat16 and hidden[1].dtype == torch.int64
+    assert torch.equal(labels, batch.labels) and mask.dtype == torch.bool
+    hidden, _, _ = batch_to_device(batch, torch.device("cpu"), nn.Identity(), None)
+    assert hidden[0].dtype == torch.float32
+
+
+def test_on_device_batches_keep_their_order_and_count_on_the_cpu():
+    batches = _batches(3)
+    moved = list(
+        OnDevice(_Split(batches), lambda b: (b.hidden, b.mask, b.labels), torch.device("cpu")).epoch()
+    )
+    assert len(moved) == 3 and all(m[2] is b.labels for m, b in zip(moved, batches, strict=True))
+
+
+# --- the backbone's precision, non-finite rows, out of memory ---------------------------------------------
+
+
+def test_a_half_precision_checkpoint_loads_and_computes_in_fp32(tmp_path):
+    folder = save_tiny_bert(tmp_path / "bert")
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(folder).half().save_pretrained(folder)  # a model published in fp16
+    backbone = HFTextBackbone(BackboneLoadSpec(str(folder), device="cpu"))
+    assert {p.dtype for p in backbone.model.parameters()} == {torch.float32}
+    bf16 = HFTextBackbone(BackboneLoadSpec(str(folder), device="cpu", autocast="bfloat16"))
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.float16}  # autocast asked: as saved
+
+
+def test_a_non_finite_activation_stops_the_shard_naming_it():
+    shard = ShardSpec(shard_id=3, example_start=40, example_stop=43)
+    rows = np.zeros((9, 4), dtype=np.float32)
+    _check_finite(shard, {0: rows, 2: rows}, [3, 3, 3])  # finite: nothing to say
+    rows = rows.copy()
+    rows[7, 1] = np.nan  # the third example's second token
+    with pytest.raises(UniptError, match=r"shard 3: .*non-finite .* in layer 2 \(example 42\)"):
+        _check_finite(shard, {0: np.zeros((9, 4), np.float32), 2: rows}, [3, 3, 3])
+    with pytest.raises(UniptError, match=r"layer 0 \(row 5\)"):  # feature maps: no lengths
+        _check_finite(shard, {0: np.where(np.arange(9)[:, None] == 5, np.inf, 0.0)}, None)
+
+
+class _NeedsSmallBatches:
+    """A backbone whose forward pass runs out of memory above ``fits`` examples (an injected OOM)."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, fits: int) -> None:
+        self.fits, self.tried = fits, []
+
+    def encode(self, inputs, layers, max_length, batch_size, dtype, **options):
+        self.tried.append(batch_size)
+        if batch_size > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return f"encoded with {batch_size}"
+
+
+def _worker(backbone) -> ExtractionWorker:
+    worker = ExtractionWorker.__new__(ExtractionWorker)  # no backbone load: the fake stands in
+    worker.backbone, worker._batch_limit, worker._largest_fit = backbone, None, 0
+    return worker
+
+
+def test_extraction_halves_its_batch_on_out_of_memory_and_keeps_what_fit():
+    backbone = _NeedsSmallBatches(fits=5)
+    worker = _worker(backbone)
+    assert worker._encode_fitting(0, [], [1], 8, 32, "float32", {}) == ("encoded with 4", 4)
+    assert backbone.tried == [32, 16, 8, 4]
+    backbone.tried.clear()
+    assert worker._encode_fitting(1, [], [1], 8, 32, "float32", {}) == ("encoded with 4", 4)
+    assert backbone.tried == [4]  # the next shard starts at the batch that fit
+    backbone.fits = 0  # now nothing fits (a longer shard)
+    with pytest.raises(UniptError) as error:
+        worker._encode_fitting(2, [], [1], 8, 32, "float32", {})
+    assert str(error.value).startswith("shard 2 ran out of GPU memory (cuda:0) even with a batch of 1")
+    assert "(a batch of 4 fit before)" in str(error.value)
+    with pytest.raises(UniptError, match=r"\(none fit\)"):
+        _worker(_NeedsSmallBatches(fits=0))._encode_fitting(0, [], [1], 8, 2, "float32", {})
+
+
+def test_every_shard_reports_its_device_and_the_cache_records_it(tmp_path, caplog, ray_session):
+    data = write_csv(tmp_path / "data.csv", make_sentiment_rows(40))
+    config = write_config(
+        tmp_path / "c.yaml", str(data), str(save_tiny_bert(tmp_path / "bert")), tmp_path,
+        extract={"shard_size": 16},
+    )  # fmt: skip
+    prep = experiment.prepare(load_config(config))
+    with caplog.at_level(logging.INFO, logger="unipt"):
+        result = experiment.extract(prep, progress=False)
+    result.release()
+    want = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert result.stats["devices"] == [want]
+    assert f"extraction ran on {want} (extract.autocast: none)" in caplog.text
+    # The segment's own attributes (its root zarr.json) keep where and in what precision it was computed.
+    (segment,) = (tmp_path / "cache").glob("spaces/*/segments/*/zarr.json")
+    extraction = json.loads(segment.read_text())["attributes"]["extraction"]
+    assert extraction["devices"] == [want] and extraction["autocast"] == "none"
+    assert extraction["compute_dtype"] == ("float16" if prep.config.extract.dtype == "float16" else "float32")
+
+
+# --- sweeps -----------------------------------------------------------------------------------------------
+
+
+def test_gpu_shares_fit_every_trial_and_never_exceed_one_gpu():
+    assert gpu_share(6, 1) == 0.1666  # 0.1667 (rounded) fits only 5 trials on a GPU
+    assert 6 * gpu_share(6, 1) <= 1.0 and 3 * gpu_share(3, 1) <= 1.0
+    assert gpu_share(2, 1) == 0.5 and gpu_share(4, 2) == 0.5 and gpu_share(3, 2) == 0.5
+    assert gpu_share(1, 4) == 1.0 and gpu_share(2, 8) == 1.0  # never 2 GPUs a trial would not use
+    assert gpu_share(4, 0) == 0.0
+    assert default_parallel(16, 1) == 2 and default_parallel(16, 4) == 8  # not 16 processes on one GPU
+    assert default_parallel(16, 0) == 16
+
+
+# --- the GPU check --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use the GPU")
+def test_gpu_check_fails_when_nvidia_smi_sees_a_gpu_torch_cannot_use(tmp_path):
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: Tesla T4 (UUID: GPU-fake)'\n")  # a driver that sees a card
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "UNIPT_PYTHON": sys.executable}
+    result = subprocess.run(
+        [str(ROOT / "benchmarks" / "gpu_check.sh"), "--limit", "120"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "nvidia-smi sees GPU 0: Tesla T4" in result.stderr
+    assert "is a CPU-only build (torch.version.cuda is None)" in result.stderr
+    assert "gpu check:" not in result.stdout  # stopped before the check itself
+
+
+def test_gpu_check_bounds_setup_and_check_with_one_timeout(tmp_path):
+    slow = tmp_path / "python"
+    slow.write_text("#!/bin/sh\nsleep 30\n")  # an interpreter (or setup) that hangs
+    slow.chmod(0o755)
+    env = {**os.environ, "UNIPT_PYTHON": str(slow), "UNIPT_GPU_CHECK_SECONDS": "2"}
+    env["PATH"] = "/usr/bin:/bin"  # no nvidia-smi
+    result = subprocess.run(
+        [str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 124 and "stopped after 2s (setup and check)" in result.stderr
