@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.cache import LEASES_DIR, PARTIAL_DIR, SPACES_DIR, CacheReader, CacheRoot, is_key
 from pipeline.cache_layout import SEGMENT_KIND, VIEW_KIND
+from pipeline.cache_open import open_cache
 from pipeline.checksums import Problem, verify_files
 from pipeline.errors import UniptError
 from pipeline.locks import exclusive_if_free
@@ -125,13 +126,11 @@ def refuse_damaged_space(root: CacheRoot, space: str, segments: list[str]) -> No
                 "links out of the cache root; put the store itself there (or remove the link)"
             )
         try:
-            reader = CacheReader(location)
+            reader = open_cache(location)
         except UniptError as exc:
             raise UniptError(f"cannot compact space {space}: {exc}") from None
-        try:
+        with reader:
             problems = verify(reader, with_segments=False)  # each segment is verified once, on its own
-        finally:
-            reader.lease.release()
         if problems:
             raise UniptError(
                 f"cannot compact space {space}: {location} is damaged ({problems[0]}"
