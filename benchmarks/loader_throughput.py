@@ -70,6 +70,7 @@ import torch  # noqa: E402  (before Ray: see extract/runner.py)
 from benchmarks import loader_peers  # noqa: E402
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
 from pipeline.cache import ActivationCache, CacheReader  # noqa: E402
+from pipeline.cache_open import open_cache  # noqa: E402
 from pipeline.cache_view import ViewReader  # noqa: E402
 from pipeline.config import TrainConfig, load_config  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
@@ -160,7 +161,7 @@ def through_zarr(reader: CacheReader) -> Iterator[None]:
 def _trial(path: str, train: TrainConfig, repeats: int, start: Any, results: Any) -> None:
     """One sweep trial's reading, in its own process: its own reader of the cache, the loader training would
     use (reading every epoch, working ahead), ``repeats`` epochs once every trial is ready."""
-    reader = CacheReader(path)
+    reader = open_cache(path)
     loader = loader_for(reader, train, background=True)
     loader_pass(loader, epoch=repeats)  # warm-up, as in the main process: threads, allocator, page cache
     start.wait()
