@@ -44,6 +44,7 @@ from pipeline.from_cache import (
 )
 from pipeline.from_cache import config_for_cache as config_for_cache  # the API: a cache's own config
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
+from pipeline.integrity import check_examples_match, check_registered
 from pipeline.log import human_bytes, say
 from pipeline.model_files import ModelSpec, describe_model, write_model
 from pipeline.registry import register_run
@@ -316,6 +317,9 @@ class Trained:
     layer_names: list[str]
     cache_source: str  # the (first) cache read
     cache_bytes: int  # on disk, every cache read
+    # Backbone name -> the root digest of the cache read for it (None for an HDF5 copy): what the run
+    # record and the registry keep, so that a later read of a changed cache is refused.
+    root_digests: dict[str, str | None] = field(default_factory=dict)
     gallery_layer_weights: list[float] | None = None  # two-cache tasks: the second side's weights
     runtime: dict[str, Any] = field(default_factory=dict)  # device and torch threads: what a rerun restores
     model_state: dict[str, Any] | None = None  # the best epoch's weights (UniPT and head), on the CPU
@@ -337,10 +341,13 @@ def train(
     resume: Path | None = None,
     meta: dict[str, Any] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    built: frozenset[str] = frozenset(),
 ) -> Trained:
     """Train the config's task from its cache(s): by key, or ``cache`` (a reader, path, URL or .h5 file).
 
-    ``checkpoint`` is written after every epoch; ``resume`` continues from one.
+    ``checkpoint`` is written after every epoch; ``resume`` continues from one. Before training, each cache
+    is compared with the dataset table and, unless this command just extracted it (its key is in
+    ``built``), with the root digests registered runs recorded for its key (:mod:`pipeline.integrity`).
     """
     import torch
 
@@ -358,6 +365,10 @@ def train(
         readers = [open_for_training(prep, backbone=b.name) for b in backbones]
     else:
         readers = [cache if isinstance(cache, ActivationCache) else open_for_training(prep, cache)]
+    for backbone, reader in zip(backbones, readers, strict=False):
+        check_examples_match(prep.dataset, reader)
+        if backbone.key not in built:
+            check_registered(prep.config.storage.registry, backbone.key, reader)
     options = TrainOptions(progress, checkpoint, resume, meta, on_epoch_end)
     device = pick_device(prep.config.train.device)
     reason = device_reason(prep.config.train.device, device)
@@ -372,6 +383,7 @@ def train(
         layer_names=weighted_layer_names(readers[0].layers, result.layer_weights, prefix(backbones[0].name)),
         cache_source=readers[0].source,
         cache_bytes=sum(reader.nbytes_on_disk() for reader in readers),
+        root_digests={b.name: reader.root_digest() for b, reader in zip(backbones, readers, strict=False)},
         gallery_layer_weights=result.gallery_layer_weights,
         select_metric=result.select_metric,
         report=result.report,
@@ -489,9 +501,14 @@ def record(
             "path": trained.cache_source,
             "hit": cache_hit,
             "bytes_on_disk": trained.cache_bytes,
+            "root_digest": trained.root_digests.get(prep.primary.name),
         },
         "backbones": {
-            name: {"name_or_path": b.config.name_or_path, "cache_key": b.key}
+            name: {
+                "name_or_path": b.config.name_or_path,
+                "cache_key": b.key,
+                **({"root_digest": trained.root_digests[name]} if trained.root_digests.get(name) else {}),
+            }
             for name, b in prep.backbones.items()
         },
         "metrics": trained.metrics,
@@ -552,7 +569,15 @@ def run(
     with leased(extractions):
         cache_hit = all(result.cache_hit for result in extractions.values())
         extract_s = sum(result.seconds for result in extractions.values())
-        return _train_and_record(prep, started, extract_s, cache_hit, progress=progress, resume=resume)
+        built = built_keys(prep, extractions)
+        return _train_and_record(
+            prep, started, extract_s, cache_hit, progress=progress, resume=resume, built=built
+        )
+
+
+def built_keys(prep: Prepared, extractions: dict[str, ExtractionResult]) -> frozenset[str]:
+    """Keys of the caches these extractions wrote (misses): new content, not yet read by any run."""
+    return frozenset(prep.backbones[name].key for name, result in extractions.items() if not result.cache_hit)
 
 
 @contextmanager
@@ -594,6 +619,7 @@ def _train_and_record(
     progress: bool,
     resume: str | None,
     cache: ActivationCache | None = None,
+    built: frozenset[str] = frozenset(),
 ) -> RunResult:
     from train.checkpoint import CHECKPOINT_FILE
 
@@ -618,6 +644,7 @@ def _train_and_record(
                 resume=resume_from,
                 meta=meta,
                 on_epoch_end=tracker.epoch if tracker.enabled else None,
+                built=built,
             )
         timings = timings_since(started, train_started, extract_s)
         extra = {"tracking": tracker.ids()} if tracker.enabled else None
