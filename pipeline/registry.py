@@ -274,8 +274,8 @@ class Registry:
         """The root digests registered runs recorded for cache ``key``: digest -> the runs that read it."""
         found: dict[str, list[str]] = {}
         for digest, run_id in self._db.execute(
-            "SELECT root_digest, run_id FROM run_caches WHERE cache_key = ? AND root_digest IS NOT NULL "
-            "ORDER BY run_id",
+            "SELECT DISTINCT root_digest, run_id FROM run_caches "
+            "WHERE cache_key = ? AND root_digest IS NOT NULL ORDER BY run_id",
             (key,),
         ):
             found.setdefault(digest, []).append(run_id)
