@@ -44,7 +44,7 @@ from pipeline.from_cache import (
 )
 from pipeline.from_cache import config_for_cache as config_for_cache  # the API: a cache's own config
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
-from pipeline.integrity import check_examples_match, check_registered
+from pipeline.integrity import check_examples_match, check_label_range, check_registered
 from pipeline.log import human_bytes, say
 from pipeline.model_files import ModelSpec, describe_model, write_model
 from pipeline.registry import register_run
@@ -367,6 +367,8 @@ def train(
         readers = [cache if isinstance(cache, ActivationCache) else open_for_training(prep, cache)]
     for backbone, reader in zip(backbones, readers, strict=False):
         check_examples_match(prep.dataset, reader)
+        if task.label_kind != "numeric":
+            check_label_range(reader)
         if backbone.key not in built:
             check_registered(prep.config.storage.registry, backbone.key, reader)
     options = TrainOptions(progress, checkpoint, resume, meta, on_epoch_end)

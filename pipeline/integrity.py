@@ -78,3 +78,21 @@ def check_examples_match(dataset: DatasetTable, reader: ActivationCache) -> None
             f"cache {reader.source} names the classes {reader.label_names}, dataset {dataset.source} "
             f"{dataset.label_names}; {fix}"
         )
+
+
+def check_label_range(reader: ActivationCache) -> None:
+    """Refuse class labels outside the cache's class names: the head is sized by the names, so such a label
+    would index past it (or, enormous, size a one-hot) instead of failing in one line."""
+    if not reader.label_names or "label" not in reader.examples.column_names:
+        return
+    labels = reader.examples.column("label").to_numpy(zero_copy_only=False)
+    if len(labels) and not (
+        np.issubdtype(labels.dtype, np.integer)
+        and 0 <= labels.min()
+        and labels.max() < len(reader.label_names)
+    ):
+        raise UniptError(
+            f"cache {reader.source} has labels outside its {len(reader.label_names)} class names "
+            f"(from {labels.min()!r} to {labels.max()!r}); run `unipt cache verify {reader.source}` and "
+            "re-extract it"
+        )

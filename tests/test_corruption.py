@@ -644,3 +644,26 @@ def test_a_view_without_its_segments_digest_is_refused(extracted, tmp_path, caps
     assert "without the digest of its checksums.json" in capsys.readouterr().out
     assert _train(extracted, tmp_path) == 2
     assert "without the digest of its checksums.json" in capsys.readouterr().err
+
+
+def test_a_resealed_label_past_the_class_names_is_refused(extracted, tmp_path, capsys):
+    """From the cache alone (nothing to compare the labels with), a label no class name has is one line,
+    not an index past the head."""
+    segment = _copy(extracted, tmp_path)
+    root, key = tmp_path / "cache", extracted["key"]
+    table = pq.read_table(root / key / EXAMPLES_FILE)
+    labels = table.column("label").to_numpy().copy()
+    labels[5] = 10**9
+    column = pa.array(labels, table.schema.field("label").type)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("label"), "label", column), root / key / EXAMPLES_FILE
+    )
+    _reseal_all(root, key, segment)
+    capsys.readouterr()
+    runs = ["--runs-root", str(tmp_path / "runs"), "--registry", str(tmp_path / "registry.sqlite")]
+    assert main(["train", "--cache", str(root / key), *runs, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("unipt: error:")]
+    assert len(errors) == 1 and "labels outside its 2 class names" in errors[0] and "Traceback" not in err, (
+        err
+    )
