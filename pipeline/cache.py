@@ -112,6 +112,7 @@ from pipeline.checksums import (
     ReadChecks,
     describe_file,
     digest,
+    root_digest,
     seal_problem,
 )
 from pipeline.chunk_reader import direct_reads
@@ -281,8 +282,10 @@ class ActivationCache(ABC):
                 )
         try:
             self.layout = StoreLayout.from_json(self.attrs["layout"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise self._damaged("zarr.json", f"its layout attribute is unreadable ({exc})") from exc
+        except UniptError as exc:  # numbers no real cache has: refused before they size anything
+            raise self._damaged("zarr.json", f"is not to be trusted: {str(exc).split(';')[0]}") from exc
         self.dtype: str = self.layout.dtype
         self.layers: list[int] = [spec.index for spec in self.layout.layers]
         self.hidden_sizes: dict[int, int] = {spec.index: spec.width for spec in self.layout.layers}
@@ -312,6 +315,8 @@ class ActivationCache(ABC):
             if have != want
         ]
         examples = self._loaded_examples()
+        if examples is None and getattr(self, "_examples_problem", None):
+            problems.append(f"{EXAMPLES_FILE} {self._examples_problem}")
         if examples is not None:
             if examples.num_rows != layout.num_examples:
                 problems.append(
@@ -328,6 +333,10 @@ class ActivationCache(ABC):
 
     def _loaded_examples(self) -> pa.Table | None:
         return self.examples
+
+    def root_digest(self) -> str | None:
+        """The store's root digest (:func:`pipeline.checksums.root_digest`); None where there is none."""
+        return None
 
     # --- storage hooks ------------------------------------------------------------------------------------
     @abstractmethod
@@ -378,6 +387,9 @@ class ActivationCache(ABC):
                 return None
             spec = next(s for s in self.layout.layers if s.offsets_name == name)
             lengths = self.examples.column(self._column("length")).to_numpy()
+            most = self.layout.max_length
+            if spec.grid is None and len(lengths) and not (0 <= lengths.min() and lengths.max() <= most):
+                raise self._damaged(EXAMPLES_FILE, f"has a length outside 0-{most} (the rows per example)")
             self._expected_offsets[name] = self.layout.offsets(spec, lengths)
         return self._expected_offsets[name]
 
@@ -528,6 +540,11 @@ class CacheReader(ActivationCache):
         if digest(data) != wanted:
             raise self._damaged(name, f"differs from its checksum in {CHECKSUMS_FILE} (edited or damaged)")
 
+    def root_digest(self) -> str | None:
+        # A strict reader's manifest is the one whose seal and digests were checked at open.
+        manifest = self._manifest if self._manifest is not None else self.manifest()
+        return root_digest(manifest) if manifest is not None else None
+
     def manifest(self) -> dict[str, Any] | None:
         """checksums.json as written (None when missing or unreadable)."""
         try:
@@ -544,6 +561,9 @@ class CacheReader(ActivationCache):
                 data = self.location.child(EXAMPLES_FILE).read_bytes()
                 if self.strict and self._manifest is not None:
                     self._check_digest(self._manifest, EXAMPLES_FILE, data)
+                self._examples_problem = examples_size_problem(data, self.layout.num_examples)
+                if self._examples_problem:  # before the table is read: its row count sizes the read
+                    raise self._damaged(EXAMPLES_FILE, self._examples_problem)
                 self._examples = pq.read_table(io.BytesIO(data))
             except (FileNotFoundError, pa.ArrowException) as exc:
                 raise CacheDamaged(
@@ -716,6 +736,25 @@ def _codec_summary(codec: dict[str, Any]) -> str:
     chosen = ("cname", "clevel", "shuffle", "blocksize", "level", "acceleration")
     settings = ",".join(f"{key}={config[key]}" for key in chosen if key in config)
     return f"{codec['name']}({settings})" if settings else codec["name"]
+
+
+# A parquet file of n bytes holds far fewer than this many rows per byte of a cache's examples table (every
+# row has a hash or an id); more is a lie in its footer, which would size the read.
+MAX_ROWS_PER_PARQUET_BYTE = 64
+
+
+def examples_size_problem(data: bytes, num_examples: int) -> str | None:
+    """Why ``examples.parquet`` (``data``) cannot be the table of a store of ``num_examples`` examples,
+    judged from its footer alone, or None."""
+    try:
+        rows = pq.read_metadata(io.BytesIO(data)).num_rows
+    except (pa.ArrowException, OSError) as exc:
+        return f"is not a readable parquet file ({type(exc).__name__})"
+    if rows > MAX_ROWS_PER_PARQUET_BYTE * len(data) + 1024:
+        return f"claims {rows} rows in {len(data)} bytes"
+    if rows != num_examples:
+        return f"has {rows} rows, the layout {num_examples}"
+    return None
 
 
 def _reason(exc: Exception) -> str:

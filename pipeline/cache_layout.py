@@ -76,6 +76,17 @@ class LayerSpec:
 AUTO_CHUNK_VALUES = 4096 * 384
 MIN_AUTO_CHUNK_ROWS, MAX_AUTO_CHUNK_ROWS = 256, 4096
 
+# Sane limits for what a layout read from a store's ``zarr.json`` may claim. A layout sizes lists and arrays
+# (the shard plan, offsets), so a number edited into a file must be refused before anything is allocated,
+# not become a runaway process: each limit is orders of magnitude above any real cache.
+MAX_EXAMPLES = 2**31 - 1
+MAX_SHARDS = 2**20  # the shard plan is a list: 1M shards of the default 512 examples is 512M examples
+MAX_ROWS_PER_EXAMPLE = 2**20  # max_length, or H*W of a feature map
+MAX_WIDTH = 2**16  # hidden size / channels (the largest backbones have ~2**14)
+MAX_LAYERS = 1024
+MAX_CHUNK_ROWS = 2**24
+MAX_CHUNKS_PER_FILE = 2**16
+
 
 def resolve_chunk_rows(setting: int | str, widths: list[int]) -> int:
     """Rows per chunk for a store whose layers have ``widths``: ``setting`` itself, or for ``"auto"`` the
@@ -147,6 +158,44 @@ class StoreLayout:
             raise UniptError("a cache needs at least one layer")
         if self.num_examples <= 0:
             raise UniptError("a cache needs at least one example")
+        problem = self.limit_problem()
+        if problem:
+            raise UniptError(f"the cache layout {problem}; no real cache has that (an edited zarr.json?)")
+
+    def limit_problem(self) -> str | None:
+        """Why this layout's numbers cannot be a real cache's (not whole numbers, or past a sane limit)."""
+        counts: list[tuple[str, object, int, int]] = [
+            ("num_examples", self.num_examples, 1, MAX_EXAMPLES),
+            ("max_length", self.max_length, 1, MAX_ROWS_PER_EXAMPLE),
+            ("shard_size", self.shard_size, 1, MAX_EXAMPLES),
+            ("chunk_rows", self.chunk_rows, 1, MAX_CHUNK_ROWS),
+            ("chunks_per_file", self.chunks_per_file, 1, MAX_CHUNKS_PER_FILE),
+            ("compression_level", self.compression_level, 0, 22),
+            ("blosc_blocksize", self.blosc_blocksize, 0, 2**31 - 1),
+            ("the number of layers", len(self.layers), 1, MAX_LAYERS),
+        ]
+        for spec in self.layers:
+            counts += [
+                (f"layer {spec.index}'s index", spec.index, 0, MAX_LAYERS),
+                (f"layer {spec.index}'s width", spec.width, 1, MAX_WIDTH),
+            ]
+            if spec.grid is not None:
+                if len(spec.grid) != 2:
+                    return f"says layer {spec.index}'s grid is {list(spec.grid)}, not [H, W]"
+                side = f"layer {spec.index}'s grid side"
+                counts += [(side, value, 1, MAX_ROWS_PER_EXAMPLE) for value in spec.grid]
+        for name, value, least, most in counts:
+            if not _is_count(value) or not least <= value <= most:
+                return f"says {name} is {value!r}, not a whole number from {least} to {most}"
+        for spec in self.layers:
+            if spec.grid is not None and spec.grid[0] * spec.grid[1] > MAX_ROWS_PER_EXAMPLE:
+                return (
+                    f"says layer {spec.index}'s grid {list(spec.grid)} has over {MAX_ROWS_PER_EXAMPLE} rows"
+                )
+        shards = -(-self.num_examples // self.shard_size)
+        if shards > MAX_SHARDS:
+            return f"plans {shards} shards of {self.shard_size} examples, more than {MAX_SHARDS}"
+        return None
 
     @property
     def rows_per_file(self) -> int:
@@ -181,7 +230,9 @@ class StoreLayout:
         return base, self._aligned(shard.num_examples * per_example)
 
     def total_rows(self, spec: LayerSpec) -> int:
-        last = self.shards()[-1]
+        # The last shard computed, not found in the shard plan: sizing the arrays lists nothing.
+        shard_id = (self.num_examples - 1) // self.shard_size
+        last = ShardSpec(shard_id, shard_id * self.shard_size, self.num_examples)
         base, capacity = self.row_span(last, spec)
         return base + capacity
 
@@ -260,6 +311,10 @@ class StoreLayout:
             for s in data["layers"]
         )
         return cls(**fields)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

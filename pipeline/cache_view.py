@@ -186,13 +186,8 @@ class ViewReader(ActivationCache):
             attrs = segment.attrs
             if attrs.get("kind") != SEGMENT_KIND or attrs.get("space_key") != self.space:
                 raise self._damaged("zarr.json", f"names {location} as a segment of its space, but it is not")
-            if strict and entry.get("checksums"):
-                raw = location.child(CHECKSUMS_FILE).read_bytes()
-                if digest(raw) != entry["checksums"]:
-                    raise self._damaged(
-                        f"segment {entry['id']}",
-                        "is not the segment this view was written against (its checksums differ)",
-                    )
+            if strict and (problem := _segment_problem(location, entry)):
+                raise self._damaged(f"segment {entry['id']}", problem)
         except BaseException:
             segment.close()
             raise
@@ -248,6 +243,8 @@ class ViewReader(ActivationCache):
             spec = next(s for s in self.layout.layers if s.offsets_name == offsets_name)
             segment = self.examples.column(self._column("segment")).to_numpy().astype(np.int64)
             row = self.examples.column(self._column("row")).to_numpy().astype(np.int64)
+            if len(row) and (row.min() < 0 or not 0 <= segment.min() <= segment.max() < len(self.segments)):
+                raise self._damaged("examples.parquet", "points at a segment or row that does not exist")
             pstart = np.zeros(len(row), dtype=np.int64)
             for index, reader in enumerate(self.segments):
                 mine = segment == index
@@ -331,6 +328,9 @@ class ViewReader(ActivationCache):
             problems.append(Problem(CHECKSUMS_FILE, CHECKSUMS_FILE, "file is missing or unreadable"))
         for problem in self.attribute_problems():
             problems.append(Problem("zarr.json", "zarr.json", f"contradicts itself: {problem}"))
+        for entry, segment in zip(self.attrs.get("segments", []), self.segments, strict=False):
+            if problem := _segment_problem(segment.location, entry):  # a segment resealed in place
+                problems.append(Problem("zarr.json", f"segment {entry.get('id')}", problem))
         return problems
 
     def nbytes_on_disk(self) -> int:
@@ -339,6 +339,20 @@ class ViewReader(ActivationCache):
 
     def own_bytes(self) -> int:
         return self.files.nbytes_on_disk()
+
+
+def _segment_problem(location: Location, entry: dict[str, Any]) -> str | None:
+    """Why the segment at ``location`` is not the one the view's ``entry`` names (by the digest of its
+    checksums.json, which a view always records: without it a resealed segment would pass), or None."""
+    if not entry.get("checksums"):
+        return "is named in the view's zarr.json without the digest of its checksums.json"
+    try:
+        raw = location.child(CHECKSUMS_FILE).read_bytes()
+    except FileNotFoundError:
+        return f"has no {CHECKSUMS_FILE}"
+    if digest(raw) != entry["checksums"]:
+        return "is not the segment this view was written against (its checksums differ)"
+    return None
 
 
 def view_summary(reader: ViewReader) -> dict[str, Any]:

@@ -122,6 +122,26 @@ def _seal_digest(body: dict[str, Any]) -> str:
     return digest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
+def root_digest(manifest: dict[str, Any]) -> str:
+    """A store's *root digest*: one sha256 over its manifest's content (every file's sha256 and every chunk
+    trailer), so it changes with any byte of the store. A view's ``zarr.json`` names each segment with the
+    digest of that segment's ``checksums.json``, so a view's root digest pins its segments as well.
+
+    The manifest is unkeyed: whoever rewrites a store can reseal it. Run records and the registry keep the
+    root digest of every cache a run read, so a cache changed after those runs no longer matches them
+    (``docs/integrity.md``). For a sealed manifest this is its own ``digest``, recomputed here."""
+    return _seal_digest({key: manifest.get(key) for key in ("algorithm", "files", "trailers")})
+
+
+def stored_root_digest(location: Location) -> str | None:
+    """The root digest of the store at ``location`` as its ``checksums.json`` says (None without one)."""
+    try:
+        manifest = json.loads(location.child(CHECKSUMS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return root_digest(manifest) if isinstance(manifest, dict) else None
+
+
 def seal_problem(manifest: dict[str, Any]) -> str | None:
     """Why a (format 3) manifest cannot be trusted, or None when its seal holds."""
     if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("trailers"), dict):

@@ -29,7 +29,7 @@ from pipeline.cache_open import open_cache
 from pipeline.cache_view import ViewReader
 from pipeline.errors import UniptError
 from pipeline.log import human_bytes
-from pipeline.registry import registered_cache_keys
+from pipeline.registry import Registry, registered_cache_keys
 from pipeline.runs import referenced_cache_keys
 from pipeline.storage import DEFAULT_CACHE_ROOT, DEFAULT_REGISTRY, DEFAULT_RUNS_ROOT
 
@@ -124,8 +124,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         with tqdm(total=expected, unit="file", desc="verify", disable=args.no_progress) as bar:
             problems = verify(reader, progress=bar.update)
         stores = damaged_stores(reader, problems)
-    for problem in problems:
-        print(f"DAMAGED {problem}")
+        for problem in problems:
+            print(f"DAMAGED {problem}")
+        if args.against_registry and not problems and _registry_says_changed(reader, args.registry):
+            return 1
     if problems:
         print(
             f"unipt: {len({p.file for p in problems})} of {expected} files damaged in {reader.source}; "
@@ -150,6 +152,52 @@ def _check_references_exist(args: argparse.Namespace) -> None:
             f"reference, but {' and '.join(missing)} does not exist; pass the right --runs-root and "
             "--registry (or run from the project folder), or --no-registry if no run needs these caches"
         )
+
+
+def _registry_says_changed(reader: CacheReader, registry: str) -> bool:
+    """``verify --against-registry``: whether ``reader``'s root digest is none that registered runs read
+    (said in one line); a registry that is not there is refused, since nothing could be compared."""
+    from pipeline.from_cache import key_of
+    from pipeline.integrity import registry_mismatch
+
+    if not Path(registry).expanduser().is_file():
+        raise UniptError(f"no run registry at {registry}; pass --registry with the one your runs used")
+    key = key_of(reader)
+    with Registry(registry, create=False) as runs:
+        recorded = runs.cache_digests(key)
+    if not recorded:
+        print(f"note: no run in {registry} recorded a root digest for cache {key}: nothing to compare")
+        return False
+    problem = registry_mismatch(registry, key, reader.root_digest())
+    if problem is None:
+        print(f"ok: cache {key} is the cache {len(recorded)} registered digest(s) name ({registry})")
+        return False
+    print(f"DAMAGED root digest: {problem}")
+    print(
+        f"unipt: cache {reader.source} was changed after the runs in {registry} read it (its files match its "
+        "own checksums, which were rewritten); delete it and run `unipt extract` (or `unipt run`) again",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _view_root_digests(root: CacheRoot, space: str) -> dict[str, str]:
+    """Each view of ``space`` that passes a strict open (segments included) -> its root digest: what the
+    registry may move to the rewritten view after compaction. A view that fails is left out, so its runs
+    keep the digest they read and a damaged view is not laundered into a fresh one."""
+    from pipeline.cache_space import views_of
+
+    digests = {}
+    for key in views_of(root, space):
+        try:
+            reader = open_cache(root.location(key))
+        except UniptError:
+            continue
+        with reader:
+            digest = reader.root_digest()
+        if digest is not None:
+            digests[key] = digest
+    return digests
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -218,7 +266,10 @@ def cmd_compact(args: argparse.Namespace) -> int:
         root.lock_location(space), on_wait=lambda: print("waiting for an extraction", file=sys.stderr)
     ):
         refuse_damaged_space(root, space, root.segments(space))  # compaction must not reseal damage
+        before_digests = _view_root_digests(root, space)
         merged = compact(root, space)
+        if merged is not None:
+            _move_registered_digests(root, before_digests, args.registry)
         if merged is not None:
             for segment in remove_segments(root, space, replaced):
                 print(f"segment {segment} is being read; `unipt cache gc --yes` removes it once it is free")
@@ -226,6 +277,20 @@ def cmd_compact(args: argparse.Namespace) -> int:
         after = sum(root.segment_location(space, s).size() for s in root.segments(space))
         print(f"compacted space {space} into {merged} ({human_bytes(before)} -> {human_bytes(after)})")
     return 0
+
+
+def _move_registered_digests(root: CacheRoot, before: dict[str, str], registry: str) -> None:
+    """After compaction: the runs that read a view as it was now name the rewritten view's root digest
+    (same examples, same activations, another layout), so reruns and `train` keep accepting it."""
+    if not Path(registry).expanduser().is_file():
+        return
+    from pipeline.checksums import stored_root_digest
+
+    with Registry(registry, create=False) as runs:
+        for key, old in before.items():
+            new = stored_root_digest(root.location(key))
+            if new is not None and new != old and runs.replace_cache_digest(key, old, new):
+                print(f"registry {registry}: runs of view {key} now name its compacted root digest")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -277,6 +342,17 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
         target=True,
     )
     verify_p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    verify_p.add_argument(
+        "--against-registry",
+        action="store_true",
+        help="also check that the cache is the one registered runs read (its root digest; see --registry)",
+    )
+    for p in (verify_p, compact_p):
+        p.add_argument(
+            "--registry",
+            default=DEFAULT_REGISTRY,
+            help=f"run registry with the root digests runs recorded (default: {DEFAULT_REGISTRY})",
+        )
     gc = action(
         "gc",
         "remove caches that no run record or registered run references (a dry run unless --yes)",

@@ -44,6 +44,7 @@ from pipeline.from_cache import (
 )
 from pipeline.from_cache import config_for_cache as config_for_cache  # the API: a cache's own config
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
+from pipeline.integrity import check_examples_match, check_label_range, check_registered
 from pipeline.log import human_bytes, say
 from pipeline.model_files import ModelSpec, describe_model, write_model
 from pipeline.registry import register_run
@@ -314,6 +315,9 @@ class Trained:
     layer_names: list[str]
     cache_source: str  # the (first) cache read
     cache_bytes: int  # on disk, every cache read
+    # Backbone name -> the root digest of the cache read for it (None for an HDF5 copy): what the run
+    # record and the registry keep, so that a later read of a changed cache is refused.
+    root_digests: dict[str, str | None] = field(default_factory=dict)
     gallery_layer_weights: list[float] | None = None  # two-cache tasks: the second side's weights
     runtime: dict[str, Any] = field(default_factory=dict)  # device and torch threads: what a rerun restores
     model_state: dict[str, Any] | None = None  # the best epoch's weights (UniPT and head), on the CPU
@@ -336,10 +340,13 @@ def train(
     resume: Path | None = None,
     meta: dict[str, Any] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    built: frozenset[str] = frozenset(),
 ) -> Trained:
     """Train the config's task from its cache(s): by key, or ``cache`` (a reader, path, URL or .h5 file).
 
-    ``checkpoint`` is written after every epoch; ``resume`` continues from one.
+    ``checkpoint`` is written after every epoch; ``resume`` continues from one. Before training, each cache
+    is compared with the dataset table and, unless this command just extracted it (its key is in
+    ``built``), with the root digests registered runs recorded for its key (:mod:`pipeline.integrity`).
     """
     from train.tasks import TrainOptions
 
@@ -358,6 +365,12 @@ def train(
             readers = [cache]
         else:
             readers = [opened.enter_context(open_for_training(prep, cache))]
+        for backbone, reader in zip(backbones, readers, strict=False):
+            check_examples_match(prep.dataset, reader)
+            if task.label_kind != "numeric":
+                check_label_range(reader)
+            if backbone.key not in built:
+                check_registered(prep.config.storage.registry, backbone.key, reader)
         return _train_on(
             prep, readers, backbones, TrainOptions(progress, checkpoint, resume, meta, on_epoch_end)
         )
@@ -386,6 +399,7 @@ def _train_on(
         layer_names=weighted_layer_names(readers[0].layers, result.layer_weights, prefix(backbones[0].name)),
         cache_source=readers[0].source,
         cache_bytes=sum(reader.nbytes_on_disk() for reader in readers),
+        root_digests={b.name: reader.root_digest() for b, reader in zip(backbones, readers, strict=False)},
         gallery_layer_weights=result.gallery_layer_weights,
         select_metric=result.select_metric,
         report=result.report,
@@ -505,9 +519,14 @@ def record(
             "path": trained.cache_source,
             "hit": cache_hit,
             "bytes_on_disk": trained.cache_bytes,
+            "root_digest": trained.root_digests.get(prep.primary.name),
         },
         "backbones": {
-            name: {"name_or_path": b.config.name_or_path, "cache_key": b.key}
+            name: {
+                "name_or_path": b.config.name_or_path,
+                "cache_key": b.key,
+                **({"root_digest": trained.root_digests[name]} if trained.root_digests.get(name) else {}),
+            }
             for name, b in prep.backbones.items()
         },
         "metrics": trained.metrics,
@@ -569,7 +588,15 @@ def run(
     with leased(extractions):
         cache_hit = all(result.cache_hit for result in extractions.values())
         extract_s = sum(result.seconds for result in extractions.values())
-        return _train_and_record(prep, started, extract_s, cache_hit, progress=progress, resume=resume)
+        built = built_keys(prep, extractions)
+        return _train_and_record(
+            prep, started, extract_s, cache_hit, progress=progress, resume=resume, built=built
+        )
+
+
+def built_keys(prep: Prepared, extractions: dict[str, ExtractionResult]) -> frozenset[str]:
+    """Keys of the caches these extractions wrote (misses): new content, not yet read by any run."""
+    return frozenset(prep.backbones[name].key for name, result in extractions.items() if not result.cache_hit)
 
 
 @contextmanager
@@ -616,6 +643,7 @@ def _train_and_record(
     progress: bool,
     resume: str | None,
     cache: ActivationCache | None = None,
+    built: frozenset[str] = frozenset(),
 ) -> RunResult:
     from train.checkpoint import CHECKPOINT_FILE
 
@@ -640,6 +668,7 @@ def _train_and_record(
                 resume=resume_from,
                 meta=meta,
                 on_epoch_end=tracker.epoch if tracker.enabled else None,
+                built=built,
             )
         timings = timings_since(started, train_started, extract_s)
         extra = {"tracking": tracker.ids()} if tracker.enabled else None

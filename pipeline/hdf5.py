@@ -186,8 +186,13 @@ class HDF5CacheReader(ActivationCache):
             raise UniptError(f"{self.path} is not a readable HDF5 file ({exc})") from exc
         if ATTRS not in self.file.attrs:
             raise UniptError(f"{self.path} is an HDF5 file but not a unipt cache (no '{ATTRS}' attribute)")
-        self.attrs = json.loads(self.file.attrs[ATTRS])
-        self._digests = json.loads(self.file.attrs[DIGESTS]) if DIGESTS in self.file.attrs else None
+        try:
+            self.attrs = json.loads(self.file.attrs[ATTRS])
+            self._digests = json.loads(self.file.attrs[DIGESTS]) if DIGESTS in self.file.attrs else None
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise self._damaged("its attributes", f"not readable JSON ({type(exc).__name__})") from exc
+        if not isinstance(self.attrs, dict) or not isinstance(self._digests, dict | None):
+            raise self._damaged("its attributes", "not the JSON objects unipt writes")
         if warn_unchecked and self._digests is None and self.source not in _WARNED_UNCHECKED:
             _WARNED_UNCHECKED.add(self.source)  # once per file and process: training opens it more than once
             say(
@@ -199,6 +204,11 @@ class HDF5CacheReader(ActivationCache):
         columns = {}
         for name in group:
             data = group[name]
+            if data.shape != (self.layout.num_examples,):  # checked before the read it would size
+                raise self._damaged(
+                    f"{EXAMPLES_GROUP}/{name}",
+                    f"has shape {list(data.shape)}, not [{self.layout.num_examples}]",
+                )
             columns[name] = (
                 [v.decode("utf-8") for v in data[:]] if h5py.check_string_dtype(data.dtype) else data[:]
             )

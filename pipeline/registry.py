@@ -27,7 +27,7 @@ from pipeline.hashing import sha256_json
 from pipeline.runs import RECORD_FILE
 from pipeline.storage import DEFAULT_REGISTRY as DEFAULT_REGISTRY  # re-exported: where commands look
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: run_caches.root_digest (the root digest of each cache a run read)
 BUSY_TIMEOUT_S = 60.0
 # Wall-clock measurements: they differ between two runs of the same thing, so they are not "results".
 TIMING_METRICS = frozenset({"train_seconds", "seconds_per_epoch"})
@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS run_caches (
     run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
     cache_key TEXT NOT NULL,
     role TEXT NOT NULL,
+    root_digest TEXT,
     PRIMARY KEY (run_id, cache_key, role)
 );
 CREATE INDEX IF NOT EXISTS run_caches_by_key ON run_caches(cache_key);
@@ -116,6 +117,17 @@ def cache_keys_of(record: dict[str, Any]) -> dict[str, str]:
         if isinstance(backbone, dict) and backbone.get("cache_key"):
             keys[f"backbone:{name}"] = backbone["cache_key"]
     return keys
+
+
+def cache_digests_of(record: dict[str, Any]) -> dict[str, str]:
+    """The root digest of every cache a run record read, by the roles of :func:`cache_keys_of`."""
+    digests: dict[str, str] = {}
+    if record.get("cache", {}).get("root_digest"):
+        digests["cache"] = record["cache"]["root_digest"]
+    for name, backbone in (record.get("backbones") or {}).items():
+        if isinstance(backbone, dict) and backbone.get("root_digest"):
+            digests[f"backbone:{name}"] = backbone["root_digest"]
+    return digests
 
 
 class Registry:
@@ -183,11 +195,14 @@ class Registry:
         if version == SCHEMA_VERSION:
             return
         with self._write() as db:
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:  # another process may have won
+            current = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
+            if current == 0:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif current == 1:  # runs registered before root digests: theirs stay NULL (not checked)
+                db.execute("ALTER TABLE run_caches ADD COLUMN root_digest TEXT")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def register(self, record: dict[str, Any], artifacts: dict[str, Any] | None = None) -> str:
         """Add a run from its record (the dict written to record.json); returns its run id."""
@@ -221,9 +236,10 @@ class Registry:
         try:
             with self._write() as db:
                 db.execute(f"INSERT INTO runs ({columns}) VALUES ({marks})", row)
+                digests, keys = cache_digests_of(record), cache_keys_of(record)
                 db.executemany(
-                    "INSERT INTO run_caches (run_id, cache_key, role) VALUES (?, ?, ?)",
-                    [(row["run_id"], key, role) for role, key in cache_keys_of(record).items()],
+                    "INSERT INTO run_caches (run_id, cache_key, role, root_digest) VALUES (?, ?, ?, ?)",
+                    [(row["run_id"], key, role, digests.get(role)) for role, key in keys.items()],
                 )
         except sqlite3.IntegrityError as exc:
             raise UniptError(f"run {row['run_id']} is already in the registry {self.path}") from exc
@@ -285,6 +301,27 @@ class Registry:
     def cache_keys(self) -> set[str]:
         """Every cache key some registered run uses."""
         return {row[0] for row in self._db.execute("SELECT DISTINCT cache_key FROM run_caches")}
+
+    def cache_digests(self, key: str) -> dict[str, list[str]]:
+        """The root digests registered runs recorded for cache ``key``: digest -> the runs that read it."""
+        found: dict[str, list[str]] = {}
+        for digest, run_id in self._db.execute(
+            "SELECT DISTINCT root_digest, run_id FROM run_caches "
+            "WHERE cache_key = ? AND root_digest IS NOT NULL ORDER BY run_id",
+            (key,),
+        ):
+            found.setdefault(digest, []).append(run_id)
+        return found
+
+    def replace_cache_digest(self, key: str, old: str, new: str) -> int:
+        """Cache ``key`` was rewritten with the same content (compaction): the runs that read it as ``old``
+        now name ``new``. Runs that recorded another digest keep it, so damage is not laundered."""
+        with self._write() as db:
+            moved = db.execute(
+                "UPDATE run_caches SET root_digest = ? WHERE cache_key = ? AND root_digest = ?",
+                (new, key, old),
+            )
+            return moved.rowcount
 
     def _entry(self, row: tuple) -> RunEntry:
         names = [d[0] for d in self._db.execute("SELECT * FROM runs LIMIT 0").description]

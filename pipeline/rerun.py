@@ -158,7 +158,10 @@ def rerun(
     extract_s = sum(r.seconds for r in extractions.values())
     train_started = time.perf_counter()
     with experiment.leased(extractions), experiment.torch_threads(old.runtime.get("torch_threads")):
-        trained = experiment.train(prep, progress=progress)
+        # A cache that was still here must be the one registered runs read (its root digest); one rebuilt
+        # now is new content, which the metric comparison below judges.
+        built = experiment.built_keys(prep, extractions)
+        trained = experiment.train(prep, progress=progress, built=built)
     timings = experiment.timings_since(started, train_started, extract_s)
     run_dir = experiment.record(prep, trained, cache_hit, timings, lineage)
     new = experiment.RunResult(run_dir, trained, timings, cache_hit)

@@ -123,6 +123,7 @@ class _Context:
     threads: int
     cwd: str  # the driver's: Tune starts trials in their own directory, and configs hold relative paths
     started: float
+    built: frozenset[str] = frozenset()  # keys this sweep extracted: no registered run read them yet
 
 
 def trial_config(trial: Trial, sampled: dict[str, Any]) -> ExperimentConfig:
@@ -160,7 +161,7 @@ def _run_trial(space: dict[str, Any], context: _Context) -> None:
             tune.report({"epoch": epoch, headline: _number(record.get(headline))})
 
     started = time.perf_counter()
-    trained = experiment.train(prep, progress=False, on_epoch_end=report)
+    trained = experiment.train(prep, progress=False, on_epoch_end=report, built=context.built)
     trained.runtime["ray_resources"] = resources
     if resources.get("GPU") and trained.runtime.get("device") == "cpu":
         # Ray set a GPU aside for this trial but torch cannot see one: say so in the record.
@@ -326,7 +327,15 @@ def _run(spec: dict[str, Any], *, ray_address: str | None, progress: bool, resum
             f"{int(resources['cpu'])} CPU(s) each{gpu}{kept}"
         )
         context = _Context(
-            prep, trials, sweep_id, cache_hit, extract_s, int(resources["cpu"]), os.getcwd(), time.time()
+            prep,
+            trials,
+            sweep_id,
+            cache_hit,
+            extract_s,
+            int(resources["cpu"]),
+            os.getcwd(),
+            time.time(),
+            experiment.built_keys(prep, extractions),
         )
         grid = None
         if todo:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import resource
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +28,11 @@ from pipeline.cache import CacheRoot
 from pipeline.cache_admin import verify
 from pipeline.cache_layout import EXAMPLES_FILE, LayerSpec, StoreLayout
 from pipeline.cache_open import open_cache
-from pipeline.checksums import CHECKSUMS_FILE, digest
+from pipeline.checksums import CHECKSUMS_FILE, digest, seal, stored_root_digest, trailers_of
 from pipeline.cli import main
 from pipeline.encoding import compressors, encode_rows
 from pipeline.errors import UniptError
+from pipeline.registry import Registry
 from tests.conftest import KEY, build_cache, example_table, extract_tiny
 
 
@@ -416,3 +420,250 @@ def test_format_2_caches_stay_readable_with_verify_as_their_check(tmp_path, caps
     _flip(_chunk(tmp_path / KEY, 0, 3))
     assert main(["cache", "verify", KEY, "--cache-root", str(tmp_path), "--no-progress"]) == 1
     assert "layer_00 chunk 3 (rows 24-31): checksum mismatch" in capsys.readouterr().out
+
+
+# --- lies that are resealed: sizes bounded, tampering caught by the registry's root digests -----------------
+
+
+def _reseal(store: Path) -> None:
+    """Recompute a store's checksums.json as its writer would (every listed file's sha256 and chunk
+    trailers, then the seal): what someone who edits a cache on purpose does, so plain verify passes."""
+    manifest = json.loads((store / CHECKSUMS_FILE).read_text())
+    files = {key: digest((store / key).read_bytes()) for key in manifest["files"]}
+    trailers = {
+        key: trailers_of(np.frombuffer((store / key).read_bytes(), np.uint8), 1)
+        for key in manifest["trailers"]
+    }
+    (store / CHECKSUMS_FILE).write_text(json.dumps(seal(files, trailers)))
+
+
+def _reseal_all(root: Path, key: str, segment: Path) -> None:
+    """Reseal ``segment``, point the view ``key`` at its new checksums.json, and reseal the view."""
+    _reseal(segment)
+    view = root / key
+
+    def repoint(meta: dict) -> None:
+        for entry in meta["attributes"]["segments"]:
+            entry["checksums"] = digest((segment / CHECKSUMS_FILE).read_bytes())
+
+    _edit_json(view / "zarr.json", repoint)
+    _reseal(view)
+
+
+def _set_num_examples(count: int) -> Callable[[dict], None]:
+    def change(meta: dict) -> None:
+        meta["attributes"]["num_examples"] = count
+        meta["attributes"]["layout"]["num_examples"] = count
+
+    return change
+
+
+def _bounded_cli(*args: str) -> subprocess.CompletedProcess:
+    """`unipt ARGS` in a child capped at 3 GiB of address space and 300 s: a size that is trusted and
+    allocated fails this test instead of taking the machine (or hanging the suite)."""
+    cap = 3 * 2**30
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("store", "count"),
+    [("segment", 10**12), ("view", 10**12), ("segment", 10**6), ("view", 10**6)],
+)
+def test_a_resealed_num_examples_is_refused_before_anything_is_sized(extracted, tmp_path, store, count):
+    segment = _copy(extracted, tmp_path)
+    root, key = tmp_path / "cache", extracted["key"]
+    target = segment if store == "segment" else root / key
+    _edit_json(target / "zarr.json", _set_num_examples(count))
+    _reseal_all(root, key, segment)
+    common = ["--cache-root", str(root)]
+
+    verified = _bounded_cli("cache", "verify", key, *common, "--no-progress")
+    assert "Traceback" not in verified.stderr and "MemoryError" not in verified.stderr, verified.stderr
+    if verified.returncode == 1:  # opened: the lie is a reported problem
+        assert "DAMAGED" in verified.stdout, verified.stdout
+    else:  # refused at open: one line naming the attribute
+        errors = [line for line in verified.stderr.splitlines() if line.startswith("unipt: error:")]
+        assert verified.returncode == 2 and len(errors) == 1, verified.stderr
+    runs = ["--runs-root", str(tmp_path / "runs"), "--registry", str(tmp_path / "registry.sqlite")]
+    trained = _bounded_cli("train", str(extracted["config"]), *common, *runs, "--no-progress")
+    errors = [line for line in trained.stderr.splitlines() if line.startswith("unipt: error:")]
+    assert trained.returncode == 2 and len(errors) == 1 and "Traceback" not in trained.stderr, trained.stderr
+    assert "examples.parquet" in errors[0] or "num_examples" in errors[0], errors[0]
+    assert not list((tmp_path / "runs").glob("*/record.json"))
+
+
+def test_layouts_past_sane_limits_are_refused_by_name():
+    good = StoreLayout(layers=(LayerSpec(0, 32),), num_examples=60, max_length=16)
+    assert good.total_rows(good.layers[0]) > 0 and good.limit_problem() is None
+    for change, says in [
+        ({"num_examples": 10**12}, "num_examples is 1000000000000"),
+        ({"num_examples": 1e6}, "num_examples is 1000000.0"),
+        ({"num_examples": 10**8, "shard_size": 1}, "shards"),
+        ({"layers": [{"index": 0, "width": 2**31}]}, "width"),
+        ({"max_length": -5}, "max_length"),
+        ({"chunk_rows": True}, "chunk_rows"),
+        ({"layers": [{"index": 0, "width": 8, "grid": [2**12, 2**12]}]}, "grid"),
+    ]:
+        with pytest.raises(UniptError, match=says):
+            StoreLayout.from_json({**good.to_json(), **change})
+
+
+def _swap_layers(segment: Path) -> None:
+    """layer_00 and layer_01 trade places: same widths, so the store stays self-consistent."""
+    (segment / "layer_00").rename(segment / "swap")
+    (segment / "layer_01").rename(segment / "layer_00")
+    (segment / "swap").rename(segment / "layer_01")
+
+
+def _negate_chunk(segment: Path) -> None:
+    array = zarr.open_array(str(segment / "layer_02"), mode="r+")
+    array[0:256] = -array[0:256]  # written through Zarr: valid chunks with their own crc32c
+
+
+def _flip_labels(root: Path, key: str) -> None:
+    table = pq.read_table(root / key / EXAMPLES_FILE)
+    labels = pa.array(1 - table.column("label").to_numpy(), table.schema.field("label").type)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("label"), "label", labels), root / key / EXAMPLES_FILE
+    )
+
+
+TAMPERING = {
+    "two layer arrays swapped": lambda root, key, segment: _swap_layers(segment),
+    "a chunk negated": lambda root, key, segment: _negate_chunk(segment),
+    "the view's labels flipped": lambda root, key, segment: _flip_labels(root, key),
+}
+
+
+def _train_once(extracted: dict, where: Path) -> dict:
+    """The extracted cache copied to ``where`` and trained on once: a registered run that recorded the
+    cache's root digest (and whose stored config reads this copy, so a rerun reads it too)."""
+    shutil.copytree(extracted["root"], where / "cache", ignore=shutil.ignore_patterns(".partial", ".leases"))
+    assert _train(extracted, where) == 0
+    (record,) = (where / "runs").glob("*/record.json")
+    return {"where": where, "record": json.loads(record.read_text())}
+
+
+@pytest.fixture
+def trained_once(extracted, tmp_path) -> dict:
+    return _train_once(extracted, tmp_path / "w")
+
+
+def test_a_run_records_and_registers_the_root_digest_of_its_cache(extracted, trained_once):
+    record = trained_once["record"]
+    with open_cache(CacheRoot(trained_once["where"] / "cache").location(extracted["key"])) as view:
+        assert record["cache"]["root_digest"] == view.root_digest() == stored_root_digest(view.location)
+        (backbone,) = record["backbones"].values()
+        assert backbone["root_digest"] == view.root_digest()
+    with Registry(trained_once["where"] / "registry.sqlite", create=False) as registry:
+        assert registry.cache_digests(extracted["key"]) == {view.root_digest(): [record["run_id"]]}
+
+
+@pytest.mark.parametrize("kind", list(TAMPERING))
+def test_resealed_tampering_passes_verify_but_not_the_registry(
+    kind, extracted, trained_once, tmp_path, capsys
+):
+    where = trained_once["where"]
+    root, key = where / "cache", extracted["key"]
+    (segment,) = (root / "spaces").glob("*/segments/*")
+    TAMPERING[kind](root, key, segment)
+    _reseal_all(root, key, segment)
+    registry = str(where / "registry.sqlite")
+    common = ["--cache-root", str(root), "--no-progress"]
+    capsys.readouterr()
+
+    assert main(["cache", "verify", key, *common]) == 0, capsys.readouterr()  # the manifests agree
+    capsys.readouterr()
+    assert main(["cache", "verify", key, *common, "--against-registry", "--registry", registry]) == 1
+    out, err = capsys.readouterr()
+    assert "DAMAGED root digest" in out and trained_once["record"]["run_id"] in out, out
+    assert "changed after the runs" in err, err
+
+    def refused(args: list[str], says: str) -> None:
+        code = main(args)
+        _, err = capsys.readouterr()
+        errors = [line for line in err.splitlines() if line.startswith("unipt: error:")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+        assert says in errors[0], errors[0]
+
+    runs = ["--runs-root", str(where / "runs"), "--registry", registry]
+    # The cache alone (no CONFIG, so no dataset to compare labels with): the registry refuses it.
+    refused(["train", "--cache", str(root / key), *runs, "--no-progress"], "not the cache registered runs")
+    # By key through the config: the labels against the data, then the registry.
+    says = "disagrees with dataset" if "labels" in kind else "not the cache registered runs"
+    refused(["train", str(extracted["config"]), *common, *runs], says)
+    # A rerun of the registered run reads the cache by key from the stored config's cache root.
+    refused(["rerun", trained_once["record"]["run_id"], "--registry", registry, "--no-progress"], says)
+    with Registry(registry, create=False) as runs_after:
+        assert len(runs_after.list()) == 1  # nothing trained on the changed cache was registered
+
+
+def test_an_unchanged_cache_verifies_against_the_registry(extracted, trained_once, tmp_path, capsys):
+    registry = str(trained_once["where"] / "registry.sqlite")
+    args = ["--cache-root", str(trained_once["where"] / "cache"), "--no-progress", "--registry", registry]
+    assert main(["cache", "verify", extracted["key"], *args, "--against-registry"]) == 0
+    assert "ok: cache" in capsys.readouterr().out
+    missing = [*args[:-1], str(tmp_path / "nope.sqlite")]
+    assert main(["cache", "verify", extracted["key"], *missing, "--against-registry"]) == 2
+    assert "no run registry at" in capsys.readouterr().err
+
+
+def test_train_refuses_a_view_whose_labels_differ_from_the_data(extracted, tmp_path, capsys):
+    """No registry here at all: the comparison with the dataset table alone refuses the relabelled view."""
+    segment = _copy(extracted, tmp_path)
+    _flip_labels(tmp_path / "cache", extracted["key"])
+    _reseal_all(tmp_path / "cache", extracted["key"], segment)
+    capsys.readouterr()
+    assert _train(extracted, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "disagrees with dataset" in err and "on the label of example 0" in err, err
+    assert not (tmp_path / "registry.sqlite").exists() or _registered_runs(tmp_path / "registry.sqlite") == 0
+
+
+def test_a_view_without_its_segments_digest_is_refused(extracted, tmp_path, capsys):
+    """Dropping the per-segment `checksums` field must not switch the segment check off."""
+    segment = _copy(extracted, tmp_path)
+    root, key = tmp_path / "cache", extracted["key"]
+    _zero(_chunk(segment, 0, 0))
+
+    def drop(meta: dict) -> None:
+        for entry in meta["attributes"]["segments"]:
+            entry.pop("checksums")
+
+    _reseal(segment)
+    _edit_json(root / key / "zarr.json", drop)
+    _reseal(root / key)
+    capsys.readouterr()
+    assert main(["cache", "verify", key, "--cache-root", str(root), "--no-progress"]) == 1
+    assert "without the digest of its checksums.json" in capsys.readouterr().out
+    assert _train(extracted, tmp_path) == 2
+    assert "without the digest of its checksums.json" in capsys.readouterr().err
+
+
+def test_a_resealed_label_past_the_class_names_is_refused(extracted, tmp_path, capsys):
+    """From the cache alone (nothing to compare the labels with), a label no class name has is one line,
+    not an index past the head."""
+    segment = _copy(extracted, tmp_path)
+    root, key = tmp_path / "cache", extracted["key"]
+    table = pq.read_table(root / key / EXAMPLES_FILE)
+    labels = table.column("label").to_numpy().copy()
+    labels[5] = 10**9
+    column = pa.array(labels, table.schema.field("label").type)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("label"), "label", column), root / key / EXAMPLES_FILE
+    )
+    _reseal_all(root, key, segment)
+    capsys.readouterr()
+    runs = ["--runs-root", str(tmp_path / "runs"), "--registry", str(tmp_path / "registry.sqlite")]
+    assert main(["train", "--cache", str(root / key), *runs, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("unipt: error:")]
+    assert len(errors) == 1 and "labels outside its 2 class names" in errors[0] and "Traceback" not in err, (
+        err
+    )

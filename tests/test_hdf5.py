@@ -172,3 +172,27 @@ def test_hdf5_export_of_another_dataset_is_refused_for_training(ray_session, tin
     out = export_hdf5(open_cache(prep.cache_root.location(prep.key)), tmp_path / "c.h5")
     with pytest.raises(UniptError, match="built for another dataset fingerprint"):
         open_cache(out, expect={"dataset_fingerprint": "0" * 64})
+
+
+@pytest.mark.parametrize("count", [10**12, 10**6])
+def test_an_hdf5_copy_that_lies_about_its_size_is_refused_before_reading(tmp_path, count):
+    """num_examples edited into the copy's attributes: refused in one line, before it sizes a read."""
+    root = CacheRoot(tmp_path / "cache")
+    build_cache(root, [5, 1, 9, 3, 7, 2, 8], {0: 4})
+    with open_cache(root.location(KEY)) as reader:
+        out = export_hdf5(reader, tmp_path / "copy.h5")
+    with h5py.File(out, "r+") as f:
+        attrs = json.loads(f.attrs["unipt"])
+        attrs["num_examples"] = attrs["layout"]["num_examples"] = count
+        f.attrs["unipt"] = json.dumps(attrs)
+    says = (
+        "not to be trusted: the cache layout says num_examples"
+        if count > 2**31
+        else r"has shape \[7\], not \[1000000\]"
+    )
+    with pytest.raises(UniptError, match=says):
+        HDF5CacheReader(out)
+    with h5py.File(out, "r+") as f:
+        f.attrs["unipt"] = json.dumps([1, 2])
+    with pytest.raises(UniptError, match="not the JSON objects unipt writes"):
+        HDF5CacheReader(out)

@@ -408,3 +408,40 @@ def test_errors_are_typed_missing_or_damaged(tmp_path):
         open_cache(root.location(source))
     assert issubclass(CacheMissing, UniptError) and issubclass(CacheDamaged, UniptError)  # one CLI line
     assert not any((tmp_path / ".leases").glob("*.lock"))  # a failed open holds no lease
+
+
+def test_compaction_moves_the_registered_root_digest_of_a_view_that_runs_read(tmp_path, capsys):
+    """Compaction rewrites a view (same examples, same activations, another layout): runs that read the
+    view as it was now name its new root digest, so `train` and `rerun` keep accepting it. A run that had
+    recorded another digest (the view changed after it) keeps that one: compaction launders nothing."""
+    from pipeline.checksums import stored_root_digest
+    from pipeline.cli import main
+    from pipeline.registry import Registry
+
+    root = CacheRoot(tmp_path)
+    _segment(root, "01" * 16, [3, 5, 2, 7], ["h0", "h1", "h2", "h3"], seed=0)
+    _segment(root, "02" * 16, [2, 8], ["h4", "h5"], seed=1)
+    examples = pa.table(
+        {"example_id": [f"e{i}" for i in range(6)], "label": [0, 1] * 3, "split": ["train"] * 6}
+    )
+    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
+    where = {f"h{i}": ("01" * 16, i) for i in range(4)} | {"h4": ("02" * 16, 0), "h5": ("02" * 16, 1)}
+    hashes = ["h5", "h0", "h1", "h4", "h2", "h3"]
+    for key in ("ee" * 16, "dd" * 16):
+        write_view(root, key, {"key_fields": {}, "label_names": ["a", "b"]}, examples, hashes, where, readers)
+    for reader in readers.values():
+        reader.lease.release()
+    before = stored_root_digest(root.location("ee" * 16))
+    registry = tmp_path / "r.sqlite"
+    with Registry(registry) as runs:
+        for run_id, key, digest in (("read", "ee" * 16, before), ("other", "dd" * 16, "0" * 64)):
+            record = {"run_id": run_id, "config": {}, "cache": {"key": key, "root_digest": digest}}
+            runs.register(record)
+
+    assert main(["cache", "compact", SPACE, "--cache-root", str(tmp_path), "--registry", str(registry)]) == 0
+    assert f"runs of view {'ee' * 16} now name its compacted root digest" in capsys.readouterr().out
+    after = stored_root_digest(root.location("ee" * 16))
+    assert after != before
+    with Registry(registry, create=False) as runs:
+        assert runs.cache_digests("ee" * 16) == {after: ["read"]}
+        assert runs.cache_digests("dd" * 16) == {"0" * 64: ["other"]}

@@ -14,7 +14,7 @@ import torch
 from pipeline.cache import CacheRoot
 from pipeline.cli import main
 from pipeline.errors import UniptError
-from pipeline.registry import SCHEMA_VERSION, Registry
+from pipeline.registry import _SCHEMA, SCHEMA_VERSION, Registry
 from pipeline.runs import write_run_record
 from tests.conftest import KEY, build_cache
 
@@ -159,3 +159,32 @@ def test_gc_keeps_caches_the_registry_references(tmp_path, capsys):
 def test_missing_registry_is_one_clear_line(tmp_path, capsys):
     code, _, err = _cli(capsys, "runs", "show", "abc", "--registry", str(tmp_path / "none.sqlite"))
     assert code == 2 and err.count("\n") == 1 and "no run registry" in err
+
+
+def test_a_schema_1_registry_gains_root_digests_and_keeps_its_runs(tmp_path):
+    """Registries written before root digests (schema 1) are migrated in place: their runs stay, with no
+    digest (so nothing is compared for them), and new runs record theirs."""
+    path = tmp_path / "registry.sqlite"
+    db = sqlite3.connect(path)
+    old_schema = _SCHEMA.replace("    root_digest TEXT,\n", "")
+    assert old_schema != _SCHEMA
+    db.executescript(old_schema)
+    db.execute(
+        "INSERT INTO runs (run_id, created_at, registered_at, config_json, config_sha256, "
+        "cache_key_fields_json, metrics_json, versions_json, artifacts_json, runtime_json) "
+        "VALUES ('old', 't', 't', '{}', 'x', '{}', '{}', '{}', '{}', '{}')"
+    )
+    db.execute("INSERT INTO run_caches (run_id, cache_key, role) VALUES ('old', ?, 'cache')", (KEY,))
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Registry(path) as registry:
+        assert registry.get("old").cache_keys == {"cache": KEY}
+        assert registry.cache_digests(KEY) == {}
+        record = _record("new")
+        record["cache"]["root_digest"] = "d" * 64
+        registry.register(record)
+        assert registry.cache_digests(KEY) == {"d" * 64: ["new"]}
+        assert registry.replace_cache_digest(KEY, "d" * 64, "e" * 64) == 1
+        assert registry.cache_digests(KEY) == {"e" * 64: ["new"]}
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

@@ -1,0 +1,98 @@
+"""Is a cache the one the runs read, and does it hold the dataset's labels? Checks before training.
+
+A cache's manifest (``checksums.json``) is unkeyed: it catches accidents (bit rot, truncation, a partial
+write), not a deliberate edit whose author reseals the manifest. Two cheap checks close most of that gap
+(``docs/integrity.md``):
+
+- the **root digest** (:func:`pipeline.checksums.root_digest`) of every cache a run read is kept in its
+  run record and the registry; a cache read again (``unipt train``, ``unipt run`` on a cache hit, ``unipt
+  rerun``, ``unipt cache verify --against-registry``) must have a root digest some registered run read;
+- a view's **labels and splits** (and example ids) are compared with the dataset table when the data is
+  here: a view relabelled and resealed would otherwise train quietly on the wrong labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache import ActivationCache
+from pipeline.datasets import DatasetTable
+from pipeline.errors import UniptError
+from pipeline.registry import Registry
+
+_COMPARED = ("example_id", "split", "label")  # cheap columns every cache's examples table has
+
+
+def registry_mismatch(registry: str | Path, key: str, digest: str | None) -> str | None:
+    """Why a cache ``key`` with root digest ``digest`` is not what registered runs read, or None (also
+    when nothing is recorded: no registry, no run of that key, or runs from before root digests)."""
+    path = Path(registry).expanduser()
+    if digest is None or not path.exists():
+        return None
+    with Registry(path, create=False) as runs:
+        recorded = runs.cache_digests(key)
+    if not recorded or digest in recorded:
+        return None
+    theirs, run_ids = next(iter(recorded.items()))
+    return (
+        f"its root digest is {digest[:16]}, but run {run_ids[0]} in {path} read it as {theirs[:16]} "
+        f"({sum(map(len, recorded.values()))} registered run(s) read it): it changed after those runs"
+    )
+
+
+def check_registered(registry: str | Path, key: str, reader: ActivationCache) -> None:
+    """Refuse ``reader`` (cache ``key``) when registered runs read other content under that key."""
+    problem = registry_mismatch(registry, key, reader.root_digest())
+    if problem:
+        raise UniptError(
+            f"cache {reader.source} is not the cache registered runs trained on: {problem}; see `unipt cache "
+            f"verify {key} --against-registry`, then delete it and run `unipt extract` (or `unipt run`)"
+        )
+
+
+def check_examples_match(dataset: DatasetTable, reader: ActivationCache) -> None:
+    """Refuse a cache whose example ids, splits, labels or class names differ from the dataset table's
+    (the cache's fingerprint names the data, but its examples table is a separate file)."""
+    cached, table = reader.examples, dataset.table
+    fix = "delete the cache and run `unipt extract` (or `unipt run`) to write it again from the data"
+    if cached.num_rows != table.num_rows:
+        raise UniptError(
+            f"cache {reader.source} holds {cached.num_rows} examples, the dataset {table.num_rows}; {fix}"
+        )
+    for column in _COMPARED:
+        if column not in cached.column_names or column not in table.column_names:
+            continue
+        mine = table.column(column).to_numpy(zero_copy_only=False)
+        theirs = cached.column(column).to_numpy(zero_copy_only=False)
+        differ = np.flatnonzero(np.asarray(mine != theirs, dtype=bool))
+        if len(differ):
+            where = int(differ[0])
+            raise UniptError(
+                f"cache {reader.source} disagrees with dataset {dataset.source} on the {column} of example "
+                f"{where} ({theirs[where]!r} != {mine[where]!r}): its examples table was changed; {fix}"
+            )
+    if dataset.label_names and list(reader.label_names) != list(dataset.label_names):
+        raise UniptError(
+            f"cache {reader.source} names the classes {reader.label_names}, dataset {dataset.source} "
+            f"{dataset.label_names}; {fix}"
+        )
+
+
+def check_label_range(reader: ActivationCache) -> None:
+    """Refuse class labels outside the cache's class names: the head is sized by the names, so such a label
+    would index past it (or, enormous, size a one-hot) instead of failing in one line."""
+    if not reader.label_names or "label" not in reader.examples.column_names:
+        return
+    labels = reader.examples.column("label").to_numpy(zero_copy_only=False)
+    if len(labels) and not (
+        np.issubdtype(labels.dtype, np.integer)
+        and 0 <= labels.min()
+        and labels.max() < len(reader.label_names)
+    ):
+        raise UniptError(
+            f"cache {reader.source} has labels outside its {len(reader.label_names)} class names "
+            f"(from {labels.min()!r} to {labels.max()!r}); run `unipt cache verify {reader.source}` and "
+            "re-extract it"
+        )
