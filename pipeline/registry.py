@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -24,12 +25,15 @@ from typing import Any
 
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
-from pipeline.log import log, say
+from pipeline.log import human_bytes, log, say
 from pipeline.runs import RECORD_FILE, check_run_id
 
 SCHEMA_VERSION = 1
 DEFAULT_REGISTRY = ".unipt/registry.sqlite"
 BUSY_TIMEOUT_S = 60.0
+# Less free space than this beside the registry and a run's registration (a row, its WAL pages) may not
+# fit: refused before the work, not after it.
+MIN_FREE_BYTES = 1 << 20
 # Wall-clock measurements: they differ between two runs of the same thing, so they are not "results".
 TIMING_METRICS = frozenset({"train_seconds", "seconds_per_epoch"})
 
@@ -143,10 +147,17 @@ class Registry:
                 db.execute("DELETE FROM runs WHERE 0")
                 raise _Probed
         except _Probed:
-            return
+            pass
         except sqlite3.DatabaseError as exc:
             what, fix = failure(self.path, exc)
             raise UniptError(f"{what}; nothing was run: {fix}, then run the same command again") from exc
+        free = shutil.disk_usage(self.path.parent).free
+        if free < MIN_FREE_BYTES:
+            raise UniptError(
+                f"the disk holding run registry {self.path} has {human_bytes(free)} free, too little to "
+                f"register a run; nothing was run: free space there (`df -h {self.path.parent}` shows it) or "
+                "pass another --registry, then run the same command again"
+            )
 
     def _use_wal(self) -> None:
         # Switching a new database to WAL needs an exclusive lock, and SQLite answers "database is

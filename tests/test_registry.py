@@ -295,3 +295,54 @@ def test_a_full_or_failing_disk_is_named_with_what_to_run(tmp_path):
     assert "full or failing" in what and f"df -h {tmp_path}" in fix
     what, _ = failure(tmp_path / "r.sqlite", sqlite3.OperationalError("database or disk is full"))
     assert "full or failing" in what
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a disk that fills up for real (needs the right to mount; skipped without it)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _fill(disk: Path, leave: int = 0) -> None:
+    """Write a file until the disk is full (then give ``leave`` bytes back)."""
+    with open(disk / "filler", "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError:
+            pass
+    if leave:
+        with open(disk / "filler", "r+b") as handle:
+            handle.truncate((disk / "filler").stat().st_size - leave)
+
+
+def test_a_full_registry_disk_fails_before_any_work(tiny_config, tmp_path, capsys, small_disk):
+    registry = small_disk / "registry.sqlite"
+    Registry(registry).close()
+    _fill(small_disk, leave=64 << 10)
+    code, _, err = _cli(capsys, "run", str(tiny_config), *FAST, "--registry", str(registry))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"the disk holding run registry {registry} has" in err and "too little to register a run" in err
+    assert f"df -h {small_disk}" in err and "nothing was run" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_disk_that_fills_before_registration_names_the_command_that_registers_later(tmp_path, small_disk):
+    registry = small_disk / "registry.sqlite"
+    Registry(registry).close()
+    run_dir = write_run_record(tmp_path / "runs", _record("run-1"))
+    _fill(small_disk)
+    big = _record("run-1", config={"name": "t", "notes": "x" * 200_000})  # needs pages the disk lacks
+    with Registry(registry) as reg, pytest.raises(UniptError) as raised:
+        reg.register(big, {"run_dir": str(run_dir)})
+    message = str(raised.value)
+    assert "disk holding it is full or failing" in message and f"df -h {small_disk}" in message
+    assert f"`unipt runs register {run_dir} --registry {registry}`" in message
