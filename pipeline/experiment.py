@@ -46,7 +46,7 @@ from pipeline.from_cache import config_for_cache as config_for_cache  # the API:
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
 from pipeline.log import human_bytes, say
 from pipeline.model_files import ModelSpec, describe_model, write_model
-from pipeline.registry import ready_registry, register_run
+from pipeline.registry import ready_registry, register_run, registry_id
 from pipeline.runs import (
     RECORD_FILE,
     check_run_id,
@@ -505,6 +505,8 @@ def record(
         "versions": package_versions(),
         "project_commit": project_commit(),
         "runtime": trained.runtime,
+        # Where the run registers itself: a later command registers it there if it stopped before that.
+        "registry": registry_id(prep.config.storage.registry),
         **(extra or {}),
     }
     # Strict JSON: an undefined metric (a correlation of constant predictions) is null, with the reason.

@@ -398,6 +398,11 @@ def register_run(path: str | Path, record: dict[str, Any], run_dir: str | Path) 
             registry.set_artifacts(record["run_id"], artifacts)
 
 
+def registry_id(path: str | Path) -> str:
+    """How a run record names the registry it is meant for: the absolute path."""
+    return str(Path(path).expanduser().resolve())
+
+
 def read_finished_record(run_dir: Path) -> dict[str, Any]:
     """A run folder's record.json, checked to be a record of that folder's run."""
     path = run_dir / RECORD_FILE
@@ -420,8 +425,9 @@ def read_finished_record(run_dir: Path) -> dict[str, Any]:
 
 def register_unregistered(registry: Registry, runs_root: str | Path) -> list[str]:
     """Register every finished run under ``runs_root`` the registry lacks: a run killed after writing its
-    record.json but before registering itself. Returns their ids; a record that cannot be read is left
-    unregistered with a warning (it is no run to index, and it must not stop this command)."""
+    record.json but before registering itself. Only records naming this registry (``registry`` in the
+    record) count: runs of another registry may share the runs root. Returns their ids; a record that
+    cannot be read is left unregistered with a warning (it must not stop this command)."""
     root = Path(runs_root).expanduser()
     if not root.is_dir():
         return []
@@ -435,6 +441,8 @@ def register_unregistered(registry: Registry, runs_root: str | Path) -> list[str
         except UniptError as exc:
             log.warning(f"warning: not registering {run_dir}: {exc}")
             continue
+        if record.get("registry") != registry_id(registry.path):
+            continue  # a run recorded for another registry sharing this runs root (or older than this rule)
         if registry.register(record, run_artifacts(record, run_dir), exist_ok=True):
             registered.append(run_dir.name)
     return registered

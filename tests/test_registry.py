@@ -15,7 +15,7 @@ import pytest
 from pipeline.cache import CacheRoot
 from pipeline.cli import main
 from pipeline.errors import UniptError
-from pipeline.registry import SCHEMA_VERSION, Registry, failure
+from pipeline.registry import SCHEMA_VERSION, Registry, failure, ready_registry, registry_id
 from pipeline.runs import write_run_record
 from tests.conftest import KEY, build_cache
 
@@ -346,3 +346,15 @@ def test_a_disk_that_fills_before_registration_names_the_command_that_registers_
     message = str(raised.value)
     assert "disk holding it is full or failing" in message and f"df -h {small_disk}" in message
     assert f"`unipt runs register {run_dir} --registry {registry}`" in message
+
+
+def test_only_runs_recorded_for_this_registry_are_registered_from_a_shared_runs_root(tmp_path):
+    registry, runs = tmp_path / "registry.sqlite", tmp_path / "runs"
+    write_run_record(runs, _record("mine", registry=registry_id(registry)))
+    write_run_record(runs, _record("theirs", registry=registry_id(tmp_path / "other.sqlite")))
+    write_run_record(runs, _record("unnamed"))  # older records say nothing: left as they are
+    (runs / "broken").mkdir()
+    (runs / "broken" / "record.json").write_text("[1]")  # JSON, but no record: a warning, no stop
+    assert ready_registry(registry, runs) == ["mine"]
+    assert _registered(registry) == {"mine"}
+    assert ready_registry(registry, runs) == []  # once is enough
