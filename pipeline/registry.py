@@ -411,6 +411,11 @@ def read_finished_record(run_dir: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError as exc:
+        if (run_dir / "checkpoint.pt").is_file():  # train.checkpoint.CHECKPOINT_FILE (no torch here)
+            raise UniptError(
+                f"run {run_dir.name} did not finish (a checkpoint.pt, no {RECORD_FILE} in {run_dir}); "
+                f"continue it with `unipt train CONFIG --resume {run_dir}` (or run): that registers it"
+            ) from exc
         raise UniptError(f"no {RECORD_FILE} in {run_dir}; give the folder of a finished run") from exc
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UniptError(f"run record {path} is unreadable ({type(exc).__name__}); fix or remove it") from exc

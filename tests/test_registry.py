@@ -222,9 +222,13 @@ def test_runs_register_refuses_what_is_not_a_finished_run(tmp_path, capsys):
     other = tmp_path / "runs" / "run-2"
     shutil.copytree(run_dir, other)  # a record moved into another run's folder
     (tmp_path / "runs" / "empty").mkdir()
+    unfinished = tmp_path / "runs" / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "checkpoint.pt").write_bytes(b"")
     for folder, says in [
         (other, "is not the record of run run-2"),
         (tmp_path / "runs" / "empty", "no record"),
+        (unfinished, f"did not finish (a checkpoint.pt, no record.json in {unfinished}); continue it with "),
     ]:
         code, _, err = _cli(capsys, "runs", "register", str(folder), "--registry", registry)
         assert code == 2 and err.count("\n") == 1 and says in err, err
@@ -337,12 +341,13 @@ def test_a_full_registry_disk_fails_before_any_work(tiny_config, tmp_path, capsy
 
 def test_a_disk_that_fills_before_registration_names_the_command_that_registers_later(tmp_path, small_disk):
     registry = small_disk / "registry.sqlite"
-    Registry(registry).close()
     run_dir = write_run_record(tmp_path / "runs", _record("run-1"))
-    _fill(small_disk)
     big = _record("run-1", config={"name": "t", "notes": "x" * 200_000})  # needs pages the disk lacks
-    with Registry(registry) as reg, pytest.raises(UniptError) as raised:
-        reg.register(big, {"run_dir": str(run_dir)})
+    with Registry(registry) as reg:  # opened (and checked) before the work, as `unipt run` does
+        reg.check_writable()
+        _fill(small_disk)  # then the disk fills while the run trains
+        with pytest.raises(UniptError) as raised:
+            reg.register(big, {"run_dir": str(run_dir)})
     message = str(raised.value)
     assert "disk holding it is full or failing" in message and f"df -h {small_disk}" in message
     assert f"`unipt runs register {run_dir} --registry {registry}`" in message
