@@ -8,6 +8,10 @@ Connection rules (``--ray-address`` / ``RAY_ADDRESS``):
   naming the address and what to do (Ray itself retries an unreachable address for minutes);
 * ``ray://HOST:PORT``: Ray Client, only when the ``ray[client]`` extra (grpcio) is installed; otherwise
   refused in one line saying so.
+
+While an extraction runs, :class:`HeadWatch` probes the head: a head that is gone (killed, its machine
+lost) ends the process in one line naming the command that resumes, before Ray's core worker ends it
+itself after 60 s with its own "Failed to connect to GCS" message and exit 1.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shlex
 import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -30,6 +37,10 @@ from pipeline.errors import UniptError
 
 CONNECT_TIMEOUT_S = 30.0  # the whole join, probe included
 PROBE_TIMEOUT_S = 5.0  # a plain TCP connect to the head: refused or silent addresses fail here, fast
+# A head unreachable this long is lost: half of the 60 s after which Ray's core worker ends the driver
+# itself (gcs_rpc_server_reconnect_timeout_s), long enough for a fault-tolerant GCS to come back.
+HEAD_LOST_AFTER_S = 30.0
+HEAD_PROBE_EVERY_S = 1.0
 _RAY_OPTIONS: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
 _LOCAL_HINT = "or leave --ray-address and RAY_ADDRESS unset to start a local Ray"
 
@@ -76,6 +87,87 @@ def _probe(address: str, host_port: str) -> None:
             f"cannot reach the Ray cluster at {address} ({reason}); start it with `ray start --head` "
             f"there, check the address and port (the head's GCS port, 6379 by default), {_LOCAL_HINT}"
         ) from exc
+
+
+def same_command() -> str:
+    """The command this process runs, as the user would type it again (``unipt extract ...``)."""
+    argv = sys.argv
+    if argv and (Path(argv[0]).name == "unipt" or argv[0].endswith(os.path.join("pipeline", "cli.py"))):
+        return "`unipt " + shlex.join(argv[1:]) + "`"
+    return "the same command"
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+class HeadWatch:
+    """Watches the Ray head (its GCS port) from a thread while Ray is used; a lost head ends the process.
+
+    Ray gives a driver no error when its head dies: calls wait, and after 60 s its C++ core exits the
+    process with exit 1 and a message naming neither the cause nor the fix; nothing in Python can stop
+    that. So the watch says it first, in one line, and exits 2 as the CLI does for every error. Exiting
+    mid-extraction is what a kill -9 is: finished shards are kept, and ``resume`` (the fix it names)
+    continues from them. ``start`` after each connect; ``stop`` before ``ray.shutdown()``.
+    """
+
+    def __init__(self, resume: str) -> None:
+        self.resume = resume
+        self.address: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing_since: float | None = None
+        self._failed = threading.Lock()
+
+    def start(self) -> None:
+        if self._thread is not None or not ray.is_initialized():
+            return
+        address = ray.get_runtime_context().gcs_address
+        host, _, port = str(address).rpartition(":")
+        if not host or not port.isdigit():
+            return  # Ray Client or an unknown form: nothing we can probe
+        self.address = address
+        target = (host.strip("[]"), int(port))
+        self._thread = threading.Thread(target=self._watch, args=target, name="unipt-ray-head", daemon=True)
+        self._thread.start()
+
+    def _watch(self, host: str, port: int) -> None:
+        while not self._stop.wait(HEAD_PROBE_EVERY_S):
+            if _reachable(host, port):
+                self._failing_since = None
+                continue
+            self._failing_since = self._failing_since or time.monotonic()
+            if time.monotonic() - self._failing_since >= HEAD_LOST_AFTER_S and not self._stop.is_set():
+                self.fail_now(f"it has not answered for {HEAD_LOST_AFTER_S:.0f}s")
+
+    def head_lost(self, fresh: bool = False) -> bool:
+        """Whether the head is unreachable now: after a failed probe (or, ``fresh``, any time), asked
+        again at once."""
+        if self.address is None or not (fresh or self._failing_since is not None):
+            return False
+        host, _, port = self.address.rpartition(":")
+        return not _reachable(host.strip("[]"), int(port))
+
+    def fail_now(self, why: str = "it does not answer") -> None:
+        """Say that the head is lost, in one line, and end the process (exit 2): ``ray.shutdown()`` and
+        Ray's exit handler would wait on the lost head for a minute, then exit 1 in Ray's words."""
+        with self._failed:  # the watch and the main thread may both get here: one line only
+            sys.stdout.flush()
+            message = (
+                f"unipt: error: lost the Ray head at {self.address} ({why}): it was stopped or its machine "
+                f"is gone; {self.resume}\n"
+            )
+            os.write(2, message.encode())
+            os._exit(2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class _DropThreadWarning(logging.Filter):

@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayError
 from tqdm.auto import tqdm
 
-from extract.ray_session import connect, root_cause
+from extract.ray_session import HeadWatch, connect, root_cause, same_command
 from extract.spec import BackboneLoadSpec
 from pipeline.augment import augmented_hashes
 from pipeline.cache import CacheReader, CacheRoot, is_complete, read_attrs
@@ -119,12 +119,17 @@ def run_extraction(
     # so an unreachable cluster fails here and leaves nothing (no lock file) behind.
     probe = plan_space(root, space, everything)
     probe.release()
+    partial = root.root.child(".partial")
+    watch = HeadWatch(f"finished shards are kept under {partial}: run {same_command()} to resume from them")
     connected = [connect(ray_address)] if probe.missing else []
+    if probe.missing:
+        watch.start()
 
     def ensure_ray() -> None:
         # A segment the first look found may have been removed (gc) by the time the lock is ours.
         if not ray.is_initialized():
             connected.append(connect(ray_address))
+        watch.start()
 
     try:
         # One lock per space: extractions of overlapping versions never build the same inputs twice.
@@ -141,11 +146,20 @@ def run_extraction(
                 plan.release()  # the result holds its own leases now
             return result
     except RayError as exc:
+        if watch.head_lost(fresh=True):  # the workers failed because their head is gone: say that
+            watch.fail_now()
         raise UniptError(
             f"extraction failed in a Ray worker: {root_cause(exc)}; any finished shards are kept under "
-            f"{root.root.child('.partial')} and the same command resumes from them"
+            f"{partial} and the same command resumes from them"
         ) from exc
+    except BaseException:
+        if watch.head_lost(fresh=True):
+            watch.fail_now()
+        raise
     finally:
+        watch.stop()
+        if watch.head_lost():  # lost just now: ray.shutdown() would wait a minute on it
+            watch.fail_now()
         if any(connected):
             ray.shutdown()
 

@@ -24,6 +24,8 @@ from pipeline.registry import (
     Registry,
     RunEntry,
     differences,
+    read_finished_record,
+    register_run,
     result_metrics,
 )
 from pipeline.rerun import rerun
@@ -139,6 +141,21 @@ def cmd_runs_diff(args: argparse.Namespace) -> int:
         for key, left, right in diffs:
             print(f"  {key:<{width}}  {_show(left)} -> {_show(right)}")
     print(f"(timings not compared: {', '.join(sorted(TIMING_METRICS))})")
+    return 0
+
+
+def cmd_runs_register(args: argparse.Namespace) -> int:
+    """Register finished runs by their folders: those stopped between record.json and registration."""
+    for folder in args.run_dirs:
+        run_dir = Path(folder).expanduser()
+        record = read_finished_record(run_dir)
+        with Registry(args.registry) as registry:
+            known = record["run_id"] in registry.run_ids()
+        if known:
+            print(f"run {record['run_id']} is already in {args.registry}; nothing to do")
+            continue
+        register_run(args.registry, record, run_dir)
+        print(f"registered run {record['run_id']} from {run_dir / 'record.json'} in {args.registry}")
     return 0
 
 
@@ -360,6 +377,13 @@ def add_runs_commands(
     )
     diff.add_argument("run_a", help="a run id (or unique prefix)")
     diff.add_argument("run_b", help="a run id (or unique prefix)")
+    register = action(
+        "register",
+        "register finished runs by their folders (a run stopped after writing record.json but before "
+        "registering itself); `unipt run` and `unipt train` also do this for their runs root",
+        cmd_runs_register,
+    )
+    register.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run folder holding record.json")
 
     rerun = sub.add_parser(
         "rerun",

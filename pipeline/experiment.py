@@ -47,7 +47,7 @@ from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, ca
 from pipeline.integrity import check_examples_match, check_label_range, check_registered
 from pipeline.log import human_bytes, say
 from pipeline.model_files import ModelSpec, describe_model, write_model
-from pipeline.registry import register_run
+from pipeline.registry import ready_registry, register_run, registry_id
 from pipeline.runs import (
     RECORD_FILE,
     check_run_id,
@@ -55,6 +55,7 @@ from pipeline.runs import (
     new_run_id,
     package_versions,
     project_commit,
+    read_run_record,
     write_run_record,
 )
 from pipeline.tasks import TaskInfo, get_task
@@ -540,6 +541,8 @@ def record(
         "versions": package_versions(),
         "project_commit": project_commit(),
         "runtime": trained.runtime,
+        # Where the run registers itself: a later command registers it there if it stopped before that.
+        "registry": registry_id(prep.config.storage.registry),
         **(extra or {}),
     }
     # Strict JSON: an undefined metric (a correlation of constant predictions) is null, with the reason.
@@ -582,6 +585,9 @@ def run(
 ) -> RunResult:
     """The whole job: extract every backbone's cache (or reuse it), train, record."""
     started = time.perf_counter()
+    finished = _ready_to_record(prep, resume)
+    if finished is not None:
+        return finished
     extractions = extract_all(prep, ray_address=ray_address, progress=progress)
     # Each result holds a read lease taken before its build lock was let go: `unipt cache gc` cannot
     # remove a cache between its extraction and the end of training.
@@ -614,6 +620,9 @@ def train_from_cache(
 ) -> RunResult:
     """Train and record from caches that exist (by key, or ``cache``); never runs a backbone."""
     started = time.perf_counter()
+    finished = _ready_to_record(prep, resume)
+    if finished is not None:
+        return finished
     cache = cache if cache is not None else prep.cache
     if cache is None:
         require_caches(prep, "run `unipt extract CONFIG` first (or `unipt run`)")
@@ -692,15 +701,71 @@ def start_tracking(prep: Prepared, run_id: str) -> Tracker:
     return tracker
 
 
-def run_to_continue(prep: Prepared, resume: str | None) -> tuple[str, Path | None]:
-    """(run id, checkpoint to resume from): a fresh id, or the interrupted run's own id and checkpoint."""
+def _ready_to_record(prep: Prepared, resume: str | None) -> RunResult | None:
+    """Before any extraction or training: the registry is opened and checked (a read-only, damaged or
+    locked one fails now, not after the work), and runs that finished without registering are registered.
+    Resuming such a run gives its recorded result (None otherwise: the work is to be done)."""
+    storage = prep.config.storage
+    registered = ready_registry(storage.registry, storage.runs_root)
+    if resume is None:
+        return None
+    run_id, _ = _run_of_checkpoint(resume)
+    run_dir = Path(storage.runs_root).expanduser() / run_id
+    if not (run_dir / RECORD_FILE).exists():
+        return None
+    if run_id not in registered:
+        raise UniptError(
+            f"run {run_id} already finished (it has a {RECORD_FILE}) and is registered; nothing to resume: "
+            f"`unipt runs show {run_id}` shows it"
+        )
+    say(
+        f"run {run_id} had finished (its {RECORD_FILE} is written) but stopped before registering itself; "
+        f"it is registered in {storage.registry} now; nothing left to train"
+    )
+    return recorded_result(run_dir)
+
+
+def recorded_result(run_dir: Path) -> RunResult:
+    """A finished run's result as its record.json holds it (no model state: that is in model.json)."""
+    doc = read_run_record(run_dir)
+    try:
+        trained = Trained(
+            task=doc["task"]["name"],
+            metrics=dict(doc["metrics"]),
+            history=list(doc.get("history") or []),
+            layer_weights=list(doc.get("layer_weights") or []),
+            layer_names=[],
+            cache_source=str(doc["cache"]["path"]),
+            cache_bytes=int(doc["cache"]["bytes_on_disk"]),
+            gallery_layer_weights=doc.get("gallery_layer_weights"),
+            runtime=dict(doc.get("runtime") or {}),
+            select_metric=doc["task"].get("select_metric"),
+            report=doc.get("report"),
+        )
+        took = doc["timings"]
+        timings = Timings(float(took["extract_s"]), float(took["train_s"]), float(took["total_s"]))
+        return RunResult(run_dir, trained, timings, bool(doc["cache"]["hit"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UniptError(
+            f"run record {run_dir / RECORD_FILE} lacks {exc} or holds the wrong type there; it was edited "
+            f"or is not unipt's: `unipt runs show {run_dir.name}` shows what the registry has"
+        ) from exc
+
+
+def _run_of_checkpoint(resume: str) -> tuple[str, Path]:
+    """(run id, checkpoint file) of ``--resume RUN_DIR_OR_CHECKPOINT``."""
     from train.checkpoint import load_checkpoint, resolve_checkpoint
 
+    path = resolve_checkpoint(resume)
+    return check_run_id(load_checkpoint(path).get("meta", {}).get("run_id") or path.parent.name), path
+
+
+def run_to_continue(prep: Prepared, resume: str | None) -> tuple[str, Path | None]:
+    """(run id, checkpoint to resume from): a fresh id, or the interrupted run's own id and checkpoint."""
     if resume is None:
         config = prep.config.model_dump(mode="json")
         return new_run_id({"config": config, "cache_key": prep.key}), None
-    path = resolve_checkpoint(resume)
-    run_id = check_run_id(load_checkpoint(path).get("meta", {}).get("run_id") or path.parent.name)
+    run_id, path = _run_of_checkpoint(resume)
     if (Path(prep.config.storage.runs_root).expanduser() / run_id / RECORD_FILE).exists():
         raise UniptError(f"run {run_id} already finished (it has a {RECORD_FILE}); nothing to resume")
     return run_id, path

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -24,11 +25,15 @@ from typing import Any
 
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
-from pipeline.runs import RECORD_FILE
+from pipeline.log import human_bytes, log, say
+from pipeline.runs import RECORD_FILE, check_run_id
 from pipeline.storage import DEFAULT_REGISTRY as DEFAULT_REGISTRY  # re-exported: where commands look
 
 SCHEMA_VERSION = 2  # 2: run_caches.root_digest (the root digest of each cache a run read)
 BUSY_TIMEOUT_S = 60.0
+# Less free space than this beside the registry and a run's registration (a row, its WAL pages) may not
+# fit: refused before the work, not after it.
+MIN_FREE_BYTES = 1 << 20
 # Wall-clock measurements: they differ between two runs of the same thing, so they are not "results".
 TIMING_METRICS = frozenset({"train_seconds", "seconds_per_epoch"})
 
@@ -139,6 +144,12 @@ class Registry:
             raise UniptError(f"no run registry at {self.path}; run an experiment first or pass --registry")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UniptError(
+                f"run registry {self.path} cannot be created: its folder {self.path.parent} cannot be made "
+                f"({exc.strerror or exc}); create it (mkdir -p {self.path.parent}) or pass another --registry"
+            ) from exc
+        try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so a writer takes the
             # write lock up front and waits on busy_timeout instead of failing at commit time.
             self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
@@ -147,9 +158,29 @@ class Registry:
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
+            what, fix = failure(self.path, exc)
+            raise UniptError(f"{what}; {fix}") from exc
+
+    def check_writable(self) -> None:
+        """Take the write lock and give it back, writing nothing: a registry that is read-only, damaged
+        or held by another process fails here, before the work whose run it would record."""
+        try:
+            with self._write() as db:
+                # A write statement that matches no row: SQLite still checks the file can be written.
+                db.execute("DELETE FROM runs WHERE 0")
+                raise _Probed
+        except _Probed:
+            pass
+        except sqlite3.DatabaseError as exc:
+            what, fix = failure(self.path, exc)
+            raise UniptError(f"{what}; nothing was run: {fix}, then run the same command again") from exc
+        free = shutil.disk_usage(self.path.parent).free
+        if free < MIN_FREE_BYTES:
             raise UniptError(
-                f"run registry {self.path} cannot be opened ({exc}); fix the path or pass another --registry"
-            ) from exc
+                f"the disk holding run registry {self.path} has {human_bytes(free)} free, too little to "
+                f"register a run; nothing was run: free space there (`df -h {self.path.parent}` shows it) or "
+                "pass another --registry, then run the same command again"
+            )
 
     def _use_wal(self) -> None:
         # Switching a new database to WAL needs an exclusive lock, and SQLite answers "database is
@@ -204,8 +235,11 @@ class Registry:
                 db.execute("ALTER TABLE run_caches ADD COLUMN root_digest TEXT")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def register(self, record: dict[str, Any], artifacts: dict[str, Any] | None = None) -> str:
-        """Add a run from its record (the dict written to record.json); returns its run id."""
+    def register(
+        self, record: dict[str, Any], artifacts: dict[str, Any] | None = None, exist_ok: bool = False
+    ) -> bool:
+        """Add a run from its record (the dict written to record.json); False if ``exist_ok`` and it was
+        in the registry already (registered from its record.json by another command)."""
         config = record.get("config", {})
         dataset = record.get("dataset", {})
         sweep = record.get("sweep") or {}
@@ -242,13 +276,27 @@ class Registry:
                     [(row["run_id"], key, role, digests.get(role)) for role, key in keys.items()],
                 )
         except sqlite3.IntegrityError as exc:
+            if exist_ok:
+                return False
             raise UniptError(f"run {row['run_id']} is already in the registry {self.path}") from exc
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
+            what, fix = failure(self.path, exc)
+            run_dir = (artifacts or {}).get("run_dir") or "RUN_DIR"
             raise UniptError(
-                f"could not register run {row['run_id']} in {self.path} ({exc}); the run record is kept "
-                "in its run folder; retry when the registry is free"
+                f"run {row['run_id']} finished but could not be registered: {what}; its record is kept in "
+                f"{run_dir}: {fix}, then run `unipt runs register {run_dir} --registry {self.path}` "
+                "(the next `unipt run` or `unipt train` with this registry also registers it)"
             ) from exc
-        return row["run_id"]
+        return True
+
+    def set_artifacts(self, run_id: str, artifacts: dict[str, Any]) -> None:
+        """Replace a registered run's artifacts (its own registration knows files a recovery missed)."""
+        with self._write() as db:
+            db.execute("UPDATE runs SET artifacts_json = ? WHERE run_id = ?", (_dumps(artifacts), run_id))
+
+    def run_ids(self) -> set[str]:
+        """Every registered run id."""
+        return {row[0] for row in self._db.execute("SELECT run_id FROM runs")}
 
     def get(self, run_id: str) -> RunEntry:
         """A run by its id or a unique prefix of it."""
@@ -355,8 +403,46 @@ class Registry:
         )
 
 
-def register_run(path: str | Path, record: dict[str, Any], run_dir: str | Path) -> None:
-    """Register a run whose record was just written to ``run_dir``; its files are its artifacts."""
+class _Probed(Exception):
+    """Ends :meth:`Registry.check_writable`'s transaction by rolling it back."""
+
+
+def failure(path: Path, exc: sqlite3.DatabaseError) -> tuple[str, str]:
+    """(what is wrong, what to do) for an SQLite error on the registry at ``path``: a locked, read-only,
+    full or damaged registry each get their own fix, never only SQLite's words."""
+    text = str(exc)
+    lowered = text.lower()
+    if "locked" in lowered or "busy" in lowered:
+        return (
+            f"run registry {path} stayed locked by another process for {BUSY_TIMEOUT_S:.0f}s ({text})",
+            "wait for the other unipt command (a sweep, a run registering) to finish, or pass another "
+            "--registry",
+        )
+    if "readonly" in lowered or "read-only" in lowered:
+        return (
+            f"run registry {path} is read-only ({text})",
+            f"make it and its folder writable (chmod u+w {path} {path.parent}) or pass another --registry",
+        )
+    if "full" in lowered or "disk i/o" in lowered:
+        return (
+            f"run registry {path} cannot be written ({text}): the disk holding it is full or failing",
+            f"free space there (`df -h {path.parent}` shows how much is left) or pass another --registry",
+        )
+    if "not a database" in lowered or "malformed" in lowered or "encrypted" in lowered:
+        return (
+            f"run registry {path} is damaged ({text})",
+            f"move it aside (mv {path} {path}.damaged): the next `unipt run` or `unipt train` starts a new "
+            "one and registers the runs of its runs root again from their record.json; or pass another "
+            "--registry",
+        )
+    return (
+        f"run registry {path} cannot be opened ({text})",
+        "check the path (its folder must exist and be writable) or pass another --registry",
+    )
+
+
+def run_artifacts(record: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """A run's files, as the registry lists them: record, config, model, cache, tracking."""
     run_dir = Path(run_dir).expanduser().resolve()
     artifacts = {
         "run_dir": str(run_dir),
@@ -368,8 +454,86 @@ def register_run(path: str | Path, record: dict[str, Any], run_dir: str | Path) 
         artifacts["model"] = str(run_dir)
     if record.get("tracking"):  # where the run also went (MLflow run id, TensorBoard folder): findable here
         artifacts["tracking"] = record["tracking"]
+    return artifacts
+
+
+def register_run(path: str | Path, record: dict[str, Any], run_dir: str | Path) -> None:
+    """Register a run whose record was just written to ``run_dir``; its files are its artifacts."""
+    artifacts = run_artifacts(record, run_dir)
     with Registry(path) as registry:
-        registry.register(record, artifacts)
+        # Another command may have registered it from its record.json meanwhile (see register_unregistered),
+        # before this run wrote all its files: then only the artifacts are brought up to date.
+        if not registry.register(record, artifacts, exist_ok=True):
+            registry.set_artifacts(record["run_id"], artifacts)
+
+
+def registry_id(path: str | Path) -> str:
+    """How a run record names the registry it is meant for: the absolute path."""
+    return str(Path(path).expanduser().resolve())
+
+
+def read_finished_record(run_dir: Path) -> dict[str, Any]:
+    """A run folder's record.json, checked to be a record of that folder's run."""
+    path = run_dir / RECORD_FILE
+    if path.is_symlink() or run_dir.is_symlink():
+        raise UniptError(f"{path} is a symbolic link; unipt registers only records inside the run folder")
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        if (run_dir / "checkpoint.pt").is_file():  # train.checkpoint.CHECKPOINT_FILE (no torch here)
+            raise UniptError(
+                f"run {run_dir.name} did not finish (a checkpoint.pt, no {RECORD_FILE} in {run_dir}); "
+                f"continue it with `unipt train CONFIG --resume {run_dir}` (or run): that registers it"
+            ) from exc
+        raise UniptError(f"no {RECORD_FILE} in {run_dir}; give the folder of a finished run") from exc
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UniptError(f"run record {path} is unreadable ({type(exc).__name__}); fix or remove it") from exc
+    if not isinstance(record, dict) or record.get("run_id") != run_dir.name:
+        raise UniptError(
+            f"run record {path} is not the record of run {run_dir.name} (its run_id differs or is missing); "
+            "it was edited or moved: put it back in its own run folder"
+        )
+    check_run_id(record["run_id"])
+    return record
+
+
+def register_unregistered(registry: Registry, runs_root: str | Path) -> list[str]:
+    """Register every finished run under ``runs_root`` the registry lacks: a run killed after writing its
+    record.json but before registering itself. Only records naming this registry (``registry`` in the
+    record) count: runs of another registry may share the runs root. Returns their ids; a record that
+    cannot be read is left unregistered with a warning (it must not stop this command)."""
+    root = Path(runs_root).expanduser()
+    if not root.is_dir():
+        return []
+    known = registry.run_ids()
+    registered = []
+    for run_dir in sorted(root.iterdir()):
+        if run_dir.name in known or not (run_dir / RECORD_FILE).is_file():
+            continue
+        try:
+            record = read_finished_record(run_dir)
+        except UniptError as exc:
+            log.warning(f"warning: not registering {run_dir}: {exc}")
+            continue
+        if record.get("registry") != registry_id(registry.path):
+            continue  # a run recorded for another registry sharing this runs root (or older than this rule)
+        if registry.register(record, run_artifacts(record, run_dir), exist_ok=True):
+            registered.append(run_dir.name)
+    return registered
+
+
+def ready_registry(path: str | Path, runs_root: str | Path) -> list[str]:
+    """Open the registry at ``path`` (created if new) and check it can be written, before any work whose
+    run it will record; then register the finished runs under ``runs_root`` it lacks (their ids)."""
+    with Registry(path) as registry:
+        registry.check_writable()
+        registered = register_unregistered(registry, runs_root)
+    if registered:
+        say(
+            f"registered {len(registered)} finished run(s) that had stopped before registering themselves "
+            f"in {path}: {', '.join(registered)}"
+        )
+    return registered
 
 
 def registered_cache_keys(path: str | Path) -> set[str]:

@@ -188,3 +188,31 @@ def test_more_workers_than_the_machine_can_place_shrink_instead_of_hanging(tiny_
     else:
         assert "on 1 worker(s)" in result.stderr and "ran no shard" not in result.stderr
     print(f"finished in {time.monotonic() - started:.0f}s")
+
+
+def test_losing_the_head_mid_run_is_one_line_naming_the_command_that_resumes(cluster, config, tmp_path):
+    """The head's processes killed while a shard runs: Ray alone waits 60 s, then exits 1 in its words."""
+    address, cache, log = cluster.address, tmp_path / "cache", tmp_path / "log.txt"
+    proc = _extract(config, cache, address, log)
+    deadline = time.monotonic() + 240
+    while not _worker_running_a_shard(cluster.head_node):
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the head's worker ran no shard within 240s"
+        time.sleep(0.05)
+    cluster.head_node.kill_all_processes(check_alive=False, allow_graceful=False)
+    killed_at = time.monotonic()
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    took = time.monotonic() - killed_at
+    stderr = log.read_text()
+    print(stderr)
+    assert code == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("unipt: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert errors[0].startswith(f"unipt: error: lost the Ray head at {address}"), errors[0]
+    command = f"unipt extract {config} --no-progress --cache-root {cache} --ray-address {address}"
+    assert f"run `{command}` to resume from them" in errors[0]
+    assert f"finished shards are kept under {cache / '.partial'}" in errors[0]
+    assert took < 60, f"{took:.0f}s"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from pipeline.cache import CacheRoot
 from pipeline.cli import main
 from pipeline.errors import UniptError
-from pipeline.registry import _SCHEMA, SCHEMA_VERSION, Registry
+from pipeline.registry import _SCHEMA, SCHEMA_VERSION, Registry, failure, ready_registry, registry_id
 from pipeline.runs import write_run_record
 from tests.conftest import KEY, build_cache
 
@@ -188,3 +190,208 @@ def test_a_schema_1_registry_gains_root_digests_and_keeps_its_runs(tmp_path):
         assert registry.replace_cache_digest(KEY, "d" * 64, "e" * 64) == 1
         assert registry.cache_digests(KEY) == {"e" * 64: ["new"]}
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
+def _unregister(registry: Path, run_id: str) -> None:
+    """What a kill -9 between record.json and registration leaves: the record, no registry row."""
+    db = sqlite3.connect(registry)
+    with db:
+        db.execute("DELETE FROM run_caches WHERE run_id = ?", (run_id,))
+        db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+    db.close()
+
+
+def _registered(registry: Path) -> set[str]:
+    with Registry(registry) as reg:
+        return reg.run_ids()
+
+
+def test_a_run_stopped_before_registration_is_registered_later(tiny_config, tmp_path, capsys, ray_session):
+    registry, runs = tmp_path / "registry.sqlite", tmp_path / "runs"
+    assert _cli(capsys, "run", str(tiny_config), *FAST)[0] == 0
+    (run_dir,) = runs.iterdir()
+    run_id = run_dir.name
+    with Registry(registry) as reg:
+        artifacts = reg.get(run_id).artifacts
+    assert "model" in artifacts
+
+    # --resume of it: registered now, its recorded result shown, nothing trained again.
+    _unregister(registry, run_id)
+    assert _registered(registry) == set()
+    code, out, err = _cli(capsys, "train", str(tiny_config), *FAST, "--resume", str(run_dir))
+    assert code == 0, err
+    assert f"run {run_id} had finished" in err and "stopped before registering itself" in err
+    record = json.loads((run_dir / "record.json").read_text())
+    assert f"run {run_dir}" in out and f"{record['metrics']['test_acc']:.4f}" in out
+    assert "training on" not in err  # nothing was trained
+    with Registry(registry) as reg:
+        entry = reg.get(run_id)
+    assert entry.metrics == record["metrics"] and entry.artifacts == artifacts
+    assert [p.name for p in runs.iterdir()] == [run_id]
+
+    # Once registered, --resume refuses as before, saying where to look.
+    code, _, err = _cli(capsys, "train", str(tiny_config), *FAST, "--resume", str(run_dir))
+    assert code == 2 and "already finished" in err and f"unipt runs show {run_id}" in err
+
+    # `unipt runs register DIR`, and again (nothing to do).
+    _unregister(registry, run_id)
+    code, out, _ = _cli(capsys, "runs", "register", str(run_dir), "--registry", str(registry))
+    assert code == 0 and f"registered run {run_id}" in out and _registered(registry) == {run_id}
+    code, out, _ = _cli(capsys, "runs", "register", str(run_dir), "--registry", str(registry))
+    assert code == 0 and "already in" in out
+
+    # The next `unipt train` with this registry registers it before it trains its own run.
+    _unregister(registry, run_id)
+    code, _, err = _cli(capsys, "train", str(tiny_config), *FAST)
+    assert code == 0 and "registered 1 finished run(s) that had stopped before registering themselves" in err
+    assert err.index(run_id) < err.index("training on")
+    assert run_id in _registered(registry) and len(_registered(registry)) == 2
+
+
+def test_runs_register_refuses_what_is_not_a_finished_run(tmp_path, capsys):
+    registry = str(tmp_path / "registry.sqlite")
+    run_dir = write_run_record(tmp_path / "runs", _record("run-1"))
+    other = tmp_path / "runs" / "run-2"
+    shutil.copytree(run_dir, other)  # a record moved into another run's folder
+    (tmp_path / "runs" / "empty").mkdir()
+    unfinished = tmp_path / "runs" / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "checkpoint.pt").write_bytes(b"")
+    for folder, says in [
+        (other, "is not the record of run run-2"),
+        (tmp_path / "runs" / "empty", "no record"),
+        (unfinished, f"did not finish (a checkpoint.pt, no record.json in {unfinished}); continue it with "),
+    ]:
+        code, _, err = _cli(capsys, "runs", "register", str(folder), "--registry", registry)
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert not Path(registry).exists() or _registered(Path(registry)) == set()
+
+
+def _make_read_only(path: Path) -> bool:
+    """chmod 444; root ignores modes, so there the file is also made immutable (False: cannot)."""
+    path.chmod(0o444)
+    if os.geteuid() == 0:
+        return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    return True
+
+
+@pytest.mark.parametrize("fault", ["read-only", "garbage", "locked"])
+def test_a_bad_registry_fails_in_one_line_before_any_work(tiny_config, tmp_path, capsys, monkeypatch, fault):
+    registry = tmp_path / "registry.sqlite"
+    Registry(registry).close()
+    holder = None
+    if fault == "read-only" and not _make_read_only(registry):
+        pytest.skip("cannot make a file read-only for root here (no chattr)")
+    if fault == "garbage":
+        registry.write_bytes(os.urandom(8192))
+        for side in ("-wal", "-shm"):
+            Path(f"{registry}{side}").unlink(missing_ok=True)
+    if fault == "locked":
+        monkeypatch.setattr("pipeline.registry.BUSY_TIMEOUT_S", 1.0)  # the real wait is 60 s
+        holder = sqlite3.connect(registry, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+    try:
+        code, _, err = _cli(capsys, "run", str(tiny_config), *FAST)
+    finally:
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
+        if fault == "read-only" and os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(registry)], check=True)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("unipt: error: run registry"), err
+    says = {
+        "read-only": ["is read-only", "nothing was run", "chmod u+w", "run the same command again"],
+        "garbage": ["is damaged", "(file is not a database)", "move it aside (mv "],
+        "locked": ["stayed locked", "nothing was run", "run the same command again"],
+    }[fault]
+    assert all(part in err for part in says), err
+    # Checked before extraction and training: no cache, no run folder, no checkpoint.
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_registry_that_fails_at_registration_names_the_command_that_registers_later(tmp_path):
+    registry = tmp_path / "registry.sqlite"
+    Registry(registry).close()
+    run_dir = write_run_record(tmp_path / "runs", _record("run-1"))
+    if not _make_read_only(registry):
+        pytest.skip("cannot make a file read-only for root here (no chattr)")
+    try:
+        with Registry(registry) as reg, pytest.raises(UniptError) as raised:
+            reg.register(_record("run-1"), {"run_dir": str(run_dir)})
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(registry)], check=True)
+    message = str(raised.value)
+    assert "run run-1 finished but could not be registered" in message and "is read-only" in message
+    assert f"`unipt runs register {run_dir} --registry {registry}`" in message
+
+
+def test_a_full_or_failing_disk_is_named_with_what_to_run(tmp_path):
+    what, fix = failure(tmp_path / "r.sqlite", sqlite3.OperationalError("disk I/O error"))
+    assert "full or failing" in what and f"df -h {tmp_path}" in fix
+    what, _ = failure(tmp_path / "r.sqlite", sqlite3.OperationalError("database or disk is full"))
+    assert "full or failing" in what
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a disk that fills up for real (needs the right to mount; skipped without it)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _fill(disk: Path, leave: int = 0) -> None:
+    """Write a file until the disk is full (then give ``leave`` bytes back)."""
+    with open(disk / "filler", "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError:
+            pass
+    if leave:
+        with open(disk / "filler", "r+b") as handle:
+            handle.truncate((disk / "filler").stat().st_size - leave)
+
+
+def test_a_full_registry_disk_fails_before_any_work(tiny_config, tmp_path, capsys, small_disk):
+    registry = small_disk / "registry.sqlite"
+    Registry(registry).close()
+    _fill(small_disk, leave=64 << 10)
+    code, _, err = _cli(capsys, "run", str(tiny_config), *FAST, "--registry", str(registry))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"the disk holding run registry {registry} has" in err and "too little to register a run" in err
+    assert f"df -h {small_disk}" in err and "nothing was run" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_disk_that_fills_before_registration_names_the_command_that_registers_later(tmp_path, small_disk):
+    registry = small_disk / "registry.sqlite"
+    run_dir = write_run_record(tmp_path / "runs", _record("run-1"))
+    big = _record("run-1", config={"name": "t", "notes": "x" * 200_000})  # needs pages the disk lacks
+    with Registry(registry) as reg:  # opened (and checked) before the work, as `unipt run` does
+        reg.check_writable()
+        _fill(small_disk)  # then the disk fills while the run trains
+        with pytest.raises(UniptError) as raised:
+            reg.register(big, {"run_dir": str(run_dir)})
+    message = str(raised.value)
+    assert "disk holding it is full or failing" in message and f"df -h {small_disk}" in message
+    assert f"`unipt runs register {run_dir} --registry {registry}`" in message
+
+
+def test_only_runs_recorded_for_this_registry_are_registered_from_a_shared_runs_root(tmp_path):
+    registry, runs = tmp_path / "registry.sqlite", tmp_path / "runs"
+    write_run_record(runs, _record("mine", registry=registry_id(registry)))
+    write_run_record(runs, _record("theirs", registry=registry_id(tmp_path / "other.sqlite")))
+    write_run_record(runs, _record("unnamed"))  # older records say nothing: left as they are
+    (runs / "broken").mkdir()
+    (runs / "broken" / "record.json").write_text("[1]")  # JSON, but no record: a warning, no stop
+    assert ready_registry(registry, runs) == ["mine"]
+    assert _registered(registry) == {"mine"}
+    assert ready_registry(registry, runs) == []  # once is enough
