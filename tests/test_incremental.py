@@ -170,6 +170,49 @@ def test_b_incremental_trains_exactly_like_b_from_scratch(ray_session, versions)
         assert _untimed(mine) == _untimed(theirs)
 
 
+def test_a_layer_subset_of_a_stored_space_is_a_view_that_trains_like_a_subset_extraction(
+    ray_session, versions, capfd
+):
+    """backbone.layers a subset of a stored space's layers: a view over those layers (no backbone forward,
+    nothing new in the root), with its own key, and the same rows and training as an extraction of them."""
+    wide = versions("B", "layers", "backbone.layers=[0,1,2]")
+    experiment.extract(wide, progress=False).release()
+    root = wide.cache_root
+    (space,) = root.spaces()
+    segments = root.segments(space)
+    capfd.readouterr()
+
+    subset = versions("B", "layers", "backbone.layers=[0,2]")
+    assert subset.key != wide.key and subset.key_fields["layers"] == [0, 2]
+    result = experiment.extract(subset, progress=False)
+    err = capfd.readouterr().err
+    assert "with layers [0, 1, 2]; writing a view of layers [0, 2] (no backbone forward pass)" in err
+    assert result.cache_hit and result.shards_run == 0 and result.examples == 0
+    result.release()
+    assert root.spaces() == [space] and root.segments(space) == segments  # no segment, no space added
+    with experiment.extract(subset, progress=False) as again:  # a rerun finds its view
+        assert again.cache_hit and again.path == root.location(subset.key)
+
+    scratch = versions("B", "layers-scratch", "backbone.layers=[0,2]")
+    with experiment.extract(scratch, progress=False):
+        pass
+    assert scratch.key == subset.key
+    a, b = (
+        CacheReader(root.location(subset.key)),
+        CacheReader(scratch.cache_root.location(scratch.key)),
+    )
+    assert a.layers == b.layers == [0, 2] and a.attrs["space_layers"] == [0, 1, 2]
+    assert a.attrs["key_fields"] == b.attrs["key_fields"]
+    _assert_same_rows(a, b)
+    a.lease.release()
+    b.lease.release()
+    first = experiment.train(subset, progress=False)
+    second = experiment.train(scratch, progress=False)
+    assert _untimed(first.metrics) == _untimed(second.metrics)
+    for mine, theirs in zip(first.history, second.history, strict=True):
+        assert _untimed(mine) == _untimed(theirs)
+
+
 def _assert_same_rows(mine: CacheReader, theirs: CacheReader) -> None:
     """Every stored layer of two caches: the same offsets and the same rows, bit for bit."""
     for layer in mine.layers:
