@@ -14,9 +14,10 @@ import pytest
 from pipeline import experiment
 from pipeline.cache import CacheReader, CacheRoot, ViewReader
 from pipeline.cache_layout import LayerSpec, StoreLayout
-from pipeline.cache_space import write_view
+from pipeline.cache_space import compact, write_view
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.config import load_config
+from pipeline.errors import UniptError
 from tests.conftest import make_sentiment_rows, write_config, write_csv
 
 SPACE = "5a" * 16
@@ -264,6 +265,41 @@ def test_compact_merges_segments_rewrites_views_and_gc_removes_what_no_view_read
     # ...and the space it leaves empty, so nothing of it stays on disk.
     assert f"removing space {SPACE}" in capsys.readouterr().out
     assert root.spaces() == [] and not root.space_location(SPACE).exists()
+
+
+def test_a_layer_subset_view_reads_only_its_layers_and_stays_one_through_compaction(tmp_path):
+    root = CacheRoot(tmp_path)
+    first = _segment(root, "01" * 16, [3, 5, 2], ["h0", "h1", "h2"], seed=0)
+    second = _segment(root, "02" * 16, [4, 6], ["h3", "h4"], seed=1)
+    rows = [first[1][i] for i in range(3)] + [second[1][i] for i in range(2)]
+    hashes = ["h4", "h0", "h3", "h1", "h2"]
+    examples = pa.table(
+        {"example_id": [f"e{i}" for i in range(5)], "label": [0, 1, 0, 1, 0], "split": ["train"] * 5}
+    )
+    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
+    where = {f"h{i}": ("01" * 16, i) for i in range(3)} | {"h3": ("02" * 16, 0), "h4": ("02" * 16, 1)}
+    key = "ee" * 16
+    write_view(root, key, {"key_fields": {}, "label_names": ["a", "b"]}, examples, hashes, where, readers,
+               layers=[1])  # fmt: skip
+    for reader in readers.values():
+        reader.lease.release()
+    expected = np.concatenate([rows[int(h[1])] for h in hashes])
+
+    def check() -> None:
+        view = CacheReader(root.location(key))
+        try:
+            assert view.layers == [1] and view.hidden_sizes == {1: 4} and view.attrs["space_layers"] == [0, 1]
+            assert view.attribute_problems() == [] and view.metadata_problems() == []
+            np.testing.assert_array_equal(view.read_rows(1, 0, len(expected)), expected)
+            with pytest.raises(UniptError, match=r"layer 0 is not in cache .* \(stored layers: \[1\]\)"):
+                view.read_rows(0, 0, 1)
+        finally:
+            view.lease.release()
+
+    check()
+    compact(root, SPACE, progress=False)
+    assert len(root.segments(SPACE)) == 3  # the merged one; the old two wait for gc
+    check()
 
 
 def test_concurrent_extractions_of_overlapping_versions_build_each_input_once(
