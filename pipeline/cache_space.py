@@ -46,7 +46,7 @@ from pipeline.checksums import CHECKSUMS_FILE, digest, seal
 from pipeline.encoding import has_scale
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
-from pipeline.identity import space_key, space_key_fields
+from pipeline.identity import same_space_but_layers, space_key
 from pipeline.locks import ReadLease
 from pipeline.log import say
 from pipeline.storage import Location
@@ -140,12 +140,11 @@ def plan_layer_subset(root: CacheRoot, fields: dict[str, Any], hashes: list[str]
     if not isinstance(wanted, list):  # "all": only a space of exactly these layers holds it
         return None
     own = space_key(fields)
-    rest = {name: value for name, value in space_key_fields(fields).items() if name != "layers"}
     for space in root.spaces():
         if space == own:
             continue
         stored = _space_fields(root, space)
-        if stored is None or {k: v for k, v in stored.items() if k != "layers"} != rest:
+        if stored is None or not same_space_but_layers(fields, stored):
             continue
         if isinstance(stored.get("layers"), list) and not set(wanted) <= set(stored["layers"]):
             continue

@@ -14,7 +14,7 @@ import pytest
 from pipeline import experiment
 from pipeline.cache import CacheReader, CacheRoot, ViewReader
 from pipeline.cache_layout import LayerSpec, StoreLayout
-from pipeline.cache_space import compact, write_view
+from pipeline.cache_space import compact, plan_layer_subset, write_space_file, write_view
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.config import load_config
 from pipeline.errors import UniptError
@@ -300,6 +300,30 @@ def test_a_layer_subset_view_reads_only_its_layers_and_stays_one_through_compact
     compact(root, SPACE, progress=False)
     assert len(root.segments(SPACE)) == 3  # the merged one; the old two wait for gc
     check()
+
+
+def test_only_a_space_equal_but_for_more_layers_and_holding_every_input_serves_a_layer_subset(tmp_path):
+    root = CacheRoot(tmp_path)
+    _segment(root, "01" * 16, [3, 5, 2], ["h0", "h1", "h2"], seed=0)  # layers 0 and 1
+    stored = {"backbone": {"weights_sha256": "w"}, "layers": [0, 1], "max_length": 8}
+    write_space_file(root, SPACE, stored)
+
+    def plan(hashes: list[str] = ["h2", "h0"], **change):  # noqa: B006
+        fields = {**stored, "dataset_fingerprint": "v", "layers": [1], **change}
+        found = plan_layer_subset(root, fields, hashes)
+        if found is not None:
+            found.release()
+        return found
+
+    found = plan()
+    assert found is not None and found.space == SPACE and found.layers == [1] and not found.missing
+    assert found.where == {"h2": ("01" * 16, 2), "h0": ("01" * 16, 0)}
+    assert plan(layers=[0, 1]) is not None  # every stored layer: an ordinary view (write_view drops layers)
+    assert plan(["h2", "h9"]) is None  # an input the space does not hold
+    assert plan(layers=[1, 2]) is None  # a layer it does not store
+    assert plan(layers="all") is None
+    assert plan(max_length=16) is None  # any other byte-deciding field differs: another space's rows
+    assert plan(backbone={"weights_sha256": "other"}) is None
 
 
 def test_concurrent_extractions_of_overlapping_versions_build_each_input_once(
