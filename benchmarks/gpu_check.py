@@ -6,8 +6,11 @@ On ``--limit`` snippets of the default experiment (configs/rt_minilm.yaml):
   (``float16`` on cards that only emulate bf16);
 - loader samples/s against what UniPT's GPU training step consumes, and the fraction of the step time
   spent waiting for data when training from the loader (the GPU must not wait);
+- the read path against recomputing (issue 28): the cache's read rate (decoded GB/s) and the backbone's
+  forward rate (tokens/s) on the training device, as ``unipt plan`` measures them, and one pass of the
+  data read from the cache against one recomputed (the read rate at which they tie);
 - seconds per epoch training from the cache against UniPT online (backbone in memory), peak GPU memory
-  of each;
+  of each, and the cache's speed-up per epoch;
 - training from the cache with AMP on (auto) and off.
 
 The CPU parts (extracting the cache, the loader against a CPU step) run everywhere; without a GPU the
@@ -35,6 +38,7 @@ from benchmarks.loader_throughput import Stepper, loader_for, measure  # noqa: E
 from pipeline import experiment  # noqa: E402
 from pipeline.config import ExperimentConfig, load_config  # noqa: E402
 from pipeline.cuda_support import fast_half  # noqa: E402
+from pipeline.plan import forward_rate, read_rate  # noqa: E402
 from train.loader import CacheBatches  # noqa: E402
 
 
@@ -92,6 +96,37 @@ def pure_forward_seconds(prep: experiment.Prepared, autocast: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+def read_path_rows(
+    prep: experiment.Prepared, reader: Any, config: ExperimentConfig
+) -> list[tuple[str, str, str]]:
+    """The cache's read rate and the backbone's forward rate (as `unipt plan` measures them), and one pass
+    over the data each way: read from the cache, or recomputed by the backbone on the training device."""
+    read_bytes, read_s = read_rate(reader, examples=reader.num_examples)
+    tokens = int(reader.examples.column("length").to_numpy().sum())
+    tokens_s, device = forward_rate(prep, prep.primary.name, config, tokens)
+    per_token = read_bytes / max(1, tokens)
+    forward_s = tokens / tokens_s
+    return [
+        (
+            "cache read rate",
+            f"{read_bytes / read_s / 1e9:.2f} GB/s decoded",
+            f"{per_token:,.0f} bytes per token",
+        ),
+        (f"backbone forward ({device})", f"{tokens_s:,.0f} tokens/s", "encode, in this process"),
+        (
+            "one pass: cache vs recompute",
+            f"read {read_s:.2f}s vs forward {forward_s:.2f}s",
+            f"{_faster(read_s, forward_s)}; they tie at {per_token * tokens_s / 1e9:.2f} GB/s",
+        ),
+    ]
+
+
+def _faster(cache_s: float, online_s: float) -> str:
+    if cache_s <= online_s:
+        return f"the cache is {online_s / cache_s:.1f}x faster"
+    return f"recomputing is {cache_s / online_s:.1f}x faster"
 
 
 def with_train(config: ExperimentConfig, **train: Any) -> ExperimentConfig:
@@ -160,6 +195,7 @@ def main() -> int:
         (f"UniPT step ({device.type})", f"{need:,.0f} samples/s", f"loader/step {feed / need:.2f}"),
         ("training from loader", f"{fed:,.0f} samples/s", f"{waited:.1%} of step time waiting for data"),
     ]
+    rows += read_path_rows(prep, reader, config)
     if not gpu:
         print_table(("measure", "value", "note"), rows)
         print(
@@ -173,8 +209,10 @@ def main() -> int:
             "cache hit: delete --cache-root to time it" if cached else f"wall/forward {seconds / forward:.2f}"
         )
         rows.append((f"extraction (autocast {autocast})", f"{seconds:.1f}s vs forward {forward:.1f}s", note))
+    cache_epochs = {}
     for amp in ("auto", "off"):
         per_epoch, peak, val = epoch_seconds(prep, with_train(config, amp=amp))
+        cache_epochs[amp] = per_epoch
         rows.append(
             (f"epoch from cache (amp {amp})", f"{per_epoch:.2f}s", f"peak GPU {peak:.0f} MiB, val {val:.3f}")
         )
@@ -193,6 +231,10 @@ def main() -> int:
             f"{per_epoch:.2f}s",
             f"peak GPU {online.metrics['peak_cuda_mib']:.0f} MiB",
         )
+    )
+    cached = cache_epochs["auto"]  # both with AMP on
+    rows.append(
+        ("cache vs online epoch (amp auto)", f"{per_epoch / cached:.2f}x", _faster(cached, per_epoch))
     )
     print_table(("measure", "value", "note"), rows)
     return 0

@@ -30,7 +30,14 @@ from pipeline.cache_layout import (
     StoreLayout,
     resolve_chunk_rows,
 )
-from pipeline.cache_space import SpacePlan, plan_space, segment_id, write_space_file, write_view
+from pipeline.cache_space import (
+    SpacePlan,
+    plan_layer_subset,
+    plan_space,
+    segment_id,
+    write_space_file,
+    write_view,
+)
 from pipeline.cache_writer import CacheBuilder
 from pipeline.config import BackboneConfig, ExtractConfig
 from pipeline.datasets import TEXT_PAIR_COLUMN, backbone_inputs, input_hashes
@@ -117,7 +124,7 @@ def run_extraction(
 
     # A first look without the lock: when inputs are missing, Ray is connected before the lock is taken,
     # so an unreachable cluster fails here and leaves nothing (no lock file) behind.
-    probe = plan_space(root, space, everything)
+    probe = _plan(request, space, everything)
     probe.release()
     partial = root.root.child(".partial")
     watch = HeadWatch(f"finished shards are kept under {partial}: run {same_command()} to resume from them")
@@ -139,7 +146,7 @@ def run_extraction(
                 return ExtractionResult(
                     path=root.location(key), cache_hit=True, seconds=time.perf_counter() - t0, lease=hit
                 )
-            plan = plan_space(root, space, everything)
+            plan = _plan(request, space, everything)
             try:
                 result = _build_view(request, plan, hashes, extra, ensure_ray, progress, t0)
             finally:
@@ -164,6 +171,19 @@ def run_extraction(
             ray.shutdown()
 
 
+def _plan(request: ExtractionRequest, space: str, everything: list[str]) -> SpacePlan:
+    """The space's plan; when it misses inputs, a plan over a space that holds them all with more layers
+    than ``backbone.layers`` asks for, if the root has one (a view of those layers: no forward pass)."""
+    plan = plan_space(request.cache_root, space, everything)
+    if not plan.missing:
+        return plan
+    wider = plan_layer_subset(request.cache_root, request.key_fields, everything)
+    if wider is None:
+        return plan
+    plan.release()
+    return wider
+
+
 def _build_view(
     request: ExtractionRequest,
     plan: SpacePlan,
@@ -181,6 +201,12 @@ def _build_view(
     inputs = f"inputs (of {len(extra) + 1} views)" if extra else "inputs"
     if plan.missing:
         say(f"cache: {plan.reused:,} of {plan.unique:,} {inputs} reused; extracting {len(plan.missing):,}")
+    elif plan.layers is not None:
+        say(
+            f"cache: all {plan.unique:,} inputs are in activation space {space} with layers "
+            f"{next(iter(plan.readers.values())).layers}; writing a view of layers {plan.layers} "
+            "(no backbone forward pass)"
+        )
     else:
         say(f"cache: all {plan.unique:,} inputs reused; writing the view only (no backbone forward pass)")
     leases = []
@@ -230,7 +256,9 @@ def _build_view(
         leases.append(ReadLease(root.lease_location(key)))
         leases += [ReadLease(root.lease_location(s)) for s in readers]
         t_view = time.perf_counter()
-        path = write_view(root, key, attrs, examples, hashes, plan.where, readers, views=extra)
+        path = write_view(
+            root, key, attrs, examples, hashes, plan.where, readers, views=extra, layers=plan.layers
+        )
         if not plan.missing:
             say(f"wrote view {key} over {len(readers)} segment(s) in {time.perf_counter() - t_view:.2f}s")
         result.path = path

@@ -47,6 +47,7 @@ from pipeline.checksums import CHECKSUMS_FILE, digest, seal
 from pipeline.encoding import has_scale
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
+from pipeline.identity import same_space_but_layers, space_key
 from pipeline.locks import ReadLease, exclusive
 from pipeline.log import say
 from pipeline.storage import Location
@@ -73,6 +74,9 @@ class SpacePlan:
     missing: list[int]  # table positions of the first example of each input no segment holds
     unique: int  # distinct inputs of the version
     leases: list[ReadLease] = field(default_factory=list)
+    # The layers a view written from this plan exposes, when the space stores more (a layer subset served
+    # from a wider space, :func:`plan_layer_subset`); None: all of the space's layers.
+    layers: list[int] | None = None
 
     @property
     def reused(self) -> int:
@@ -124,6 +128,49 @@ def plan_space(root: CacheRoot, space: str, hashes: list[str]) -> SpacePlan:
     return SpacePlan(space, list(readers), readers, where, missing, len(seen))
 
 
+def plan_layer_subset(root: CacheRoot, fields: dict[str, Any], hashes: list[str]) -> SpacePlan | None:
+    """A plan over another space of ``root`` that holds every one of ``hashes`` with a superset of the
+    layers ``fields`` asks for, all else equal: a config that keeps fewer of the stored layers is then a
+    view over those layers, with no backbone forward. None when no space qualifies.
+
+    The space's ``space.json`` (key fields, no dataset fingerprint) must equal ``fields``' but for
+    ``layers``; the stored layers are its segments' (``layers: all`` resolves there). A space missing any
+    input is passed over: mixing spaces in one view would mix layer sets.
+    """
+    wanted = fields.get("layers")
+    if not isinstance(wanted, list):  # "all": only a space of exactly these layers holds it
+        return None
+    own = space_key(fields)
+    for space in root.spaces():
+        if space == own:
+            continue
+        stored = _space_fields(root, space)
+        if stored is None or not same_space_but_layers(fields, stored):
+            continue
+        if isinstance(stored.get("layers"), list) and not set(wanted) <= set(stored["layers"]):
+            continue
+        plan = plan_space(root, space, hashes)
+        have = next(iter(plan.readers.values())).layers if plan.readers else []
+        if plan.missing or not set(wanted) <= set(have):
+            plan.release()
+            continue
+        plan.layers = list(wanted)
+        return plan
+    return None
+
+
+def _space_fields(root: CacheRoot, space: str) -> dict[str, Any] | None:
+    """``space.json``'s key fields, or None when it is missing or unreadable (such a space is not used)."""
+    try:
+        doc = json.loads(root.space_location(space).child(SPACE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    fields = doc.get("key_fields") if isinstance(doc, dict) else None
+    if not isinstance(fields, dict) or doc.get("space_key") != space:
+        return None
+    return fields
+
+
 def write_space_file(root: CacheRoot, space: str, fields: dict[str, Any]) -> None:
     """``space.json``: what the space's activations depend on (written once, for `unipt cache ls`)."""
     location = root.space_location(space).child(SPACE_FILE)
@@ -132,12 +179,25 @@ def write_space_file(root: CacheRoot, space: str, fields: dict[str, Any]) -> Non
         location.write_text(json.dumps(doc, indent=2, sort_keys=True))
 
 
-def virtual_layout(segment: StoreLayout, num_examples: int) -> StoreLayout:
+def virtual_layout(segment: StoreLayout, num_examples: int, layers: list[int] | None = None) -> StoreLayout:
     """A view's layout: its segments' settings over one shard of all its examples, so that
-    ``offsets()`` gives the back-to-back virtual rows (see :mod:`pipeline.cache_view`)."""
+    ``offsets()`` gives the back-to-back virtual rows (see :mod:`pipeline.cache_view`); only ``layers``
+    of the segments' when given (a layer-subset view)."""
     data = segment.to_json()
     data.update(num_examples=num_examples, shard_size=max(1, num_examples))
+    if layers is not None:
+        data["layers"] = [spec for spec in data["layers"] if spec["index"] in layers]
     return StoreLayout.from_json(data)
+
+
+def _subset_attrs(attrs: dict[str, Any], layers: list[int]) -> dict[str, Any]:
+    """The shared attributes of a view that exposes only ``layers`` of its segments'."""
+    out = dict(attrs)
+    out["layers"] = [layer for layer in attrs["layers"] if layer in layers]
+    for name in ("hidden_sizes", "grids"):
+        if name in attrs:
+            out[name] = {k: v for k, v in attrs[name].items() if int(k) in layers}
+    return out
 
 
 def write_view(
@@ -149,13 +209,15 @@ def write_view(
     where: dict[str, tuple[str, int]],
     readers: dict[str, CacheReader],
     views: list[list[str]] | None = None,
+    layers: list[int] | None = None,
 ) -> Location:
     """Write (or rewrite) the view ``key``: ``examples`` (example_id, label, split) in the dataset's
     order, each pointed at the segment row holding its input. Atomic: built beside the root and renamed
     into place locally; on object stores ``zarr.json`` (with ``complete: true``) is written last.
 
     ``views`` (augmented views 1.., :mod:`pipeline.augment`) gives each example's input hash in each
-    further view: its columns get the view's number as suffix (:func:`view_column`)."""
+    further view: its columns get the view's number as suffix (:func:`view_column`). ``layers`` (a subset
+    of the segments' layers) makes it a view of those layers only (:func:`plan_layer_subset`)."""
     views = views or []
     order = list(dict.fromkeys(where[h][0] for column in (hashes, *views) for h in column))  # first use
     index = {segment: i for i, segment in enumerate(order)}
@@ -174,9 +236,12 @@ def write_view(
             table = table.append_column(view_column(name, view), values)
     length = table.column("length").to_numpy()  # view 0's: what the attributes count
     first = readers[order[0]]
-    layout = virtual_layout(first.layout, table.num_rows)
+    if layers is not None and list(layers) == list(first.layers):
+        layers = None  # every stored layer: an ordinary view
+    layout = virtual_layout(first.layout, table.num_rows, layers)
+    shared = {name: first.attrs[name] for name in _SHARED_ATTRS if name in first.attrs}
     view_attrs = {
-        **{name: first.attrs[name] for name in _SHARED_ATTRS if name in first.attrs},
+        **(shared if layers is None else _subset_attrs(shared, layers)),
         **attrs,
         "kind": VIEW_KIND,
         "format_version": FORMAT_VERSION,
@@ -190,6 +255,7 @@ def write_view(
         "num_examples": int(table.num_rows),
         "total_tokens": int(length.sum()),
         **({"views": len(views) + 1} if views else {}),
+        **({"space_layers": list(first.layers)} if layers is not None else {}),
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": True,
     }
@@ -299,7 +365,8 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
                     examples.column(view_column("input_hash", k)).to_pylist()
                     for k in range(1, view.num_views)
                 ]
-            write_view(root, key, keep, examples, view_hashes, where, {new_id: merged}, augmented)
+                layers = view.layers if "space_layers" in view.attrs else None  # a layer subset stays one
+            write_view(root, key, keep, examples, view_hashes, where, {new_id: merged}, augmented, layers)
     return location
 
 

@@ -185,6 +185,14 @@ def space_key_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if name not in _VERSION_ONLY}
 
 
+def same_space_but_layers(fields: dict[str, Any], space_fields: dict[str, Any]) -> bool:
+    """Whether a space's key fields (its ``space.json``) agree with a cache key's ``fields`` on everything
+    that decides activation bytes except the stored layers: the layers are a per-layer choice, so such a
+    space holds the very rows of each layer it shares (:func:`pipeline.cache_space.plan_layer_subset`)."""
+    mine = {name: value for name, value in space_key_fields(fields).items() if name != "layers"}
+    return mine == {name: value for name, value in space_fields.items() if name != "layers"}
+
+
 def space_key(fields: dict[str, Any]) -> str:
     """The activation space of a cache key's fields: one per backbone identity and byte-deciding setting."""
     return sha256_json(space_key_fields(fields))[:32]

@@ -8,11 +8,16 @@ The recipe, top to bottom (:func:`plan`):
    configured codec (in memory), so each dtype's bytes per token are measured, not looked up. Tokens of the
    whole dataset come from the sample's tokens per character (text) or per example (images).
 3. **Time**: extraction = the sample's fixed cost (Ray, backbone load) + its forward seconds per token x the
-   dataset's tokens; an epoch from the cache = UniPT trained on the sample cache (the second epoch, past
-   warm-up) scaled by train+val tokens; an online epoch (the backbone on every batch, as the paper's code
-   does) = that + the forward seconds of the train+val tokens.
-4. **Verdict**: the free space at ``storage.cache_root``, and whether extract + epochs x cached epoch beats
-   epochs x online epoch for ``train.epochs`` (and from how many epochs on it does).
+   dataset's tokens. Per epoch (train + val tokens), two rates measured on this machine: the **read rate**
+   (decoded GB/s reading the cache's rows: the real cache's when it exists, else the sample's) and the
+   **forward rate** (tokens/s of the backbone's encode on the *training* device, in this process). The
+   UniPT step's own seconds are UniPT trained on the sample cache (the second epoch, past warm-up) less
+   the sample's read time, scaled by tokens. An epoch from the cache = step + read (the epoch's decoded
+   bytes at the read rate, not overlapped: an upper bound); online (the backbone on every batch, as the
+   paper's code does) = step + the epoch's tokens at the forward rate.
+4. **Verdict**: per epoch, which way wins and by how much (and the read rate at which the two would tie);
+   the free space at ``storage.cache_root``; whether extract + epochs x cached epoch beats epochs x online
+   epoch for ``train.epochs`` (and from how many epochs on it does).
 
 :func:`check_space` is what ``unipt extract``/``run`` call before extracting: nothing when every cache
 exists, the worst case (every example ``max_length`` tokens, uncompressed) fits, or the dataset is too
@@ -38,8 +43,8 @@ from pipeline import experiment
 from pipeline.cache import ActivationCache
 from pipeline.cache_layout import resolve_chunk_rows
 from pipeline.cache_open import open_cache
-from pipeline.config import ExtractConfig
-from pipeline.datasets import TEXT_PAIR_COLUMN
+from pipeline.config import ExperimentConfig, ExtractConfig
+from pipeline.datasets import TEXT_PAIR_COLUMN, backbone_inputs
 from pipeline.encoding import STORAGE_DTYPES, compressors, encode_rows, has_scale
 from pipeline.errors import UniptError
 from pipeline.experiment import Prepared, PreparedBackbone
@@ -74,10 +79,43 @@ class BackbonePlan:
     forward_s_per_1k_tokens: float
     cache_epoch_s: float
     online_epoch_s: float
+    # The per-epoch verdict's parts (module doc, step 3); 0 for a backbone that does not train.
+    read_gb_s: float = 0.0  # decoded GB/s reading the cache on this machine
+    read_measured_on: str = ""  # "cache" (the real one) or "sample" (the float32 sample cache)
+    forward_tokens_s: float = 0.0  # the backbone's encode on the training device
+    forward_device: str = ""
+    epoch_tokens: int = 0  # train + val tokens: what one epoch reads, or recomputes online
+    epoch_read_bytes: int = 0  # decoded bytes one epoch reads from the cache (the configured dtype)
+    step_epoch_s: float = 0.0  # UniPT's own seconds per epoch (no reading, no backbone)
 
     @property
     def predicted_bytes(self) -> int:
         return self.bytes_by_dtype[self.dtype]
+
+    @property
+    def epoch_read_s(self) -> float:
+        return self.epoch_read_bytes / (self.read_gb_s * 1e9) if self.read_gb_s > 0 else float("inf")
+
+    @property
+    def epoch_forward_s(self) -> float:
+        return self.epoch_tokens / self.forward_tokens_s if self.forward_tokens_s > 0 else float("inf")
+
+    @property
+    def epoch_winner(self) -> str:
+        """``"cache"`` or ``"online"``: which way one epoch is faster on this machine."""
+        return "cache" if self.cache_epoch_s <= self.online_epoch_s else "online"
+
+    @property
+    def epoch_speedup(self) -> float:
+        """How many times faster the winning way's epoch is (>= 1)."""
+        fast, slow = sorted((self.cache_epoch_s, self.online_epoch_s))
+        return slow / fast if fast > 0 else float("inf")
+
+    @property
+    def break_even_read_gb_s(self) -> float:
+        """The read rate at which reading an epoch takes as long as recomputing it with the backbone."""
+        forward = self.epoch_forward_s
+        return self.epoch_read_bytes / forward / 1e9 if 0 < forward < float("inf") else 0.0
 
 
 @dataclass
@@ -123,8 +161,17 @@ class Plan:
         return max(1, int(np.floor(sum(b.extract_s for b in self.backbones) / saved)) + 1)
 
     def as_dict(self) -> dict:
+        data = asdict(self)
+        for b, row in zip(self.backbones, data["backbones"], strict=True):
+            row.update(
+                epoch_read_s=b.epoch_read_s,
+                epoch_forward_s=b.epoch_forward_s,
+                epoch_winner=b.epoch_winner,
+                epoch_speedup=b.epoch_speedup,
+                break_even_read_gb_s=b.break_even_read_gb_s,
+            )
         return {
-            **asdict(self),
+            **data,
             "needed_bytes": self.needed_bytes,
             "fits": self.fits,
             "cache_total_s": self.cache_total_s,
@@ -152,9 +199,23 @@ class Plan:
                 f"  extraction   ~{b.extract_s:.0f}s ({b.fixed_s:.0f}s start-up + "
                 f"{b.forward_s_per_1k_tokens:.2f}s per 1k tokens)"
             )
+            if not b.epoch_tokens:  # a backbone that does not train (retrieval's gallery): no epoch
+                continue
+            on = "the cache" if b.read_measured_on == "cache" else "the float32 sample cache"
             out.append(
-                f"  one epoch    from the cache ~{b.cache_epoch_s:.1f}s | online ~{b.online_epoch_s:.1f}s "
-                "(backbone forward on every batch)"
+                f"  read rate    {b.read_gb_s:.3g} GB/s decoded (measured on {on}); forward "
+                f"{b.forward_tokens_s:,.0f} tokens/s on {b.forward_device}"
+            )
+            out.append(
+                f"  one epoch    from the cache ~{b.cache_epoch_s:.1f}s "
+                f"(read {human_bytes(b.epoch_read_bytes)}: {b.epoch_read_s:.1f}s "
+                f"+ step {b.step_epoch_s:.1f}s) | online ~{b.online_epoch_s:.1f}s "
+                f"({b.epoch_tokens:,} tokens through the backbone: {b.epoch_forward_s:.1f}s + step)"
+            )
+            out.append(
+                f"  per epoch    {'the cache' if b.epoch_winner == 'cache' else 'online'} wins, "
+                f"{b.epoch_speedup:.1f}x faster (the cache breaks even at a read rate of "
+                f"{b.break_even_read_gb_s:.3g} GB/s)"
             )
         free = "unknown (object store)" if self.free_bytes is None else human_bytes(self.free_bytes)
         verdict = {
@@ -303,14 +364,12 @@ def _plan_backbone(
         forward = float(extraction.stats.get("forward_s", extraction.seconds))
         fixed = max(0.0, extraction.seconds - max(forward, float(extraction.stats.get("write_s", 0.0))))
         per_token = forward / max(1, sample_tokens)
-        epoch_s = _cache_epoch_seconds(reader, prep) if target is prep.primary else 0.0
+        trains = target is prep.primary
+        epoch = _epoch_rates(prep, sampled, name, reader, lengths) if trains else None
     finally:
         if reader is not None:
             reader.close()  # what follows reads only what it already loaded
         extraction.release()
-    fit_tokens = _fit_tokens(prep, tokens)  # train + val: what an epoch reads (val is evaluated every epoch)
-    sample_fit = _split_tokens(reader, lengths, ("train", "val"))
-    cache_epoch = epoch_s * fit_tokens / max(1, sample_fit)
     cached = prep.cache_root.has(target.key)
     return BackbonePlan(
         backbone=target.config.name_or_path,
@@ -327,9 +386,127 @@ def _plan_backbone(
         extract_s=0.0 if cached else fixed + per_token * tokens * views,
         fixed_s=fixed,
         forward_s_per_1k_tokens=per_token * 1000,
-        cache_epoch_s=cache_epoch,
-        online_epoch_s=cache_epoch + per_token * fit_tokens,
+        **(
+            epoch.scaled(prep, tokens) if epoch is not None else {"cache_epoch_s": 0.0, "online_epoch_s": 0.0}
+        ),
     )
+
+
+@dataclass
+class _EpochRates:
+    """What one epoch costs on the sample, measured: the parts of the per-epoch verdict."""
+
+    sample_fit_tokens: int  # train + val tokens of the sample
+    sample_step_s: float  # UniPT's seconds on them, reading excluded
+    bytes_per_token: float  # decoded bytes per token of the configured dtype, every layer
+    read_gb_s: float
+    read_measured_on: str
+    forward_tokens_s: float
+    forward_device: str
+
+    def scaled(self, prep: Prepared, tokens: int) -> dict[str, float | int | str]:
+        """The BackbonePlan fields of a whole-dataset epoch (``tokens``: the dataset's)."""
+        fit = int(round(_fit_tokens(prep, tokens)))  # train + val: val is evaluated every epoch
+        step = self.sample_step_s * fit / max(1, self.sample_fit_tokens)
+        read_bytes = int(self.bytes_per_token * fit)
+        read_s = read_bytes / (self.read_gb_s * 1e9) if self.read_gb_s > 0 else float("inf")
+        forward_s = fit / self.forward_tokens_s if self.forward_tokens_s > 0 else float("inf")
+        return {
+            "cache_epoch_s": step + read_s,
+            "online_epoch_s": step + forward_s,
+            "read_gb_s": self.read_gb_s,
+            "read_measured_on": self.read_measured_on,
+            "forward_tokens_s": self.forward_tokens_s,
+            "forward_device": self.forward_device,
+            "epoch_tokens": fit,
+            "epoch_read_bytes": read_bytes,
+            "step_epoch_s": step,
+        }
+
+
+def _epoch_rates(
+    prep: Prepared, sampled: Prepared, name: str, sample: ActivationCache, lengths: np.ndarray
+) -> _EpochRates:
+    """Measure, on this machine: UniPT's epoch on the sample cache, the read rate (the real cache's when it
+    exists) and the backbone's forward rate on the training device."""
+    sample_bytes, sample_s = read_rate(sample, examples=sample.num_examples)  # all of it
+    sample_fit = _split_tokens(sample, lengths, ("train", "val"))
+    epoch_s = _cache_epoch_seconds(sample, prep)
+    # The sample epoch read its train + val rows once: take that out to leave UniPT's own step time.
+    step_s = max(0.0, epoch_s - sample_s * sample_fit / max(1, int(lengths.sum())))
+    # The sample is float32; the configured dtype decodes to float16 (fp16) or float32 (the others).
+    per_token = sample_bytes / max(1, int(lengths.sum())) * _decoded_itemsize(prep.config.extract.dtype) / 4
+    target = prep.backbones[name]
+    measured_on = "sample"
+    read_bytes, read_s = sample_bytes, sample_s
+    if prep.cache_root.has(target.key):
+        real = open_cache(prep.cache_root.location(target.key))
+        try:
+            read_bytes, read_s = read_rate(real)
+            measured_on = "cache"
+        finally:
+            experiment.release_reader(real)
+    tokens_s, device = forward_rate(sampled, name, prep.config, int(lengths.sum()))
+    return _EpochRates(
+        sample_fit_tokens=sample_fit,
+        sample_step_s=step_s,
+        bytes_per_token=per_token,
+        read_gb_s=read_bytes / read_s / 1e9 if read_s > 0 else 0.0,
+        read_measured_on=measured_on,
+        forward_tokens_s=tokens_s,
+        forward_device=device,
+    )
+
+
+def _decoded_itemsize(dtype: str) -> int:
+    """Bytes per value a read hands the loader: float16 for fp16 caches, float32 for the others."""
+    return 2 if dtype == "float16" else 4
+
+
+def read_rate(
+    reader: ActivationCache, examples: int = SAMPLE_EXAMPLES, repeats: int = 2
+) -> tuple[int, float]:
+    """(decoded bytes, seconds) reading every layer's rows of the first ``examples`` examples, the fastest of
+    ``repeats`` passes (the first may fill the page cache). Reads as the loader does: block by block."""
+    best, total = float("inf"), 0
+    for _ in range(repeats):
+        total = 0
+        started = time.perf_counter()
+        for layer in reader.layers:
+            offsets = reader.offsets_for(layer)[:examples]
+            for a, b in _written_ranges(offsets):
+                total += reader.read_rows(layer, a, b).nbytes
+        best = min(best, time.perf_counter() - started)
+    return total, best
+
+
+def forward_rate(sampled: Prepared, name: str, config: ExperimentConfig, tokens: int) -> tuple[float, str]:
+    """(tokens/s, device) of the backbone's encode of the sample's inputs (``tokens`` in all, as the sample
+    cache counts them) on the training device (``train.device``), in this process: what online training
+    pays per token, beside UniPT's step."""
+    import torch
+
+    from extract.backbones import load_backbone
+    from train.fit import pick_device
+
+    device = pick_device(config.train.device)
+    target = sampled.backbones[name]
+    backbone = load_backbone(experiment.load_spec(target, config.extract.autocast, device=device.type))
+    inputs = backbone_inputs(sampled.dataset.table, backbone.describe()["input"])
+    count = int(backbone.describe()["num_hidden_states"])
+    settings = target.config
+    layers = list(range(count)) if settings.layers == "all" else list(settings.layers)
+    compute = "float16" if config.extract.dtype == "float16" else "float32"
+    # Warm-up: first-call allocations and kernel choice.
+    backbone.encode(inputs[: settings.batch_size], layers, settings.max_length, settings.batch_size, compute)
+    seconds = float("inf")
+    for _ in range(2):  # the faster of two passes: a busy machine's worst moment is not the rate
+        started = time.perf_counter()
+        backbone.encode(inputs, layers, settings.max_length, settings.batch_size, compute)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = min(seconds, time.perf_counter() - started)
+    return tokens / seconds if seconds > 0 else 0.0, device.type
 
 
 def _predicted_tokens(prep: Prepared, sampled: Prepared, lengths: np.ndarray, max_length: int) -> int:

@@ -4,6 +4,7 @@ and exits 0 (on a GPU machine it prints the GPU table; that is not run here)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -25,6 +26,11 @@ def test_gpu_check_runs_the_cpu_parts_and_says_no_gpu(tmp_path, tiny_config):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no GPU" in result.stdout
-    for measure in ("loader", "UniPT step (cpu)", "training from loader"):
+    for measure in ("loader", "UniPT step (cpu)", "training from loader", "cache read rate",
+                    "backbone forward (cpu)", "one pass: cache vs recompute"):  # fmt: skip
         assert measure in result.stdout
     assert "of step time waiting for data" in result.stdout
+    # The read path against recomputing: both rates measured, and which pass is faster, by how much.
+    assert re.search(r"cache read rate +[0-9.]+ GB/s decoded", result.stdout)
+    assert re.search(r"backbone forward \(cpu\) +[0-9,]+ tokens/s", result.stdout)
+    assert re.search(r"(the cache|recomputing) is [0-9.]+x faster; they tie at [0-9.]+ GB/s", result.stdout)

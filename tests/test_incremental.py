@@ -15,7 +15,7 @@ from pipeline import experiment
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_layout import LayerSpec, StoreLayout
 from pipeline.cache_open import open_cache
-from pipeline.cache_space import write_view
+from pipeline.cache_space import compact, plan_layer_subset, write_space_file, write_view
 from pipeline.cache_view import ViewReader, gather
 from pipeline.cache_writer import CacheBuilder, write_shard
 from pipeline.config import load_config
@@ -175,6 +175,49 @@ def test_b_incremental_trains_exactly_like_b_from_scratch(ray_session, versions)
         assert _untimed(mine) == _untimed(theirs)
 
 
+def test_a_layer_subset_of_a_stored_space_is_a_view_that_trains_like_a_subset_extraction(
+    ray_session, versions, capfd
+):
+    """backbone.layers a subset of a stored space's layers: a view over those layers (no backbone forward,
+    nothing new in the root), with its own key, and the same rows and training as an extraction of them."""
+    wide = versions("B", "layers", "backbone.layers=[0,1,2]")
+    experiment.extract(wide, progress=False).release()
+    root = wide.cache_root
+    (space,) = root.spaces()
+    segments = root.segments(space)
+    capfd.readouterr()
+
+    subset = versions("B", "layers", "backbone.layers=[0,2]")
+    assert subset.key != wide.key and subset.key_fields["layers"] == [0, 2]
+    result = experiment.extract(subset, progress=False)
+    err = capfd.readouterr().err
+    assert "with layers [0, 1, 2]; writing a view of layers [0, 2] (no backbone forward pass)" in err
+    assert result.cache_hit and result.shards_run == 0 and result.examples == 0
+    result.release()
+    assert root.spaces() == [space] and root.segments(space) == segments  # no segment, no space added
+    with experiment.extract(subset, progress=False) as again:  # a rerun finds its view
+        assert again.cache_hit and again.path == root.location(subset.key)
+
+    scratch = versions("B", "layers-scratch", "backbone.layers=[0,2]")
+    with experiment.extract(scratch, progress=False):
+        pass
+    assert scratch.key == subset.key
+    a, b = (
+        open_cache(root.location(subset.key)),
+        open_cache(scratch.cache_root.location(scratch.key)),
+    )
+    assert a.layers == b.layers == [0, 2] and a.attrs["space_layers"] == [0, 1, 2]
+    assert a.attrs["key_fields"] == b.attrs["key_fields"]
+    _assert_same_rows(a, b)
+    a.close()
+    b.close()
+    first = experiment.train(subset, progress=False)
+    second = experiment.train(scratch, progress=False)
+    assert _untimed(first.metrics) == _untimed(second.metrics)
+    for mine, theirs in zip(first.history, second.history, strict=True):
+        assert _untimed(mine) == _untimed(theirs)
+
+
 def _assert_same_rows(mine: CacheReader, theirs: CacheReader) -> None:
     """Every stored layer of two caches: the same offsets and the same rows, bit for bit."""
     for layer in mine.layers:
@@ -226,6 +269,65 @@ def test_compact_merges_segments_rewrites_views_and_gc_removes_what_no_view_read
     # ...and the space it leaves empty, so nothing of it stays on disk.
     assert f"removing space {SPACE}" in capsys.readouterr().out
     assert root.spaces() == [] and not root.space_location(SPACE).exists()
+
+
+def test_a_layer_subset_view_reads_only_its_layers_and_stays_one_through_compaction(tmp_path):
+    root = CacheRoot(tmp_path)
+    first = _segment(root, "01" * 16, [3, 5, 2], ["h0", "h1", "h2"], seed=0)
+    second = _segment(root, "02" * 16, [4, 6], ["h3", "h4"], seed=1)
+    rows = [first[1][i] for i in range(3)] + [second[1][i] for i in range(2)]
+    hashes = ["h4", "h0", "h3", "h1", "h2"]
+    examples = pa.table(
+        {"example_id": [f"e{i}" for i in range(5)], "label": [0, 1, 0, 1, 0], "split": ["train"] * 5}
+    )
+    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
+    where = {f"h{i}": ("01" * 16, i) for i in range(3)} | {"h3": ("02" * 16, 0), "h4": ("02" * 16, 1)}
+    key = "ee" * 16
+    write_view(root, key, {"key_fields": {}, "label_names": ["a", "b"]}, examples, hashes, where, readers,
+               layers=[1])  # fmt: skip
+    for reader in readers.values():
+        reader.lease.release()
+    expected = np.concatenate([rows[int(h[1])] for h in hashes])
+
+    def check() -> None:
+        view = open_cache(root.location(key))
+        try:
+            assert view.layers == [1] and view.hidden_sizes == {1: 4} and view.attrs["space_layers"] == [0, 1]
+            assert view.attribute_problems() == [] and view.metadata_problems() == []
+            np.testing.assert_array_equal(view.read_rows(1, 0, len(expected)), expected)
+            with pytest.raises(UniptError, match=r"layer 0 is not in cache .* \(stored layers: \[1\]\)"):
+                view.read_rows(0, 0, 1)
+        finally:
+            view.close()
+
+    check()
+    compact(root, SPACE, progress=False)
+    assert len(root.segments(SPACE)) == 3  # the merged one; the old two wait for gc
+    check()
+
+
+def test_only_a_space_equal_but_for_more_layers_and_holding_every_input_serves_a_layer_subset(tmp_path):
+    root = CacheRoot(tmp_path)
+    _segment(root, "01" * 16, [3, 5, 2], ["h0", "h1", "h2"], seed=0)  # layers 0 and 1
+    stored = {"backbone": {"weights_sha256": "w"}, "layers": [0, 1], "max_length": 8}
+    write_space_file(root, SPACE, stored)
+
+    def plan(hashes: list[str] = ["h2", "h0"], **change):  # noqa: B006
+        fields = {**stored, "dataset_fingerprint": "v", "layers": [1], **change}
+        found = plan_layer_subset(root, fields, hashes)
+        if found is not None:
+            found.release()
+        return found
+
+    found = plan()
+    assert found is not None and found.space == SPACE and found.layers == [1] and not found.missing
+    assert found.where == {"h2": ("01" * 16, 2), "h0": ("01" * 16, 0)}
+    assert plan(layers=[0, 1]) is not None  # every stored layer: an ordinary view (write_view drops layers)
+    assert plan(["h2", "h9"]) is None  # an input the space does not hold
+    assert plan(layers=[1, 2]) is None  # a layer it does not store
+    assert plan(layers="all") is None
+    assert plan(max_length=16) is None  # any other byte-deciding field differs: another space's rows
+    assert plan(backbone={"weights_sha256": "other"}) is None
 
 
 def test_concurrent_extractions_of_overlapping_versions_build_each_input_once(

@@ -3,6 +3,7 @@ on a filesystem too small for it (a real tmpfs), unless forced."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -49,8 +50,37 @@ def test_plan_predicts_every_dtype_and_writes_nothing_where_the_caches_go(tiny_c
     assert backbone["dtype"] == "float16" and result["needed_bytes"] == sizes["float16"]
     assert backbone["sample_examples"] == 64 and backbone["examples"] == 240
     assert backbone["tokens"] > backbone["sample_tokens"]
-    # Online runs the backbone on every batch on top of the same UniPT step.
-    assert backbone["online_epoch_s"] > backbone["cache_epoch_s"] > 0
+    # The per-epoch verdict: both ways are the same UniPT step plus reading (cache) or the backbone (online),
+    # each from a rate measured here; the winner is the faster one, by the ratio of the two.
+    step, tokens = backbone["step_epoch_s"], backbone["epoch_tokens"]
+    assert (
+        backbone["read_gb_s"] > 0 and backbone["forward_tokens_s"] > 0 and backbone["forward_device"] == "cpu"
+    )
+    assert backbone["read_measured_on"] == "sample" and step >= 0
+    # fp16 decodes to 2 bytes per value: 3 hidden states x width 32 per token.
+    assert backbone["epoch_read_bytes"] == pytest.approx(tokens * 3 * 32 * 2, rel=0.01)
+    assert backbone["cache_epoch_s"] == pytest.approx(
+        step + backbone["epoch_read_bytes"] / backbone["read_gb_s"] / 1e9
+    )
+    assert backbone["online_epoch_s"] == pytest.approx(step + tokens / backbone["forward_tokens_s"])
+    fast, slow = sorted((backbone["cache_epoch_s"], backbone["online_epoch_s"]))
+    winner = "cache" if backbone["cache_epoch_s"] <= backbone["online_epoch_s"] else "online"
+    assert backbone["epoch_winner"] == winner and backbone["epoch_speedup"] == pytest.approx(slow / fast)
+    # At the break-even read rate, reading an epoch takes exactly as long as recomputing it.
+    even = backbone["break_even_read_gb_s"]
+    assert backbone["epoch_read_bytes"] / (even * 1e9) == pytest.approx(tokens / backbone["forward_tokens_s"])
+    assert 0 < tokens < backbone["tokens"]  # train + val only
+    # The printed plan says the same (rebuilt from the JSON: a second run would measure anew).
+    names = {f.name for f in dataclasses.fields(planning.BackbonePlan)}
+    rebuilt = planning.Plan(
+        **{k: v for k, v in result.items() if k in {f.name for f in dataclasses.fields(planning.Plan)}}
+    )
+    rebuilt.backbones = [planning.BackbonePlan(**{k: v for k, v in backbone.items() if k in names})]
+    plain = "\n".join(rebuilt.lines())
+    assert f"{backbone['read_gb_s']:.3g} GB/s decoded (measured on the float32 sample cache)" in plain
+    assert f"forward {backbone['forward_tokens_s']:,.0f} tokens/s on cpu" in plain
+    side = "the cache" if winner == "cache" else "online"
+    assert f"per epoch    {side} wins, {backbone['epoch_speedup']:.1f}x faster" in plain
     assert result["fits"] is True and result["free_bytes"] > 0
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
