@@ -73,7 +73,8 @@ def _model_and_inputs(args: argparse.Namespace, labelled: bool = False):
         text_column=args.text_column or trained.get("text", "text"),
         text_pair_column=args.text_pair_column or trained.get("text_pair", "text_pair"),
         image_column=args.image_column or trained.get("image", "image"),
-        id_column=args.id_column,
+        id_column=args.id_column or trained.get("id"),
+        id_column_required=args.id_column is not None,
         label_column=(args.label_column or trained.get("label", "label")) if labelled else None,
     )
     return model, table
@@ -138,7 +139,11 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
             "--text-pair-column", help=f"text-pair models: the second text's column ({trained} text_pair)"
         )
         p.add_argument("--image-column", help=f"image models: the column of image paths ({trained} image)")
-        p.add_argument("--id-column", help="a column of example ids (default: the row numbers)")
+        p.add_argument(
+            "--id-column",
+            help="a column of example ids (default: the id column the model was trained with, when the "
+            "input has it, else the row numbers)",
+        )
         p.add_argument("--backbone", help="the backbone's folder, when not where model.json says")
         p.add_argument(
             "--trust-remote-code",

@@ -550,7 +550,12 @@ def record(
     run_dir = write_run_record(prep.config.storage.runs_root, doc)
     if trained.model_state is not None and trained.model_spec is not None:
         # The product of the run: the best epoch's model, loadable without the checkpoint or the run.
-        spec = dataclasses.replace(trained.model_spec, metrics=dict(trained.metrics), run_id=doc["run_id"])
+        spec = dataclasses.replace(
+            trained.model_spec,
+            metrics=dict(trained.metrics),
+            warnings=list(trained.warnings or []),
+            run_id=doc["run_id"],
+        )
         write_model(run_dir, trained.model_state, spec)
     names = trained.layer_names or [f"#{i}" for i in range(len(trained.layer_weights))]
     if has("matplotlib"):

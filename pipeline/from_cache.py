@@ -23,6 +23,7 @@ from pipeline.config import BackboneConfig, ExperimentConfig, apply_overrides
 from pipeline.datasets import DatasetTable
 from pipeline.errors import UniptError
 from pipeline.identity import BackboneIdentity, cache_key
+from pipeline.log import say
 
 CACHE_SOURCE = "cache:"  # dataset.source of a config made from a cache alone
 
@@ -73,13 +74,52 @@ def config_from_cache(
         },
         "storage": dict(storage or {}),
     }
-    raw = apply_overrides(raw, list(overrides or []))
+    config = _validated(apply_overrides(raw, list(overrides or [])))
+    recorded = last_run_settings(config.storage.registry, key_of(reader))
+    if recorded is None:
+        train = config.train
+        say(
+            f"no registered run trained on cache {key_of(reader)[:12]}: train.* defaults (epochs "
+            f"{train.epochs}, lr {train.lr}, batch_size {train.batch_size}, variant {train.variant}); "
+            "--set train.NAME=VALUE to change one"
+        )
+        return config
+    run_id, settings = recorded
+    try:
+        reused = _validated(apply_overrides(raw | settings, list(overrides or [])))
+    except UniptError:  # a record from a unipt with other train.* settings: the defaults, said so
+        say(f"run {run_id}'s training settings do not fit this unipt's config: train.* defaults instead")
+        return config
+    say(
+        f"train.* and seed from run {run_id}, the last registered run on this cache (epochs "
+        f"{reused.train.epochs}, lr {reused.train.lr}); --set train.NAME=VALUE to change one"
+    )
+    return reused
+
+
+def _validated(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
         raise UniptError(f"--set {where}: {error['msg']}; fix the override") from exc
+
+
+def last_run_settings(registry: str | Path, key: str) -> tuple[str, dict[str, Any]] | None:
+    """(run id, its ``train`` and ``seed`` settings) of the last run registered in ``registry`` that
+    trained on the cache ``key``; None when there is none (or no registry yet)."""
+    from pipeline.registry import Registry
+
+    if not Path(registry).expanduser().is_file():
+        return None
+    with Registry(registry, create=False) as runs:
+        entries = [e for e in runs.list() if key == e.cache_key or key in e.cache_keys.values()]
+    for entry in reversed(entries):
+        train = entry.config.get("train")
+        if isinstance(train, dict):
+            return entry.run_id, {"train": train, "seed": entry.config.get("seed", entry.seed)}
+    return None
 
 
 def data_is_here(config: ExperimentConfig) -> bool:

@@ -1,12 +1,13 @@
 """HDF5 copies of a cache: ``unipt cache export --format hdf5`` and a reader training can use.
 
-The file mirrors the Zarr store one to one, so training on it gives the same batches and the
+The file holds the Zarr store's examples, so training on it gives the same batches and the
 same numbers: datasets ``layer_NN`` (``layer_NN_scale`` for int8), ``offsets`` (and
-``offsets_NN`` for feature maps) with the *same row positions* as the store, an ``examples``
-group with one dataset per metadata column, and the store's attributes as JSON in the file
-attribute ``unipt``. Only rows holding tokens are copied; HDF5, like Zarr, allocates no chunk
-that is never written. The export reads through the reader's checks: a damaged chunk stops it with
-one line (and no output file), never copies zeros or bad bytes.
+``offsets_NN`` for feature maps), an ``examples`` group with one dataset per metadata column, and the
+store's attributes as JSON in the file attribute ``unipt``. Only the rows examples use are written, one
+shard's after the other, and the offsets say where they now are: the store's shards reserve rows they
+never fill (a dataset of 28672 rows for 3976 used), which the file has no reason to keep. The export
+reads through the reader's checks: a damaged chunk stops it with one line (and no output file), never
+copies zeros or bad bytes.
 
 The file checks itself too: every activation chunk carries HDF5's Fletcher-32 checksum (verified by HDF5
 on every read; a mismatch stops training with one line), and the small datasets (offsets, the examples
@@ -36,6 +37,9 @@ from pipeline.log import say
 
 ATTRS = "unipt"
 DIGESTS = "unipt_digests"  # sha256 of each small dataset (offsets, examples columns), checked at open
+# Set on a file whose rows are packed (:func:`_packed_rows`); a file exported before keeps the store's row
+# positions, and its offsets are checked against those.
+PACKED = "unipt_packed_rows"
 EXAMPLES_GROUP = "examples"
 COMPRESSIONS = ("none", "lzf", "gzip")
 _WARNED_UNCHECKED: set[str] = set()  # files already said to be unchecked
@@ -75,7 +79,8 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
                 names = [layer_array_name(spec.index)]
                 if has_scale(reader.dtype):
                     names.append(scale_array_name(spec.index))
-                offsets = reader.offsets_for(spec.index)
+                copies, offsets = _packed_rows(layout, reader.offsets_for(spec.index))
+                rows = sum(stop - start for start, stop, _ in copies)
                 if spec.offsets_name not in f:
                     f.create_dataset(spec.offsets_name, data=offsets)
                     digests[spec.offsets_name] = _digest(offsets)
@@ -83,17 +88,17 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
                     source = reader.stored_array(name)  # opened and read with the reader's checks
                     target = f.create_dataset(
                         name,
-                        shape=source.shape,
+                        shape=(rows, *source.shape[1:]),
                         dtype=source.dtype,
-                        chunks=(min(layout.chunk_rows, source.shape[0]), *source.shape[1:]),
-                        compression=None if compression == "none" else compression,
-                        fletcher32=True,  # a checksum per chunk, verified by HDF5 on every read
+                        chunks=(max(1, min(layout.chunk_rows, rows)), *source.shape[1:]) if rows else None,
+                        compression=None if compression == "none" or not rows else compression,
+                        fletcher32=bool(rows),  # a checksum per chunk, verified by HDF5 on every read
                         fillvalue=0,
                     )
-                    for start, stop in _used_row_ranges(layout, spec, offsets):
+                    for start, stop, at in copies:
                         for lo in range(start, stop, _COPY_ROWS):
                             hi = min(lo + _COPY_ROWS, stop)
-                            target[lo:hi] = reader.read_stored(name, lo, hi)
+                            target[at + lo - start : at + hi - start] = reader.read_stored(name, lo, hi)
                             if progress is not None:
                                 progress(hi - lo)
             group = f.create_group(EXAMPLES_GROUP)
@@ -107,6 +112,7 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
                     group.create_dataset(column, data=data)
                 digests[f"{EXAMPLES_GROUP}/{column}"] = _digest(data)
             f.attrs[DIGESTS] = json.dumps(digests, sort_keys=True)
+            f.attrs[PACKED] = True
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -157,14 +163,23 @@ def _digest(data: np.ndarray | list[str]) -> str:
     return digest(f"{array.dtype.str}{array.shape}".encode() + array.tobytes())
 
 
-def _used_row_ranges(layout, spec, offsets: np.ndarray) -> list[tuple[int, int]]:
-    """Per extraction shard, the rows its examples actually fill in this layer."""
-    ranges = []
+def _packed_rows(layout, offsets: np.ndarray) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """Where each extraction shard's used rows go in the file: ``(start, stop, file_start)`` per shard
+    with rows, one after the other, and the examples' offsets moved there with them."""
+    moved = offsets.copy()
+    copies, at = [], 0
     for shard in layout.shards():
         part = offsets[shard.example_start : shard.example_stop]
-        if len(part) and part[-1, 1] > part[0, 0]:
-            ranges.append((int(part[0, 0]), int(part[-1, 1])))
-    return ranges
+        if not len(part):
+            continue
+        start, stop = int(part[:, 0].min()), int(part[:, 1].max())
+        if stop <= start:  # no rows (empty examples): they point at an empty range
+            moved[shard.example_start : shard.example_stop] = at
+            continue
+        moved[shard.example_start : shard.example_stop] = part - start + at
+        copies.append((start, stop, at))
+        at += stop - start
+    return copies, moved
 
 
 class HDF5CacheReader(ActivationCache):
@@ -215,6 +230,13 @@ class HDF5CacheReader(ActivationCache):
             self._check_digest(f"{EXAMPLES_GROUP}/{name}", columns[name])
         order = ["example_id", "label", "split", "length"]
         self.examples = pa.table({name: columns[name] for name in order if name in columns})
+
+    def expected_offsets(self, name: str) -> np.ndarray | None:
+        """The store's offsets, packed as the export packed them (a file exported before: as they were)."""
+        expected = super().expected_offsets(name)
+        if expected is None or not bool(self.file.attrs.get(PACKED, False)):
+            return expected
+        return _packed_rows(self.layout, expected)[1]
 
     def _check_digest(self, name: str, data: np.ndarray | list) -> None:
         if self._digests is not None and self._digests.get(name) != _digest(data):

@@ -5,13 +5,17 @@ and ``model.json`` (everything needed to rebuild it and feed it raw inputs).
 downsample factor, outputs, label names, regression target statistics), what it reads (the cache's
 dtype, max length, preprocessing; the backbone's name, revision, weights/config/tokenizer hashes,
 model type, tokenizer class, autocast) and where it came from (cache key, dataset fingerprint, run id,
-metrics). Every training run writes both next to its record; ``unipt export`` copies them out.
+metrics). Every training run writes both next to its record, with a ``README.md`` model card
+(:mod:`pipeline.model_card`); ``unipt export`` and :meth:`pipeline.predict.TunedModel.save_pretrained` write
+the same three files into a folder of their own (:func:`write_model`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,8 @@ class ModelSpec:
     # same names from an input file unless told otherwise. Empty in models written before it.
     columns: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # What the run warned about its results (a model that predicts one class): the card repeats it.
+    warnings: list[str] = field(default_factory=list)
     run_id: str | None = None
     format: int = MODEL_FORMAT
 
@@ -207,22 +213,48 @@ def training_columns(dataset: Any, input_kind: str) -> dict[str, str]:
         "text_pair": dataset.text_pair_column if reads_text else None,
         "image": dataset.image_column,
         "label": dataset.label_column,
+        "id": dataset.id_column,  # predict echoes it by default, so predictions join back to the input
     }
     return {role: str(name) for role, name in roles.items() if name}
 
 
-def write_model(directory: str | Path, state: dict[str, Any], spec: ModelSpec) -> Path:
-    """``model.safetensors`` and ``model.json`` in ``directory``; returns the weights' path."""
-    from safetensors.torch import save_file
+def write_model(
+    directory: str | Path,
+    state: dict[str, Any],
+    spec: ModelSpec,
+    extra: dict[str, Any] | None = None,
+    card_names: str | Path | None = None,
+) -> Path:
+    """``model.safetensors``, ``model.json`` (with ``extra`` keys, e.g. ``exported_from``) and the
+    ``README.md`` model card (its usage lines name ``card_names``, default ``directory``) in ``directory``;
+    returns the weights' path. Each file is written whole or not
+    at all (a temporary file, then a rename), with the mode every other file of a run has (0644 under the
+    usual umask: safetensors' own writer made the weights 0600)."""
+    from safetensors.torch import save
+
+    from pipeline.model_card import CARD_FILE, model_card
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Own, contiguous CPU copies: safetensors refuses tensors that share storage.
     tensors = {name: value.detach().cpu().contiguous().clone() for name, value in state.items()}
-    save_file(tensors, str(directory / MODEL_WEIGHTS), metadata={"format": "pt", "unipt": str(MODEL_FORMAT)})
-    text = json.dumps(spec.to_json(), indent=2, sort_keys=True, allow_nan=True)
-    (directory / MODEL_CARD).write_text(text + "\n")
+    weights = save(tensors, metadata={"format": "pt", "unipt": str(MODEL_FORMAT)})
+    text = json.dumps(spec.to_json() | (extra or {}), indent=2, sort_keys=True, allow_nan=True) + "\n"
+    _write_whole(directory / MODEL_WEIGHTS, weights)
+    _write_whole(directory / MODEL_CARD, text.encode())
+    _write_whole(directory / CARD_FILE, model_card(spec, str(card_names or directory)).encode())
     return directory / MODEL_WEIGHTS
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:  # open() honours the umask, as every other file of a run does
+            handle.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UniptError(f"could not write {path} ({exc.strerror}); free space there and try again") from exc
 
 
 def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -272,13 +304,43 @@ def read_model_spec(directory: str | Path) -> ModelSpec:
 
 
 def export_model(run_dir: str | Path, out: str | Path) -> Path:
-    """Copy a run's model files into ``out`` (a new or empty folder); returns it."""
+    """A run's model (``run_dir``: a run or an exported folder) written into ``out``, a new or empty folder,
+    by :func:`write_model`, the writer of :meth:`pipeline.predict.TunedModel.save_pretrained` (so any task's
+    model exports, retrieval's too); returns ``out``."""
+    from safetensors.torch import load_file
+
     spec = read_model_spec(run_dir)  # refuses a run without a model before anything is written
+    weights = Path(run_dir) / MODEL_WEIGHTS
+    weight_shapes(weights)  # a damaged file is refused in one line, before it is read
+    origin = {"exported_from": str(Path(run_dir).resolve())}
+    return save_model_folder(out, load_file(str(weights)), spec, origin)
+
+
+def save_model_folder(
+    out: str | Path, state: dict[str, Any], spec: ModelSpec, extra: dict[str, Any] | None = None
+) -> Path:
+    """:func:`write_model` into ``out``, a new or empty folder (or one holding only an earlier model's
+    files, replaced): the files go to a hidden folder beside it first, so ``out`` appears whole."""
+    from pipeline.model_card import CARD_FILE
+
     out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()):
+    ours = {MODEL_WEIGHTS, MODEL_CARD, CARD_FILE}
+    if out.exists() and (not out.is_dir() or any(p.name not in ours for p in out.iterdir())):
         raise UniptError(f"--out {out} is not empty; give a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(run_dir) / MODEL_WEIGHTS, out / MODEL_WEIGHTS)
-    card = spec.to_json() | {"exported_from": str(Path(run_dir).resolve())}
-    (out / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_model(staging, state, spec, extra, card_names=out)  # the folder a person will use
+        staging.chmod(0o777 & ~_umask())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -28,7 +28,8 @@ from pipeline.cache_layout import LayerSpec
 from pipeline.config import BackboneConfig, TrainConfig
 from pipeline.encoding import decode_rows, encode_rows
 from pipeline.errors import UniptError
-from pipeline.model_files import MODEL_WEIGHTS, ModelSpec, check_weights, read_model_spec
+from pipeline.log import say
+from pipeline.model_files import MODEL_WEIGHTS, ModelSpec, check_weights, read_model_spec, save_model_folder
 from pipeline.registry import DEFAULT_REGISTRY, Registry
 from pipeline.tasks import get_task
 
@@ -146,6 +147,33 @@ class TunedModel:
             first = str(exc).splitlines()[0]
             raise UniptError(f"{directory / MODEL_WEIGHTS} does not fit its model.json ({first})") from exc
         self.network = network.to(self.device).eval()
+
+    # --- the folder ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        device: str = "auto",
+        backbone: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> TunedModel:
+        """The model in ``directory``: a folder :meth:`save_pretrained` or ``unipt export`` wrote, or a run
+        directory (the backbone is loaded on first use; see :func:`load_model` for the arguments)."""
+        path = Path(directory).expanduser()
+        if not path.is_dir():
+            raise UniptError(
+                f"{directory} is not a folder; give one written by save_pretrained or `unipt export`"
+            )
+        return cls(
+            path, read_model_spec(path), device=device, backbone=backbone, trust_remote_code=trust_remote_code
+        )
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write this model into ``directory`` (new, empty, or holding an earlier model's files) as
+        ``unipt export`` does: ``model.safetensors``, ``model.json`` and the ``README.md`` model card;
+        :meth:`from_pretrained` loads it back to the same predictions. Returns the folder."""
+        return save_model_folder(directory, self.network.state_dict(), self.spec)
 
     # --- the backbone --------------------------------------------------------------------------------------
     def backbone_config(self) -> BackboneConfig:
@@ -386,9 +414,12 @@ def read_inputs(
     text_pair_column: str = "text_pair",
     image_column: str = "image",
     id_column: str | None = None,
+    id_column_required: bool = True,
     label_column: str | None = None,
 ) -> InputTable:
-    """Raw inputs from a CSV, JSONL or Parquet file (ids default to the row numbers)."""
+    """Raw inputs from a CSV, JSONL or Parquet file (ids default to the row numbers). An ``id_column`` not
+    ``id_column_required`` (the model's own, not the person's) gives the row numbers, saying so, when the
+    file lacks it."""
     import pyarrow.csv as pa_csv
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
@@ -409,6 +440,9 @@ def read_inputs(
     except ArrowException as exc:
         raise UniptError(f"input {path} is not readable ({str(exc).splitlines()[0]})") from exc
     column = image_column if kind == "image" else text_column
+    if id_column and not id_column_required and id_column not in table.column_names:
+        say(f"input {path} has no column {id_column!r} (the model's id column): ids are the row numbers")
+        id_column = None
     second = text_pair_column if kind == "text_pair" else None
     wanted = [c for c in (column, second, id_column, label_column) if c]
     missing = [c for c in wanted if c not in table.column_names]

@@ -11,7 +11,8 @@ What each sink gets:
 - at the end: the final metrics (``test_acc``, ``val_acc``, the baselines' under their own names);
 - the config as params (MLflow; flattened ``train.lr``-style keys) or one YAML text (TensorBoard);
 - tags: the unipt run id, the dataset fingerprint and the cache key;
-- MLflow only: the run's plots, ``model.safetensors``, ``model.json`` and ``record.json`` as artifacts.
+- MLflow only: the run's plots, ``model.safetensors``, ``model.json``, the ``README.md``
+  model card and ``record.json`` as artifacts.
 
 TensorBoard writes ``<DIR>/<run_id>/events.out.tfevents.*``, one folder per run, so ``tensorboard
 --logdir DIR`` compares runs. Both need ``pip install 'unipt-cache[tracking]'``.
@@ -40,6 +41,7 @@ ARTIFACT_FILES = (
     "confusion.png",
     "model.safetensors",
     "model.json",
+    "README.md",  # the model card
     "record.json",
     "config.yaml",
 )

@@ -182,3 +182,27 @@ def test_sweep_from_a_cache_alone(cluster_cache, tmp_path, ray_session):
     _same_metrics(by_lr[0.01].metrics, normal["metrics"])
     with Registry(tmp_path / "sw.sqlite") as reg:
         assert {e.cache_key for e in reg.list()} == {normal["cache"]["key"]}
+
+
+def test_train_from_a_cache_reuses_the_settings_of_its_last_registered_run(cluster_cache, tmp_path, capfd):
+    """`train --cache` without a config trains as the cache's last registered run did (its train.* and
+    seed), saying so in one line; with no run registered for the cache it says which defaults it used."""
+    _, normal, location = cluster_cache
+    registry = tmp_path / "cluster" / "registry.sqlite"
+    runs = tmp_path / "from-cache-runs"
+    argv = ["train", "--cache", location.url, "--runs-root", str(runs), "--no-progress"]
+    capfd.readouterr()
+    assert main([*argv, "--registry", str(registry)]) == 0
+    err = capfd.readouterr().err
+    assert f"train.* and seed from run {normal['run_id']}, the last registered run on this cache" in err
+    (run_dir,) = runs.iterdir()
+    reused = _record(run_dir)
+    assert reused["config"]["train"] == normal["config"]["train"] and reused["seed"] == normal["seed"]
+    _same_metrics(reused["metrics"], normal["metrics"])
+
+    # No run of this cache in that registry: the defaults, named, and an override still wins.
+    empty = tmp_path / "other" / "registry.sqlite"
+    assert main([*argv, "--registry", str(empty), "--set", "train.epochs=1"]) == 0
+    err = capfd.readouterr().err
+    line = next(x for x in err.splitlines() if "no registered run trained on cache" in x)
+    assert "train.* defaults (epochs 1, lr " in line and "--set train.NAME=VALUE" in line

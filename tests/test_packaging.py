@@ -4,9 +4,9 @@ the Python versions the README claims are the ones pyproject.toml states."""
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
-import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -99,3 +99,18 @@ def test_python_versions_are_the_ones_the_readme_says_ci_runs():
     readme = (ROOT / "README.md").read_text()
     assert re.search(r"Python 3\.11 and 3\.12", readme)
     assert "test-py312" in (ROOT / "Makefile").read_text()
+
+
+def test_no_package_is_listed_twice_between_the_base_and_an_extra():
+    base = {canonicalize_name(Requirement(r).name) for r in PROJECT["dependencies"]}
+    for name, requirements in PROJECT["optional-dependencies"].items():
+        names = [canonicalize_name(Requirement(r).name) for r in requirements]
+        assert len(names) == len(set(names)), f"[{name}] lists a package twice"
+        assert not base & set(names), f"[{name}] repeats base packages {sorted(base & set(names))}"
+
+
+def test_ruff_targets_the_oldest_python_the_package_installs_on():
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["target-version"]
+    requires = SpecifierSet(PROJECT["requires-python"])
+    oldest = min(v for v in ("3.9", "3.10", "3.11", "3.12", "3.13") if f"{v}.0" in requires)
+    assert target == "py" + oldest.replace(".", "")

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from pipeline import experiment
 from pipeline.cache_open import open_cache
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.datasets import load_dataset
-from pipeline.model_files import MODEL_CARD, MODEL_WEIGHTS, read_model_spec
-from pipeline.predict import load_model
+from pipeline.errors import UniptError
+from pipeline.model_card import CARD_FILE, read_card
+from pipeline.model_files import MODEL_CARD, MODEL_WEIGHTS, export_model, read_model_spec
+from pipeline.predict import TunedModel, load_model
 from tests.conftest import make_sentiment_rows, save_tiny_bert, write_config, write_csv
 
 
@@ -68,9 +73,13 @@ def test_export_predict_and_evaluate_from_the_command_line(tmp_path, tiny_bert_d
     registry = str(tmp_path / "registry.sqlite")
     out = tmp_path / "exported"
     assert main(["export", run.run_id[:18], "--out", str(out), "--registry", registry]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([MODEL_CARD, MODEL_WEIGHTS])
+    assert sorted(p.name for p in out.iterdir()) == sorted([MODEL_CARD, MODEL_WEIGHTS, CARD_FILE])
     card = json.loads((out / MODEL_CARD).read_text())
     assert card["backbone"]["name_or_path"] == str(tiny_bert_dir) and card["cache_key"] == prep.key
+    # Every file of the run and of the export is readable by others, like the rest of a run (umask 022).
+    for folder in (run.run_dir, out):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+        assert set(modes.values()) == {0o666 & ~_umask()}, modes
     capsys.readouterr()
 
     dataset = load_dataset(load_config(config_path).dataset)
@@ -118,6 +127,57 @@ def test_export_predict_and_evaluate_from_the_command_line(tmp_path, tiny_bert_d
         assert code == 2 and err.startswith("unipt: error:") and err.count("\n") == 1, (bad, err)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_save_pretrained_and_from_pretrained_round_trip_with_a_model_card(
+    tmp_path, tiny_bert_dir, ray_session
+):
+    _, prep, run = _trained(tmp_path, tiny_bert_dir, "float16")
+    model = TunedModel.from_pretrained(run.run_dir, device="cpu")
+    saved = model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in saved.iterdir()) == sorted([MODEL_CARD, MODEL_WEIGHTS, CARD_FILE])
+    # The weights are the run's, bit for bit, and the folder `unipt export` writes is the same folder.
+    assert load_file(str(saved / MODEL_WEIGHTS)).keys() == load_file(str(run.run_dir / MODEL_WEIGHTS)).keys()
+    for name, tensor in load_file(str(saved / MODEL_WEIGHTS)).items():
+        assert torch.equal(tensor, load_file(str(run.run_dir / MODEL_WEIGHTS))[name])
+    exported = export_model(run.run_dir, tmp_path / "exported")
+    assert (exported / MODEL_WEIGHTS).read_bytes() == (saved / MODEL_WEIGHTS).read_bytes()
+
+    texts = ["a wonderful film", "dull and slow", "great acting"]
+    again = TunedModel.from_pretrained(saved, device="cpu")
+    np.testing.assert_array_equal(again.predict(texts).outputs, model.predict(texts).outputs)
+    assert again.spec == model.spec
+
+    # The card: Hugging Face-style front matter, then the numbers a person looks for first.
+    header, body = read_card(saved)
+    assert header["library_name"] == "unipt-cache" and "unipt" in header["tags"]
+    assert header["metrics"] == ["accuracy", "f1"] and header["pipeline_tag"] == "text-classification"
+    assert "base_model" not in header  # a local folder is no hub id
+    assert "`neg`, `pos`" in body and prep.primary.identity.weights_sha256 in body
+    assert prep.key in body and prep.dataset.fingerprint in body and run.run_id in body
+    test_acc, majority = run.trained.metrics["test_acc"], run.trained.metrics["majority_test_acc"]
+    assert f"| this model | acc | {run.trained.metrics['val_acc']:.4f} | {test_acc:.4f} |" in body
+    assert "| majority class | acc | " in body and f"{majority:.4f} |" in body
+    assert f"unipt predict {saved} --input" in body and f'TunedModel.from_pretrained("{saved}")' in body
+    assert f'from_pretrained("{run.run_dir}")' in (run.run_dir / CARD_FILE).read_text()
+    for warning in run.trained.warnings or []:
+        assert warning in body
+
+    # A folder holding anything else is refused, and nothing in it changes; the model's own are replaced.
+    other = tmp_path / "busy"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UniptError, match="is not empty"):
+        model.save_pretrained(other)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    assert model.save_pretrained(saved) == saved and read_card(saved)[0] == header
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved.")]  # no staging left behind
+
+
 def test_predict_refuses_a_backbone_whose_weights_differ(tmp_path, tiny_bert_dir, ray_session, capsys):
     _, prep, run = _trained(tmp_path, tiny_bert_dir, "float16")
     other = save_tiny_bert(tmp_path / "other-bert", seed=1)
@@ -140,11 +200,11 @@ def test_predict_and_evaluate_read_the_columns_the_model_was_trained_on(
     data = write_csv(tmp_path / "reviews.csv", rows)
     config_path = write_config(
         tmp_path / "c.yaml", str(data), str(tiny_bert_dir), tmp_path, train={"epochs": 2},
-        dataset={"text_column": "review", "label_column": "stars"},
+        dataset={"text_column": "review", "label_column": "stars", "id_column": "id"},
     )  # fmt: skip
     run = experiment.run(experiment.prepare(load_config(config_path)), progress=False)
     spec = read_model_spec(run.run_dir)
-    assert spec.columns == {"text": "review", "label": "stars"}
+    assert spec.columns == {"text": "review", "label": "stars", "id": "id"}
 
     held_out = write_csv(tmp_path / "new.csv", rows[:20])
     argv = ["--input", str(held_out), "--no-progress", "--device", "cpu"]
@@ -152,6 +212,15 @@ def test_predict_and_evaluate_read_the_columns_the_model_was_trained_on(
     assert main(["predict", str(run.run_dir), *argv]) == 0
     predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(predicted) == 20 and all(p["label"] in ("neg", "pos") for p in predicted)
+    # The id column the model was trained with is echoed, so predictions join back to the input.
+    assert [p["example_id"] for p in predicted] == [str(r["id"]) for r in rows[:20]]
+    no_ids = write_csv(tmp_path / "no_ids.csv", [{"review": r["review"]} for r in rows[:5]])
+    assert (
+        main(["predict", str(run.run_dir), "--input", str(no_ids), "--no-progress", "--device", "cpu"]) == 0
+    )
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["example_id"] for line in out.splitlines()] == ["0", "1", "2", "3", "4"]
+    assert "no column 'id' (the model's id column): ids are the row numbers" in err
     assert main(["evaluate", str(run.run_dir), *argv]) == 0
     assert "20 examples" in capsys.readouterr().out
 

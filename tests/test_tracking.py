@@ -67,7 +67,8 @@ def test_a_run_goes_to_mlflow_and_tensorboard_and_the_registry_knows_where(extra
     assert [m.value for m in val_acc] == pytest.approx([h["val_acc"] for h in record["history"]])
     assert run.data.metrics["final.test_acc"] == pytest.approx(record["metrics"]["test_acc"])
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert {"model.safetensors", "model.json", "curves.png", "layer_weights.png", "record.json"} <= artifacts
+    names = {"model.safetensors", "model.json", "README.md", "curves.png", "layer_weights.png", "record.json"}
+    assert names <= artifacts
     local = Path(client.download_artifacts(run.info.run_id, "model.safetensors", str(tmp_path / "dl")))
     assert local.read_bytes() == (run_dir / "model.safetensors").read_bytes()
 

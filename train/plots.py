@@ -10,6 +10,49 @@ CURVES_FILE = "curves.png"
 LAYER_WEIGHTS_FILE = "layer_weights.png"
 CONFUSION_FILE = "confusion.png"
 
+# The range a metric can take, by its base name (``val_acc`` -> ``acc``): its axis shows the whole range,
+# so 0.9 never looks like a plateau near the top of a 0.88-0.91 axis, and never runs past 1.0. Metrics not
+# named here (mse, rsum, R@K in percent) are unbounded or scaled otherwise and keep matplotlib's range.
+BOUNDED_METRICS = {"acc": (0.0, 1.0), "f1": (0.0, 1.0), "pearson": (-1.0, 1.0), "spearman": (-1.0, 1.0)}
+
+
+def metric_bounds(metric: str) -> tuple[float, float] | None:
+    """The range of ``metric`` (``val_acc``, ``test_f1`` or a base name), or None for an unbounded one."""
+    for split in ("train_", "val_", "test_"):
+        metric = metric.removeprefix(split)
+    return BOUNDED_METRICS.get(metric)
+
+
+def curves_figure(history: list[dict[str, Any]], metric: str | None = None) -> Any:
+    """The figure of ``curves.png``: train loss per epoch and, on a second axis, ``metric`` (whole epochs
+    on the x axis; a bounded metric over its whole range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] for h in history]
+    if metric is not None and not any(_finite(h.get(metric)) for h in history):
+        metric = None  # no validation split: draw the loss alone
+
+    fig, loss_axis = plt.subplots(figsize=(6, 4), dpi=100)
+    loss_axis.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:blue", label="train loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5 tick
+    loss_axis.set_ylabel("train loss", color="tab:blue")
+    if metric is not None:
+        metric_axis = loss_axis.twinx()
+        values = [h.get(metric, math.nan) for h in history]
+        metric_axis.plot(epochs, values, "s-", color="tab:orange", label=metric)
+        metric_axis.set_ylabel(metric.replace("_", " "), color="tab:orange")
+        bounds = metric_bounds(metric)
+        if bounds is not None:
+            metric_axis.set_ylim(*bounds)
+    loss_axis.set_title("training curves" if metric else "training curves (no validation split)")
+    fig.tight_layout()
+    return fig
+
 
 def write_run_plots(
     run_dir: str | Path,
@@ -26,21 +69,7 @@ def write_run_plots(
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    epochs = [h["epoch"] for h in history]
-    if metric is not None and not any(_finite(h.get(metric)) for h in history):
-        metric = None  # no validation split: draw the loss alone
-
-    fig, loss_axis = plt.subplots(figsize=(6, 4), dpi=100)
-    loss_axis.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:blue", label="train loss")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("train loss", color="tab:blue")
-    if metric is not None:
-        metric_axis = loss_axis.twinx()
-        values = [h.get(metric, math.nan) for h in history]
-        metric_axis.plot(epochs, values, "s-", color="tab:orange", label=metric)
-        metric_axis.set_ylabel(metric.replace("_", " "), color="tab:orange")
-    loss_axis.set_title("training curves" if metric else "training curves (no validation split)")
-    fig.tight_layout()
+    fig = curves_figure(history, metric)
     curves = run_dir / CURVES_FILE
     fig.savefig(curves, format="png")
     plt.close(fig)
