@@ -147,3 +147,34 @@ def test_json_listings_and_a_split_s_ids_let_evaluate_be_checked_against_the_run
         "support",
     ]
     assert printed[2].startswith("neg ") and "confusion" in printed[4]
+
+
+def test_ray_s_notices_and_colours_stay_out_of_a_log(tmp_path: Path):
+    """A local Ray started the way unipt starts it, in a process whose output goes to files (a log):
+    three workers print the same line; each comes through as plain text, with no auth-token notice, no
+    `[repeated 3x across cluster]` fold and no colour codes."""
+    import subprocess
+    import sys
+
+    script = (
+        "import ray, sys\n"
+        "from extract.ray_session import connect\n"
+        "assert connect(None)\n"
+        "@ray.remote\n"
+        "def hello(i):\n"
+        "    print('hello from a worker', flush=True)\n"
+        "    return i\n"
+        "assert sorted(ray.get([hello.remote(i) for i in range(3)])) == [0, 1, 2]\n"
+        "import time; time.sleep(3)\n"  # the workers' lines reach the driver asynchronously
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RAY_DEDUP_LOGS", "RAY_AUTH_MODE")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert said.count("hello from a worker") == 3, said[-3000:]
+    assert "Token authentication is enabled" not in said and "repeated" not in said
+    assert "\x1b[" not in said and "RAY_DEDUP_LOGS" not in said
