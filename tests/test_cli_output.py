@@ -148,6 +148,14 @@ def test_json_listings_and_a_split_s_ids_let_evaluate_be_checked_against_the_run
     ]
     assert printed[2].startswith("neg ") and "confusion" in printed[4]
 
+    # evaluate's progress bar (a terminal's) is named for what it does.
+    from pipeline.predict import load_model
+
+    model = load_model(run.run_dir, device="cpu")
+    model.evaluation([rows[i]["text"] for i in test_ids], [rows[i]["label"] for i in test_ids], progress=True)
+    bar = capsys.readouterr().err
+    assert "evaluate" in bar and "predict" not in bar
+
 
 def test_ray_s_notices_and_colours_stay_out_of_a_log(tmp_path: Path):
     """A local Ray started the way unipt starts it, in a process whose output goes to files (a log):
