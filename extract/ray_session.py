@@ -53,6 +53,7 @@ def connect(address: str | None) -> bool:
     """
     if ray.is_initialized():
         return False
+    quiet_ray_output()
     address = (address or os.environ.get("RAY_ADDRESS") or "").strip() or None
     if address is None or address == "local":
         ray.init(address="local", **_RAY_OPTIONS)
@@ -69,6 +70,50 @@ def connect(address: str | None) -> bool:
         _probe(address, address)
     _init_within(address, CONNECT_TIMEOUT_S)
     return True
+
+
+class _DropNotice(logging.Filter):
+    """Drops one of Ray's log messages by its text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# Said by every new local Ray at start, in every run and sweep log; authentication stays on (it is Ray's
+# default), only the notice goes. The "disabled" warning is kept: that one is a risk worth reading.
+_AUTH_NOTICE = (
+    "ray._private.authentication.authentication_token_setup",
+    "Token authentication is enabled for",
+)
+
+
+def quiet_ray_output() -> None:
+    """Keep Ray's own chatter out of unipt's logs (idempotent; a setting the user made is kept):
+
+    * the token-authentication notice every local start prints (authentication itself stays on);
+    * log deduplication (``RAY_DEDUP_LOGS=0``): Ray folds a line that several workers print into one
+      with ``[repeated Nx across cluster]`` and a paragraph on how to turn that off, coloured; unipt's
+      workers say little, so each line is printed as it was said, with the worker it came from;
+    * the ANSI colour codes of the ``(Worker pid=...)`` prefixes when stderr is not a terminal
+      (``RAY_COLOR_PREFIX=0``), so a log file holds plain text.
+    """
+    name, text = _AUTH_NOTICE
+    auth_logger = logging.getLogger(name)
+    if not any(isinstance(f, _DropNotice) and f.text == text for f in auth_logger.filters):
+        auth_logger.addFilter(_DropNotice(text))
+    if "RAY_DEDUP_LOGS" not in os.environ:
+        os.environ["RAY_DEDUP_LOGS"] = "0"  # for processes started from here
+        # Ray reads the variable once, when it is imported (it is here): the driver's copy decides.
+        from ray._private import ray_logging
+
+        if hasattr(ray_logging, "RAY_DEDUP_LOGS"):
+            ray_logging.RAY_DEDUP_LOGS = False
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read at every printed line
 
 
 def _probe(address: str, host_port: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from pipeline.cache_admin import (
 )
 from pipeline.cache_open import open_cache
 from pipeline.cache_view import ViewReader
+from pipeline.cli_common import print_json
 from pipeline.errors import UniptError
 from pipeline.log import human_bytes
 from pipeline.registry import Registry, registered_cache_keys
@@ -46,41 +46,100 @@ def _open(target: str, cache_root: str, strict: bool = True) -> CacheReader | Vi
     return reader
 
 
+def _print_ls(caches: list[dict], spaces: list[dict]) -> None:
+    """The `cache ls` tables: caches and views first (a view's size counts the segments it reads), then
+    each activation space's segments."""
+    if caches:
+        width = max(len(c["key"]) for c in caches)
+        print(
+            f"{'key':<{width}}  {'backbone':<28} {'dtype':<8} {'examples':>8} {'tokens':>9}  "
+            f"{'reads':>9}  {'own':>9}  {'committed_at':<20}  what"
+        )
+    for c in caches:
+        if c["kind"] == "unreadable":
+            print(f"{c['key']:<{width}}  unreadable: {c['error']}")
+            continue
+        what = (
+            f"view of space {c['space']} ({c['segments']} segment(s))"
+            if c["kind"] == "view"
+            else f"format {c['format_version']} cache (one segment, one view)"
+        )
+        print(
+            f"{c['key']:<{width}}  {c['backbone'] or '?':<28} {c['dtype']:<8} {c['examples']:>8} "
+            f"{c['tokens']:>9}  {human_bytes(c['bytes']):>9}  {human_bytes(c['own_bytes']):>9}  "
+            f"{c['committed_at']:<20}  {what}"
+        )
+    if caches:
+        print("(reads: the bytes a run reads, a view's own files plus its segments'; own: its files alone)")
+    for space in spaces:
+        print(f"space {space['space']}  {len(space['segments'])} segment(s)  {human_bytes(space['bytes'])}")
+        labels = [f"segment {segment['id']}" for segment in space["segments"]]
+        if labels:
+            width = max(map(len, labels))
+            print(f"  {'segment':<{width}}  {'inputs':>7}  {'tokens':>9}  {'size':>9}  committed_at")
+        for label, segment in zip(labels, space["segments"], strict=True):
+            print(
+                f"  {label:<{width}}  {segment['inputs']:>7}  {segment['tokens']:>9}  "
+                f"{human_bytes(segment['bytes']):>9}  {segment['committed_at']}"
+            )
+
+
+def _listed_cache(key: str, reader: CacheReader | ViewReader) -> dict:
+    """One cache as `cache ls` shows it. A view's ``bytes`` is what reading it reads: its own files plus
+    the segments it reads from (which other views may share); ``own_bytes`` is its files alone."""
+    segments = getattr(reader, "segments", None)
+    return {
+        "key": key,
+        "kind": "view" if segments is not None else "cache",
+        "backbone": reader.attrs.get("backbone", {}).get("name"),
+        "dtype": reader.dtype,
+        "examples": reader.num_examples,
+        "tokens": reader.attrs.get("total_tokens", 0),
+        "bytes": reader.nbytes_on_disk(),
+        "own_bytes": reader.own_bytes() if segments is not None else reader.nbytes_on_disk(),
+        "committed_at": reader.attrs.get("committed_at", ""),
+        "space": reader.attrs.get("space_key") if segments is not None else None,
+        "segments": len(segments) if segments is not None else 1,
+        "format_version": reader.format_version,
+    }
+
+
+def _listed_space(root: CacheRoot, space: str) -> dict:
+    segments = []
+    for segment in root.segments(space):
+        location = root.segment_location(space, segment)
+        with CacheReader(location) as reader:
+            segments.append(
+                {
+                    "id": segment,
+                    "inputs": reader.num_examples,
+                    "tokens": reader.attrs.get("total_tokens", 0),
+                    "bytes": location.size(),
+                    "committed_at": reader.attrs.get("committed_at", ""),
+                }
+            )
+    return {"space": space, "bytes": sum(s["bytes"] for s in segments), "segments": segments}
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     root = CacheRoot(args.cache_root)
     keys = root.keys()
     if not keys:
         print(f"no committed caches under {root}", file=sys.stderr)
+    caches: list[dict] = []
     for key in keys:
         try:
             reader = open_cache(root.location(key))
         except UniptError as exc:  # a view whose segment is gone: say so, list the rest
-            print(f"{key}  unreadable: {exc}")
+            caches.append({"key": key, "kind": "unreadable", "error": str(exc)})
             continue
-        segments = getattr(reader, "segments", None)
-        what = (
-            f"view of space {reader.attrs.get('space_key')} ({len(segments)} segment(s))"
-            if segments is not None
-            else f"format {reader.format_version} cache (one segment, one view)"
-        )
-        size = reader.own_bytes() if segments is not None else reader.nbytes_on_disk()
-        print(
-            f"{key}  {reader.attrs.get('backbone', {}).get('name', '?'):<28} {reader.dtype:<8} "
-            f"{reader.num_examples:>7} ex  {reader.attrs.get('total_tokens', 0):>9} tok  "
-            f"{human_bytes(size):>9}  {reader.attrs.get('committed_at', '')}  {what}"
-        )
-        reader.close()
-    for space in root.spaces():
-        segments = root.segments(space)
-        sizes = {segment: root.segment_location(space, segment).size() for segment in segments}
-        print(f"space {space}  {len(segments)} segment(s)  {human_bytes(sum(sizes.values()))}")
-        for segment in segments:
-            with CacheReader(root.segment_location(space, segment)) as reader:
-                print(
-                    f"  segment {segment}  {reader.num_examples:>7} inputs  "
-                    f"{reader.attrs.get('total_tokens', 0):>9} tok  {human_bytes(sizes[segment]):>9}  "
-                    f"{reader.attrs.get('committed_at', '')}"
-                )
+        with reader:
+            caches.append(_listed_cache(key, reader))
+    spaces = [_listed_space(root, space) for space in root.spaces()]
+    if args.json:
+        print_json({"cache_root": str(root), "caches": caches, "spaces": spaces})
+    else:
+        _print_ls(caches, spaces)
     partial = root.partial_keys()
     if partial:
         print(
@@ -112,7 +171,7 @@ def _verify_hdf5(path: str) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     with _open(args.cache, args.cache_root) as reader:
-        print(json.dumps(describe(reader), indent=2))
+        print_json(describe(reader))  # JSON either way; --json is accepted for symmetry
     return 0
 
 
@@ -327,14 +386,18 @@ def add_cache_commands(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(handler=handler)
         return p
 
-    action("ls", "list views (and older caches), then each activation space's segments", cmd_ls)
+    ls = action("ls", "list views (and older caches), then each activation space's segments", cmd_ls)
+    ls.add_argument("--json", action="store_true", help="print the caches and spaces as JSON on stdout")
     compact_p = action(
         "compact",
         "merge an activation space's segments into one (atomic; its views are rewritten to read it)",
         cmd_compact,
     )
     compact_p.add_argument("space", help="the activation space's key (see `unipt cache ls`)")
-    action("info", "print one cache's identity, layers, layout and size as JSON", cmd_info, target=True)
+    info = action(
+        "info", "print one cache's identity, layers, layout and size as JSON", cmd_info, target=True
+    )
+    info.add_argument("--json", action="store_true", help="strict JSON (the default)")
     verify_p = action(
         "verify",
         "re-hash every data file against the checksums recorded at write time; exit 1 if any differ",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from typing import Any
 
@@ -55,3 +56,10 @@ def summary_line(result: experiment.RunResult) -> str:
 
 def print_summary(result: experiment.RunResult) -> None:
     print(summary_line(result), flush=True)
+
+
+def print_json(value: Any) -> None:
+    """``--json`` output: strict JSON on stdout (NaN and infinities as null), nothing else there."""
+    from pipeline.runs import without_nan
+
+    print(json.dumps(without_nan(value), indent=2, sort_keys=True, default=str, allow_nan=False), flush=True)

@@ -10,7 +10,7 @@ import argparse
 import json
 
 from pipeline import experiment
-from pipeline.cli_common import load_args
+from pipeline.cli_common import load_args, print_json
 from pipeline.config import ExperimentConfig
 from pipeline.errors import UniptError
 from pipeline.from_cache import config_for_cache
@@ -96,14 +96,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.predict import format_metrics
+    from pipeline.predict import format_metrics, format_report, write_metrics
 
+    if args.out and not str(args.out).lower().endswith(".json"):
+        raise UniptError(f"--out {args.out}: give a .json file, e.g. --out metrics.json")
     model, table = _model_and_inputs(args, labelled=True)
     assert table.labels is not None
-    metrics = model.evaluate(
+    evaluation = model.evaluation(
         table.inputs, table.labels, batch_size=args.batch_size, progress=not args.no_progress
     )
-    print(f"{format_metrics(metrics)} | {len(table.inputs)} examples")
+    evaluation = {"model": str(model.directory), "input": args.input, **evaluation}
+    if args.out:
+        write_metrics(evaluation, args.out)
+    if args.json:
+        print_json(evaluation)
+        return 0
+    print(f"{format_metrics(evaluation['metrics'])} | {evaluation['examples']} examples")
+    if "report" in evaluation:
+        print("\n".join(format_report(evaluation["report"])))
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -167,3 +179,10 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
             )
         else:
             p.add_argument("--label-column", help=f"the input's label column ({trained} label)")
+            p.add_argument(
+                "--out",
+                help="also write the metrics, per-class report and confusion matrix here (a .json file)",
+            )
+            p.add_argument(
+                "--json", action="store_true", help="print the evaluation as JSON on stdout (no table)"
+            )

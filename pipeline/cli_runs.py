@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli_common import load_args, print_summary
+from pipeline.cli_common import load_args, print_json, print_summary
 from pipeline.cli_model import load_config_or_cache
 from pipeline.config import TrainConfig, parse_value
-from pipeline.errors import UniptError
+from pipeline.errors import CacheMissing, UniptError
 from pipeline.registry import (
     DEFAULT_REGISTRY,
     TIMING_METRICS,
@@ -68,12 +68,37 @@ def _lineage(entry: RunEntry) -> str:
     return ""
 
 
+def _listed(entry: RunEntry) -> dict[str, Any]:
+    """One run as `runs ls --json` lists it: what the table shows, with every result metric."""
+    name = _headline(entry)
+    return {
+        "run_id": entry.run_id,
+        "created_at": entry.created_at,
+        "name": entry.name,
+        "headline": name,
+        "val": entry.metrics.get(f"val_{name}"),
+        "test": entry.metrics.get(f"test_{name}"),
+        "metrics": result_metrics(entry.metrics),
+        "dataset_fingerprint": entry.dataset_fingerprint,
+        "cache_key": entry.cache_key,
+        "rerun_of": entry.rerun_of,
+        "parent_run_id": entry.parent_run_id,
+        "sweep_id": entry.sweep_id,
+        "sweep_params": entry.sweep_params,
+    }
+
+
 def cmd_runs_ls(args: argparse.Namespace) -> int:
     if not Path(args.registry).expanduser().exists():
         print(f"no runs registered yet in {args.registry}", file=sys.stderr)
+        if args.json:
+            print_json([])
         return 0
     with Registry(args.registry, create=False) as registry:
         entries = registry.list(sweep_id=args.sweep, limit=args.limit)
+    if args.json:
+        print_json([_listed(e) for e in entries])
+        return 0
     if not entries:
         print(
             f"no runs in {args.registry}" + (f" for sweep {args.sweep}" if args.sweep else ""),
@@ -100,8 +125,50 @@ def cmd_runs_ls(args: argparse.Namespace) -> int:
 def cmd_runs_show(args: argparse.Namespace) -> int:
     with Registry(args.registry, create=False) as registry:
         entry = registry.get(args.run_id)
-    print(json.dumps(entry.to_json(), indent=2, sort_keys=True, default=str))
+    if args.split:
+        ids = split_example_ids(entry, args.split)
+        if args.json:
+            print_json(ids)
+        else:
+            print("\n".join(ids))
+        return 0
+    # JSON either way (--json is accepted for symmetry with the other listing commands).
+    print_json(entry.to_json())
     return 0
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_example_ids(entry: RunEntry, split: str) -> list[str]:
+    """The example ids of one split of a run, in the dataset's order, read from the run's training cache
+    (the view it trained on): what its val/test metrics were computed over, so `unipt evaluate` on those
+    rows can be checked against the run."""
+    from pipeline.cache import CacheRoot
+    from pipeline.cache_open import open_cache
+
+    storage = entry.config.get("storage") or {}
+    recorded = entry.artifacts.get("cache")
+    candidates = [recorded] if recorded and recorded != "None" else []
+    if entry.cache_key and storage.get("cache_root"):
+        candidates.append(str(CacheRoot(storage["cache_root"]).location(entry.cache_key)))
+    for location in candidates:
+        try:
+            reader = open_cache(location)
+        except CacheMissing:
+            continue  # removed (gc) or moved: try where the run's config says the cache root is
+        with reader:
+            examples = reader.examples
+            if "example_id" not in examples.column_names:
+                raise UniptError(f"the cache {location} of run {entry.run_id} stores no example ids")
+            splits = examples.column("split").to_numpy(zero_copy_only=False)
+            ids = examples.column("example_id").to_pylist()
+            return [str(ids[i]) for i in (splits == split).nonzero()[0]]
+    raise UniptError(
+        f"run {entry.run_id}'s cache {entry.cache_key} is not at "
+        f"{' or '.join(candidates) or 'a known place'} any more (removed by `unipt cache gc`?); "
+        f"`unipt rerun {entry.run_id}` rebuilds it"
+    )
 
 
 def cmd_runs_diff(args: argparse.Namespace) -> int:
@@ -366,12 +433,21 @@ def add_runs_commands(
     ls = action("ls", "list registered runs, oldest first: id, metrics, dataset, cache, lineage", cmd_runs_ls)
     ls.add_argument("--sweep", help="only this sweep's trials")
     ls.add_argument("--limit", type=int, help="only the last N runs")
+    ls.add_argument("--json", action="store_true", help="print the runs as a JSON list on stdout")
     show = action(
         "show",
-        "one run as JSON: config, cache keys, seed, versions, commit, metrics, artifacts",
+        "one run as JSON: config, cache keys, seed, versions, commit, metrics, artifacts; or, with "
+        "--split, the example ids of one split",
         cmd_runs_show,
     )
     show.add_argument("run_id", help="a run id or a unique prefix of one")
+    show.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="list the example ids of this split (one per line; --json: a JSON list), read from the run's "
+        "cache: the rows its val/test metrics were computed on",
+    )
+    show.add_argument("--json", action="store_true", help="strict JSON (the default for the whole run)")
     diff = action(
         "diff", "the config keys, metrics and identities that differ between two runs", cmd_runs_diff
     )

@@ -218,15 +218,18 @@ def extract(
     target = prep.backbones[backbone] if backbone is not None else prep.primary
     settings = target.config
     label = f" [{target.name}]" if len(prep.backbones) > 1 else ""
-    if prep.cache_root.has(target.key):
+    hit_before = prep.cache_root.has(target.key)
+    if hit_before:
         say(
             f"cache hit {target.key}{label}: reusing {prep.cache_root.location(target.key)} "
             "(no backbone forward pass)"
         )
     else:
+        # Not "cache miss" yet: a view over activations its space already holds extracts nothing (and
+        # is recorded as a hit); which of the two it was is said once the extraction knows.
         counts = prep.dataset.split_counts()
         say(
-            f"cache miss {target.key}{label}: a view of {len(prep.dataset)} examples "
+            f"no cache {target.key}{label} yet: a view of {len(prep.dataset)} examples "
             f"(train {counts['train']}, val {counts['val']}, test {counts['test']}) "
             f"with {settings.name_or_path}"
         )
@@ -243,6 +246,11 @@ def extract(
         backbone_name=name,
     )
     result = run_extraction(request, ray_address=ray_address, progress=progress)
+    if result.cache_hit and not hit_before:
+        say(
+            f"cache {target.key}{label}: view written over existing activations, nothing extracted "
+            f"(recorded as a cache hit) -> {result.path}"
+        )
     if not result.cache_hit:
         resumed = ""
         if result.shards_resumed:  # the tokens and bytes above are this run's shards only
@@ -253,7 +261,7 @@ def extract(
         if result.shards_run and result.workers_used < result.workers:  # some never ran a shard: say so
             workers = f"{result.workers_used} of {result.workers}"
         say(
-            f"extracted{label} {result.examples} examples, {result.tokens} tokens, "
+            f"cache miss {target.key}{label}: extracted {result.examples} examples, {result.tokens} tokens, "
             f"{human_bytes(result.bytes_written)} written in {result.seconds:.1f}s "
             f"({stats.get('forward_s', 0):.1f}s backbone, {stats.get('write_s', 0):.1f}s writes overlapped) "
             f"on {workers} worker(s){resumed} -> {result.path}"

@@ -28,9 +28,12 @@ exceeds the free space (``--force`` skips the check).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -255,13 +258,28 @@ def plan(
     )
     scratch = Path(tempfile.mkdtemp(prefix="unipt-plan-"))
     try:
-        sampled = _sample_prepared(prep, sample, scratch)
-        for name, target in prep.backbones.items():
-            result.backbones.append(_plan_backbone(prep, sampled, name, target, ray_address, progress))
+        with _quiet_sample():
+            sampled = _sample_prepared(prep, sample, scratch)
+            for name, target in prep.backbones.items():
+                result.backbones.append(_plan_backbone(prep, sampled, name, target, ray_address, progress))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result.sample_s = time.perf_counter() - started
     return result
+
+
+@contextmanager
+def _quiet_sample() -> Iterator[None]:
+    """The sample is the plan's own work, not the user's: loading it would repeat the dataset's duplicate
+    warning with the sample's counts, and extracting it would say "cache miss" for a scratch cache no run
+    uses. Its errors still raise; its progress lines are not said."""
+    logger = logging.getLogger("unipt")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_space(

@@ -282,9 +282,10 @@ class TunedModel:
         *,
         batch_size: int = 256,
         progress: bool = False,
+        desc: str = "predict",
     ) -> Predictions:
         """Labels (or values) and class probabilities for raw texts (or images, as
-        :func:`pipeline.images.load_image` gives them)."""
+        :func:`pipeline.images.load_image` gives them). ``desc`` names the progress bar."""
         from tqdm import tqdm
 
         if not inputs:
@@ -292,7 +293,7 @@ class TunedModel:
         check_inputs(inputs, self.spec.input)
         ids = ids if ids is not None else [str(i) for i in range(len(inputs))]
         parts = []
-        bar = tqdm(total=len(inputs), unit="ex", desc="predict", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(inputs), unit="ex", desc=desc, disable=not progress, dynamic_ncols=True)
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start : start + batch_size]
             parts.append(self.outputs(self.activations(chunk)))
@@ -314,19 +315,28 @@ class TunedModel:
 
     def evaluate(self, inputs: list, labels: list, *, batch_size: int = 256, progress: bool = False) -> dict:
         """The task's metrics of the model's predictions on labelled raw inputs."""
+        return self.evaluation(inputs, labels, batch_size=batch_size, progress=progress)["metrics"]
+
+    def evaluation(
+        self, inputs: list, labels: list, *, batch_size: int = 256, progress: bool = False
+    ) -> dict[str, Any]:
+        """What ``unipt evaluate`` reports: ``metrics`` (the task's), ``examples``, and for classification
+        ``report``: per-class precision, recall, F1 and support and the confusion matrix (rows: true class,
+        columns: predicted), as a run record's ``report`` holds them."""
         import torch
 
         from train.tasks.classification import classification_head
         from train.tasks.regression import regression_head
 
-        predictions = self.predict(inputs, batch_size=batch_size, progress=progress)
+        predictions = self.predict(inputs, batch_size=batch_size, progress=progress, desc="evaluate")
         if self.spec.task == "regression":
             try:
                 truth = torch.tensor([float(v) for v in labels], dtype=torch.float64)
             except (TypeError, ValueError) as exc:
                 raise UniptError(f"a label is not a number ({exc}); regression labels are numbers") from exc
             head = regression_head(0.0, 1.0)
-            return head.metrics(torch.from_numpy(predictions.outputs), truth)
+            metrics = head.metrics(torch.from_numpy(predictions.outputs), truth)
+            return {"metrics": metrics, "examples": len(inputs)}
         index = {name: i for i, name in enumerate(self.spec.label_names)}
         unknown = sorted({str(v) for v in labels if str(v) not in index})
         if unknown:
@@ -334,8 +344,14 @@ class TunedModel:
                 f"labels {unknown[:5]} are not among the model's classes {self.spec.label_names}; fix them"
             )
         truth = torch.tensor([index[str(v)] for v in labels])
-        head = classification_head(len(self.spec.label_names))
-        return head.metrics(head.collect(torch.from_numpy(predictions.outputs)), truth)
+        head = classification_head(len(self.spec.label_names), list(self.spec.label_names))
+        predicted = head.collect(torch.from_numpy(predictions.outputs))
+        assert head.report is not None
+        return {
+            "metrics": head.metrics(predicted, truth),
+            "examples": len(inputs),
+            "report": head.report(predicted, truth),
+        }
 
 
 def check_inputs(inputs: list, kind: str) -> None:
@@ -487,3 +503,37 @@ def write_predictions(predictions: Predictions, out: str | Path) -> Path:
 
 def format_metrics(metrics: dict[str, float]) -> str:
     return " | ".join(f"{k} {v:.4f}" if not math.isnan(v) else f"{k} nan" for k, v in metrics.items())
+
+
+def format_report(report: dict[str, Any]) -> list[str]:
+    """A classification report for people: per-class precision, recall, F1 and support, then the
+    confusion matrix (rows: true class, columns: predicted)."""
+    names = [str(name) for name in report["labels"]]
+    width = max(len("class"), *map(len, names))
+    lines = [f"{'class':<{width}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>7}"]
+    for name in names:
+        row = report["per_class"][name]
+        lines.append(
+            f"{name:<{width}}  {row['precision']:>9.4f}  {row['recall']:>9.4f}  {row['f1']:>9.4f}  "
+            f"{row['support']:>7}"
+        )
+    cell = max(7, *map(len, names), *(len(str(n)) for row in report["confusion"] for n in row))
+    lines.append("confusion (rows: true class, columns: predicted)")
+    lines.append(f"{'':<{width}}  " + "  ".join(f"{name:>{cell}}" for name in names))
+    for name, row in zip(names, report["confusion"], strict=True):
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{n:>{cell}}" for n in row))
+    return lines
+
+
+def write_metrics(evaluation: dict[str, Any], out: str | Path) -> Path:
+    """``unipt evaluate --out``: the evaluation as strict JSON (an undefined metric is null)."""
+    from pipeline.runs import without_nan
+
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".json":
+        raise UniptError(f"--out {out}: give a .json file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(without_nan(evaluation), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    tmp.replace(out)  # whole or not at all
+    return out

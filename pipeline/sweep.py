@@ -518,7 +518,7 @@ def _tune(
             verbose=0,
             # One failed trial is recorded as failed; the others go on.
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            callbacks=[_SayTrials(metric, trials)],
+            callbacks=[_SayTrials(metric, trials, len(todo))],
         ),
     )
     # Tune's own console output (its config box, each failure's whole traceback) is off: the sweep says
@@ -534,29 +534,64 @@ def _tune(
 
 
 class _SayTrials:
-    """A Tune callback (built lazily: ray.tune is imported only by a sweep) that says each trial's end."""
+    """A Tune callback (built lazily: ray.tune is imported only by a sweep) that says each trial's end and,
+    at every epoch a trial reports and every end, one progress line: trials done, running and pending,
+    and the best validation score so far (a plain line per event, so a log file reads it too)."""
 
-    def __new__(cls, metric: str, grid: list[Trial]) -> Any:
+    def __new__(cls, metric: str, grid: list[Trial], total: int) -> Any:
         from ray.tune import Callback
 
         class SayTrials(Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.ended: set[str] = set()
+                self.best: tuple[float, str] | None = None  # (score, what scored it)
+
+            def _score(self, value: Any, trial: Any, epoch: Any) -> None:
+                value = _number(value)
+                if not math.isnan(value) and (self.best is None or value > self.best[0]):
+                    self.best = (
+                        value,
+                        f"trial {trial.trial_id} {_params(grid, trial.config)}, epoch {epoch}",
+                    )
+
+            def _progress(self, trials: list) -> None:
+                running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
+                done = len(self.ended)
+                best = f"{metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "none yet"
+                say(f"sweep: {done} of {total} trials done, {running} running, "
+                    f"{max(0, total - done - running)} pending; best so far {best}")  # fmt: skip
+
+            def on_trial_result(
+                self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+            ) -> None:
+                if result.get("run_id"):
+                    return  # the final report: on_trial_complete says it
+                self._score(result.get(metric), trial, result.get("epoch"))
+                self._progress(trials)
+
             def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
                 last = trial.last_result or {}
                 params = _params(grid, trial.config)
+                self.ended.add(trial.trial_id)
                 if last.get("run_id"):
                     # The run's metrics are its selected (best) epoch's, as the table shows; the last
                     # report's own value is the last epoch's.
                     chosen = last.get("metrics") or {}
                     epoch = f" (epoch {chosen['best_epoch']})" if "best_epoch" in chosen else ""
+                    self._score(chosen.get(metric), trial, chosen.get("best_epoch", last.get("epoch")))
                     say(f"trial {trial.trial_id} {params}: {metric} {_number(chosen.get(metric)):.4f}{epoch} "
                         f"-> {last['run_id']}")  # fmt: skip
                 else:
                     say(f"trial {trial.trial_id} {params}: stopped after epoch {last.get('epoch', 0)} "
                         f"({metric} {_number(last.get(metric)):.4f})")  # fmt: skip
+                self._progress(trials)
 
             def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
                 params = _params(grid, trial.config)
+                self.ended.add(trial.trial_id)
                 say(f"trial {trial.trial_id} {params}: failed (cause below); the others go on")
+                self._progress(trials)
 
         return SayTrials()
 

@@ -71,7 +71,11 @@ def test_ls_and_info_describe_the_cache(tmp_path, capsys):
     build_cache(root, LENGTHS[:3], {0: 4}, key=OTHER, commit=False)
     code, out, err = _cli(capsys, "cache", "ls", "--cache-root", str(tmp_path))
     assert code == 0
-    assert out.count("\n") == 1 and out.startswith(KEY) and "int8" in out and f"{len(LENGTHS):>7} ex" in out
+    header, row, note = out.splitlines()
+    assert header.split()[:6] == ["key", "backbone", "dtype", "examples", "tokens", "reads"]
+    assert (
+        row.startswith(KEY) and row.split()[2:4] == ["int8", str(len(LENGTHS))] and note.startswith("(reads:")
+    )
     assert OTHER in err and "unfinished" in err
 
     code, out, _ = _cli(capsys, "cache", "info", KEY, "--cache-root", str(tmp_path))

@@ -126,6 +126,7 @@ def test_versions_extract_only_what_no_segment_holds(ray_session, versions, capf
     result = experiment.extract(b, progress=False)
     err = capfd.readouterr().err
     assert "cache: 180 of 200 inputs reused; extracting 20" in err
+    assert f"cache miss {b.key}: extracted 20 examples" in err and "view written over" not in err
     assert not result.cache_hit and result.examples == 20
     result.release()
 
@@ -135,6 +136,9 @@ def test_versions_extract_only_what_no_segment_holds(ray_session, versions, capf
         result = experiment.extract(prep, progress=False)
         err = capfd.readouterr().err
         assert "all 200 inputs reused; writing the view only (no backbone forward pass)" in err
+        # The log says what the record will: nothing extracted (a hit), not a "cache miss".
+        assert f"cache {prep.key}: view written over existing activations, nothing extracted" in err
+        assert "cache miss" not in err
         assert result.cache_hit and result.examples == 0 and result.seconds < 5
         result.release()
 

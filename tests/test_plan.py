@@ -138,3 +138,17 @@ def test_extract_refuses_when_the_cache_cannot_fit_on_a_small_filesystem(small_f
     assert "free at" in errors[0] and "--force" in errors[0] and "float16" in errors[0]
     # Refused before extracting: no cache, no partial store, on the small filesystem.
     assert _bytes_under(small_filesystem) == 0
+
+
+def test_plan_says_the_duplicate_warning_once_and_nothing_of_its_sample(tmp_path: Path, tiny_bert_dir: Path):
+    from conftest import make_sentiment_rows, write_csv
+
+    rows = make_sentiment_rows(200)
+    repeats = [{**row, "id": f"copy{i}"} for i, row in enumerate(rows[:40])]  # identical inputs again
+    data = write_csv(tmp_path / "dups.csv", rows + repeats)
+    config = write_config(tmp_path / "dups.yaml", str(data), str(tiny_bert_dir), tmp_path)
+    result = run_cli("plan", str(config), "--no-progress", "--sample", "64")
+    said = [line for line in result.stderr.splitlines() if line.strip()]
+    duplicates = [line for line in said if "occur more than once" in line]
+    assert len(duplicates) == 1 and "40 inputs occur more than once (40 extra copies)" in duplicates[0], said
+    assert not [line for line in said if "cache miss" in line or "extracted" in line or "cache:" in line]

@@ -105,4 +105,4 @@ def test_extract_to_s3_then_stream_train_from_it(s3_endpoint, tiny_config, tmp_p
     verified = run_cli("cache", "verify", s3_record["cache"]["path"], "--no-progress")
     assert verified.stdout.startswith("ok:")
     listed = run_cli("cache", "ls", "--cache-root", "s3://unipt-test/caches")
-    assert listed.stdout.startswith(s3_record["cache"]["key"])
+    assert listed.stdout.splitlines()[1].startswith(s3_record["cache"]["key"])  # under the header

@@ -125,6 +125,16 @@ def test_asha_stops_a_trailing_trial_from_its_epoch_scores(tiny_config, tmp_path
     assert slow[2] == "1e-07" and slow[-1] in ("stopped@1", "stopped@2") and slow[1] == "-"
     sweep_id = out.strip().splitlines()[-1].split(":")[0]
     assert [r.run_id for r in _trials(tmp_path, sweep_id)] == [best[1]]  # a stopped trial is no run
+    # Between trial ends, a line at every epoch a trial reports: done / running / pending, best so far.
+    progress = [line for line in err.splitlines() if line.startswith("unipt: sweep: ")]
+    assert progress[0].startswith(
+        "unipt: sweep: 0 of 2 trials done, 1 running, 1 pending; best so far val_acc"
+    )
+    done = [int(line.split()[2]) for line in progress]
+    assert done == sorted(done) and len(progress) >= 3
+    last = progress[-1]
+    assert last.startswith("unipt: sweep: 2 of 2 trials done, 0 running, 0 pending; best so far val_acc ")
+    assert float(last.split("val_acc ")[1].split()[0]) >= float(best[3]) - 1e-4  # the winner's val_acc
     assert (
         main(["sweep", str(tiny_config), "--grid", "train.lr=1e-3", "--gpus-per-trial", "2", "--no-progress"])
         == 2
