@@ -328,10 +328,18 @@ class ViewReader(ActivationCache):
             problems.append(Problem(CHECKSUMS_FILE, CHECKSUMS_FILE, "file is missing or unreadable"))
         for problem in self.attribute_problems():
             problems.append(Problem("zarr.json", "zarr.json", f"contradicts itself: {problem}"))
+        try:  # the view's examples table, judged against its layout before it is read (a resealed size lie)
+            self.files.examples  # noqa: B018
+        except UniptError as exc:
+            problems.append(Problem("examples.parquet", "examples.parquet", str(exc)))
         for entry, segment in zip(self.attrs.get("segments", []), self.segments, strict=False):
             if problem := _segment_problem(segment.location, entry):  # a segment resealed in place
                 problems.append(Problem("zarr.json", f"segment {entry.get('id')}", problem))
         return problems
+
+    def root_digest(self) -> str | None:
+        # The view's manifest seals its zarr.json, which names each segment's digest: one digest covers all.
+        return self.files.root_digest()
 
     def nbytes_on_disk(self) -> int:
         """The view's files plus every segment it reads (segments may be shared with other views)."""

@@ -61,6 +61,9 @@ def check_examples_match(dataset: DatasetTable, reader: ActivationCache) -> None
         raise UniptError(
             f"cache {reader.source} holds {cached.num_rows} examples, the dataset {table.num_rows}; {fix}"
         )
+    if "example_id" in cached.column_names and "example_id" in table.column_names:
+        # A view may list its examples in another order (train.view_order 2): compare them id by id.
+        cached, table = cached.sort_by("example_id"), table.sort_by("example_id")
     for column in _COMPARED:
         if column not in cached.column_names or column not in table.column_names:
             continue

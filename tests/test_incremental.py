@@ -484,7 +484,7 @@ def test_closing_a_view_lets_gc_remove_it_and_its_segment(tmp_path, capsys):
         "--runs-root",
         str(tmp_path / "runs"),
     ]
-    args += ["--registry", str(tmp_path / "registry.sqlite")]
+    args += ["--registry", str(tmp_path / "registry.sqlite"), "--no-registry"]
     with open_cache(root.location(source)) as view:
         assert isinstance(view, ViewReader) and view.lease.held
         assert main(args) == 0
