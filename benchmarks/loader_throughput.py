@@ -147,7 +147,8 @@ def raw_pass(reader: CacheReader, loader: CacheBatches, seed: int) -> tuple[floa
 def through_zarr(reader: CacheReader) -> Iterator[None]:
     """Reads of ``reader`` (and of a view's segment readers) through zarr-python's codec pipeline instead
     of :mod:`pipeline.chunk_reader`'s memory maps, for the before/after row; no-op on a compressed cache."""
-    stores = [reader, *getattr(reader, "segments", [])]
+    # A view holds no chunks of its own: its segments' readers do the reading.
+    stores = [s for s in (reader, *getattr(reader, "segments", [])) if isinstance(s, CacheReader)]
     saved = [store._mapped for store in stores]
     for store in stores:
         store._mapped = None

@@ -376,8 +376,10 @@ def _plan_backbone(
         views = inputs_per_example(prep)
         scale = tokens / max(1, sample_tokens) * views
         per_dtype = bytes_by_dtype(reader, prep.config.extract)
+        padding = tail_padding_bytes(reader, prep.config.extract, tokens * views, len(prep.dataset) * views)
         sizes = {
-            dtype: int(n * scale + PER_EXAMPLE_OVERHEAD * len(prep.dataset)) for dtype, n in per_dtype.items()
+            dtype: int(n * scale + padding[dtype] + PER_EXAMPLE_OVERHEAD * len(prep.dataset))
+            for dtype, n in per_dtype.items()
         }
         forward = float(extraction.stats.get("forward_s", extraction.seconds))
         fixed = max(0.0, extraction.seconds - max(forward, float(extraction.stats.get("write_s", 0.0))))
@@ -569,10 +571,41 @@ def bytes_by_dtype(reader: ActivationCache, ext: ExtractConfig) -> dict[str, int
         rows = rows.astype(np.float32, copy=False)
         for dtype in STORAGE_DTYPES:
             stored, scale = encode_rows(rows, dtype)
-            totals[dtype] += _compressed_bytes(stored, ext, chunk_rows)
+            totals[dtype] += _unpadded_compressed_bytes(stored, ext, chunk_rows)
             if has_scale(dtype) and scale is not None:
-                totals[dtype] += _compressed_bytes(scale, ext, chunk_rows)
+                totals[dtype] += _unpadded_compressed_bytes(scale, ext, chunk_rows)
     return totals
+
+
+def tail_padding_bytes(
+    reader: ActivationCache, ext: ExtractConfig, tokens: int, examples: int
+) -> dict[str, int]:
+    """The bytes an uncompressed cache stores past its rows: each shard's last chunk of every array is
+    written whole (compressors squeeze those zeros to nothing, so only ``codec: none`` pays them). Estimated
+    from the mean rows per shard; 0 for every dtype under a compressor."""
+    if ext.codec != "none":
+        return dict.fromkeys(STORAGE_DTYPES, 0)
+    widths = list(reader.hidden_sizes.values())
+    chunk_rows = resolve_chunk_rows(ext.chunk_rows, widths)
+    shards = max(1, -(-examples // ext.shard_size))
+    rows = tokens / shards
+    padded_rows = shards * (-(-rows // chunk_rows) * chunk_rows - rows)
+    sizes = {}
+    for dtype in STORAGE_DTYPES:
+        itemsize = np.dtype(STORAGE_DTYPES[dtype]).itemsize
+        scales = 4 * len(widths) if has_scale(dtype) else 0  # one float32 scale per row and layer
+        sizes[dtype] = int(padded_rows * (itemsize * sum(widths) + scales))
+    return sizes
+
+
+def _unpadded_compressed_bytes(values: np.ndarray, ext: ExtractConfig, chunk_rows: int) -> int:
+    """``values`` stored in chunks of ``chunk_rows`` with the rest in a chunk of its own size: what the rows
+    cost without a padded last chunk (:func:`tail_padding_bytes` adds that for the whole dataset)."""
+    whole = len(values) // chunk_rows * chunk_rows
+    total = _compressed_bytes(values[:whole], ext, chunk_rows) if whole else 0
+    if whole < len(values):
+        total += _compressed_bytes(values[whole:], ext, len(values) - whole)
+    return total
 
 
 def _written_ranges(offsets: np.ndarray) -> list[tuple[int, int]]:

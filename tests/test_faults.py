@@ -204,7 +204,7 @@ KILLED_RUN = textwrap.dedent(
     """
     import os, pathlib, signal, sys
     import torch
-    from pipeline.cache import CacheReader
+    from pipeline.cache_open import open_cache
     from pipeline.config import TrainConfig
     from train import loader
     from train.tasks import train_task
@@ -299,7 +299,7 @@ def test_gc_while_training_reads_skips_that_cache_and_training_finishes(tmp_path
 HOLD_READER = textwrap.dedent(
     """
     import sys
-    from pipeline.cache import CacheReader
+    from pipeline.cache_open import open_cache
     reader = open_cache(sys.argv[1])
     reader.read_example(0, 0)
     print("reading", flush=True)
