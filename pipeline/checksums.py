@@ -272,6 +272,8 @@ def verify_files(
             data = location.child(*key.split("/")).read_bytes()
         except FileNotFoundError:
             return Problem(key, what, "file is missing")
+        except OSError as exc:  # a directory, or no permission, where the file was written
+            return Problem(key, what, f"cannot be read as a file ({exc.strerror or type(exc).__name__})")
         have = digest(data)
         if have != wanted:
             return Problem(key, what, f"checksum mismatch ({ALGORITHM} {have[:12]}... != {wanted[:12]}...)")

@@ -201,3 +201,20 @@ def test_an_unknown_fsspec_option_is_one_line(no_aws_credentials, tmp_path, tiny
     tiny_config.write_text(yaml.safe_dump(raw))
     line = _error_line(capsys, "extract", str(tiny_config), "--no-progress")
     assert "storage.options: the object store's client refused them" in line and "no_such_option" in line
+
+
+def test_a_chunk_path_that_is_a_directory_is_damage_not_a_traceback(tmp_path: Path, capsys):
+    from pipeline.cache_open import open_cache
+    from tests.conftest import KEY, build_cache
+
+    root = CacheRoot(tmp_path / "cache")
+    build_cache(root, [3, 5, 2, 4, 6, 1, 2], {0: 4, 1: 4}, shard_size=2)
+    store = Path(str(root.location(KEY)))
+    chunk = store / "layer_00" / "c" / "0" / "0"
+    chunk.unlink()
+    chunk.mkdir()  # a directory where the chunk file was written
+    assert main(["cache", "verify", str(store), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED layer_00 chunk 0 (rows 0-7): cannot be read as a file (Is a directory)" in out
+    with open_cache(store) as reader, pytest.raises(UniptError, match="layer_00 rows 0-3 could not be read"):
+        reader.read_rows(0, 0, 3)
