@@ -25,6 +25,7 @@ BASE = {
     "fsspec",
     "pyarrow",
     "numpy",
+    "google-crc32c",
     "pydantic",
     "pyyaml",
     "tqdm",
