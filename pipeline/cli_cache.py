@@ -206,10 +206,12 @@ def _check_references_exist(args: argparse.Namespace) -> None:
         return
     missing = [path for path in (args.runs_root, args.registry) if not Path(path).expanduser().exists()]
     if missing:
+        verb = "do" if len(missing) > 1 else "does"
         raise UniptError(
             f"gc keeps the caches that the runs root {args.runs_root} and the registry {args.registry} "
-            f"reference, but {' and '.join(missing)} does not exist; pass the right --runs-root and "
-            "--registry (or run from the project folder), or --no-registry if no run needs these caches"
+            f"reference, but {' and '.join(missing)} {verb} not exist; pass the right --runs-root and "
+            "--registry (or run from the project folder, or set UNIPT_HOME), or --no-registry if no run "
+            "needs these caches"
         )
 
 
