@@ -7,7 +7,6 @@ one-line error contract (``unipt: error: <what>; <what to do>``, exit 2).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from pipeline import experiment
@@ -143,7 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import train  # noqa: F401  (first: it caps malloc arenas before any thread exists, see train.allocator)
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     args = build_parser().parse_args(argv)
     if getattr(args, "no_progress", True) is False and not sys.stderr.isatty():
         args.no_progress = True  # a log file gets the unipt: lines, not a bar's cursor escapes
