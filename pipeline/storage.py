@@ -183,10 +183,7 @@ class Location:
     def files(self) -> dict[str, int]:
         """Every file below, as path relative to this location -> size in bytes."""
         if self.is_local:
-            root = Path(self.url)
-            if not root.is_dir():
-                return {}
-            return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+            return _local_files(self.url)
         base = self.fs_path.rstrip("/") + "/"
         try:
             found = self.fs.find(self.fs_path, detail=True)
@@ -307,3 +304,20 @@ def unipt_home() -> str:
 DEFAULT_CACHE_ROOT = f"{unipt_home()}/cache"
 DEFAULT_RUNS_ROOT = f"{unipt_home()}/runs"
 DEFAULT_REGISTRY = f"{unipt_home()}/registry.sqlite"
+
+
+def _local_files(folder: str) -> dict[str, int]:
+    """Files below ``folder`` -> sizes, tolerating files and folders that vanish while it walks (a
+    store committed, compacted or collected by another process meanwhile): what is gone is not listed.
+    Links are not followed (``os.walk`` lists a linked folder as an entry and does not descend)."""
+    found = {}
+    for parent, _folders, names in os.walk(folder):  # os.walk skips folders it cannot list
+        for name in names:
+            path = os.path.join(parent, name)
+            try:
+                info = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found[os.path.relpath(path, folder).replace(os.sep, "/")] = info.st_size
+    return found

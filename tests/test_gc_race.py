@@ -75,6 +75,7 @@ def test_a_run_finishes_while_gc_yes_runs_in_a_loop(tmp_path, tiny_bert_dir, sen
     assert first.returncode == 0, first.stderr[-3000:]
     assert second.returncode == 0, second.stderr[-3000:]
     assert "cache hit" in second.stderr
+    assert gc.returncode == 0 and len(out.split()) == 2, err[-3000:]
     rounds, removed = (int(n) for n in out.split())
     assert gc.returncode == 0, err
     assert rounds >= 10, f"gc ran only {rounds} times during the runs"
@@ -181,3 +182,37 @@ def test_gc_include_partial_keeps_a_segment_under_its_build_lock(tmp_path, capsy
             assert root.partial_keys() == [segment]
         assert main(args) == 0  # the build finished or died: its lock is free, the store is garbage
     assert f"removing {segment} (unfinished)" in capsys.readouterr().out and root.partial_keys() == []
+
+
+def test_sizing_a_store_tolerates_files_vanishing_while_it_walks(tmp_path):
+    """gc sizes stores other processes are committing, compacting or collecting: a file or folder that
+    goes away mid-walk is left out (it used to be a FileNotFoundError that ended `gc` with a traceback)."""
+    from pipeline.storage import Location
+
+    store = tmp_path / "store"
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            folder = store / f"c{n % 7}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(20):
+                (folder / str(i)).write_bytes(b"x" * 10)
+            for child in folder.iterdir():
+                child.unlink()
+            folder.rmdir()
+            n += 1
+
+    store.mkdir()
+    (store / "kept").write_bytes(b"y" * 100)
+    (store / "link").symlink_to(store / "kept")  # a link is not counted: sizes never follow one
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        sizes = [Location(str(store)).size() for _ in range(300)]
+    finally:
+        stop.set()
+        worker.join()
+    assert min(sizes) >= 100 and all((size - 100) % 10 == 0 for size in sizes)
+    assert Location(str(store)).size() == 100
