@@ -378,7 +378,8 @@ class TrackingConfig(_Strict):
     tensorboard: str | None = Field(
         None,
         description="A directory for TensorBoard event files: each run writes <dir>/<run_id>/ (train loss "
-        "and validation metrics per epoch, final metrics, the config). None = off. Needs [tracking].",
+        "per step and per epoch, validation metrics per epoch, final metrics, the config, the HPARAMS "
+        "view). None = off. Needs [tracking].",
     )
     mlflow: str | None = Field(
         None,
@@ -387,6 +388,18 @@ class TrackingConfig(_Strict):
         "as tags, plots and model.safetensors as artifacts, in the experiment named by `name`. None = off. "
         "Needs [tracking].",
     )
+    log_every_steps: int = Field(
+        10,
+        ge=1,
+        description="Log the training loss (and learning rate) to the sinks every this many optimiser "
+        "steps: the loss curve, beside the per-epoch numbers.",
+    )
+    mlflow_log_model: bool = Field(
+        False,
+        description="Also log the tuned model to the MLflow run as an MLflow pyfunc model (artifact "
+        "`model/`), which `mlflow.pyfunc.load_model` loads and MLflow's model registry can serve; "
+        "it predicts from texts with the backbone model.json names. Needs `mlflow`.",
+    )
 
     @field_validator("mlflow")
     @classmethod
@@ -394,6 +407,15 @@ class TrackingConfig(_Strict):
         if uri is not None:
             check_url(uri, "tracking.mlflow")
         return uri
+
+    @model_validator(mode="after")
+    def _a_model_needs_an_mlflow_run(self) -> TrackingConfig:
+        if self.mlflow_log_model and self.mlflow is None:
+            raise ValueError(
+                "tracking.mlflow_log_model logs the model to the run's MLflow run; set tracking.mlflow too "
+                "(a tracking URI or a directory)"
+            )
+        return self
 
 
 _BACKBONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")

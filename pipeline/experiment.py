@@ -64,6 +64,7 @@ from pipeline.tracking import Tracker
 if TYPE_CHECKING:
     from extract.runner import ExtractionResult
     from extract.spec import BackboneLoadSpec
+    from train.fit import StepHook
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -350,12 +351,14 @@ def train(
     meta: dict[str, Any] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     built: frozenset[str] = frozenset(),
+    on_step: StepHook | None = None,
 ) -> Trained:
     """Train the config's task from its cache(s): by key, or ``cache`` (a reader, path, URL or .h5 file).
 
     ``checkpoint`` is written after every epoch; ``resume`` continues from one. Before training, each cache
     is compared with the dataset table and, unless this command just extracted it (its key is in
     ``built``), with the root digests registered runs recorded for its key (:mod:`pipeline.integrity`).
+    ``on_step``: a :class:`train.fit.StepHook`, the loss every few optimiser steps.
     """
     from train.tasks import TrainOptions
 
@@ -381,7 +384,7 @@ def train(
             if backbone.key not in built:
                 check_registered(prep.config.storage.registry, backbone.key, reader)
         return _train_on(
-            prep, readers, backbones, TrainOptions(progress, checkpoint, resume, meta, on_epoch_end)
+            prep, readers, backbones, TrainOptions(progress, checkpoint, resume, meta, on_epoch_end, on_step)
         )
 
 
@@ -691,6 +694,7 @@ def _train_and_record(
                 meta=meta,
                 on_epoch_end=tracker.epoch if tracker.enabled else None,
                 built=built,
+                on_step=tracker.step_hook(),
             )
         timings = timings_since(started, train_started, extract_s)
         extra = {"tracking": tracker.ids()} if tracker.enabled else None

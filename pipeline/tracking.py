@@ -7,12 +7,17 @@ and the registered run's artifacts).
 
 What each sink gets:
 
-- per epoch (live, as the fit loop reports it): ``train_loss``, ``lr`` and every ``val_*`` metric;
+- every ``tracking.log_every_steps`` optimiser steps (x: the step over the whole run): ``train_step_loss``
+  (that batch's loss) and ``train_step_lr``, the loss curve (TensorBoard: ``train/step_loss``);
+- per epoch (live, as the fit loop reports it; x: the epoch): ``train_loss``, ``lr`` and every ``val_*``
+  metric;
 - at the end: the final metrics (``test_acc``, ``val_acc``, the baselines' under their own names);
-- the config as params (MLflow; flattened ``train.lr``-style keys) or one YAML text (TensorBoard);
+- the config as params (MLflow; flattened ``train.lr``-style keys), or, in TensorBoard, one YAML text and
+  the HPARAMS view (the flattened config as hyperparameters, the final metrics as its metrics);
 - tags: the unipt run id, the dataset fingerprint and the cache key;
 - MLflow only: the run's plots, ``model.safetensors``, ``model.json``, the ``README.md``
-  model card and ``record.json`` as artifacts.
+  model card and ``record.json`` as artifacts, and, with ``tracking.mlflow_log_model``, the model as an
+  MLflow pyfunc model under ``model/`` (:mod:`pipeline.mlflow_model`), which MLflow's registry can serve.
 
 TensorBoard writes ``<DIR>/<run_id>/events.out.tfevents.*``, one folder per run, so ``tensorboard
 --logdir DIR`` compares runs. Both need ``pip install 'unipt-cache[tracking]'``.
@@ -33,6 +38,7 @@ from pipeline.log import say
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig, TrackingConfig
+    from train.fit import StepHook
 
 # Files of a run directory that go to MLflow as artifacts, when the run wrote them.
 ARTIFACT_FILES = (
@@ -59,13 +65,23 @@ class Tracker:
         self._mlflow: Any = None  # an MlflowClient
         self._tensorboard: Any = None  # a SummaryWriter
         self._logged_epochs: set[int] = set()
+        self._hparams: dict[str, Any] = {}
 
     @property
     def enabled(self) -> bool:
         return self.config.tensorboard is not None or self.config.mlflow is not None
 
+    def step_hook(self) -> StepHook | None:
+        """What the fit loop calls every ``tracking.log_every_steps`` steps; None when no sink is set."""
+        if not self.enabled:
+            return None
+        from train.fit import StepHook
+
+        return StepHook(self.config.log_every_steps, lambda step, values: self._log(values, step))
+
     def start(self, experiment: ExperimentConfig, tags: dict[str, str]) -> None:
         """Open the sinks, log the config as params and ``tags`` (fingerprint, cache key) as tags."""
+        self._hparams = {key: _hparam_value(value) for key, value in flatten(experiment).items()}
         if self.config.mlflow is not None:
             self._start_mlflow(experiment, tags)
         if self.config.tensorboard is not None:
@@ -120,11 +136,25 @@ class Tracker:
             for name in ARTIFACT_FILES:
                 if (run_dir / name).is_file():
                     self._mlflow.log_artifact(self.mlflow_run_id, str(run_dir / name))
+            if self.config.mlflow_log_model:
+                from pipeline.mlflow_model import log_pyfunc_model
+
+                log_pyfunc_model(self._mlflow, self.mlflow_run_id, run_dir)
             self._mlflow.set_terminated(self.mlflow_run_id, "FINISHED")
         if self._tensorboard is not None:
             for key, value in finals.items():
                 self._tensorboard.add_scalar(f"final/{key}", float(value), final_step)
+            self._write_hparams({f"final/{key}": float(value) for key, value in finals.items()})
             self._tensorboard.close()
+
+    def _write_hparams(self, metrics: dict[str, float]) -> None:
+        """The HPARAMS view's entry for this run, in the run's own folder (``add_hparams`` would open a
+        sub-run of its own): the config as hyperparameters; the metrics are the ``final/*`` scalars."""
+        from torch.utils.tensorboard.summary import hparams
+
+        writer = self._tensorboard._get_file_writer()
+        for summary in hparams(self._hparams, metrics):
+            writer.add_summary(summary)
 
     def fail(self) -> None:
         """Close the sinks of a run that raised: MLflow marks it FAILED."""
@@ -196,6 +226,13 @@ def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
     text = text.removesuffix("\n...").strip()
     return text[:_MAX_PARAM_CHARS]
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    """A config value as the HPARAMS view takes it: numbers, flags and text as they are, the rest as text."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return _param_value(value)
 
 
 def _finite(value: Any) -> bool:

@@ -4,24 +4,40 @@ with the tools' own readers; the registry records where the run went."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
-mlflow = pytest.importorskip("mlflow")  # the [tracking] extra; setup.sh installs it, so CI runs these
+mlflow = pytest.importorskip("mlflow")
+pytest.importorskip("mlflow.pyfunc")  # the [tracking] extra; setup.sh installs it, so CI runs these
 pytest.importorskip("tensorboard")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData  # noqa: E402
 
 from pipeline import experiment  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.errors import UniptError  # noqa: E402
 from pipeline.registry import Registry  # noqa: E402
-from tests.conftest import make_sentiment_rows, write_config, write_csv  # noqa: E402
+from tests.conftest import make_sentiment_rows, run_cli, write_config, write_csv  # noqa: E402
 
 EPOCHS = 3
+EVERY = 2  # tracking.log_every_steps in the tests
+
+
+def _steps_per_epoch(record: dict) -> int:
+    """Optimiser steps per epoch: the train split's batches."""
+    train_examples = record["dataset"]["splits"]["train"]
+    return -(-train_examples // record["config"]["train"]["batch_size"])
+
+
+def _step(metric) -> int:
+    return metric.step
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +57,16 @@ def test_a_run_goes_to_mlflow_and_tensorboard_and_the_registry_knows_where(extra
     registry = tmp_path / "registry.sqlite"
     code = main(
         ["train", str(extracted), "--registry", str(registry), "--runs-root", str(tmp_path / "runs"),
-         "--set", f"tracking.mlflow={mlruns}", "--set", f"tracking.tensorboard={tb}", "--no-progress"]
+         "--set", f"tracking.mlflow={mlruns}", "--set", f"tracking.tensorboard={tb}",
+         "--set", f"tracking.log_every_steps={EVERY}", "--no-progress"]
     )  # fmt: skip
     assert code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     record = json.loads((run_dir / "record.json").read_text())
     tracking = record["tracking"]
+    steps = EPOCHS * _steps_per_epoch(record)
+    logged_steps = list(range(EVERY, steps + 1, EVERY))
+    assert len(logged_steps) == steps // EVERY > EPOCHS  # more points than epochs: a curve
     assert tracking["mlflow_uri"] == mlruns.resolve().as_uri()
 
     # MLflow, read back from its file store.
@@ -66,6 +86,12 @@ def test_a_run_goes_to_mlflow_and_tensorboard_and_the_registry_knows_where(extra
     val_acc = client.get_metric_history(run.info.run_id, "val_acc")
     assert [m.value for m in val_acc] == pytest.approx([h["val_acc"] for h in record["history"]])
     assert run.data.metrics["final.test_acc"] == pytest.approx(record["metrics"]["test_acc"])
+    step_losses = client.get_metric_history(run.info.run_id, "train_step_loss")
+    assert sorted(m.step for m in step_losses) == logged_steps
+    assert all(math.isfinite(m.value) and m.value > 0 for m in step_losses)
+    step_lrs = client.get_metric_history(run.info.run_id, "train_step_lr")
+    assert sorted(m.step for m in step_lrs) == logged_steps
+    assert max(m.value for m in step_lrs) <= record["config"]["train"]["lr"] + 1e-12
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     names = {"model.safetensors", "model.json", "README.md", "curves.png", "layer_weights.png", "record.json"}
     assert names <= artifacts
@@ -86,6 +112,21 @@ def test_a_run_goes_to_mlflow_and_tensorboard_and_the_registry_knows_where(extra
     (final,) = events.Scalars("final/test_acc")
     assert final.value == pytest.approx(record["metrics"]["test_acc"], rel=1e-6)
     assert "config" in {tag.split("/")[0] for tag in events.Tags()["tensors"]}
+    step_loss = events.Scalars("train/step_loss")
+    assert [e.step for e in step_loss] == logged_steps
+    assert [e.value for e in step_loss] == pytest.approx([m.value for m in sorted(step_losses, key=_step)])
+    # The HPARAMS view: the run's settings as hyperparameters, its final metrics as the view's metrics.
+    hparams = {
+        tag: HParamsPluginData.FromString(content)
+        for tag, content in events.PluginTagToContent("hparams").items()
+    }
+    experiment_info = hparams["_hparams_/experiment"].experiment
+    assert "final/test_acc" in {m.name.tag for m in experiment_info.metric_infos}
+    assert {"train.lr", "train.epochs", "seed"} <= {h.name for h in experiment_info.hparam_infos}
+    start = hparams["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["train.lr"].number_value == pytest.approx(record["config"]["train"]["lr"])
+    assert start["train.epochs"].number_value == EPOCHS
+    assert start["dataset.source"].string_value == record["config"]["dataset"]["source"]
 
     # The registry stays the source of truth and says where the run also went.
     with Registry(registry) as reg:
@@ -112,3 +153,64 @@ def test_tracking_is_off_by_default_and_a_second_run_joins_the_same_experiment(e
 def test_a_password_in_the_mlflow_uri_is_refused(extracted):
     with pytest.raises(UniptError, match="tracking.mlflow carries a user:password@"):
         load_config(extracted, ["tracking.mlflow=https://me:secret@mlflow.example.com"])
+
+
+def test_the_model_logged_to_mlflow_loads_as_pyfunc_and_predicts_as_unipt_predict(
+    extracted, tmp_path, tiny_bert_dir
+):
+    mlruns, runs = tmp_path / "mlruns", tmp_path / "runs"
+    argv = ["train", str(extracted), "--runs-root", str(runs), "--set", "train.epochs=1", "--no-progress"]
+    sinks = ["--set", f"tracking.mlflow={mlruns}", "--set", "tracking.mlflow_log_model=true"]
+    assert main([*argv, *sinks]) == 0
+    (run_dir,) = runs.iterdir()
+    tracking = json.loads((run_dir / "record.json").read_text())["tracking"]
+    client = MlflowClient(tracking_uri=tracking["mlflow_uri"])
+    run_id = tracking["mlflow_run_id"]
+    logged = {f.path for f in client.list_artifacts(run_id, "model")}
+    assert {"model/MLmodel", "model/data"} <= logged
+    local = Path(client.download_artifacts(run_id, "model", str(tmp_path / "dl")))
+    mlmodel = (local / "MLmodel").read_text()
+    # A loader-module model: MLflow imports our module; nothing in the model folder is code or a pickle.
+    assert "loader_module: pipeline.mlflow_serve" in mlmodel
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".py", ".pickle", ".cloudpickle")]
+
+    texts = ["a wonderful, moving film", "dull and far too long", "an average afternoon"]
+    expected = [json.loads(line) for line in run_cli(
+        "predict", str(run_dir), *[a for t in texts for a in ("--text", t)], "--no-progress"
+    ).stdout.splitlines()]  # fmt: skip
+    model = mlflow.pyfunc.load_model(str(local))
+    got = model.predict(pd.DataFrame({"text": texts}))
+    assert got["label"].tolist() == [row["label"] for row in expected]
+    assert got["example_id"].tolist() == [row["example_id"] for row in expected]
+    probabilities = [c for c in got.columns if c.startswith("prob_")]
+    assert probabilities == [name for name in expected[0] if name.startswith("prob_")]
+    for name in probabilities:
+        assert got[name].tolist() == pytest.approx([row[name] for row in expected], abs=1e-6)
+
+    # Loading options come from the person: the backbone's folder, yes; running the backbone's code, never.
+    again = mlflow.pyfunc.load_model(
+        str(local), model_config={"backbone": str(tiny_bert_dir), "device": "cpu"}
+    )
+    assert again.predict(pd.DataFrame({"text": texts}))["label"].tolist() == got["label"].tolist()
+    conf = yaml.safe_load((local / "MLmodel").read_text())
+    assert set(conf["flavors"]["python_function"]["config"]) == {"backbone", "device", "batch_size"}
+    conf["flavors"]["python_function"]["config"]["trust_remote_code"] = True  # a hand-edited MLmodel
+    (local / "MLmodel").write_text(yaml.safe_dump(conf))
+    with pytest.raises(UniptError, match="model_config 'trust_remote_code' is not a setting"):
+        mlflow.pyfunc.load_model(str(local), model_config={"trust_remote_code": True})
+
+    # Registered in MLflow's model registry and loaded from there, as a serving step would.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking["mlflow_uri"])
+    try:
+        version = mlflow.register_model(f"runs:/{run_id}/model", "unipt-sentiment")
+        served = mlflow.pyfunc.load_model(f"models:/unipt-sentiment/{version.version}")
+        served_labels = served.predict(pd.DataFrame({"text": texts}))["label"].tolist()
+        assert served_labels == [row["label"] for row in expected]
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_logging_the_model_without_an_mlflow_sink_is_refused(extracted):
+    with pytest.raises(UniptError, match="tracking.mlflow_log_model .* set tracking.mlflow too"):
+        load_config(extracted, ["tracking.mlflow_log_model=true"])

@@ -113,6 +113,16 @@ def fit_identity(config: TrainConfig, seed: int, task: Task) -> dict[str, Any]:
     return {"train": settings, "seed": seed, "data": task.identity}
 
 
+@dataclass(frozen=True)
+class StepHook:
+    """``call(step, values)`` after every ``every``-th optimiser step, counted over the whole run from 1:
+    ``train_step_loss`` (that batch's loss) and ``train_step_lr`` (the learning rate it stepped with). Only
+    those steps read the loss back from the device, so a GPU does not wait on every step."""
+
+    every: int
+    call: Callable[[int, dict[str, float]], None]
+
+
 def fit(
     task: Task,
     config: TrainConfig,
@@ -123,16 +133,18 @@ def fit(
     resume: Path | None = None,
     meta: dict[str, Any] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    on_step: StepHook | None = None,
 ) -> FitResult:
     """Train ``task.model`` for ``config.epochs`` (fewer if early stopping fires) and load its best weights.
 
     ``checkpoint``: where to write a checkpoint after every epoch. ``resume``: a checkpoint to continue
     from (made with the same settings and data). ``meta`` is stored in each checkpoint as is (e.g. the
     run id). ``on_epoch_end(epoch, record)`` runs after an epoch's checkpoint is written, with that epoch's
-    history record (train loss, ``val_*`` metrics): e.g. a sweep reports it to its scheduler.
+    history record (train loss, ``val_*`` metrics): e.g. a sweep reports it to its scheduler. ``on_step``:
+    the loss every few steps (e.g. for a tracking sink's loss curve).
     """
     try:
-        return _fit(task, config, seed, device, progress, checkpoint, resume, meta, on_epoch_end)
+        return _fit(task, config, seed, device, progress, checkpoint, resume, meta, on_epoch_end, on_step)
     except torch.OutOfMemoryError as exc:
         raise UniptError(
             f"out of GPU memory while training with train.batch_size={config.batch_size}; lower "
@@ -150,6 +162,7 @@ def _fit(
     resume: Path | None,
     meta: dict[str, Any] | None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None,
+    on_step: StepHook | None = None,
 ) -> FitResult:
     model = task.model.to(device)
     if len(task.train_data) == 0:
@@ -210,13 +223,17 @@ def _fit(
         model.train()
         # Summed on the device and read once an epoch: a .item() per step would wait for the GPU each step.
         epoch_start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
-        for batch in _steps(task.train_data.epoch(epoch), len(task.train_data), epoch, progress):
+        steps = _steps(task.train_data.epoch(epoch), len(task.train_data), epoch, progress)
+        for step, batch in enumerate(steps, start=epoch * len(task.train_data) + 1):
             with autocast():
                 loss, n = task.loss(batch, device)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if on_step is not None and step % on_step.every == 0:
+                lr = schedule.get_last_lr()[0]  # the rate this step used, before the schedule moves on
+                on_step.call(step, {"train_step_loss": loss.detach().float().item(), "train_step_lr": lr})
             schedule.step()
             loss_sum += loss.detach().float() * n
             seen += n

@@ -23,7 +23,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from pipeline.log import say
 from pipeline.tasks import get_task, select_metric
-from train.fit import FitResult, Task, amp_dtype, fit, pick_device, precision
+from train.fit import FitResult, StepHook, Task, amp_dtype, fit, pick_device, precision
 from train.loader import Batch, CacheBatches, to_device
 from train.models import build_model
 
@@ -59,6 +59,7 @@ class TrainOptions:
     meta: dict[str, Any] | None = None  # stored in each checkpoint as is (e.g. the run id)
     # (epoch, its history record) after an epoch's checkpoint is written
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None
+    on_step: StepHook | None = None  # the loss every few optimiser steps
 
 
 @dataclass
@@ -155,7 +156,7 @@ def fit_head(
     task = Task(model, on_device, loss, validate, score, identity or {"task": config.task})
     fitted = fit(
         task, config, seed, device, options.progress, options.checkpoint, options.resume, options.meta,
-        options.on_epoch_end,
+        options.on_epoch_end, options.on_step,
     )  # fmt: skip
     test = evaluate(model, test_data, device, head, info.metrics, amp)
     report = None

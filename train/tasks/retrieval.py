@@ -69,7 +69,7 @@ def train(
     task = Task(model, train_data, loss, validate, score, identity)
     fitted = fit(
         task, config, seed, device, options.progress, options.checkpoint, options.resume, options.meta,
-        options.on_epoch_end,
+        options.on_epoch_end, options.on_step,
     )  # fmt: skip
     with precision(device, amp_dtype(config.amp, device)):  # as training and validation ran
         test = evaluate_retrieval(model, test_data, device)
