@@ -43,7 +43,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.model_files import export_model
     from pipeline.predict import model_directory
 
-    print(export_model(model_directory(args.run, args.registry), args.out))
+    run_dir = model_directory(args.run, args.registry)
+    if args.mlflow:
+        from pipeline.mlflow_model import export_pyfunc_model
+
+        print(export_pyfunc_model(run_dir, args.out))
+    else:
+        print(export_model(run_dir, args.out))
     return 0
 
 
@@ -131,6 +137,12 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("run", help="a run id (or unique prefix) or a run directory")
     export.add_argument("--out", required=True, help="a new (or empty) folder")
     export.add_argument("--registry", default=DEFAULT_REGISTRY, help=registry_help)
+    export.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="write an MLflow pyfunc model folder instead (MLmodel, the model under data/), for "
+        "`mlflow models serve -m DIR` or MLflow's registry; needs mlflow",
+    )
     export.set_defaults(handler=cmd_export)
 
     for name, help_text, handler in (

@@ -21,12 +21,14 @@ when given, names the rows), as the model's signature states. Output: the rows `
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UniptError
+from pipeline.extras import require
 from pipeline.model_files import ModelSpec, export_model, read_model_spec
 
 # What model_config may set when the model is loaded, and its defaults. trust_remote_code is not among them:
@@ -43,6 +45,24 @@ def log_pyfunc_model(client: Any, mlflow_run_id: str, run_dir: Path) -> None:
         folder = export_model(run_dir, Path(tmp) / "unipt-model")
         save_pyfunc_model(folder, Path(tmp) / ARTIFACT_PATH)
         client.log_artifacts(mlflow_run_id, str(Path(tmp) / ARTIFACT_PATH), artifact_path=ARTIFACT_PATH)
+
+
+def export_pyfunc_model(run_dir: str | Path, out: str | Path) -> Path:
+    """``unipt export RUN --out DIR --mlflow``: the run's model as an MLflow pyfunc model folder at ``out``
+    (new or empty), for ``mlflow models serve -m DIR`` or ``mlflow.register_model``; returns ``out``."""
+    require("mlflow", "unipt export --mlflow")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UniptError(f"--out {out} is not empty; give a new folder")
+    with tempfile.TemporaryDirectory(prefix="unipt-mlflow-") as tmp:
+        folder = export_model(run_dir, Path(tmp) / "unipt-model")
+        staging = Path(tmp) / "pyfunc"
+        save_pyfunc_model(folder, staging)  # whole before it appears at out
+        if out.exists():
+            out.rmdir()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), str(out))
+    return out
 
 
 def save_pyfunc_model(model_dir: str | Path, path: str | Path) -> Path:

@@ -23,6 +23,7 @@ from pipeline import experiment  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.errors import UniptError  # noqa: E402
+from pipeline.predict import TunedModel  # noqa: E402
 from pipeline.registry import Registry  # noqa: E402
 from tests.conftest import make_sentiment_rows, run_cli, write_config, write_csv  # noqa: E402
 
@@ -214,3 +215,30 @@ def test_the_model_logged_to_mlflow_loads_as_pyfunc_and_predicts_as_unipt_predic
 def test_logging_the_model_without_an_mlflow_sink_is_refused(extracted):
     with pytest.raises(UniptError, match="tracking.mlflow_log_model .* set tracking.mlflow too"):
         load_config(extracted, ["tracking.mlflow_log_model=true"])
+
+
+def test_export_mlflow_writes_a_pyfunc_folder_that_predicts_as_the_run(extracted, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert (
+        main(["train", str(extracted), "--runs-root", str(runs), "--set", "train.epochs=1", "--no-progress"])
+        == 0
+    )
+    (run_dir,) = runs.iterdir()
+    out = tmp_path / "served"
+    assert main(["export", str(run_dir), "--out", str(out), "--mlflow"]) == 0
+    assert (out / "MLmodel").is_file() and (out / "data" / "unipt-model" / "model.safetensors").is_file()
+    texts = ["a wonderful, moving film", "dull and far too long", "an average afternoon"]
+    expected = TunedModel.from_pretrained(run_dir, device="cpu").predict(texts)
+    got = mlflow.pyfunc.load_model(str(out), model_config={"device": "cpu"}).predict(
+        pd.DataFrame({"text": texts})
+    )
+    assert got["label"].tolist() == expected.labels
+    # Never over another folder's files: one line, nothing changed.
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--out", str(out), "--mlflow"]) == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"unipt: error: --out {out} is not empty; give a new folder"
+    )
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
