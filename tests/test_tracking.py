@@ -242,3 +242,8 @@ def test_export_mlflow_writes_a_pyfunc_folder_that_predicts_as_the_run(extracted
         == f"unipt: error: --out {out} is not empty; give a new folder"
     )
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_step_interval_below_one_is_refused(extracted):
+    with pytest.raises(UniptError, match="tracking.log_every_steps"):
+        load_config(extracted, ["tracking.log_every_steps=0"])
