@@ -77,7 +77,7 @@ class Tracker:
             return None
         from train.fit import StepHook
 
-        return StepHook(self.config.log_every_steps, lambda step, values: self._log(values, step))
+        return StepHook(self.config.log_every_steps, self._step)
 
     def start(self, experiment: ExperimentConfig, tags: dict[str, str]) -> None:
         """Open the sinks, log the config as params and ``tags`` (fingerprint, cache key) as tags."""
@@ -124,6 +124,10 @@ class Tracker:
         self._logged_epochs.add(epoch)
         values = {k: v for k, v in record.items() if k not in ("epoch", "seconds") and _finite(v)}
         self._log(values, epoch)
+
+    def _step(self, step: int, values: dict[str, float]) -> None:
+        # A diverged step's inf/NaN loss is left out, as the epochs' are: the curve ends where it broke.
+        self._log({k: v for k, v in values.items() if _finite(v)}, step)
 
     def finish(self, run_dir: Path, history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
         """Epochs not seen live (those before a resume), the final metrics and the run's files."""
