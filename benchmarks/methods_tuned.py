@@ -88,6 +88,7 @@ QUICK_SPACES = _space(
 TRIALS, QUICK_TRIALS = 6, 2
 FINETUNE_LRS, QUICK_FINETUNE_LRS = (3e-5, 1e-4), (1e-4, 1e-3)
 FINETUNE_EPOCHS, QUICK_FINETUNE_EPOCHS = 3, 1
+MEMORY_TICKS = (250, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000, 32000)
 ASHA = {"grace_period": 1, "reduction_factor": 2}  # pipeline.sweep's ASHA, in epochs
 
 
@@ -388,6 +389,7 @@ def plot(report: dict[str, Any], out: Path) -> Path:
 
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     rows = report["rows"]
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
@@ -418,9 +420,14 @@ def plot(report: dict[str, Any], out: Path) -> Path:
         ):
             axis.set_xscale("log")
             axis.set_xlabel(xlabel)
-            axis.set_ylabel(f"test {_metric(rows, dataset)}")
+            axis.set_ylabel(f"test {_metric(rows, dataset)} (mean ± std over seeds)")
             axis.set_title(dataset.replace("_", " "))
             axis.grid(True, alpha=0.3, which="both")
+        low, high = right.get_xlim()
+        # Round MiB values as ticks: log scale's own are powers of ten, too few over this range.
+        right.set_xticks([t for t in MEMORY_TICKS if low <= t <= high] or [low, high])
+        right.xaxis.set_major_formatter(ScalarFormatter())
+        right.xaxis.set_minor_formatter(NullFormatter())
         left.legend(fontsize=7, loc="best")
     settings = report.get("settings", {})
     fig.suptitle(
@@ -444,6 +451,7 @@ def write(out: Path, settings: dict[str, Any], state: dict[str, Any], started_lo
     rows = rows_of(runs)
     sweeps = state["sweeps"]
     report = {
+        "date": time.strftime("%Y-%m-%d"),
         "benchmark": "methods_tuned",
         "machine": {
             **machine(),

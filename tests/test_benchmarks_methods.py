@@ -271,3 +271,27 @@ def test_a_state_with_settings_outside_the_space_is_refused(tmp_path):
     (tmp_path / "t.json").write_text("{not json")
     with pytest.raises(methods.UniptError, match="not a readable report"):
         tuned.load_state(tmp_path / "t.json", settings)
+
+
+def test_figure_plots_each_dataset_against_parameters_and_memory(tmp_path):
+    rows = [
+        {**_row(m, mean, std), "dataset": d, "trainable_params": p, "peak_rss_mib": rss, "peak_gpu_mib": None}
+        for d in ("d1", "d2")
+        for m, mean, std, p, rss in [("lst", 0.79, 0.01, 318_680, 1595.0),
+                                     ("unipt", 0.80, 0.02, 632_643, 1394.0),
+                                     ("full_finetune", 0.83, 0.005, 22_713_986, 3137.0)]
+    ]  # fmt: skip
+    report = {
+        "date": "2026-12-07",
+        "machine": {"cpus": 2},
+        "settings": {"trials_per_method": 6},
+        "rows": rows,
+    }
+    out = tuned.plot(report, tmp_path / "f.png")
+    from PIL import Image
+
+    with Image.open(out) as image:  # two panels per dataset, one row each: taller than wide for 2 datasets
+        width, height = image.size
+    assert image.format == "PNG" and height > 0.6 * width
+    with pytest.raises(methods.UniptError, match="no rows to plot yet"):
+        tuned.plot({"rows": []}, tmp_path / "g.png")
