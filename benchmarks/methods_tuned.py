@@ -257,6 +257,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
             raise _Stop
 
     if args.report:
+        if not out.exists():
+            raise UniptError(f"no report at {out} yet; run the study first (without --report)")
         return finish(save(), out)
     from extract.ray_session import connect
 
@@ -566,13 +568,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with --quick's or the full study's defaults where none was given."""
     args = build_parser().parse_args(argv)
-    args.trials = args.trials or (QUICK_TRIALS if args.quick else TRIALS)
-    args.finetune_lrs = args.finetune_lrs or list(QUICK_FINETUNE_LRS if args.quick else FINETUNE_LRS)
-    args.finetune_epochs = args.finetune_epochs or (QUICK_FINETUNE_EPOCHS if args.quick else FINETUNE_EPOCHS)
+    if args.trials is None:
+        args.trials = QUICK_TRIALS if args.quick else TRIALS
+    if args.finetune_lrs is None:
+        args.finetune_lrs = list(QUICK_FINETUNE_LRS if args.quick else FINETUNE_LRS)
+    if args.finetune_epochs is None:
+        args.finetune_epochs = QUICK_FINETUNE_EPOCHS if args.quick else FINETUNE_EPOCHS
     args.epochs = None  # benchmarks.methods.dataset_overrides: epochs come from the search here
-    if args.trials < 1 or args.budget_hours <= 0:
-        raise UniptError("--trials and --budget-hours must be positive")
+    for option, value in (("--trials", args.trials), ("--finetune-epochs", args.finetune_epochs),
+                          ("--budget-hours", args.budget_hours)):  # fmt: skip
+        if value <= 0:
+            raise UniptError(f"{option} {value:g}: give a positive number")
+    if min(args.finetune_lrs) <= 0:
+        raise UniptError(
+            f"--finetune-lrs {' '.join(map(yaml_number, args.finetune_lrs))}: give positive rates"
+        )
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UniptError(f"--seeds {' '.join(map(str, args.seeds))}: give each seed once")
     return args
 
 

@@ -271,6 +271,9 @@ def test_a_state_with_settings_outside_the_space_is_refused(tmp_path):
     (tmp_path / "t.json").write_text("{not json")
     with pytest.raises(methods.UniptError, match="not a readable report"):
         tuned.load_state(tmp_path / "t.json", settings)
+    with pytest.raises(methods.UniptError, match="no report at .* yet; run the study first"):
+        tuned.drive(tuned.parse(["--report", "--out", str(tmp_path / "none.json")]))
+    assert not (tmp_path / "none.json").exists()
 
 
 def test_figure_plots_each_dataset_against_parameters_and_memory(tmp_path):
@@ -295,3 +298,19 @@ def test_figure_plots_each_dataset_against_parameters_and_memory(tmp_path):
     assert image.format == "PNG" and height > 0.6 * width
     with pytest.raises(methods.UniptError, match="no rows to plot yet"):
         tuned.plot({"rows": []}, tmp_path / "g.png")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trials", "0"], "--trials 0: give a positive number"),
+        (["--quick", "--finetune-epochs", "0"], "--finetune-epochs 0: give a positive number"),
+        (["--budget-hours", "-1"], "--budget-hours -1: give a positive number"),
+        (["--finetune-lrs", "1e-4", "0"], "--finetune-lrs 0.0001 0.0: give positive rates"),
+        (["--seeds", "0", "0"], "--seeds 0 0: give each seed once"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_runs(argv, message, capsys):
+    # A zero must not fall back to a default: --trials 0 once started the full study.
+    assert tuned.main(argv) == 2
+    assert capsys.readouterr().err == f"methods_tuned: error: {message}\n"
