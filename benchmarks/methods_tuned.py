@@ -305,7 +305,8 @@ def _study_dataset(dataset: str, args: argparse.Namespace, state: dict[str, Any]
     if prep.task.head is None:
         print(f"  {FULL_FINETUNE}: skipped for {dataset} (train.task has no online baseline)", flush=True)
         return
-    ft_overrides = base.dataset_overrides(args, args.finetune_limit or args.limit)
+    limit = args.finetune_limit if args.finetune_limit is not None else args.limit
+    ft_overrides = base.dataset_overrides(args, limit)
     ft_overrides.append(f"train.epochs={args.finetune_epochs}")
     searched = state["finetune_search"].setdefault(dataset, {})
     for lr in args.finetune_lrs:
