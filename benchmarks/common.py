@@ -44,7 +44,11 @@ def write_report(out: Path, report: dict[str, Any], columns: Sequence[str], quie
     """``report`` as JSON at ``out`` and its ``rows`` (the given columns) as CSV beside it."""
     report = {"date": time.strftime("%Y-%m-%d"), **report}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    # Written beside and renamed into place: a report that is also a long run's state (--resume,
+    # methods_tuned.py) survives a kill in the middle of writing it.
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, out)
     with open(out.with_suffix(".csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)

@@ -74,11 +74,12 @@ COLUMNS = (
 
 
 # --- one training, in its own process -----------------------------------------------------------------------
-def run_one(method: str, config: ExperimentConfig) -> dict[str, Any]:
+def run_one(method: str, config: ExperimentConfig, finetune_lr: float | None = None) -> dict[str, Any]:
     """Train ``method`` once in this process (a fresh interpreter per run) and measure it; ``config`` has
-    ``train.method`` set to it (for a frozen-backbone method) and the run's seed."""
+    ``train.method`` set to it (for a frozen-backbone method) and the run's seed. ``finetune_lr``: full
+    fine-tuning's learning rate (default ``train.lr / 10``)."""
     from pipeline import experiment
-    from pipeline.resources import peak_rss_mib
+    from pipeline.resources import peak_cuda_mib, peak_rss_mib
     from pipeline.tasks import get_task
 
     task = get_task(config.train.task)
@@ -96,6 +97,7 @@ def run_one(method: str, config: ExperimentConfig) -> dict[str, Any]:
             config.seed,
             "full-finetune",
             config.extract,
+            finetune_lr=finetune_lr,
         )
         metrics, history, examples = result.metrics, result.history, len(dataset)
     else:
@@ -112,6 +114,7 @@ def run_one(method: str, config: ExperimentConfig) -> dict[str, Any]:
         "epochs": len(history),
         "trainable_params": metrics["trainable_params"],
         "peak_rss_mib": peak_rss_mib(),
+        "peak_gpu_mib": peak_cuda_mib(),  # None when it trained on the CPU
         "seconds_per_epoch": statistics.median(h["seconds"] for h in history),
         "train_seconds": time.perf_counter() - started,
         "examples": examples,
@@ -119,11 +122,15 @@ def run_one(method: str, config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def _child(method: str, config_path: Path, overrides: list[str], seed: int) -> dict[str, Any]:
+def _child(
+    method: str, config_path: Path, overrides: list[str], seed: int, finetune_lr: float | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", method]
         command += ["--config", str(config_path), "--seed", str(seed), "--result", str(out)]
+        if finetune_lr is not None:
+            command += ["--finetune-lr", repr(finetune_lr)]
         command += [arg for item in overrides for arg in ("--set", item)]
         done = subprocess.run(command, stdout=None, stderr=None)
         if done.returncode != 0 or not out.exists():
@@ -148,6 +155,7 @@ def summarise(dataset: str, method: str, runs: list[dict[str, Any]]) -> dict[str
     """One table row: mean ± std of the headline metric over seeds, medians of the costs."""
     test_mean, test_std = mean_std([r["test"] for r in runs])
     val_mean, val_std = mean_std([r["val"] for r in runs])
+    gpu = [r["peak_gpu_mib"] for r in runs if r.get("peak_gpu_mib") is not None] or None
     return {
         "dataset": dataset,
         "method": method,
@@ -160,6 +168,8 @@ def summarise(dataset: str, method: str, runs: list[dict[str, Any]]) -> dict[str
         "trainable_params": runs[0]["trainable_params"],
         "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
         "seconds_per_epoch": statistics.median(r["seconds_per_epoch"] for r in runs),
+        # GPU memory where the runs trained on one (runs recorded before it was measured have no entry).
+        "peak_gpu_mib": None if gpu is None else statistics.median(gpu),
         "epochs": runs[0]["epochs"],
         "examples": runs[0]["examples"],
     }
@@ -238,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--finetune-lr", type=float, help=argparse.SUPPRESS)
     return parser
 
 
@@ -247,7 +258,7 @@ def main() -> int:
         if args.worker:
             method = [f"train.method={args.worker}"] if args.worker in METHODS else []
             config = load_config(args.config, [*(args.set or []), f"seed={args.seed}", *method])
-            Path(args.result).write_text(json.dumps(run_one(args.worker, config)))
+            Path(args.result).write_text(json.dumps(run_one(args.worker, config, args.finetune_lr)))
             return 0
         drive(args)
         return 0
@@ -260,10 +271,34 @@ def _shown_path(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def extract_dataset(dataset: str, config: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
+    """Extract ``dataset``'s cache once (or find it built): its prepared experiment and what the report
+    says of it."""
+    from pipeline import experiment
+    from pipeline.cache_open import open_cache
+
+    prep = experiment.prepare(config)
+    started = time.perf_counter()
+    with experiment.extract(prep, progress=False) as extraction:
+        counts = prep.dataset.split_counts()
+        info = {
+            "config": _shown_path(CONFIGS[dataset]),
+            "task": config.train.task,
+            "examples": len(prep.dataset),
+            "splits": counts,
+            "max_length": config.backbone.max_length if config.backbone else None,
+            "cache_key": prep.key,
+            "cache_hit": extraction.cache_hit,
+            "extract_seconds": None if extraction.cache_hit else time.perf_counter() - started,
+            "cache_bytes": open_cache(extraction.path).nbytes_on_disk(),
+        }
+    print(f"{dataset}: {len(prep.dataset)} examples {counts}, cache "
+          f"{'hit' if extraction.cache_hit else 'built'}", flush=True)  # fmt: skip
+    return prep, info
+
+
 def drive(args: argparse.Namespace) -> dict[str, Any]:
     """Extract each dataset once, train every (method, seed) and full fine-tuning; write the report."""
-    from pipeline import experiment
-
     out = Path(args.out)
     runs: list[dict[str, Any]] = []
     datasets: dict[str, Any] = {}
@@ -326,25 +361,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     for dataset in args.datasets:
         overrides = dataset_overrides(args, args.limit)
         config = load_config(CONFIGS[dataset], overrides)
-        prep = experiment.prepare(config)
-        started = time.perf_counter()
-        with experiment.extract(prep, progress=False) as extraction:
-            from pipeline.cache_open import open_cache
-
-            counts = prep.dataset.split_counts()
-            datasets[dataset] = {
-                "config": _shown_path(CONFIGS[dataset]),
-                "task": config.train.task,
-                "examples": len(prep.dataset),
-                "splits": counts,
-                "max_length": config.backbone.max_length if config.backbone else None,
-                "cache_key": prep.key,
-                "cache_hit": extraction.cache_hit,
-                "extract_seconds": None if extraction.cache_hit else time.perf_counter() - started,
-                "cache_bytes": open_cache(extraction.path).nbytes_on_disk(),
-            }
-        print(f"{dataset}: {len(prep.dataset)} examples {counts}, cache "
-              f"{'hit' if extraction.cache_hit else 'built'}", flush=True)  # fmt: skip
+        prep, datasets[dataset] = extract_dataset(dataset, config)
         for method in args.methods:
             for seed in args.seeds:
                 if done(dataset, method, seed):
