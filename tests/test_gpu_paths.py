@@ -143,6 +143,37 @@ def test_the_amp_dtype_is_recorded_in_the_checkpoint_and_the_result(tmp_path):
     assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["amp"] == "off"
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def _stop_after_first_epoch(epoch: int, record: dict) -> None:
+    raise _Interrupted  # after the epoch's checkpoint is written, as a killed run would leave it
+
+
+def test_a_run_resumed_where_amp_resolves_to_fp16_loads_no_empty_scaler_and_says_so(
+    tmp_path, monkeypatch, caplog
+):
+    build_cache(CacheRoot(tmp_path / "cache"), [4, 5, 3, 6, 2, 5, 4, 3], {0: 8, 1: 8}, shard_size=4)
+    reader = CacheReader(CacheRoot(tmp_path / "cache").location(KEY))
+    config = TrainConfig(epochs=2, batch_size=4, embed_size=8, amp="auto")
+    path = tmp_path / CHECKPOINT_FILE
+    with pytest.raises(_Interrupted):  # epoch 1 in full precision: a disabled scaler's empty state saved
+        train_task(
+            reader, config, seed=0, progress=False, checkpoint=path, on_epoch_end=_stop_after_first_epoch
+        )
+    assert torch.load(path, weights_only=True)["amp"] == "off"
+    # Resumed on "a card" where auto is fp16 (autocast on the CPU, no bf16): the scaler is enabled now.
+    monkeypatch.setattr(fit_module, "AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(fit_module, "native_bf16", lambda device: False)
+    with caplog.at_level(logging.INFO, logger="unipt"):
+        result = train_task(reader, config, seed=0, progress=False, checkpoint=path, resume=path)
+    assert f"checkpoint {path} was trained with amp off; resuming with amp float16" in caplog.text
+    assert result.amp == "float16" and len(result.history) == 2
+    saved = torch.load(path, weights_only=True)
+    assert saved["amp"] == "float16" and saved["scaler"]["scale"] > 0  # the enabled scaler's own state
+
+
 def test_training_out_of_memory_is_one_line_suggesting_a_smaller_batch():
     class Data:
         def __len__(self) -> int:
