@@ -496,6 +496,21 @@ def test_extraction_halves_its_batch_on_out_of_memory_and_keeps_what_fit():
         _worker(_NeedsSmallBatches(fits=0))._encode_fitting(0, [], [1], 8, 2, "float32", {})
 
 
+def test_the_extraction_batch_size_is_not_in_the_cache_key():
+    # Why a smaller batch may finish a shard: it computes the same rows into the same cache.
+    from pipeline.config import BackboneConfig, ExtractConfig
+    from pipeline.identity import BackboneIdentity, cache_key_fields
+
+    identity = BackboneIdentity("m", None, "w" * 64, "c" * 64, "t" * 64, "/m")
+    fields = [
+        cache_key_fields(
+            "f" * 64, identity, BackboneConfig(name_or_path="m", batch_size=size), ExtractConfig()
+        )
+        for size in (64, 1)
+    ]
+    assert fields[0] == fields[1]
+
+
 def test_every_shard_reports_its_device_and_the_cache_records_it(tmp_path, caplog, ray_session):
     data = write_csv(tmp_path / "data.csv", make_sentiment_rows(40))
     config = write_config(
