@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -456,6 +457,29 @@ def test_a_non_finite_activation_stops_the_shard_naming_it():
         _check_finite(shard, {0: np.zeros((9, 4), np.float32), 2: rows}, [3, 3, 3])
     with pytest.raises(UniptError, match=r"layer 0 \(row 5\)"):  # feature maps: no lengths
         _check_finite(shard, {0: np.where(np.arange(9)[:, None] == 5, np.inf, 0.0)}, None)
+
+
+def test_a_backbone_that_computes_nan_stops_extraction_in_one_line_naming_the_shard(tmp_path, ray_session):
+    from transformers import AutoModel
+
+    folder = save_tiny_bert(tmp_path / "bert")
+    model = AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight.fill_(float("nan"))  # every activation after the embeddings
+    model.save_pretrained(folder)
+    data = write_csv(tmp_path / "data.csv", make_sentiment_rows(24))
+    config = write_config(tmp_path / "c.yaml", str(data), str(folder), tmp_path, extract={"shard_size": 16})
+    prep = experiment.prepare(load_config(config))
+    with pytest.raises(UniptError) as error:
+        experiment.extract(prep, progress=False)
+    message = str(error.value)
+    assert re.search(
+        r"shard \d+: the backbone produced non-finite activations \(NaN or inf\) in layer \d+ "
+        r"\(example \d+\); nothing of this shard was written",
+        message,
+    ), message
+    assert "\n" not in message
+    assert not list((tmp_path / "cache").glob("spaces/*/segments/*/zarr.json"))  # no segment committed
 
 
 class _NeedsSmallBatches:
