@@ -29,7 +29,7 @@ from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_layout import ShardSpec
 from pipeline.config import TrainConfig, load_config
 from pipeline.errors import UniptError
-from pipeline.sweep import default_parallel, gpu_share
+from pipeline.sweep import default_parallel, gpu_share, trial_resources
 from tests.conftest import KEY, build_cache, make_sentiment_rows, save_tiny_bert, write_config, write_csv
 from train import checkpoint as checkpoint_module
 from train import fit as fit_module
@@ -566,6 +566,18 @@ def test_gpu_shares_fit_every_trial_and_never_exceed_one_gpu():
     assert gpu_share(4, 0) == 0.0
     assert default_parallel(16, 1) == 2 and default_parallel(16, 4) == 8  # not 16 processes on one GPU
     assert default_parallel(16, 0) == 16
+
+
+def test_a_sweep_on_a_gpu_machine_runs_a_few_trials_per_gpu_each_with_its_share():
+    # A 16-core machine with one 16 GB GPU: 2 trials at a time (not 16), half the GPU and 8 CPUs each.
+    assert trial_resources({"CPU": 16.0, "GPU": 1.0}, None, None, 12) == ({"cpu": 8, "gpu": 0.5}, 2)
+    assert trial_resources({"CPU": 16.0, "GPU": 4.0}, None, None, 12) == ({"cpu": 2, "gpu": 0.5}, 8)
+    assert trial_resources({"CPU": 16.0, "GPU": 1.0}, 6, None, 12) == ({"cpu": 2, "gpu": 0.1666}, 6)
+    assert trial_resources({"CPU": 16.0}, None, None, 12) == ({"cpu": 1, "gpu": 0.0}, 12)  # CPUs only
+    assert trial_resources({"CPU": 16.0, "GPU": 1.0}, None, None, 1) == ({"cpu": 16, "gpu": 1.0}, 1)
+    assert trial_resources({"CPU": 16.0, "GPU": 1.0}, 4, 0, 12) == ({"cpu": 4, "gpu": 0.0}, 4)
+    with pytest.raises(UniptError, match="--gpus-per-trial 2 but the Ray cluster has 1 GPU"):
+        trial_resources({"CPU": 16.0, "GPU": 1.0}, None, 2, 12)
 
 
 # --- the GPU check --------------------------------------------------------------------------------------
