@@ -74,8 +74,10 @@ from pipeline.cache_open import open_cache  # noqa: E402
 from pipeline.cache_view import ViewReader  # noqa: E402
 from pipeline.config import TrainConfig, load_config  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
+from train.fit import adamw  # noqa: E402
 from train.loader import Batch, CacheBatches, to_device  # noqa: E402
 from train.models import build_model  # noqa: E402
+from train.prefetch import host_to_device  # noqa: E402
 from train.tasks import task_head  # noqa: E402
 
 MB = 1e6
@@ -208,13 +210,11 @@ class Stepper:
         self.head = task_head(get_task(train.task), list(reader.label_names), train_labels)
         self.model = build_model(train.variant, reader, train, num_outputs=self.head.outputs).to(device)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay
-        )
+        self.optimizer = adamw(self.model, train, device)  # fused on CUDA, as training's
 
     def step(self, batch: Batch) -> None:
         outputs, _ = self.model(*to_device(batch, self.device, self.model))  # as training feeds it
-        loss = self.head.loss(outputs.float(), batch.labels.to(self.device))
+        loss = self.head.loss(outputs.float(), host_to_device(batch.labels, self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -388,6 +388,23 @@ def train(
         )
 
 
+def extraction_runtime(readers: list[ActivationCache]) -> dict[str, list[str]]:
+    """Where and in what precision the rows a run trained on were computed, from each segment's own record
+    (``devices``, ``autocast``, ``compute_dtype``; distinct values over every segment read): a run cannot
+    hide that its cache was extracted on the CPU. Empty for caches written before extraction recorded it.
+    """
+    merged: dict[str, set[str]] = {}
+    for reader in readers:
+        for segment in getattr(reader, "segments", None) or [reader]:
+            extraction = getattr(segment, "attrs", {}).get("extraction") or {}
+            for field_name in ("devices", "autocast", "compute_dtype"):
+                value = extraction.get(field_name)
+                if value is not None:
+                    values = value if isinstance(value, list) else [value]
+                    merged.setdefault(field_name, set()).update(str(v) for v in values)
+    return {name: sorted(values) for name, values in merged.items()}
+
+
 def _train_on(
     prep: Prepared, readers: list[ActivationCache], backbones: list[PreparedBackbone], options: Any
 ) -> Trained:
@@ -422,6 +439,7 @@ def _train_on(
             "device": str(device),
             "device_reason": reason,  # e.g. "cpu (no GPU visible)": a silent CPU fallback shows
             "amp": result.amp,  # the autocast dtype train.amp resolved to on this device
+            **({"extraction": extracted} if (extracted := extraction_runtime(readers)) else {}),
         },
         model_state=(
             {name: value.detach().cpu() for name, value in result.model.state_dict().items()}

@@ -314,7 +314,9 @@ def _run(spec: dict[str, Any], *, ray_address: str | None, progress: bool, resum
         total = len(trials) * search.samples
         registered = _registered(base.storage.registry, sweep_id) if resume else []
         todo = _todo(trials, search, registered)
-        resources, parallel = _trial_resources(spec["parallel"], spec["gpus_per_trial"], max(1, len(todo)))
+        resources, parallel = trial_resources(
+            _cluster(), spec["parallel"], spec["gpus_per_trial"], max(1, len(todo))
+        )
         if not resume:
             where.mkdir(parents=True, exist_ok=True)
             (where / SWEEP_FILE).write_text(json.dumps(spec, indent=2) + "\n")
@@ -430,15 +432,22 @@ def default_parallel(cpus: int, gpus: float) -> int:
     return max(1, int(TRIALS_PER_GPU * gpus)) if gpus > 0 else cpus
 
 
-def _trial_resources(parallel: int | None, gpus_per_trial: float | None, total: int) -> tuple[dict, int]:
-    """Each trial's request ({"cpu", "gpu"}) and how many run at once.
+def _cluster() -> dict[str, float]:
+    """The connected Ray cluster's resources (``CPU``, ``GPU``, ...)."""
+    import ray
+
+    return ray.cluster_resources()
+
+
+def trial_resources(
+    cluster: dict[str, float], parallel: int | None, gpus_per_trial: float | None, total: int
+) -> tuple[dict, int]:
+    """Each trial's request ({"cpu", "gpu"}) and how many run at once, on a Ray ``cluster`` of those
+    resources (``ray.cluster_resources()``).
 
     An even split of the cluster: ``cpus // parallel`` CPUs and, when it has GPUs, :func:`gpu_share`
     of a GPU. A trial with no GPU share trains on the CPU (see :func:`_run_trial`).
     """
-    import ray
-
-    cluster = ray.cluster_resources()
     cpus, gpus = max(1, int(cluster.get("CPU", 1))), float(cluster.get("GPU", 0))
     parallel = min(parallel or default_parallel(cpus, gpus), total)
     share = max(1, cpus // parallel)

@@ -34,3 +34,11 @@ def test_run_record_registry_and_summary_say_which_device_trained(tiny_config, t
     # The precision train.amp (auto) resolved to on this device: full precision on the CPU.
     assert record["runtime"]["amp"] == amp_name(amp_dtype("auto", pick_device("auto")))
     assert torch.cuda.is_available() or record["runtime"]["amp"] == "off"
+    # Where and in what precision the cache it trained on was extracted (each segment's own record).
+    stored = record["config"]["extract"]["dtype"]
+    assert record["runtime"]["extraction"] == {
+        "devices": ["cuda:0" if torch.cuda.is_available() else "cpu"],
+        "autocast": [record["config"]["extract"]["autocast"]],
+        "compute_dtype": ["float16" if stored == "float16" else "float32"],
+    }
+    assert entry.runtime["extraction"] == record["runtime"]["extraction"]

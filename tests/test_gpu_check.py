@@ -30,6 +30,12 @@ def test_gpu_check_runs_the_cpu_parts_and_says_no_gpu(tmp_path, tiny_config):
                     "backbone forward (cpu)", "one pass: cache vs recompute"):  # fmt: skip
         assert measure in result.stdout
     assert "of step time waiting for data" in result.stdout
+    # Each row is printed as it is measured (a check stopped by its time limit keeps them), before the table.
+    lines = result.stdout.splitlines()
+    live = [i for i, line in enumerate(lines) if line.startswith("row: ")]
+    assert lines[live[0]].startswith("row: loader | ") and len(live) >= 5
+    table = next(i for i, line in enumerate(lines) if line.split()[:1] == ["measure"])
+    assert max(live) < table
     # The read path against recomputing: both rates measured, and which pass is faster, by how much.
     assert re.search(r"cache read rate +[0-9.]+ GB/s decoded", result.stdout)
     assert re.search(r"backbone forward \(cpu\) +[0-9,]+ tokens/s", result.stdout)

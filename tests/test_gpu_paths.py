@@ -1,12 +1,16 @@
 """The CUDA paths, on a machine without a GPU (issue 29): device capabilities are faked with monkeypatch
 where torch must believe in a card, and an out-of-memory is injected where a real one cannot happen.
-What needs a real GPU (the side-stream copy overlapping a step, fused AdamW, a real OOM) is not run here."""
+Autocast runs for real in bf16 on the CPU (the ``cpu_autocast`` fixture), and the side-stream prefetch's
+ordering runs with recorded streams. What needs a real GPU (the copy actually overlapping a step, a pinned
+copy, fused AdamW's kernel, a real OOM) is not run here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +29,15 @@ from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_layout import ShardSpec
 from pipeline.config import TrainConfig, load_config
 from pipeline.errors import UniptError
-from pipeline.sweep import default_parallel, gpu_share
+from pipeline.sweep import default_parallel, gpu_share, trial_resources
 from tests.conftest import KEY, build_cache, make_sentiment_rows, save_tiny_bert, write_config, write_csv
 from train import checkpoint as checkpoint_module
+from train import fit as fit_module
 from train.checkpoint import CHECKPOINT_FILE
-from train.fit import Task, _resume_scaler, amp_dtype, device_reason, fit
+from train.fit import Task, _resume_scaler, adamw, amp_dtype, device_reason, fit
 from train.loader import Batch
-from train.loop import OnDevice, batch_to_device, evaluate
+from train.loop import TrainOptions, batch_to_device, evaluate, fit_head
+from train.prefetch import OnDevice, host_to_device, pinned_copy
 from train.tasks import train_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +144,37 @@ def test_the_amp_dtype_is_recorded_in_the_checkpoint_and_the_result(tmp_path):
     assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["amp"] == "off"
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def _stop_after_first_epoch(epoch: int, record: dict) -> None:
+    raise _Interrupted  # after the epoch's checkpoint is written, as a killed run would leave it
+
+
+def test_a_run_resumed_where_amp_resolves_to_fp16_loads_no_empty_scaler_and_says_so(
+    tmp_path, monkeypatch, caplog
+):
+    build_cache(CacheRoot(tmp_path / "cache"), [4, 5, 3, 6, 2, 5, 4, 3], {0: 8, 1: 8}, shard_size=4)
+    reader = CacheReader(CacheRoot(tmp_path / "cache").location(KEY))
+    config = TrainConfig(epochs=2, batch_size=4, embed_size=8, amp="auto")
+    path = tmp_path / CHECKPOINT_FILE
+    with pytest.raises(_Interrupted):  # epoch 1 in full precision: a disabled scaler's empty state saved
+        train_task(
+            reader, config, seed=0, progress=False, checkpoint=path, on_epoch_end=_stop_after_first_epoch
+        )
+    assert torch.load(path, weights_only=True)["amp"] == "off"
+    # Resumed on "a card" where auto is fp16 (autocast on the CPU, no bf16): the scaler is enabled now.
+    monkeypatch.setattr(fit_module, "AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(fit_module, "native_bf16", lambda device: False)
+    with caplog.at_level(logging.INFO, logger="unipt"):
+        result = train_task(reader, config, seed=0, progress=False, checkpoint=path, resume=path)
+    assert f"checkpoint {path} was trained with amp off; resuming with amp float16" in caplog.text
+    assert result.amp == "float16" and len(result.history) == 2
+    saved = torch.load(path, weights_only=True)
+    assert saved["amp"] == "float16" and saved["scaler"]["scale"] > 0  # the enabled scaler's own state
+
+
 def test_training_out_of_memory_is_one_line_suggesting_a_smaller_batch():
     class Data:
         def __len__(self) -> int:
@@ -219,10 +256,181 @@ def test_rows_are_cast_straight_to_the_autocast_dtype_and_ids_stay_integers():
 
 def test_on_device_batches_keep_their_order_and_count_on_the_cpu():
     batches = _batches(3)
-    moved = list(
-        OnDevice(_Split(batches), lambda b: (b.hidden, b.mask, b.labels), torch.device("cpu")).epoch()
-    )
+    on_cpu = OnDevice.for_device(_Split(batches), lambda b: (b.hidden, b.mask, b.labels), torch.device("cpu"))
+    assert on_cpu.streams is None  # no side stream to copy on
+    moved = list(on_cpu.epoch())
     assert len(moved) == 3 and all(m[2] is b.labels for m, b in zip(moved, batches, strict=True))
+
+
+class _RecordedStreams:
+    """Streams that log what the prefetcher asks of them, in order (the CUDA ones queue the same calls)."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log, self.on_side, self.markers = log, False, 0
+
+    @contextlib.contextmanager
+    def copying(self):
+        self.on_side = True
+        yield
+        self.on_side = False
+
+    def copied(self) -> int:
+        assert self.on_side, "a copy's marker is recorded on the side stream"
+        self.markers += 1
+        return self.markers - 1
+
+    def hand_over(self, marker: int, tensors: list[torch.Tensor]) -> None:
+        self.log.append(f"wait {marker}")
+        self.log.append(f"recorded {len(tensors)} tensors")
+
+
+def test_the_next_batch_is_copied_on_the_side_stream_while_the_current_step_runs():
+    log: list[str] = []
+    streams = _RecordedStreams(log)
+    batches = _batches(3)
+
+    def move(batch: Batch):
+        assert streams.on_side, "every copy is queued on the side stream"
+        log.append(f"copy {int(batch.indices[0]) // 2}")
+        return batch.hidden, batch.mask, batch.labels
+
+    for step, (hidden, _, _) in enumerate(OnDevice(_Split(batches), move, streams).epoch()):
+        assert hidden is batches[step].hidden
+        log.append(f"step {step}")
+    # Batch i+1's copy is queued before step i (so it runs beside it); step i waits for copy i only.
+    assert log == [
+        "copy 0", "copy 1", "wait 0", "recorded 4 tensors", "step 0",
+        "copy 2", "wait 1", "recorded 4 tensors", "step 1",
+        "wait 2", "recorded 4 tensors", "step 2",
+    ]  # fmt: skip
+    # Each epoch starts over: nothing is carried from the last epoch's final copy.
+    log.clear()
+    assert len(list(OnDevice(_Split(batches[:1]), move, streams).epoch())) == 1
+    assert log == ["copy 0", "wait 3", "recorded 4 tensors"]
+
+
+def test_labels_are_pinned_and_copied_without_blocking_only_on_cuda():
+    # Pinning needs a CUDA build of torch, so the CUDA branch itself runs only on a GPU machine.
+    assert pinned_copy(CUDA) and pinned_copy(torch.device("cuda", 1))
+    assert not pinned_copy(torch.device("cpu"))
+    labels = torch.tensor([3, 1, 2])
+    assert torch.equal(host_to_device(labels, torch.device("cpu")), labels)
+
+
+class _HostReads(torch.Tensor):
+    """A loss that counts every read of its value (or of anything computed from it) by the host."""
+
+    reads = 0
+    _READS = (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__float__,
+              torch.Tensor.__bool__, torch.Tensor.__format__)  # fmt: skip
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls._READS:
+            _HostReads.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_the_loss_is_summed_on_the_device_and_read_once_per_epoch():
+    data = _Split(_batches(4))
+    model = nn.Linear(4, 1)
+
+    def loss(batch, device):
+        out = model(batch.hidden[0].float().mean(1)).squeeze(1)
+        return ((out - batch.labels.float()) ** 2).mean().as_subclass(_HostReads), len(batch.labels)
+
+    _HostReads.reads = 0
+    task = Task(model, data, loss, dict, "acc")
+    result = fit(task, TrainConfig(epochs=3, batch_size=2), 0, torch.device("cpu"), progress=False)
+    # One read per epoch's record (the logging interval), not one per step (12 steps).
+    assert _HostReads.reads == 3 and len(result.history) == 3
+    assert all(h["train_loss"] > 0 for h in result.history)
+
+
+def test_adamw_is_fused_on_cuda():
+    model = nn.Linear(4, 2)  # its parameters stay on the CPU: torch checks only that the kernel exists
+    config = TrainConfig(lr=0.01, weight_decay=0.1)
+    fused = adamw(model, config, CUDA)
+    assert fused.defaults["fused"] is True and fused.defaults["lr"] == 0.01
+    assert fused.defaults["weight_decay"] == 0.1
+    assert not adamw(model, config, torch.device("cpu")).defaults["fused"]
+
+
+class _RecordsInputs(nn.Module):
+    """Two logits; remembers, per forward, the dtype its rows arrived in and the autocast around it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.seen: list[tuple[str, torch.dtype, bool, torch.dtype]] = []
+
+    def forward(self, hidden, mask):
+        phase = "train" if self.training else "eval"
+        autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+        self.seen.append((phase, hidden[0].dtype, *autocast))
+        out = self.linear(hidden[0].mean(1))
+        return out, out.new_zeros(len(out), 1)
+
+
+@pytest.fixture
+def cpu_autocast(monkeypatch):
+    """Training autocasts on the CPU too: every AMP path runs for real (in bf16) without a GPU."""
+    monkeypatch.setattr(fit_module, "AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
+
+
+def test_rows_reach_the_model_in_the_autocast_dtype_in_training_and_every_evaluation(cpu_autocast):
+    from pipeline.tasks import get_task
+    from train.tasks import task_head
+
+    model = _RecordsInputs()
+    head = task_head(get_task("classification"), ["neg", "pos"], np.array([0, 1]))
+    config = TrainConfig(epochs=2, batch_size=2, amp="bfloat16")
+    cpu = torch.device("cpu")
+    result = fit_head(
+        model, _Split(_batches(3)), _Split(_batches(2)), _Split(_batches(2)), config, head, cpu,
+        TrainOptions(progress=False),
+    )  # fmt: skip
+    assert result.amp == "bfloat16"
+    # 2 epochs x (3 steps + 2 val batches), then test (2) and the report's val (2): all in bf16, fp16
+    # rows cast straight to bf16 (not to fp32 and back).
+    assert [phase for phase, *_ in model.seen].count("train") == 6 and len(model.seen) == 14
+    assert set((dtype, on, autocast) for _, dtype, on, autocast in model.seen) == {
+        (torch.bfloat16, True, torch.bfloat16)
+    }
+
+
+def test_the_online_baseline_trains_and_evaluates_in_training_precision(
+    cpu_autocast, tmp_path, tiny_bert_dir
+):
+    from pipeline.baselines import fit_online, load_online_data
+    from pipeline.datasets import load_dataset
+
+    data_csv = write_csv(tmp_path / "data.csv", make_sentiment_rows(100))
+    config = load_config(
+        write_config(tmp_path / "c.yaml", str(data_csv), str(tiny_bert_dir), tmp_path),
+        ["train.amp=bfloat16", "train.epochs=3", "train.early_stopping_patience=null"],
+    )
+    dataset = load_dataset(config.dataset)
+    train = config.train
+    online = load_online_data(dataset.table, dataset.label_names, config.backbone, train, config.extract)
+    autocast_seen: list[tuple[bool, torch.dtype]] = []
+    online.backbone.model.register_forward_hook(
+        lambda *_: autocast_seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+    )
+    result, _ = fit_online(online, train, seed=0, method="unipt-online")
+    assert result.amp == "bfloat16"
+    # The backbone ran for every training batch (pulled outside fit's autocast), every validation, the
+    # test split and the report's splits: all in bf16.
+    assert len(autocast_seen) > 3 * 2 and set(autocast_seen) == {(True, torch.bfloat16)}
+    # The report's val split was measured as the selected epoch's val metrics were.
+    best = result.history[result.metrics["best_epoch"] - 1]
+    confusion = np.array(result.report["val"]["confusion"])
+    assert best["val_acc"] == result.metrics["val_acc"]
+    assert confusion.trace() / confusion.sum() == pytest.approx(best["val_acc"], abs=1e-6)  # float32
+    per_class = result.report["val"]["per_class"].values()
+    assert np.mean([c["f1"] for c in per_class]) == pytest.approx(best["val_f1"], abs=1e-6)
+    test = np.array(result.report["test"]["confusion"])
+    assert test.trace() / test.sum() == pytest.approx(result.metrics["test_acc"], abs=1e-6)
 
 
 # --- the backbone's precision, non-finite rows, out of memory ---------------------------------------------
@@ -249,6 +457,29 @@ def test_a_non_finite_activation_stops_the_shard_naming_it():
         _check_finite(shard, {0: np.zeros((9, 4), np.float32), 2: rows}, [3, 3, 3])
     with pytest.raises(UniptError, match=r"layer 0 \(row 5\)"):  # feature maps: no lengths
         _check_finite(shard, {0: np.where(np.arange(9)[:, None] == 5, np.inf, 0.0)}, None)
+
+
+def test_a_backbone_that_computes_nan_stops_extraction_in_one_line_naming_the_shard(tmp_path, ray_session):
+    from transformers import AutoModel
+
+    folder = save_tiny_bert(tmp_path / "bert")
+    model = AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight.fill_(float("nan"))  # every activation after the embeddings
+    model.save_pretrained(folder)
+    data = write_csv(tmp_path / "data.csv", make_sentiment_rows(24))
+    config = write_config(tmp_path / "c.yaml", str(data), str(folder), tmp_path, extract={"shard_size": 16})
+    prep = experiment.prepare(load_config(config))
+    with pytest.raises(UniptError) as error:
+        experiment.extract(prep, progress=False)
+    message = str(error.value)
+    assert re.search(
+        r"shard \d+: the backbone produced non-finite activations \(NaN or inf\) in layer \d+ "
+        r"\(example \d+\); nothing of this shard was written",
+        message,
+    ), message
+    assert "\n" not in message
+    assert not list((tmp_path / "cache").glob("spaces/*/segments/*/zarr.json"))  # no segment committed
 
 
 class _NeedsSmallBatches:
@@ -289,6 +520,21 @@ def test_extraction_halves_its_batch_on_out_of_memory_and_keeps_what_fit():
         _worker(_NeedsSmallBatches(fits=0))._encode_fitting(0, [], [1], 8, 2, "float32", {})
 
 
+def test_the_extraction_batch_size_is_not_in_the_cache_key():
+    # Why a smaller batch may finish a shard: it computes the same rows into the same cache.
+    from pipeline.config import BackboneConfig, ExtractConfig
+    from pipeline.identity import BackboneIdentity, cache_key_fields
+
+    identity = BackboneIdentity("m", None, "w" * 64, "c" * 64, "t" * 64, "/m")
+    fields = [
+        cache_key_fields(
+            "f" * 64, identity, BackboneConfig(name_or_path="m", batch_size=size), ExtractConfig()
+        )
+        for size in (64, 1)
+    ]
+    assert fields[0] == fields[1]
+
+
 def test_every_shard_reports_its_device_and_the_cache_records_it(tmp_path, caplog, ray_session):
     data = write_csv(tmp_path / "data.csv", make_sentiment_rows(40))
     config = write_config(
@@ -320,6 +566,18 @@ def test_gpu_shares_fit_every_trial_and_never_exceed_one_gpu():
     assert gpu_share(4, 0) == 0.0
     assert default_parallel(16, 1) == 2 and default_parallel(16, 4) == 8  # not 16 processes on one GPU
     assert default_parallel(16, 0) == 16
+
+
+def test_a_sweep_on_a_gpu_machine_runs_a_few_trials_per_gpu_each_with_its_share():
+    # A 16-core machine with one 16 GB GPU: 2 trials at a time (not 16), half the GPU and 8 CPUs each.
+    assert trial_resources({"CPU": 16.0, "GPU": 1.0}, None, None, 12) == ({"cpu": 8, "gpu": 0.5}, 2)
+    assert trial_resources({"CPU": 16.0, "GPU": 4.0}, None, None, 12) == ({"cpu": 2, "gpu": 0.5}, 8)
+    assert trial_resources({"CPU": 16.0, "GPU": 1.0}, 6, None, 12) == ({"cpu": 2, "gpu": 0.1666}, 6)
+    assert trial_resources({"CPU": 16.0}, None, None, 12) == ({"cpu": 1, "gpu": 0.0}, 12)  # CPUs only
+    assert trial_resources({"CPU": 16.0, "GPU": 1.0}, None, None, 1) == ({"cpu": 16, "gpu": 1.0}, 1)
+    assert trial_resources({"CPU": 16.0, "GPU": 1.0}, 4, 0, 12) == ({"cpu": 4, "gpu": 0.0}, 4)
+    with pytest.raises(UniptError, match="--gpus-per-trial 2 but the Ray cluster has 1 GPU"):
+        trial_resources({"CPU": 16.0, "GPU": 1.0}, None, 2, 12)
 
 
 # --- the GPU check --------------------------------------------------------------------------------------

@@ -78,12 +78,17 @@ def device_reason(setting: str, device: torch.device) -> str:
     return f"cpu (no GPU visible: {no_cuda_cause()})"
 
 
+# The device types training autocasts on. Not the CPU: autocast there is slower than float32. (A test
+# that adds "cpu" runs every autocast path for real, in bf16, on a machine without a GPU.)
+AUTOCAST_DEVICES = frozenset({"cuda"})
+
+
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full precision. Only CUDA gets AMP: on CPU it is slower.
+    """The autocast dtype, or None for full precision. Only CUDA gets AMP (:data:`AUTOCAST_DEVICES`).
 
     ``auto`` is bf16 only where the card has bf16 tensor cores (:mod:`pipeline.cuda_support`), else fp16
     (with a GradScaler, see :func:`fit`)."""
-    if device.type != "cuda" or setting == "off":
+    if device.type not in AUTOCAST_DEVICES or setting == "off":
         return None
     if setting == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float16
@@ -99,6 +104,14 @@ def precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     """The autocast training runs under; evaluation uses the same, so the best epoch (picked on val) and
     the reported val and test metrics are computed alike."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def adamw(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """The optimizer every run uses; on CUDA the fused kernel (one launch per step instead of one per
+    parameter tensor)."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
+    )
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -167,15 +180,12 @@ def _fit(
     model = task.model.to(device)
     if len(task.train_data) == 0:
         raise UniptError("the cache has no training examples; check the dataset's split settings")
-    # The fused CUDA kernel: one launch per step instead of one per parameter tensor.
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
-    )
+    optimizer = adamw(model, config, device)
     total_steps = config.epochs * len(task.train_data)
     warmup = max(1, int(config.warmup_ratio * total_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
     autocast_dtype = amp_dtype(config.amp, device)
-    if autocast_dtype == torch.bfloat16 and config.amp == "bfloat16":
+    if autocast_dtype == torch.bfloat16 and config.amp == "bfloat16" and device.type == "cuda":
         warn_if_emulated_bf16("train.amp", device)
     amp = amp_name(autocast_dtype)
     # Loss scaling is only needed for fp16: bf16 has float32's exponent range.

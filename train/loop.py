@@ -9,10 +9,10 @@ shared with the backbone-in-memory baselines, which feed the same heads from a l
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,14 +26,7 @@ from pipeline.tasks import get_task, select_metric
 from train.fit import FitResult, StepHook, Task, amp_dtype, fit, pick_device, precision
 from train.loader import Batch, CacheBatches, to_device
 from train.models import build_model
-
-
-class BatchSource(Protocol):
-    """Batches of one split, like :class:`CacheBatches`: ``len()`` batches per ``epoch(n)``."""
-
-    def __len__(self) -> int: ...
-
-    def epoch(self, epoch: int = 0) -> Iterator[Batch]: ...
+from train.prefetch import BatchSource, Moved, OnDevice, host_to_device
 
 
 @dataclass
@@ -141,7 +134,7 @@ def fit_head(
 
     amp = amp_dtype(config.amp, device)  # what fit() trains in; every evaluation runs in it too
 
-    def loss(moved: OnDevice.Moved, device: torch.device) -> tuple[Tensor, int]:
+    def loss(moved: Moved, device: torch.device) -> tuple[Tensor, int]:
         hidden, mask, labels = moved
         outputs, _ = model(hidden, mask)
         return head.loss(outputs.float(), labels), len(labels)
@@ -152,7 +145,9 @@ def fit_head(
         scores = evaluate(model, val_data, device, head, info.metrics, amp)
         return {k: v for k, v in scores.items() if k != "layer_weights"}
 
-    on_device = OnDevice(train_data, lambda batch: batch_to_device(batch, device, model, amp), device)
+    on_device = OnDevice.for_device(
+        train_data, lambda batch: batch_to_device(batch, device, model, amp), device
+    )
     task = Task(model, on_device, loss, validate, score, identity or {"task": config.task})
     fitted = fit(
         task, config, seed, device, options.progress, options.checkpoint, options.resume, options.meta,
@@ -195,57 +190,11 @@ def final_metrics(
     }
 
 
-def batch_to_device(
-    batch: Batch, device: torch.device, model: nn.Module, amp: torch.dtype | None
-) -> tuple[list[Tensor], Tensor, Tensor]:
+def batch_to_device(batch: Batch, device: torch.device, model: nn.Module, amp: torch.dtype | None) -> Moved:
     """(hidden states, mask, labels) on ``device``: rows cast straight to the autocast dtype (autocast
     would cast fp32 rows back down), labels pinned and copied without blocking the host."""
     hidden, mask = to_device(batch, device, model, dtype=amp or torch.float32)
-    labels = batch.labels
-    if device.type == "cuda":
-        return hidden, mask, labels.pin_memory().to(device, non_blocking=True)
-    return hidden, mask, labels.to(device)
-
-
-class OnDevice:
-    """A :class:`BatchSource` whose batches arrive on the device, moved by ``move``.
-
-    On CUDA the next batch is copied on a side stream while the current step runs on the default one
-    (each batch is handed over only once its copy is done); elsewhere batches are moved as they come.
-    """
-
-    Moved = tuple[list[Tensor], Tensor, Tensor]
-
-    def __init__(self, source: BatchSource, move: Callable[[Batch], Moved], device: torch.device) -> None:
-        self.source, self.move, self.device = source, move, device
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def epoch(self, epoch: int = 0) -> Iterator[Moved]:
-        if self.device.type != "cuda":
-            yield from map(self.move, self.source.epoch(epoch))
-            return
-        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
-        ahead: tuple[OnDevice.Moved, torch.cuda.Event] | None = None
-        for batch in self.source.epoch(epoch):
-            with torch.cuda.stream(side):
-                moved = self.move(batch)
-                copied = torch.cuda.Event()
-                copied.record(side)
-            if ahead is not None:  # the next copy is queued first, so it runs beside this step
-                yield self._handed_over(*ahead, main)
-            ahead = moved, copied
-        if ahead is not None:
-            yield self._handed_over(*ahead, main)
-
-    @staticmethod
-    def _handed_over(moved: Moved, copied: torch.cuda.Event, main: torch.cuda.Stream) -> Moved:
-        main.wait_event(copied)
-        hidden, mask, labels = moved
-        for tensor in (*hidden, mask, labels):
-            tensor.record_stream(main)  # the allocator must not reuse it before the step is done with it
-        return moved
+    return hidden, mask, host_to_device(batch.labels, device)
 
 
 @torch.no_grad()
