@@ -116,7 +116,7 @@ def _listed_space(root: CacheRoot, space: str) -> dict:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from pipeline.cache import CacheRoot
+    from pipeline.cache import TRASH_DIR, CacheRoot
     from pipeline.cache_admin import trash_leftovers
     from pipeline.cache_open import open_cache
 
@@ -147,7 +147,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     trash = trash_leftovers(root)
     if trash:
         print(
-            f"({len(trash)} leftover(s) in {root.root.child('.trash')}, {human_bytes(sum(trash.values()))}, "
+            f"({len(trash)} leftover(s) in {root.root.child(TRASH_DIR)}, {human_bytes(sum(trash.values()))}, "
             "from an interrupted gc or compact; `unipt cache gc --yes` removes them)",
             file=sys.stderr,
         )
@@ -267,7 +267,7 @@ def _view_root_digests(root: CacheRoot, space: str) -> dict[str, str]:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from pipeline.cache import CacheRoot
+    from pipeline.cache import TRASH_DIR, CacheRoot
     from pipeline.cache_admin import (
         empty_trash,
         find_garbage,
@@ -313,7 +313,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if trash:
         print(
             f"{'removing' if args.yes else 'would remove'} {len(trash)} leftover(s) of an interrupted gc "
-            f"or compact in {root.root.child('.trash')}  {human_bytes(sum(trash.values()))}"
+            f"or compact in {root.root.child(TRASH_DIR)}  {human_bytes(sum(trash.values()))}"
         )
     total = sum(item.bytes for item in garbage) + sum(trash.values())
     leftovers = f" and {len(trash)} trash leftover(s)" if trash else ""

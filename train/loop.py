@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,17 +23,9 @@ from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from pipeline.log import say
 from pipeline.tasks import get_task, select_metric
-from train.fit import FitResult, Task, amp_dtype, fit, pick_device, precision
+from train.fit import EpochData, FitResult, Task, amp_dtype, fit, pick_device, precision
 from train.loader import Batch, CacheBatches, to_device
 from train.models import build_model
-
-
-class BatchSource(Protocol):
-    """Batches of one split, like :class:`CacheBatches`: ``len()`` batches per ``epoch(n)``."""
-
-    def __len__(self) -> int: ...
-
-    def epoch(self, epoch: int = 0) -> Iterator[Batch]: ...
 
 
 @dataclass
@@ -116,9 +108,9 @@ def largest_share(task: str, train_labels: np.ndarray) -> float | None:
 
 def fit_head(
     model: nn.Module,
-    train_data: BatchSource,
-    val_data: BatchSource,
-    test_data: BatchSource,
+    train_data: EpochData,
+    val_data: EpochData,
+    test_data: EpochData,
     config: TrainConfig,
     head: Head,
     device: torch.device,
@@ -207,7 +199,7 @@ def batch_to_device(
 
 
 class OnDevice:
-    """A :class:`BatchSource` whose batches arrive on the device, moved by ``move``.
+    """A :class:`EpochData` whose batches arrive on the device, moved by ``move``.
 
     On CUDA the next batch is copied on a side stream while the current step runs on the default one
     (each batch is handed over only once its copy is done); elsewhere batches are moved as they come.
@@ -215,7 +207,7 @@ class OnDevice:
 
     Moved = tuple[list[Tensor], Tensor, Tensor]
 
-    def __init__(self, source: BatchSource, move: Callable[[Batch], Moved], device: torch.device) -> None:
+    def __init__(self, source: EpochData, move: Callable[[Batch], Moved], device: torch.device) -> None:
         self.source, self.move, self.device = source, move, device
 
     def __len__(self) -> int:
@@ -250,7 +242,7 @@ class OnDevice:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    data: BatchSource,
+    data: EpochData,
     device: torch.device,
     head: Head,
     names: tuple[str, ...],
