@@ -289,6 +289,7 @@ def test_extraction_halves_its_batch_on_out_of_memory_and_keeps_what_fit():
         _worker(_NeedsSmallBatches(fits=0))._encode_fitting(0, [], [1], 8, 2, "float32", {})
 
 
+@pytest.mark.slow
 def test_every_shard_reports_its_device_and_the_cache_records_it(tmp_path, caplog, ray_session):
     data = write_csv(tmp_path / "data.csv", make_sentiment_rows(40))
     config = write_config(

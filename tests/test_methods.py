@@ -120,6 +120,7 @@ def test_each_method_trains_from_a_cache_through_the_task_registry(tmp_path, met
     assert again.history[-1]["train_loss"] == result.history[-1]["train_loss"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["lst", "scalar_mix"])
 def test_a_method_run_is_recorded_exported_and_reloaded(method, tmp_path, tiny_bert_dir, ray_session, capsys):
     """`unipt run --set train.method=...`: the summary, the record, model.json, and the reloaded model

@@ -86,6 +86,7 @@ def _run(config, cache_root: str, runs_root) -> object:
     )  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_extract_to_s3_then_stream_train_from_it(s3_endpoint, tiny_config, tmp_path):
     """`unipt run` with an s3:// cache root: Ray workers write to S3 and training streams from it."""
     remote = _run(tiny_config, "s3://unipt-test/caches", tmp_path / "runs-s3")

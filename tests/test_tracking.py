@@ -21,6 +21,8 @@ from pipeline.errors import UniptError  # noqa: E402
 from pipeline.registry import Registry  # noqa: E402
 from tests.conftest import make_sentiment_rows, write_config, write_csv  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 EPOCHS = 3
 
 
