@@ -326,6 +326,7 @@ def test_gpu_shares_fit_every_trial_and_never_exceed_one_gpu():
 # --- the GPU check --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use the GPU")
 def test_gpu_check_fails_when_nvidia_smi_sees_a_gpu_torch_cannot_use(tmp_path):
     fake = tmp_path / "bin" / "nvidia-smi"

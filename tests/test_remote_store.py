@@ -50,6 +50,7 @@ def s3_endpoint():
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.mark.slow
 def test_store_round_trip_verify_and_gc_on_s3(s3_endpoint, tmp_path):
     root = CacheRoot("s3://unipt-test/unit")
     lengths = [5, 1, 9, 3, 7, 2]
