@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-py312 lint clean bench bench-full
+.PHONY: setup demo test test-fast test-py312 lint clean bench bench-full
 
 $(BIN)/unipt: pyproject.toml requirements-lock.txt requirements-assets.txt setup.sh
 	UNIPT_VENV=$(VENV) ./setup.sh
@@ -16,6 +16,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-py312
+
+# The quick tier while working: no end-to-end runs, fault injection, install or slow tests (pyproject's markers).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e and not faults and not install and not slow"
 
 # Python 3.12: the index serves torch for 3.12 only as its CUDA build (with about 3 GB of nvidia-* packages),
 # so 3.12 runs the part of the suite that needs no torch: configs, datasets (files, images, Hugging Face),

@@ -126,7 +126,7 @@ class OnlineIndex:
 
 
 class OnlineBatches:
-    """Batches of one split, computed from the text on every pass (a ``BatchSource`` for the loop).
+    """Batches of one split, computed from the text on every pass (an ``EpochData`` for the loop).
 
     ``inputs(features, mask)`` turns the padded tokenizer output of a batch into ``Batch.hidden``:
     the backbone's hidden states for UniPT online, or the token ids themselves for fine-tuning.

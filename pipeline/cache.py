@@ -123,6 +123,7 @@ from pipeline.storage import Location
 
 PARTIAL_DIR = ".partial"
 LEASES_DIR = ".leases"
+TRASH_DIR = ".trash"  # what gc and compact move aside before deleting it
 SPACES_DIR = "spaces"
 SEGMENTS_DIR = "segments"
 SPACE_FILE = "space.json"
@@ -130,7 +131,7 @@ SPACE_FILE = "space.json"
 
 def check_key(key: str) -> None:
     # Keys become directory names: refuse anything that could climb out of the cache root.
-    if not key or len(key) > 64 or not all(c in "0123456789abcdef" for c in key):
+    if not is_key(key):
         raise UniptError(f"cache key {key!r} is not a hex digest; cache keys come from `unipt run/extract`")
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.cache import LEASES_DIR, PARTIAL_DIR, SPACES_DIR, CacheReader, CacheRoot, is_key
+from pipeline.cache import LEASES_DIR, PARTIAL_DIR, SPACES_DIR, TRASH_DIR, CacheReader, CacheRoot, is_key
 from pipeline.cache_layout import SEGMENT_KIND, VIEW_KIND
 from pipeline.cache_open import open_cache
 from pipeline.checksums import Problem, verify_files
@@ -17,7 +17,6 @@ from pipeline.errors import UniptError
 from pipeline.locks import exclusive_if_free
 from pipeline.storage import Location
 
-TRASH_DIR = ".trash"
 LOCK_SUFFIX = ".lock"  # see CacheRoot.lock_location / lease_location
 SPACE_KIND = "space"  # a Garbage item that is an activation space (only ever reported: see find_garbage)
 # The root's own folders: gc and compact lock, build, move and delete inside them.

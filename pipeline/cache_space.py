@@ -12,9 +12,8 @@ import contextlib
 import io
 import json
 import os
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -26,6 +25,7 @@ from pipeline import FORMAT_VERSION
 from pipeline.cache import (
     PARTIAL_DIR,
     SPACE_FILE,
+    TRASH_DIR,
     CacheReader,
     CacheRoot,
     is_complete,
@@ -49,10 +49,9 @@ from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
 from pipeline.identity import same_space_but_layers, space_key
 from pipeline.locks import ReadLease, exclusive
-from pipeline.log import say
+from pipeline.log import say, utc_timestamp
 from pipeline.storage import Location
 
-TRASH_DIR = ".trash"
 # Attributes a view copies from its segments: what the backbone and the stored rows are.
 _SHARED_ATTRS = ("backbone", "tokenizer", "layers", "hidden_sizes", "grids", "dtype", "max_length")
 
@@ -68,12 +67,10 @@ class SpacePlan:
     """What a dataset version needs from its space: where each held input is, and what is missing."""
 
     space: str
-    segments: list[str]  # committed segments read (those holding at least one of the version's inputs)
     readers: dict[str, CacheReader]  # segment id -> its reader (holding a read lease)
     where: dict[str, tuple[str, int]]  # input hash -> (segment id, example row in it)
     missing: list[int]  # table positions of the first example of each input no segment holds
     unique: int  # distinct inputs of the version
-    leases: list[ReadLease] = field(default_factory=list)
     # The layers a view written from this plan exposes, when the space stores more (a layer subset served
     # from a wider space, :func:`plan_layer_subset`); None: all of the space's layers.
     layers: list[int] | None = None
@@ -125,7 +122,7 @@ def plan_space(root: CacheRoot, space: str, hashes: list[str]) -> SpacePlan:
         if value not in where and value not in seen:
             missing.append(position)
         seen.add(value)
-    return SpacePlan(space, list(readers), readers, where, missing, len(seen))
+    return SpacePlan(space, readers, where, missing, len(seen))
 
 
 def plan_layer_subset(root: CacheRoot, fields: dict[str, Any], hashes: list[str]) -> SpacePlan | None:
@@ -256,7 +253,7 @@ def write_view(
         "total_tokens": int(length.sum()),
         **({"views": len(views) + 1} if views else {}),
         **({"space_layers": list(first.layers)} if layers is not None else {}),
-        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "committed_at": utc_timestamp(),
         "complete": True,
     }
     buffer = io.BytesIO()

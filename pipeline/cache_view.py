@@ -361,14 +361,3 @@ def _segment_problem(location: Location, entry: dict[str, Any]) -> str | None:
     if digest(raw) != entry["checksums"]:
         return "is not the segment this view was written against (its checksums differ)"
     return None
-
-
-def view_summary(reader: ViewReader) -> dict[str, Any]:
-    """What ``unipt cache info`` adds for a view: its space and segments."""
-    return {
-        "space": reader.space,
-        "segments": [
-            {"id": entry["id"], "examples": reader.segments[i].num_examples}
-            for i, entry in enumerate(reader.attrs.get("segments", []))
-        ],
-    }

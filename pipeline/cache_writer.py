@@ -13,7 +13,6 @@ import errno
 import io
 import json
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from pipeline.cache_layout import (
 from pipeline.checksums import CHECKSUMS_FILE, ChecksumRecorder, digest, merge, seal
 from pipeline.encoding import compressors, encode_rows, offsets_compressors
 from pipeline.errors import UniptError
+from pipeline.log import utc_timestamp
 from pipeline.storage import Location
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -204,7 +204,7 @@ class CacheBuilder:
             **attrs,
             "num_examples": int(layout.num_examples),
             "total_tokens": int(lengths.sum()),
-            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "committed_at": utc_timestamp(),
             "complete": True,
         }
         root_bytes = json.dumps(root, indent=2, sort_keys=True).encode()

@@ -2,6 +2,9 @@
 
 Everything a command does lives in the recipe modules; here are only flags, the summary line and the
 one-line error contract (``unipt: error: <what>; <what to do>``, exit 2).
+
+Building the parser imports no torch, Ray, transformers or zarr (``unipt --help`` and ``unipt runs ls``
+start at once): each command imports the recipe it runs in its handler. tests/test_architecture.py checks.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import experiment
 from pipeline.cli_cache import add_cache_commands
 from pipeline.cli_common import load_args, print_summary
 from pipeline.cli_model import add_model_commands, prepare_train
@@ -18,11 +20,13 @@ from pipeline.cli_runs import add_runs_commands
 from pipeline.errors import UniptError
 from pipeline.extras import missing_extra_message
 from pipeline.log import configure_cli_logging
-from pipeline.plan import check_space
 from pipeline.storage import explain_storage_error
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline import experiment
+    from pipeline.plan import check_space
+
     prep = experiment.prepare(load_args(args))
     check_space(prep, force=args.force, ray_address=args.ray_address, progress=not args.no_progress)
     result = experiment.run(
@@ -33,6 +37,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from pipeline import experiment
+    from pipeline.plan import check_space
+
     prep = experiment.prepare(load_args(args))
     check_space(prep, force=args.force, ray_address=args.ray_address, progress=not args.no_progress)
     extractions = experiment.extract_all(prep, ray_address=args.ray_address, progress=not args.no_progress)
@@ -44,6 +51,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline import experiment
+
     result = experiment.train_from_cache(
         prepare_train(args), progress=not args.no_progress, resume=args.resume
     )
@@ -79,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def experiment(
-        name: str, help_text: str, handler, optional_config: bool = False
+        name: str, help_text: str, handler, optional_config: bool = False, records: bool = True
     ) -> argparse.ArgumentParser:
+        """A command that reads a config; ``records``: it writes run records (so takes --runs-root and
+        --registry), which `plan` and `extract` do not."""
         p = sub.add_parser(name, help=help_text, description=help_text)
         if optional_config:  # with --cache, the cache's own attributes are the config
             p.add_argument("config", nargs="?", help="experiment YAML (optional with --cache)")
@@ -93,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a config value, e.g. --set train.epochs=3 (repeatable)",
         )
         p.add_argument("--cache-root", help="directory of activation caches (default: storage.cache_root)")
-        p.add_argument("--runs-root", help="directory of run records (default: storage.runs_root)")
-        p.add_argument("--registry", help="SQLite run registry (default: storage.registry)")
+        if records:
+            p.add_argument("--runs-root", help="directory of run records (default: storage.runs_root)")
+            p.add_argument("--registry", help="SQLite run registry (default: storage.registry)")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
         p.set_defaults(handler=handler)
         return p
@@ -108,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "build the activation cache of every backbone in a config (a no-op for those that exist); "
         "prints one path per backbone",
         cmd_extract,
+        records=False,
     )
     ext.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     for command in (run, ext):

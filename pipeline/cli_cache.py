@@ -1,31 +1,15 @@
-"""``unipt cache ...``: list, describe, verify, export and garbage-collect activation caches."""
+"""``unipt cache ...``: list, describe, verify, export and garbage-collect activation caches.
+
+The cache modules (zarr) are imported by the commands that open a cache, not by building the parser.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
-from pipeline.cache import CacheReader, CacheRoot, is_key
-from pipeline.cache_admin import (
-    damaged_stores,
-    describe,
-    empty_trash,
-    expected_files,
-    find_garbage,
-    linked_lock_files,
-    refuse_damaged_space,
-    remove,
-    remove_empty_spaces,
-    remove_segments,
-    sweep_lock_files,
-    trash_leftovers,
-    verify,
-)
-from pipeline.cache_open import open_cache
-from pipeline.cache_view import ViewReader
 from pipeline.cli_common import print_json
 from pipeline.errors import UniptError
 from pipeline.log import human_bytes
@@ -33,11 +17,19 @@ from pipeline.registry import Registry, registered_cache_keys
 from pipeline.runs import referenced_cache_keys
 from pipeline.storage import DEFAULT_CACHE_ROOT, DEFAULT_REGISTRY, DEFAULT_RUNS_ROOT
 
+if TYPE_CHECKING:
+    from pipeline.cache import CacheReader, CacheRoot
+    from pipeline.cache_view import ViewReader
+
 
 def _open(target: str, cache_root: str, strict: bool = True) -> CacheReader | ViewReader:
     """A cache named by its key (under --cache-root) or by its path/URL; close it when done.
     ``strict=False`` (verify) opens a store without the read checks, so that its damage can be listed
     rather than stop the open."""
+    from pipeline.cache import CacheReader, CacheRoot, is_key
+    from pipeline.cache_open import open_cache
+    from pipeline.cache_view import ViewReader
+
     location = CacheRoot(cache_root).location(target) if is_key(target) else target
     reader = open_cache(location, strict=strict)
     if not isinstance(reader, (CacheReader, ViewReader)):
@@ -105,6 +97,8 @@ def _listed_cache(key: str, reader: CacheReader | ViewReader) -> dict:
 
 
 def _listed_space(root: CacheRoot, space: str) -> dict:
+    from pipeline.cache import CacheReader
+
     segments = []
     for segment in root.segments(space):
         location = root.segment_location(space, segment)
@@ -122,6 +116,10 @@ def _listed_space(root: CacheRoot, space: str) -> dict:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from pipeline.cache import TRASH_DIR, CacheRoot
+    from pipeline.cache_admin import trash_leftovers
+    from pipeline.cache_open import open_cache
+
     root = CacheRoot(args.cache_root)
     keys = root.keys()
     if not keys:
@@ -149,7 +147,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     trash = trash_leftovers(root)
     if trash:
         print(
-            f"({len(trash)} leftover(s) in {root.root.child('.trash')}, {human_bytes(sum(trash.values()))}, "
+            f"({len(trash)} leftover(s) in {root.root.child(TRASH_DIR)}, {human_bytes(sum(trash.values()))}, "
             "from an interrupted gc or compact; `unipt cache gc --yes` removes them)",
             file=sys.stderr,
         )
@@ -170,6 +168,8 @@ def _verify_hdf5(path: str) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from pipeline.cache_admin import describe
+
     with _open(args.cache, args.cache_root) as reader:
         print_json(describe(reader))  # JSON either way; --json is accepted for symmetry
     return 0
@@ -178,6 +178,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     if str(args.cache).endswith((".h5", ".hdf5")):
         return _verify_hdf5(args.cache)
+    from tqdm.auto import tqdm
+
+    from pipeline.cache_admin import damaged_stores, expected_files, verify
+
     with _open(args.cache, args.cache_root, strict=False) as reader:
         expected = expected_files(reader)
         with tqdm(total=expected, unit="file", desc="verify", disable=args.no_progress) as bar:
@@ -246,6 +250,7 @@ def _view_root_digests(root: CacheRoot, space: str) -> dict[str, str]:
     """Each view of ``space`` that passes a strict open (segments included) -> its root digest: what the
     registry may move to the rewritten view after compaction. A view that fails is left out, so its runs
     keep the digest they read and a damaged view is not laundered into a fresh one."""
+    from pipeline.cache_open import open_cache
     from pipeline.cache_space import views_of
 
     digests = {}
@@ -262,6 +267,17 @@ def _view_root_digests(root: CacheRoot, space: str) -> dict[str, str]:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline.cache import TRASH_DIR, CacheRoot
+    from pipeline.cache_admin import (
+        empty_trash,
+        find_garbage,
+        linked_lock_files,
+        remove,
+        remove_empty_spaces,
+        sweep_lock_files,
+        trash_leftovers,
+    )
+
     root = CacheRoot(args.cache_root)
     _check_references_exist(args)
     # A cache is in use if a run record or the registry points at it (records may have been pruned).
@@ -297,7 +313,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if trash:
         print(
             f"{'removing' if args.yes else 'would remove'} {len(trash)} leftover(s) of an interrupted gc "
-            f"or compact in {root.root.child('.trash')}  {human_bytes(sum(trash.values()))}"
+            f"or compact in {root.root.child(TRASH_DIR)}  {human_bytes(sum(trash.values()))}"
         )
     total = sum(item.bytes for item in garbage) + sum(trash.values())
     leftovers = f" and {len(trash)} trash leftover(s)" if trash else ""
@@ -313,6 +329,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
+    from pipeline.cache import CacheRoot, is_key
+    from pipeline.cache_admin import refuse_damaged_space, remove_segments
     from pipeline.cache_space import compact
     from pipeline.locks import exclusive
 
@@ -355,6 +373,8 @@ def _move_registered_digests(root: CacheRoot, before: dict[str, str], registry: 
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from pipeline.hdf5 import export_hdf5
 
     with _open(args.cache, args.cache_root) as reader:

@@ -5,24 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline import experiment
-from pipeline.config import ExperimentConfig, load_config
 from pipeline.log import human_bytes
 from pipeline.tasks import get_task
+
+if TYPE_CHECKING:  # pydantic's models and the recipe load with the commands that use them
+    from pipeline import experiment
+    from pipeline.config import ExperimentConfig
 
 
 def load_args(args: argparse.Namespace) -> ExperimentConfig:
     """The config file with ``--set`` and the storage flags applied."""
-    overrides = list(args.set or [])
-    if args.cache_root:
-        overrides.append(f"storage.cache_root={args.cache_root}")
-    if args.runs_root:
-        overrides.append(f"storage.runs_root={args.runs_root}")
-    if args.registry:
-        overrides.append(f"storage.registry={args.registry}")
-    return load_config(args.config, overrides)
+    from pipeline.config import load_config
+
+    return load_config(args.config, [*(args.set or []), *storage_overrides(args)])
+
+
+def storage_overrides(args: argparse.Namespace) -> list[str]:
+    """``--cache-root``/``--runs-root``/``--registry`` as ``storage.*`` overrides (`plan` and `extract` have
+    no run-record flags)."""
+    flags = ("cache_root", "runs_root", "registry")
+    return [f"storage.{name}={getattr(args, name)}" for name in flags if getattr(args, name, None)]
 
 
 def _scores(metrics: dict[str, Any], prefix: str, names: tuple[str, ...]) -> str:

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from pipeline import experiment
-from pipeline.cli_common import load_args, print_json
-from pipeline.config import ExperimentConfig
+from pipeline.cli_common import load_args, print_json, storage_overrides
 from pipeline.errors import UniptError
-from pipeline.from_cache import config_for_cache
-from pipeline.registry import DEFAULT_REGISTRY
+from pipeline.storage import DEFAULT_REGISTRY
 
-
-def storage_overrides(args: argparse.Namespace) -> list[str]:
-    flags = (("cache_root", args.cache_root), ("runs_root", args.runs_root), ("registry", args.registry))
-    return [f"storage.{name}={value}" for name, value in flags if value]
+if TYPE_CHECKING:
+    from pipeline import experiment
+    from pipeline.config import ExperimentConfig
 
 
 def load_config_or_cache(args: argparse.Namespace) -> ExperimentConfig:
@@ -28,11 +25,15 @@ def load_config_or_cache(args: argparse.Namespace) -> ExperimentConfig:
         return load_args(args)
     if not getattr(args, "cache", None):
         raise UniptError(f"`unipt {args.command}` needs a CONFIG, or --cache PATH to work from a cache alone")
+    from pipeline.from_cache import config_for_cache
+
     return config_for_cache(args.cache, [*(args.set or []), *storage_overrides(args)])
 
 
 def prepare_train(args: argparse.Namespace) -> experiment.Prepared:
     """What ``unipt train`` trains: the config's cache by key, or ``--cache`` (then CONFIG is optional)."""
+    from pipeline import experiment
+
     if args.cache is None:
         return experiment.prepare(load_config_or_cache(args))
     config = load_args(args) if args.config else None
@@ -40,8 +41,7 @@ def prepare_train(args: argparse.Namespace) -> experiment.Prepared:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.model_files import export_model
-    from pipeline.predict import model_directory
+    from pipeline.model_files import export_model, model_directory
 
     run_dir = model_directory(args.run, args.registry)
     if args.mlflow:

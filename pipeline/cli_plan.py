@@ -6,12 +6,17 @@ import argparse
 import json
 from collections.abc import Callable
 
-from pipeline import experiment
-from pipeline import plan as planning
 from pipeline.cli_common import load_args
+
+# pipeline.plan.SAMPLE_EXAMPLES, written here too because the planner imports the training stack (torch)
+# and `unipt --help` must not; tests/test_architecture.py checks that the two agree.
+SAMPLE_EXAMPLES = 256
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline import experiment
+    from pipeline import plan as planning
+
     prep = experiment.prepare(load_args(args))
     result = planning.plan(
         prep, sample=args.sample, ray_address=args.ray_address, progress=not args.no_progress
@@ -29,12 +34,13 @@ def add_plan_command(
         "predict the cache size per dtype, extraction and epoch time on this machine, the free space at "
         "storage.cache_root, and whether caching pays off against online training (from a timed sample)",
         cmd_plan,
+        records=False,
     )
     p.add_argument(
         "--sample",
         type=int,
-        default=planning.SAMPLE_EXAMPLES,
-        help=f"examples to extract and time (default {planning.SAMPLE_EXAMPLES})",
+        default=SAMPLE_EXAMPLES,
+        help=f"examples to extract and time (default {SAMPLE_EXAMPLES})",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")

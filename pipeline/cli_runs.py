@@ -12,11 +12,10 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cli_common import load_args, print_json, print_summary
 from pipeline.cli_model import load_config_or_cache
-from pipeline.config import TrainConfig, parse_value
 from pipeline.errors import CacheMissing, UniptError
 from pipeline.registry import (
     DEFAULT_REGISTRY,
@@ -28,19 +27,11 @@ from pipeline.registry import (
     register_run,
     result_metrics,
 )
-from pipeline.rerun import rerun
 from pipeline.storage import DEFAULT_RUNS_ROOT
-from pipeline.sweep import (
-    DISTRIBUTIONS,
-    Distribution,
-    Search,
-    SweepResult,
-    Trial,
-    describe,
-    resume_sweep,
-    sweep,
-)
 from pipeline.tasks import get_task, headline_of, task_names
+
+if TYPE_CHECKING:  # rerun and sweep import the recipe (zarr, torch): their handlers import them
+    from pipeline.sweep import Distribution, SweepResult, Trial
 
 
 def _show(value: Any) -> str:
@@ -230,6 +221,8 @@ def cmd_runs_register(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
+    from pipeline.rerun import rerun
+
     result = rerun(
         args.run_id,
         args.registry,
@@ -255,6 +248,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
     """``["train.lr=1e-3,5e-4"]`` -> ``{"train.lr": ["1e-3", "5e-4"]}``; only ``train.*`` settings."""
+    from pipeline.config import TrainConfig, parse_value
+
     grid: dict[str, list[str]] = {}
     for spec in specs:
         key, sep, values = spec.partition("=")
@@ -284,6 +279,8 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
 
 def grid_trials(args: argparse.Namespace, grid: dict[str, list[str]]) -> list[Trial]:
     """One trial per combination of the grid's values, each config loaded with its overrides."""
+    from pipeline.sweep import Trial
+
     trials = []
     for values in itertools.product(*grid.values()):
         combo = dict(zip(grid, values, strict=True))
@@ -295,6 +292,9 @@ def grid_trials(args: argparse.Namespace, grid: dict[str, list[str]]) -> list[Tr
 
 def parse_samples(specs: list[str]) -> dict[str, Distribution]:
     """``["train.lr=loguniform:1e-4:1e-2"]`` -> ``{"train.lr": Distribution("loguniform", (1e-4, 1e-2))}``."""
+    from pipeline.config import parse_value
+    from pipeline.sweep import DISTRIBUTIONS, Distribution
+
     example = "--sample train.lr=loguniform:1e-4:1e-2 (or uniform:A:B, randint:A:B, choice:V1:V2)"
     samples: dict[str, Distribution] = {}
     for spec in specs:
@@ -329,6 +329,8 @@ def _numeric(value: Any) -> Any:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.sweep import Search, resume_sweep, sweep
+
     if args.resume:
         storage = load_args(args).storage if args.config else None
         runs_root = args.runs_root or (storage.runs_root if storage else DEFAULT_RUNS_ROOT)
@@ -378,6 +380,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _table(result: SweepResult, keys: list[str]) -> None:
     """The trials, finished ones by best validation headline metric first; then stopped and failed ones,
     each failure's cause below the table."""
+    from pipeline.sweep import describe
+
     name = result.headline
 
     def number(value: Any) -> str:

@@ -45,7 +45,7 @@ from pipeline.from_cache import (
 from pipeline.from_cache import config_for_cache as config_for_cache  # the API: a cache's own config
 from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
 from pipeline.integrity import check_examples_match, check_label_range, check_registered
-from pipeline.log import human_bytes, say
+from pipeline.log import human_bytes, say, utc_timestamp
 from pipeline.model_files import ModelSpec, describe_model, write_model
 from pipeline.registry import ready_registry, register_run, registry_id
 from pipeline.runs import (
@@ -529,7 +529,7 @@ def record(
     config = prep.config.model_dump(mode="json")
     doc = {
         "run_id": run_id or new_run_id({"config": config, "cache_key": prep.key}),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": utc_timestamp(),
         "config": config,
         "seed": prep.config.seed,
         "task": {"name": trained.task, "headline": trained.headline, "select_metric": trained.select_metric},

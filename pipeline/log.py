@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 log = logging.getLogger("unipt")
 
@@ -24,6 +25,12 @@ def human_bytes(n: float) -> str:
         if n < 1024 or unit == "TiB":
             break
     return f"{n:.1f} {unit}"
+
+
+def utc_timestamp() -> str:
+    """``2026-12-07T05:37:46Z``: when a cache was committed or a run made, as records and attributes say it
+    (UTC, to the second, so it sorts as text)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def say(message: str) -> None:

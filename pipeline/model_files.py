@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UniptError
+from pipeline.registry import Registry
+from pipeline.storage import DEFAULT_REGISTRY
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CARD = "model.json"
@@ -301,6 +303,18 @@ def read_model_spec(directory: str | Path) -> ModelSpec:
         return ModelSpec.from_json(json.loads(path.read_text()))
     except (ValueError, TypeError) as exc:
         raise UniptError(f"{path} is not a readable model description ({exc}); export the run again") from exc
+
+
+def model_directory(target: str | Path, registry: str | Path = DEFAULT_REGISTRY) -> Path:
+    """A run id (or unique prefix) in ``registry``, a run directory, or a folder from ``unipt export``."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return path
+    if not Path(registry).expanduser().exists():
+        raise UniptError(f"{target} is neither a model folder nor a run id (no registry at {registry})")
+    with Registry(registry, create=False) as runs:
+        entry = runs.get(str(target))
+    return Path(entry.artifacts.get("model") or entry.artifacts["run_dir"])
 
 
 def export_model(run_dir: str | Path, out: str | Path) -> Path:

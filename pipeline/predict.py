@@ -29,8 +29,15 @@ from pipeline.config import BackboneConfig, TrainConfig
 from pipeline.encoding import decode_rows, encode_rows
 from pipeline.errors import UniptError
 from pipeline.log import say
-from pipeline.model_files import MODEL_WEIGHTS, ModelSpec, check_weights, read_model_spec, save_model_folder
-from pipeline.registry import DEFAULT_REGISTRY, Registry
+from pipeline.model_files import (
+    MODEL_WEIGHTS,
+    ModelSpec,
+    check_weights,
+    model_directory,
+    read_model_spec,
+    save_model_folder,
+)
+from pipeline.registry import DEFAULT_REGISTRY
 from pipeline.tasks import get_task
 
 
@@ -372,18 +379,6 @@ def check_inputs(inputs: list, kind: str) -> None:
             raise UniptError(f"input {bad[0]} is {inputs[bad[0]]!r:.40}, not text; this model reads texts")
     elif any(not isinstance(x, dict) or "pixels" not in x for x in inputs):
         raise UniptError("this model reads images; give an input file with an image column (--image-column)")
-
-
-def model_directory(target: str | Path, registry: str | Path = DEFAULT_REGISTRY) -> Path:
-    """A run id (or unique prefix) in ``registry``, a run directory, or a folder from ``unipt export``."""
-    path = Path(target).expanduser()
-    if path.is_dir():
-        return path
-    if not Path(registry).expanduser().exists():
-        raise UniptError(f"{target} is neither a model folder nor a run id (no registry at {registry})")
-    with Registry(registry, create=False) as runs:
-        entry = runs.get(str(target))
-    return Path(entry.artifacts.get("model") or entry.artifacts["run_dir"])
 
 
 def load_model(

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.errors import UniptError
 from pipeline.hashing import sha256_json
-from pipeline.log import human_bytes, log, say
+from pipeline.log import human_bytes, log, say, utc_timestamp
 from pipeline.runs import RECORD_FILE, check_run_id
 from pipeline.storage import DEFAULT_REGISTRY as DEFAULT_REGISTRY  # re-exported: where commands look
 
@@ -246,8 +246,8 @@ class Registry:
         row = {
             "run_id": record["run_id"],
             "name": config.get("name"),
-            "created_at": record.get("created_at") or _now(),
-            "registered_at": _now(),
+            "created_at": record.get("created_at") or utc_timestamp(),
+            "registered_at": utc_timestamp(),
             "seed": record.get("seed"),
             "config_json": _dumps(config),
             "config_sha256": sha256_json(config),
@@ -332,7 +332,7 @@ class Registry:
             db.execute(_SWEEPS)
             db.execute(
                 "INSERT INTO sweeps (sweep_id, spec_json, spec_sha256, created_at) VALUES (?, ?, ?, ?)",
-                (sweep_id, _dumps(spec), digest, _now()),
+                (sweep_id, _dumps(spec), digest, utc_timestamp()),
             )
         return digest
 
@@ -582,10 +582,6 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, An
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _like_prefix(text: str) -> str:

@@ -18,14 +18,15 @@ import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from zarr.abc.store import Store
-from zarr.storage import FsspecStore, LocalStore
 
 from pipeline.errors import UniptError
+
+if TYPE_CHECKING:
+    from zarr.abc.store import Store
 
 # Option names that carry secrets, compared lower-case without "_" and "-": refused in configs at any
 # depth, so they cannot end up in config.yaml, run records or the registry. A name is a secret if it
@@ -214,6 +215,10 @@ class Location:
             pass  # removed meanwhile by another gc: what we wanted
 
     def zarr_store(self, read_only: bool = False) -> Store:
+        # zarr here, not at the top: the CLI's commands that read no cache (`--help`, `runs`) import this
+        # module for its default paths, and zarr is a third of a second.
+        from zarr.storage import FsspecStore, LocalStore
+
         if self.is_local:
             return LocalStore(self.url, read_only=read_only)
         return FsspecStore.from_url(self.url, storage_options=self.options, read_only=read_only)

@@ -35,6 +35,7 @@ import yaml
 
 from pipeline.extras import require
 from pipeline.log import say
+from pipeline.registry import flatten
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig, TrackingConfig
@@ -111,7 +112,10 @@ class Tracker:
         self._mlflow, self.mlflow_run_id = client, run.info.run_id
         from mlflow.entities import Param
 
-        params = [Param(key, _param_value(value)) for key, value in sorted(flatten(experiment).items())]
+        params = [
+            Param(key, _param_value(value))
+            for key, value in sorted(flatten(experiment.model_dump(mode="json")).items())
+        ]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             client.log_batch(self.mlflow_run_id, params=params[start : start + 100])
         say(f"tracking: MLflow run {self.mlflow_run_id} in experiment {experiment.name!r} at {uri}")
@@ -200,22 +204,6 @@ def mlflow_uri(value: str | None) -> str:
     if "://" in value or value.startswith(("file:", "databricks")):
         return value
     return Path(value).expanduser().resolve().as_uri()
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}``; a pydantic model is dumped first."""
-    if hasattr(tree, "model_dump"):
-        tree = tree.model_dump(mode="json")
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _tensorboard_tag(key: str) -> str:

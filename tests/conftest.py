@@ -205,10 +205,13 @@ def build_cache(
     commit: bool = True,
     splits: list[str] | None = None,
     key: str = KEY,
+    label_shift: float = 0.0,
     **layout: object,
 ) -> tuple[dict[int, list[np.ndarray]], StoreLayout]:
     """A committed (or, with commit=False, partial) cache of random fp16 tokens; returns them and the layout.
 
+    ``label_shift``: each token of a label-1 example (odd rows, see :func:`example_table`) is moved by
+    +shift, of a label-0 example by -shift, so the labels are learnable from the activations.
     ``layout`` passes through to :class:`StoreLayout` (dtype, codec, chunks_per_file, ...).
     """
     rng = np.random.default_rng(0)
@@ -223,7 +226,10 @@ def build_cache(
     builder = CacheBuilder(root, key)
     builder.create(store_layout, {"label_names": ["a", "b"], "key_fields": {"dataset_fingerprint": "f1"}})
     tokens = {
-        layer: [rng.standard_normal((n, w)).astype(np.float16) for n in lengths]
+        layer: [
+            (rng.standard_normal((n, w)) + label_shift * (1 if i % 2 else -1)).astype(np.float16)
+            for i, n in enumerate(lengths)
+        ]
         for layer, w in widths.items()
     }
     for shard in store_layout.shards():

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from pipeline.cache import CacheRoot
+from pipeline.registry import Registry
+from tests.conftest import KEY, build_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "extract", "train")
@@ -104,3 +111,100 @@ def test_no_import_loops():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+
+
+# ------------------------------------------------------------------------------------ the CLI's start-up
+
+# What a command may import only if it uses it: each costs seconds (torch) or a third of one (zarr).
+HEAVY = ("torch", "ray", "transformers", "zarr")
+
+# Run in a fresh interpreter: `main(argv)`, then which of HEAVY are loaded, written to a file (the command's
+# own output stays on stdout/stderr).
+_PROBE = """
+import json, sys
+from pipeline.cli import main
+try:
+    main(sys.argv[2:])
+except SystemExit:
+    pass
+json.dump(sorted(m for m in HEAVY if m in sys.modules), open(sys.argv[1], "w"))
+"""
+
+
+def _loaded_by(argv: list[str], folder: Path) -> set[str]:
+    probe = folder / "loaded.json"
+    code = f"HEAVY = {HEAVY!r}\n{_PROBE}"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(probe), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=folder,
+    )
+    assert probe.exists(), done.stderr[-3000:]
+    return set(json.loads(probe.read_text()))
+
+
+def test_importing_the_cli_loads_no_heavy_library():
+    code = f"import sys, pipeline.cli; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def admin_roots(tmp_path_factory) -> Path:
+    """A committed cache, an empty run registry and an empty runs root: what the light commands read."""
+    root = tmp_path_factory.mktemp("cli_start")
+    build_cache(CacheRoot(root / "cache"), [3, 5, 2], {0: 8})
+    with Registry(root / "registry.sqlite"):
+        pass
+    (root / "runs").mkdir()
+    return root
+
+
+# Each command and what it may load: the cache commands open a Zarr store, `export` reads the weights with
+# safetensors' torch loader; none of them needs Ray or transformers.
+LIGHT_COMMANDS = {
+    "help": (["--help"], set()),
+    "plan --help": (["plan", "--help"], set()),
+    "runs ls": (["runs", "ls", "--json", "--registry", "{root}/registry.sqlite"], set()),
+    "runs ls, no registry": (["runs", "ls", "--json", "--registry", "{root}/none.sqlite"], set()),
+    "runs show": (["runs", "show", "abc", "--registry", "{root}/registry.sqlite"], set()),
+    "runs diff": (["runs", "diff", "abc", "abd", "--registry", "{root}/registry.sqlite"], set()),
+    "cache ls": (["cache", "ls", "--json", "--cache-root", "{root}/cache"], {"zarr"}),
+    "cache info": (["cache", "info", KEY, "--cache-root", "{root}/cache"], {"zarr"}),
+    "cache verify": (["cache", "verify", KEY, "--cache-root", "{root}/cache", "--no-progress"], {"zarr"}),
+    "cache gc": (
+        ["cache", "gc", "--cache-root", "{root}/cache", "--runs-root", "{root}/runs"]
+        + ["--registry", "{root}/registry.sqlite"],
+        {"zarr"},
+    ),
+    "export": (["export", "{root}/runs", "--out", "{root}/exported"], {"torch"}),
+}
+
+
+@pytest.mark.parametrize("name", LIGHT_COMMANDS)
+def test_light_commands_load_only_what_they_use(name, admin_roots):
+    argv, allowed = LIGHT_COMMANDS[name]
+    loaded = _loaded_by([arg.format(root=admin_roots) for arg in argv], admin_roots)
+    assert loaded <= allowed, f"unipt {name} loads {sorted(loaded - allowed)}"
+
+
+def test_the_cli_states_the_planners_sample_size():
+    """`unipt plan --sample`'s default is written in the CLI too (the planner imports torch): the same."""
+    from pipeline import cli_plan, plan
+
+    assert cli_plan.SAMPLE_EXAMPLES == plan.SAMPLE_EXAMPLES
+
+
+def test_plan_and_extract_take_no_run_record_flags():
+    """They write no run record: --runs-root and --registry would be accepted and ignored."""
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    for command in ("plan", "extract"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "c.yaml", "--registry", "r.sqlite"])
+    assert parser.parse_args(["run", "c.yaml", "--registry", "r.sqlite"]).registry == "r.sqlite"

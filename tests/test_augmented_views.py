@@ -275,6 +275,7 @@ def text_versions(tmp_path_factory, tiny_bert_dir):
     return prep
 
 
+@pytest.mark.slow
 def test_k3_text_views_after_k1_reuse_view_zero_and_hold_the_noised_encodings(
     ray_session, text_versions, tiny_bert_dir, capfd
 ):
@@ -330,6 +331,7 @@ def test_k3_text_views_after_k1_reuse_view_zero_and_hold_the_noised_encodings(
     assert 0 <= metrics["test_acc"] <= 1
 
 
+@pytest.mark.slow
 def test_k2_efficientnet_views_are_the_backbone_on_the_augmented_images(ray_session, tmp_path):
     mnist = "bundled:mnist_5k"
     path = write_config(

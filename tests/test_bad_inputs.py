@@ -165,6 +165,7 @@ def extracted(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPat
     return {"root": root, "config": config, "data": data, "store": root / "cache" / key}
 
 
+@pytest.mark.slow
 def test_cache_built_for_another_dataset_version(extracted, tmp_path, tiny_bert_dir, capsys):
     rows = make_sentiment_rows(60)
     rows[0]["text"] += " (edited)"  # version 2 of the data: one row changed
@@ -174,6 +175,7 @@ def test_cache_built_for_another_dataset_version(extracted, tmp_path, tiny_bert_
     _nothing_left(tmp_path)
 
 
+@pytest.mark.slow
 def test_cache_built_for_another_backbone(extracted, tmp_path, tiny_bert_dir, capsys):
     other = tmp_path / "other-bert"
     shutil.copytree(tiny_bert_dir, other)
@@ -193,6 +195,7 @@ def test_train_without_a_cache_says_to_extract(tmp_path, tiny_bert_dir, capsys):
     _nothing_left(tmp_path)
 
 
+@pytest.mark.slow
 def test_layer_index_out_of_range(ray_session, tmp_path, tiny_bert_dir, capsys):
     config = _config(tmp_path, tiny_bert_dir)
     line = _error_line(capsys, "extract", str(config), "--set", "backbone.layers=[0, 7]")
@@ -201,6 +204,7 @@ def test_layer_index_out_of_range(ray_session, tmp_path, tiny_bert_dir, capsys):
     _nothing_left(tmp_path)
 
 
+@pytest.mark.slow
 def test_truncated_chunk_file(extracted, tmp_path, capsys):
     cache = tmp_path / "cache"
     shutil.copytree(extracted["root"] / "cache", cache, ignore=shutil.ignore_patterns(".partial"))
@@ -218,6 +222,7 @@ def test_truncated_chunk_file(extracted, tmp_path, capsys):
 # --- long texts: not an error, a warning -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_100k_character_text_is_truncated_with_one_warning(ray_session, tmp_path, tiny_bert_dir, capsys):
     rows = make_sentiment_rows(60)
     rows[2]["text"] = "great " * 16_667  # 100,001 characters once the trailing space is stripped
@@ -240,6 +245,7 @@ def test_a_100k_character_text_is_truncated_with_one_warning(ray_session, tmp_pa
 # --- training checkpoints: a damaged one to resume from, a full disk to write one to --------------------
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_missing_keys(extracted, tmp_path, capsys):
     import torch
 
@@ -265,6 +271,7 @@ def _with_file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.faults
 def test_training_onto_a_full_disk_leaves_no_half_written_checkpoint(extracted, tmp_path):
     import subprocess
     import sys

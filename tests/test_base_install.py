@@ -31,7 +31,7 @@ EXTRA_MODULES = {
     "datasets": "hf-datasets",
     "mlflow": "tracking",
 }
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.install, pytest.mark.slow]  # builds a fresh venv: minutes
 
 
 def _pip(python: Path, *args: str) -> None:

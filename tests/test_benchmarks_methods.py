@@ -35,6 +35,7 @@ def toy_configs(tmp_path, tiny_bert_dir, monkeypatch):
     return configs
 
 
+@pytest.mark.e2e
 def test_methods_report(toy_configs, tmp_path, ray_session):
     out = tmp_path / "results" / "methods.json"
     argv = ["--datasets", "toy_cls", "toy_reg", "--methods", "scalar_mix", "unipt", "--seeds", "0"]

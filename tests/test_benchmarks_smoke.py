@@ -40,6 +40,7 @@ def test_cache_size_row_against_fp32_layouts(reader):
     assert row["disk_vs_ragged_fp32"] == pytest.approx(on_disk / (tokens * hidden * 4))
 
 
+@pytest.mark.slow
 def test_loader_throughput_measures_every_stage(reader, tmp_path):
     train = TrainConfig(embed_size=8, batch_size=4, block_examples=3, shuffle_buffer_blocks=2, device="cpu")
 
@@ -80,6 +81,7 @@ def test_loader_throughput_measures_every_stage(reader, tmp_path):
     assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("stage,samples")
 
 
+@pytest.mark.slow
 def test_without_zarrs_the_benchmark_leaves_its_row_out(reader, monkeypatch):
     monkeypatch.setitem(sys.modules, "zarrs", None)  # what an environment without the package sees
     assert loader_peers.zarrs_reads(reader) is None

@@ -66,6 +66,7 @@ def _run_one(tmp_path: Path, tiny_bert_dir: Path):
     return data, prep, experiment.run(prep, progress=False)
 
 
+@pytest.mark.e2e
 def test_json_listings_and_a_split_s_ids_let_evaluate_be_checked_against_the_run(
     tmp_path: Path, tiny_bert_dir: Path, ray_session, capsys
 ):
@@ -157,6 +158,7 @@ def test_json_listings_and_a_split_s_ids_let_evaluate_be_checked_against_the_run
     assert "evaluate" in bar and "predict" not in bar
 
 
+@pytest.mark.slow
 def test_ray_s_notices_and_colours_stay_out_of_a_log(tmp_path: Path):
     """A local Ray started the way unipt starts it, in a process whose output goes to files (a log):
     three workers print the same line; each comes through as plain text, with no auth-token notice, no

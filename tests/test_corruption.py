@@ -35,6 +35,8 @@ from pipeline.errors import UniptError
 from pipeline.registry import Registry
 from tests.conftest import KEY, build_cache, example_table, extract_tiny
 
+pytestmark = pytest.mark.faults
+
 
 @pytest.fixture(scope="module")
 def extracted(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:

@@ -27,6 +27,7 @@ def tiny_cache(tmp_path_factory, tiny_bert_dir, ray_session) -> str:
     return str(CacheRoot(root / "cache").location(key))
 
 
+@pytest.mark.slow
 def test_batches_are_the_ones_training_reads_and_each_pass_is_the_next_epoch(tiny_cache: str):
     config = TrainConfig(batch_size=8)
     with open_cache(tiny_cache) as reader, CacheDataset(tiny_cache, "train", config, seed=3) as data:
@@ -39,6 +40,7 @@ def test_batches_are_the_ones_training_reads_and_each_pass_is_the_next_epoch(tin
         assert len(data) == len(ours)
 
 
+@pytest.mark.slow
 def test_examples_come_unpadded_with_their_labels(tiny_cache: str):
     with CacheDataset(tiny_cache, "val", per_example=True) as data, open_cache(tiny_cache) as reader:
         examples = list(data)
@@ -53,6 +55,7 @@ def test_examples_come_unpadded_with_their_labels(tiny_cache: str):
         assert np.isfinite(torch.cat([h[0] for h, _ in examples]).numpy()).all()
 
 
+@pytest.mark.slow
 def test_several_dataloader_workers_are_refused_in_one_line(tiny_cache: str):
     with CacheDataset(tiny_cache, "train") as data:
         loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=2)

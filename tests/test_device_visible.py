@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from pipeline.cli import main
@@ -18,6 +19,7 @@ def test_the_reason_names_the_setting_or_the_missing_gpu():
         assert device_reason("auto", pick_device("auto")).startswith("cpu (no GPU visible: ")
 
 
+@pytest.mark.e2e
 def test_run_record_registry_and_summary_say_which_device_trained(tiny_config, tmp_path, capsys, ray_session):
     assert main(["run", str(tiny_config), "--set", "train.epochs=1", "--no-progress"]) == 0
     out, err = capsys.readouterr()

@@ -66,6 +66,7 @@ def test_the_readme_config_is_the_shipped_one_and_every_required_key_is_in_it():
     assert config.name == "my_data" and config.dataset.source == "my_reviews.csv"
 
 
+@pytest.mark.e2e
 def test_your_own_data_runs_as_the_readme_says(tmp_path: Path, tiny_bert_dir: Path):
     """plan -> run -> predict, the README's three commands, from a fresh folder with the user's CSV.
     Only the backbone is swapped for the tiny one (the bundled MiniLM is tested elsewhere)."""

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.e2e
 
 # Runs a CLI command in a fresh interpreter, then fails if that process ever imported a backbone.
 NO_BACKBONE_CHECK = """

@@ -15,6 +15,8 @@ from pipeline.cache_open import open_cache
 from pipeline.config import load_config
 from pipeline.errors import UniptError
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def prepared(tiny_config):

@@ -23,6 +23,8 @@ from pipeline.cache_open import open_cache
 from pipeline.config import load_config
 from tests.conftest import write_config
 
+pytestmark = pytest.mark.faults
+
 
 @pytest.fixture(scope="module")
 def slow_config(tmp_path_factory: pytest.TempPathFactory) -> Path:

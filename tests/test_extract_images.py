@@ -14,6 +14,8 @@ from pipeline.config import load_config
 from pipeline.errors import UniptError
 from tests.conftest import write_config
 
+pytestmark = pytest.mark.slow
+
 MNIST = "bundled:mnist_5k"
 # A seeded sample in which every digit of val/test also has training examples (loading refuses a class
 # that only val/test hold; with content-grouped splits 24 was such a sample).

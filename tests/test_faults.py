@@ -35,6 +35,8 @@ from tests.conftest import KEY, build_cache, example_table, make_sentiment_rows,
 from train.checkpoint import CHECKPOINT_FILE
 from train.tasks import train_task
 
+pytestmark = pytest.mark.faults
+
 # --- disk full -----------------------------------------------------------------------------------------
 
 

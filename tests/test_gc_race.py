@@ -14,10 +14,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.cache import CacheRoot
 from pipeline.cache_admin import sweep_lock_files
 from pipeline.locks import ReadLease, exclusive, exclusive_if_free
 from tests.conftest import KEY, build_cache, run_cli, write_config
+
+pytestmark = pytest.mark.faults
 
 
 def _lock_files(cache_root: Path) -> list[Path]:

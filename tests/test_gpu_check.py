@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the check runs its full table")
 def test_gpu_check_runs_the_cpu_parts_and_says_no_gpu(tmp_path, tiny_config):
     import sys

@@ -459,6 +459,7 @@ def test_a_non_finite_activation_stops_the_shard_naming_it():
         _check_finite(shard, {0: np.where(np.arange(9)[:, None] == 5, np.inf, 0.0)}, None)
 
 
+@pytest.mark.slow
 def test_a_backbone_that_computes_nan_stops_extraction_in_one_line_naming_the_shard(tmp_path, ray_session):
     from transformers import AutoModel
 
@@ -535,6 +536,7 @@ def test_the_extraction_batch_size_is_not_in_the_cache_key():
     assert fields[0] == fields[1]
 
 
+@pytest.mark.slow
 def test_every_shard_reports_its_device_and_the_cache_records_it(tmp_path, caplog, ray_session):
     data = write_csv(tmp_path / "data.csv", make_sentiment_rows(40))
     config = write_config(
@@ -583,6 +585,7 @@ def test_a_sweep_on_a_gpu_machine_runs_a_few_trials_per_gpu_each_with_its_share(
 # --- the GPU check --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use the GPU")
 def test_gpu_check_fails_when_nvidia_smi_sees_a_gpu_torch_cannot_use(tmp_path):
     fake = tmp_path / "bin" / "nvidia-smi"

@@ -20,6 +20,8 @@ from pipeline.runs import referenced_cache_keys
 from pipeline.sweep import Trial, sweep
 from tests.conftest import make_sentiment_rows, write_config, write_csv
 
+pytestmark = pytest.mark.e2e
+
 # The tiny config's training settings, spelled as overrides for a run that has no config file.
 TRAIN_SETTINGS = [
     "train.epochs=3",

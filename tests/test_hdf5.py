@@ -127,6 +127,7 @@ def test_not_a_cache_file_is_a_clear_error(tmp_path):
         open_cache(tmp_path / "junk.h5")
 
 
+@pytest.mark.e2e
 def test_training_on_the_hdf5_export_gives_the_same_results(ray_session, tiny_config, tmp_path, capsys):
     prep = experiment.prepare(load_config(tiny_config, ["train.epochs=3"]))
     zarr_path = experiment.extract(prep, progress=False).path
@@ -175,6 +176,7 @@ def test_training_on_the_hdf5_export_gives_the_same_results(ray_session, tiny_co
     assert str(zarr_path) != str(out)
 
 
+@pytest.mark.slow
 def test_hdf5_export_of_another_dataset_is_refused_for_training(ray_session, tiny_config, tmp_path):
     prep = experiment.prepare(load_config(tiny_config))
     experiment.extract(prep, progress=False)

@@ -175,6 +175,7 @@ def test_offline_and_not_cached_is_one_line(tmp_path):
     assert "not in the local Hugging Face cache" in line and "hf-disk:PATH" in line
 
 
+@pytest.mark.slow
 def test_offline_and_not_cached_is_one_cli_line(tmp_path):
     pytest.importorskip("torch")  # the CLI loads the training stage; Python 3.12 CI runs the test above only
     config = tmp_path / "hf.yaml"

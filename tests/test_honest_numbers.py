@@ -129,6 +129,7 @@ def test_an_empty_val_split_is_refused_before_extraction(tmp_path, tiny_config, 
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_an_empty_test_split_is_refused(tmp_path, tiny_bert_dir, capsys):
     rows = make_sentiment_rows(40)
     for i, row in enumerate(rows):
@@ -219,6 +220,7 @@ def _imbalanced_rows(n: int = 150, positives: float = 0.15) -> list[dict[str, st
     return rows
 
 
+@pytest.mark.e2e
 def test_an_imbalanced_run_shows_f1_baselines_and_per_class_scores(
     ray_session, tmp_path, tiny_bert_dir, capsys
 ):
@@ -251,6 +253,7 @@ def test_an_imbalanced_run_shows_f1_baselines_and_per_class_scores(
 # --- 4. regression baselines -------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_regression_reports_a_ridge_probe_and_the_mean_predictor(
     ray_session, tmp_path, tiny_bert_dir, capsys
 ):

@@ -115,6 +115,7 @@ def versions(tmp_path_factory, tiny_bert_dir):
     return config
 
 
+@pytest.mark.slow
 def test_versions_extract_only_what_no_segment_holds(ray_session, versions, capfd):
     a = versions("A", "shared")
     result = experiment.extract(a, progress=False)
@@ -152,6 +153,7 @@ def test_versions_extract_only_what_no_segment_holds(ray_session, versions, capf
     view.lease.release()
 
 
+@pytest.mark.e2e
 def test_b_incremental_trains_exactly_like_b_from_scratch(ray_session, versions):
     incremental = versions("B", "shared")  # A then B, extracted by the test above (or here, if run alone)
     experiment.extract(versions("A", "shared"), progress=False).release()
@@ -179,6 +181,7 @@ def test_b_incremental_trains_exactly_like_b_from_scratch(ray_session, versions)
         assert _untimed(mine) == _untimed(theirs)
 
 
+@pytest.mark.e2e
 def test_a_layer_subset_of_a_stored_space_is_a_view_that_trains_like_a_subset_extraction(
     ray_session, versions, capfd
 ):
@@ -334,6 +337,7 @@ def test_only_a_space_equal_but_for_more_layers_and_holding_every_input_serves_a
     assert plan(backbone={"weights_sha256": "other"}) is None
 
 
+@pytest.mark.slow
 def test_concurrent_extractions_of_overlapping_versions_build_each_input_once(
     ray_session, tmp_path, tiny_bert_dir, capfd
 ):

@@ -7,6 +7,7 @@ import threading
 import weakref
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.cache import CacheReader, CacheRoot
@@ -274,6 +275,7 @@ def test_blocks_shrink_to_the_loader_memory_budget(tmp_path):
     assert sorted(i for b in capped.epoch(0) for i in b.indices.tolist()) == list(range(9))
 
 
+@pytest.mark.slow
 def test_examples_carried_to_the_next_window_do_not_keep_their_blocks_alive(tmp_path):
     # One long example per block, longer block after block: with grouping, each window's longest examples
     # wait for the next window, window after window, each from another block.

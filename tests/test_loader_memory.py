@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from pipeline.cache import CacheRoot
 from pipeline.cache_layout import LayerSpec, StoreLayout
@@ -56,6 +57,7 @@ def _write_large_cache(root: CacheRoot) -> int:
     return builder.commit(layout, example_table(EXAMPLES), {}).size()
 
 
+@pytest.mark.slow
 def test_an_epoch_over_a_large_cache_stays_far_below_its_size(tmp_path):
     root = CacheRoot(tmp_path)
     cache_bytes = _write_large_cache(root)

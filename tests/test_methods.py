@@ -104,6 +104,7 @@ LENGTHS = [4, 6, 3, 5, 7, 2, 6, 5, 4, 3, 6, 5, 4, 5, 3, 6] * 2
 SPLITS = ["train"] * 20 + ["val"] * 6 + ["test"] * 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_trains_from_a_cache_through_the_task_registry(tmp_path, method):
     build_cache(CacheRoot(tmp_path), LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=8, splits=SPLITS)
@@ -120,6 +121,7 @@ def test_each_method_trains_from_a_cache_through_the_task_registry(tmp_path, met
     assert again.history[-1]["train_loss"] == result.history[-1]["train_loss"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["lst", "scalar_mix"])
 def test_a_method_run_is_recorded_exported_and_reloaded(method, tmp_path, tiny_bert_dir, ray_session, capsys):
     """`unipt run --set train.method=...`: the summary, the record, model.json, and the reloaded model

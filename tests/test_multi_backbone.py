@@ -83,6 +83,7 @@ def test_config_takes_backbone_or_backbones_not_both(tmp_path, tiny_bert_dir, se
         load_config(path)
 
 
+@pytest.mark.e2e
 def test_each_backbone_is_extracted_once_into_its_own_cache(
     tmp_path, tiny_vit_dir, tiny_bert_dir, ray_session, capsys
 ):
@@ -117,6 +118,7 @@ def test_each_backbone_is_extracted_once_into_its_own_cache(
     }
 
 
+@pytest.mark.e2e
 def test_image_text_retrieval_end_to_end(tmp_path, tiny_vit_dir, tiny_bert_dir, ray_session, capsys):
     """`unipt run` with task retrieval: both caches extracted, UniPT per side trained contrastively."""
     path = pairs_config(tmp_path, tiny_vit_dir, tiny_bert_dir)

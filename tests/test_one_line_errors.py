@@ -93,6 +93,7 @@ def test_duplicate_ids_say_how_to_fix_them(tmp_path, tiny_bert_dir, capsys):
     _nothing_left(tmp_path)
 
 
+@pytest.mark.slow
 def test_texts_with_no_content_for_the_tokenizer_get_one_warning(
     ray_session, tmp_path, tiny_bert_dir, capsys
 ):

@@ -54,6 +54,7 @@ def online_data(fp32_cache):
     )
 
 
+@pytest.mark.slow
 def test_online_batches_are_the_cache_batches(fp32_cache, online_data):
     prep, reader = fp32_cache
     train = prep.config.train
@@ -70,6 +71,7 @@ def test_online_batches_are_the_cache_batches(fp32_cache, online_data):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_online_blocks_follow_the_cache_loaders_memory_budget(fp32_cache, online_data):
     prep, reader = fp32_cache
     train = prep.config.train.model_copy(update={"loader_memory_mb": 1, "block_examples": 1000})
@@ -85,6 +87,7 @@ def _task_metrics(metrics: dict) -> set[str]:
     return {key for key in metrics if key.startswith(("val_", "test_"))}
 
 
+@pytest.mark.slow
 def test_unipt_online_trains_the_same_model_as_unipt_from_cache(fp32_cache, online_data):
     prep, reader = fp32_cache
     cached = train_task(reader, prep.config.train, seed=0, progress=False)
@@ -101,6 +104,7 @@ def test_unipt_online_trains_the_same_model_as_unipt_from_cache(fp32_cache, onli
     assert online.metrics["peak_rss_mib"] > 0 and online.metrics["backbone_params"] > 0
 
 
+@pytest.mark.slow
 def test_full_finetune_trains_the_backbone(fp32_setup, tiny_bert_dir):
     _, config = fp32_setup
     from pipeline.datasets import load_dataset
@@ -124,6 +128,7 @@ def test_full_finetune_trains_the_backbone(fp32_setup, tiny_bert_dir):
         fit_online(data, train, seed=0, method="adapters")
 
 
+@pytest.mark.e2e
 def test_benchmark_tiny_runs_all_four_methods(fp32_setup, fp32_cache, tmp_path):
     config_path, _ = fp32_setup
     out = tmp_path / "baselines.json"
@@ -169,6 +174,7 @@ def regression_cache(tmp_path_factory, tiny_bert_dir, ray_session):
     return prep, reader, data
 
 
+@pytest.mark.slow
 def test_unipt_online_regression_trains_the_same_model_as_unipt_from_cache(regression_cache):
     prep, reader, data = regression_cache
     cached = train_task(reader, prep.config.train, seed=0, progress=False)
@@ -188,6 +194,7 @@ def test_unipt_online_regression_trains_the_same_model_as_unipt_from_cache(regre
     assert cached.metrics["test_pearson"] > 0.3  # it learned something, so the comparison means something
 
 
+@pytest.mark.slow
 def test_full_finetune_trains_the_backbone_for_regression(regression_cache, tiny_bert_dir):
     prep, _, data = regression_cache
     train = prep.config.train.model_copy(update={"epochs": 3})
@@ -206,6 +213,7 @@ def test_full_finetune_trains_the_backbone_for_regression(regression_cache, tiny
     assert result.metrics["trainable_params"] == result.metrics["backbone_params"] + head_params
 
 
+@pytest.mark.slow
 def test_online_baselines_refuse_retrieval_and_labels_of_the_other_kind(regression_cache, fp32_setup):
     prep, _, data = regression_cache
     config = prep.config

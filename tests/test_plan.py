@@ -39,6 +39,7 @@ def small_filesystem(tmp_path: Path):
         subprocess.run(["umount", str(mount_point)], check=False)
 
 
+@pytest.mark.slow
 def test_plan_predicts_every_dtype_and_writes_nothing_where_the_caches_go(tiny_config: Path, tmp_path: Path):
     out = run_cli("plan", str(tiny_config), "--json", "--no-progress", "--sample", "64")
     result = json.loads(out.stdout)
@@ -85,6 +86,7 @@ def test_plan_predicts_every_dtype_and_writes_nothing_where_the_caches_go(tiny_c
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+@pytest.mark.slow
 def test_check_space_is_free_when_the_worst_case_fits_or_forced(tiny_config: Path):
     prep = experiment.prepare(load_config(tiny_config))
     worst = planning._worst_case_bytes(prep, prep.primary)
@@ -94,6 +96,7 @@ def test_check_space_is_free_when_the_worst_case_fits_or_forced(tiny_config: Pat
     assert planning.check_space(prep, force=True) is None
 
 
+@pytest.mark.slow
 def test_check_space_extracts_no_sample_of_a_dataset_smaller_than_two_samples(tmp_path: Path, capsys):
     """EfficientNet's shape is not in a config.json, so there is no worst case to compare with the free
     space: a small dataset is extracted without a sample (which would be most of it), saying so. (A larger
@@ -140,6 +143,7 @@ def test_extract_refuses_when_the_cache_cannot_fit_on_a_small_filesystem(small_f
     assert _bytes_under(small_filesystem) == 0
 
 
+@pytest.mark.slow
 def test_plan_says_the_duplicate_warning_once_and_nothing_of_its_sample(tmp_path: Path, tiny_bert_dir: Path):
     from conftest import make_sentiment_rows, write_csv
 

@@ -24,6 +24,8 @@ from pipeline.model_files import MODEL_CARD, MODEL_WEIGHTS, export_model, read_m
 from pipeline.predict import TunedModel, load_model
 from tests.conftest import make_sentiment_rows, save_tiny_bert, write_config, write_csv
 
+pytestmark = pytest.mark.e2e
+
 
 def _trained(tmp_path, tiny_bert_dir, dtype: str):
     data = write_csv(tmp_path / "reviews.csv", make_sentiment_rows(160))

@@ -24,6 +24,8 @@ import pytest
 
 from tests.conftest import make_sentiment_rows, write_config, write_csv
 
+pytestmark = pytest.mark.faults
+
 
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:

@@ -26,6 +26,8 @@ import pytest
 from extract.ray_session import root_cause
 from pipeline.errors import UniptError
 
+pytestmark = pytest.mark.faults
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

@@ -12,7 +12,7 @@ from pipeline.cache_open import open_cache
 from pipeline.config import load_config
 from pipeline.datasets import input_hashes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_minilm_on_rotten_tomatoes(ray_session, tmp_path):

@@ -98,6 +98,7 @@ def test_parallel_processes_register_without_losing_runs(tmp_path):
         assert len(registry.list()) == 100
 
 
+@pytest.mark.e2e
 def test_runs_ls_show_diff_after_real_runs(tiny_config, tmp_path, capsys, ray_session):
     registry = str(tmp_path / "registry.sqlite")
     code, out, _ = _cli(capsys, "runs", "ls", "--registry", registry)
@@ -206,6 +207,7 @@ def _registered(registry: Path) -> set[str]:
         return reg.run_ids()
 
 
+@pytest.mark.e2e
 def test_a_run_stopped_before_registration_is_registered_later(tiny_config, tmp_path, capsys, ray_session):
     registry, runs = tmp_path / "registry.sqlite", tmp_path / "runs"
     assert _cli(capsys, "run", str(tiny_config), *FAST)[0] == 0
@@ -309,6 +311,7 @@ def test_a_bad_registry_fails_in_one_line_before_any_work(tiny_config, tmp_path,
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.faults
 def test_a_registry_that_fails_at_registration_names_the_command_that_registers_later(tmp_path):
     registry = tmp_path / "registry.sqlite"
     Registry(registry).close()
@@ -360,6 +363,7 @@ def _fill(disk: Path, leave: int = 0) -> None:
             handle.truncate((disk / "filler").stat().st_size - leave)
 
 
+@pytest.mark.faults
 def test_a_full_registry_disk_fails_before_any_work(tiny_config, tmp_path, capsys, small_disk):
     registry = small_disk / "registry.sqlite"
     Registry(registry).close()
@@ -371,6 +375,7 @@ def test_a_full_registry_disk_fails_before_any_work(tiny_config, tmp_path, capsy
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.faults
 def test_a_disk_that_fills_before_registration_names_the_command_that_registers_later(tmp_path, small_disk):
     registry = small_disk / "registry.sqlite"
     run_dir = write_run_record(tmp_path / "runs", _record("run-1"))

@@ -50,6 +50,7 @@ def s3_endpoint():
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.mark.slow
 def test_store_round_trip_verify_and_gc_on_s3(s3_endpoint, tmp_path):
     root = CacheRoot("s3://unipt-test/unit")
     lengths = [5, 1, 9, 3, 7, 2]
@@ -86,6 +87,7 @@ def _run(config, cache_root: str, runs_root) -> object:
     )  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_extract_to_s3_then_stream_train_from_it(s3_endpoint, tiny_config, tmp_path):
     """`unipt run` with an s3:// cache root: Ray workers write to S3 and training streams from it."""
     remote = _run(tiny_config, "s3://unipt-test/caches", tmp_path / "runs-s3")

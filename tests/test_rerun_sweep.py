@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from pipeline.cache import CacheRoot
 from pipeline.cli import main
 from pipeline.registry import Registry, result_metrics, same_value
@@ -31,6 +33,7 @@ def _assert_same_metrics(a: dict, b: dict) -> None:
         assert same_value(a[key], b[key]), (key, a[key], b[key])
 
 
+@pytest.mark.e2e
 def test_rerun_after_gc_rebuilds_the_cache_and_reproduces_metrics_exactly(
     tiny_config, tmp_path, capsys, ray_session
 ):
@@ -76,6 +79,7 @@ def test_rerun_after_gc_rebuilds_the_cache_and_reproduces_metrics_exactly(
     ]
 
 
+@pytest.mark.e2e
 def test_rerun_refuses_edited_data_and_links_a_new_run_when_allowed(
     tiny_config, tmp_path, capsys, ray_session
 ):
@@ -118,6 +122,7 @@ def test_rerun_refuses_edited_data_and_links_a_new_run_when_allowed(
     assert f"new data, from {original.run_id}" in out
 
 
+@pytest.mark.e2e
 def test_sweep_trains_a_grid_from_one_cache_in_parallel(tiny_config, tmp_path, capsys, ray_session):
     registry = _registry(tmp_path)
     code, out, err = _cli(
@@ -192,6 +197,7 @@ def test_sweep_only_varies_training_settings(tiny_config, capsys):
         assert code == 2 and err.count("\n") == 1 and message in err, (extra, err)
 
 
+@pytest.mark.e2e
 def test_rerun_refuses_a_changed_backbone_naming_the_changed_key_field(
     tmp_path, tiny_bert_dir, sentiment_csv, capsys, ray_session
 ):
@@ -224,6 +230,7 @@ def _sorted_by_headline(out: str, headline: str) -> list[list[str]]:
     return body
 
 
+@pytest.mark.e2e
 def test_a_regression_sweep_sorts_by_validation_pearson(tmp_path, tiny_bert_dir, capsys, ray_session):
     from tests.conftest import make_score_rows
 
@@ -246,6 +253,7 @@ def test_a_regression_sweep_sorts_by_validation_pearson(tmp_path, tiny_bert_dir,
     assert code == 0 and all(" pearson " in line for line in out.splitlines()[1:3]), out
 
 
+@pytest.mark.e2e
 def test_a_retrieval_sweep_sorts_by_validation_rsum(
     tmp_path, tiny_vit_dir, tiny_bert_dir, capsys, ray_session
 ):

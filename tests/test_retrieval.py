@@ -48,6 +48,7 @@ def second_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-48"), hidden_size=48, seed=1)
 
 
+@pytest.mark.e2e
 def test_retrieval_across_two_backbones_learns_to_match_examples(
     ray_session, tmp_path, sentiment_csv, tiny_bert_dir, second_bert_dir
 ):

@@ -19,6 +19,8 @@ import torch
 from pipeline.cli import main
 from pipeline.registry import Registry
 
+pytestmark = pytest.mark.e2e
+
 FAST = ["--set", "train.epochs=3", "--no-progress"]
 
 

@@ -222,6 +222,7 @@ def test_online_baselines_tokenize_pairs_as_extraction_does(tmp_path, tiny_bert_
         assert data.encoded[key] == reference[key]
 
 
+@pytest.mark.slow
 def test_cached_pair_activations_are_the_backbone_on_the_pair_encoding(ray_session, tmp_path, tiny_bert_dir):
     path = write_csv(tmp_path / "pairs.csv", pair_rows(96))
     config_path = write_config(
@@ -306,6 +307,7 @@ def test_rt_same_movie_is_balanced_split_by_movie_and_deterministic():
     assert all(c["same"] == c["different"] for c in reseeded.class_counts().values())
 
 
+@pytest.mark.e2e
 def test_a_pair_model_is_recorded_and_predicts_pairs_as_its_cache_saw_them(
     ray_session, tmp_path, tiny_bert_dir, capsys
 ):

@@ -27,6 +27,8 @@ from pipeline.predict import TunedModel  # noqa: E402
 from pipeline.registry import Registry  # noqa: E402
 from tests.conftest import make_sentiment_rows, run_cli, write_config, write_csv  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 EPOCHS = 3
 EVERY = 2  # tracking.log_every_steps in the tests
 

@@ -45,6 +45,7 @@ def _stop_after(epochs: int):
     return hook
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupted_epoch_reaches_the_uninterrupted_result(tmp_path):
     reader = _reader(tmp_path / "cache")
     uninterrupted = train_task(reader, CONFIG, seed=3, progress=False)
@@ -85,6 +86,7 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
         train_task(reader, CONFIG, seed=3, progress=False, resume=checkpoint)
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_after_patience_epochs_without_improvement(tmp_path):
     reader = _reader(tmp_path / "cache")
     config = CONFIG.model_copy(update={"epochs": 30, "early_stopping_patience": 2, "lr": 0.05})
@@ -116,6 +118,7 @@ def _regression_reader(tmp_path, n: int = 120):
     return open_cache(root.location(KEY)), np.array(targets)
 
 
+@pytest.mark.slow
 def test_regression_learns_a_numeric_target_and_reports_correlations(tmp_path):
     reader, targets = _regression_reader(tmp_path)
     config = TrainConfig(task="regression", epochs=15, batch_size=8, lr=5e-3, embed_size=16, dropout=0.0)

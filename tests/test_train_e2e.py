@@ -69,6 +69,7 @@ def _kill_after_first_checkpoint(args: list[str], runs_root: Path, skip: set[Pat
     )
 
 
+@pytest.mark.e2e
 def test_run_writes_plots_and_a_killed_run_resumes_to_the_same_result(
     ray_session, tiny_config, tmp_path, capsys
 ):
@@ -129,6 +130,7 @@ def test_regression_dataset_keeps_numbers_and_the_fingerprint_covers_them(tmp_pa
         )
 
 
+@pytest.mark.e2e
 def test_regression_run_end_to_end(ray_session, tmp_path, tiny_bert_dir, capsys):
     csv = write_csv(tmp_path / "scores.csv", make_score_rows(240))
     config = write_config(

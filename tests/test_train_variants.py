@@ -126,6 +126,7 @@ def test_the_cnn_refusal_suggests_stages_that_fit(tmp_path):
     assert build_model("cnn", fit_reader, TrainConfig(variant="cnn")) is not None
 
 
+@pytest.mark.slow
 def test_training_each_variant_on_small_synthetic_caches(tmp_path, map_cache):
     reader, _ = map_cache
     cnn = train_task(

@@ -35,6 +35,8 @@ _BEFORE_IT_EXISTED = {"length_grouping": False, "loader_memory_mb": None}
 
 
 class EpochData(Protocol):
+    """Batches of one split, like :class:`train.loader.CacheBatches`: ``len()`` batches per ``epoch(n)``."""
+
     def __len__(self) -> int: ...
 
     def epoch(self, epoch: int = 0) -> Iterator[Any]: ...

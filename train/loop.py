@@ -23,10 +23,10 @@ from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from pipeline.log import say
 from pipeline.tasks import get_task, select_metric
-from train.fit import FitResult, StepHook, Task, amp_dtype, fit, pick_device, precision
+from train.fit import EpochData, FitResult, StepHook, Task, amp_dtype, fit, pick_device, precision
 from train.loader import Batch, CacheBatches, to_device
 from train.models import build_model
-from train.prefetch import BatchSource, Moved, OnDevice, host_to_device
+from train.prefetch import Moved, OnDevice, host_to_device
 
 
 @dataclass
@@ -110,9 +110,9 @@ def largest_share(task: str, train_labels: np.ndarray) -> float | None:
 
 def fit_head(
     model: nn.Module,
-    train_data: BatchSource,
-    val_data: BatchSource,
-    test_data: BatchSource,
+    train_data: EpochData,
+    val_data: EpochData,
+    test_data: EpochData,
     config: TrainConfig,
     head: Head,
     device: torch.device,
@@ -200,7 +200,7 @@ def batch_to_device(batch: Batch, device: torch.device, model: nn.Module, amp: t
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    data: BatchSource,
+    data: EpochData,
     device: torch.device,
     head: Head,
     names: tuple[str, ...],

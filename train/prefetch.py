@@ -16,17 +16,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from train.fit import EpochData
 from train.loader import Batch
 
 Moved = tuple[list[Tensor], Tensor, Tensor]  # (hidden states, mask, labels) on the device
-
-
-class BatchSource(Protocol):
-    """Batches of one split, like :class:`train.loader.CacheBatches`: ``len()`` batches per ``epoch(n)``."""
-
-    def __len__(self) -> int: ...
-
-    def epoch(self, epoch: int = 0) -> Iterator[Batch]: ...
 
 
 class Streams(Protocol):
@@ -90,14 +83,12 @@ class OnDevice:
     """
 
     def __init__(
-        self, source: BatchSource, move: Callable[[Batch], Moved], streams: Streams | None = None
+        self, source: EpochData, move: Callable[[Batch], Moved], streams: Streams | None = None
     ) -> None:
         self.source, self.move, self.streams = source, move, streams
 
     @classmethod
-    def for_device(
-        cls, source: BatchSource, move: Callable[[Batch], Moved], device: torch.device
-    ) -> OnDevice:
+    def for_device(cls, source: EpochData, move: Callable[[Batch], Moved], device: torch.device) -> OnDevice:
         return cls(source, move, CudaStreams(device) if device.type == "cuda" else None)
 
     def __len__(self) -> int:
