@@ -214,6 +214,7 @@ def test_merge_rows_carry_the_best_settings_and_gpu_memory():
     assert tuned.rows_of(runs)[0]["peak_gpu_mib"] is None
 
 
+@pytest.mark.e2e
 def test_tuned_study_resumes_and_writes_the_table_figure_and_verdict(toy_configs, tmp_path, ray_session):
     out = tmp_path / "results" / "methods_tuned.json"
     argv = ["--quick", "--datasets", "toy_cls", "--methods", "lst", "unipt", "--seeds", "0", "1"]
