@@ -229,16 +229,18 @@ def test_auto_keeps_a_split_that_fits_the_loader_budget_when_a_later_epoch_will_
     assert split.kept_bytes_for(config) == 0
 
 
-def _dtype_reader(tmp_path, dtype: str) -> CacheReader:
+def _dtype_reader(tmp_path, dtype: str, codec: str = "blosc-zstd") -> CacheReader:
     root = CacheRoot(tmp_path / dtype)
-    build_cache(root, LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS, dtype=dtype)
+    build_cache(root, LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS, dtype=dtype, codec=codec)
     return open_cache(root.location(KEY))
 
 
-def test_training_batches_keep_16_bit_rows_and_upcast_in_to_device_to_the_float32_batches(tmp_path):
+# codec none: 16-bit rows are read as views into the chunk files' maps (bfloat16 as its stored bits).
+@pytest.mark.parametrize("codec", ["blosc-zstd", "none"])
+def test_training_batches_keep_16_bit_rows_and_upcast_in_to_device_to_the_float32_batches(tmp_path, codec):
     config = TrainConfig(batch_size=4, block_examples=2)
     for dtype, kept in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("int8", torch.float32)):
-        reader = _dtype_reader(tmp_path, dtype)
+        reader = _dtype_reader(tmp_path, dtype, codec)
         training = CacheBatches.for_split(reader, "train", config, seed=0, shuffle=True)
         # Readers that take batches as they are (probe, prediction) get float32 from the collate thread.
         plain = CacheBatches(
