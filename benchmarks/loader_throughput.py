@@ -12,6 +12,8 @@ built by the pipeline's own ``do_extract``), over the train split, each the medi
 - **numpy copy ceiling**: a plain numpy copy of the same decoded rows, block by block: memory speed.
 - **loader**: one full epoch of :class:`train.loader.CacheBatches` with shuffling on (block order,
   shuffle buffer, padding into batches) working ahead in its background threads, as it feeds a GPU.
+- **loader, blocks copied out of the maps first (before)**: the same epoch with each block read into
+  arrays of its own before padding, as the loader did before its blocks became views into the memory maps.
 - **loader between steps**: the same epoch read and padded in the calling thread, as training on the
   CPU uses it (``train.loader_background: auto``).
 - **peer**: the same examples stored as SAELens stores activations (an uncompressed, memory-mapped Arrow
@@ -89,6 +91,8 @@ FED_READING = "UniPT training from loader, reading every epoch"
 FED_OTHER = "UniPT training from loader, reading every epoch, other mode"  # the loader mode auto passed over
 RAW_ZARR = "raw read+decode through zarr-python (same cache)"  # the read path before pipeline/chunk_reader
 TRIALS_1, TRIALS_2 = "loader, 1 trial process", "loader, 2 trial processes in parallel (total)"
+# The loader as it was before its blocks became views into the memory maps: each block copied out first.
+LOADER_COPYING = "loader, blocks copied out of the maps first (before)"
 # What earlier runs found (the README keeps only the latest table; the numbers are in the git history of
 # benchmarks/results/loader_throughput*.json). Written into every report as ``notes``.
 NOTES = (
@@ -105,6 +109,11 @@ NOTES = (
     "Issue 28: extract.codec none is the default and local uncompressed chunks are read out of memory maps "
     "(pipeline/chunk_reader.py), crc32c checked once per chunk file and reader; the row 'raw read+decode "
     "through zarr-python' is the same cache read the old way.",
+    "2026-12-07: the loader's blocks are views into the maps (ActivationCache.stored_pieces): padding copies "
+    "each row once, from the page cache into the batch; ~2x the loader's samples per CPU-second. The row "
+    "'loader, blocks copied out of the maps first (before)' is the previous loader. A vectorised gather + "
+    "scatter per source block (np.take, then a fancy-index store) measured no faster than the per-example "
+    "slice copies again, and np.empty with zeroed tails no faster than np.zeros.",
 )
 COLUMNS = (
     "stage",
@@ -143,6 +152,17 @@ def raw_pass(reader: CacheReader, loader: CacheBatches, seed: int) -> tuple[floa
             start, stop = int(offsets[layer][block[0], 0]), int(offsets[layer][block[-1], 1])
             decoded += reader.read_rows(layer, start, stop).nbytes
     return time.perf_counter() - started, decoded
+
+
+@contextlib.contextmanager
+def copying_blocks(loader: CacheBatches) -> Iterator[None]:
+    """``loader`` reading each block out of the maps into arrays of its own before padding (the loader before
+    its blocks were views), for the before/after row."""
+    loader._reads_as_stored = lambda: False  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del loader._reads_as_stored
 
 
 @contextlib.contextmanager
@@ -286,6 +306,7 @@ def measure(
                 "zarrs",
                 "copy",
                 "loader",
+                "copying",
                 "inline",
                 "peer",
                 "need",
@@ -302,6 +323,8 @@ def measure(
                 runs["zarrs"].append(_timed(lambda r=r: (loader_peers.zarrs_pass(zarrs, loader, r), samples)))
             runs["copy"].append(_timed(lambda r=r: (loader_peers.copy_pass(blocks, seed=r), samples)))
             runs["loader"].append(_timed(lambda r=r: loader_pass(loader, epoch=r)))
+            with copying_blocks(loader):
+                runs["copying"].append(_timed(lambda r=r: loader_pass(loader, epoch=r)))
             runs["inline"].append(_timed(lambda r=r: loader_pass(inline, epoch=r)))
             runs["peer"].append(_timed(lambda r=r: _peer_pass(peer, r)))
             # Epoch r's batches, made before the clock starts: the steps the loader-fed pass will take.
@@ -346,6 +369,7 @@ def measure(
         "zarrs": stage(RAW_ZARRS, runs["zarrs"], decoded) if runs["zarrs"] else None,
         "copy": stage(COPY, runs["copy"], decoded),
         "loader": stage(LOADER, runs["loader"], decoded),
+        "copying": stage(LOADER_COPYING, runs["copying"], decoded),
         "inline": stage(LOADER_INLINE, runs["inline"], decoded),
         "peer": stage(PEER, runs["peer"], decoded),
         "need": stage(NEED, runs["need"], consumed_bytes),
@@ -394,6 +418,14 @@ def measure(
         "cache_codec": reader.layout.codec,
         "zarrs_over_raw": named["zarrs"]["vs_raw"] if named["zarrs"] else None,
         "loader_over_arrow_peer": named["loader"]["samples_per_s"] / named["peer"]["samples_per_s"],
+        "loader_over_arrow_peer_cpu": named["loader"]["samples_per_cpu_s"]
+        / named["peer"]["samples_per_cpu_s"],
+        "raw_over_copy_ceiling_cpu": named["raw"]["samples_per_cpu_s"] / named["copy"]["samples_per_cpu_s"],
+        "loader_over_loader_copying_blocks": named["loader"]["samples_per_s"]
+        / named["copying"]["samples_per_s"],
+        "loader_over_loader_copying_blocks_cpu": (
+            named["loader"]["samples_per_cpu_s"] / named["copying"]["samples_per_cpu_s"]
+        ),
         # Bytes per train example on disk: ours over the whole cache (every split), the peer's for its file.
         "bytes_per_example": {
             "cache": cache_bytes / reader.num_examples,
@@ -480,7 +512,11 @@ def main() -> int:
     print(
         f"raw/numpy copy {result['raw_over_copy_ceiling']:.2f} (MB/s), "
         f"zarrs/raw {'n/a (zarrs not usable here)' if zarrs is None else f'{zarrs:.2f}'}, "
-        f"loader/Arrow peer {result['loader_over_arrow_peer']:.2f} (samples/s); bytes on disk per example: "
+        f"loader/Arrow peer {result['loader_over_arrow_peer']:.2f} (samples/s; per CPU second "
+        f"{result['loader_over_arrow_peer_cpu']:.2f}), raw/numpy copy per CPU second "
+        f"{result['raw_over_copy_ceiling_cpu']:.2f}, loader/loader copying blocks "
+        f"{result['loader_over_loader_copying_blocks']:.2f} (per CPU second "
+        f"{result['loader_over_loader_copying_blocks_cpu']:.2f}); bytes on disk per example: "
         f"cache {per_example['cache']:,.0f}, Arrow peer {per_example['arrow_peer']:,.0f} "
         f"(padded to {per_example['arrow_peer_padded_to']} tokens)"
     )

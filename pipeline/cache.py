@@ -82,10 +82,11 @@ import io
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -120,6 +121,8 @@ from pipeline.encoding import compressors, decode_rows, has_scale, offsets_compr
 from pipeline.errors import CacheDamaged, CacheMissing, UniptError
 from pipeline.locks import ReadLease
 from pipeline.storage import Location
+
+T = TypeVar("T")
 
 PARTIAL_DIR = ".partial"
 LEASES_DIR = ".leases"
@@ -411,8 +414,20 @@ class ActivationCache(ABC):
 
     def read_stored(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a stored array as stored (no decoding); damage is one clear error."""
+        return self._checked_read(self._read, name, start, stop)
+
+    def stored_pieces(self, name: str, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
+        """Rows ``start:stop`` of a stored array as stored, as ``(first row, rows)`` pieces that cover the
+        range in order. Where a store is read out of memory maps (:mod:`pipeline.chunk_reader`) each piece
+        is a read-only view into one chunk file's map, so the rows are copied once, by the caller, straight
+        to where they go (the loader's padded batch); elsewhere one piece, read as :meth:`read_stored` reads.
+        """
+        return [(start, self.read_stored(name, start, stop))]
+
+    def _checked_read(self, read: Callable[[str, int, int], T], name: str, start: int, stop: int) -> T:
+        """``read(name, start, stop)``, any failure but a UniptError turned into one CacheDamaged line."""
         try:
-            return self._read(name, start, stop)
+            return read(name, start, stop)
         except UniptError:
             raise
         except (
@@ -639,6 +654,15 @@ class CacheReader(ActivationCache):
         if self._mapped is not None and self._mapped.covers(self._specs[name]):
             return self._mapped.read(self._specs[name], start, stop)
         return array[start:stop]
+
+    def stored_pieces(self, name: str, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
+        if self._mapped is None or name not in self._specs or not self._mapped.covers(self._specs[name]):
+            return super().stored_pieces(name, start, stop)
+        return self._checked_read(self._mapped_pieces, name, start, stop)
+
+    def _mapped_pieces(self, name: str, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
+        self._array(name)  # checked when first opened, as for _read
+        return self._mapped.pieces(self._specs[name], start, stop)
 
     def _locate_damage(self, name: str, start: int, stop: int, exc: Exception) -> str:
         # A checksum failure does not say which chunk; a read that failed is rare, so find it by

@@ -266,6 +266,27 @@ class ViewReader(ActivationCache):
     def _gather(self, offsets_name: str, start: int, stop: int, fetch: Any) -> np.ndarray:
         """Virtual rows ``start:stop`` of an array laid out by ``offsets_name``; ``fetch(segment, lo,
         hi)`` reads physical rows of one segment."""
+        segment, physical, counts = self._runs(offsets_name, start, stop)
+        if len(counts) == 0:
+            return fetch(0, 0, 0)
+        if (one := _one_run(segment, physical, counts)) is not None:
+            return fetch(*one)
+        # Several runs: each segment read in few large pieces, gathered into the view's order.
+        return gather(segment, physical, counts, fetch, lambda index: self.segments[index].read_gap)
+
+    def stored_pieces(self, name: str, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
+        # Virtual rows that are one run of one segment are that segment's pieces (views into its maps).
+        spec = self._specs.get(name)
+        if spec is not None and spec.layer is not None:
+            segment, physical, counts = self._runs(spec.layer.offsets_name, start, stop)
+            if len(counts) and (one := _one_run(segment, physical, counts)) is not None:
+                index, lo, hi = one
+                pieces = self.segments[index].stored_pieces(name, lo, hi)
+                return [(first - lo + start, rows) for first, rows in pieces]
+        return super().stored_pieces(name, start, stop)
+
+    def _runs(self, offsets_name: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Virtual rows ``start:stop`` as runs of physical rows: (segment, first physical row, rows) each."""
         m = self._mapping(offsets_name)
         first = int(np.searchsorted(m.vstop, start, side="right"))
         last = int(np.searchsorted(m.vstart, stop, side="left"))
@@ -275,13 +296,7 @@ class ViewReader(ActivationCache):
         lo, hi = lo[keep], hi[keep]
         segment = m.segment[first:last][keep]
         physical = m.pstart[first:last][keep] + (lo - m.vstart[first:last][keep])
-        counts = hi - lo
-        if len(counts) == 0:
-            return fetch(0, 0, 0)
-        if (segment == segment[0]).all() and np.array_equal(physical[1:], physical[:-1] + counts[:-1]):
-            return fetch(int(segment[0]), int(physical[0]), int(physical[-1] + counts[-1]))  # one run
-        # Several runs: each segment read in few large pieces, gathered into the view's order.
-        return gather(segment, physical, counts, fetch, lambda index: self.segments[index].read_gap)
+        return segment, physical, hi - lo
 
     # --- the API training uses ----------------------------------------------------------------------------
     def offsets_for(self, layer: int) -> np.ndarray:
@@ -360,4 +375,11 @@ def _segment_problem(location: Location, entry: dict[str, Any]) -> str | None:
         return f"has no {CHECKSUMS_FILE}"
     if digest(raw) != entry["checksums"]:
         return "is not the segment this view was written against (its checksums differ)"
+    return None
+
+
+def _one_run(segment: np.ndarray, physical: np.ndarray, counts: np.ndarray) -> tuple[int, int, int] | None:
+    """(segment, first, stop) where non-empty runs are back to back in one segment, else None."""
+    if (segment == segment[0]).all() and np.array_equal(physical[1:], physical[:-1] + counts[:-1]):
+        return int(segment[0]), int(physical[0]), int(physical[-1] + counts[-1])
     return None

@@ -95,6 +95,25 @@ class MappedArrays:
                 out[lo - start : hi - start] = chunk[lo - first : hi - first]
         return out
 
+    def pieces(self, spec: ArraySpec, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
+        """Rows ``start:stop`` of ``spec``'s array as ``(first row, rows)`` pieces, one per chunk file they
+        touch: read-only views into its memory map (no copy), checked exactly as :meth:`read` checks them. A
+        view keeps its map alive after the reader drops it, so a caller may hold it as long as it needs."""
+        start, stop = max(0, start), min(max(start, stop), spec.shape[0])
+        rows_per_file = spec.rows_per_file
+        pieces = []
+        for index in range(start // rows_per_file, -(-stop // rows_per_file)):
+            first = index * rows_per_file
+            lo, hi = max(start, first), min(stop, first + rows_per_file)
+            chunk = self._chunk(spec, index)
+            rows = (
+                np.zeros((hi - lo, *spec.shape[1:]), spec.dtype)
+                if chunk is None
+                else chunk[lo - first : hi - first]
+            )
+            pieces.append((lo, rows))
+        return pieces
+
     def close(self) -> None:
         """Drop every map (a read after this maps the files again; their verdicts are kept)."""
         with self._lock:

@@ -68,6 +68,9 @@ def test_loader_throughput_measures_every_stage(reader, tmp_path):
     assert stages["loader, 2 trial processes in parallel (total)"]["samples"] == 24
     assert result["two_trials_over_one"] > 0
     assert stages["raw read+decode through zarr-python (same cache)"]["samples"] == 12
+    # The loader before its blocks were views into the maps, for the before/after ratio.
+    assert stages["loader, blocks copied out of the maps first (before)"]["samples"] == 12
+    assert result["loader_over_loader_copying_blocks"] > 0 and result["loader_over_arrow_peer_cpu"] > 0
     assert result["training_loader_background"] is False  # CPU training reads between steps
     assert stages["UniPT training from loader, reading every epoch"]["samples"] == 8
     assert stages["UniPT training from loader, reading every epoch, other mode"]["samples"] == 8

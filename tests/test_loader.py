@@ -13,6 +13,7 @@ import torch
 from pipeline.cache import CacheReader, CacheRoot
 from pipeline.cache_open import open_cache
 from pipeline.config import TrainConfig
+from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache
 from train.loader import (
     BUDGETED_PREFETCH_BLOCKS,
@@ -228,16 +229,18 @@ def test_auto_keeps_a_split_that_fits_the_loader_budget_when_a_later_epoch_will_
     assert split.kept_bytes_for(config) == 0
 
 
-def _dtype_reader(tmp_path, dtype: str) -> CacheReader:
+def _dtype_reader(tmp_path, dtype: str, codec: str = "blosc-zstd") -> CacheReader:
     root = CacheRoot(tmp_path / dtype)
-    build_cache(root, LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS, dtype=dtype)
+    build_cache(root, LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS, dtype=dtype, codec=codec)
     return open_cache(root.location(KEY))
 
 
-def test_training_batches_keep_16_bit_rows_and_upcast_in_to_device_to_the_float32_batches(tmp_path):
+# codec none: 16-bit rows are read as views into the chunk files' maps (bfloat16 as its stored bits).
+@pytest.mark.parametrize("codec", ["blosc-zstd", "none"])
+def test_training_batches_keep_16_bit_rows_and_upcast_in_to_device_to_the_float32_batches(tmp_path, codec):
     config = TrainConfig(batch_size=4, block_examples=2)
     for dtype, kept in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("int8", torch.float32)):
-        reader = _dtype_reader(tmp_path, dtype)
+        reader = _dtype_reader(tmp_path, dtype, codec)
         training = CacheBatches.for_split(reader, "train", config, seed=0, shuffle=True)
         # Readers that take batches as they are (probe, prediction) get float32 from the collate thread.
         plain = CacheBatches(
@@ -305,3 +308,63 @@ def test_examples_carried_to_the_next_window_do_not_keep_their_blocks_alive(tmp_
     assert sorted(seen) == list(range(40))
     # The window (2 blocks), the prefetch queue (1) and the block being read, plus one in hand: never more.
     assert most <= 5, most
+
+
+def test_rows_read_as_views_into_the_maps_give_the_batches_of_copied_reads(tmp_path):
+    # chunk_rows 8: most blocks span several chunk files and several examples straddle two of them.
+    made = {
+        codec: build_cache(
+            CacheRoot(tmp_path / codec), LENGTHS, {0: 4, 1: 4, 2: 6}, shard_size=4, splits=SPLITS, codec=codec
+        )[0]
+        for codec in ("none", "blosc-zstd")
+    }
+    mapped = open_cache(CacheRoot(tmp_path / "none").location(KEY))
+    packed = open_cache(CacheRoot(tmp_path / "blosc-zstd").location(KEY))
+    pieces = mapped.stored_pieces("layer_00", 3, 18)
+    assert [first for first, _ in pieces] == [3, 8, 16]  # rows 0-17 hold the first shard
+    assert all(not rows.flags.writeable and not rows.flags.owndata for _, rows in pieces)  # views, no copy
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in pieces]), mapped.read_rows(0, 3, 18))
+    assert len(packed.stored_pieces("layer_00", 3, 18)) == 1  # a compressed store reads as before
+    tokens = made["none"]
+    for keep_dtype in (False, True):
+        views, copies = (
+            CacheBatches(
+                reader,
+                "train",
+                [0, 2],
+                batch_size=3,
+                shuffle=True,
+                seed=1,
+                block_examples=4,
+                shuffle_buffer_blocks=2,
+                length_grouping=True,
+                keep_dtype=keep_dtype,
+            )  # fmt: skip
+            for reader in (mapped, packed)
+        )
+        for epoch in range(2):
+            for a, b in zip(views.epoch(epoch), copies.epoch(epoch), strict=True):
+                assert a.indices.tolist() == b.indices.tolist() and torch.equal(a.mask, b.mask)
+                for layer, x, y in zip((0, 2), a.hidden, b.hidden, strict=True):
+                    assert x.dtype == y.dtype == (torch.float16 if keep_dtype else torch.float32)
+                    assert torch.equal(x, y)
+                    for row, index in enumerate(a.indices):
+                        n = LENGTHS[index]
+                        assert np.array_equal(
+                            x[row, :n].numpy(), tokens[layer][index].astype(x.numpy().dtype)
+                        )
+                        assert not x[row, n:].any()
+
+
+def test_a_damaged_chunk_read_through_the_maps_stops_the_loader_with_one_clear_error(tmp_path):
+    root = CacheRoot(tmp_path)
+    build_cache(root, LENGTHS, {0: 4}, shard_size=4, splits=SPLITS, codec="none")
+    chunk = tmp_path / KEY / "layer_00" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[10] ^= 0x04
+    chunk.write_bytes(bytes(data))
+    loader = CacheBatches(open_cache(root.location(KEY)), "train", [0], batch_size=4, block_examples=4)
+    with pytest.raises(
+        UniptError, match=r"layer_00 chunk 1 \(rows 8-15\): its crc32c checksum does not match"
+    ):
+        list(loader.epoch(0))
