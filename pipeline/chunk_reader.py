@@ -114,7 +114,10 @@ class MappedArrays:
             if chunk is None:
                 out[lo:hi] = 0
             else:
-                np.take(chunk, rows[lo:hi] - index * spec.rows_per_file, axis=0, out=out[lo:hi])
+                # mode "clip" (the rows were checked above, nothing is clipped): with "raise" numpy buffers
+                # ``out`` and copies it twice, which made a quarter view's gather 4x slower than a slice copy.
+                local = rows[lo:hi] - index * spec.rows_per_file
+                np.take(chunk, local, axis=0, out=out[lo:hi], mode="clip")
         return out
 
     def close(self) -> None:
