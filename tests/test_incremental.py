@@ -521,6 +521,32 @@ def test_a_quarter_views_epoch_reads_only_the_rows_it_uses(tmp_path, monkeypatch
     assert copied == {0: used, 1: used}  # a compact cache of these examples would copy as many
 
 
+def test_a_damaged_chunk_taken_by_a_view_is_one_clear_error(tmp_path):
+    # The gather that copies only a view's rows out of memory maps checks each chunk like a range read.
+    root = CacheRoot(tmp_path)
+    lengths = [3, 5, 2, 7, 4, 1, 6, 2, 8, 3]
+    _segment(root, "01" * 16, lengths, [f"h{i}" for i in range(10)], seed=0, codec="none", shard_size=10)
+    (segment,) = root.segments(SPACE)
+    members = [0, 2, 5, 9]  # apart in the segment: not one run
+    examples = pa.table(
+        {"example_id": [f"e{m}" for m in members], "label": [0, 1, 0, 1], "split": ["train"] * 4}
+    )
+    with open_cache(root.segment_location(SPACE, segment)) as reader:
+        attrs = {"key_fields": {"dataset_fingerprint": "d"}, "label_names": ["a", "b"]}
+        write_view(root, "e1" * 16, attrs, examples, [f"h{m}" for m in members],
+                   {f"h{i}": (segment, i) for i in range(10)}, {segment: reader})  # fmt: skip
+    chunk = root.segment_location(SPACE, segment).child("layer_00", "c", "0", "0")
+    raw = bytearray(chunk.read_bytes())
+    raw[0] ^= 0xFF  # one bit pattern changed in the first row: the crc32c no longer matches
+    chunk.write_bytes(bytes(raw))
+    with open_cache(root.location("e1" * 16), view_order=2) as view:
+        total = int(view.offsets_for(0)[-1, 1])
+        with pytest.raises(
+            CacheDamaged, match=r"layer_00 chunk 0 .*crc32c checksum does not match.*cache verify"
+        ):
+            view.read_rows(0, 0, total)
+
+
 def test_closing_a_view_lets_gc_remove_it_and_its_segment(tmp_path, capsys):
     from pipeline.cli import main
 
