@@ -433,11 +433,14 @@ class ActivationCache(ABC):
         except (
             Exception
         ) as exc:  # a codec or checksum error here means damaged bytes, not a bug in the caller
-            raise CacheDamaged(
-                f"cache {self.source}: {name} rows {start}-{stop} could not be read "
-                f"({self._locate_damage(name, start, stop, exc)}); "
-                f"run `unipt cache verify {self.source}` and re-extract if it is damaged"
-            ) from exc
+            raise self._damaged_read(name, start, stop, exc) from exc
+
+    def _damaged_read(self, name: str, start: int, stop: int, exc: Exception) -> CacheDamaged:
+        return CacheDamaged(
+            f"cache {self.source}: {name} rows {start}-{stop} could not be read "
+            f"({self._locate_damage(name, start, stop, exc)}); "
+            f"run `unipt cache verify {self.source}` and re-extract if it is damaged"
+        )
 
     def read_rows(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a layer, decoded (float16 for fp16 caches, float32 otherwise)."""
@@ -524,6 +527,34 @@ class CacheReader(ActivationCache):
         """Unused rows a view may read between two runs it needs rather than read them apart: less than a
         chunk, the unit Zarr decodes, so a view never decodes a chunk it has no row in."""
         return self.layout.chunk_rows - 1
+
+    def take_stored(self, name: str, rows: np.ndarray) -> np.ndarray | None:
+        """The stored rows at indices ``rows`` (any order) of array ``name``, and only those, where the store
+        reads out of memory maps (:mod:`pipeline.chunk_reader`): what a view reads of a segment, so a view
+        of part of a space copies no row it does not use. None where reads go through Zarr, which decodes
+        whole chunks: read runs of rows there (:func:`pipeline.cache_view.gather`)."""
+        spec = self._specs.get(name)
+        if spec is None or self._mapped is None or not self._mapped.covers(spec):
+            return None
+        self._array(name)  # checked when first opened, as on every other read path
+        try:
+            return self._mapped.take(spec, rows)
+        except Exception as exc:  # damaged bytes: the same one line as a range read's
+            lo, hi = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
+            raise self._damaged_read(name, lo, hi, exc) from exc
+
+    def take_rows(self, layer: int, rows: np.ndarray) -> np.ndarray | None:
+        """A layer's rows at indices ``rows``, decoded like :meth:`read_rows`; None as :meth:`take_stored`."""
+        self.layer_spec(layer)
+        stored = self.take_stored(layer_array_name(layer), rows)
+        if stored is None:
+            return None
+        scale = None
+        if has_scale(self.dtype):
+            scale = self.take_stored(scale_array_name(layer), rows)
+            if scale is None:
+                return None
+        return decode_rows(stored, self.dtype, scale)
 
     @property
     def checked(self) -> bool:

@@ -21,9 +21,11 @@ extracted incrementally batches differently from the same version extracted from
 are the same.
 
 Reads stay block-contiguous: a virtual range whose rows are back to back in one segment (a
-from-scratch extraction, away from shard boundaries) is one read, returned as is; otherwise the range
-is cut per segment into clusters of nearby rows (one read each, so a chunk is decoded once per
-block, not once per example) and gathered into place.
+from-scratch extraction, away from shard boundaries) is one read, returned as is. Otherwise a segment
+read out of memory maps (``extract.codec: none``, local) gives exactly the rows the range uses, in one
+vectorised gather per chunk file, so a view of a quarter of a space copies a quarter of its rows; a
+compressed segment's part of the range is cut into clusters of nearby rows (one read each, so a chunk is
+decoded once per block, not once per example) and gathered into place.
 """
 
 from __future__ import annotations
@@ -91,16 +93,28 @@ def gather(
     counts: np.ndarray,
     fetch: Callable[[int, int, int], np.ndarray],
     gap: Callable[[int], int],
+    take: Callable[[int, np.ndarray], np.ndarray | None] | None = None,
 ) -> np.ndarray:
-    """Rows of many (segment, start, count) pieces back to back, each segment read in few large runs.
+    """Rows of many (segment, start, count) pieces back to back.
 
-    Pieces at most ``gap(segment)`` rows apart are read as one run. The view reads with a gap below one
-    chunk, so no run spans a chunk the view does not use: a partial view decodes only its own chunks."""
+    ``take(segment, rows)``, where it gives rows (a memory-mapped segment), reads exactly the pieces' rows
+    of that segment, in one gather. Otherwise the segment is read in few large runs (``fetch``): pieces at
+    most ``gap(segment)`` rows apart are read as one run. The view reads with a gap below one chunk, so no
+    run spans a chunk the view does not use: a partial view decodes only its own chunks."""
     total = int(counts.sum())
     targets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     out: np.ndarray | None = None
-    for index in np.unique(segment):
+    indices = np.unique(segment)
+    for index in indices:
         mine = np.flatnonzero(segment == index)
+        taken = None if take is None else take(int(index), concat_ranges(physical[mine], counts[mine]))
+        if taken is not None:
+            if len(indices) == 1:
+                return taken  # already in the view's order: no second copy
+            if out is None:
+                out = np.empty((total, *taken.shape[1:]), dtype=taken.dtype)
+            out[concat_ranges(targets[mine], counts[mine])] = taken
+            continue
         mine = mine[np.argsort(physical[mine], kind="stable")]
         begins, ends = physical[mine], physical[mine] + counts[mine]
         reach = np.maximum.accumulate(ends)
@@ -263,16 +277,17 @@ class ViewReader(ActivationCache):
             self._mappings[offsets_name] = _Mapping(virtual[:, 0], virtual[:, 1], segment, pstart)
         return self._mappings[offsets_name]
 
-    def _gather(self, offsets_name: str, start: int, stop: int, fetch: Any) -> np.ndarray:
+    def _gather(self, offsets_name: str, start: int, stop: int, fetch: Any, take: Any = None) -> np.ndarray:
         """Virtual rows ``start:stop`` of an array laid out by ``offsets_name``; ``fetch(segment, lo,
-        hi)`` reads physical rows of one segment."""
+        hi)`` reads physical rows of one segment, ``take(segment, rows)`` the rows at given indices (or
+        None where that segment cannot, see :func:`gather`)."""
         segment, physical, counts = self._runs(offsets_name, start, stop)
         if len(counts) == 0:
             return fetch(0, 0, 0)
         if (one := _one_run(segment, physical, counts)) is not None:
             return fetch(*one)
         # Several runs: each segment read in few large pieces, gathered into the view's order.
-        return gather(segment, physical, counts, fetch, lambda index: self.segments[index].read_gap)
+        return gather(segment, physical, counts, fetch, lambda index: self.segments[index].read_gap, take)
 
     def stored_pieces(self, name: str, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
         # Virtual rows that are one run of one segment are that segment's pieces (views into its maps).
@@ -309,7 +324,11 @@ class ViewReader(ActivationCache):
     def read_rows(self, layer: int, start: int, stop: int) -> np.ndarray:
         spec = self.layer_spec(layer)
         return self._gather(
-            spec.offsets_name, start, stop, lambda seg, lo, hi: self.segments[seg].read_rows(layer, lo, hi)
+            spec.offsets_name,
+            start,
+            stop,
+            lambda seg, lo, hi: self.segments[seg].read_rows(layer, lo, hi),
+            lambda seg, rows: self.segments[seg].take_rows(layer, rows),
         )
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -325,6 +344,7 @@ class ViewReader(ActivationCache):
             start,
             stop,
             lambda seg, lo, hi: self.segments[seg].read_stored(name, lo, hi),
+            lambda seg, rows: self.segments[seg].take_stored(name, rows),
         )
 
     def stored_array(self, name: str) -> Any:

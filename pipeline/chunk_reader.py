@@ -114,6 +114,31 @@ class MappedArrays:
             pieces.append((lo, rows))
         return pieces
 
+    def take(self, spec: ArraySpec, rows: np.ndarray) -> np.ndarray:
+        """The stored rows at indices ``rows`` (any order) of ``spec``'s array, copied out of the maps: only
+        those rows, one vectorised gather per chunk file they touch (what a view reads of a segment)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= spec.shape[0]):
+            raise IndexError(f"rows {rows.min()}-{rows.max()} of {spec.name} (rows 0-{spec.shape[0] - 1})")
+        out = np.empty((len(rows), *spec.shape[1:]), dtype=spec.dtype)
+        if len(rows) == 0:
+            return out
+        files = rows // spec.rows_per_file
+        # Most gathers touch one file, or a few in order (a view under train.view_order 2): cut by runs of
+        # one file rather than sorting.
+        bounds = [0, *(np.flatnonzero(files[1:] != files[:-1]) + 1).tolist(), len(rows)]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=False):
+            index = int(files[lo])
+            chunk = self._chunk(spec, index)
+            if chunk is None:
+                out[lo:hi] = 0
+            else:
+                # mode "clip" (the rows were checked above, nothing is clipped): with "raise" numpy buffers
+                # ``out`` and copies it twice, which made a quarter view's gather 4x slower than a slice copy.
+                local = rows[lo:hi] - index * spec.rows_per_file
+                np.take(chunk, local, axis=0, out=out[lo:hi], mode="clip")
+        return out
+
     def close(self) -> None:
         """Drop every map (a read after this maps the files again; their verdicts are kept)."""
         with self._lock:

@@ -10,7 +10,8 @@ The recipe, top to bottom (:func:`plan`):
 3. **Time**: extraction = the sample's fixed cost (Ray, backbone load) + its forward seconds per token x the
    dataset's tokens. Per epoch (train + val tokens), two rates measured on this machine: the **read rate**
    (decoded GB/s reading the cache's rows: the real cache's when it exists, else the sample's) and the
-   **forward rate** (tokens/s of the backbone's encode on the *training* device, in this process). The
+   **forward rate** (steady tokens/s of the backbone's forward on the *training* device, in this process, on
+   training-sized batches as online training computes them: :func:`forward_rate`). The
    UniPT step's own seconds are UniPT trained on the sample cache (the second epoch, past warm-up) less
    the sample's read time, scaled by tokens. An epoch from the cache = step + read (the epoch's decoded
    bytes at the read rate, not overlapped: an upper bound); online (the backbone on every batch, as the
@@ -36,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -54,10 +56,18 @@ from pipeline.experiment import Prepared, PreparedBackbone
 from pipeline.log import human_bytes, say
 from train.tasks import train_task
 
+if TYPE_CHECKING:
+    import torch
+
+    from extract.backbones import HFTextBackbone
+
 SAMPLE_EXAMPLES = 256
 # check_space extracts no sample for a dataset this small (its worst case unknown or over the free space):
 # predicting would cost about as much as extracting it.
 SMALL_DATASET = 2 * SAMPLE_EXAMPLES
+# unipt plan times the backbone's forward for at least this long (and two passes over the sample): a GPU's
+# pass over a 256-example sample takes milliseconds, too short for one pass to be its steady rate.
+FORWARD_MIN_SECONDS = 1.0
 # What the files besides the layer arrays take per example: offsets (2 x int64), examples.parquet, metadata.
 PER_EXAMPLE_OVERHEAD = 24
 
@@ -85,7 +95,7 @@ class BackbonePlan:
     # The per-epoch verdict's parts (module doc, step 3); 0 for a backbone that does not train.
     read_gb_s: float = 0.0  # decoded GB/s reading the cache on this machine
     read_measured_on: str = ""  # "cache" (the real one) or "sample" (the float32 sample cache)
-    forward_tokens_s: float = 0.0  # the backbone's encode on the training device
+    forward_tokens_s: float = 0.0  # the backbone's steady forward on the training device
     forward_device: str = ""
     epoch_tokens: int = 0  # train + val tokens: what one epoch reads, or recomputes online
     epoch_read_bytes: int = 0  # decoded bytes one epoch reads from the cache (the configured dtype)
@@ -501,20 +511,29 @@ def read_rate(
 
 
 def forward_rate(sampled: Prepared, name: str, config: ExperimentConfig, tokens: int) -> tuple[float, str]:
-    """(tokens/s, device) of the backbone's encode of the sample's inputs (``tokens`` in all, as the sample
-    cache counts them) on the training device (``train.device``), in this process: what online training
-    pays per token, beside UniPT's step."""
+    """(tokens/s, device): the backbone's steady forward rate over the sample's inputs on the training device
+    (``train.device``), in this process: what online training pays per token, beside UniPT's step.
+
+    A text backbone is timed as the online baseline runs it (:mod:`pipeline.baselines`): the inputs
+    tokenized beforehand (online training tokenizes once, before its first epoch), batches of
+    ``train.batch_size`` padded to their longest input (length-sorted under ``train.length_grouping``), every
+    hidden state computed under training's autocast and left on the device (:func:`steady_forward_rate`).
+    Other backbones (images) are timed through their extraction ``encode`` (``tokens`` in all, as the sample
+    cache counts them), preprocessing and the copy to the host included.
+    """
     import torch
 
-    from extract.backbones import load_backbone
+    from extract.backbones import HFTextBackbone, load_backbone
     from train.fit import pick_device
 
     device = pick_device(config.train.device)
     target = sampled.backbones[name]
+    settings = target.config
     backbone = load_backbone(experiment.load_spec(target, config.extract.autocast, device=device.type))
     inputs = backbone_inputs(sampled.dataset.table, backbone.describe()["input"])
+    if isinstance(backbone, HFTextBackbone):
+        return steady_forward_rate(backbone, inputs, settings.max_length, config, device), device.type
     count = int(backbone.describe()["num_hidden_states"])
-    settings = target.config
     layers = list(range(count)) if settings.layers == "all" else list(settings.layers)
     compute = "float16" if config.extract.dtype == "float16" else "float32"
     # Warm-up: first-call allocations and kernel choice.
@@ -527,6 +546,58 @@ def forward_rate(sampled: Prepared, name: str, config: ExperimentConfig, tokens:
             torch.cuda.synchronize()
         seconds = min(seconds, time.perf_counter() - started)
     return tokens / seconds if seconds > 0 else 0.0, device.type
+
+
+def steady_forward_rate(
+    backbone: HFTextBackbone, inputs: list, max_length: int, config: ExperimentConfig, device: torch.device
+) -> float:
+    """Real tokens per second of ``backbone``'s forward over ``inputs``, batched and computed as online
+    training computes them (see :func:`forward_rate`).
+
+    Only the forward is timed: tokenizing, padding and the copy to the device happen before. One batch of
+    the largest shape warms up first (allocations, kernel choice), then passes over the batches repeat, at
+    least two and for :data:`FORWARD_MIN_SECONDS`, each ended by a device synchronize; the fastest pass gives
+    the rate, since a busy machine's worst moment is not the backbone's rate. Padding is paid for: the rate
+    counts real tokens only, as an epoch's token count does.
+    """
+    import torch
+
+    from train.fit import amp_dtype, precision
+
+    encoded = dict(backbone._tokenize(inputs, max_length))
+    keys = [key for key in encoded if backbone._accepts is None or key in backbone._accepts]
+    lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
+    order = np.argsort(lengths, kind="stable") if config.train.length_grouping else np.arange(len(lengths))
+    backbone.tokenizer.padding_side = "right"  # as the online baseline pads (a cache's layout)
+    batches = []
+    for start in range(0, len(order), config.train.batch_size):
+        picked = order[start : start + config.train.batch_size]
+        features = backbone.tokenizer.pad(
+            {key: [encoded[key][i] for i in picked] for key in keys}, return_tensors="pt"
+        )
+        batches.append({key: value.to(device) for key, value in features.items()})
+    amp = amp_dtype(config.train.amp, device)
+
+    def forward(batch: dict[str, torch.Tensor]) -> None:
+        with torch.inference_mode(), precision(device, amp):
+            backbone.model(**batch, output_hidden_states=True, return_dict=True)
+
+    def pass_seconds(todo: list[dict[str, torch.Tensor]]) -> float:
+        started = time.perf_counter()
+        for batch in todo:
+            forward(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    if not batches:
+        return 0.0
+    pass_seconds([max(batches, key=lambda batch: batch["input_ids"].numel())])  # warm-up
+    seconds, spent, passes = float("inf"), 0.0, 0
+    while passes < 2 or spent < FORWARD_MIN_SECONDS:
+        elapsed = pass_seconds(batches)
+        seconds, spent, passes = min(seconds, elapsed), spent + elapsed, passes + 1
+    return float(lengths.sum()) / seconds if seconds > 0 else 0.0
 
 
 def _predicted_tokens(prep: Prepared, sampled: Prepared, lengths: np.ndarray, max_length: int) -> int:

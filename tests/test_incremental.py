@@ -32,9 +32,7 @@ def _segment(root: CacheRoot, seg: str, lengths: list[int], hashes: list[str], s
         layers=(LayerSpec(0, 4), LayerSpec(1, 4)),
         num_examples=len(lengths),
         max_length=max(lengths),
-        shard_size=3,
-        chunk_rows=8,
-        **layout,
+        **{"shard_size": 3, "chunk_rows": 8, **layout},
     )
     builder = CacheBuilder(root, seg, final=root.segment_location(SPACE, seg))
     builder.create(spec, {"kind": "segment", "space_key": SPACE, "key_fields": {}})
@@ -52,10 +50,12 @@ def _segment(root: CacheRoot, seg: str, lengths: list[int], hashes: list[str], s
     return rows
 
 
-def test_a_view_over_two_segments_reads_every_range_like_the_concatenated_examples(tmp_path):
+# Compressed segments are read in runs through Zarr; uncompressed ones give exactly the rows (memory maps).
+@pytest.mark.parametrize("codec", ["blosc-zstd", "none"])
+def test_a_view_over_two_segments_reads_every_range_like_the_concatenated_examples(tmp_path, codec):
     root = CacheRoot(tmp_path)
-    first = _segment(root, "01" * 16, [3, 5, 2, 7, 4, 1, 6], [f"h{i}" for i in range(7)], seed=0)
-    second = _segment(root, "02" * 16, [2, 8, 3], ["h7", "h8", "h9"], seed=1)
+    first = _segment(root, "01" * 16, [3, 5, 2, 7, 4, 1, 6], [f"h{i}" for i in range(7)], seed=0, codec=codec)
+    second = _segment(root, "02" * 16, [2, 8, 3], ["h7", "h8", "h9"], seed=1, codec=codec)
     by_hash = {f"h{i}": (first[0][i], first[1][i]) for i in range(7)}
     by_hash.update({f"h{7 + i}": (second[0][i], second[1][i]) for i in range(3)})
     # The version's order interleaves the segments and repeats an input (identical inputs share rows).
@@ -472,6 +472,83 @@ def test_a_view_reads_only_chunks_holding_rows_it_uses():
         for first in range((lo // chunk) * chunk, hi, chunk):
             assert used[max(first, lo) : min(first + chunk, hi)].any(), (lo, hi, first)
     assert len(fetched) < len(starts)  # nearby pieces still share a read
+
+
+def test_a_quarter_views_epoch_reads_only_the_rows_it_uses(tmp_path, monkeypatch):
+    # A view of every fourth input of an uncompressed (memory-mapped) segment: a shuffled training epoch
+    # copies exactly its examples' rows out of the segment, once each, not the runs of chunks around them.
+    from train.loader import CacheBatches
+
+    root = CacheRoot(tmp_path)
+    lengths = np.random.default_rng(3).integers(1, 9, 64).tolist()
+    rows = _segment(root, "01" * 16, lengths, [f"h{i}" for i in range(64)], seed=0, codec="none",
+                    shard_size=64, chunk_rows=32)  # fmt: skip
+    (segment,) = root.segments(SPACE)
+    members = list(range(0, 64, 4))
+    examples = pa.table(
+        {"example_id": [f"e{m:02d}" for m in members], "label": [m % 2 for m in members],
+         "split": ["train"] * len(members)}
+    )  # fmt: skip
+    with open_cache(root.segment_location(SPACE, segment)) as reader:
+        attrs = {"key_fields": {"dataset_fingerprint": "q"}, "label_names": ["a", "b"]}
+        write_view(root, "e1" * 16, attrs, examples, [f"h{m}" for m in members],
+                   {f"h{i}": (segment, i) for i in range(64)}, {segment: reader})  # fmt: skip
+    copied = {0: 0, 1: 0}
+
+    def counted(read):
+        def spy(name, *where):
+            out = read(name, *where)
+            if name.startswith("layer_"):
+                copied[int(name.rsplit("_", 1)[1])] += len(out) if out is not None else 0
+            return out
+
+        return spy
+
+    with open_cache(root.location("e1" * 16), view_order=2) as view:
+        (seg,) = view.segments
+        monkeypatch.setattr(seg, "read_stored", counted(seg.read_stored))
+        monkeypatch.setattr(seg, "take_stored", counted(seg.take_stored))
+        batches = CacheBatches(view, "train", [0, 1], batch_size=3, shuffle=True, block_examples=5,
+                               reader_threads=1, prefetch_blocks=0)  # fmt: skip
+        seen = []
+        for batch in batches.epoch(0):
+            for i, index in enumerate(batch.indices):
+                member = int(view.examples.column("input_hash")[int(index)].as_py()[1:])
+                for layer in (0, 1):
+                    n = lengths[member]
+                    np.testing.assert_array_equal(batch.hidden[layer][i, :n].float().numpy(),
+                                                  rows[layer][member].astype(np.float32))  # fmt: skip
+                seen.append(member)
+        batches.close()
+    assert sorted(seen) == members
+    used = sum(lengths[m] for m in members)
+    assert copied == {0: used, 1: used}  # a compact cache of these examples would copy as many
+
+
+def test_a_damaged_chunk_taken_by_a_view_is_one_clear_error(tmp_path):
+    # The gather that copies only a view's rows out of memory maps checks each chunk like a range read.
+    root = CacheRoot(tmp_path)
+    lengths = [3, 5, 2, 7, 4, 1, 6, 2, 8, 3]
+    _segment(root, "01" * 16, lengths, [f"h{i}" for i in range(10)], seed=0, codec="none", shard_size=10)
+    (segment,) = root.segments(SPACE)
+    members = [0, 2, 5, 9]  # apart in the segment: not one run
+    examples = pa.table(
+        {"example_id": [f"e{m}" for m in members], "label": [0, 1, 0, 1], "split": ["train"] * 4}
+    )
+    with open_cache(root.segment_location(SPACE, segment)) as reader:
+        attrs = {"key_fields": {"dataset_fingerprint": "d"}, "label_names": ["a", "b"]}
+        write_view(root, "e1" * 16, attrs, examples, [f"h{m}" for m in members],
+                   {f"h{i}": (segment, i) for i in range(10)}, {segment: reader})  # fmt: skip
+    chunk = root.segment_location(SPACE, segment).child("layer_00", "c", "0", "0")
+    raw = bytearray(chunk.read_bytes())
+    raw[0] ^= 0xFF  # one bit pattern changed in the first row: the crc32c no longer matches
+    chunk.write_bytes(bytes(raw))
+    with open_cache(root.location("e1" * 16), view_order=2) as view:
+        total = int(view.offsets_for(0)[-1, 1])
+        with pytest.raises(
+            CacheDamaged, match=r"layer_00 chunk 0 .*crc32c checksum does not match.*cache verify"
+        ):
+            view.read_rows(0, 0, total)
 
 
 def test_closing_a_view_lets_gc_remove_it_and_its_segment(tmp_path, capsys):

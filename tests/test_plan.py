@@ -156,3 +156,52 @@ def test_plan_says_the_duplicate_warning_once_and_nothing_of_its_sample(tmp_path
     duplicates = [line for line in said if "occur more than once" in line]
     assert len(duplicates) == 1 and "40 inputs occur more than once (40 extra copies)" in duplicates[0], said
     assert not [line for line in said if "cache miss" in line or "extracted" in line or "cache:" in line]
+
+
+def test_the_forward_rate_times_only_the_backbones_forward_on_training_batches(
+    tiny_config: Path, tiny_bert_dir
+):
+    """What online training pays per token: batches of train.batch_size padded to their longest input
+    (length-sorted under length grouping), tokenized before the clock starts, one warm-up batch of the
+    largest shape, then whole passes (two at least) whose fastest gives the rate in real tokens/s."""
+    import torch
+
+    from extract.backbones import HFTextBackbone
+    from extract.spec import BackboneLoadSpec
+
+    base = load_config(tiny_config)
+    config = base.model_copy(update={"train": base.train.model_copy(update={"batch_size": 4})})
+    backbone = HFTextBackbone(BackboneLoadSpec(str(tiny_bert_dir), device="cpu"))
+    texts = [" ".join(["word"] * n) for n in (9, 1, 5, 3, 7, 2, 8, 4, 6, 10)]
+    lengths = [len(ids) for ids in backbone.tokenizer(texts)["input_ids"]]
+    shapes: list[tuple[int, int]] = []
+    model, tokenizer = backbone.model, backbone.tokenizer
+    timed = {"tokenized": 0}
+
+    class Recording(torch.nn.Module):  # the real model, its calls' input shapes noted
+        def forward(self, **features):
+            shapes.append(tuple(features["input_ids"].shape))
+            return model(**features)
+
+    class Counting:  # the real tokenizer, its encode calls counted (pad is not an encode)
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            timed["tokenized"] += 1
+            return tokenizer(*args, **kwargs)
+
+    backbone.model, backbone.tokenizer = Recording(), Counting()
+    rate = planning.steady_forward_rate(backbone, texts, 32, config, torch.device("cpu"))
+    assert timed["tokenized"] == 1  # once, before any forward
+    ordered = sorted(lengths)
+    one_pass = [(len(ordered[i : i + 4]), max(ordered[i : i + 4])) for i in range(0, 10, 4)]  # 4, 4, 2 inputs
+    assert shapes[0] == max(one_pass, key=lambda s: s[0] * s[1])  # the warm-up: the largest batch
+    passes = (len(shapes) - 1) // len(one_pass)
+    assert passes >= 2 and shapes[1:] == one_pass * passes
+    assert rate > 0
+    # Without length grouping: batches in the inputs' order, each padded to its longest.
+    config = config.model_copy(update={"train": config.train.model_copy(update={"length_grouping": False})})
+    shapes.clear()
+    planning.steady_forward_rate(backbone, texts, 32, config, torch.device("cpu"))
+    assert shapes[1:4] == [(4, max(lengths[0:4])), (4, max(lengths[4:8])), (2, max(lengths[8:10]))]
