@@ -272,7 +272,9 @@ class TrainConfig(_Strict):
     linear_probe: bool = Field(
         True,
         description="Also fit the last-layer probe baseline (classification: logistic regression; "
-        "regression: ridge). The majority-class / mean-predictor baselines are always reported.",
+        "regression: ridge), reported beside the trained model; not `train.method: linear_probe`, which "
+        "trains a linear layer as the model. The majority-class / mean-predictor baselines are always "
+        "reported.",
     )
     task: str = Field(
         "classification",
