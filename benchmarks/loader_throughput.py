@@ -19,7 +19,7 @@ built by the pipeline's own ``do_extract``), over the train split, each the medi
 - **peer**: the same examples stored as SAELens stores activations (an uncompressed, memory-mapped Arrow
   IPC file, one fixed-size row per example padded to the split's longest), read in the loader's own
   shuffled batches into the same padded float32 batches. Its bytes on disk per example are reported too.
-- **consumption**: UniPT training steps (``train.models.build_model``'s model for the config:
+- **consumption**: UniPT training steps (``train.methods.build_model``'s model for the config:
   forward, backward, AdamW step) on one shuffled epoch's batches, made beforehand and held in memory
   (``--steps N``: its first N batches): the rate the model needs.
 - **train from loader**: the same steps on the same epoch's batches, fed by the loader as training
@@ -78,7 +78,7 @@ from pipeline.config import TrainConfig, load_config  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
 from train.fit import adamw  # noqa: E402
 from train.loader import Batch, CacheBatches, to_device  # noqa: E402
-from train.models import build_model  # noqa: E402
+from train.methods import build_model  # noqa: E402
 from train.prefetch import host_to_device  # noqa: E402
 from train.tasks import task_head  # noqa: E402
 
@@ -228,7 +228,7 @@ class Stepper:
         self.device = device
         train_labels = reader.labels()[reader.split_indices("train")]
         self.head = task_head(get_task(train.task), list(reader.label_names), train_labels)
-        self.model = build_model(train.variant, reader, train, num_outputs=self.head.outputs).to(device)
+        self.model = build_model(reader, train, num_outputs=self.head.outputs).to(device)
         self.model.train()
         self.optimizer = adamw(self.model, train, device)  # fused on CUDA, as training's
 

@@ -2,7 +2,7 @@
 
 - ``unipt-online``: what the paper's code does. The frozen backbone runs (under ``torch.no_grad``) on
   every batch of every epoch to produce the hidden states, which feed the same UniPT model as training
-  from a cache (:func:`train.models.build_model` for ``train.variant``), with the same head, optimiser,
+  from a cache (:func:`train.methods.build_model` for ``train.variant``), with the same head, optimiser,
   schedule and best-on-validation selection (:func:`train.loop.fit_head`).
 - ``full-finetune``: the backbone itself is trained, with a linear layer on its last hidden state
   (masked mean) into the task's head, AdamW at a smaller learning rate (``train.lr / 10`` unless given).
@@ -57,9 +57,9 @@ from train.loader import (
     return_memory_after,
 )
 from train.loop import TrainOptions, TrainResult, fit_head, pick_device, selection
-from train.models import build_model
+from train.methods import build_model
+from train.methods.unipt.transformer import masked_mean
 from train.tasks import task_head
-from train.unipt import masked_mean
 
 METHODS = ("unipt-online", "full-finetune")
 
@@ -69,7 +69,7 @@ class OnlineIndex:
     """What a cache of the dataset would say about itself, without its activations.
 
     Layers, widths, labels and splits are the dataset's and backbone's: enough to size the model
-    (:func:`train.models.build_model` reads these fields as it reads a cache's). ``offsets`` are the
+    (:func:`train.methods.build_model` reads these fields as it reads a cache's). ``offsets`` are the
     rows a cache's view gives each example (back to back, :mod:`pipeline.cache_view`), so the block
     plan, and therefore the seeded shuffle, is that of a real cache.
     """
@@ -352,7 +352,7 @@ def fit_online(
     train_labels = index.labels()[splits[0].indices]
     head = task_head(get_task(config.task), list(index.label_names), train_labels)
     if method == "unipt-online":
-        model = build_model(config.variant, index, config, num_outputs=head.outputs)
+        model = build_model(index, config, num_outputs=head.outputs)
     else:
         width = data.backbone.hidden_size
         model = FineTuneModel(data.backbone.model, list(data.encoded), width, head.outputs, config.dropout)

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from pipeline.errors import UniptError
+from pipeline.method_names import METHOD_NAMES
 from pipeline.storage import (
     DEFAULT_CACHE_ROOT,
     DEFAULT_REGISTRY,
@@ -195,12 +196,12 @@ class TrainConfig(_Strict):
         "must be integer multiples of the last stage's) or clip4clip (token caches; the official "
         "CLIP4Clip form, output added back to the last layer).",
     )
-    method: Literal["unipt", "lst", "scalar_mix", "linear_probe"] = Field(
+    method: str = Field(
         "unipt",
-        description="What trains on the cache: unipt (the paper's parallel network, by `variant`), lst "
-        "(Ladder Side-Tuning: a gated side network of width backbone/side_reduction), scalar_mix (a learned "
-        "softmax mix of every layer, mean-pooled, then an MLP) or linear_probe (a linear layer on the last "
-        "layer's mean-pooled tokens); all train with the same loop, task and head.",
+        description="A registered method (train/methods/): unipt (the paper's parallel network, by "
+        "`variant`), lst (Ladder Side-Tuning: a gated side network of width backbone/side_reduction), "
+        "scalar_mix (a learned softmax mix of every layer, mean-pooled, then an MLP) or linear_probe (a "
+        "linear layer on the last layer's mean-pooled tokens); all train with the same loop, task and head.",
     )
     side_reduction: int = Field(8, gt=0, description="method lst: the side network's width is backbone / r.")
     embed_size: int | None = Field(None, gt=0, description="UniPT output width; default = backbone width.")
@@ -271,7 +272,9 @@ class TrainConfig(_Strict):
     linear_probe: bool = Field(
         True,
         description="Also fit the last-layer probe baseline (classification: logistic regression; "
-        "regression: ridge). The majority-class / mean-predictor baselines are always reported.",
+        "regression: ridge), reported beside the trained model; not `train.method: linear_probe`, which "
+        "trains a linear layer as the model. The majority-class / mean-predictor baselines are always "
+        "reported.",
     )
     task: str = Field(
         "classification",
@@ -317,6 +320,13 @@ class TrainConfig(_Strict):
             logging.getLogger("unipt").warning(message)
             return word
         return amp
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, method: str) -> str:
+        if method not in METHOD_NAMES:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        return method
 
     @field_validator("task")
     @classmethod

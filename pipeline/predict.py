@@ -88,7 +88,7 @@ class Predictions:
 
 
 class _Shape:
-    """What :func:`train.models.build_model` reads from a cache, taken from ``model.json`` instead."""
+    """What :func:`train.methods.build_model` reads from a cache, taken from ``model.json`` instead."""
 
     def __init__(self, spec: ModelSpec, source: str) -> None:
         self.source = source
@@ -116,7 +116,7 @@ class TunedModel:
         from safetensors.torch import load_file
 
         from train.fit import pick_device
-        from train.models import build_model
+        from train.methods import build_model
 
         if get_task(spec.task).caches != 1:
             raise UniptError(
@@ -144,10 +144,10 @@ class TunedModel:
         # Built first on the meta device (no memory): the sizes model.json states must be the tensors
         # the weights file holds before a network of those sizes is allocated.
         with torch.device("meta"):
-            planned = build_model(spec.variant, shape, config, num_outputs=spec.num_outputs).state_dict()
+            planned = build_model(shape, config, num_outputs=spec.num_outputs).state_dict()
         check_weights(directory / MODEL_WEIGHTS, {name: tuple(t.shape) for name, t in planned.items()})
         torch.manual_seed(0)  # weights are all loaded below; this only keeps construction quiet
-        network = build_model(spec.variant, shape, config, num_outputs=spec.num_outputs)
+        network = build_model(shape, config, num_outputs=spec.num_outputs)
         try:
             network.load_state_dict(load_file(str(directory / MODEL_WEIGHTS)))
         except RuntimeError as exc:

@@ -208,3 +208,15 @@ def test_plan_and_extract_take_no_run_record_flags():
         with pytest.raises(SystemExit):
             parser.parse_args([command, "c.yaml", "--registry", "r.sqlite"])
     assert parser.parse_args(["run", "c.yaml", "--registry", "r.sqlite"]).registry == "r.sqlite"
+
+
+def test_the_config_checks_a_method_without_importing_the_methods():
+    """`train.method` is checked against pipeline/method_names.py, not the registry that builds models."""
+    code = (
+        "import sys; from pipeline.config import TrainConfig; TrainConfig(method='lst'); "
+        f"print(sorted(m for m in {HEAVY!r} + ('train',) if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip() == "[]"

@@ -10,24 +10,40 @@ import pytest
 import torch
 
 from pipeline.cache import CacheRoot
+from pipeline.cache_layout import LayerSpec
 from pipeline.cache_open import open_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
+from pipeline.method_names import METHOD_NAMES
 from tests.conftest import KEY, build_cache, random_padded_batch
-from train.methods import build_method
+from train.methods import build_method, build_model, registered_methods
 from train.methods.lst import GATE_TEMPERATURE, LadderSideNetwork, ladder_shares
 from train.methods.scalar_mix import ScalarMixClassifier
-from train.models import build_model
+from train.methods.unipt.transformer import masked_mean
 from train.tasks import train_task
-from train.unipt import masked_mean
 
 METHODS = ("lst", "scalar_mix", "linear_probe")
 WIDTHS = [16, 16, 16]
 
 
+class _TokenShape:
+    """What a method's builder reads from a token cache (one layer per width), without a cache."""
+
+    def __init__(self, widths: list[int], grid: tuple[int, int] | None = None) -> None:
+        self.source = "(no cache)"
+        self.layers = list(range(len(widths)))
+        self.hidden_sizes = dict(enumerate(widths))
+        self.label_names = ["a", "b"]
+        self._grid = grid
+
+    def layer_spec(self, layer: int) -> LayerSpec:
+        return LayerSpec(layer, self.hidden_sizes[layer], self._grid)
+
+
 def _model(method: str, outputs: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_method(method, WIDTHS, outputs, TrainConfig(method=method, side_reduction=2)).eval()
+    config = TrainConfig(method=method, side_reduction=2)
+    return build_method(method, _TokenShape(WIDTHS), outputs, config).eval()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -92,12 +108,30 @@ def test_lst_ladder_step_by_step():
 
 def test_scalar_mix_refuses_layers_of_different_widths():
     with pytest.raises(UniptError, match="need one width"):
-        build_method("scalar_mix", [8, 16], 2, TrainConfig(method="scalar_mix"))
+        build_method("scalar_mix", _TokenShape([8, 16]), 2, TrainConfig(method="scalar_mix"))
 
 
-def test_unknown_method_is_refused_by_the_config():
-    with pytest.raises(ValueError, match="method"):
+def test_the_config_accepts_exactly_the_registered_methods():
+    """The config checks names without importing torch (pipeline/method_names.py); the registry builds
+    them: the two lists must be one list."""
+    assert registered_methods() == METHOD_NAMES
+    for name in METHOD_NAMES:
+        assert TrainConfig(method=name).method == name
+
+
+def test_unknown_method_is_refused_by_the_config_naming_the_registered_ones():
+    with pytest.raises(ValueError, match="unknown method 'adapter'; choose one of unipt, lst, scalar_mix, "):
         TrainConfig(method="adapter")
+    with pytest.raises(UniptError, match="unknown train.method 'adapter'; choose one of unipt, lst, "):
+        build_method("adapter", _TokenShape(WIDTHS), 2, TrainConfig())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_token_methods_refuse_a_feature_map_cache(method):
+    maps = _TokenShape([4, 4], grid=(2, 2))
+    with pytest.raises(UniptError, match=f"train.method '{method}' reads token sequences, but cache"):
+        build_method(method, maps, 2, TrainConfig(method=method))
+    assert type(build_method("unipt", maps, 2, TrainConfig(variant="cnn"))).__name__ == "UniPTCNNClassifier"
 
 
 LENGTHS = [4, 6, 3, 5, 7, 2, 6, 5, 4, 3, 6, 5, 4, 5, 3, 6] * 2
@@ -115,7 +149,7 @@ def test_each_method_trains_from_a_cache_through_the_task_registry(tmp_path, met
     assert math.isfinite(result.metrics["val_acc"]) and 0.0 <= result.metrics["test_acc"] <= 1.0
     assert len(result.layer_weights) == 3  # every layer, not UniPT's layers beside the anchor
     assert result.metrics["trainable_params"] != unipt.metrics["trainable_params"]
-    assert type(result.model) is type(build_model("transformer", reader, config))
+    assert type(result.model) is type(build_model(reader, config))
     again = train_task(reader, config, seed=0, progress=False)  # deterministic for a seed on CPU
     assert again.metrics["test_acc"] == result.metrics["test_acc"]
     assert again.history[-1]["train_loss"] == result.history[-1]["train_loss"]

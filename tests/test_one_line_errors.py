@@ -42,6 +42,12 @@ def test_a_malformed_set_value(tmp_path, tiny_config, capsys, value):
     _nothing_left(tmp_path)
 
 
+def test_an_unknown_method_names_the_registered_ones(tmp_path, tiny_config, capsys):
+    line = _error_line(capsys, "run", str(tiny_config), "--set", "train.method=adapter", "--no-progress")
+    assert "train.method: Value error, unknown method 'adapter'; choose one of unipt, lst, scalar_mix" in line
+    _nothing_left(tmp_path)
+
+
 @pytest.mark.parametrize("grid", ["train.epochs=[1,2", "train.lr=@x,1e-3"])
 def test_a_malformed_grid_value(tmp_path, tiny_config, capsys, grid):
     line = _error_line(capsys, "sweep", str(tiny_config), "--grid", grid, "--no-progress")

@@ -14,8 +14,8 @@ from pipeline.cache_open import open_cache
 from pipeline.config import TrainConfig, load_config
 from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache, save_tiny_bert, write_config
+from train.contrastive import evaluate_retrieval, paired_batches, retrieval_metrics_chunked
 from train.metrics import match_ranks, retrieval_metrics
-from train.retrieval import evaluate_retrieval, paired_batches, retrieval_metrics_chunked
 from train.tasks import train_task
 
 

@@ -429,7 +429,7 @@ def _model_folder(folder: Path) -> Path:
     from pipeline.config import TrainConfig
     from pipeline.model_files import ModelSpec, write_model
     from pipeline.predict import _Shape
-    from train.models import build_model
+    from train.methods import build_model
 
     spec = ModelSpec(
         task="classification", variant="transformer", num_outputs=2, label_names=["neg", "pos"],
@@ -439,7 +439,7 @@ def _model_folder(folder: Path) -> Path:
         cache_key="", dataset_fingerprint="",
     )  # fmt: skip
     config = TrainConfig(variant="transformer", downsample_factor=2, dropout=0.1)
-    network = build_model("transformer", _Shape(spec, str(folder)), config, num_outputs=2)
+    network = build_model(_Shape(spec, str(folder)), config, num_outputs=2)
     write_model(folder, network.state_dict(), spec)
     return folder
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from train.methods.unipt.transformer import UniPTClassifier
 from train.stored_inputs import StoredInputLinear
-from train.unipt import UniPTClassifier
 
 
 def _pair(width: int = 24, seed: int = 0) -> tuple[StoredInputLinear, nn.Linear]:

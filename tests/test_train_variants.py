@@ -4,6 +4,7 @@ and end to end on real caches (EfficientNet-Lite0 stages of MNIST digits; a tiny
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -18,12 +19,13 @@ from pipeline.config import TrainConfig, load_config
 from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache, example_table, write_config
 from train.loader import CacheBatches
-from train.models import build_model
+from train.methods import build_model
+from train.methods.unipt import VARIANTS
+from train.methods.unipt.clip4clip import UniPTClip4ClipClassifier
+from train.methods.unipt.cnn import UniPTCNNClassifier
+from train.methods.unipt.transformer import UniPTClassifier
 from train.probe import linear_probe, pooled_features
 from train.tasks import train_task
-from train.unipt import UniPTClassifier
-from train.unipt_clip4clip import UniPTClip4ClipClassifier
-from train.unipt_cnn import UniPTCNNClassifier
 
 # Three stages at strides 4, 2, 1 relative to the last; 40-row chunks leave gaps between shards.
 STAGES = (LayerSpec(0, 3, grid=(8, 8)), LayerSpec(2, 5, grid=(4, 4)), LayerSpec(4, 6, grid=(2, 2)))
@@ -81,23 +83,25 @@ def test_loader_gives_each_stage_as_exact_maps(map_cache):
 
 def test_build_model_picks_the_variant_and_refuses_the_wrong_cache(tmp_path, map_cache):
     reader, _ = map_cache
-    assert isinstance(build_model("cnn", reader, TrainConfig(variant="cnn")), UniPTCNNClassifier)
+    assert isinstance(build_model(reader, TrainConfig(variant="cnn")), UniPTCNNClassifier)
     for variant in ("transformer", "clip4clip"):
         with pytest.raises(UniptError, match="holds CNN feature maps; set train.variant: cnn"):
-            build_model(variant, reader, TrainConfig(variant=variant))
+            build_model(reader, TrainConfig(variant=variant))
 
     build_cache(CacheRoot(tmp_path / "tokens"), [3, 5, 4, 2], {0: 8, 1: 8, 2: 8})
     tokens = open_cache(CacheRoot(tmp_path / "tokens").location(KEY))
-    assert type(build_model("transformer", tokens, TrainConfig())) is UniPTClassifier
-    assert isinstance(
-        build_model("clip4clip", tokens, TrainConfig(variant="clip4clip")), UniPTClip4ClipClassifier
-    )
+    assert type(build_model(tokens, TrainConfig())) is UniPTClassifier
+    assert isinstance(build_model(tokens, TrainConfig(variant="clip4clip")), UniPTClip4ClipClassifier)
     with pytest.raises(UniptError, match="holds token sequences; set train.variant: transformer"):
-        build_model("cnn", tokens, TrainConfig(variant="cnn"))
+        build_model(tokens, TrainConfig(variant="cnn"))
     with pytest.raises(UniptError, match=r"its width is that layer's \(8\); remove train.embed_size"):
-        build_model("clip4clip", tokens, TrainConfig(variant="clip4clip", embed_size=16))
+        build_model(tokens, TrainConfig(variant="clip4clip", embed_size=16))
     with pytest.raises(UniptError, match="unknown train.variant 'lstm'"):
-        build_model("lstm", tokens, TrainConfig())
+        build_model(tokens, TrainConfig().model_copy(update={"variant": "lstm"}))
+
+
+def test_the_config_offers_exactly_the_variants_the_package_builds():
+    assert typing.get_args(TrainConfig.model_fields["variant"].annotation) == tuple(VARIANTS)
 
 
 def test_cnn_variant_refuses_stages_whose_grids_do_not_divide(tmp_path):
@@ -123,7 +127,7 @@ def test_the_cnn_refusal_suggests_stages_that_fit(tmp_path):
     fitting = tuple(spec for spec in specs if spec.index in (0, 1, 2, 6, 7, 8))
     build_map_cache(CacheRoot(tmp_path / "fit"), fitting, n=2)
     fit_reader = open_cache(CacheRoot(tmp_path / "fit").location(KEY))
-    assert build_model("cnn", fit_reader, TrainConfig(variant="cnn")) is not None
+    assert build_model(fit_reader, TrainConfig(variant="cnn")) is not None
 
 
 @pytest.mark.slow

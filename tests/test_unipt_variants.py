@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import random_padded_batch
-from train.unipt_clip4clip import UniPTClip4Clip, UniPTClip4ClipClassifier
-from train.unipt_cnn import UniPTCNN, UniPTCNNClassifier
+from train.methods.unipt.clip4clip import UniPTClip4Clip, UniPTClip4ClipClassifier
+from train.methods.unipt.cnn import UniPTCNN, UniPTCNNClassifier
 
 # ---------------------------------------------------------------------------------------------------------
 # CNN variant

@@ -25,7 +25,7 @@ from pipeline.log import say
 from pipeline.tasks import get_task, select_metric
 from train.fit import EpochData, FitResult, StepHook, Task, amp_dtype, fit, pick_device, precision
 from train.loader import Batch, CacheBatches, to_device
-from train.models import build_model
+from train.methods import build_model
 from train.prefetch import Moved, OnDevice, host_to_device
 
 
@@ -86,7 +86,7 @@ def train_single_cache(
     splits.append(CacheBatches.for_split(reader, "test", config, seed, shuffle=False))
     train_labels = reader.labels()[splits[0].indices]
     head = make_head(list(reader.label_names), train_labels)
-    model = build_model(config.variant, reader, config, num_outputs=head.outputs).to(device)
+    model = build_model(reader, config, num_outputs=head.outputs).to(device)
     identity = {"cache_key": reader.attrs.get("cache_key")}  # where the cache lives may change
     select = selection(config, train_labels)
     return fit_head(

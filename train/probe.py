@@ -9,8 +9,8 @@ import torch
 
 from pipeline.cache import ActivationCache
 from train.loader import CacheBatches
+from train.methods.unipt.transformer import masked_mean
 from train.metrics import accuracy, macro_f1, pearson, spearman
-from train.unipt import masked_mean
 
 _L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 _RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the number of training examples

@@ -1,42 +1,48 @@
-"""Frozen-backbone methods other than UniPT that train on the same cache: one module each, registered
-below (``train.method``). Each builds a model with UniPT's interface, ``forward(hidden, mask) ->
-(outputs, layer_weights)``, over every cached layer, so every task, the loader, the fit loop, export and
-predict take it unchanged. UniPT itself (``train.method: unipt``) is built by :mod:`train.models`.
+"""The methods that train on a cache, registered by their ``train.method`` name: UniPT (:mod:`.unipt`,
+by ``train.variant``) and the frozen-backbone methods it is compared with, one module each. Each builds a
+model with UniPT's interface, ``forward(hidden, mask) -> (outputs, layer_weights)``, over every cached
+layer, so every task, the loader, the fit loop, export and predict take it unchanged.
 
-Adding a method: a module with ``build(widths, num_outputs, config) -> nn.Module``, plus one
-:func:`register_method` line here (and its name in ``TrainConfig.method``'s choices).
+Adding a method: a module with a builder, one :func:`register_method` line here, and its name in
+:data:`pipeline.method_names.METHOD_NAMES` (where the config checks it without importing torch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from train.methods import linear_probe, lst, scalar_mix
+from train.methods import linear_probe, lst, scalar_mix, unipt
+from train.methods.registry import (
+    CacheShape,
+    build_method,
+    is_feature_map_cache,
+    on_tokens,
+    register_method,
+    registered_methods,
+)
 
-Builder = Callable[[list[int], int, TrainConfig], nn.Module]
-_METHODS: dict[str, Builder] = {}
+__all__ = [
+    "CacheShape",
+    "build_method",
+    "build_model",
+    "is_feature_map_cache",
+    "register_method",
+    "registered_methods",
+]
+
+register_method("unipt", unipt.build)
+register_method("lst", on_tokens("lst", lst.build))
+register_method("scalar_mix", on_tokens("scalar_mix", scalar_mix.build))
+register_method("linear_probe", on_tokens("linear_probe", linear_probe.build))
 
 
-def register_method(name: str, build: Builder) -> None:
-    if name in _METHODS or name == "unipt":
-        raise ValueError(f"method {name!r} is registered twice")
-    _METHODS[name] = build
+def build_model(shape: CacheShape, config: TrainConfig, num_outputs: int | None = None) -> nn.Module:
+    """The model ``config.method`` (and, for UniPT, ``config.variant``) names over every layer of
+    ``shape``; ``forward(hidden, mask)`` gives ``(outputs, layer_weights)`` for the batches
+    :class:`train.loader.CacheBatches` yields.
 
-
-def build_method(name: str, widths: list[int], num_outputs: int, config: TrainConfig) -> nn.Module:
-    try:
-        build = _METHODS[name]
-    except KeyError:
-        raise UniptError(
-            f"unknown train.method {name!r}; choose unipt or one of {', '.join(_METHODS)}"
-        ) from None
-    return build(widths, num_outputs, config)
-
-
-register_method("lst", lst.build)
-register_method("scalar_mix", scalar_mix.build)
-register_method("linear_probe", linear_probe.build)
+    ``num_outputs``: the head's width (the task's: 1 for regression); default one per class name.
+    """
+    num_outputs = len(shape.label_names) if num_outputs is None else num_outputs
+    return build_method(config.method, shape, num_outputs, config)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import TrainConfig
-from train.unipt import masked_mean
+from train.methods.unipt.transformer import masked_mean
 
 GATE_TEMPERATURE = 0.1
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
-from train.unipt import masked_mean
+from train.methods.unipt.transformer import masked_mean
 
 
 class ScalarMixClassifier(nn.Module):

@@ -1,6 +1,6 @@
 """Retrieval: a query and a gallery backbone's caches of one dataset, each side its own UniPT, trained
 contrastively (symmetric InfoNCE); R@1/5/10 both ways and rSum. The model and its data are in
-:mod:`train.retrieval`."""
+:mod:`train.contrastive`."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from pipeline.log import say
 from pipeline.tasks import get_task, select_metric
-from train.fit import Task, amp_dtype, fit, pick_device, precision
-from train.loader import Batch
-from train.loop import TrainOptions, TrainResult, final_metrics
-from train.retrieval import (
+from train.contrastive import (
     RetrievalModel,
     check_aligned,
     contrastive_loss,
     evaluate_retrieval,
     paired_batches,
 )
+from train.fit import Task, amp_dtype, fit, pick_device, precision
+from train.loader import Batch
+from train.loop import TrainOptions, TrainResult, final_metrics
 
 
 def train(

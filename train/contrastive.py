@@ -21,8 +21,8 @@ from pipeline.cache import ActivationCache
 from pipeline.config import TrainConfig
 from pipeline.errors import UniptError
 from train.loader import Batch, CacheBatches, plan_blocks, to_device
+from train.methods.unipt.transformer import UniPT, masked_mean
 from train.metrics import match_ranks, retrieval_metrics_from_ranks
-from train.unipt import UniPT, masked_mean
 
 _INITIAL_TEMPERATURE = 0.07  # CLIP's
 _MAX_LOGIT_SCALE = math.log(100.0)  # CLIP caps 1/temperature at 100 so training stays stable
