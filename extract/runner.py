@@ -141,17 +141,7 @@ def run_extraction(
     try:
         # One lock per space: extractions of overlapping versions never build the same inputs twice.
         with exclusive(root.lock_location(space), on_wait=waiting):
-            hit = _leased_view(root, key)
-            if hit is not None:  # written by the run we waited for
-                return ExtractionResult(
-                    path=root.location(key), cache_hit=True, seconds=time.perf_counter() - t0, lease=hit
-                )
-            plan = _plan(request, space, everything)
-            try:
-                result = _build_view(request, plan, hashes, extra, ensure_ray, progress, t0)
-            finally:
-                plan.release()  # the result holds its own leases now
-            return result
+            return _under_space_lock(request, space, hashes, extra, ensure_ray, progress, t0)
     except RayError as exc:
         if watch.head_lost(fresh=True):  # the workers failed because their head is gone: say that
             watch.fail_now()
@@ -169,6 +159,28 @@ def run_extraction(
             watch.fail_now()
         if any(connected):
             ray.shutdown()
+
+
+def _under_space_lock(
+    request: ExtractionRequest,
+    space: str,
+    hashes: list[str],
+    extra: list[list[str]],
+    ensure_ray: Callable[[], None],
+    progress: bool,
+    t0: float,
+) -> ExtractionResult:
+    root, key = request.cache_root, request.key
+    hit = _leased_view(root, key)
+    if hit is not None:  # written by the run we waited for
+        return ExtractionResult(
+            path=root.location(key), cache_hit=True, seconds=time.perf_counter() - t0, lease=hit
+        )
+    plan = _plan(request, space, hashes + [h for view in extra for h in view])
+    try:
+        return _build_view(request, plan, hashes, extra, ensure_ray, progress, t0)
+    finally:
+        plan.release()  # the result holds its own leases now
 
 
 def _plan(request: ExtractionRequest, space: str, everything: list[str]) -> SpacePlan:
@@ -195,69 +207,24 @@ def _build_view(
 ) -> ExtractionResult:
     """Under the space lock: extract the missing inputs into one new segment, then write the view.
     ``extra`` holds the input hashes of augmented views 1.. (plan positions past the examples)."""
-    root, key, space = request.cache_root, request.key, plan.space
-    examples = request.examples
-    everything = hashes + [h for view in extra for h in view]
-    inputs = f"inputs (of {len(extra) + 1} views)" if extra else "inputs"
-    if plan.missing:
-        say(f"cache: {plan.reused:,} of {plan.unique:,} {inputs} reused; extracting {len(plan.missing):,}")
-    elif plan.layers is not None:
-        say(
-            f"cache: all {plan.unique:,} inputs are in activation space {space} with layers "
-            f"{next(iter(plan.readers.values())).layers}; writing a view of layers {plan.layers} "
-            "(no backbone forward pass)"
-        )
-    else:
-        say(f"cache: all {plan.unique:,} inputs reused; writing the view only (no backbone forward pass)")
+    root, key = request.cache_root, request.key
+    _say_plan(plan, extra)
     leases = []
     try:
         result = ExtractionResult(path=root.location(key), cache_hit=not plan.missing)
         if plan.missing:
             ensure_ray()
-            new_hashes = [everything[i] for i in plan.missing]
-            segment = segment_id(space, new_hashes)
-            leases.append(ReadLease(root.lease_location(segment)))  # before it is published: gc keeps it
-            write_space_file(root, space, space_key_fields(request.key_fields))
-            # The segment's build lock, held until it is published: the lock `unipt cache gc
-            # --include-partial` needs to remove `.partial/<segment>`, so it never takes what we write.
-            with exclusive(root.lock_location(segment)):
-                builder = CacheBuilder(root, segment, final=root.segment_location(space, segment))
-                published = builder.publish_if_committed()
-                if published is None:
-                    # Position p is view p // n of example p % n; views past 0 are augmented in the workers.
-                    n = examples.num_rows
-                    sources = [i % n for i in plan.missing]
-                    views = [everything[i] if i >= n else None for i in plan.missing]
-                    result = _extract(
-                        request,
-                        examples.take(sources),
-                        new_hashes,
-                        builder,
-                        space,
-                        progress,
-                        t0,
-                        views=views if any(v is not None for v in views) else None,
-                    )
-            reader = CacheReader(root.segment_location(space, segment))
-            plan.readers[segment] = reader
-            plan.where.update({h: (segment, row) for row, h in enumerate(new_hashes)})
-        attrs = {
-            "key_fields": request.key_fields,
-            "dataset_fingerprint": request.key_fields.get("dataset_fingerprint"),
-            "label_names": request.label_names,
-        }
-        if TEXT_PAIR_COLUMN in examples.column_names:  # a model trained on it must be given pairs too
-            attrs["input"] = "text_pair"
+            everything = hashes + [h for view in extra for h in view]
+            result = _extract_missing(request, plan, everything, leases, progress, t0) or result
         readers = plan.readers
-        first = next(iter(readers.values()))
-        attrs["backbone"] = {**first.attrs.get("backbone", {}), "name": request.backbone_name}
         # Taken before the view is published, and kept after the lock is let go: gc needs these leases
         # exclusively to remove the view or a segment, so it cannot delete what we are about to train on.
         leases.append(ReadLease(root.lease_location(key)))
         leases += [ReadLease(root.lease_location(s)) for s in readers]
         t_view = time.perf_counter()
+        attrs = _view_attrs(request, next(iter(readers.values())))
         path = write_view(
-            root, key, attrs, examples, hashes, plan.where, readers, views=extra, layers=plan.layers
+            root, key, attrs, request.examples, hashes, plan.where, readers, views=extra, layers=plan.layers
         )
         if not plan.missing:
             say(f"wrote view {key} over {len(readers)} segment(s) in {time.perf_counter() - t_view:.2f}s")
@@ -271,6 +238,73 @@ def _build_view(
         for lease in leases:
             lease.release()
         raise
+
+
+def _say_plan(plan: SpacePlan, extra: list[list[str]]) -> None:
+    inputs = f"inputs (of {len(extra) + 1} views)" if extra else "inputs"
+    if plan.missing:
+        say(f"cache: {plan.reused:,} of {plan.unique:,} {inputs} reused; extracting {len(plan.missing):,}")
+    elif plan.layers is not None:
+        say(
+            f"cache: all {plan.unique:,} inputs are in activation space {plan.space} with layers "
+            f"{next(iter(plan.readers.values())).layers}; writing a view of layers {plan.layers} "
+            "(no backbone forward pass)"
+        )
+    else:
+        say(f"cache: all {plan.unique:,} inputs reused; writing the view only (no backbone forward pass)")
+
+
+def _extract_missing(
+    request: ExtractionRequest,
+    plan: SpacePlan,
+    everything: list[str],
+    leases: list[ReadLease],
+    progress: bool,
+    t0: float,
+) -> ExtractionResult | None:
+    """Extract the plan's missing inputs into a new segment (or publish the one a previous run finished:
+    then None) and add it to the plan's readers; its read lease joins ``leases``."""
+    root, space, examples = request.cache_root, plan.space, request.examples
+    new_hashes = [everything[i] for i in plan.missing]
+    segment = segment_id(space, new_hashes)
+    leases.append(ReadLease(root.lease_location(segment)))  # before it is published: gc keeps it
+    write_space_file(root, space, space_key_fields(request.key_fields))
+    result = None
+    # The segment's build lock, held until it is published: the lock `unipt cache gc
+    # --include-partial` needs to remove `.partial/<segment>`, so it never takes what we write.
+    with exclusive(root.lock_location(segment)):
+        builder = CacheBuilder(root, segment, final=root.segment_location(space, segment))
+        if builder.publish_if_committed() is None:
+            # Position p is view p // n of example p % n; views past 0 are augmented in the workers.
+            n = examples.num_rows
+            sources = [i % n for i in plan.missing]
+            views = [everything[i] if i >= n else None for i in plan.missing]
+            result = _extract(
+                request,
+                examples.take(sources),
+                new_hashes,
+                builder,
+                space,
+                progress,
+                t0,
+                views=views if any(v is not None for v in views) else None,
+            )
+    plan.readers[segment] = CacheReader(root.segment_location(space, segment))
+    plan.where.update({h: (segment, row) for row, h in enumerate(new_hashes)})
+    return result
+
+
+def _view_attrs(request: ExtractionRequest, first: CacheReader) -> dict[str, Any]:
+    """The view's own attributes; the backbone's come from its first segment."""
+    attrs: dict[str, Any] = {
+        "key_fields": request.key_fields,
+        "dataset_fingerprint": request.key_fields.get("dataset_fingerprint"),
+        "label_names": request.label_names,
+    }
+    if TEXT_PAIR_COLUMN in request.examples.column_names:  # a model trained on it must be given pairs too
+        attrs["input"] = "text_pair"
+    attrs["backbone"] = {**first.attrs.get("backbone", {}), "name": request.backbone_name}
+    return attrs
 
 
 def _leased_view(root: CacheRoot, key: str) -> ReadLease | None:
@@ -440,7 +474,6 @@ def _extract(
     )(ExtractionWorker)
     workers = [remote_worker.remote(request.load_spec, threads) for _ in range(count)]
     try:
-        # Each actor twice: see extract/worker.py.
         pool = WorkerPool(
             workers, SHARDS_IN_FLIGHT, on_no_worker_ready=lambda: _say_none_ready(count, resources)
         )
@@ -453,9 +486,8 @@ def _extract(
         shards = layout.shards()
         finished = builder.finished_shards()
         todo = [s for s in shards if s.shard_id not in finished]
-        resumed = sum(s.num_examples for s in shards if s.shard_id in finished)
         submit = _shard_submitter(request, builder.location, layout, inputs, views)
-        totals = _run_shards(pool, todo, submit, examples.num_rows, resumed, progress)
+        totals = _run_shards(pool, todo, submit, examples.num_rows, progress)
         _say_how_workers_did(pool, count, ran_any=bool(todo))
         _warn_about_inputs(totals, request, inputs, examples)
         shards_done_at = time.perf_counter()
@@ -570,14 +602,14 @@ def _run_shards(
     todo: list[ShardSpec],
     submit: Callable[[Any, ShardSpec], Any],
     num_examples: int,
-    resumed_examples: int,
     progress: bool,
 ) -> ExtractionTotals:
-    """Run ``todo`` on the pool under a progress bar; what the shards added up to."""
+    """Run ``todo`` on the pool under a progress bar (the examples not in it resumed); what the shards
+    added up to."""
     totals = ExtractionTotals()
     bar = tqdm(
         total=num_examples,
-        initial=resumed_examples,
+        initial=num_examples - sum(s.num_examples for s in todo),
         unit="ex",
         desc="extract",
         disable=not progress,
