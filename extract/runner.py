@@ -8,18 +8,18 @@ backbone in memory.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.exceptions import ActorDiedError, RayActorError, RayError
+from ray.exceptions import RayError
 from tqdm.auto import tqdm
 
 from extract.ray_session import HeadWatch, connect, root_cause, same_command
 from extract.spec import BackboneLoadSpec
+from extract.worker_pool import WorkerPool
 from pipeline.augment import augmented_hashes
 from pipeline.cache import CacheReader, CacheRoot, is_complete, read_attrs
 from pipeline.cache_layout import (
@@ -141,17 +141,7 @@ def run_extraction(
     try:
         # One lock per space: extractions of overlapping versions never build the same inputs twice.
         with exclusive(root.lock_location(space), on_wait=waiting):
-            hit = _leased_view(root, key)
-            if hit is not None:  # written by the run we waited for
-                return ExtractionResult(
-                    path=root.location(key), cache_hit=True, seconds=time.perf_counter() - t0, lease=hit
-                )
-            plan = _plan(request, space, everything)
-            try:
-                result = _build_view(request, plan, hashes, extra, ensure_ray, progress, t0)
-            finally:
-                plan.release()  # the result holds its own leases now
-            return result
+            return _under_space_lock(request, space, hashes, extra, ensure_ray, progress, t0)
     except RayError as exc:
         if watch.head_lost(fresh=True):  # the workers failed because their head is gone: say that
             watch.fail_now()
@@ -169,6 +159,28 @@ def run_extraction(
             watch.fail_now()
         if any(connected):
             ray.shutdown()
+
+
+def _under_space_lock(
+    request: ExtractionRequest,
+    space: str,
+    hashes: list[str],
+    extra: list[list[str]],
+    ensure_ray: Callable[[], None],
+    progress: bool,
+    t0: float,
+) -> ExtractionResult:
+    root, key = request.cache_root, request.key
+    hit = _leased_view(root, key)
+    if hit is not None:  # written by the run we waited for
+        return ExtractionResult(
+            path=root.location(key), cache_hit=True, seconds=time.perf_counter() - t0, lease=hit
+        )
+    plan = _plan(request, space, hashes + [h for view in extra for h in view])
+    try:
+        return _build_view(request, plan, hashes, extra, ensure_ray, progress, t0)
+    finally:
+        plan.release()  # the result holds its own leases now
 
 
 def _plan(request: ExtractionRequest, space: str, everything: list[str]) -> SpacePlan:
@@ -195,69 +207,24 @@ def _build_view(
 ) -> ExtractionResult:
     """Under the space lock: extract the missing inputs into one new segment, then write the view.
     ``extra`` holds the input hashes of augmented views 1.. (plan positions past the examples)."""
-    root, key, space = request.cache_root, request.key, plan.space
-    examples = request.examples
-    everything = hashes + [h for view in extra for h in view]
-    inputs = f"inputs (of {len(extra) + 1} views)" if extra else "inputs"
-    if plan.missing:
-        say(f"cache: {plan.reused:,} of {plan.unique:,} {inputs} reused; extracting {len(plan.missing):,}")
-    elif plan.layers is not None:
-        say(
-            f"cache: all {plan.unique:,} inputs are in activation space {space} with layers "
-            f"{next(iter(plan.readers.values())).layers}; writing a view of layers {plan.layers} "
-            "(no backbone forward pass)"
-        )
-    else:
-        say(f"cache: all {plan.unique:,} inputs reused; writing the view only (no backbone forward pass)")
+    root, key = request.cache_root, request.key
+    _say_plan(plan, extra)
     leases = []
     try:
         result = ExtractionResult(path=root.location(key), cache_hit=not plan.missing)
         if plan.missing:
             ensure_ray()
-            new_hashes = [everything[i] for i in plan.missing]
-            segment = segment_id(space, new_hashes)
-            leases.append(ReadLease(root.lease_location(segment)))  # before it is published: gc keeps it
-            write_space_file(root, space, space_key_fields(request.key_fields))
-            # The segment's build lock, held until it is published: the lock `unipt cache gc
-            # --include-partial` needs to remove `.partial/<segment>`, so it never takes what we write.
-            with exclusive(root.lock_location(segment)):
-                builder = CacheBuilder(root, segment, final=root.segment_location(space, segment))
-                published = builder.publish_if_committed()
-                if published is None:
-                    # Position p is view p // n of example p % n; views past 0 are augmented in the workers.
-                    n = examples.num_rows
-                    sources = [i % n for i in plan.missing]
-                    views = [everything[i] if i >= n else None for i in plan.missing]
-                    result = _extract(
-                        request,
-                        examples.take(sources),
-                        new_hashes,
-                        builder,
-                        space,
-                        progress,
-                        t0,
-                        views=views if any(v is not None for v in views) else None,
-                    )
-            reader = CacheReader(root.segment_location(space, segment))
-            plan.readers[segment] = reader
-            plan.where.update({h: (segment, row) for row, h in enumerate(new_hashes)})
-        attrs = {
-            "key_fields": request.key_fields,
-            "dataset_fingerprint": request.key_fields.get("dataset_fingerprint"),
-            "label_names": request.label_names,
-        }
-        if TEXT_PAIR_COLUMN in examples.column_names:  # a model trained on it must be given pairs too
-            attrs["input"] = "text_pair"
+            everything = hashes + [h for view in extra for h in view]
+            result = _extract_missing(request, plan, everything, leases, progress, t0) or result
         readers = plan.readers
-        first = next(iter(readers.values()))
-        attrs["backbone"] = {**first.attrs.get("backbone", {}), "name": request.backbone_name}
         # Taken before the view is published, and kept after the lock is let go: gc needs these leases
         # exclusively to remove the view or a segment, so it cannot delete what we are about to train on.
         leases.append(ReadLease(root.lease_location(key)))
         leases += [ReadLease(root.lease_location(s)) for s in readers]
         t_view = time.perf_counter()
+        attrs = _view_attrs(request, next(iter(readers.values())))
         path = write_view(
-            root, key, attrs, examples, hashes, plan.where, readers, views=extra, layers=plan.layers
+            root, key, attrs, request.examples, hashes, plan.where, readers, views=extra, layers=plan.layers
         )
         if not plan.missing:
             say(f"wrote view {key} over {len(readers)} segment(s) in {time.perf_counter() - t_view:.2f}s")
@@ -271,6 +238,73 @@ def _build_view(
         for lease in leases:
             lease.release()
         raise
+
+
+def _say_plan(plan: SpacePlan, extra: list[list[str]]) -> None:
+    inputs = f"inputs (of {len(extra) + 1} views)" if extra else "inputs"
+    if plan.missing:
+        say(f"cache: {plan.reused:,} of {plan.unique:,} {inputs} reused; extracting {len(plan.missing):,}")
+    elif plan.layers is not None:
+        say(
+            f"cache: all {plan.unique:,} inputs are in activation space {plan.space} with layers "
+            f"{next(iter(plan.readers.values())).layers}; writing a view of layers {plan.layers} "
+            "(no backbone forward pass)"
+        )
+    else:
+        say(f"cache: all {plan.unique:,} inputs reused; writing the view only (no backbone forward pass)")
+
+
+def _extract_missing(
+    request: ExtractionRequest,
+    plan: SpacePlan,
+    everything: list[str],
+    leases: list[ReadLease],
+    progress: bool,
+    t0: float,
+) -> ExtractionResult | None:
+    """Extract the plan's missing inputs into a new segment (or publish the one a previous run finished:
+    then None) and add it to the plan's readers; its read lease joins ``leases``."""
+    root, space, examples = request.cache_root, plan.space, request.examples
+    new_hashes = [everything[i] for i in plan.missing]
+    segment = segment_id(space, new_hashes)
+    leases.append(ReadLease(root.lease_location(segment)))  # before it is published: gc keeps it
+    write_space_file(root, space, space_key_fields(request.key_fields))
+    result = None
+    # The segment's build lock, held until it is published: the lock `unipt cache gc
+    # --include-partial` needs to remove `.partial/<segment>`, so it never takes what we write.
+    with exclusive(root.lock_location(segment)):
+        builder = CacheBuilder(root, segment, final=root.segment_location(space, segment))
+        if builder.publish_if_committed() is None:
+            # Position p is view p // n of example p % n; views past 0 are augmented in the workers.
+            n = examples.num_rows
+            sources = [i % n for i in plan.missing]
+            views = [everything[i] if i >= n else None for i in plan.missing]
+            result = _extract(
+                request,
+                examples.take(sources),
+                new_hashes,
+                builder,
+                space,
+                progress,
+                t0,
+                views=views if any(v is not None for v in views) else None,
+            )
+    plan.readers[segment] = CacheReader(root.segment_location(space, segment))
+    plan.where.update({h: (segment, row) for row, h in enumerate(new_hashes)})
+    return result
+
+
+def _view_attrs(request: ExtractionRequest, first: CacheReader) -> dict[str, Any]:
+    """The view's own attributes; the backbone's come from its first segment."""
+    attrs: dict[str, Any] = {
+        "key_fields": request.key_fields,
+        "dataset_fingerprint": request.key_fields.get("dataset_fingerprint"),
+        "label_names": request.label_names,
+    }
+    if TEXT_PAIR_COLUMN in request.examples.column_names:  # a model trained on it must be given pairs too
+        attrs["input"] = "text_pair"
+    attrs["backbone"] = {**first.attrs.get("backbone", {}), "name": request.backbone_name}
+    return attrs
 
 
 def _leased_view(root: CacheRoot, key: str) -> ReadLease | None:
@@ -317,10 +351,7 @@ def _warn_no_content(positions: list[int], ids: list[str]) -> None:
 # Ray resource names of the actor options we use.
 _RESOURCE_NAMES = {"num_cpus": "CPU", "num_gpus": "GPU"}
 FREE_WAIT_S = 10.0  # how long to let just-killed actors (a previous extraction) hand back their CPUs
-NOTICE_EVERY_S = 60.0  # a line while no worker is running, so a stalled extraction never waits silently
-REPROBE_S = 1.0  # how often to ask a restarting actor whether it is back
 MAX_RESTARTS = 3  # Ray restarts a dead extraction actor this often (a new process, the backbone reloaded)
-MAX_SHARD_ATTEMPTS = 4  # a shard whose worker dies this often is failing the workers, not unlucky
 
 
 def _worker_layout(setting: int | str) -> tuple[int, dict[str, float], int]:
@@ -391,162 +422,33 @@ def _show_available(nodes: list[dict[str, float]]) -> str:
     )
 
 
-class _WorkerPool:
-    """Extraction actors and the shards in flight on them; survives losing any but the last actor.
+@dataclass
+class ExtractionTotals:
+    """What one extraction's shards added up to; ``ExtractionResult.stats`` holds it as a dict."""
 
-    Ray restarts an actor whose process died (``max_restarts``), but its in-flight tasks are not
-    retried by Ray (``max_task_retries=0``): a restarted actor may never be placed again (its node is
-    gone and the others are full), and a retry queued on it would wait forever. Instead a failed
-    shard goes back to our queue for whichever actor is alive, and the dead one is probed
-    (``describe``): answering means it was restarted and takes shards again; ``ActorUnavailableError``
-    means it is restarting (asked again shortly), and a restart with nowhere to run never answers;
-    ``ActorDiedError`` means it is gone for good. Shards are idempotent (each writes only its own rows,
-    then its marker), so a shard redone elsewhere writes exactly the same bytes.
-    """
+    tokens: int = 0
+    bytes: int = 0  # stored (compressed)
+    raw_bytes: int = 0  # activations handed in (decoded)
+    forward_s: float = 0.0  # summed over shards: the workers' backbone time
+    write_s: float = 0.0  # summed over shards: overlapped with the next shard's forward pass
+    truncated: int = 0  # texts cut to backbone.max_length
+    no_content: list[int] = field(default_factory=list)  # positions of texts of only special/unknown tokens
+    devices: list[str] = field(default_factory=list)  # where the shards' forward passes ran, sorted
+    shards_requeued: int = 0
+    startup_s: float = 0.0  # Ray, actors, backbone loads (and lock waits)
+    shards_s: float = 0.0
+    commit_s: float = 0.0
 
-    def __init__(self, actors: list[Any], resources: dict[str, float]) -> None:
-        from extract.worker import SHARDS_IN_FLIGHT
-
-        self.actors = actors
-        self.resources = resources
-        self.per_actor = SHARDS_IN_FLIGHT  # each actor twice: see extract/worker.py
-        self.ready: set[int] = set()
-        self.shards_done: Counter[int] = Counter()  # actor -> shards it finished (the work it did)
-        self.lost: set[int] = set()  # dead for good
-        self.down: set[int] = set()  # failed and not answering again (yet): the lost, and the unplaceable
-        self.in_flight = dict.fromkeys(range(len(actors)), 0)
-        self.pending: dict[
-            Any, tuple[int, ShardSpec | None]
-        ] = {}  # ObjectRef -> (actor, shard or None for a probe)
-        self.requeued = 0
-        self.reprobe_at: dict[int, float] = {}  # actor -> when to ask a restarting actor again
-        for i in range(len(actors)):
-            self._probe(i)
-
-    def _probe(self, i: int) -> None:
-        self.pending[self.actors[i].describe.remote()] = (i, None)
-
-    def _shards_in_flight(self) -> int:
-        return sum(self.in_flight.values())
-
-    def first_description(self) -> dict[str, Any]:
-        """The backbone's description from the first actor that has loaded it."""
-        while True:
-            _, shard, value, error = self._next()
-            if error is None and shard is None:
-                return value
-
-    def run(
-        self,
-        todo: list[ShardSpec],
-        submit: Callable[[Any, ShardSpec], Any],
-        on_done: Callable[[dict[str, Any]], None],
-    ) -> None:
-        """Run every shard in ``todo`` (``submit(actor, shard)`` gives its ObjectRef) to completion."""
-        queue = deque(todo)
-        attempts: Counter[int] = Counter()
-        finished: set[int] = set()
-        while queue or self._shards_in_flight():
-            for i in sorted(self.ready):
-                while queue and self.in_flight[i] < self.per_actor:
-                    shard = queue.popleft()
-                    self.pending[submit(self.actors[i], shard)] = (i, shard)
-                    self.in_flight[i] += 1
-            _, shard, value, error = self._next()
-            if shard is None:
-                continue
-            if error is not None:
-                attempts[shard.shard_id] += 1
-                if attempts[shard.shard_id] >= MAX_SHARD_ATTEMPTS:
-                    raise UniptError(
-                        f"shard {shard.shard_id} lost its worker {attempts[shard.shard_id]} times "
-                        f"(last: {root_cause(error)}); it may be too large for a worker's memory: lower "
-                        "extract.shard_size or backbone.batch_size and run the same command again"
-                    )
-                queue.appendleft(shard)
-                self.requeued += 1
-            elif shard.shard_id not in finished:  # a shard redone after a lost reply counts once
-                finished.add(shard.shard_id)
-                self.shards_done[i] += 1
-                on_done(value)
-
-    def _next(self) -> tuple[int, ShardSpec | None, Any, RayActorError | None]:
-        """Wait for the next probe or shard to finish: (actor, shard or None for a probe, value, the
-        actor error if the actor failed). Other errors (the worker's own exceptions) are raised."""
-        while True:
-            now = time.monotonic()
-            for i, at in list(self.reprobe_at.items()):
-                if at <= now:
-                    del self.reprobe_at[i]
-                    self._probe(i)
-            if len(self.lost) == len(self.actors) or not (self.pending or self.reprobe_at):
-                raise UniptError(
-                    f"all {len(self.actors)} extraction workers were lost; finished shards are kept and "
-                    "the same command resumes from them once the cluster has room again"
-                )
-            wait_s = min([NOTICE_EVERY_S, *(at - now for at in self.reprobe_at.values())])
-            if not self.pending:  # only restarting actors, each to be asked again shortly
-                time.sleep(max(wait_s, 0.0))
-                continue
-            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=max(wait_s, 0.0))
-            if not done:
-                if self.reprobe_at and wait_s < NOTICE_EVERY_S:
-                    continue
-                if not self.ready:
-                    say(
-                        f"waiting for extraction workers: none of {len(self.actors)} has loaded the backbone "
-                        f"yet (each needs {_show(self.resources)}; "
-                        f"{_show_available([n['Resources'] for n in ray.nodes() if n.get('Alive')])}: "
-                        "workers that are loading hold theirs, so none free can also mean they are starting)"
-                    )
-                continue
-            ref = done[0]
-            i, shard = self.pending.pop(ref)
-            if shard is not None:
-                self.in_flight[i] -= 1
-            try:
-                value = ray.get(ref)
-            except RayActorError as exc:
-                if exc.actor_init_failed and not self.ready:
-                    raise  # the backbone cannot load: every other actor will fail the same way
-                self._on_actor_error(i, shard, exc)
-                if shard is None:
-                    continue
-                return i, shard, None, exc
-            if shard is None:
-                self.ready.add(i)
-                self.down.discard(i)  # restarted: takes shards again
-            return i, shard, value, None
-
-    def _on_actor_error(self, i: int, shard: ShardSpec | None, exc: RayActorError) -> None:
-        if i in self.lost:
-            return
-        self.down.add(i)
-        self.ready.discard(i)  # no more shards until it answers a probe again
-        if shard is None and isinstance(exc, ActorDiedError):
-            # Ray says "died" only once it will not restart the actor (restarts spent, backbone no longer
-            # loads); while restarting it says "unavailable".
-            self.lost.add(i)
-        elif shard is None:
-            self.reprobe_at[i] = time.monotonic() + REPROBE_S
-        elif i not in self.reprobe_at and not any(j == i and s is None for j, s in self.pending.values()):
-            self._probe(i)
-
-    @property
-    def workers_lost(self) -> int:
-        """Actors that failed and never answered again (dead, or their restart could not be placed)."""
-        return len(self.down)
-
-    @property
-    def workers_used(self) -> int:
-        """Actors that finished at least one shard."""
-        return sum(1 for done in self.shards_done.values() if done)
-
-    @property
-    def never_started(self) -> int:
-        """Actors that finished no shard and did not fail on one: never placed or never loaded (their node
-        lost while they loaded the backbone, no room for them, or the others were done first)."""
-        return sum(1 for i in range(len(self.actors)) if not self.shards_done[i] and i not in self.down)
+    def add_shard(self, stats: dict[str, Any]) -> None:
+        """Add one shard's stats, as ``ExtractionWorker.run_shard`` returns them."""
+        self.tokens += stats["tokens"]
+        self.bytes += stats["bytes"]
+        self.raw_bytes += stats["raw_bytes"]
+        self.forward_s += stats["forward_s"]
+        self.write_s += stats["write_s"]
+        self.truncated += stats["truncated"]
+        self.no_content += stats["no_content"]
+        self.devices = sorted({*self.devices, stats["device"]})
 
 
 def _extract(
@@ -566,140 +468,33 @@ def _extract(
 
     count, resources, threads = _worker_layout(request.extract.workers)
     # A worker whose process dies (OOM, preemption, kill -9, its node lost) is restarted by Ray; its
-    # shards are retried by _WorkerPool, on any actor that is alive (see there).
+    # shards are retried by WorkerPool, on any actor that is alive (see there).
     remote_worker = ray.remote(
         **resources, max_concurrency=SHARDS_IN_FLIGHT, max_restarts=MAX_RESTARTS, max_task_retries=0
     )(ExtractionWorker)
     workers = [remote_worker.remote(request.load_spec, threads) for _ in range(count)]
     try:
-        pool = _WorkerPool(workers, resources)
+        pool = WorkerPool(
+            workers, SHARDS_IN_FLIGHT, on_no_worker_ready=lambda: _say_none_ready(count, resources)
+        )
         # An actor has loaded its backbone once it answers: what comes after is the extraction proper.
         description = pool.first_description()
         ready_at = time.perf_counter()
-        layers = _resolve_layers(request.backbone.layers, description["num_hidden_states"])
-        hidden_sizes = {layer: int(description["hidden_sizes"][layer]) for layer in layers}
-        grids = {int(k): tuple(v) for k, v in description.get("grids", {}).items()}
-        input_column = description.get("input", "text")
-        if input_column not in examples.column_names:
-            have = "images" if "image" in examples.column_names else "texts"
-            raise UniptError(
-                f"backbone {request.backbone_name} reads {input_column}s but the dataset holds {have}; "
-                "pair text backbones with text datasets and image backbones with image datasets"
-            )
-
-        ext = request.extract
-        # Images give every example the same token count (ViT: patches + CLS); reserve exactly that.
-        max_length = int(description.get("tokens_per_example") or request.backbone.max_length)
-        layout = StoreLayout(
-            layers=tuple(LayerSpec(layer, hidden_sizes[layer], grids.get(layer)) for layer in layers),
-            num_examples=examples.num_rows,
-            max_length=max_length,
-            shard_size=ext.shard_size,
-            chunk_rows=resolve_chunk_rows(ext.chunk_rows, [hidden_sizes[layer] for layer in layers]),
-            dtype=ext.dtype,
-            codec=ext.codec,
-            shuffle=ext.shuffle,
-            compression_level=ext.compression_level,
-            blosc_blocksize=ext.blosc_blocksize,
-            chunks_per_file=ext.chunks_per_file,
-        )
+        layout = _segment_layout(request, description, examples.num_rows)
+        inputs = backbone_inputs(examples, _input_column(request, description, examples))
+        builder.create(layout, _segment_attrs(request, space, description))
         shards = layout.shards()
-        fields = space_key_fields(request.key_fields)
-        # A segment belongs to its space, not to a dataset version: no fingerprint, labels or splits.
-        attrs = {
-            "kind": SEGMENT_KIND,
-            "space_key": space,
-            "key_fields": fields,
-            "backbone": {"name": request.backbone_name, **fields["backbone"], **description},
-            "tokenizer": {
-                "class": description.get("tokenizer"),
-                "sha256": fields["backbone"].get("tokenizer_sha256"),
-            },
-        }
-        builder.create(layout, attrs)
         finished = builder.finished_shards()
         todo = [s for s in shards if s.shard_id not in finished]
-        inputs = backbone_inputs(examples, input_column)  # (text, text_pair) tuples for pair datasets
-        location = builder.location
-
-        totals = {"tokens": 0, "bytes": 0, "raw_bytes": 0, "forward_s": 0.0, "write_s": 0.0, "truncated": 0}
-        totals["no_content"] = []  # example positions whose text is only special/unknown tokens
-        devices: set[str] = set()  # where the shards' forward passes ran, as each shard reports it
-        resumed_examples = sum(s.num_examples for s in shards if s.shard_id in finished)
-        bar = tqdm(
-            total=examples.num_rows,
-            initial=resumed_examples,
-            unit="ex",
-            desc="extract",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-
-        def submit(actor: Any, shard: ShardSpec) -> Any:
-            return actor.run_shard.remote(
-                location,
-                layout,
-                shard,
-                inputs[shard.example_start : shard.example_stop],
-                request.backbone.batch_size,
-                None if views is None else views[shard.example_start : shard.example_stop],
-            )
-
-        def done(stats: dict[str, Any]) -> None:
-            for name in totals:
-                totals[name] += stats[name]
-            devices.add(stats["device"])
-            bar.update(stats["examples"])
-            bar.set_postfix(
-                tokens=totals["tokens"], stored=f"{totals['bytes'] / 2**20:.0f}MiB", refresh=False
-            )
-
-        pool.run(todo, submit, done)
-        bar.close()
-        lost, idle = pool.workers_lost, pool.never_started
-        if lost:
-            say(
-                f"lost {lost} of {count} workers; their shards were re-queued "
-                f"({pool.requeued} shard(s) redone by the {count - lost} left)"
-            )
-        if idle and todo:
-            # A worker whose node goes away while it loads the backbone leaves no error behind: Ray
-            # restarts it somewhere, and where there is no room its first answer never comes.
-            say(
-                f"{idle} of {count} workers ran no shard: they never started (no room on the cluster, or "
-                "their node was lost while they loaded the backbone) or the others finished first"
-            )
-        totals["shards_requeued"] = pool.requeued
-        totals["devices"] = sorted(devices)
-        if devices:
-            autocast = request.load_spec.autocast
-            say(f"extraction ran on {', '.join(sorted(devices))} (extract.autocast: {autocast})")
-        if totals["truncated"]:
-            _warn_truncated(int(totals["truncated"]), inputs, request.backbone.max_length)
-        if totals["no_content"]:
-            _warn_no_content(sorted(totals["no_content"]), examples.column("example_id").to_pylist())
+        submit = _shard_submitter(request, builder.location, layout, inputs, views)
+        totals = _run_shards(pool, todo, submit, examples.num_rows, progress)
+        _say_how_workers_did(pool, count, ran_any=bool(todo))
+        _warn_about_inputs(totals, request, inputs, examples)
         shards_done_at = time.perf_counter()
-
-        metadata = pa.table({"input_hash": pa.array(hashes, pa.string())})
-        path = builder.commit(
-            layout,
-            metadata,
-            {
-                "extraction": {
-                    "workers": count,
-                    "shards": len(shards),
-                    "forward_s": round(totals["forward_s"], 3),
-                    "write_s": round(totals["write_s"], 3),
-                    # Where and in what precision the rows were computed: a CPU run cannot pass for a GPU one.
-                    "devices": totals["devices"],
-                    "autocast": request.load_spec.autocast,
-                    "compute_dtype": "float16" if layout.dtype == "float16" else "float32",
-                }
-            },
-        )
-        totals["startup_s"] = ready_at - t0  # Ray, actors, backbone loads (and lock waits)
-        totals["shards_s"] = shards_done_at - ready_at
-        totals["commit_s"] = time.perf_counter() - shards_done_at
+        path = _commit_segment(builder, layout, hashes, request, count, len(shards), totals)
+        totals.startup_s = ready_at - t0
+        totals.shards_s = shards_done_at - ready_at
+        totals.commit_s = time.perf_counter() - shards_done_at
     finally:
         for worker in workers:
             ray.kill(worker)
@@ -708,15 +503,179 @@ def _extract(
         cache_hit=False,
         seconds=time.perf_counter() - t0,
         examples=examples.num_rows,
-        tokens=totals["tokens"],
-        bytes_written=totals["bytes"],
+        tokens=totals.tokens,
+        bytes_written=totals.bytes,
         shards_run=len(todo),
         shards_resumed=len(finished),
         workers=count,
         workers_used=pool.workers_used,
-        workers_lost=lost,
-        stats=totals,
+        workers_lost=pool.workers_lost,
+        stats=asdict(totals),
     )
+
+
+def _say_none_ready(count: int, resources: dict[str, float]) -> None:
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    say(
+        f"waiting for extraction workers: none of {count} has loaded the backbone yet (each needs "
+        f"{_show(resources)}; {_show_available(nodes)}: workers that are loading hold theirs, so none "
+        "free can also mean they are starting)"
+    )
+
+
+def _input_column(request: ExtractionRequest, description: dict[str, Any], examples: pa.Table) -> str:
+    """The column the backbone reads ("text" or "image"); the dataset must hold it."""
+    input_column = description.get("input", "text")
+    if input_column not in examples.column_names:
+        have = "images" if "image" in examples.column_names else "texts"
+        raise UniptError(
+            f"backbone {request.backbone_name} reads {input_column}s but the dataset holds {have}; "
+            "pair text backbones with text datasets and image backbones with image datasets"
+        )
+    return input_column
+
+
+def _segment_layout(
+    request: ExtractionRequest, description: dict[str, Any], num_examples: int
+) -> StoreLayout:
+    """The new segment's store layout: the layers asked for, sized as the loaded backbone describes them."""
+    layers = _resolve_layers(request.backbone.layers, description["num_hidden_states"])
+    hidden_sizes = {layer: int(description["hidden_sizes"][layer]) for layer in layers}
+    grids = {int(k): tuple(v) for k, v in description.get("grids", {}).items()}
+    ext = request.extract
+    # Images give every example the same token count (ViT: patches + CLS); reserve exactly that.
+    max_length = int(description.get("tokens_per_example") or request.backbone.max_length)
+    return StoreLayout(
+        layers=tuple(LayerSpec(layer, hidden_sizes[layer], grids.get(layer)) for layer in layers),
+        num_examples=num_examples,
+        max_length=max_length,
+        shard_size=ext.shard_size,
+        chunk_rows=resolve_chunk_rows(ext.chunk_rows, [hidden_sizes[layer] for layer in layers]),
+        dtype=ext.dtype,
+        codec=ext.codec,
+        shuffle=ext.shuffle,
+        compression_level=ext.compression_level,
+        blosc_blocksize=ext.blosc_blocksize,
+        chunks_per_file=ext.chunks_per_file,
+    )
+
+
+def _segment_attrs(request: ExtractionRequest, space: str, description: dict[str, Any]) -> dict[str, Any]:
+    """A segment belongs to its space, not to a dataset version: no fingerprint, labels or splits."""
+    fields = space_key_fields(request.key_fields)
+    return {
+        "kind": SEGMENT_KIND,
+        "space_key": space,
+        "key_fields": fields,
+        "backbone": {"name": request.backbone_name, **fields["backbone"], **description},
+        "tokenizer": {
+            "class": description.get("tokenizer"),
+            "sha256": fields["backbone"].get("tokenizer_sha256"),
+        },
+    }
+
+
+def _shard_submitter(
+    request: ExtractionRequest,
+    location: Location,
+    layout: StoreLayout,
+    inputs: list,
+    views: list[str | None] | None,
+) -> Callable[[Any, ShardSpec], Any]:
+    """``submit(actor, shard)``: start the shard on the actor, give its ObjectRef."""
+
+    def submit(actor: Any, shard: ShardSpec) -> Any:
+        return actor.run_shard.remote(
+            location,
+            layout,
+            shard,
+            inputs[shard.example_start : shard.example_stop],
+            request.backbone.batch_size,
+            None if views is None else views[shard.example_start : shard.example_stop],
+        )
+
+    return submit
+
+
+def _run_shards(
+    pool: WorkerPool,
+    todo: list[ShardSpec],
+    submit: Callable[[Any, ShardSpec], Any],
+    num_examples: int,
+    progress: bool,
+) -> ExtractionTotals:
+    """Run ``todo`` on the pool under a progress bar (the examples not in it resumed); what the shards
+    added up to."""
+    totals = ExtractionTotals()
+    bar = tqdm(
+        total=num_examples,
+        initial=num_examples - sum(s.num_examples for s in todo),
+        unit="ex",
+        desc="extract",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+
+    def done(stats: dict[str, Any]) -> None:
+        totals.add_shard(stats)
+        bar.update(stats["examples"])
+        bar.set_postfix(tokens=totals.tokens, stored=f"{totals.bytes / 2**20:.0f}MiB", refresh=False)
+
+    pool.run(todo, submit, done)
+    bar.close()
+    totals.shards_requeued = pool.requeued
+    return totals
+
+
+def _say_how_workers_did(pool: WorkerPool, count: int, ran_any: bool) -> None:
+    lost, idle = pool.workers_lost, pool.never_started
+    if lost:
+        say(
+            f"lost {lost} of {count} workers; their shards were re-queued "
+            f"({pool.requeued} shard(s) redone by the {count - lost} left)"
+        )
+    if idle and ran_any:
+        # A worker whose node goes away while it loads the backbone leaves no error behind: Ray
+        # restarts it somewhere, and where there is no room its first answer never comes.
+        say(
+            f"{idle} of {count} workers ran no shard: they never started (no room on the cluster, or "
+            "their node was lost while they loaded the backbone) or the others finished first"
+        )
+
+
+def _warn_about_inputs(
+    totals: ExtractionTotals, request: ExtractionRequest, inputs: list, examples: pa.Table
+) -> None:
+    if totals.devices:
+        autocast = request.load_spec.autocast
+        say(f"extraction ran on {', '.join(totals.devices)} (extract.autocast: {autocast})")
+    if totals.truncated:
+        _warn_truncated(totals.truncated, inputs, request.backbone.max_length)
+    if totals.no_content:
+        _warn_no_content(sorted(totals.no_content), examples.column("example_id").to_pylist())
+
+
+def _commit_segment(
+    builder: CacheBuilder,
+    layout: StoreLayout,
+    hashes: list[str],
+    request: ExtractionRequest,
+    workers: int,
+    shards: int,
+    totals: ExtractionTotals,
+) -> Location:
+    metadata = pa.table({"input_hash": pa.array(hashes, pa.string())})
+    extraction = {
+        "workers": workers,
+        "shards": shards,
+        "forward_s": round(totals.forward_s, 3),
+        "write_s": round(totals.write_s, 3),
+        # Where and in what precision the rows were computed: a CPU run cannot pass for a GPU one.
+        "devices": totals.devices,
+        "autocast": request.load_spec.autocast,
+        "compute_dtype": "float16" if layout.dtype == "float16" else "float32",
+    }
+    return builder.commit(layout, metadata, {"extraction": extraction})
 
 
 def _resolve_layers(layers: str | list[int], num_hidden_states: int) -> list[int]:
