@@ -114,7 +114,11 @@ def read_path_rows(
             f"{read_bytes / read_s / 1e9:.2f} GB/s decoded",
             f"{per_token:,.0f} bytes per token",
         ),
-        (f"backbone forward ({device})", f"{tokens_s:,.0f} tokens/s", "steady forward on training batches, in this process"),
+        (
+            f"backbone forward ({device})",
+            f"{tokens_s:,.0f} tokens/s",
+            "steady forward on training batches, in this process",
+        ),
         (
             "one pass: cache vs recompute",
             f"read {read_s:.2f}s vs forward {forward_s:.2f}s",
