@@ -82,7 +82,9 @@ class Tracker:
 
     def start(self, experiment: ExperimentConfig, tags: dict[str, str]) -> None:
         """Open the sinks, log the config as params and ``tags`` (fingerprint, cache key) as tags."""
-        self._hparams = {key: _hparam_value(value) for key, value in flatten(experiment).items()}
+        self._hparams = {
+            key: _hparam_value(value) for key, value in flatten(experiment.model_dump(mode="json")).items()
+        }
         if self.config.mlflow is not None:
             self._start_mlflow(experiment, tags)
         if self.config.tensorboard is not None:

@@ -131,7 +131,7 @@ def test_the_base_install_trains_from_a_cache_and_lists_reads_and_verifies_it(ba
 def test_a_command_that_needs_an_extra_names_it_in_one_line(base_env, extracted, tmp_path, argv, extra):
     config, cache = extracted
     args = [a.format(config=config, cache=cache, tmp=tmp_path) for a in argv]
-    if argv[0] != "cache":  # cache commands take no --runs-root
+    if argv[0] == "train":  # cache commands and extract take no --runs-root
         args += ["--runs-root", str(tmp_path / "runs")]
     out = _run(base_env, "unipt", *args, cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]
