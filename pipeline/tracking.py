@@ -66,6 +66,7 @@ class Tracker:
         self._mlflow: Any = None  # an MlflowClient
         self._tensorboard: Any = None  # a SummaryWriter
         self._logged_epochs: set[int] = set()
+        self._config: dict[str, Any] = {}  # the experiment's config, flattened to train.lr-style keys
         self._hparams: dict[str, Any] = {}
 
     @property
@@ -82,9 +83,8 @@ class Tracker:
 
     def start(self, experiment: ExperimentConfig, tags: dict[str, str]) -> None:
         """Open the sinks, log the config as params and ``tags`` (fingerprint, cache key) as tags."""
-        self._hparams = {
-            key: _hparam_value(value) for key, value in flatten(experiment.model_dump(mode="json")).items()
-        }
+        self._config = flatten(experiment.model_dump(mode="json"))
+        self._hparams = {key: _hparam_value(value) for key, value in self._config.items()}
         if self.config.mlflow is not None:
             self._start_mlflow(experiment, tags)
         if self.config.tensorboard is not None:
@@ -114,10 +114,7 @@ class Tracker:
         self._mlflow, self.mlflow_run_id = client, run.info.run_id
         from mlflow.entities import Param
 
-        params = [
-            Param(key, _param_value(value))
-            for key, value in sorted(flatten(experiment.model_dump(mode="json")).items())
-        ]
+        params = [Param(key, _param_value(value)) for key, value in sorted(self._config.items())]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             client.log_batch(self.mlflow_run_id, params=params[start : start + 100])
         say(f"tracking: MLflow run {self.mlflow_run_id} in experiment {experiment.name!r} at {uri}")
