@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import FORMAT_VERSION
-from pipeline.cache import CacheReader, CacheRoot
+from pipeline.cache import CacheRoot
 from pipeline.cli import main
 from pipeline.log import human_bytes
 from pipeline.runs import write_run_record
@@ -177,22 +177,10 @@ def test_gc_removes_what_an_interrupted_gc_left_in_the_trash_and_ls_shows_it(tmp
 
 def _space_with_a_view(root: CacheRoot) -> str:
     """Two segments of an activation space and a view over both; returns the view's key."""
-    from pipeline.cache_space import write_view
-    from tests.test_incremental import SPACE, _segment
+    from tests.test_incremental import views_over_two_segments
 
-    _segment(root, "01" * 16, [3, 5, 2, 7], ["h0", "h1", "h2", "h3"], seed=0)
-    _segment(root, "02" * 16, [2, 8], ["h4", "h5"], seed=1)
-    examples = pa.table(
-        {"example_id": [f"e{i}" for i in range(6)], "label": [0, 1] * 3, "split": ["train"] * 6}
-    )
-    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
-    where = {f"h{i}": ("01" * 16, i) for i in range(4)} | {"h4": ("02" * 16, 0), "h5": ("02" * 16, 1)}
-    key = "ee" * 16
-    attrs = {"key_fields": {}, "label_names": ["neg", "pos"]}
-    write_view(root, key, attrs, examples, ["h5", "h0", "h1", "h4", "h2", "h3"], where, readers)
-    for reader in readers.values():
-        reader.lease.release()
-    return key
+    views_over_two_segments(root, ["ee" * 16])
+    return "ee" * 16
 
 
 def _flip_labels(view: Path) -> None:

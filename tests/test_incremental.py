@@ -608,6 +608,23 @@ def test_errors_are_typed_missing_or_damaged(tmp_path):
     assert not any((tmp_path / ".leases").glob("*.lock"))  # a failed open holds no lease
 
 
+def views_over_two_segments(root: CacheRoot, keys: list[str]) -> None:
+    """Two segments of the activation space SPACE (4 and 2 inputs) and, for each of ``keys``, a view over
+    all 6 inputs in an order that mixes the segments."""
+    _segment(root, "01" * 16, [3, 5, 2, 7], ["h0", "h1", "h2", "h3"], seed=0)
+    _segment(root, "02" * 16, [2, 8], ["h4", "h5"], seed=1)
+    examples = pa.table(
+        {"example_id": [f"e{i}" for i in range(6)], "label": [0, 1] * 3, "split": ["train"] * 6}
+    )
+    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
+    where = {f"h{i}": ("01" * 16, i) for i in range(4)} | {"h4": ("02" * 16, 0), "h5": ("02" * 16, 1)}
+    hashes = ["h5", "h0", "h1", "h4", "h2", "h3"]
+    for key in keys:
+        write_view(root, key, {"key_fields": {}, "label_names": ["a", "b"]}, examples, hashes, where, readers)
+    for reader in readers.values():
+        reader.lease.release()
+
+
 def test_compaction_moves_the_registered_root_digest_of_a_view_that_runs_read(tmp_path, capsys):
     """Compaction rewrites a view (same examples, same activations, another layout): runs that read the
     view as it was now name its new root digest, so `train` and `rerun` keep accepting it. A run that had
@@ -617,18 +634,7 @@ def test_compaction_moves_the_registered_root_digest_of_a_view_that_runs_read(tm
     from pipeline.registry import Registry
 
     root = CacheRoot(tmp_path)
-    _segment(root, "01" * 16, [3, 5, 2, 7], ["h0", "h1", "h2", "h3"], seed=0)
-    _segment(root, "02" * 16, [2, 8], ["h4", "h5"], seed=1)
-    examples = pa.table(
-        {"example_id": [f"e{i}" for i in range(6)], "label": [0, 1] * 3, "split": ["train"] * 6}
-    )
-    readers = {s: CacheReader(root.segment_location(SPACE, s)) for s in ("01" * 16, "02" * 16)}
-    where = {f"h{i}": ("01" * 16, i) for i in range(4)} | {"h4": ("02" * 16, 0), "h5": ("02" * 16, 1)}
-    hashes = ["h5", "h0", "h1", "h4", "h2", "h3"]
-    for key in ("ee" * 16, "dd" * 16):
-        write_view(root, key, {"key_fields": {}, "label_names": ["a", "b"]}, examples, hashes, where, readers)
-    for reader in readers.values():
-        reader.lease.release()
+    views_over_two_segments(root, ["ee" * 16, "dd" * 16])
     before = stored_root_digest(root.location("ee" * 16))
     registry = tmp_path / "r.sqlite"
     with Registry(registry) as runs:
