@@ -115,24 +115,24 @@ class RunEntry:
 
 def cache_keys_of(record: dict[str, Any]) -> dict[str, str]:
     """Every cache a run record uses, by role: its training cache and each backbone's cache."""
-    keys: dict[str, str] = {}
-    if record.get("cache", {}).get("key"):
-        keys["cache"] = record["cache"]["key"]
-    for name, backbone in (record.get("backbones") or {}).items():
-        if isinstance(backbone, dict) and backbone.get("cache_key"):
-            keys[f"backbone:{name}"] = backbone["cache_key"]
-    return keys
+    return _by_role(record, "key", "cache_key")
 
 
 def cache_digests_of(record: dict[str, Any]) -> dict[str, str]:
     """The root digest of every cache a run record read, by the roles of :func:`cache_keys_of`."""
-    digests: dict[str, str] = {}
-    if record.get("cache", {}).get("root_digest"):
-        digests["cache"] = record["cache"]["root_digest"]
+    return _by_role(record, "root_digest", "root_digest")
+
+
+def _by_role(record: dict[str, Any], cache_field: str, backbone_field: str) -> dict[str, str]:
+    """``record["cache"][cache_field]`` as role "cache", and each backbone's ``backbone_field`` as
+    "backbone:<name>", where set."""
+    found: dict[str, str] = {}
+    if record.get("cache", {}).get(cache_field):
+        found["cache"] = record["cache"][cache_field]
     for name, backbone in (record.get("backbones") or {}).items():
-        if isinstance(backbone, dict) and backbone.get("root_digest"):
-            digests[f"backbone:{name}"] = backbone["root_digest"]
-    return digests
+        if isinstance(backbone, dict) and backbone.get(backbone_field):
+            found[f"backbone:{name}"] = backbone[backbone_field]
+    return found
 
 
 class Registry:
