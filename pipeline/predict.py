@@ -297,6 +297,8 @@ class TunedModel:
 
         if not inputs:
             raise UniptError("nothing to predict: the input is empty")
+        if batch_size < 1:  # a step below 1 would predict nothing (or fail), e.g. from an MLmodel's config
+            raise UniptError(f"batch_size {batch_size}: give 1 or more")
         check_inputs(inputs, self.spec.input)
         ids = ids if ids is not None else [str(i) for i in range(len(inputs))]
         parts = []

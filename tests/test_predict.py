@@ -159,6 +159,9 @@ def test_save_pretrained_and_from_pretrained_round_trip_with_a_model_card(
     again = TunedModel.from_pretrained(saved, device="cpu")
     np.testing.assert_array_equal(again.predict(texts).outputs, model.predict(texts).outputs)
     assert again.spec == model.spec
+    for size in (0, -1):  # the Python API and MLflow's model_config reach here without the CLI's check
+        with pytest.raises(UniptError, match=f"batch_size {size}: give 1 or more"):
+            again.predict(texts, batch_size=size)
 
     # The card: Hugging Face-style front matter, then the numbers a person looks for first.
     header, body = read_card(saved)
