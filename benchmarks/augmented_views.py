@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, machine, mean_std, print_table, write_report  # noqa: E402
-from pipeline import experiment  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.storage import Location  # noqa: E402
+from unipt.pipeline import experiment  # noqa: E402
+from unipt.pipeline.config import load_config  # noqa: E402
+from unipt.pipeline.storage import Location  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST_LAYERS = "[4,5]"  # two 7x7 stages (80 and 112 channels): the cnn variant needs grids that divide

@@ -6,7 +6,7 @@ method trains in a fresh Python process of its own, so each peak RSS is that met
 - ``linear-probe``: logistic regression on the last layer's mean-pooled cached tokens (train/probe.py);
 - ``unipt-cache``: UniPT trained from the cache, no backbone in memory (train/loop.py);
 - ``unipt-online``: the same UniPT, the frozen backbone in memory and run on every batch of every
-  epoch, as the paper's code does (pipeline/baselines.py);
+  epoch, as the paper's code does (benchmarks/online_baselines.py);
 - ``full-finetune``: the backbone trained with a linear head, at ``train.lr / 10``.
 
 The online runs walk the same batches in the same order as the cached run. Prints a table (accuracy,
@@ -36,8 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ExperimentConfig, load_config  # noqa: E402
-from pipeline.errors import UniptError  # noqa: E402
+from unipt.pipeline.config import ExperimentConfig, load_config  # noqa: E402
+from unipt.pipeline.errors import UniptError  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "baselines.json"
 METHODS = ("linear-probe", "unipt-cache", "unipt-online", "full-finetune")
@@ -68,17 +68,17 @@ def _median(values: list[Any]) -> Any:
 # --- one method, in its own process -----------------------------------------------------------------------
 def run_method(method: str, config: ExperimentConfig, cache: str, progress: bool) -> dict[str, Any]:
     """Train ``method`` once in this process and measure it (called in a fresh interpreter per method)."""
-    from pipeline.resources import peak_cuda_mib, peak_rss_mib
+    from benchmarks.resources import peak_cuda_mib, peak_rss_mib
 
     seed, train = config.seed, config.train
     if method in ("linear-probe", "unipt-cache"):
-        from pipeline.cache_open import open_cache
+        from unipt.pipeline.cache.opener import open_cache
 
         started = time.perf_counter()
         reader = open_cache(cache)
         setup = time.perf_counter() - started
         if method == "linear-probe":
-            from train.probe import linear_probe
+            from unipt.train.probe import linear_probe
 
             started, cpu = time.perf_counter(), time.process_time()
             probe = linear_probe(reader, seed)
@@ -93,15 +93,15 @@ def run_method(method: str, config: ExperimentConfig, cache: str, progress: bool
                 "cpu_seconds": time.process_time() - cpu,
             }
         else:
-            from train.tasks import train_task
+            from unipt.train.tasks import train_task
 
             cpu = time.process_time()
             result = train_task(reader, train, seed, progress=progress)
             row = _from_train_result(result, time.process_time() - cpu)
         row["setup_seconds"] = setup
     else:
-        from pipeline.baselines import fit_online, load_online_data
-        from pipeline.datasets import load_dataset
+        from benchmarks.online_baselines import fit_online, load_online_data
+        from unipt.pipeline.data.table import load_dataset
 
         if config.backbone is None:
             raise UniptError("baselines take a config with one `backbone`, not a `backbones` mapping")
@@ -279,8 +279,8 @@ def main() -> int:
 
 
 def drive(args: argparse.Namespace) -> int:
-    from pipeline import experiment
-    from pipeline.cache_open import open_cache
+    from unipt.pipeline import experiment
+    from unipt.pipeline.cache.opener import open_cache
 
     if args.repeats < 1:
         raise UniptError("--repeats must be at least 1")

@@ -3,7 +3,7 @@
 What it measures: for each layout (compressor, chunk_rows, sharding on/off, stored dtype) it writes
 the per-layer activations of real Rotten Tomatoes snippets (bundled MiniLM, layers 0/3/6 by
 default) as 2-D Zarr v3 arrays ``[total_tokens, hidden]`` chunked along rows, like
-``pipeline/cache.py`` does, into a LocalStore under a temp dir, then reports medians over
+``pipeline/cache/reader.py`` does, into a LocalStore under a temp dir, then reports medians over
 ``--reps`` writes (and ``--read-passes`` read passes after each write) of:
 
 * ratio      uncompressed bytes / bytes of all files in the store (also per layer);
@@ -61,13 +61,13 @@ import zarr  # noqa: E402
 from zarr.codecs import BloscCodec, ZstdCodec  # noqa: E402
 from zarr.codecs.numcodecs import LZ4  # noqa: E402
 
-from pipeline.encoding import decode_rows, encode_rows  # noqa: E402
+from unipt.pipeline.cache.encoding import decode_rows, encode_rows  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 MB = 1e6
 MIB = 1 << 20
-CURRENT_DEFAULT = "blosc-zstd1-shuffle-1M"  # what pipeline/encoding.py ships (chosen from this table)
+CURRENT_DEFAULT = "blosc-zstd1-shuffle-1M"  # what pipeline/cache/encoding.py ships (chosen from this table)
 
 # name -> factory for the `compressors=` argument of create_array (None = stored raw).
 COMPRESSORS: dict[str, Callable[[], list[Any] | None]] = {
@@ -262,10 +262,10 @@ def run_layout(
 
 def extract_activations(args: argparse.Namespace) -> tuple[dict[int, np.ndarray], list[int]]:
     """Real float32 MiniLM hidden states of Rotten Tomatoes snippets, packed [tokens, hidden] per layer."""
-    from extract.backbones import HFTextBackbone
-    from extract.spec import BackboneLoadSpec
-    from pipeline.config import DatasetConfig
-    from pipeline.datasets import load_dataset
+    from unipt.extract.backbones import HFTextBackbone
+    from unipt.extract.spec import BackboneLoadSpec
+    from unipt.pipeline.config import DatasetConfig
+    from unipt.pipeline.data.table import load_dataset
 
     ds = load_dataset(DatasetConfig(source="bundled:rotten_tomatoes", limit=args.examples))
     texts = ds.table.column("text").to_pylist()

@@ -1,7 +1,8 @@
 """Cache size on disk per storage dtype, against the naive way of keeping activations: padded fp32 tensors.
 
 The same examples (configs/rt_minilm.yaml: a seeded sample of Rotten Tomatoes through all-MiniLM-L6-v2,
-every hidden state) are extracted once per dtype by the pipeline (``pipeline.experiment.extract``, the
+every hidden state) are extracted once per dtype by the pipeline
+(``unipt.pipeline.experiment.recipe.extract``, the
 shipped codec), and each cache's bytes on disk are set against:
 
 - **padded fp32**: ``N x max_length x hidden x layers x 4`` bytes, one dense float32 tensor per layer
@@ -30,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402, F401  (before Ray: see extract/runner.py)
 
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
-from pipeline.cache import ActivationCache, CacheReader  # noqa: E402
-from pipeline.cache_layout import layer_array_name, scale_array_name  # noqa: E402
-from pipeline.cache_view import ViewReader  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from unipt.pipeline.cache.layout import layer_array_name, scale_array_name  # noqa: E402
+from unipt.pipeline.cache.reader import ActivationCache, CacheReader  # noqa: E402
+from unipt.pipeline.cache.view import ViewReader  # noqa: E402
+from unipt.pipeline.config import load_config  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 COLUMNS = (
@@ -140,7 +141,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS / "cache_size.json"))
     args = parser.parse_args()
 
-    from pipeline import experiment
+    from unipt.pipeline import experiment
 
     rows, caches = [], {}
     for dtype in args.dtypes:

@@ -6,7 +6,8 @@ The same rows are stored three ways and read the way training reads them (shuffl
 * ``format 2``  a plain Zarr array without the crc32c codec, read with Zarr (what format-2 reads did);
 * ``crc32c``    the format-3 cache's array (crc32c last in the codec chain), read with Zarr directly:
                the codec's cost alone;
-* ``format 3``  the same cache through :class:`pipeline.cache.CacheReader` ``read_rows``: crc32c plus the
+* ``format 3``  the same cache through :class:`unipt.pipeline.cache.reader.CacheReader` ``read_rows``: crc32c
+plus the
                reader's per-chunk checks (trailer position, missing chunk), i.e. what training pays.
 
 Each codec (default Blosc zstd 1, and ``none``, where decoding is cheapest and the checksum's share
@@ -43,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 import zarr  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
-from pipeline.cache import CacheReader, CacheRoot  # noqa: E402
-from pipeline.cache_layout import LayerSpec, StoreLayout, layer_array_name  # noqa: E402
-from pipeline.cache_writer import CacheBuilder, write_shard  # noqa: E402
-from pipeline.encoding import compressors, decode_rows  # noqa: E402
+from unipt.pipeline.cache.encoding import compressors, decode_rows  # noqa: E402
+from unipt.pipeline.cache.layout import LayerSpec, StoreLayout, layer_array_name  # noqa: E402
+from unipt.pipeline.cache.reader import CacheReader, CacheRoot  # noqa: E402
+from unipt.pipeline.cache.writer import CacheBuilder, write_shard  # noqa: E402
 
 KEY = "c5" * 16
 MODES = ("format 2", "crc32c", "format 3")

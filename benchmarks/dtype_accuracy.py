@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import experiment  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from unipt.pipeline import experiment  # noqa: E402
+from unipt.pipeline.config import load_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "dtype_accuracy.json"
 

@@ -7,7 +7,8 @@ all-MiniLM-L6-v2, every hidden state, fp16):
 - **pure forward**: the backbone's ``encode`` in this process (tokenize, forward, hidden states to host
   memory) over the same shards the pipeline cuts, nothing written; the median of ``--repeats`` passes
   after a warm-up.
-- **extraction**: ``unipt extract``'s own path (``pipeline.experiment.extract``) into a fresh cache, on a
+- **extraction**: ``unipt extract``'s own path (``unipt.pipeline.experiment.recipe.extract``) into a fresh
+cache, on a
   local Ray instance started once; ``extract.workers`` = each of ``--workers``. Split into *startup*
   (actors start and load the backbone) and *extraction proper* (first shard to committed cache).
 
@@ -36,16 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402  (before Ray: see extract/runner.py)
 
 from benchmarks.common import machine, print_table, write_report  # noqa: E402
-from pipeline import experiment  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from unipt.pipeline import experiment  # noqa: E402
+from unipt.pipeline.config import load_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "extract_overhead.json"
 
 
 def pure_forward_seconds(prep, repeats: int) -> tuple[float, int]:
     """Median seconds of the backbone's encode over every example, in this process; and the token count."""
-    from extract.backbones import load_backbone
-    from extract.spec import BackboneLoadSpec
+    from unipt.extract.backbones import load_backbone
+    from unipt.extract.spec import BackboneLoadSpec
 
     settings = prep.config.primary_backbone
     backbone = load_backbone(

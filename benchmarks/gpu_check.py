@@ -35,11 +35,11 @@ import torch  # noqa: E402  (before Ray: see extract/runner.py)
 
 from benchmarks.common import machine, print_table  # noqa: E402
 from benchmarks.loader_throughput import Stepper, loader_for, measure  # noqa: E402
-from pipeline import experiment  # noqa: E402
-from pipeline.config import ExperimentConfig, load_config  # noqa: E402
-from pipeline.cuda_support import fast_half  # noqa: E402
-from pipeline.plan import forward_rate, read_rate  # noqa: E402
-from train.loader import CacheBatches  # noqa: E402
+from unipt.pipeline import experiment  # noqa: E402
+from unipt.pipeline.config import ExperimentConfig, load_config  # noqa: E402
+from unipt.pipeline.cuda_support import fast_half  # noqa: E402
+from unipt.pipeline.experiment.plan import forward_rate, read_rate  # noqa: E402
+from unipt.train.loader import CacheBatches  # noqa: E402
 
 
 class LiveRows(list):
@@ -75,8 +75,8 @@ def waiting_fraction(stepper: Stepper, loader: CacheBatches, epoch: int = 0) -> 
 
 def pure_forward_seconds(prep: experiment.Prepared, autocast: str) -> float:
     """The backbone's own encode over the same shards the pipeline cuts, in this process, nothing written."""
-    from extract.backbones import load_backbone
-    from extract.spec import BackboneLoadSpec
+    from unipt.extract.backbones import load_backbone
+    from unipt.extract.spec import BackboneLoadSpec
 
     settings = prep.primary.config
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -221,7 +221,7 @@ def main() -> int:
             (f"epoch from cache (amp {amp})", f"{per_epoch:.2f}s", f"peak GPU {peak:.0f} MiB, val {val:.3f}")
         )
 
-    from pipeline.baselines import train_online
+    from benchmarks.online_baselines import train_online
 
     torch.cuda.reset_peak_memory_stats()
     online = train_online(

@@ -22,9 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
-from pipeline import experiment, file_digests  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.predict import load_model  # noqa: E402
+from unipt.pipeline import experiment  # noqa: E402
+from unipt.pipeline.cache import file_digests  # noqa: E402
+from unipt.pipeline.config import load_config  # noqa: E402
+from unipt.pipeline.model.predict import load_model  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rt_minilm.yaml"
 

@@ -23,10 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
-from pipeline import experiment  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.datasets import load_dataset  # noqa: E402
-from pipeline.storage import Location  # noqa: E402
+from unipt.pipeline import experiment  # noqa: E402
+from unipt.pipeline.config import load_config  # noqa: E402
+from unipt.pipeline.data.table import load_dataset  # noqa: E402
+from unipt.pipeline.storage import Location  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "rt_minilm.yaml"
 
@@ -86,13 +86,13 @@ def loader_throughput(work: Path, examples: int = 6000, passes: int = 3) -> dict
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.cache import CacheReader, CacheRoot
-    from pipeline.cache_layout import LayerSpec, StoreLayout
-    from pipeline.cache_open import open_cache
-    from pipeline.cache_space import write_view
-    from pipeline.cache_writer import CacheBuilder, write_shard
-    from pipeline.config import TrainConfig
-    from train.loader import CacheBatches
+    from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
+    from unipt.pipeline.cache.opener import open_cache
+    from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+    from unipt.pipeline.cache.space import write_view
+    from unipt.pipeline.cache.writer import CacheBuilder, write_shard
+    from unipt.pipeline.config import TrainConfig
+    from unipt.train.loader import CacheBatches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 50, examples).tolist()

@@ -6,7 +6,7 @@ On the default experiment (configs/rt_minilm.yaml, every snippet unless ``--limi
   lengths) and the same for the ``N x N`` interaction term (``B * N^2`` against ``sum(n^2)``);
 - **UniPT from the cache**: seeds ``--seeds``, each trained with grouping off and on (taking turns, so a
   load that comes and goes lands on both alike): median seconds per epoch, val/test accuracy;
-- **UniPT online** (backbone in memory, :mod:`pipeline.baselines`): the same on ``--online-limit``
+- **UniPT online** (backbone in memory, :mod:`benchmarks.online_baselines`): the same on ``--online-limit``
   snippets for ``--online-epochs`` epochs, seeds ``--online-seeds`` (default: ``--seeds``), off and on
   taking turns: it walks the batches the cache loader would give, so grouping must speed it up alike for
   the cache-vs-online ratio to stay fair.
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402,F401  (before Ray: see extract/runner.py)
 
 from benchmarks.common import RESULTS, machine, mean_std, print_table, write_report  # noqa: E402
-from pipeline.config import ExperimentConfig, load_config  # noqa: E402
-from train.loader import CacheBatches  # noqa: E402
+from unipt.pipeline.config import ExperimentConfig, load_config  # noqa: E402
+from unipt.train.loader import CacheBatches  # noqa: E402
 
 COLUMNS = ("stage", "length_grouping", "seed", "seconds_per_epoch", "val_acc", "test_acc", "samples_per_s")
 
@@ -73,8 +73,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS / "length_grouping.json"))
     args = parser.parse_args()
 
-    from pipeline import experiment
-    from pipeline.baselines import train_online
+    from benchmarks.online_baselines import train_online
+    from unipt.pipeline import experiment
 
     overrides = [f"storage.cache_root={args.cache_root}", "train.linear_probe=false"]
     overrides += [f"dataset.limit={args.limit}"] if args.limit else []

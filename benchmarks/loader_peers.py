@@ -14,10 +14,10 @@ import pyarrow as pa
 import torch
 import zarr
 
-from pipeline.cache import CacheReader
-from pipeline.cache_layout import layer_array_name
-from pipeline.cache_view import ViewReader
-from train.loader import CacheBatches, as_float32, epoch_order, padding_mask
+from unipt.pipeline.cache.layout import layer_array_name
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.view import ViewReader
+from unipt.train.loader import CacheBatches, as_float32, epoch_order, padding_mask
 
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 
@@ -149,7 +149,8 @@ def zarrs_reads(reader: CacheReader) -> Callable[[int, int, int], np.ndarray] | 
 
     zarrs refuses wrapped stores ("zarrs-python does not support CheckedStore stores") and zarr then falls
     back to its own pipeline, so these arrays sit on a plain LocalStore: zarrs checks every chunk's crc32c,
-    but not the manifest's position/missing-chunk checks that :class:`~pipeline.checksums.CheckedStore` adds.
+    but not the manifest's position/missing-chunk checks that
+    :class:`~unipt.pipeline.cache.checksums.CheckedStore` adds.
     """
     try:
         import zarrs  # noqa: F401

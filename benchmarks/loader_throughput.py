@@ -10,7 +10,7 @@ built by the pipeline's own ``do_extract``), over the train split, each the medi
 - **raw (zarrs pipeline)**: the same reads through the ``zarrs`` Rust codec pipeline, where it is installed
   (on a plain store: zarrs cannot wrap the reader's checking store; see :mod:`benchmarks.loader_peers`).
 - **numpy copy ceiling**: a plain numpy copy of the same decoded rows, block by block: memory speed.
-- **loader**: one full epoch of :class:`train.loader.CacheBatches` with shuffling on (block order,
+- **loader**: one full epoch of :class:`unipt.train.loader.CacheBatches` with shuffling on (block order,
   shuffle buffer, padding into batches) working ahead in its background threads, as it feeds a GPU.
 - **loader, blocks copied out of the maps first (before)**: the same epoch with each block read into
   arrays of its own before padding, as the loader did before its blocks became views into the memory maps.
@@ -19,7 +19,7 @@ built by the pipeline's own ``do_extract``), over the train split, each the medi
 - **peer**: the same examples stored as SAELens stores activations (an uncompressed, memory-mapped Arrow
   IPC file, one fixed-size row per example padded to the split's longest), read in the loader's own
   shuffled batches into the same padded float32 batches. Its bytes on disk per example are reported too.
-- **consumption**: UniPT training steps (``train.methods.build_model``'s model for the config:
+- **consumption**: UniPT training steps (``unipt.train.methods.build_model``'s model for the config:
   forward, backward, AdamW step) on one shuffled epoch's batches, made beforehand and held in memory
   (``--steps N``: its first N batches): the rate the model needs.
 - **train from loader**: the same steps on the same epoch's batches, fed by the loader as training
@@ -71,16 +71,16 @@ import torch  # noqa: E402  (before Ray: see extract/runner.py)
 
 from benchmarks import loader_peers  # noqa: E402
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
-from pipeline.cache import ActivationCache, CacheReader  # noqa: E402
-from pipeline.cache_open import open_cache  # noqa: E402
-from pipeline.cache_view import ViewReader  # noqa: E402
-from pipeline.config import TrainConfig, load_config  # noqa: E402
-from pipeline.tasks import get_task  # noqa: E402
-from train.fit import adamw  # noqa: E402
-from train.loader import Batch, CacheBatches, to_device  # noqa: E402
-from train.methods import build_model  # noqa: E402
-from train.prefetch import host_to_device  # noqa: E402
-from train.tasks import task_head  # noqa: E402
+from unipt.pipeline.cache.opener import open_cache  # noqa: E402
+from unipt.pipeline.cache.reader import ActivationCache, CacheReader  # noqa: E402
+from unipt.pipeline.cache.view import ViewReader  # noqa: E402
+from unipt.pipeline.config import TrainConfig, load_config  # noqa: E402
+from unipt.pipeline.tasks import get_task  # noqa: E402
+from unipt.train.fit import adamw  # noqa: E402
+from unipt.train.loader import Batch, CacheBatches, to_device  # noqa: E402
+from unipt.train.methods import build_model  # noqa: E402
+from unipt.train.prefetch import host_to_device  # noqa: E402
+from unipt.train.tasks import task_head  # noqa: E402
 
 MB = 1e6
 RAW, RAW_ZARRS, COPY = "raw read+decode", "raw read+decode (zarrs pipeline)", "numpy copy ceiling"
@@ -107,8 +107,8 @@ NOTES = (
     "2026-12-01: padding as one slice copy per example and layer; a vectorised gather (numpy take, torch "
     "index_select/index_copy_) measured slower, and again with the memory-mapped read path (issue 28).",
     "Issue 28: extract.codec none is the default and local uncompressed chunks are read out of memory maps "
-    "(pipeline/chunk_reader.py), crc32c checked once per chunk file and reader; the row 'raw read+decode "
-    "through zarr-python' is the same cache read the old way.",
+    "(pipeline/cache/chunk_reader.py), crc32c checked once per chunk file and reader; the row "
+    "'raw read+decode through zarr-python' is the same cache read the old way.",
     "2026-12-07: the loader's blocks are views into the maps (ActivationCache.stored_pieces): padding copies "
     "each row once, from the page cache into the batch; ~2x the loader's samples per CPU-second. The row "
     "'loader, blocks copied out of the maps first (before)' is the previous loader. A vectorised gather + "
@@ -132,7 +132,7 @@ COLUMNS = (
 def loader_for(
     reader: ActivationCache, train: TrainConfig, seed: int = 0, background: bool | None = None
 ) -> CacheBatches:
-    """The train split's batches exactly as :func:`train.tasks.train_task` builds them; ``background``
+    """The train split's batches exactly as :func:`unipt.train.tasks.train_task` builds them; ``background``
     overrides ``train.loader_background`` (True: reading ahead in threads, as for a GPU)."""
     if background is not None:
         train = train.model_copy(update={"loader_background": background})
@@ -168,7 +168,8 @@ def copying_blocks(loader: CacheBatches) -> Iterator[None]:
 @contextlib.contextmanager
 def through_zarr(reader: CacheReader) -> Iterator[None]:
     """Reads of ``reader`` (and of a view's segment readers) through zarr-python's codec pipeline instead
-    of :mod:`pipeline.chunk_reader`'s memory maps, for the before/after row; no-op on a compressed cache."""
+    of :mod:`unipt.pipeline.cache.chunk_reader`'s memory maps, for the before/after row; no-op on a compressed
+    cache."""
     # A view holds no chunks of its own: its segments' readers do the reading.
     stores = [s for s in (reader, *getattr(reader, "segments", [])) if isinstance(s, CacheReader)]
     saved = [store._mapped for store in stores]
@@ -220,7 +221,7 @@ def loader_pass(loader: CacheBatches, epoch: int) -> tuple[float, int]:
 
 
 class Stepper:
-    """UniPT training steps as train.fit runs them (AdamW, the task's head and loss: cross-entropy for
+    """UniPT training steps as unipt.train.fit runs them (AdamW, the task's head and loss: cross-entropy for
     classification, MSE on standardised targets for regression), on the CPU or a GPU."""
 
     def __init__(self, reader: ActivationCache, train: TrainConfig, device: torch.device) -> None:
@@ -457,8 +458,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS / "loader_throughput.json"))
     args = parser.parse_args()
 
-    from pipeline import experiment
-    from train.fit import pick_device
+    from unipt.pipeline import experiment
+    from unipt.train.fit import pick_device
 
     overrides = [f"extract.dtype={args.dtype}"] + ([f"dataset.limit={args.limit}"] if args.limit else [])
     overrides += [f"storage.cache_root={args.cache_root}", *args.set]

@@ -6,10 +6,11 @@ Datasets, each with the bundled all-MiniLM-L6-v2 and its own config:
 - ``bbc_news`` (configs/bbc_minilm.yaml): news articles, 5 topics, 256 tokens;
 - ``rt_movie_score`` (configs/rt_score_minilm.yaml): regression, each snippet's movie tomatometer.
 
-Each dataset's cache is extracted once (``pipeline.experiment.extract``); then every method in
+Each dataset's cache is extracted once (``unipt.pipeline.experiment.recipe.extract``); then every method in
 ``train.method`` (linear_probe, scalar_mix, lst, unipt) trains from that same cache with each seed through
-the recipe (``pipeline.experiment.train``), and full fine-tuning of the backbone (a linear layer into the
-task's head, at ``train.lr / 10``, ``pipeline.baselines.train_online``) runs once, seed 0, for every
+the recipe (``unipt.pipeline.experiment.recipe.train``), and full fine-tuning of the backbone (a linear layer
+into the
+task's head, at ``train.lr / 10``, ``benchmarks.online_baselines.train_online``) runs once, seed 0, for every
 dataset: it trains the config's ``train.task`` with the head, metrics and best-epoch rule of the cache
 runs, so its row is regression too on ``rt_movie_score`` (a task with no online baseline, such as
 retrieval, is skipped with a note). Every (dataset, method, seed) trains in a fresh Python process, so
@@ -43,8 +44,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, machine, mean_std, print_table, write_report  # noqa: E402
-from pipeline.config import ExperimentConfig, load_config  # noqa: E402
-from pipeline.errors import UniptError  # noqa: E402
+from unipt.pipeline.config import ExperimentConfig, load_config  # noqa: E402
+from unipt.pipeline.errors import UniptError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -78,15 +79,15 @@ def run_one(method: str, config: ExperimentConfig, finetune_lr: float | None = N
     """Train ``method`` once in this process (a fresh interpreter per run) and measure it; ``config`` has
     ``train.method`` set to it (for a frozen-backbone method) and the run's seed. ``finetune_lr``: full
     fine-tuning's learning rate (default ``train.lr / 10``)."""
-    from pipeline import experiment
-    from pipeline.resources import peak_cuda_mib, peak_rss_mib
-    from pipeline.tasks import get_task
+    from benchmarks.resources import peak_cuda_mib, peak_rss_mib
+    from unipt.pipeline import experiment
+    from unipt.pipeline.tasks import get_task
 
     task = get_task(config.train.task)
     started = time.perf_counter()
     if method == FULL_FINETUNE:
-        from pipeline.baselines import train_online
-        from pipeline.datasets import load_dataset
+        from benchmarks.online_baselines import train_online
+        from unipt.pipeline.data.table import load_dataset
 
         dataset = load_dataset(config.dataset, task=config.train.task)
         result = train_online(
@@ -274,8 +275,8 @@ def _shown_path(path: Path) -> str:
 def extract_dataset(dataset: str, config: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
     """Extract ``dataset``'s cache once (or find it built): its prepared experiment and what the report
     says of it."""
-    from pipeline import experiment
-    from pipeline.cache_open import open_cache
+    from unipt.pipeline import experiment
+    from unipt.pipeline.cache.opener import open_cache
 
     prep = experiment.prepare(config)
     started = time.perf_counter()

@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import methods as base  # noqa: E402
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import UniptError  # noqa: E402
-from pipeline.sweep import Distribution, Search  # noqa: E402
+from unipt.pipeline.config import load_config  # noqa: E402
+from unipt.pipeline.errors import UniptError  # noqa: E402
+from unipt.pipeline.experiment.sweep import Distribution, Search  # noqa: E402
 
 METHODS = base.METHODS
 FULL_FINETUNE = base.FULL_FINETUNE
@@ -89,7 +89,7 @@ TRIALS, QUICK_TRIALS = 6, 2
 FINETUNE_LRS, QUICK_FINETUNE_LRS = (3e-5, 1e-4), (1e-4, 1e-3)
 FINETUNE_EPOCHS, QUICK_FINETUNE_EPOCHS = 3, 1
 MEMORY_TICKS = (250, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000, 32000)
-ASHA = {"grace_period": 1, "reduction_factor": 2}  # pipeline.sweep's ASHA, in epochs
+ASHA = {"grace_period": 1, "reduction_factor": 2}  # unipt.pipeline.experiment.sweep's ASHA, in epochs
 
 
 def search_space(method: str, quick: bool = False) -> dict[str, Distribution]:
@@ -195,7 +195,7 @@ class _Stop(Exception):
 
 def run_sweep(dataset: str, method: str, config_path: Path, overrides: list[str], args: argparse.Namespace):
     """One method's sweep on one dataset: ``--trials`` random draws from its space, ASHA, best on val."""
-    from pipeline import sweep
+    from unipt.pipeline.experiment import sweep
 
     space = search_space(method, args.quick)
     config = load_config(
@@ -232,7 +232,7 @@ def run_sweep(dataset: str, method: str, config_path: Path, overrides: list[str]
 
 def cache_keys(config: Any, sweep_id: str) -> list[str]:
     """The caches the sweep's registered trials read (one: the dataset's)."""
-    from pipeline.registry import Registry
+    from unipt.pipeline.runs.registry import Registry
 
     with Registry(config.storage.registry, create=False) as runs:
         return sorted({entry.cache_key for entry in runs.list(sweep_id=sweep_id) if entry.cache_key})
@@ -260,7 +260,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         if not out.exists():
             raise UniptError(f"no report at {out} yet; run the study first (without --report)")
         return finish(save(), out)
-    from extract.ray_session import connect
+    from unipt.extract.ray_session import connect
 
     owns_session = connect(args.ray_address)  # one Ray session for the extractions and every sweep
     try:

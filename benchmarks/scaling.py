@@ -12,11 +12,12 @@ step's alone:
 
 - ``extract``: the real extraction (Ray worker, fp16 cache): wall seconds and backbone-forward seconds
   per 1k tokens; cache bytes on disk (every file). int8 bytes: the same rows re-encoded to int8 and
-  compressed with the cache's codec and chunking (:func:`pipeline.plan.bytes_by_dtype`), plus the same
+  compressed with the cache's codec and chunking (:func:`unipt.pipeline.experiment.plan.bytes_by_dtype`), plus
+  the same
   small files: no second forward pass.
 - ``cache``: one UniPT epoch from the cache (``train.epochs=1``, no linear probe): seconds, peak RSS.
 - ``online``: the same UniPT epoch with the backbone in memory, run on every batch (the paper's code,
-  :func:`pipeline.baselines.fit_online`): seconds, peak RSS.
+  :func:`benchmarks.online_baselines.fit_online`): seconds, peak RSS.
 
 Each epoch includes its validation pass. Fitted exponents are least-squares slopes in log-log space.
 
@@ -65,7 +66,7 @@ def backbone_dir(name: str, work: Path) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    from pipeline.bundled import bundled_model_path
+    from unipt.pipeline.data.bundled import bundled_model_path
 
     layers, width, heads = shape
     torch.manual_seed(0)
@@ -91,22 +92,22 @@ def _overrides(backbone: str, size: int, cache_root: Path) -> list[str]:
 
 # --- one step, in its own process ------------------------------------------------------------------------
 def run_step(step: str, backbone: str, size: int, cache_root: Path) -> dict[str, Any]:
-    from pipeline import experiment
-    from pipeline.config import load_config
-    from pipeline.resources import peak_rss_mib
+    from benchmarks.resources import peak_rss_mib
+    from unipt.pipeline import experiment
+    from unipt.pipeline.config import load_config
 
     config = load_config(CONFIG, _overrides(backbone, size, cache_root))
     prep = experiment.prepare(config)
     if step.startswith("plan"):  # "plan<N>": unipt plan's predictions from a sample of N examples
         from dataclasses import asdict
 
-        from pipeline.plan import plan
+        from unipt.pipeline.experiment.plan import plan
 
         predicted = plan(prep, sample=int(step[4:]))
         return {**asdict(predicted.backbones[0]), "plan_s": predicted.sample_s}
     if step == "extract":
-        from pipeline.cache_open import open_cache
-        from pipeline.plan import bytes_by_dtype
+        from unipt.pipeline.cache.opener import open_cache
+        from unipt.pipeline.experiment.plan import bytes_by_dtype
 
         with experiment.extract(prep, progress=False) as result:
             reader = open_cache(result.path)
@@ -124,12 +125,12 @@ def run_step(step: str, backbone: str, size: int, cache_root: Path) -> dict[str,
             }
         return row
     if step == "cache":
-        from train.tasks import train_task
+        from unipt.train.tasks import train_task
 
         reader = experiment.open_for_training(prep)
         result = train_task(reader, config.train, config.seed, progress=False)
         return {"epoch_s": result.history[0]["seconds"], "peak_rss_mib": peak_rss_mib()}
-    from pipeline.baselines import fit_online, load_online_data
+    from benchmarks.online_baselines import fit_online, load_online_data
 
     data = load_online_data(
         prep.dataset.table, prep.dataset.label_names, config.backbone, config.train, config.extract

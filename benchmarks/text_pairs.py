@@ -2,7 +2,8 @@
 
 ``bundled:rt_same_movie``: are two Rotten Tomatoes critic snippets about the same movie? ~6k balanced
 pairs, split by movie, each pair encoded together by all-MiniLM-L6-v2 (configs/rt_pairs_minilm.yaml).
-The cache is extracted once (``pipeline.experiment.extract``, a hit when ``unipt run`` built it before);
+The cache is extracted once (``unipt.pipeline.experiment.recipe.extract``, a hit when ``unipt run`` built it
+before);
 then UniPT is trained with each seed, and every run also fits its linear probe (last layer, mean-pooled)
 and reports the majority class, as ``unipt run``'s summary line does.
 
@@ -46,8 +47,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from pipeline import experiment
-    from pipeline.config import load_config
+    from unipt.pipeline import experiment
+    from unipt.pipeline.config import load_config
 
     prep = experiment.prepare(load_config(args.config, args.set))
     if args.bi_encoder_only:
@@ -81,8 +82,8 @@ def bi_encoder_cosine(prep: Any) -> dict[str, float]:
     backbone sees when the two texts are not encoded together."""
     import numpy as np
 
-    from extract.backbones import HFTextBackbone
-    from extract.spec import BackboneLoadSpec
+    from unipt.extract.backbones import HFTextBackbone
+    from unipt.extract.spec import BackboneLoadSpec
 
     backbone = HFTextBackbone(BackboneLoadSpec(prep.primary.identity.local_dir, device="cpu"))
     last = backbone.num_hidden_states - 1

@@ -31,7 +31,7 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pipeline.cli import main as unipt
+    from unipt.pipeline.cli.app import main as unipt
 
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,13 +34,13 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402, F401  (before anything starts threads: see extract/runner.py)
 
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
-from pipeline.cache import CacheReader, CacheRoot  # noqa: E402
-from pipeline.cache_layout import LayerSpec, StoreLayout  # noqa: E402
-from pipeline.cache_open import open_cache  # noqa: E402
-from pipeline.cache_space import write_view  # noqa: E402
-from pipeline.cache_writer import CacheBuilder, write_shard  # noqa: E402
-from pipeline.config import ExtractConfig, TrainConfig  # noqa: E402
-from train.loader import CacheBatches  # noqa: E402
+from unipt.pipeline.cache.layout import LayerSpec, StoreLayout  # noqa: E402
+from unipt.pipeline.cache.opener import open_cache  # noqa: E402
+from unipt.pipeline.cache.reader import CacheReader, CacheRoot  # noqa: E402
+from unipt.pipeline.cache.space import write_view  # noqa: E402
+from unipt.pipeline.cache.writer import CacheBuilder, write_shard  # noqa: E402
+from unipt.pipeline.config import ExtractConfig, TrainConfig  # noqa: E402
+from unipt.train.loader import CacheBatches  # noqa: E402
 
 SPACE = "5a" * 16
 WIDTH = 384

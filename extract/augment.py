@@ -1,4 +1,4 @@
-"""The augmentations of :data:`pipeline.augment.RECIPE`, run in the extraction workers.
+"""The augmentations of :data:`unipt.pipeline.data.augment.RECIPE`, run in the extraction workers.
 
 Every augmented view draws from its own generator, seeded by its input hash (which names the original
 input, the recipe, ``extract.view_seed`` and the view number), so a view is the same bytes whichever
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.augment import RECIPE
-from pipeline.errors import UniptError
-from pipeline.images import image_array, make_image
+from unipt.pipeline.data.augment import RECIPE
+from unipt.pipeline.data.images import image_array, make_image
+from unipt.pipeline.errors import UniptError
 
 
 def view_rng(view_hash: str) -> np.random.Generator:

@@ -33,7 +33,7 @@ from typing import Any
 import ray
 from ray.exceptions import AuthenticationError, RayActorError, RayError
 
-from pipeline.errors import UniptError
+from unipt.pipeline.errors import UniptError
 
 CONNECT_TIMEOUT_S = 30.0  # the whole join, probe included
 PROBE_TIMEOUT_S = 5.0  # a plain TCP connect to the head: refused or silent addresses fail here, fast

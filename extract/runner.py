@@ -17,12 +17,11 @@ import ray
 from ray.exceptions import RayError
 from tqdm.auto import tqdm
 
-from extract.ray_session import HeadWatch, connect, root_cause, same_command
-from extract.spec import BackboneLoadSpec
-from extract.worker_pool import WorkerPool
-from pipeline.augment import augmented_hashes
-from pipeline.cache import CacheReader, CacheRoot, is_complete, read_attrs
-from pipeline.cache_layout import (
+from unipt.extract.ray_session import HeadWatch, connect, root_cause, same_command
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.extract.worker_pool import WorkerPool
+from unipt.pipeline.cache.identity import space_key, space_key_fields
+from unipt.pipeline.cache.layout import (
     SEGMENT_KIND,
     VIEW_KIND,
     LayerSpec,
@@ -30,7 +29,9 @@ from pipeline.cache_layout import (
     StoreLayout,
     resolve_chunk_rows,
 )
-from pipeline.cache_space import (
+from unipt.pipeline.cache.locks import LeaseSet, ReadLease, exclusive
+from unipt.pipeline.cache.reader import CacheReader, CacheRoot, is_complete, read_attrs
+from unipt.pipeline.cache.space import (
     SpacePlan,
     plan_layer_subset,
     plan_space,
@@ -38,14 +39,13 @@ from pipeline.cache_space import (
     write_space_file,
     write_view,
 )
-from pipeline.cache_writer import CacheBuilder
-from pipeline.config import BackboneConfig, ExtractConfig
-from pipeline.datasets import TEXT_PAIR_COLUMN, backbone_inputs, input_hashes
-from pipeline.errors import UniptError
-from pipeline.identity import space_key, space_key_fields
-from pipeline.locks import LeaseSet, ReadLease, exclusive
-from pipeline.log import log, say
-from pipeline.storage import Location
+from unipt.pipeline.cache.writer import CacheBuilder
+from unipt.pipeline.config import BackboneConfig, ExtractConfig
+from unipt.pipeline.data.augment import augmented_hashes
+from unipt.pipeline.data.table import TEXT_PAIR_COLUMN, backbone_inputs, input_hashes
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.log import log, say
+from unipt.pipeline.storage import Location
 
 
 @dataclass
@@ -120,7 +120,7 @@ def run_extraction(
 
     # torch before Ray: inside a `ray job` whose working_dir was just unpacked, importing torch
     # after ray.init() has crashed in oneMKL (seen with Ray 2.60); the other order is safe.
-    import extract.worker  # noqa: F401
+    import unipt.extract.worker  # noqa: F401
 
     # A first look without the lock: when inputs are missing, Ray is connected before the lock is taken,
     # so an unreachable cluster fails here and leaves nothing (no lock file) behind.
@@ -464,7 +464,7 @@ def _extract(
     """Extract ``examples`` (one per input no segment holds; ``hashes`` are their input hashes) into the
     new segment ``builder`` builds, resuming from its finished shards. ``views`` names, per example,
     the augmented view to extract of it (its input hash), or None for the input as is."""
-    from extract.worker import SHARDS_IN_FLIGHT, ExtractionWorker
+    from unipt.extract.worker import SHARDS_IN_FLIGHT, ExtractionWorker
 
     count, resources, threads = _worker_layout(request.extract.workers)
     # A worker whose process dies (OOM, preemption, kill -9, its node lost) is restarted by Ray; its

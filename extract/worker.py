@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.augment import augment_images
-from extract.spec import BackboneLoadSpec
-from pipeline.cache_layout import ShardSpec, StoreLayout
-from pipeline.cache_writer import write_shard
-from pipeline.cuda_support import no_cuda_cause
-from pipeline.errors import UniptError
-from pipeline.log import say
-from pipeline.storage import Location
+from unipt.extract.augment import augment_images
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.cache.layout import ShardSpec, StoreLayout
+from unipt.pipeline.cache.writer import write_shard
+from unipt.pipeline.cuda_support import no_cuda_cause
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.log import say
+from unipt.pipeline.storage import Location
 
 SHARDS_IN_FLIGHT = 2  # per actor: one in the forward pass, one being written
 
@@ -32,7 +32,7 @@ class ExtractionWorker:
 
     def __init__(self, spec: BackboneLoadSpec, num_threads: int) -> None:
         # Imported here, in the worker process: the driver that wraps this class stays free of transformers.
-        from extract.backbones import load_backbone
+        from unipt.extract.backbones import load_backbone
 
         _check_gpu_usable(spec)
         torch.set_num_threads(max(1, num_threads))
@@ -54,7 +54,8 @@ class ExtractionWorker:
         views: list[str | None] | None = None,
     ) -> dict[str, Any]:
         """Encode and write one shard. ``views`` (one per input, or None) names the augmented view of an
-        input by its hash (:mod:`pipeline.augment`): images are augmented here, texts by the backbone's
+        input by its hash (:mod:`unipt.pipeline.data.augment`): images are augmented here, texts by the
+        backbone's
         tokenizer-level noise."""
         layers = [spec.index for spec in layout.layers]
         options: dict[str, Any] = {}

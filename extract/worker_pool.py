@@ -15,9 +15,9 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
-from extract.ray_session import root_cause
-from pipeline.cache_layout import ShardSpec
-from pipeline.errors import UniptError
+from unipt.extract.ray_session import root_cause
+from unipt.pipeline.cache.layout import ShardSpec
+from unipt.pipeline.errors import UniptError
 
 NOTICE_EVERY_S = 60.0  # a line while no worker is running, so a stalled extraction never waits silently
 REPROBE_S = 1.0  # how often to ask a restarting actor whether it is back

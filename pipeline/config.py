@@ -24,16 +24,16 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.errors import UniptError
-from pipeline.method_names import METHOD_NAMES
-from pipeline.storage import (
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.method_names import METHOD_NAMES
+from unipt.pipeline.storage import (
     DEFAULT_CACHE_ROOT,
     DEFAULT_REGISTRY,
     DEFAULT_RUNS_ROOT,
     check_no_secrets,
     check_url,
 )
-from pipeline.tasks import get_task, task_names
+from unipt.pipeline.tasks import get_task, task_names
 
 
 class _Strict(BaseModel):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pipeline.log import log
+from unipt.pipeline.log import log
 
 NATIVE_BF16_CAPABILITY = (8, 0)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from pipeline.errors import UniptError
+from unipt.pipeline.errors import UniptError
 
 # Top-level import name -> the extra that installs it.
 EXTRA_OF: dict[str, str] = {

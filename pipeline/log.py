@@ -1,7 +1,8 @@
 """The ``unipt`` logger: every stage reports progress through it, never by printing.
 
 Library code calls :func:`say` (INFO) or ``log.warning``; nothing prints directly. By default every
-message is one ``unipt: ...`` line on stderr, for the CLI and a Python user of :mod:`pipeline.experiment`
+message is one ``unipt: ...`` line on stderr, for the CLI and a Python user of
+:mod:`unipt.pipeline.experiment.recipe`
 alike (progress is what a long job owes its user); quieter is one standard call away:
 ``logging.getLogger("unipt").setLevel(logging.WARNING)``. Records also propagate, so a host that set up
 :mod:`logging` (pytest, a notebook, a service) sees them too.

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import UniptError
+from unipt.pipeline.errors import UniptError
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store

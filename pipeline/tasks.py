@@ -10,7 +10,8 @@ here by import path, so this module stays light (the extraction driver imports i
 Adding a task: write ``train/tasks/<name>.py`` with a ``train(readers, config, seed, options)``
 function, then add one :func:`register_task` line at the bottom of this file. A task that trains one
 model with one head also names its ``make_head(label_names, train_labels)`` (``head``): the baselines
-with the backbone in memory (:mod:`pipeline.baselines`) feed that same head, so they train the task too.
+with the backbone in memory (:mod:`benchmarks.online_baselines`) feed that same head, so they train the
+task too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.errors import UniptError
+from unipt.pipeline.errors import UniptError
 
 LabelKind = Literal["categorical", "numeric"]
 
@@ -122,12 +123,12 @@ register_task(
         1,
         ("acc", "f1"),
         "acc",
-        "train.tasks.classification:train",
+        "unipt.train.tasks.classification:train",
         "accuracy and macro-F1; a linear probe on the last layer and the majority class are the baselines",
         summary=("acc", "f1"),
         baselines=(("probe", "linear probe"), ("majority", "majority class")),
         imbalanced_select="f1",
-        head="train.tasks.classification:make_head",
+        head="unipt.train.tasks.classification:make_head",
     )
 )
 register_task(
@@ -137,12 +138,12 @@ register_task(
         1,
         ("mse", "pearson", "spearman"),
         "pearson",
-        "train.tasks.regression:train",
+        "unipt.train.tasks.regression:train",
         "a numeric label column; MSE loss on standardised targets; Pearson and Spearman; a ridge probe on "
         "the last layer and the train mean are the baselines",
         summary=("pearson", "mse"),
         baselines=(("probe", "ridge probe"), ("mean", "mean predictor")),
-        head="train.tasks.regression:make_head",
+        head="unipt.train.tasks.regression:make_head",
     )
 )
 register_task(
@@ -152,7 +153,7 @@ register_task(
         2,
         ("q2g_r1", "q2g_r5", "q2g_r10", "g2q_r1", "g2q_r5", "g2q_r10", "rsum"),
         "rsum",
-        "train.tasks.retrieval:train",
+        "unipt.train.tasks.retrieval:train",
         "two backbones' caches of one dataset (query, gallery); InfoNCE; R@1/5/10 and rSum",
     )
 )

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from pipeline.bundled import bundled_model_path
-from pipeline.cache import CacheRoot
-from pipeline.cache_layout import LayerSpec, StoreLayout
-from pipeline.cache_writer import CacheBuilder, write_shard
+from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.writer import CacheBuilder, write_shard
+from unipt.pipeline.data.bundled import bundled_model_path
 
 POSITIVE = ["great", "wonderful", "superb", "moving", "brilliant", "charming", "funny"]
 NEGATIVE = ["awful", "boring", "dull", "terrible", "weak", "clumsy", "tedious"]
@@ -175,7 +175,7 @@ def ray_session():
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``unipt`` in a fresh interpreter, as a user would."""
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "unipt.pipeline.cli", *args], capture_output=True, text=True, timeout=600
     )
     if check and result.returncode != 0:
         raise AssertionError(f"unipt {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -187,7 +187,7 @@ KEY = "ab" * 16
 
 def extract_tiny(root: Path, tiny_bert_dir: Path) -> tuple[Path, Path, str]:
     """`unipt extract` of 60 sentiment rows with the tiny BERT under root: (config, data file, cache key)."""
-    from pipeline.cli import main
+    from unipt.pipeline.cli.app import main
 
     data = write_csv(root / "data.csv", make_sentiment_rows(60))
     config = write_config(root / "config.yaml", str(data), str(tiny_bert_dir), root, train={"epochs": 1})

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from extract.augment import (
+from tests.conftest import KEY, build_cache, make_sentiment_rows, write_config, write_csv
+from unipt.extract.augment import (
     augment_image,
     augment_images,
     crop_box,
@@ -17,21 +18,20 @@ from extract.augment import (
     noise_tokens,
     view_rng,
 )
-from extract.backbones import load_backbone
-from extract.spec import BackboneLoadSpec
-from pipeline import experiment
-from pipeline.augment import augmented_hashes, view_for_epoch, view_hash
-from pipeline.cache import CacheRoot
-from pipeline.cache_layout import LayerSpec, StoreLayout
-from pipeline.cache_open import open_cache
-from pipeline.cache_space import write_view
-from pipeline.cache_writer import CacheBuilder, write_shard
-from pipeline.config import BackboneConfig, ExtractConfig, TrainConfig, load_config
-from pipeline.errors import UniptError
-from pipeline.identity import BackboneIdentity, cache_key, cache_key_fields, space_key
-from pipeline.images import image_array
-from tests.conftest import KEY, build_cache, make_sentiment_rows, write_config, write_csv
-from train.loader import CacheBatches
+from unipt.extract.backbones import load_backbone
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.identity import BackboneIdentity, cache_key, cache_key_fields, space_key
+from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.space import write_view
+from unipt.pipeline.cache.writer import CacheBuilder, write_shard
+from unipt.pipeline.config import BackboneConfig, ExtractConfig, TrainConfig, load_config
+from unipt.pipeline.data.augment import augmented_hashes, view_for_epoch, view_hash
+from unipt.pipeline.data.images import image_array
+from unipt.pipeline.errors import UniptError
+from unipt.train.loader import CacheBatches
 
 IDENTITY = BackboneIdentity("m", None, "w" * 64, "c" * 64, "t" * 64, "/m")
 
@@ -224,9 +224,9 @@ def test_training_reads_view_epoch_plus_seed_mod_k_and_val_test_read_view_zero(t
 
 
 def test_compaction_keeps_every_view_and_hdf5_export_says_it_holds_view_zero_only(tmp_path, capfd):
-    from pipeline.cache_open import open_cache
-    from pipeline.cache_space import compact
-    from pipeline.hdf5 import export_hdf5
+    from unipt.pipeline.cache.hdf5 import export_hdf5
+    from unipt.pipeline.cache.opener import open_cache
+    from unipt.pipeline.cache.space import compact
 
     reader, per_view, value, lengths = _view_with_views(tmp_path, views=3)
     before = {k: [reader.view(k).read_example(i, 0).tolist() for i in range(14)] for k in range(3)}

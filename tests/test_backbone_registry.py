@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import extract.backbones as backbones
-from extract.backbones import (
+import unipt.extract.backbones as backbones
+from unipt.extract.backbones import (
     BackboneFamily,
     EncodedShard,
     HFTextBackbone,
@@ -14,8 +14,8 @@ from extract.backbones import (
     load_backbone,
     register_backbone_family,
 )
-from extract.spec import BackboneLoadSpec
-from pipeline.errors import UniptError
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.errors import UniptError
 
 
 class _Fixed:

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from extract.backbones import Backbone, EfficientNetLite0Backbone, load_backbone
-from extract.spec import BackboneLoadSpec
-from pipeline.bundled import bundled_cnn_settings, bundled_model_path
-from pipeline.config import BackboneConfig, DatasetConfig
-from pipeline.datasets import load_dataset
-from pipeline.errors import UniptError
-from pipeline.hashing import sha256_file, sha256_json
-from pipeline.identity import backbone_identity
+from unipt.extract.backbones import Backbone, EfficientNetLite0Backbone, load_backbone
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.cache.identity import backbone_identity
+from unipt.pipeline.config import BackboneConfig, DatasetConfig
+from unipt.pipeline.data.bundled import bundled_cnn_settings, bundled_model_path
+from unipt.pipeline.data.table import load_dataset
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.hashing import sha256_file, sha256_json
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,7 @@ def test_a_weight_file_that_is_not_plain_tensors_is_refused(tmp_path, monkeypatc
     evil = tmp_path / "efficientnet-lite0.pth"
     with open(evil, "wb") as handle:
         pickle.dump({"_conv_stem.weight": _Payload()}, handle, protocol=2)
-    monkeypatch.setattr("extract.backbones.cnn.bundled_model_path", lambda name: evil)
+    monkeypatch.setattr("unipt.extract.backbones.cnn.bundled_model_path", lambda name: evil)
     with pytest.raises(
         UniptError, match="cannot load EfficientNet-Lite0 weights from .*efficientnet-lite0.pth"
     ):

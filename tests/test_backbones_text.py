@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract.backbones import HFTextBackbone, load_backbone
-from extract.spec import BackboneLoadSpec
-from pipeline.config import BackboneConfig
-from pipeline.identity import backbone_identity
 from tests.conftest import FILLER, NEGATIVE, POSITIVE
+from unipt.extract.backbones import HFTextBackbone, load_backbone
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.cache.identity import backbone_identity
+from unipt.pipeline.config import BackboneConfig
 
 TEXTS = ["the film was great", "a very dull and tedious plot", "superb", "the actors is quite weak and awful"]
 
@@ -145,7 +145,7 @@ def test_a_texts_activations_do_not_depend_on_what_it_is_batched_with(tiny_rober
     incremental extraction) hold exactly what one extraction from scratch would."""
     from transformers import AutoTokenizer, RobertaModel
 
-    from extract.backbones.hf_text import padded_length, same_padding_batches
+    from unipt.extract.backbones.hf_text import padded_length, same_padding_batches
 
     backbone = load_backbone(BackboneLoadSpec(str(tiny_roberta_dir), device="cpu"))
     many = [f"{text} {' '.join(FILLER[: k % 9])}".strip() for k, text in enumerate(TEXTS * 6)]

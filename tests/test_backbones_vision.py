@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from extract.backbones import Backbone, HFTextBackbone, HFVisionBackbone, load_backbone
-from extract.spec import BackboneLoadSpec
-from pipeline.config import BackboneConfig, DatasetConfig
-from pipeline.datasets import load_dataset
-from pipeline.errors import UniptError
-from pipeline.identity import backbone_identity
-from pipeline.images import image_array, make_image
+from unipt.extract.backbones import Backbone, HFTextBackbone, HFVisionBackbone, load_backbone
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.cache.identity import backbone_identity
+from unipt.pipeline.config import BackboneConfig, DatasetConfig
+from unipt.pipeline.data.images import image_array, make_image
+from unipt.pipeline.data.table import load_dataset
+from unipt.pipeline.errors import UniptError
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 

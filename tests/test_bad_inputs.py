@@ -1,7 +1,8 @@
 """Bad inputs through the real CLI: each is one `unipt: error:` line (exit 2) naming the problem and the fix,
 with no traceback, and leaves no cache (committed or partial) and no run record behind.
 
-Every test drives ``pipeline.cli.main`` in-process, as `unipt run/extract/train` would run. Errors in
+Every test drives ``unipt.pipeline.cli.app.main`` in-process, as `unipt run/extract/train` would run. Errors
+in
 the data or the config stop before Ray starts; the ones that need a backbone (layer range, long
 texts) run the real Ray extraction on the tiny BERT of tests/conftest.py.
 """
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_open import open_cache
-from pipeline.cli import main
 from tests.conftest import extract_tiny, make_sentiment_rows, write_config, write_csv
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cli.app import main
 
 
 def _error_line(capsys: pytest.CaptureFixture, *argv: str) -> str:
@@ -281,7 +282,7 @@ def test_training_onto_a_full_disk_leaves_no_half_written_checkpoint(extracted, 
     # The tiny model's checkpoint is ~90 KB (weights, optimizer state, best weights); its other files
     # are under 25 KB: the checkpoint is what hits the limit.
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", str(extracted["config"]), *args],
+        [sys.executable, "-m", "unipt.pipeline.cli", "train", str(extracted["config"]), *args],
         capture_output=True,
         text=True,
         timeout=600,

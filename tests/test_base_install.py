@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import experiment
-from pipeline.config import load_config
 from tests.conftest import make_sentiment_rows, write_config, write_csv
+from unipt.pipeline import experiment
+from unipt.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRA_MODULES = {
@@ -46,9 +46,9 @@ def base_env(tmp_path_factory) -> Path:
     requirements-lock.txt unipt-cache` with no extra; returns its bin folder."""
     root = tmp_path_factory.mktemp("base_install")
     source = root / "src"  # a copy, so building the wheel leaves nothing in the checkout
-    for name in ("pyproject.toml", "README.md", "requirements-lock.txt"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "requirements-lock.txt"):
         shutil.copy(ROOT / name, source / name if source.exists() else _mkdir(source) / name)
-    for package in ("pipeline", "extract", "train"):
+    for package in ("unipt", "pipeline", "extract", "train"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
@@ -86,7 +86,8 @@ def test_the_base_install_has_no_extra(base_env, tmp_path):
     for module in EXTRA_MODULES:
         out = _run(base_env, "python", "-c", f"import {module}", cwd=tmp_path)
         assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr, f"{module} is importable"
-    out = _run(base_env, "python", "-c", "import pipeline, train; print(pipeline.__file__)", cwd=tmp_path)
+    code = "import unipt.pipeline, unipt.train; print(unipt.pipeline.__file__)"
+    out = _run(base_env, "python", "-c", code, cwd=tmp_path)
     assert out.returncode == 0 and str(base_env.parent) in out.stdout  # the installed copy, not the checkout
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from benchmarks import methods
 from benchmarks import methods_tuned as tuned
-from pipeline.config import TrainConfig, parse_override
 from tests.conftest import make_sentiment_rows, write_config, write_csv
+from unipt.pipeline.config import TrainConfig, parse_override
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from benchmarks import accuracy, cache_size, common, loader_peers, loader_throughput, plot_tradeoff
-from pipeline.cache import CacheReader, CacheRoot
-from pipeline.cache_open import open_cache
-from pipeline.config import TrainConfig
 from tests.conftest import KEY, build_cache
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+from unipt.pipeline.config import TrainConfig
 
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4, 6, 3, 5, 2, 7, 4, 6, 3]
 SPLITS = ["train"] * 12 + ["val"] * 2 + ["test"] * 2

@@ -8,12 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_layout import LayerSpec, StoreLayout
-from pipeline.cache_open import open_cache
-from pipeline.cache_writer import CacheBuilder, write_shard
-from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache, example_table, write_scaled_store
+from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.writer import CacheBuilder, write_shard
+from unipt.pipeline.errors import UniptError
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -247,7 +247,8 @@ def test_a_truncated_chunk_stops_reading_with_a_pointer_to_verify(tmp_path):
         reader.read_example(0, 0)
 
 
-# --- reads that decode nothing (pipeline/chunk_reader.py) ---------------------------------------------------
+# --- reads that decode nothing (pipeline/cache/chunk_reader.py)
+# ---------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])

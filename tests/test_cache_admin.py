@@ -10,12 +10,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import FORMAT_VERSION
-from pipeline.cache import CacheRoot
-from pipeline.cli import main
-from pipeline.log import human_bytes
-from pipeline.runs import write_run_record
 from tests.conftest import KEY, build_cache
+from unipt.pipeline import FORMAT_VERSION
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.log import human_bytes
+from unipt.pipeline.runs.records import write_run_record
 
 OTHER = "cd" * 16
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4]

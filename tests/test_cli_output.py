@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import KEY, build_cache, run_cli
 
-from pipeline.cache import CacheRoot
+from unipt.pipeline.cache.reader import CacheRoot
 
 
 def test_progress_bars_stay_out_of_a_log_file(tmp_path: Path):
@@ -31,7 +31,7 @@ def test_unipt_home_is_where_every_command_looks_wherever_it_runs(tmp_path: Path
     env = {**os.environ, "UNIPT_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
     def unipt(*args: str) -> str:
-        command = [sys.executable, "-m", "pipeline.cli", *args]
+        command = [sys.executable, "-m", "unipt.pipeline.cli", *args]
         done = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return done.stdout
@@ -41,7 +41,7 @@ def test_unipt_home_is_where_every_command_looks_wherever_it_runs(tmp_path: Path
         [
             sys.executable,
             "-c",
-            "from pipeline.config import load_config; print(load_config('c.yaml').storage)",
+            "from unipt.pipeline.config import load_config; print(load_config('c.yaml').storage)",
         ],
         cwd=elsewhere,
         env=env,
@@ -57,8 +57,8 @@ def _run_one(tmp_path: Path, tiny_bert_dir: Path):
     """One classification run (tiny BERT, 160 labelled rows) registered under tmp_path."""
     from conftest import make_sentiment_rows, write_config, write_csv
 
-    from pipeline import experiment
-    from pipeline.config import load_config
+    from unipt.pipeline import experiment
+    from unipt.pipeline.config import load_config
 
     data = write_csv(tmp_path / "reviews.csv", make_sentiment_rows(160))
     config = write_config(tmp_path / "c.yaml", str(data), str(tiny_bert_dir), tmp_path, train={"epochs": 2})
@@ -74,7 +74,7 @@ def test_json_listings_and_a_split_s_ids_let_evaluate_be_checked_against_the_run
 
     from conftest import strict_json
 
-    from pipeline.cli import main
+    from unipt.pipeline.cli.app import main
 
     data, prep, run = _run_one(tmp_path, tiny_bert_dir)
     registry, cache_root = str(tmp_path / "registry.sqlite"), str(tmp_path / "cache")
@@ -111,7 +111,7 @@ def test_json_listings_and_a_split_s_ids_let_evaluate_be_checked_against_the_run
     assert main(["cache", "ls", "--cache-root", cache_root]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:6] == ["key", "backbone", "dtype", "examples", "tokens", "reads"]
-    from pipeline.log import human_bytes
+    from unipt.pipeline.log import human_bytes
 
     assert human_bytes(view["bytes"]) in lines[1] and lines[1].startswith(prep.key)
     info = unipt_json("cache", "info", prep.key, "--cache-root", cache_root)
@@ -150,7 +150,7 @@ def test_json_listings_and_a_split_s_ids_let_evaluate_be_checked_against_the_run
     assert printed[2].startswith("neg ") and "confusion" in printed[4]
 
     # evaluate's progress bar (a terminal's) is named for what it does.
-    from pipeline.predict import load_model
+    from unipt.pipeline.model.predict import load_model
 
     model = load_model(run.run_dir, device="cpu")
     model.evaluation([rows[i]["text"] for i in test_ids], [rows[i]["label"] for i in test_ids], progress=True)
@@ -168,7 +168,7 @@ def test_ray_s_notices_and_colours_stay_out_of_a_log(tmp_path: Path):
 
     script = (
         "import ray, sys\n"
-        "from extract.ray_session import connect\n"
+        "from unipt.extract.ray_session import connect\n"
         "assert connect(None)\n"
         "@ray.remote\n"
         "def hello(i):\n"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import UniptError
+from unipt.pipeline.config import load_config
+from unipt.pipeline.errors import UniptError
 
 
 def test_default_config_loads_and_overrides_apply():

@@ -24,16 +24,16 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_admin import verify
-from pipeline.cache_layout import EXAMPLES_FILE, LayerSpec, StoreLayout
-from pipeline.cache_open import open_cache
-from pipeline.checksums import CHECKSUMS_FILE, digest, seal, stored_root_digest, trailers_of
-from pipeline.cli import main
-from pipeline.encoding import compressors, encode_rows
-from pipeline.errors import UniptError
-from pipeline.registry import Registry
 from tests.conftest import KEY, build_cache, example_table, extract_tiny
+from unipt.pipeline.cache.admin import verify
+from unipt.pipeline.cache.checksums import CHECKSUMS_FILE, digest, seal, stored_root_digest, trailers_of
+from unipt.pipeline.cache.encoding import compressors, encode_rows
+from unipt.pipeline.cache.layout import EXAMPLES_FILE, LayerSpec, StoreLayout
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.runs.registry import Registry
 
 pytestmark = pytest.mark.faults
 
@@ -465,7 +465,7 @@ def _bounded_cli(*args: str) -> subprocess.CompletedProcess:
     allocated fails this test instead of taking the machine (or hanging the suite)."""
     cap = 3 * 2**30
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "unipt.pipeline.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,4 +1,5 @@
-"""train.dataset.CacheDataset: a cache split as a torch IterableDataset, and the docs' own-loop example."""
+"""unipt.train.dataset.CacheDataset: a cache split as a torch IterableDataset, and the docs' own-loop
+example."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import pytest
 import torch
 from conftest import extract_tiny, make_sentiment_rows, write_config, write_csv
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_open import open_cache
-from pipeline.cli import main
-from pipeline.config import TrainConfig
-from train.dataset import CacheDataset
-from train.loader import CacheBatches
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import TrainConfig
+from unipt.train.dataset import CacheDataset
+from unipt.train.loader import CacheBatches
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 

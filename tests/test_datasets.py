@@ -7,10 +7,10 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import DatasetConfig, SplitConfig
-from pipeline.datasets import load_dataset
-from pipeline.errors import UniptError
 from tests.conftest import make_sentiment_rows, write_csv
+from unipt.pipeline.config import DatasetConfig, SplitConfig
+from unipt.pipeline.data.table import load_dataset
+from unipt.pipeline.errors import UniptError
 
 
 def test_rotten_tomatoes_is_split_by_movie():
@@ -22,7 +22,7 @@ def test_rotten_tomatoes_is_split_by_movie():
     # Every movie's snippets land in exactly one split, so no movie leaks from train into test.
     import pyarrow.csv as pa_csv
 
-    from pipeline.bundled import bundled_data_path
+    from unipt.pipeline.data.bundled import bundled_data_path
 
     raw = pa_csv.read_csv(bundled_data_path("bundled:rotten_tomatoes")).to_pylist()
     movie_of = {}

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.csv as pa_csv
 import pytest
 
-from pipeline.bundled import bundled_data_path
-from pipeline.config import DatasetConfig, SplitConfig
-from pipeline.datasets import _mnist_5k, load_dataset, normalize
-from pipeline.errors import UniptError
-from pipeline.images import IMAGE_TYPE, image_array, make_image
+from unipt.pipeline.config import DatasetConfig, SplitConfig
+from unipt.pipeline.data.bundled import bundled_data_path
+from unipt.pipeline.data.images import IMAGE_TYPE, image_array, make_image
+from unipt.pipeline.data.table import _mnist_5k, load_dataset, normalize
+from unipt.pipeline.errors import UniptError
 
 MNIST = DatasetConfig(source="bundled:mnist_5k")
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from pipeline.cli import main
-from pipeline.registry import Registry
-from train.fit import amp_dtype, amp_name, device_reason, pick_device
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.runs.registry import Registry
+from unipt.train.fit import amp_dtype, amp_name, device_reason, pick_device
 
 
 def test_the_reason_names_the_setting_or_the_missing_gpu():

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import make_sentiment_rows, write_csv
 
-from pipeline.config import load_config
-from pipeline.config_reference import reference
+from unipt.pipeline.cli.config_reference import reference
+from unipt.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -24,7 +24,9 @@ DOCS = ROOT / "docs"
 
 def test_the_configuration_reference_is_generated_from_the_code():
     committed = (DOCS / "configuration.md").read_text()
-    assert committed == reference(), "run: python -m pipeline.config_reference > docs/configuration.md"
+    assert committed == reference(), (
+        "run: python -m unipt.pipeline.cli.config_reference > docs/configuration.md"
+    )
 
 
 def test_the_readme_stays_a_front_door():
@@ -89,7 +91,7 @@ def test_your_own_data_runs_as_the_readme_says(tmp_path: Path, tiny_bert_dir: Pa
         if argv[1] == "run":
             argv.append("--no-progress")
         result = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *argv[1:]],
+            [sys.executable, "-m", "unipt.pipeline.cli", *argv[1:]],
             cwd=tmp_path,
             env=env,
             capture_output=True,

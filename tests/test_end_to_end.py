@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 # Runs a CLI command in a fresh interpreter, then fails if that process ever imported a backbone.
 NO_BACKBONE_CHECK = """
 import sys
-from pipeline.cli import main
+from unipt.pipeline.cli.app import main
 assert main({argv!r}) == 0
 loaded = [m.split('.') for m in sys.modules]
 backbone = sorted('.'.join(m) for m in loaded if m[0] == 'transformers' or m[:2] == ['extract', 'backbones'])

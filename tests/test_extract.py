@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from extract.backbones import HFTextBackbone
-from extract.spec import BackboneLoadSpec
-from pipeline import experiment
-from pipeline.cache_open import open_cache
-from pipeline.config import load_config
-from pipeline.errors import UniptError
+from unipt.extract.backbones import HFTextBackbone
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.config import load_config
+from unipt.pipeline.errors import UniptError
 
 pytestmark = pytest.mark.slow
 
@@ -116,8 +116,8 @@ def test_worker_failure_is_one_clear_error_and_nothing_is_committed(
 
 
 def test_auto_chunk_rows_shrink_for_wide_layers_and_keep_every_row(ray_session, tmp_path, sentiment_csv):
-    from pipeline.cache_layout import resolve_chunk_rows
     from tests.conftest import save_tiny_bert, write_config
+    from unipt.pipeline.cache.layout import resolve_chunk_rows
 
     assert [resolve_chunk_rows("auto", [w]) for w in (32, 384, 768, 1024, 4096, 10**6)] == [
         4096, 4096, 2048, 1024, 256, 256

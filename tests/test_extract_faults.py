@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import experiment
-from pipeline.cache_admin import verify
-from pipeline.cache_open import open_cache
-from pipeline.config import load_config
 from tests.conftest import write_config
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.admin import verify
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.config import load_config
 
 pytestmark = pytest.mark.faults
 
@@ -51,9 +51,9 @@ def key(slow_config: Path) -> str:
 def _segment(config: Path) -> tuple[str, str]:
     """(id, path under the cache root) of the one segment a fresh extraction of ``config`` builds: the
     Zarr store whose shards resume and whose bytes must not depend on the interruption."""
-    from pipeline.cache_space import segment_id
-    from pipeline.datasets import input_hashes
-    from pipeline.identity import space_key
+    from unipt.pipeline.cache.identity import space_key
+    from unipt.pipeline.cache.space import segment_id
+    from unipt.pipeline.data.table import input_hashes
 
     prep = experiment.prepare(load_config(config))
     space = space_key(prep.key_fields)
@@ -66,7 +66,7 @@ def _extract(config: Path, cache_root: Path, log: Path) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "pipeline.cli",
+            "unipt.pipeline.cli",
             "extract",
             str(config),
             "--no-progress",

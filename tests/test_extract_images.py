@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from extract.backbones import load_backbone
-from extract.spec import BackboneLoadSpec
-from pipeline import experiment
-from pipeline.cache_open import open_cache
-from pipeline.config import load_config
-from pipeline.errors import UniptError
 from tests.conftest import write_config
+from unipt.extract.backbones import load_backbone
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.config import load_config
+from unipt.pipeline.errors import UniptError
 
 pytestmark = pytest.mark.slow
 

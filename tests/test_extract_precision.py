@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from extract.backbones import HFTextBackbone
-from extract.spec import BackboneLoadSpec
-from pipeline.config import BackboneConfig, ExtractConfig
-from pipeline.errors import UniptError
-from pipeline.identity import backbone_identity, cache_key, cache_key_fields
+from unipt.extract.backbones import HFTextBackbone
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.cache.identity import backbone_identity, cache_key, cache_key_fields
+from unipt.pipeline.config import BackboneConfig, ExtractConfig
+from unipt.pipeline.errors import UniptError
 
 TEXTS = ["the film was great", "a very dull and tedious plot with weak actors", "superb"]
 

@@ -22,18 +22,18 @@ from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 from zarr.storage import WrapperStore
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_admin import verify
-from pipeline.cache_layout import SHARD_MARKERS, LayerSpec, StoreLayout
-from pipeline.cache_open import open_cache
-from pipeline.cache_writer import CacheBuilder, write_shard
-from pipeline.cli import main
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from pipeline.storage import Location
 from tests.conftest import KEY, build_cache, example_table, make_sentiment_rows, write_config, write_csv
-from train.checkpoint import CHECKPOINT_FILE
-from train.tasks import train_task
+from unipt.pipeline.cache.admin import verify
+from unipt.pipeline.cache.layout import SHARD_MARKERS, LayerSpec, StoreLayout
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.writer import CacheBuilder, write_shard
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.storage import Location
+from unipt.train.checkpoint import CHECKPOINT_FILE
+from unipt.train.tasks import train_task
 
 pytestmark = pytest.mark.faults
 
@@ -206,10 +206,10 @@ KILLED_RUN = textwrap.dedent(
     """
     import os, pathlib, signal, sys
     import torch
-    from pipeline.cache_open import open_cache
-    from pipeline.config import TrainConfig
-    from train import loader
-    from train.tasks import train_task
+    from unipt.pipeline.cache.opener import open_cache
+    from unipt.pipeline.config import TrainConfig
+    from unipt.train import loader
+    from unipt.train.tasks import train_task
 
     torch.set_num_threads(1)
     real_epoch = loader.CacheBatches.epoch
@@ -301,7 +301,7 @@ def test_gc_while_training_reads_skips_that_cache_and_training_finishes(tmp_path
 HOLD_READER = textwrap.dedent(
     """
     import sys
-    from pipeline.cache_open import open_cache
+    from unipt.pipeline.cache.opener import open_cache
     reader = open_cache(sys.argv[1])
     reader.read_example(0, 0)
     print("reading", flush=True)
@@ -334,7 +334,7 @@ def test_gc_leaves_a_cache_that_another_process_reads(tmp_path, capsys):
 
 
 def test_gc_include_partial_skips_a_store_being_extracted(tmp_path, capsys):
-    from pipeline.locks import exclusive
+    from unipt.pipeline.cache.locks import exclusive
 
     root = CacheRoot(tmp_path / "cache")
     build_cache(root, LENGTHS, {0: 8}, commit=False)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_open import open_cache
-from pipeline.encoding import FLOAT8_MAX, decode_rows, encode_rows
 from tests.conftest import KEY, build_cache, write_scaled_store
+from unipt.pipeline.cache.encoding import FLOAT8_MAX, decode_rows, encode_rows
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
 
 
 def _rows(seed: int = 0) -> np.ndarray:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_admin import sweep_lock_files
-from pipeline.locks import ReadLease, exclusive, exclusive_if_free
 from tests.conftest import KEY, build_cache, run_cli, write_config
+from unipt.pipeline.cache.admin import sweep_lock_files
+from unipt.pipeline.cache.locks import ReadLease, exclusive, exclusive_if_free
+from unipt.pipeline.cache.reader import CacheRoot
 
 pytestmark = pytest.mark.faults
 
@@ -32,7 +32,7 @@ GC_LOOP = textwrap.dedent(
     """
     import contextlib, io, sys, time
     from pathlib import Path
-    from pipeline.cli import main
+    from unipt.pipeline.cli.app import main
 
     cache_root, runs_root, registry, stop = sys.argv[1:5]
     rounds = removed = 0
@@ -171,8 +171,8 @@ def test_gc_yes_on_the_command_line_sweeps_stale_lock_files(tmp_path):
 def test_gc_include_partial_keeps_a_segment_under_its_build_lock(tmp_path, capsys):
     """What an incremental extraction (extract/runner.py) and a compaction hold while a segment is in
     `.partial/`: the space's lock, the segment's read lease and the segment's build lock."""
-    from pipeline.cli import main
     from tests.test_incremental import SPACE
+    from unipt.pipeline.cli.app import main
 
     root = CacheRoot(tmp_path)
     segment = "5e" * 16
@@ -191,7 +191,7 @@ def test_gc_include_partial_keeps_a_segment_under_its_build_lock(tmp_path, capsy
 def test_sizing_a_store_tolerates_files_vanishing_while_it_walks(tmp_path):
     """gc sizes stores other processes are committing, compacting or collecting: a file or folder that
     goes away mid-walk is left out (it used to be a FileNotFoundError that ended `gc` with a traceback)."""
-    from pipeline.storage import Location
+    from unipt.pipeline.storage import Location
 
     store = tmp_path / "store"
     stop = threading.Event()

@@ -20,25 +20,25 @@ import pytest
 import torch
 from torch import nn
 
-from extract.backbones import HFTextBackbone
-from extract.backbones.base import autocast as extract_autocast
-from extract.spec import BackboneLoadSpec
-from extract.worker import ExtractionWorker, _check_finite
-from pipeline import cuda_support, experiment
-from pipeline.cache import CacheReader, CacheRoot
-from pipeline.cache_layout import ShardSpec
-from pipeline.config import TrainConfig, load_config
-from pipeline.errors import UniptError
-from pipeline.sweep import default_parallel, gpu_share, trial_resources
 from tests.conftest import KEY, build_cache, make_sentiment_rows, save_tiny_bert, write_config, write_csv
-from train import checkpoint as checkpoint_module
-from train import fit as fit_module
-from train.checkpoint import CHECKPOINT_FILE
-from train.fit import Task, _resume_scaler, adamw, amp_dtype, device_reason, fit
-from train.loader import Batch
-from train.loop import TrainOptions, batch_to_device, evaluate, fit_head
-from train.prefetch import OnDevice, host_to_device, pinned_copy
-from train.tasks import train_task
+from unipt.extract.backbones import HFTextBackbone
+from unipt.extract.backbones.base import autocast as extract_autocast
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.extract.worker import ExtractionWorker, _check_finite
+from unipt.pipeline import cuda_support, experiment
+from unipt.pipeline.cache.layout import ShardSpec
+from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+from unipt.pipeline.config import TrainConfig, load_config
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.experiment.sweep import default_parallel, gpu_share, trial_resources
+from unipt.train import checkpoint as checkpoint_module
+from unipt.train import fit as fit_module
+from unipt.train.checkpoint import CHECKPOINT_FILE
+from unipt.train.fit import Task, _resume_scaler, adamw, amp_dtype, device_reason, fit
+from unipt.train.loader import Batch
+from unipt.train.loop import TrainOptions, batch_to_device, evaluate, fit_head
+from unipt.train.prefetch import OnDevice, host_to_device, pinned_copy
+from unipt.train.tasks import train_task
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
@@ -232,8 +232,8 @@ class _Split:
 
 
 def test_evaluation_runs_in_the_precision_training_ran_in():
-    from pipeline.tasks import get_task
-    from train.tasks import task_head
+    from unipt.pipeline.tasks import get_task
+    from unipt.train.tasks import task_head
 
     model = _RecordsPrecision()
     head = task_head(get_task("classification"), ["neg", "pos"], np.array([0, 1]))
@@ -379,8 +379,8 @@ def cpu_autocast(monkeypatch):
 
 
 def test_rows_reach_the_model_in_the_autocast_dtype_in_training_and_every_evaluation(cpu_autocast):
-    from pipeline.tasks import get_task
-    from train.tasks import task_head
+    from unipt.pipeline.tasks import get_task
+    from unipt.train.tasks import task_head
 
     model = _RecordsInputs()
     head = task_head(get_task("classification"), ["neg", "pos"], np.array([0, 1]))
@@ -402,8 +402,8 @@ def test_rows_reach_the_model_in_the_autocast_dtype_in_training_and_every_evalua
 def test_the_online_baseline_trains_and_evaluates_in_training_precision(
     cpu_autocast, tmp_path, tiny_bert_dir
 ):
-    from pipeline.baselines import fit_online, load_online_data
-    from pipeline.datasets import load_dataset
+    from benchmarks.online_baselines import fit_online, load_online_data
+    from unipt.pipeline.data.table import load_dataset
 
     data_csv = write_csv(tmp_path / "data.csv", make_sentiment_rows(100))
     config = load_config(
@@ -523,8 +523,8 @@ def test_extraction_halves_its_batch_on_out_of_memory_and_keeps_what_fit():
 
 def test_the_extraction_batch_size_is_not_in_the_cache_key():
     # Why a smaller batch may finish a shard: it computes the same rows into the same cache.
-    from pipeline.config import BackboneConfig, ExtractConfig
-    from pipeline.identity import BackboneIdentity, cache_key_fields
+    from unipt.pipeline.cache.identity import BackboneIdentity, cache_key_fields
+    from unipt.pipeline.config import BackboneConfig, ExtractConfig
 
     identity = BackboneIdentity("m", None, "w" * 64, "c" * 64, "t" * 64, "/m")
     fields = [

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import experiment
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.registry import Registry, registered_cache_keys, result_metrics, same_value
-from pipeline.rerun import rerun
-from pipeline.runs import referenced_cache_keys
-from pipeline.sweep import Trial, sweep
 from tests.conftest import make_sentiment_rows, write_config, write_csv
+from unipt.pipeline import experiment
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import load_config
+from unipt.pipeline.experiment.rerun import rerun
+from unipt.pipeline.experiment.sweep import Trial, sweep
+from unipt.pipeline.runs.records import referenced_cache_keys
+from unipt.pipeline.runs.registry import Registry, registered_cache_keys, result_metrics, same_value
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,7 @@ TRAIN_SETTINGS = [
 # A CLI command in a fresh interpreter that must never import a backbone, transformers or Ray.
 NOTHING_HEAVY = """
 import sys
-from pipeline.cli import main
+from unipt.pipeline.cli.app import main
 code = main({argv!r})
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'ray', 'extract'))
 print('HEAVY', heavy)

@@ -8,15 +8,15 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import experiment
-from pipeline.cache import CacheRoot
-from pipeline.cache_open import open_cache
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import UniptError
-from pipeline.hdf5 import HDF5CacheReader, export_hdf5
-from pipeline.runs import read_run_record
 from tests.conftest import KEY, build_cache
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.hdf5 import HDF5CacheReader, export_hdf5
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import load_config
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.runs.records import read_run_record
 
 COMPARED = ("test_acc", "val_acc", "test_f1", "probe_test_acc", "probe_val_acc", "best_epoch")
 

@@ -15,10 +15,10 @@ import pytest
 
 datasets = pytest.importorskip("datasets")  # the [hf-datasets] extra; setup.sh installs it, so CI runs these
 
-from pipeline.config import DatasetConfig  # noqa: E402
-from pipeline.datasets import load_dataset  # noqa: E402
-from pipeline.errors import UniptError  # noqa: E402
 from tests.conftest import make_sentiment_rows  # noqa: E402
+from unipt.pipeline.config import DatasetConfig  # noqa: E402
+from unipt.pipeline.data.table import load_dataset  # noqa: E402
+from unipt.pipeline.errors import UniptError  # noqa: E402
 
 SPLITS = {"train": range(0, 60), "validation": range(60, 80), "test": range(80, 100)}
 
@@ -140,8 +140,8 @@ def test_hf_name_reads_a_local_dataset_folder_with_its_splits(tmp_path):
         pa_csv.write_csv(pa.Table.from_pylist(part), folder / "data" / f"{split}.csv")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
     script = (
-        "from pipeline.config import DatasetConfig\n"
-        "from pipeline.datasets import load_dataset\n"
+        "from unipt.pipeline.config import DatasetConfig\n"
+        "from unipt.pipeline.data.table import load_dataset\n"
         f"t = load_dataset(DatasetConfig(source='hf:{folder}', id_column='id'))\n"
         "print(t.fingerprint, t.split_counts(), t.label_names)\n"
     )
@@ -158,9 +158,9 @@ def test_hf_name_reads_a_local_dataset_folder_with_its_splits(tmp_path):
 def test_offline_and_not_cached_is_one_line(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "empty_hf_home"), "HF_HUB_OFFLINE": "1"}
     script = (
-        "from pipeline.config import DatasetConfig\n"
-        "from pipeline.datasets import load_dataset\n"
-        "from pipeline.errors import UniptError\n"
+        "from unipt.pipeline.config import DatasetConfig\n"
+        "from unipt.pipeline.data.table import load_dataset\n"
+        "from unipt.pipeline.errors import UniptError\n"
         "try:\n"
         "    load_dataset(DatasetConfig(source='hf:unipt-tests/not-cached-anywhere', revision='main'))\n"
         "except UniptError as exc:\n"
@@ -186,7 +186,7 @@ def test_offline_and_not_cached_is_one_cli_line(tmp_path):
         f"storage: {{cache_root: '{tmp_path}/c', runs_root: '{tmp_path}/r', registry: '{tmp_path}/r.db'}}\n"
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "empty_hf_home"), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "pipeline.cli", "extract", str(config)]
+    command = [sys.executable, "-m", "unipt.pipeline.cli", "extract", str(config)]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     lines = [line for line in out.stderr.splitlines() if line.strip()]

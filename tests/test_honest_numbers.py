@@ -11,15 +11,15 @@ import random
 import pytest
 import torch
 
-from pipeline.cli import main
-from pipeline.config import DatasetConfig, SplitConfig, TrainConfig
-from pipeline.datasets import load_dataset
-from pipeline.registry import RunEntry
-from pipeline.rerun import stored_config
-from pipeline.runs import finite_record, without_nan
-from pipeline.tasks import get_task, select_metric
 from tests.conftest import make_sentiment_rows, strict_json, write_config, write_csv
-from train.metrics import accuracy, class_report, macro_f1, pearson, spearman
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import DatasetConfig, SplitConfig, TrainConfig
+from unipt.pipeline.data.table import load_dataset
+from unipt.pipeline.experiment.rerun import stored_config
+from unipt.pipeline.runs.records import finite_record, without_nan
+from unipt.pipeline.runs.registry import RunEntry
+from unipt.pipeline.tasks import get_task, select_metric
+from unipt.train.metrics import accuracy, class_report, macro_f1, pearson, spearman
 
 # --- 1. splits without leakage -----------------------------------------------------------------------------
 

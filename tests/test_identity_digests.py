@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import experiment, file_digests
-from pipeline.config import BackboneConfig
-from pipeline.hashing import sha256_files
-from pipeline.identity import backbone_identity
+from unipt.pipeline import experiment
+from unipt.pipeline.cache import file_digests
+from unipt.pipeline.cache.identity import backbone_identity
+from unipt.pipeline.config import BackboneConfig
+from unipt.pipeline.hashing import sha256_files
 
 
 @pytest.fixture
@@ -91,9 +92,10 @@ def _fake_hub_cache(root: Path, model: Path, repo: str, commit: str) -> None:
 
 HUB_CHECK = """
 import json
-from pipeline import experiment, file_digests
-from pipeline.config import BackboneConfig
-from pipeline.identity import backbone_identity, cache_key_fields
+from unipt.pipeline import experiment
+from unipt.pipeline.cache import file_digests
+from unipt.pipeline.config import BackboneConfig
+from unipt.pipeline.cache.identity import backbone_identity, cache_key_fields
 
 read = []
 real = file_digests.sha256_file

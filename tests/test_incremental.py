@@ -11,16 +11,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import experiment
-from pipeline.cache import CacheReader, CacheRoot
-from pipeline.cache_layout import LayerSpec, StoreLayout
-from pipeline.cache_open import open_cache
-from pipeline.cache_space import compact, plan_layer_subset, write_space_file, write_view
-from pipeline.cache_view import ViewReader, gather
-from pipeline.cache_writer import CacheBuilder, write_shard
-from pipeline.config import load_config
-from pipeline.errors import CacheDamaged, CacheMissing, UniptError
 from tests.conftest import make_sentiment_rows, write_config, write_csv
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+from unipt.pipeline.cache.space import compact, plan_layer_subset, write_space_file, write_view
+from unipt.pipeline.cache.view import ViewReader, gather
+from unipt.pipeline.cache.writer import CacheBuilder, write_shard
+from unipt.pipeline.config import load_config
+from unipt.pipeline.errors import CacheDamaged, CacheMissing, UniptError
 
 SPACE = "5a" * 16
 
@@ -240,7 +240,7 @@ def _untimed(values: dict) -> dict:
 
 
 def test_compact_merges_segments_rewrites_views_and_gc_removes_what_no_view_reads(tmp_path, capsys):
-    from pipeline.cli import main
+    from unipt.pipeline.cli.app import main
 
     root = CacheRoot(tmp_path)
     first = _segment(root, "01" * 16, [3, 5, 2, 7], ["h0", "h1", "h2", "h3"], seed=0)
@@ -477,7 +477,7 @@ def test_a_view_reads_only_chunks_holding_rows_it_uses():
 def test_a_quarter_views_epoch_reads_only_the_rows_it_uses(tmp_path, monkeypatch):
     # A view of every fourth input of an uncompressed (memory-mapped) segment: a shuffled training epoch
     # copies exactly its examples' rows out of the segment, once each, not the runs of chunks around them.
-    from train.loader import CacheBatches
+    from unipt.train.loader import CacheBatches
 
     root = CacheRoot(tmp_path)
     lengths = np.random.default_rng(3).integers(1, 9, 64).tolist()
@@ -563,7 +563,7 @@ def test_a_damaged_chunk_taken_by_a_view_is_one_clear_error(tmp_path):
 
 
 def test_closing_a_view_lets_gc_remove_it_and_its_segment(tmp_path, capsys):
-    from pipeline.cli import main
+    from unipt.pipeline.cli.app import main
 
     root = CacheRoot(tmp_path / "cache")
     source, relabelled, _ = _two_views_of_one_segment(root)
@@ -629,9 +629,9 @@ def test_compaction_moves_the_registered_root_digest_of_a_view_that_runs_read(tm
     """Compaction rewrites a view (same examples, same activations, another layout): runs that read the
     view as it was now name its new root digest, so `train` and `rerun` keep accepting it. A run that had
     recorded another digest (the view changed after it) keeps that one: compaction launders nothing."""
-    from pipeline.checksums import stored_root_digest
-    from pipeline.cli import main
-    from pipeline.registry import Registry
+    from unipt.pipeline.cache.checksums import stored_root_digest
+    from unipt.pipeline.cli.app import main
+    from unipt.pipeline.runs.registry import Registry
 
     root = CacheRoot(tmp_path)
     views_over_two_segments(root, ["ee" * 16, "dd" * 16])

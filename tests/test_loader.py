@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CacheReader, CacheRoot
-from pipeline.cache_open import open_cache
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache
-from train.loader import (
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.train.loader import (
     BUDGETED_PREFETCH_BLOCKS,
     CacheBatches,
     budgeted_block_examples,
@@ -114,7 +114,7 @@ def test_length_grouping_batches_similar_lengths_in_a_fresh_seeded_order(tmp_pat
 
 
 def test_length_grouping_is_for_training_only(tmp_path):
-    from pipeline.config import TrainConfig
+    from unipt.pipeline.config import TrainConfig
 
     reader, _ = _reader(tmp_path)
     config = TrainConfig(batch_size=2, block_examples=2, length_grouping=True)
@@ -123,7 +123,7 @@ def test_length_grouping_is_for_training_only(tmp_path):
 
 
 def test_to_device_upcasts_half_precision_batches():
-    from train.loader import Batch, to_device
+    from unipt.train.loader import Batch, to_device
 
     half = torch.tensor([[[0.5, -1.25]]], dtype=torch.float16)
     batch = Batch([half], torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, dtype=torch.long), np.zeros(1))
@@ -132,7 +132,7 @@ def test_to_device_upcasts_half_precision_batches():
 
 
 def test_float16_batches_are_upcast_exactly_in_pieces_and_float32_ones_are_not_copied():
-    from train.loader import as_float32
+    from unipt.train.loader import as_float32
 
     # 300 rows of 384: several of the serial pieces the cast is cut into, the last one partial.
     half = np.random.default_rng(0).standard_normal((3, 100, 384)).astype(np.float16)

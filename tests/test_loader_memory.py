@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_layout import LayerSpec, StoreLayout
-from pipeline.cache_writer import CacheBuilder, write_shard
 from tests.conftest import KEY, example_table
+from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 
 EXAMPLES, TOKENS, WIDTH = 7000, 32, 384  # two fp16 layers: 7000 * 32 * 384 * 2 B * 2 = 344 MB
 MiB = 2**20
@@ -22,8 +22,8 @@ MiB = 2**20
 # is the process's own memory sampled at every batch (the loader holds its blocks and batches across them).
 EPOCH = """
 import json, resource, sys
-from pipeline.cache_open import open_cache
-from train.loader import CacheBatches
+from unipt.pipeline.cache.opener import open_cache
+from unipt.train.loader import CacheBatches
 
 def private_mib():
     # Memory the process holds itself (RssAnon). Pages of the chunk files it reads through memory maps count

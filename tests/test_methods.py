@@ -9,18 +9,18 @@ import math
 import pytest
 import torch
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_layout import LayerSpec
-from pipeline.cache_open import open_cache
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from pipeline.method_names import METHOD_NAMES
 from tests.conftest import KEY, build_cache, random_padded_batch
-from train.methods import build_method, build_model, registered_methods
-from train.methods.lst import GATE_TEMPERATURE, LadderSideNetwork, ladder_shares
-from train.methods.scalar_mix import ScalarMixClassifier
-from train.methods.unipt.transformer import masked_mean
-from train.tasks import train_task
+from unipt.pipeline.cache.layout import LayerSpec
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.method_names import METHOD_NAMES
+from unipt.train.methods import build_method, build_model, registered_methods
+from unipt.train.methods.lst import GATE_TEMPERATURE, LadderSideNetwork, ladder_shares
+from unipt.train.methods.scalar_mix import ScalarMixClassifier
+from unipt.train.methods.unipt.transformer import masked_mean
+from unipt.train.tasks import train_task
 
 METHODS = ("lst", "scalar_mix", "linear_probe")
 WIDTHS = [16, 16, 16]
@@ -164,11 +164,11 @@ def test_a_method_run_is_recorded_exported_and_reloaded(method, tmp_path, tiny_b
 
     import numpy as np
 
-    from pipeline.cache_open import open_cache
-    from pipeline.cli import main
-    from pipeline.model_files import read_model_spec
-    from pipeline.predict import load_model
     from tests.conftest import make_sentiment_rows, write_config, write_csv
+    from unipt.pipeline.cache.opener import open_cache
+    from unipt.pipeline.cli.app import main
+    from unipt.pipeline.model.files import read_model_spec
+    from unipt.pipeline.model.predict import load_model
 
     data = write_csv(tmp_path / "reviews.csv", make_sentiment_rows(120))
     config = write_config(tmp_path / "c.yaml", str(data), str(tiny_bert_dir), tmp_path, train={"epochs": 2})

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train.metrics import average_ranks, pearson, spearman
+from unipt.train.metrics import average_ranks, pearson, spearman
 
 
 def t(values: list[float]) -> torch.Tensor:
@@ -35,7 +35,7 @@ def test_spearman_by_hand_with_ties():
 
 
 def test_collapse_warnings_name_a_model_that_predicts_one_class():
-    from train.metrics import class_report, collapse_warnings
+    from unipt.train.metrics import class_report, collapse_warnings
 
     labels = torch.tensor([0, 1, 2, 0, 0, 1])
     collapsed = torch.zeros(6, dtype=torch.long)
@@ -46,7 +46,7 @@ def test_collapse_warnings_name_a_model_that_predicts_one_class():
 
 
 def test_collapse_warnings_name_a_selected_metric_at_the_majority_baseline():
-    from train.metrics import class_report, collapse_warnings
+    from unipt.train.metrics import class_report, collapse_warnings
 
     labels = torch.tensor([0, 1, 2, 0, 0, 1])
     mixed = torch.tensor([0, 0, 2, 0, 1, 0])  # three classes predicted, no better than the majority
@@ -59,7 +59,7 @@ def test_collapse_warnings_name_a_selected_metric_at_the_majority_baseline():
 
 
 def test_collapse_warnings_name_constant_regression_predictions():
-    from train.metrics import collapse_warnings, pearson
+    from unipt.train.metrics import collapse_warnings, pearson
 
     constant = pearson(torch.ones(5), torch.arange(5.0))
     (warning,) = collapse_warnings(

@@ -12,14 +12,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import experiment
-from pipeline.cache_open import open_cache
-from pipeline.cli import main
-from pipeline.config import DatasetConfig, load_config
-from pipeline.datasets import load_dataset
-from pipeline.errors import UniptError
-from pipeline.images import image_array
 from tests.conftest import write_config, write_image_text_csv
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import DatasetConfig, load_config
+from unipt.pipeline.data.images import image_array
+from unipt.pipeline.data.table import load_dataset
+from unipt.pipeline.errors import UniptError
 
 
 def pairs_config(tmp_path: Path, tiny_vit_dir: Path, tiny_bert_dir: Path) -> Path:

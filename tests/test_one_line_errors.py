@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import CacheRoot
-from pipeline.cli import main
-from pipeline.config import ExperimentConfig
-from pipeline.errors import UniptError
-from pipeline.storage import Location, check_no_secrets
 from tests.conftest import make_sentiment_rows, write_config, write_csv
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import ExperimentConfig
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.storage import Location, check_no_secrets
 
 
 def _error_line(capsys: pytest.CaptureFixture, *argv: str) -> str:
@@ -211,8 +211,8 @@ def test_an_unknown_fsspec_option_is_one_line(no_aws_credentials, tmp_path, tiny
 
 
 def test_a_chunk_path_that_is_a_directory_is_damage_not_a_traceback(tmp_path: Path, capsys):
-    from pipeline.cache_open import open_cache
     from tests.conftest import KEY, build_cache
+    from unipt.pipeline.cache.opener import open_cache
 
     root = CacheRoot(tmp_path / "cache")
     build_cache(root, [3, 5, 2, 4, 6, 1, 2], {0: 4, 1: 4}, shard_size=2)

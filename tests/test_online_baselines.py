@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import experiment
-from pipeline.baselines import fit_online, load_online_data, train_online
-from pipeline.cache_open import open_cache
-from pipeline.config import load_config
-from pipeline.datasets import load_dataset
-from pipeline.errors import UniptError
-from train.loader import CacheBatches
-from train.tasks import train_task
+from benchmarks.online_baselines import fit_online, load_online_data, train_online
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.config import load_config
+from unipt.pipeline.data.table import load_dataset
+from unipt.pipeline.errors import UniptError
+from unipt.train.loader import CacheBatches
+from unipt.train.tasks import train_task
 
 ROOT = Path(__file__).resolve().parents[1]
 # An fp32 cache holds exactly what the backbone computed, so online and cached UniPT see the same inputs.
@@ -107,7 +107,7 @@ def test_unipt_online_trains_the_same_model_as_unipt_from_cache(fp32_cache, onli
 @pytest.mark.slow
 def test_full_finetune_trains_the_backbone(fp32_setup, tiny_bert_dir):
     _, config = fp32_setup
-    from pipeline.datasets import load_dataset
+    from unipt.pipeline.data.table import load_dataset
 
     dataset = load_dataset(config.dataset)
     train = config.train.model_copy(update={"epochs": 1})

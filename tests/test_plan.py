@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_config
 
-from pipeline import experiment
-from pipeline import plan as planning
-from pipeline.config import load_config
+from unipt.pipeline import experiment
+from unipt.pipeline.config import load_config
+from unipt.pipeline.experiment import plan as planning
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rt_minilm.yaml"
 
@@ -166,8 +166,8 @@ def test_the_forward_rate_times_only_the_backbones_forward_on_training_batches(
     largest shape, then whole passes (two at least) whose fastest gives the rate in real tokens/s."""
     import torch
 
-    from extract.backbones import HFTextBackbone
-    from extract.spec import BackboneLoadSpec
+    from unipt.extract.backbones import HFTextBackbone
+    from unipt.extract.spec import BackboneLoadSpec
 
     base = load_config(tiny_config)
     config = base.model_copy(update={"train": base.train.model_copy(update={"batch_size": 4})})

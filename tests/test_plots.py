@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from train.plots import curves_figure, metric_bounds  # noqa: E402
+from unipt.train.plots import curves_figure, metric_bounds  # noqa: E402
 
 
 def _history(values: list[float]) -> list[dict]:

@@ -13,16 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import experiment
-from pipeline.cache_open import open_cache
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.datasets import load_dataset
-from pipeline.errors import UniptError
-from pipeline.model_card import CARD_FILE, read_card
-from pipeline.model_files import MODEL_CARD, MODEL_WEIGHTS, export_model, read_model_spec
-from pipeline.predict import TunedModel, load_model
 from tests.conftest import make_sentiment_rows, save_tiny_bert, write_config, write_csv
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import load_config
+from unipt.pipeline.data.table import load_dataset
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.model.card import CARD_FILE, read_card
+from unipt.pipeline.model.files import MODEL_CARD, MODEL_WEIGHTS, export_model, read_model_spec
+from unipt.pipeline.model.predict import TunedModel, load_model
 
 pytestmark = pytest.mark.e2e
 

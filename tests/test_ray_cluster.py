@@ -69,7 +69,7 @@ def config(tmp_path: Path, tiny_bert_dir: Path) -> Path:
 
 def _extract(config: Path, cache_root: Path, address: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "extract", str(config), "--no-progress"]
+        [sys.executable, "-m", "unipt.pipeline.cli", "extract", str(config), "--no-progress"]
         + ["--cache-root", str(cache_root), "--ray-address", address],
         stdout=subprocess.PIPE,
         stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
@@ -172,7 +172,7 @@ def test_more_workers_than_the_machine_can_place_shrink_instead_of_hanging(tiny_
     workers started ran a shard, and a line says the others ran none, rather than claiming them all."""
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "extract", str(tiny_config), "--no-progress"]
+        [sys.executable, "-m", "unipt.pipeline.cli", "extract", str(tiny_config), "--no-progress"]
         + ["--set", "extract.workers=99", "--set", "extract.shard_size=256"],
         capture_output=True,
         text=True,

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from extract.ray_session import root_cause
-from pipeline.errors import UniptError
+from unipt.extract.ray_session import root_cause
+from unipt.pipeline.errors import UniptError
 
 pytestmark = pytest.mark.faults
 
@@ -36,7 +36,7 @@ def _extract(
 ) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "extract", str(config), "--no-progress", *args],
+        [sys.executable, "-m", "unipt.pipeline.cli", "extract", str(config), "--no-progress", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -103,9 +103,9 @@ def test_an_address_that_accepts_tcp_but_never_answers_as_ray_gives_up_in_time(t
         target=lambda: accepted.extend(iter(lambda: listener.accept()[0], None)), daemon=True
     ).start()
     script = (
-        "import extract.ray_session as s\n"
+        "import unipt.extract.ray_session as s\n"
         "s.CONNECT_TIMEOUT_S = 3\n"  # the 30 s of the real thing, shortened for the test
-        "from pipeline.errors import UniptError\n"
+        "from unipt.pipeline.errors import UniptError\n"
         "try:\n"
         f"    s.connect('127.0.0.1:{port}')\n"
         "except UniptError as exc:\n"

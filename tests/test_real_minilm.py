@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from extract.backbones import HFTextBackbone
-from extract.spec import BackboneLoadSpec
-from pipeline import experiment
-from pipeline.cache_open import open_cache
-from pipeline.config import load_config
-from pipeline.datasets import input_hashes
+from unipt.extract.backbones import HFTextBackbone
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.config import load_config
+from unipt.pipeline.data.table import input_hashes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

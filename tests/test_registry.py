@@ -13,12 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cache import CacheRoot
-from pipeline.cli import main
-from pipeline.errors import UniptError
-from pipeline.registry import _SCHEMA, SCHEMA_VERSION, Registry, failure, ready_registry, registry_id
-from pipeline.runs import write_run_record
 from tests.conftest import KEY, build_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.runs.records import write_run_record
+from unipt.pipeline.runs.registry import (
+    _SCHEMA,
+    SCHEMA_VERSION,
+    Registry,
+    failure,
+    ready_registry,
+    registry_id,
+)
 
 FAST = ["--set", "train.epochs=2", "--no-progress"]
 
@@ -125,7 +132,7 @@ def test_runs_ls_show_diff_after_real_runs(tiny_config, tmp_path, capsys, ray_se
     assert shown["versions"]["torch"] == record["versions"]["torch"]
     assert shown["project_commit"] == record["project_commit"]
     assert Path(shown["artifacts"]["record"]).is_file() and Path(shown["artifacts"]["config"]).is_file()
-    # The device the run actually had (pipeline.experiment records str(pick_device("auto"))).
+    # The device the run actually had (unipt.pipeline.experiment.recipe records str(pick_device("auto"))).
     assert shown["runtime"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert shown["runtime"]["torch_threads"] >= 1
     assert shown["created_at"] and shown["registered_at"]
@@ -289,7 +296,7 @@ def test_a_bad_registry_fails_in_one_line_before_any_work(tiny_config, tmp_path,
         for side in ("-wal", "-shm"):
             Path(f"{registry}{side}").unlink(missing_ok=True)
     if fault == "locked":
-        monkeypatch.setattr("pipeline.registry.BUSY_TIMEOUT_S", 1.0)  # the real wait is 60 s
+        monkeypatch.setattr("unipt.pipeline.runs.registry.BUSY_TIMEOUT_S", 1.0)  # the real wait is 60 s
         holder = sqlite3.connect(registry, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
     try:

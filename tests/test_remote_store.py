@@ -10,12 +10,12 @@ import socket
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_admin import verify
-from pipeline.cache_open import open_cache
-from pipeline.errors import UniptError
-from pipeline.storage import Location
 from tests.conftest import KEY, build_cache, run_cli
+from unipt.pipeline.cache.admin import verify
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.storage import Location
 
 SECRET = "s3cr3t-never-in-a-record"
 

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from pipeline.cache import CacheRoot
-from pipeline.cli import main
-from pipeline.registry import Registry, result_metrics, same_value
 from tests.conftest import make_sentiment_rows, write_config, write_csv
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.runs.registry import Registry, result_metrics, same_value
 
 FAST = ["--set", "train.epochs=2", "--no-progress"]
 

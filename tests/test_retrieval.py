@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import experiment
-from pipeline.cache import CacheRoot
-from pipeline.cache_open import open_cache
-from pipeline.config import TrainConfig, load_config
-from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache, save_tiny_bert, write_config
-from train.contrastive import evaluate_retrieval, paired_batches, retrieval_metrics_chunked
-from train.metrics import match_ranks, retrieval_metrics
-from train.tasks import train_task
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.config import TrainConfig, load_config
+from unipt.pipeline.errors import UniptError
+from unipt.train.contrastive import evaluate_retrieval, paired_batches, retrieval_metrics_chunked
+from unipt.train.metrics import match_ranks, retrieval_metrics
+from unipt.train.tasks import train_task
 
 
 def test_recall_and_rsum_by_hand():

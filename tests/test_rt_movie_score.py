@@ -7,10 +7,10 @@ from collections import Counter, defaultdict
 import pyarrow.csv as pa_csv
 import pytest
 
-from pipeline.bundled import bundled_data_path
-from pipeline.config import DatasetConfig
-from pipeline.datasets import RT_SCORE_MIN_REVIEWS, load_dataset
-from pipeline.errors import UniptError
+from unipt.pipeline.config import DatasetConfig
+from unipt.pipeline.data.bundled import bundled_data_path
+from unipt.pipeline.data.table import RT_SCORE_MIN_REVIEWS, load_dataset
+from unipt.pipeline.errors import UniptError
 
 SOURCE = "bundled:rt_movie_score"
 

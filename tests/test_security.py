@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import experiment
-from pipeline.cache import CacheRoot
-from pipeline.cache_layout import LayerSpec, StoreLayout
-from pipeline.cache_writer import CacheBuilder, write_shard
-from pipeline.cli import main
-from pipeline.config import BackboneConfig, load_config
-from pipeline.errors import UniptError
-from pipeline.storage import Location
 from tests.conftest import KEY, build_cache, make_sentiment_rows, write_config, write_csv
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.writer import CacheBuilder, write_shard
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import BackboneConfig, load_config
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.storage import Location
 
 PROJECT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".venv", ".git", "node_modules", "build", "dist", ".unipt"}
@@ -117,8 +117,8 @@ def _pickled_bert(tiny_bert_dir: Path, folder: Path) -> Path:
 
 
 def test_pickled_weights_are_refused_unless_allow_pickle(tmp_path, tiny_bert_dir, capsys):
-    from extract.backbones import HFTextBackbone
-    from extract.spec import BackboneLoadSpec
+    from unipt.extract.backbones import HFTextBackbone
+    from unipt.extract.spec import BackboneLoadSpec
 
     assert BackboneConfig(name_or_path="x").allow_pickle is False
     pickled = _pickled_bert(tiny_bert_dir, tmp_path / "old-bert")
@@ -157,8 +157,8 @@ class _RunsCode:
 def test_even_with_allow_pickle_a_pickle_cannot_run_code(tmp_path, tiny_bert_dir):
     import torch
 
-    from extract.backbones import HFTextBackbone
-    from extract.spec import BackboneLoadSpec
+    from unipt.extract.backbones import HFTextBackbone
+    from unipt.extract.spec import BackboneLoadSpec
 
     hostile = _pickled_bert(tiny_bert_dir, tmp_path / "hostile-bert")
     sentinel = tmp_path / "pwned"
@@ -173,8 +173,8 @@ def test_even_with_allow_pickle_a_pickle_cannot_run_code(tmp_path, tiny_bert_dir
 
 
 def test_trust_remote_code_is_off_unless_configured(tmp_path):
-    from extract.backbones import load_backbone
-    from extract.spec import BackboneLoadSpec
+    from unipt.extract.backbones import load_backbone
+    from unipt.extract.spec import BackboneLoadSpec
 
     assert BackboneConfig(name_or_path="x").trust_remote_code is False
     assert BackboneLoadSpec("x").trust_remote_code is False
@@ -329,7 +329,7 @@ def test_gc_refuses_a_cache_root_whose_own_folder_is_a_link(tmp_path, capsys, fo
 
 
 def test_a_lock_file_that_is_a_link_is_never_followed(tmp_path):
-    from pipeline.locks import exclusive
+    from unipt.pipeline.cache.locks import exclusive
 
     victim = tmp_path / "victim.txt"
     victim.write_text("data")
@@ -426,10 +426,10 @@ def test_credentials_in_a_config_are_refused(tmp_path, tiny_bert_dir, sentiment_
 def _model_folder(folder: Path) -> Path:
     """A real tuned-model folder (model.json + model.safetensors) of the shape the tiny BERT gives, written
     as training writes it; no backbone is needed to load it."""
-    from pipeline.config import TrainConfig
-    from pipeline.model_files import ModelSpec, write_model
-    from pipeline.predict import _Shape
-    from train.methods import build_model
+    from unipt.pipeline.config import TrainConfig
+    from unipt.pipeline.model.files import ModelSpec, write_model
+    from unipt.pipeline.model.predict import _Shape
+    from unipt.train.methods import build_model
 
     spec = ModelSpec(
         task="classification", variant="transformer", num_outputs=2, label_names=["neg", "pos"],
@@ -500,7 +500,7 @@ def good_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_untouched_model_folder_loads(good_model):
-    from pipeline.predict import load_model
+    from unipt.pipeline.model.predict import load_model
 
     model = load_model(good_model, device="cpu")  # the hostile cases below differ from it by one edit
     assert model.spec.label_names == ["neg", "pos"] and model.trust_remote_code is False
@@ -546,8 +546,8 @@ def test_predict_runs_no_code_a_model_folder_names(good_model, tmp_path, capsys)
 def test_a_known_backbone_with_an_auto_map_loads_without_running_its_code(tmp_path, tiny_bert_dir):
     """A BERT folder whose config.json also maps to .py files (a downloaded folder naming remote code):
     transformers' own class loads it, and the files never run (trust_remote_code=False is explicit)."""
-    from extract.backbones import load_backbone
-    from extract.spec import BackboneLoadSpec
+    from unipt.extract.backbones import load_backbone
+    from unipt.extract.spec import BackboneLoadSpec
 
     folder = tmp_path / "bert-with-code"
     shutil.copytree(tiny_bert_dir, folder)

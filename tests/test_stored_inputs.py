@@ -1,12 +1,12 @@
-"""The Linear that takes the cache's 16-bit rows as stored (train.stored_inputs)."""
+"""The Linear that takes the cache's 16-bit rows as stored (unipt.train.stored_inputs)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from train.methods.unipt.transformer import UniPTClassifier
-from train.stored_inputs import StoredInputLinear
+from unipt.train.methods.unipt.transformer import UniPTClassifier
+from unipt.train.stored_inputs import StoredInputLinear
 
 
 def _pair(width: int = 24, seed: int = 0) -> tuple[StoredInputLinear, nn.Linear]:
@@ -83,7 +83,7 @@ def test_one_malloc_arena_is_asked_for_at_import_unless_the_user_chose():
     import subprocess
     import sys
 
-    code = "import train.allocator as a; print(a._done, a.use_one_malloc_arena())"
+    code = "import unipt.train.allocator as a; print(a._done, a.use_one_malloc_arena())"
     run = [sys.executable, "-c", code]
     chose = subprocess.run(run, capture_output=True, text=True, env={"MALLOC_ARENA_MAX": "4"}, check=True)
     assert chose.stdout.split() == ["False", "False"]  # the user's MALLOC_ARENA_MAX wins
@@ -99,7 +99,7 @@ def test_freed_memory_goes_back_to_the_system_where_the_heap_kept_it():
 
     code = """
 import os
-import train.allocator as a
+import unipt.train.allocator as a
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 kept = [bytearray(b"x" * 65536) for _ in range(1024)]

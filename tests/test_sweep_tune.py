@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
-from pipeline.registry import Registry
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.runs.registry import Registry
 
 pytestmark = pytest.mark.e2e
 
@@ -185,7 +185,7 @@ def test_an_interrupted_sweep_continues_with_resume(tiny_config, tmp_path, capsy
     _extracted_without_gpus(tiny_config)
     registry = tmp_path / "registry.sqlite"
     sweep = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "sweep", str(tiny_config), *FAST, "--parallel", "1",
+        [sys.executable, "-m", "unipt.pipeline.cli", "sweep", str(tiny_config), *FAST, "--parallel", "1",
          "--sample", "train.lr=loguniform:1e-3:1e-2", "--samples", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -235,7 +235,8 @@ def test_a_killed_sweep_resumes_without_running_registered_trials_or_unpickling(
     registry = tmp_path / "registry.sqlite"
     grid = ["--grid", "train.lr=1e-3,3e-3,1e-2"]
     sweep = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "sweep", str(tiny_config), *FAST, "--parallel", "1", *grid],
+        [sys.executable, "-m", "unipt.pipeline.cli", "sweep", str(tiny_config), *FAST,
+         "--parallel", "1", *grid],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 400
@@ -269,8 +270,8 @@ def test_a_killed_sweep_resumes_without_running_registered_trials_or_unpickling(
 
 
 def test_resume_trusts_only_the_registry_record_of_a_sweep(tmp_path, capsys):
-    from pipeline.errors import UniptError
-    from pipeline.sweep import SWEEP_FILE, trusted_spec
+    from unipt.pipeline.errors import UniptError
+    from unipt.pipeline.experiment.sweep import SWEEP_FILE, trusted_spec
 
     spec = {"sweep_id": "sweep-x", "base": {"backbone": {"trust_remote_code": False}}, "samples": 1}
     folder = tmp_path / "runs" / "sweeps" / "sweep-x"

@@ -14,19 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from extract.backbones import HFTextBackbone
-from extract.spec import BackboneLoadSpec
-from pipeline import experiment
-from pipeline.cache_open import open_cache
-from pipeline.cli import main
-from pipeline.config import DatasetConfig, load_config
-from pipeline.datasets import DatasetTable, backbone_inputs, input_hashes, load_dataset, normalize
-from pipeline.errors import UniptError
-from pipeline.images import make_image
-from pipeline.model_files import read_model_spec
-from pipeline.predict import load_model
-from pipeline.raw_examples import RawExamples
 from tests.conftest import make_sentiment_rows, write_config, write_csv
+from unipt.extract.backbones import HFTextBackbone
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import DatasetConfig, load_config
+from unipt.pipeline.data.images import make_image
+from unipt.pipeline.data.raw_examples import RawExamples
+from unipt.pipeline.data.table import DatasetTable, backbone_inputs, input_hashes, load_dataset, normalize
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.model.files import read_model_spec
+from unipt.pipeline.model.predict import load_model
 
 # The fingerprints make_sentiment_rows(40) had before text pairs existed (with id_column "id", and
 # with content-derived ids): a single-text dataset must keep them, and so its cache keys.
@@ -210,8 +210,8 @@ def test_backbone_encodes_pairs_as_the_tokenizer_does(tiny_bert_dir):
 
 
 def test_online_baselines_tokenize_pairs_as_extraction_does(tmp_path, tiny_bert_dir):
-    from pipeline.baselines import load_online_data
-    from pipeline.config import BackboneConfig, TrainConfig
+    from benchmarks.online_baselines import load_online_data
+    from unipt.pipeline.config import BackboneConfig, TrainConfig
 
     ds = load_dataset(pair_config(write_csv(tmp_path / "pairs.csv", pair_rows(24))))
     backbone = BackboneConfig(name_or_path=str(tiny_bert_dir), max_length=16)
@@ -267,7 +267,7 @@ def test_cached_pair_activations_are_the_backbone_on_the_pair_encoding(ray_sessi
 def _movies_of_snippets() -> dict[str, set[str]]:
     import pyarrow.csv as pa_csv
 
-    from pipeline.bundled import bundled_data_path
+    from unipt.pipeline.data.bundled import bundled_data_path
 
     movies: dict[str, set[str]] = {}
     for row in pa_csv.read_csv(bundled_data_path("bundled:rotten_tomatoes")).to_pylist():

@@ -19,13 +19,13 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData  # noqa: E402
 
-from pipeline import experiment  # noqa: E402
-from pipeline.cli import main  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import UniptError  # noqa: E402
-from pipeline.predict import TunedModel  # noqa: E402
-from pipeline.registry import Registry  # noqa: E402
 from tests.conftest import make_sentiment_rows, run_cli, write_config, write_csv  # noqa: E402
+from unipt.pipeline import experiment  # noqa: E402
+from unipt.pipeline.cli.app import main  # noqa: E402
+from unipt.pipeline.config import load_config  # noqa: E402
+from unipt.pipeline.errors import UniptError  # noqa: E402
+from unipt.pipeline.model.predict import TunedModel  # noqa: E402
+from unipt.pipeline.runs.registry import Registry  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -174,7 +174,7 @@ def test_the_model_logged_to_mlflow_loads_as_pyfunc_and_predicts_as_unipt_predic
     local = Path(client.download_artifacts(run_id, "model", str(tmp_path / "dl")))
     mlmodel = (local / "MLmodel").read_text()
     # A loader-module model: MLflow imports our module; nothing in the model folder is code or a pickle.
-    assert "loader_module: pipeline.mlflow_serve" in mlmodel
+    assert "loader_module: unipt.pipeline.model.mlflow_serve" in mlmodel
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".py", ".pickle", ".cloudpickle")]
 
     texts = ["a wonderful, moving film", "dull and far too long", "an average afternoon"]

@@ -9,14 +9,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_open import open_cache
-from pipeline.cache_writer import CacheBuilder
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache
-from train.checkpoint import CHECKPOINT_FILE, resolve_checkpoint
-from train.tasks import train_task
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.writer import CacheBuilder
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.train.checkpoint import CHECKPOINT_FILE, resolve_checkpoint
+from unipt.train.tasks import train_task
 
 LENGTHS = [4, 6, 3, 5, 7, 2, 6, 5, 4, 3, 6, 5, 4, 5, 3, 6]
 SPLITS = ["train"] * 10 + ["val"] * 3 + ["test"] * 3
@@ -142,7 +142,7 @@ def test_regression_refuses_a_cache_of_class_labels(tmp_path):
 
 
 def test_amp_is_off_on_cpu(tmp_path):
-    from train.fit import amp_dtype
+    from unipt.train.fit import amp_dtype
 
     for setting in ("auto", "off", "bfloat16", "float16"):
         assert amp_dtype(setting, torch.device("cpu")) is None

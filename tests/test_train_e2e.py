@@ -15,12 +15,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.cache_open import open_cache
-from pipeline.cli import main
-from pipeline.config import DatasetConfig
-from pipeline.datasets import load_dataset
-from pipeline.errors import UniptError
 from tests.conftest import make_score_rows, write_config, write_csv
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import DatasetConfig
+from unipt.pipeline.data.table import load_dataset
+from unipt.pipeline.errors import UniptError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EPOCHS = 20
@@ -46,7 +46,7 @@ def _assert_png(path: Path) -> None:
 def _kill_after_first_checkpoint(args: list[str], runs_root: Path, skip: set[Path]) -> Path:
     """Start `unipt ARGS` in a fresh interpreter, SIGKILL it once its first checkpoint exists."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "unipt.pipeline.cli", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 
-from pipeline.cache import CacheRoot
-from pipeline.cache_open import open_cache
-from pipeline.config import TrainConfig
 from tests.conftest import KEY, build_cache
-from train.tasks import train_task
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.config import TrainConfig
+from unipt.train.tasks import train_task
 
 LENGTHS = [4, 6, 3, 5, 7, 2, 6, 5, 4, 3, 6, 5]
 
@@ -49,7 +49,7 @@ def test_without_validation_the_lowest_training_loss_wins(tmp_path):
 
 
 def test_linear_probe_reports_nan_for_a_missing_split(tmp_path):
-    from train.probe import linear_probe
+    from unipt.train.probe import linear_probe
 
     reader = _reader(tmp_path, LEARNABLE_SPLITS, **LEARNABLE)
     result = linear_probe(reader)

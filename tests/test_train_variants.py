@@ -10,22 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import experiment
-from pipeline.cache import CacheReader, CacheRoot
-from pipeline.cache_layout import LayerSpec, StoreLayout
-from pipeline.cache_open import open_cache
-from pipeline.cache_writer import CacheBuilder, write_shard
-from pipeline.config import TrainConfig, load_config
-from pipeline.errors import UniptError
 from tests.conftest import KEY, build_cache, example_table, write_config
-from train.loader import CacheBatches
-from train.methods import build_model
-from train.methods.unipt import VARIANTS
-from train.methods.unipt.clip4clip import UniPTClip4ClipClassifier
-from train.methods.unipt.cnn import UniPTCNNClassifier
-from train.methods.unipt.transformer import UniPTClassifier
-from train.probe import linear_probe, pooled_features
-from train.tasks import train_task
+from unipt.pipeline import experiment
+from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+from unipt.pipeline.cache.writer import CacheBuilder, write_shard
+from unipt.pipeline.config import TrainConfig, load_config
+from unipt.pipeline.errors import UniptError
+from unipt.train.loader import CacheBatches
+from unipt.train.methods import build_model
+from unipt.train.methods.unipt import VARIANTS
+from unipt.train.methods.unipt.clip4clip import UniPTClip4ClipClassifier
+from unipt.train.methods.unipt.cnn import UniPTCNNClassifier
+from unipt.train.methods.unipt.transformer import UniPTClassifier
+from unipt.train.probe import linear_probe, pooled_features
+from unipt.train.tasks import train_task
 
 # Three stages at strides 4, 2, 1 relative to the last; 40-row chunks leave gaps between shards.
 STAGES = (LayerSpec(0, 3, grid=(8, 8)), LayerSpec(2, 5, grid=(4, 4)), LayerSpec(4, 6, grid=(2, 2)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import random_padded_batch
-from train.methods.unipt.transformer import UniPT, UniPTClassifier
+from unipt.train.methods.unipt.transformer import UniPT, UniPTClassifier
 
 
 def reference_unipt(

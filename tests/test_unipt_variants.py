@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import random_padded_batch
-from train.methods.unipt.clip4clip import UniPTClip4Clip, UniPTClip4ClipClassifier
-from train.methods.unipt.cnn import UniPTCNN, UniPTCNNClassifier
+from unipt.train.methods.unipt.clip4clip import UniPTClip4Clip, UniPTClip4ClipClassifier
+from unipt.train.methods.unipt.cnn import UniPTCNN, UniPTCNNClassifier
 
 # ---------------------------------------------------------------------------------------------------------
 # CNN variant

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import BackboneConfig, DatasetConfig, ExtractConfig
-from pipeline.datasets import load_dataset
-from pipeline.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
 from tests.conftest import make_sentiment_rows, write_csv
+from unipt.pipeline.cache.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
+from unipt.pipeline.config import BackboneConfig, DatasetConfig, ExtractConfig
+from unipt.pipeline.data.table import load_dataset
 
 
 def _fingerprint(path, **settings) -> str:

@@ -15,10 +15,10 @@ from collections.abc import Callable
 import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from extract import worker_pool
-from extract.worker_pool import MAX_SHARD_ATTEMPTS, REPROBE_S, WorkerPool
-from pipeline.cache_layout import ShardSpec
-from pipeline.errors import UniptError
+from unipt.extract import worker_pool
+from unipt.extract.worker_pool import MAX_SHARD_ATTEMPTS, REPROBE_S, WorkerPool
+from unipt.pipeline.cache.layout import ShardSpec
+from unipt.pipeline.errors import UniptError
 
 DESCRIPTION = {"num_hidden_states": 3}
 

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import UniptError
+from unipt.pipeline.errors import UniptError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
-# What a resumed run reads back: every checkpoint :func:`train.fit.fit` writes holds them all.
+# What a resumed run reads back: every checkpoint :func:`unipt.train.fit.fit` writes holds them all.
 RESUME_KEYS = (
     "identity", "model", "optimizer", "scheduler", "scaler", "rng", "history", "best_state", "best_score",
     "best_epoch", "stopped", "train_seconds",

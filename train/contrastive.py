@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.cache import ActivationCache
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from train.loader import Batch, CacheBatches, plan_blocks, to_device
-from train.methods.unipt.transformer import UniPT, masked_mean
-from train.metrics import match_ranks, retrieval_metrics_from_ranks
+from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.train.loader import Batch, CacheBatches, plan_blocks, to_device
+from unipt.train.methods.unipt.transformer import UniPT, masked_mean
+from unipt.train.metrics import match_ranks, retrieval_metrics_from_ranks
 
 _INITIAL_TEMPERATURE = 0.07  # CLIP's
 _MAX_LOGIT_SCALE = math.log(100.0)  # CLIP caps 1/temperature at 100 so training stays stable
@@ -159,7 +159,8 @@ def evaluate_retrieval(model: RetrievalModel, data: PairedBatches, device: torch
 
 
 def retrieval_metrics_chunked(query: Tensor, gallery: Tensor) -> dict[str, float]:
-    """:func:`train.metrics.retrieval_metrics` of ``query @ gallery.T`` without holding the whole matrix."""
+    """:func:`unipt.train.metrics.retrieval_metrics` of ``query @ gallery.T`` without holding the whole
+    matrix."""
     ranks = []
     for a, b in ((query, gallery), (gallery, query)):
         chunks = [match_ranks(a[i : i + _EVAL_CHUNK] @ b.T, offset=i) for i in range(0, len(a), _EVAL_CHUNK)]

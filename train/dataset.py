@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from pipeline.cache import ActivationCache
-from pipeline.cache_open import open_cache
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from train.loader import Batch, CacheBatches
+from unipt.pipeline.cache.opener import open_cache
+from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.train.loader import Batch, CacheBatches
 
 
 class CacheDataset(torch.utils.data.IterableDataset):

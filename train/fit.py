@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.config import TrainConfig
-from pipeline.cuda_support import native_bf16, no_cuda_cause, warn_if_emulated_bf16
-from pipeline.errors import UniptError
-from pipeline.log import say
-from train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.cuda_support import native_bf16, no_cuda_cause, warn_if_emulated_bf16
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.log import say
+from unipt.train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 
 # Settings that do not change what is computed: a run may resume with different values for them.
 _NOT_IDENTITY = (
@@ -35,7 +35,8 @@ _BEFORE_IT_EXISTED = {"length_grouping": False, "loader_memory_mb": None}
 
 
 class EpochData(Protocol):
-    """Batches of one split, like :class:`train.loader.CacheBatches`: ``len()`` batches per ``epoch(n)``."""
+    """Batches of one split, like :class:`unipt.train.loader.CacheBatches`: ``len()`` batches per
+    ``epoch(n)``."""
 
     def __len__(self) -> int: ...
 
@@ -88,7 +89,7 @@ AUTOCAST_DEVICES = frozenset({"cuda"})
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full precision. Only CUDA gets AMP (:data:`AUTOCAST_DEVICES`).
 
-    ``auto`` is bf16 only where the card has bf16 tensor cores (:mod:`pipeline.cuda_support`), else fp16
+    ``auto`` is bf16 only where the card has bf16 tensor cores (:mod:`unipt.pipeline.cuda_support`), else fp16
     (with a GradScaler, see :func:`fit`)."""
     if device.type not in AUTOCAST_DEVICES or setting == "off":
         return None

@@ -10,7 +10,8 @@ requested layers are read.
 
 Rows that need no decoding (float16, float32, and bfloat16 kept as its bits) from an uncompressed local
 store are never copied into a block: a block holds read-only views into the chunk files' memory maps
-(:meth:`~pipeline.cache.ActivationCache.stored_pieces`), so each row is copied once, from the page cache
+(:meth:`~unipt.pipeline.cache.reader.ActivationCache.stored_pieces`), so each row is copied once, from the
+page cache
 straight into its batch. Padding is one slice copy (a memcpy) per example and layer, in the decoded dtype
 (a vectorised gather + scatter per source block measured no faster on this 2-core machine). With
 ``length_grouping`` the examples of each shuffle window are sorted by length before they are cut into
@@ -27,7 +28,8 @@ and, working ahead, one padded batch ahead of the one training computes on; ``me
 float16 bytes by reading fewer examples per block where examples are wide (:func:`budgeted_block_examples`),
 so a BERT-large cache does not hold gigabytes in flight. With ``train.keep_decoded_mb`` the training split's
 blocks stay decoded for later epochs, within their own budget. With ``return_freed_memory`` the pages
-those blocks and batches leave behind go back to the system after each large batch (:mod:`train.allocator`).
+those blocks and batches leave behind go back to the system after each large batch
+(:mod:`unipt.train.allocator`).
 
 A feature-map cache (CNN stages) comes out as maps: each stage is ``[B, C, H, W]``, read through
 that stage's own offsets, since its H*W rows per image differ from every other stage's.
@@ -46,12 +48,12 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from pipeline.augment import TRAIN_SPLIT, view_for_epoch
-from pipeline.cache import ActivationCache
-from pipeline.cache_layout import layer_array_name
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from train.allocator import return_freed_memory
+from unipt.pipeline.cache.layout import layer_array_name
+from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.data.augment import TRAIN_SPLIT, view_for_epoch
+from unipt.pipeline.errors import UniptError
+from unipt.train.allocator import return_freed_memory
 
 T = TypeVar("T")  # what a block read gives per example
 PREFETCH_BLOCKS = 1  # blocks read ahead of training: a deeper queue bought no speed, only memory
@@ -84,7 +86,7 @@ def to_device(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """A batch's hidden states and mask on ``device``, the hidden states in ``dtype`` (float32, or the
     autocast dtype training runs in) unless ``model`` takes them in the cache's 16-bit dtype
-    (``takes_stored_dtype``, see :mod:`train.stored_inputs`).
+    (``takes_stored_dtype``, see :mod:`unipt.train.stored_inputs`).
 
     Copies are ``non_blocking`` (they overlap compute when the batch sits in pinned memory), and a
     16-bit batch is upcast after the copy, on the device: half the bytes cross the bus. On the CPU the
@@ -193,7 +195,7 @@ class CacheBatches:
 
         ``layers`` defaults to every layer of the cache.
         """
-        from train.fit import pick_device  # train.fit does not import the loader: no cycle
+        from unipt.train.fit import pick_device  # unipt.train.fit does not import the loader: no cycle
 
         device = pick_device(config.device)
         data = cls(
@@ -453,7 +455,7 @@ def as_float32(array: np.ndarray) -> torch.Tensor:
 
 
 def return_memory_after(batch: Batch) -> None:
-    """Hand freed memory back to the system (:mod:`train.allocator`) after a large batch: at least
+    """Hand freed memory back to the system (:mod:`unipt.train.allocator`) after a large batch: at least
     :data:`TRIM_AFTER_BATCH_VALUES` activation values, whatever their dtype. The online baseline calls it on
     the hidden states its backbone computed, so a cache-vs-online comparison treats both alike."""
     values = sum(h.numel() for h in batch.hidden if h.is_floating_point())

@@ -2,7 +2,7 @@
 
 A task that trains one model on one cache (classification, regression) supplies a :class:`Head`: how
 many outputs the model has, its loss, and how its outputs become metrics. :func:`train_single_cache`
-builds the UniPT variant, the batches and the :class:`train.fit.Task`; :func:`fit_head` is the part
+builds the UniPT variant, the batches and the :class:`unipt.train.fit.Task`; :func:`fit_head` is the part
 shared with the backbone-in-memory baselines, which feed the same heads from a live backbone.
 """
 
@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.cache import ActivationCache
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from pipeline.log import say
-from pipeline.tasks import get_task, select_metric
-from train.fit import EpochData, FitResult, StepHook, Task, amp_dtype, fit, pick_device, precision
-from train.loader import Batch, CacheBatches, to_device
-from train.methods import build_model
-from train.prefetch import Moved, OnDevice, host_to_device
+from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.log import say
+from unipt.pipeline.tasks import get_task, select_metric
+from unipt.train.fit import EpochData, FitResult, StepHook, Task, amp_dtype, fit, pick_device, precision
+from unipt.train.loader import Batch, CacheBatches, to_device
+from unipt.train.methods import build_model
+from unipt.train.prefetch import Moved, OnDevice, host_to_device
 
 
 @dataclass
@@ -125,7 +125,7 @@ def fit_head(
     """The optimisation shared by every way of feeding a head (a cache, or a backbone run online).
 
     ``model(hidden, mask)`` returns ``(outputs, layer_weights)``; seed torch before building it. The
-    metric names are the task's (:mod:`pipeline.tasks`); ``select`` is (the validation metric that picks
+    metric names are the task's (:mod:`unipt.pipeline.tasks`); ``select`` is (the validation metric that picks
     the best epoch, why), by default ``train.select_metric`` or the task's headline.
     """
     info = get_task(config.task)

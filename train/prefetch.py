@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from train.fit import EpochData
-from train.loader import Batch
+from unipt.train.fit import EpochData
+from unipt.train.loader import Batch
 
 Moved = tuple[list[Tensor], Tensor, Tensor]  # (hidden states, mask, labels) on the device
 

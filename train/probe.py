@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.cache import ActivationCache
-from train.loader import CacheBatches
-from train.methods.unipt.transformer import masked_mean
-from train.metrics import accuracy, macro_f1, pearson, spearman
+from unipt.pipeline.cache.reader import ActivationCache
+from unipt.train.loader import CacheBatches
+from unipt.train.methods.unipt.transformer import masked_mean
+from unipt.train.metrics import accuracy, macro_f1, pearson, spearman
 
 _L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 _RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the number of training examples

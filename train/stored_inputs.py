@@ -1,6 +1,6 @@
 """A Linear layer that reads the cache's 16-bit rows directly, for the first layer a cached activation meets.
 
-Training batches keep fp16/bf16 rows as stored (:mod:`train.loader`). Upcasting them before the model
+Training batches keep fp16/bf16 rows as stored (:mod:`unipt.train.loader`). Upcasting them before the model
 would make a float32 copy of every layer, and autograd would keep those copies until the backward pass
 (a Linear saves its input to compute its weight's gradient): for BERT-large shapes, 25 layers x 1024
 values per token, that copy is the largest tensor of a training step. :class:`StoredInputLinear` upcasts
@@ -10,7 +10,7 @@ pieces of rows), half the bytes held between the passes, and no float32 copy of 
 upcast goes in pieces of about 1 MB.
 
 Models that use it for every cached input set ``takes_stored_dtype = True``; the training loop then hands
-them the batch without the upfront upcast (:func:`train.loader.to_device`).
+them the batch without the upfront upcast (:func:`unipt.train.loader.to_device`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ in order and the first that matches wins:
 Every backbone has ``input_kind`` (``"text"`` or ``"image"``), ``describe()`` and ``encode(inputs,
 layers, max_length, batch_size, dtype)``; see :class:`Backbone`. What a backbone *is* for the cache key
 (weights/config/tokenizer hashes) is computed in the driver, without this package:
-``pipeline.identity.backbone_identity``.
+``unipt.pipeline.cache.identity.backbone_identity``.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from extract.backbones import cnn, hf_text, hf_vision
-from extract.backbones.base import Backbone, EncodedShard, load_hf_config
-from extract.backbones.cnn import EfficientNetLite0Backbone
-from extract.backbones.hf_text import HFTextBackbone
-from extract.backbones.hf_vision import VISION_MODEL_TYPES, HFVisionBackbone, is_vision_config
-from extract.spec import BackboneLoadSpec
-from pipeline.errors import UniptError
+from unipt.extract.backbones import cnn, hf_text, hf_vision
+from unipt.extract.backbones.base import Backbone, EncodedShard, load_hf_config
+from unipt.extract.backbones.cnn import EfficientNetLite0Backbone
+from unipt.extract.backbones.hf_text import HFTextBackbone
+from unipt.extract.backbones.hf_vision import VISION_MODEL_TYPES, HFVisionBackbone, is_vision_config
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.errors import UniptError
 
 __all__ = [
     "VISION_MODEL_TYPES",
@@ -96,7 +96,7 @@ def load_backbone(spec: BackboneLoadSpec) -> Backbone:
             return family.load(spec)
     raise UniptError(
         f"no backbone family takes {spec.name_or_path!r} (tried {[f.name for f in _FAMILIES]}); "
-        "register one with extract.backbones.register_backbone_family"
+        "register one with unipt.extract.backbones.register_backbone_family"
     )
 
 

@@ -17,10 +17,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from extract.spec import BackboneLoadSpec
-from pipeline.bundled import bundled_model_path, is_bundled
-from pipeline.cuda_support import warn_if_emulated_bf16
-from pipeline.errors import UniptError
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.cuda_support import warn_if_emulated_bf16
+from unipt.pipeline.data.bundled import bundled_model_path, is_bundled
+from unipt.pipeline.errors import UniptError
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,11 +52,11 @@ class Backbone(Protocol):
     feature-map backbones add ``grids`` ``{index: [H, W]}`` (at their fixed input size).
 
     ``encode(inputs, layers, max_length, batch_size, dtype)`` takes ``table.column(describe()["input"])
-    .to_pylist()`` (strings, or image dicts from ``pipeline.images``; for a text-pair table, ``(text,
-    text_pair)`` tuples: ``pipeline.datasets.backbone_inputs``) and returns the requested hidden states
-    of every input, cast to ``dtype`` (``float16`` or ``float32``). Text backbones also take
-    ``token_noise`` (one augmented view's input hash or None per text, :mod:`extract.augment`); image
-    inputs are augmented by the worker before ``encode``.
+    .to_pylist()`` (strings, or image dicts from ``unipt.pipeline.data.images``; for a
+    text-pair table, ``(text, text_pair)`` tuples: ``unipt.pipeline.data.table.backbone_inputs``) and
+    returns the requested hidden states of every input, cast to ``dtype`` (``float16`` or ``float32``).
+    Text backbones also take ``token_noise`` (one augmented view's input hash or None per text,
+    :mod:`unipt.extract.augment`); image inputs are augmented by the worker before ``encode``.
     """
 
     input_kind: str

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.backbones.base import (
+from unipt.extract.backbones.base import (
     EncodedShard,
     autocast,
     check_dtype,
@@ -17,10 +17,10 @@ from extract.backbones.base import (
     resize_and_normalize,
     to_device,
 )
-from extract.spec import BackboneLoadSpec
-from pipeline.bundled import bundled_cnn_settings, bundled_model_path
-from pipeline.errors import UniptError
-from pipeline.images import image_array
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.data.bundled import bundled_cnn_settings, bundled_model_path
+from unipt.pipeline.data.images import image_array
+from unipt.pipeline.errors import UniptError
 
 
 def matches(spec: BackboneLoadSpec, hf_config: Any) -> bool:
@@ -42,7 +42,7 @@ class EfficientNetLite0Backbone:
     pools). Each is a ``[C, H, W]`` map, stored as ``H*W`` rows of ``C`` channels.
 
     Input: every image becomes 3 channels (grayscale repeated), is resized to the fixed input size
-    (bilinear, antialiased) and normalized with ImageNet mean/std; see ``pipeline/bundled.py``. The
+    (bilinear, antialiased) and normalized with ImageNet mean/std; see ``pipeline/data/bundled.py``. The
     weights are a pickled state dict, loaded with ``torch.load(weights_only=True)``: tensors only,
     never arbitrary objects. ``max_length`` does not apply.
     """

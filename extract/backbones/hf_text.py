@@ -1,6 +1,6 @@
 """The Hugging Face text family: any BERT/RoBERTa/MiniLM-style encoder, or the encoder of a T5-style model.
 
-It is the catch-all of the registry (``extract.backbones``): every Hugging Face model that no earlier
+It is the catch-all of the registry (``unipt.extract.backbones``): every Hugging Face model that no earlier
 family takes.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.augment import noise_encoding
-from extract.backbones.base import (
+from unipt.extract.augment import noise_encoding
+from unipt.extract.backbones.base import (
     EncodedShard,
     autocast,
     check_dtype,
@@ -25,8 +25,8 @@ from extract.backbones.base import (
     to_device,
     to_host,
 )
-from extract.spec import BackboneLoadSpec
-from pipeline.errors import UniptError
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.errors import UniptError
 
 
 def matches(spec: BackboneLoadSpec, hf_config: Any) -> bool:
@@ -115,7 +115,7 @@ class HFTextBackbone:
         ids; truncation ``longest_first``, the longer text cut first).
 
         ``token_noise`` (one entry per text) gives the augmented views: a text with a view hash is
-        encoded with that view's token noise (:func:`extract.augment.noise_encoding`), after truncation.
+        encoded with that view's token noise (:func:`unipt.extract.augment.noise_encoding`), after truncation.
         """
         out_dtype = check_dtype(dtype)
         check_layers(layers, self.num_hidden_states)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.backbones.base import (
+from unipt.extract.backbones.base import (
     EncodedShard,
     autocast,
     check_dtype,
@@ -22,9 +22,9 @@ from extract.backbones.base import (
     resize_and_normalize,
     to_device,
 )
-from extract.spec import BackboneLoadSpec
-from pipeline.errors import UniptError
-from pipeline.images import image_array
+from unipt.extract.spec import BackboneLoadSpec
+from unipt.pipeline.data.images import image_array
+from unipt.pipeline.errors import UniptError
 
 # Hugging Face model types treated as image encoders with a fixed number of tokens per image.
 # Composite image-text types (clip, siglip, ...) contribute their vision tower.

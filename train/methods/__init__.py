@@ -4,16 +4,16 @@ model with UniPT's interface, ``forward(hidden, mask) -> (outputs, layer_weights
 layer, so every task, the loader, the fit loop, export and predict take it unchanged.
 
 Adding a method: a module with a builder, one :func:`register_method` line here, and its name in
-:data:`pipeline.method_names.METHOD_NAMES` (where the config checks it without importing torch).
+:data:`unipt.pipeline.method_names.METHOD_NAMES` (where the config checks it without importing torch).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from pipeline.config import TrainConfig
-from train.methods import linear_probe, lst, scalar_mix, unipt
-from train.methods.registry import (
+from unipt.pipeline.config import TrainConfig
+from unipt.train.methods import linear_probe, lst, scalar_mix, unipt
+from unipt.train.methods.registry import (
     CacheShape,
     build_method,
     is_feature_map_cache,
@@ -40,7 +40,7 @@ register_method("linear_probe", on_tokens("linear_probe", linear_probe.build))
 def build_model(shape: CacheShape, config: TrainConfig, num_outputs: int | None = None) -> nn.Module:
     """The model ``config.method`` (and, for UniPT, ``config.variant``) names over every layer of
     ``shape``; ``forward(hidden, mask)`` gives ``(outputs, layer_weights)`` for the batches
-    :class:`train.loader.CacheBatches` yields.
+    :class:`unipt.train.loader.CacheBatches` yields.
 
     ``num_outputs``: the head's width (the task's: 1 for regression); default one per class name.
     """

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import TrainConfig
-from train.methods.unipt.transformer import masked_mean
+from unipt.pipeline.config import TrainConfig
+from unipt.train.methods.unipt.transformer import masked_mean
 
 GATE_TEMPERATURE = 0.1
 

@@ -7,14 +7,14 @@ from typing import Protocol
 
 from torch import nn
 
-from pipeline.cache_layout import LayerSpec
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
+from unipt.pipeline.cache.layout import LayerSpec
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
 
 
 class CacheShape(Protocol):
     """What a builder reads from a cache: an open cache, or a tuned model's ``model.json``
-    (:class:`pipeline.predict._Shape`)."""
+    (:class:`unipt.pipeline.model.predict._Shape`)."""
 
     source: str
     layers: list[int]

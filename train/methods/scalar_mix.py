@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from train.methods.unipt.transformer import masked_mean
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.train.methods.unipt.transformer import masked_mean
 
 
 class ScalarMixClassifier(nn.Module):

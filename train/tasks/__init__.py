@@ -1,5 +1,5 @@
 """Training tasks: one module each (classification, regression, retrieval), found through
-:mod:`pipeline.tasks`, where each task declares its label kind, caches, metrics and headline metric.
+:mod:`unipt.pipeline.tasks`, where each task declares its label kind, caches, metrics and headline metric.
 
 Every task module has ``train(readers, config, seed, options) -> TrainResult``; :func:`train_task` looks
 the config's task up and calls it. A one-model task's module also has ``make_head(label_names,
@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import ActivationCache
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from pipeline.tasks import TaskInfo, get_task
-from train.loop import Head, TrainOptions, TrainResult
+from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.tasks import TaskInfo, get_task
+from unipt.train.loop import Head, TrainOptions, TrainResult
 
 __all__ = ["TrainOptions", "TrainResult", "run_task", "task_head", "train_task"]
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor, nn
 
-from pipeline.cache import ActivationCache
-from pipeline.config import TrainConfig
-from train.loop import Head, TrainOptions, TrainResult, train_single_cache
-from train.metrics import accuracy, class_report, macro_f1
-from train.probe import linear_probe, majority_baseline
+from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.config import TrainConfig
+from unipt.train.loop import Head, TrainOptions, TrainResult, train_single_cache
+from unipt.train.metrics import accuracy, class_report, macro_f1
+from unipt.train.probe import linear_probe, majority_baseline
 
 
 def classification_head(num_classes: int, label_names: list[str] | None = None) -> Head:

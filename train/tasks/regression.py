@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.cache import ActivationCache
-from pipeline.config import TrainConfig
-from train.loop import Head, TrainOptions, TrainResult, train_single_cache
-from train.metrics import pearson, spearman
-from train.probe import mean_baseline, ridge_probe
+from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.config import TrainConfig
+from unipt.train.loop import Head, TrainOptions, TrainResult, train_single_cache
+from unipt.train.metrics import pearson, spearman
+from unipt.train.probe import mean_baseline, ridge_probe
 
 
 def regression_head(mean: float, std: float) -> Head:

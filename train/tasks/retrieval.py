@@ -1,27 +1,27 @@
 """Retrieval: a query and a gallery backbone's caches of one dataset, each side its own UniPT, trained
 contrastively (symmetric InfoNCE); R@1/5/10 both ways and rSum. The model and its data are in
-:mod:`train.contrastive`."""
+:mod:`unipt.train.contrastive`."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from pipeline.cache import ActivationCache
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from pipeline.log import say
-from pipeline.tasks import get_task, select_metric
-from train.contrastive import (
+from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.pipeline.log import say
+from unipt.pipeline.tasks import get_task, select_metric
+from unipt.train.contrastive import (
     RetrievalModel,
     check_aligned,
     contrastive_loss,
     evaluate_retrieval,
     paired_batches,
 )
-from train.fit import Task, amp_dtype, fit, pick_device, precision
-from train.loader import Batch
-from train.loop import TrainOptions, TrainResult, final_metrics
+from unipt.train.fit import Task, amp_dtype, fit, pick_device, precision
+from unipt.train.loader import Batch
+from unipt.train.loop import TrainOptions, TrainResult, final_metrics
 
 
 def train(

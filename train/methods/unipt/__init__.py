@@ -5,7 +5,8 @@
   stage's;
 - ``clip4clip`` (:mod:`.clip4clip`): the official CLIP4Clip form, its output added back to the last layer.
 
-:func:`build` is the ``unipt`` entry of the method registry (:mod:`train.methods`): it checks the variant
+:func:`build` is the ``unipt`` entry of the method registry (:mod:`unipt.train.methods`): it checks the
+variant
 against the cache it will read and builds the variant's classifier from the table :data:`VARIANTS`.
 """
 
@@ -16,12 +17,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pipeline.config import TrainConfig
-from pipeline.errors import UniptError
-from train.methods.registry import CacheShape, is_feature_map_cache
-from train.methods.unipt.clip4clip import UniPTClip4ClipClassifier
-from train.methods.unipt.cnn import UniPTCNNClassifier, stride_ratios
-from train.methods.unipt.transformer import UniPTClassifier
+from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.errors import UniptError
+from unipt.train.methods.registry import CacheShape, is_feature_map_cache
+from unipt.train.methods.unipt.clip4clip import UniPTClip4ClipClassifier
+from unipt.train.methods.unipt.cnn import UniPTCNNClassifier, stride_ratios
+from unipt.train.methods.unipt.transformer import UniPTClassifier
 
 
 @dataclass(frozen=True)

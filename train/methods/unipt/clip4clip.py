@@ -1,6 +1,6 @@
 """UniPT as the official CLIP4Clip code builds it (shared/UNIPT.md, last paragraph of the transformer part).
 
-Differences from :class:`train.methods.unipt.transformer.UniPT`, all taken from that code:
+Differences from :class:`unipt.train.methods.unipt.transformer.UniPT`, all taken from that code:
 
 - downsampling is ``ReLU -> Linear`` with no LayerNorm;
 - the anchor is the backbone's final output (here the last cached hidden state ``H_L``) with a
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from train.methods.unipt.transformer import UniPTOutput, l1norm, masked_mean
+from unipt.train.methods.unipt.transformer import UniPTOutput, l1norm, masked_mean
 
 
 class UniPTClip4Clip(nn.Module):

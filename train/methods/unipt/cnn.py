@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.methods.unipt.transformer import UniPTOutput, interact_and_aggregate, l1norm
+from unipt.train.methods.unipt.transformer import UniPTOutput, interact_and_aggregate, l1norm
 
 
 def stride_ratios(grids: list[tuple[int, int]]) -> list[tuple[int, int]]:

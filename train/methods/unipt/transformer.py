@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from train.stored_inputs import StoredInputLinear
+from unipt.train.stored_inputs import StoredInputLinear
 
 
 def l1norm(x: Tensor, dim: int) -> Tensor:
@@ -71,7 +71,7 @@ class UniPT(nn.Module):
         self.hidden_sizes = list(hidden_sizes)
         self.embed_size = embed_size
         # The cached layers meet nothing before these Linears, so they take the cache's 16-bit rows as they
-        # are (see train.stored_inputs); parameters and state-dict keys are nn.Linear's.
+        # are (see unipt.train.stored_inputs); parameters and state-dict keys are nn.Linear's.
         self.downsample = nn.ModuleList(
             nn.Sequential(StoredInputLinear(h, d), nn.LayerNorm(d)) for h in hidden_sizes
         )

@@ -1,0 +1,115 @@
+"""What a committed cache says about the inputs it was built from, so training needs nothing else.
+
+A cache's attributes hold the dataset fingerprint, the backbone's identity (name, revision, hashes), the
+stored layers, max length, dtype and autocast, and ``examples.parquet`` holds every label and split.
+Training on another machine therefore needs neither the dataset source nor the backbone files: this
+module turns those attributes into a dataset table (:func:`dataset_from_cache`) and a backbone identity
+(:func:`identity_from_cache`), and finds where a config and a cache disagree on a setting that decides the
+cache's bytes (:func:`setting_conflicts`); :mod:`unipt.pipeline.experiment.cache_config` makes the config.
+
+Light on purpose: ``unipt train --cache`` imports it, and that process must never load a backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from unipt.pipeline.cache.identity import BackboneIdentity, cache_key
+from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.config import BackboneConfig, ExperimentConfig
+from unipt.pipeline.data.bundled import is_bundled
+from unipt.pipeline.data.table import DatasetTable
+from unipt.pipeline.errors import UniptError
+
+CACHE_SOURCE = "cache:"  # dataset.source of a config made from a cache alone
+
+
+def key_fields_of(reader: ActivationCache) -> dict[str, Any]:
+    fields = reader.attrs.get("key_fields")
+    if not isinstance(fields, dict) or "backbone" not in fields:
+        raise UniptError(
+            f"cache {reader.source} does not record what it was built from (no key_fields); "
+            "train it with the config it was extracted with"
+        )
+    return fields
+
+
+def key_of(reader: ActivationCache) -> str:
+    """The key of the cache actually read (what run records and `unipt cache gc` must see)."""
+    key = reader.attrs.get("cache_key")
+    return str(key) if key else cache_key(key_fields_of(reader))
+
+
+def data_is_here(config: ExperimentConfig) -> bool:
+    source = config.dataset.source
+    if source.startswith(CACHE_SOURCE):
+        return False
+    return is_bundled(source) or Path(source).expanduser().exists()
+
+
+def backbone_is_here(config: BackboneConfig) -> bool:
+    """Whether this machine has the backbone's files without downloading anything."""
+    name = config.name_or_path
+    if is_bundled(name):
+        return True
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return path.is_dir()
+    try:  # a hub id: only what the local Hugging Face cache already holds
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(name, revision=config.revision, local_files_only=True)
+        return True
+    except Exception:  # not cached (or no huggingface_hub): nothing here to check against
+        return False
+
+
+def dataset_from_cache(reader: ActivationCache, source: str) -> DatasetTable:
+    """The dataset as training sees it: ids, labels and splits from ``examples.parquet``."""
+    fingerprint = reader.attrs.get("dataset_fingerprint") or key_fields_of(reader).get("dataset_fingerprint")
+    return DatasetTable(reader.examples, list(reader.label_names), str(fingerprint), source)
+
+
+def identity_from_cache(reader: ActivationCache) -> BackboneIdentity:
+    fields = key_fields_of(reader)["backbone"]
+    return BackboneIdentity(
+        name=str((reader.attrs.get("backbone") or {}).get("name") or "unknown"),
+        revision=fields.get("revision"),
+        weights_sha256=fields.get("weights_sha256", ""),
+        config_sha256=fields.get("config_sha256", ""),
+        tokenizer_sha256=fields.get("tokenizer_sha256", ""),
+        local_dir="",  # nothing on this machine
+    )
+
+
+def setting_conflicts(config: ExperimentConfig, reader: ActivationCache) -> list[tuple[str, Any, Any]]:
+    """(setting, config's value, cache's value) for each setting deciding the cache's bytes on which the
+    primary backbone's config and the cache disagree."""
+    fields = key_fields_of(reader)
+    backbone = config.primary_backbone
+    conflicts = []
+    cached_layers = fields.get("layers", "all")
+    # The same layers named two ways ("all", or the list it resolved to) are the same bytes.
+    if backbone.layers != cached_layers and backbone.layers != reader.layers:
+        conflicts.append(("backbone.layers", backbone.layers, cached_layers))
+    for setting, mine, theirs in (
+        ("backbone.max_length", backbone.max_length, fields.get("max_length")),
+        ("extract.dtype", config.extract.dtype, fields.get("dtype", reader.dtype)),
+        ("extract.autocast", config.extract.autocast, fields.get("autocast", "none")),
+    ):
+        if mine != theirs:
+            conflicts.append((setting, mine, theirs))
+    return conflicts
+
+
+def identity_difference(mine: BackboneIdentity, cached: dict[str, Any]) -> str | None:
+    """Which hash (or revision) of a backbone differs from the one a cache was built with."""
+    have = mine.key_fields()
+    names = ["weights_sha256", "config_sha256", "tokenizer_sha256"]
+    if cached.get("revision") is not None:  # caches made before hub ids were resolved recorded none
+        names.append("revision")
+    for name in names:
+        if have.get(name) != cached.get(name):
+            return f"{name} {str(have.get(name))[:12]} != {str(cached.get(name))[:12]}"
+    return None

@@ -1,0 +1,7 @@
+"""``python -m unipt.pipeline.cli ...`` is the ``unipt`` command."""
+
+import sys
+
+from unipt.pipeline.cli.app import main
+
+sys.exit(main())

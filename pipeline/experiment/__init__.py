@@ -1,0 +1,57 @@
+"""The recipe: unipt's Python API (prepare, extract, train, record, run) and the cost plan, the one place
+(with the CLI) that drives both stages.
+"""
+
+from unipt._lazy import lazy_surface
+
+_SURFACE = {
+    "config_for_cache": "cache_config",
+    "bytes_by_dtype": "plan",
+    "check_space": "plan",
+    "forward_rate": "plan",
+    "read_rate": "plan",
+    "Prepared": "recipe",
+    "PreparedBackbone": "recipe",
+    "RunResult": "recipe",
+    "Timings": "recipe",
+    "Trained": "recipe",
+    "built_keys": "recipe",
+    "check_cache_matches": "recipe",
+    "checkpoint_threads": "recipe",
+    "extract": "recipe",
+    "extract_all": "recipe",
+    "extraction_runtime": "recipe",
+    "leased": "recipe",
+    "load_spec": "recipe",
+    "model_spec": "recipe",
+    "open_for_training": "recipe",
+    "prepare": "recipe",
+    "prepare_for_cache": "recipe",
+    "record": "recipe",
+    "recorded_result": "recipe",
+    "release_reader": "recipe",
+    "require_caches": "recipe",
+    "run": "recipe",
+    "run_to_continue": "recipe",
+    "start_tracking": "recipe",
+    "timings_since": "recipe",
+    "torch_threads": "recipe",
+    "train": "recipe",
+    "train_from_cache": "recipe",
+    "weighted_layer_names": "recipe",
+    "stored_config": "rerun",
+    "DISTRIBUTIONS": "sweep",
+    "Distribution": "sweep",
+    "SWEEP_FILE": "sweep",
+    "Search": "sweep",
+    "SweepResult": "sweep",
+    "Trial": "sweep",
+    "default_parallel": "sweep",
+    "describe": "sweep",
+    "gpu_share": "sweep",
+    "resume_sweep": "sweep",
+    "trial_resources": "sweep",
+    "trusted_spec": "sweep",
+}
+__all__ = sorted(_SURFACE)
+__getattr__, __dir__ = lazy_surface(__name__, _SURFACE)
