@@ -292,7 +292,6 @@ LONG_MODULES = {
     "pipeline/experiment/plan.py": 736,
     "train/loader.py": 692,
     "extract/runner.py": 690,
-    "pipeline/data/table.py": 685,
     "pipeline/experiment/sweep.py": 647,
     "pipeline/runs/registry.py": 592,
     "pipeline/config.py": 585,

@@ -11,8 +11,9 @@ import pytest
 
 from unipt.pipeline.config import DatasetConfig, SplitConfig
 from unipt.pipeline.data.bundled import bundled_data_path
+from unipt.pipeline.data.bundled_sets import _mnist_5k
 from unipt.pipeline.data.images import IMAGE_TYPE, image_array, make_image
-from unipt.pipeline.data.table import _mnist_5k, load_dataset, normalize
+from unipt.pipeline.data.table import load_dataset, normalize
 from unipt.pipeline.errors import UniptError
 
 MNIST = DatasetConfig(source="bundled:mnist_5k")

@@ -9,7 +9,8 @@ import pytest
 
 from unipt.pipeline.config import DatasetConfig
 from unipt.pipeline.data.bundled import bundled_data_path
-from unipt.pipeline.data.table import RT_SCORE_MIN_REVIEWS, load_dataset
+from unipt.pipeline.data.bundled_sets import RT_SCORE_MIN_REVIEWS
+from unipt.pipeline.data.table import load_dataset
 from unipt.pipeline.errors import UniptError
 
 SOURCE = "bundled:rt_movie_score"
