@@ -293,7 +293,6 @@ LONG_MODULES = {
     "train/loader.py": 692,
     "extract/runner.py": 690,
     "pipeline/experiment/sweep.py": 647,
-    "pipeline/runs/registry.py": 592,
     "pipeline/config.py": 585,
     "pipeline/model/predict.py": 539,
     "pipeline/cli/runs.py": 529,

@@ -17,8 +17,9 @@ from unipt.pipeline.cli.app import main
 from unipt.pipeline.config import load_config
 from unipt.pipeline.experiment.rerun import rerun
 from unipt.pipeline.experiment.sweep import Trial, sweep
+from unipt.pipeline.runs.compare import result_metrics, same_value
 from unipt.pipeline.runs.records import referenced_cache_keys
-from unipt.pipeline.runs.registry import Registry, registered_cache_keys, result_metrics, same_value
+from unipt.pipeline.runs.registry import Registry, registered_cache_keys
 
 pytestmark = pytest.mark.e2e
 

@@ -18,14 +18,8 @@ from unipt.pipeline.cache.reader import CacheRoot
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.runs.records import write_run_record
-from unipt.pipeline.runs.registry import (
-    _SCHEMA,
-    SCHEMA_VERSION,
-    Registry,
-    failure,
-    ready_registry,
-    registry_id,
-)
+from unipt.pipeline.runs.registration import ready_registry, registry_id
+from unipt.pipeline.runs.registry import _SCHEMA, SCHEMA_VERSION, Registry, failure
 
 FAST = ["--set", "train.epochs=2", "--no-progress"]
 

@@ -18,16 +18,9 @@ from typing import TYPE_CHECKING, Any
 from unipt.pipeline.cli.common import load_args, print_json, print_summary
 from unipt.pipeline.cli.model import load_config_or_cache
 from unipt.pipeline.errors import CacheMissing, UniptError
-from unipt.pipeline.runs.registry import (
-    DEFAULT_REGISTRY,
-    TIMING_METRICS,
-    Registry,
-    RunEntry,
-    differences,
-    read_finished_record,
-    register_run,
-    result_metrics,
-)
+from unipt.pipeline.runs.compare import TIMING_METRICS, differences, result_metrics
+from unipt.pipeline.runs.registration import read_finished_record, register_run
+from unipt.pipeline.runs.registry import DEFAULT_REGISTRY, Registry, RunEntry
 from unipt.pipeline.storage import DEFAULT_RUNS_ROOT
 from unipt.pipeline.tasks import get_task, headline_of, task_names
 

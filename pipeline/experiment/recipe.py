@@ -60,7 +60,7 @@ from unipt.pipeline.runs.records import (
     write_run_record,
 )
 from unipt.pipeline.runs.registered import check_registered
-from unipt.pipeline.runs.registry import ready_registry, register_run, registry_id
+from unipt.pipeline.runs.registration import ready_registry, register_run, registry_id
 from unipt.pipeline.runs.tracking import Tracker
 from unipt.pipeline.tasks import TaskInfo, get_task
 

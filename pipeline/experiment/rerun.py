@@ -22,8 +22,9 @@ from unipt.pipeline.cache.reader import CacheRoot
 from unipt.pipeline.config import ExperimentConfig
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import say
+from unipt.pipeline.runs.compare import differences, result_metrics
 from unipt.pipeline.runs.records import without_nan
-from unipt.pipeline.runs.registry import Registry, RunEntry, differences, result_metrics
+from unipt.pipeline.runs.registry import Registry, RunEntry
 
 
 @dataclass

@@ -3,6 +3,10 @@
 from unipt._lazy import lazy_surface
 
 _SURFACE = {
+    "TIMING_METRICS": "compare",
+    "differences": "compare",
+    "result_metrics": "compare",
+    "same_value": "compare",
     "RECORD_FILE": "records",
     "check_run_id": "records",
     "finite_record": "records",
@@ -15,20 +19,16 @@ _SURFACE = {
     "write_run_record": "records",
     "check_registered": "registered",
     "registry_mismatch": "registered",
+    "read_finished_record": "registration",
+    "ready_registry": "registration",
+    "register_run": "registration",
+    "registry_id": "registration",
     "DEFAULT_REGISTRY": "registry",
     "Registry": "registry",
     "RunEntry": "registry",
     "SCHEMA_VERSION": "registry",
-    "TIMING_METRICS": "registry",
-    "differences": "registry",
     "failure": "registry",
-    "read_finished_record": "registry",
-    "ready_registry": "registry",
-    "register_run": "registry",
     "registered_cache_keys": "registry",
-    "registry_id": "registry",
-    "result_metrics": "registry",
-    "same_value": "registry",
     "Tracker": "tracking",
 }
 __all__ = sorted(_SURFACE)

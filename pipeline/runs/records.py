@@ -154,3 +154,25 @@ def referenced_cache_keys(runs_root: str | Path) -> set[str]:
         # Multi-backbone runs (e.g. retrieval) use one cache per backbone.
         keys.update(b.get("cache_key") for b in record.get("backbones", {}).values())
     return {key for key in keys if key}
+
+
+def cache_keys_of(record: dict[str, Any]) -> dict[str, str]:
+    """Every cache a run record uses, by role: its training cache and each backbone's cache."""
+    return _by_role(record, "key", "cache_key")
+
+
+def cache_digests_of(record: dict[str, Any]) -> dict[str, str]:
+    """The root digest of every cache a run record read, by the roles of :func:`cache_keys_of`."""
+    return _by_role(record, "root_digest", "root_digest")
+
+
+def _by_role(record: dict[str, Any], cache_field: str, backbone_field: str) -> dict[str, str]:
+    """``record["cache"][cache_field]`` as role "cache", and each backbone's ``backbone_field`` as
+    "backbone:<name>", where set."""
+    found: dict[str, str] = {}
+    if record.get("cache", {}).get(cache_field):
+        found["cache"] = record["cache"][cache_field]
+    for name, backbone in (record.get("backbones") or {}).items():
+        if isinstance(backbone, dict) and backbone.get(backbone_field):
+            found[f"backbone:{name}"] = backbone[backbone_field]
+    return found

@@ -7,13 +7,12 @@ indexes them so runs can be listed, compared and redone (``unipt runs``, ``unipt
 The database is opened in WAL mode with a busy timeout: parallel runs (a sweep's trials, or several
 ``unipt run`` processes) register concurrently without "database is locked" errors. The schema
 carries a version (``PRAGMA user_version``); a database written by a newer unipt is refused rather
-than misread.
+than misread. Runs get in from their folders through :mod:`unipt.pipeline.runs.registration`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sqlite3
 import time
@@ -25,8 +24,8 @@ from typing import Any
 
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.hashing import sha256_json
-from unipt.pipeline.log import human_bytes, log, say, utc_timestamp
-from unipt.pipeline.runs.records import RECORD_FILE, check_run_id
+from unipt.pipeline.log import human_bytes, utc_timestamp
+from unipt.pipeline.runs.records import cache_digests_of, cache_keys_of
 from unipt.pipeline.storage import (
     DEFAULT_REGISTRY as DEFAULT_REGISTRY,  # re-exported: where commands look
 )
@@ -36,8 +35,6 @@ BUSY_TIMEOUT_S = 60.0
 # Less free space than this beside the registry and a run's registration (a row, its WAL pages) may not
 # fit: refused before the work, not after it.
 MIN_FREE_BYTES = 1 << 20
-# Wall-clock measurements: they differ between two runs of the same thing, so they are not "results".
-TIMING_METRICS = frozenset({"train_seconds", "seconds_per_epoch"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -115,28 +112,6 @@ class RunEntry:
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
-
-def cache_keys_of(record: dict[str, Any]) -> dict[str, str]:
-    """Every cache a run record uses, by role: its training cache and each backbone's cache."""
-    return _by_role(record, "key", "cache_key")
-
-
-def cache_digests_of(record: dict[str, Any]) -> dict[str, str]:
-    """The root digest of every cache a run record read, by the roles of :func:`cache_keys_of`."""
-    return _by_role(record, "root_digest", "root_digest")
-
-
-def _by_role(record: dict[str, Any], cache_field: str, backbone_field: str) -> dict[str, str]:
-    """``record["cache"][cache_field]`` as role "cache", and each backbone's ``backbone_field`` as
-    "backbone:<name>", where set."""
-    found: dict[str, str] = {}
-    if record.get("cache", {}).get(cache_field):
-        found["cache"] = record["cache"][cache_field]
-    for name, backbone in (record.get("backbones") or {}).items():
-        if isinstance(backbone, dict) and backbone.get(backbone_field):
-            found[f"backbone:{name}"] = backbone[backbone_field]
-    return found
 
 
 class Registry:
@@ -445,143 +420,12 @@ def failure(path: Path, exc: sqlite3.DatabaseError) -> tuple[str, str]:
     )
 
 
-def run_artifacts(record: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
-    """A run's files, as the registry lists them: record, config, model, cache, tracking."""
-    run_dir = Path(run_dir).expanduser().resolve()
-    artifacts = {
-        "run_dir": str(run_dir),
-        "record": str(run_dir / RECORD_FILE),
-        "config": str(run_dir / "config.yaml"),
-        "cache": str(record.get("cache", {}).get("path")),
-    }
-    if (run_dir / "model.json").is_file():  # the tuned model (unipt.pipeline.model.files), for export/predict
-        artifacts["model"] = str(run_dir)
-    if record.get("tracking"):  # where the run also went (MLflow run id, TensorBoard folder): findable here
-        artifacts["tracking"] = record["tracking"]
-    return artifacts
-
-
-def register_run(path: str | Path, record: dict[str, Any], run_dir: str | Path) -> None:
-    """Register a run whose record was just written to ``run_dir``; its files are its artifacts."""
-    artifacts = run_artifacts(record, run_dir)
-    with Registry(path) as registry:
-        # Another command may have registered it from its record.json meanwhile (see register_unregistered),
-        # before this run wrote all its files: then only the artifacts are brought up to date.
-        if not registry.register(record, artifacts, exist_ok=True):
-            registry.set_artifacts(record["run_id"], artifacts)
-
-
-def registry_id(path: str | Path) -> str:
-    """How a run record names the registry it is meant for: the absolute path."""
-    return str(Path(path).expanduser().resolve())
-
-
-def read_finished_record(run_dir: Path) -> dict[str, Any]:
-    """A run folder's record.json, checked to be a record of that folder's run."""
-    path = run_dir / RECORD_FILE
-    if path.is_symlink() or run_dir.is_symlink():
-        raise UniptError(f"{path} is a symbolic link; unipt registers only records inside the run folder")
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        if (run_dir / "checkpoint.pt").is_file():  # unipt.train.checkpoint.CHECKPOINT_FILE (no torch here)
-            raise UniptError(
-                f"run {run_dir.name} did not finish (a checkpoint.pt, no {RECORD_FILE} in {run_dir}); "
-                f"continue it with `unipt train CONFIG --resume {run_dir}` (or run): that registers it"
-            ) from exc
-        raise UniptError(f"no {RECORD_FILE} in {run_dir}; give the folder of a finished run") from exc
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UniptError(f"run record {path} is unreadable ({type(exc).__name__}); fix or remove it") from exc
-    if not isinstance(record, dict) or record.get("run_id") != run_dir.name:
-        raise UniptError(
-            f"run record {path} is not the record of run {run_dir.name} (its run_id differs or is missing); "
-            "it was edited or moved: put it back in its own run folder"
-        )
-    check_run_id(record["run_id"])
-    return record
-
-
-def register_unregistered(registry: Registry, runs_root: str | Path) -> list[str]:
-    """Register every finished run under ``runs_root`` the registry lacks: a run killed after writing its
-    record.json but before registering itself. Only records naming this registry (``registry`` in the
-    record) count: runs of another registry may share the runs root. Returns their ids; a record that
-    cannot be read is left unregistered with a warning (it must not stop this command)."""
-    root = Path(runs_root).expanduser()
-    if not root.is_dir():
-        return []
-    known = registry.run_ids()
-    registered = []
-    for run_dir in sorted(root.iterdir()):
-        if run_dir.name in known or not (run_dir / RECORD_FILE).is_file():
-            continue
-        try:
-            record = read_finished_record(run_dir)
-        except UniptError as exc:
-            log.warning(f"warning: not registering {run_dir}: {exc}")
-            continue
-        if record.get("registry") != registry_id(registry.path):
-            continue  # a run recorded for another registry sharing this runs root (or older than this rule)
-        if registry.register(record, run_artifacts(record, run_dir), exist_ok=True):
-            registered.append(run_dir.name)
-    return registered
-
-
-def ready_registry(path: str | Path, runs_root: str | Path) -> list[str]:
-    """Open the registry at ``path`` (created if new) and check it can be written, before any work whose
-    run it will record; then register the finished runs under ``runs_root`` it lacks (their ids)."""
-    with Registry(path) as registry:
-        registry.check_writable()
-        registered = register_unregistered(registry, runs_root)
-    if registered:
-        say(
-            f"registered {len(registered)} finished run(s) that had stopped before registering themselves "
-            f"in {path}: {', '.join(registered)}"
-        )
-    return registered
-
-
 def registered_cache_keys(path: str | Path) -> set[str]:
     """Cache keys the registry at ``path`` references; none if there is no registry there yet."""
     if not Path(path).expanduser().exists():
         return set()
     with Registry(path, create=False) as registry:
         return registry.cache_keys()
-
-
-def result_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The metrics two runs of the same thing must agree on exactly (everything but timings)."""
-    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS}
-
-
-def same_value(a: Any, b: Any) -> bool:
-    """Exact equality, with NaN equal to NaN (an empty split's accuracy is NaN in both runs)."""
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return type(a) is type(b) and a == b
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}``; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    if not tree and prefix:
-        flat[prefix] = {}
-    return flat
-
-
-def differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(dotted key, value in a, value in b) for every key whose values differ; absent is ``None``."""
-    fa, fb = flatten(a), flatten(b)
-    missing = object()
-    out = []
-    for key in sorted(set(fa) | set(fb)):
-        va, vb = fa.get(key, missing), fb.get(key, missing)
-        if va is missing or vb is missing or not same_value(va, vb):
-            out.append((key, None if va is missing else va, None if vb is missing else vb))
-    return out
 
 
 def _dumps(value: Any) -> str:

@@ -38,7 +38,7 @@ import yaml
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.extras import require
 from unipt.pipeline.log import say
-from unipt.pipeline.runs.registry import flatten
+from unipt.pipeline.runs.compare import flatten
 
 if TYPE_CHECKING:
     from unipt.pipeline.config import ExperimentConfig, TrackingConfig
