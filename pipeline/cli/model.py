@@ -54,7 +54,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _model_and_inputs(args: argparse.Namespace, labelled: bool = False):
-    from unipt.pipeline.model.predict import InputTable, load_model, read_inputs
+    from unipt.pipeline.model.predict import load_model
+    from unipt.pipeline.model.prediction_files import InputTable, read_inputs
 
     if args.batch_size < 1:
         raise UniptError(f"--batch-size {args.batch_size}: give 1 or more")
@@ -87,7 +88,7 @@ def _model_and_inputs(args: argparse.Namespace, labelled: bool = False):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from unipt.pipeline.model.predict import write_predictions
+    from unipt.pipeline.model.prediction_files import write_predictions
 
     model, table = _model_and_inputs(args)
     predictions = model.predict(
@@ -102,7 +103,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from unipt.pipeline.model.predict import format_metrics, format_report, write_metrics
+    from unipt.pipeline.model.prediction_files import write_metrics
+    from unipt.pipeline.model.predictions import format_metrics, format_report
 
     if args.out and not str(args.out).lower().endswith(".json"):
         raise UniptError(f"--out {args.out}: give a .json file, e.g. --out metrics.json")

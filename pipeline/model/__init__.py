@@ -17,14 +17,14 @@ _SURFACE = {
     "write_model": "files",
     "export_pyfunc_model": "mlflow_export",
     "log_pyfunc_model": "mlflow_export",
-    "InputTable": "predict",
     "TunedModel": "predict",
-    "format_metrics": "predict",
-    "format_report": "predict",
     "load_model": "predict",
-    "read_inputs": "predict",
-    "write_metrics": "predict",
-    "write_predictions": "predict",
+    "InputTable": "prediction_files",
+    "read_inputs": "prediction_files",
+    "write_metrics": "prediction_files",
+    "write_predictions": "prediction_files",
+    "format_metrics": "predictions",
+    "format_report": "predictions",
 }
 __all__ = sorted(_SURFACE)
 __getattr__, __dir__ = lazy_surface(__name__, _SURFACE)

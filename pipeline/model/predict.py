@@ -11,15 +11,13 @@ backbone is loaded on first use (on the GPU when there is one); :meth:`TunedMode
 needs none.
 
 This module drives both stages (a backbone, then a trained model), like
-:mod:`unipt.pipeline.experiment.recipe`.
+:mod:`unipt.pipeline.experiment.recipe`. What it returns is a
+:class:`unipt.pipeline.model.predictions.Predictions`; the files ``unipt predict`` and ``unipt evaluate``
+read and write are :mod:`unipt.pipeline.model.prediction_files`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,6 @@ from unipt.pipeline.cache.layout import LayerSpec
 from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import BackboneConfig, TrainConfig
 from unipt.pipeline.errors import UniptError
-from unipt.pipeline.log import say
 from unipt.pipeline.model.files import (
     MODEL_WEIGHTS,
     ModelSpec,
@@ -39,54 +36,9 @@ from unipt.pipeline.model.files import (
     read_model_spec,
     save_model_folder,
 )
+from unipt.pipeline.model.predictions import Predictions
 from unipt.pipeline.runs.registry import DEFAULT_REGISTRY
 from unipt.pipeline.tasks import get_task
-
-
-@dataclass
-class Predictions:
-    """One row per input, in input order."""
-
-    example_ids: list[str]
-    outputs: np.ndarray  # the model's raw outputs: logits [N, classes], or [N] regression values
-    label_names: list[str]
-    task: str
-
-    @property
-    def probabilities(self) -> np.ndarray | None:
-        """[N, classes] softmax of the logits; None for regression."""
-        if self.task == "regression":
-            return None
-        shifted = self.outputs - self.outputs.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        return exp / exp.sum(axis=1, keepdims=True)
-
-    @property
-    def labels(self) -> list[str] | None:
-        if self.task == "regression":
-            return None
-        return [self.label_names[i] for i in self.outputs.argmax(axis=1)]
-
-    @property
-    def values(self) -> np.ndarray | None:
-        return self.outputs if self.task == "regression" else None
-
-    def rows(self) -> list[dict[str, Any]]:
-        if self.task == "regression":
-            return [
-                {"example_id": i, "value": float(v)}
-                for i, v in zip(self.example_ids, self.outputs, strict=True)
-            ]
-        probs, labels = self.probabilities, self.labels
-        assert probs is not None and labels is not None
-        return [
-            {
-                "example_id": i,
-                "label": label,
-                **{f"prob_{n}": float(p) for n, p in zip(self.label_names, row, strict=True)},
-            }
-            for i, label, row in zip(self.example_ids, labels, probs, strict=True)
-        ]
 
 
 class _Shape:
@@ -409,130 +361,3 @@ def refuse_stored_remote_code(directory: Path, spec: ModelSpec, trust_remote_cod
             f"model {directory} was trained on a backbone that runs its own Python code (model.json: "
             "backbone.trust_remote_code); pass --trust-remote-code to run it, only for a backbone you trust"
         )
-
-
-# ---------------------------------------------------------------------------------------------- files
-
-
-@dataclass
-class InputTable:
-    ids: list[str]
-    inputs: list
-    labels: list | None
-
-
-def read_inputs(
-    path: str | Path,
-    *,
-    kind: str = "text",
-    text_column: str = "text",
-    text_pair_column: str = "text_pair",
-    image_column: str = "image",
-    id_column: str | None = None,
-    id_column_required: bool = True,
-    label_column: str | None = None,
-) -> InputTable:
-    """Raw inputs from a CSV, JSONL or Parquet file (ids default to the row numbers). An ``id_column`` not
-    ``id_column_required`` (the model's own, not the person's) gives the row numbers, saying so, when the
-    file lacks it."""
-    import pyarrow.csv as pa_csv
-    import pyarrow.json as pa_json
-    import pyarrow.parquet as pq
-    from pyarrow import ArrowException
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UniptError(f"input file {path} not found")
-    readers = {".csv": pa_csv.read_csv, ".jsonl": pa_json.read_json, ".json": pa_json.read_json}
-    readers[".parquet"] = pq.read_table
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise UniptError(
-            f"input {path}: unknown format {path.suffix!r}; give a .csv, .jsonl or .parquet file"
-        )
-    try:
-        table = reader(str(path))
-    except ArrowException as exc:
-        raise UniptError(f"input {path} is not readable ({str(exc).splitlines()[0]})") from exc
-    column = image_column if kind == "image" else text_column
-    if id_column and not id_column_required and id_column not in table.column_names:
-        say(f"input {path} has no column {id_column!r} (the model's id column): ids are the row numbers")
-        id_column = None
-    second = text_pair_column if kind == "text_pair" else None
-    wanted = [c for c in (column, second, id_column, label_column) if c]
-    missing = [c for c in wanted if c not in table.column_names]
-    if missing:
-        raise UniptError(f"input {path} has no column {missing[0]!r} (columns: {table.column_names})")
-    if table.num_rows == 0:
-        raise UniptError(f"input {path} has no rows")
-    values = table.column(column).to_pylist()
-    if kind != "image":
-        for name in (column, second) if second else (column,):
-            texts = table.column(name).to_pylist()
-            empty = [i for i, v in enumerate(texts) if not isinstance(v, str)]
-            if empty:
-                raise UniptError(f"input {path} row {empty[0]}: {name} is {texts[empty[0]]!r}, not text")
-        if second:  # a text-pair model: (text, text_pair) tuples, as extraction gave them
-            values = list(zip(values, table.column(second).to_pylist(), strict=True))
-    else:
-        from unipt.pipeline.data.images import load_image
-
-        values = [load_image(v, path.parent, row) for row, v in enumerate(values)]
-    ids = [str(v) for v in table.column(id_column).to_pylist()] if id_column else None
-    labels = table.column(label_column).to_pylist() if label_column else None
-    return InputTable(ids or [str(i) for i in range(table.num_rows)], values, labels)
-
-
-def write_predictions(predictions: Predictions, out: str | Path) -> Path:
-    """``out`` as CSV or JSONL (by its extension)."""
-    out = Path(out).expanduser()
-    rows = predictions.rows()
-    if out.suffix.lower() not in (".csv", ".jsonl"):
-        raise UniptError(f"--out {out}: give a .csv or .jsonl file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".jsonl":
-        out.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
-    else:
-        with open(out, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return out
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    return " | ".join(f"{k} {v:.4f}" if not math.isnan(v) else f"{k} nan" for k, v in metrics.items())
-
-
-def format_report(report: dict[str, Any]) -> list[str]:
-    """A classification report for people: per-class precision, recall, F1 and support, then the
-    confusion matrix (rows: true class, columns: predicted)."""
-    names = [str(name) for name in report["labels"]]
-    width = max(len("class"), *map(len, names))
-    lines = [f"{'class':<{width}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>7}"]
-    for name in names:
-        row = report["per_class"][name]
-        lines.append(
-            f"{name:<{width}}  {row['precision']:>9.4f}  {row['recall']:>9.4f}  {row['f1']:>9.4f}  "
-            f"{row['support']:>7}"
-        )
-    cell = max(7, *map(len, names), *(len(str(n)) for row in report["confusion"] for n in row))
-    lines.append("confusion (rows: true class, columns: predicted)")
-    lines.append(f"{'':<{width}}  " + "  ".join(f"{name:>{cell}}" for name in names))
-    for name, row in zip(names, report["confusion"], strict=True):
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{n:>{cell}}" for n in row))
-    return lines
-
-
-def write_metrics(evaluation: dict[str, Any], out: str | Path) -> Path:
-    """``unipt evaluate --out``: the evaluation as strict JSON (an undefined metric is null)."""
-    from unipt.pipeline.runs.records import without_nan
-
-    out = Path(out).expanduser()
-    if out.suffix.lower() != ".json":
-        raise UniptError(f"--out {out}: give a .json file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(without_nan(evaluation), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    tmp.replace(out)  # whole or not at all
-    return out
