@@ -11,13 +11,16 @@ start at once): each command imports the recipe it runs in its handler. tests/te
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 
 from unipt.pipeline.cli.cache import add_cache_commands
 from unipt.pipeline.cli.common import load_args, print_summary
 from unipt.pipeline.cli.model import add_model_commands, prepare_train
 from unipt.pipeline.cli.plan import add_plan_command
 from unipt.pipeline.cli.runs import add_runs_commands
+from unipt.pipeline.cli.sweep import add_sweep_command
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.extras import missing_extra_message
 from unipt.pipeline.log import configure_cli_logging
@@ -61,6 +64,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# `unipt --help`'s closing lines: a command of each kind, with what it does.
+_EXAMPLES = (
+    "examples:\n"
+    "  unipt run configs/rt_minilm.yaml                      # extract if needed, train, record\n"
+    "  unipt run configs/rt_minilm.yaml --set train.epochs=3 # override any config value\n"
+    "  unipt plan configs/rt_minilm.yaml                     # cache size, times, free disk\n"
+    "  unipt extract configs/rt_minilm.yaml --ray-address auto  # extract on a running Ray cluster\n"
+    "  unipt train configs/rt_minilm.yaml                    # tune again from the cache only\n"
+    "  unipt train --cache run.h5 --set train.lr=5e-4        # a cache alone: no data, no backbone\n"
+    "  unipt predict RUN_ID --text 'a fine film'             # the tuned model on raw inputs\n"
+    "  unipt cache ls                                        # list committed caches\n"
+    "  unipt cache verify KEY                                # check every chunk's checksum\n"
+    "  unipt cache gc --yes                                  # remove caches no run uses\n"
+    "  unipt runs ls                                         # registered runs, newest last\n"
+    "  unipt rerun RUN_ID                                    # redo a run; check the metrics match\n"
+    "  unipt sweep CONFIG --grid train.lr=1e-3,5e-4          # a grid of trials on one cache (Ray)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unipt",
@@ -68,50 +90,52 @@ def build_parser() -> argparse.ArgumentParser:
             "UniPT from activation caches: extract a frozen backbone's hidden states once "
             "(Ray -> Zarr), then tune UniPT on them as often as you like, with no backbone in memory."
         ),
-        epilog=(
-            "examples:\n"
-            "  unipt run configs/rt_minilm.yaml                      # extract if needed, train, record\n"
-            "  unipt run configs/rt_minilm.yaml --set train.epochs=3 # override any config value\n"
-            "  unipt plan configs/rt_minilm.yaml                     # cache size, times, free disk\n"
-            "  unipt extract configs/rt_minilm.yaml --ray-address auto  # extract on a running Ray cluster\n"
-            "  unipt train configs/rt_minilm.yaml                    # tune again from the cache only\n"
-            "  unipt train --cache run.h5 --set train.lr=5e-4        # a cache alone: no data, no backbone\n"
-            "  unipt predict RUN_ID --text 'a fine film'             # the tuned model on raw inputs\n"
-            "  unipt cache ls                                        # list committed caches\n"
-            "  unipt cache verify KEY                                # check every chunk's checksum\n"
-            "  unipt cache gc --yes                                  # remove caches no run uses\n"
-            "  unipt runs ls                                         # registered runs, newest last\n"
-            "  unipt rerun RUN_ID                                    # redo a run; check the metrics match\n"
-            "  unipt sweep CONFIG --grid train.lr=1e-3,5e-4          # a grid of trials on one cache (Ray)"
-        ),
+        epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    experiment = functools.partial(_experiment_command, sub)
+    _add_stage_commands(experiment)
+    add_cache_commands(sub)
+    add_model_commands(sub)
+    add_runs_commands(sub)
+    add_sweep_command(sub, experiment)
+    add_plan_command(sub, experiment)
+    return parser
 
-    def experiment(
-        name: str, help_text: str, handler, optional_config: bool = False, records: bool = True
-    ) -> argparse.ArgumentParser:
-        """A command that reads a config; ``records``: it writes run records (so takes --runs-root and
-        --registry), which `plan` and `extract` do not."""
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if optional_config:  # with --cache, the cache's own attributes are the config
-            p.add_argument("config", nargs="?", help="experiment YAML (optional with --cache)")
-        else:
-            p.add_argument("config", help="experiment YAML, e.g. configs/rt_minilm.yaml")
-        p.add_argument(
-            "--set",
-            action="append",
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. --set train.epochs=3 (repeatable)",
-        )
-        p.add_argument("--cache-root", help="directory of activation caches (default: storage.cache_root)")
-        if records:
-            p.add_argument("--runs-root", help="directory of run records (default: storage.runs_root)")
-            p.add_argument("--registry", help="SQLite run registry (default: storage.registry)")
-        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-        p.set_defaults(handler=handler)
-        return p
 
+def _experiment_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help_text: str,
+    handler: Callable[[argparse.Namespace], int],
+    optional_config: bool = False,
+    records: bool = True,
+) -> argparse.ArgumentParser:
+    """A command that reads a config; ``records``: it writes run records (so takes --runs-root and
+    --registry), which `plan` and `extract` do not."""
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    if optional_config:  # with --cache, the cache's own attributes are the config
+        p.add_argument("config", nargs="?", help="experiment YAML (optional with --cache)")
+    else:
+        p.add_argument("config", help="experiment YAML, e.g. configs/rt_minilm.yaml")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+    )
+    p.add_argument("--cache-root", help="directory of activation caches (default: storage.cache_root)")
+    if records:
+        p.add_argument("--runs-root", help="directory of run records (default: storage.runs_root)")
+        p.add_argument("--registry", help="SQLite run registry (default: storage.registry)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _add_stage_commands(experiment: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add ``run``, ``extract`` and ``train``; ``experiment`` makes a parser with the config options."""
     run = experiment(
         "run", "extract (or reuse) the cache, train UniPT on it, and write a run record", cmd_run
     )
@@ -145,12 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
             help="continue an interrupted run from its last finished epoch (its run directory or "
             "checkpoint.pt); the result is what the uninterrupted run would have given",
         )
-
-    add_cache_commands(sub)
-    add_model_commands(sub)
-    add_runs_commands(sub, experiment)
-    add_plan_command(sub, experiment)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

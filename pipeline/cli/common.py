@@ -62,6 +62,11 @@ def print_summary(result: experiment.RunResult) -> None:
     print(summary_line(result), flush=True)
 
 
+def show_value(value: Any) -> str:
+    """A value in one line for people: text as it is, anything else as compact JSON."""
+    return json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else value
+
+
 def print_json(value: Any) -> None:
     """``--json`` output: strict JSON on stdout (NaN and infinities as null), nothing else there."""
     from unipt.pipeline.runs.records import without_nan
