@@ -132,7 +132,7 @@ def test_runs_ls_show_diff_after_real_runs(tiny_config, tmp_path, capsys, ray_se
     assert shown["versions"]["torch"] == record["versions"]["torch"]
     assert shown["project_commit"] == record["project_commit"]
     assert Path(shown["artifacts"]["record"]).is_file() and Path(shown["artifacts"]["config"]).is_file()
-    # The device the run actually had (unipt.pipeline.experiment.recipe records str(pick_device("auto"))).
+    # The device the run actually had (unipt.pipeline.experiment.training records str(pick_device("auto"))).
     assert shown["runtime"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert shown["runtime"]["torch_threads"] >= 1
     assert shown["created_at"] and shown["registered_at"]
