@@ -2,7 +2,7 @@
 
 The same examples (configs/rt_minilm.yaml: a seeded sample of Rotten Tomatoes through all-MiniLM-L6-v2,
 every hidden state) are extracted once per dtype by the pipeline
-(``unipt.pipeline.experiment.recipe.extract``, the
+(``unipt.pipeline.experiment.extract``, the
 shipped codec), and each cache's bytes on disk are set against:
 
 - **padded fp32**: ``N x max_length x hidden x layers x 4`` bytes, one dense float32 tensor per layer

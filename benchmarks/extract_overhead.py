@@ -7,7 +7,7 @@ all-MiniLM-L6-v2, every hidden state, fp16):
 - **pure forward**: the backbone's ``encode`` in this process (tokenize, forward, hidden states to host
   memory) over the same shards the pipeline cuts, nothing written; the median of ``--repeats`` passes
   after a warm-up.
-- **extraction**: ``unipt extract``'s own path (``unipt.pipeline.experiment.recipe.extract``) into a fresh
+- **extraction**: ``unipt extract``'s own path (``unipt.pipeline.experiment.extract``) into a fresh
 cache, on a
   local Ray instance started once; ``extract.workers`` = each of ``--workers``. Split into *startup*
   (actors start and load the backbone) and *extraction proper* (first shard to committed cache).

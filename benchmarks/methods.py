@@ -6,9 +6,9 @@ Datasets, each with the bundled all-MiniLM-L6-v2 and its own config:
 - ``bbc_news`` (configs/bbc_minilm.yaml): news articles, 5 topics, 256 tokens;
 - ``rt_movie_score`` (configs/rt_score_minilm.yaml): regression, each snippet's movie tomatometer.
 
-Each dataset's cache is extracted once (``unipt.pipeline.experiment.recipe.extract``); then every method in
+Each dataset's cache is extracted once (``unipt.pipeline.experiment.extract``); then every method in
 ``train.method`` (linear_probe, scalar_mix, lst, unipt) trains from that same cache with each seed through
-the recipe (``unipt.pipeline.experiment.recipe.train``), and full fine-tuning of the backbone (a linear layer
+the recipe (``unipt.pipeline.experiment.train``), and full fine-tuning of the backbone (a linear layer
 into the
 task's head, at ``train.lr / 10``, ``benchmarks.online_baselines.train_online``) runs once, seed 0, for every
 dataset: it trains the config's ``train.task`` with the head, metrics and best-epoch rule of the cache

@@ -188,7 +188,7 @@ def test_training_out_of_memory_is_one_line_suggesting_a_smaller_batch():
 
     task = Task(nn.Linear(3, 1), Data(), loss, dict, "acc")
     with pytest.raises(UniptError) as error:
-        fit(task, TrainConfig(epochs=1, batch_size=48), 0, torch.device("cpu"), progress=False)
+        fit(task, TrainConfig(epochs=1, batch_size=48), 0, torch.device("cpu"), TrainOptions(progress=False))
     message = str(error.value)
     assert "out of GPU memory while training with train.batch_size=48" in message
     assert "lower train.batch_size (e.g. 24)" in message and "\n" not in message
@@ -341,7 +341,9 @@ def test_the_loss_is_summed_on_the_device_and_read_once_per_epoch():
 
     _HostReads.reads = 0
     task = Task(model, data, loss, dict, "acc")
-    result = fit(task, TrainConfig(epochs=3, batch_size=2), 0, torch.device("cpu"), progress=False)
+    result = fit(
+        task, TrainConfig(epochs=3, batch_size=2), 0, torch.device("cpu"), TrainOptions(progress=False)
+    )
     # One read per epoch's record (the logging interval), not one per step (12 steps).
     assert _HostReads.reads == 3 and len(result.history) == 3
     assert all(h["train_loss"] > 0 for h in result.history)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -14,10 +15,12 @@ import pytest
 import torch
 
 from tests.conftest import KEY, build_cache
+from unipt.pipeline import experiment
 from unipt.pipeline.cache.reader import CacheRoot
 from unipt.pipeline.cli.app import main
+from unipt.pipeline.config import load_config
 from unipt.pipeline.errors import UniptError
-from unipt.pipeline.runs.records import write_run_record
+from unipt.pipeline.runs.records import run_record, write_run_record
 from unipt.pipeline.runs.registration import ready_registry, registry_id
 from unipt.pipeline.runs.registry import _SCHEMA, SCHEMA_VERSION, Registry, failure
 
@@ -126,7 +129,7 @@ def test_runs_ls_show_diff_after_real_runs(tiny_config, tmp_path, capsys, ray_se
     assert shown["versions"]["torch"] == record["versions"]["torch"]
     assert shown["project_commit"] == record["project_commit"]
     assert Path(shown["artifacts"]["record"]).is_file() and Path(shown["artifacts"]["config"]).is_file()
-    # The device the run actually had (unipt.pipeline.experiment.recipe records str(pick_device("auto"))).
+    # The device the run actually had (unipt.pipeline.experiment.training records str(pick_device("auto"))).
     assert shown["runtime"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert shown["runtime"]["torch_threads"] >= 1
     assert shown["created_at"] and shown["registered_at"]
@@ -141,6 +144,42 @@ def test_runs_ls_show_diff_after_real_runs(tiny_config, tmp_path, capsys, ray_se
 
     code, out, _ = _cli(capsys, "runs", "diff", first, first, "--registry", registry)
     assert "config: same" in out and "metrics: same" in out and "identity: same" in out
+
+
+def test_the_run_record_is_built_from_what_was_prepared_and_trained(tiny_config):
+    prep = experiment.prepare(load_config(tiny_config))
+    trained = experiment.Trained(
+        task="classification",
+        metrics={"test_acc": 0.5, "val_f1": math.nan},
+        history=[{"epoch": 1, "train_loss": 0.7}],
+        layer_weights=[0.25, 0.75],
+        layer_names=[],
+        cache_source="/caches/one",
+        cache_bytes=123,
+        root_digests={prep.primary.name: "d" * 64},
+    )
+    timings = {"extract_s": 2.0, "train_s": 1.0, "total_s": 3.0}
+    doc = run_record("run-1", prep.config, prep.dataset, prep.backbones, trained, True, timings, "/r.sqlite")
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc  # strict JSON: the NaN is null, and why
+    assert doc["metrics"] == {"test_acc": 0.5, "val_f1": None} and "metrics.val_f1" in doc["undefined"]
+    assert doc["run_id"] == "run-1" and doc["config"] == prep.config.model_dump(mode="json")
+    assert doc["dataset"]["fingerprint"] == prep.dataset.fingerprint
+    assert doc["dataset"]["num_examples"] == len(prep.dataset) and doc["dataset"]["splits"]["train"] > 0
+    assert doc["cache"] == {
+        "key": prep.key,
+        "key_fields": prep.key_fields,
+        "path": "/caches/one",
+        "hit": True,
+        "bytes_on_disk": 123,
+        "root_digest": "d" * 64,
+    }
+    name_or_path = prep.primary.config.name_or_path
+    assert doc["backbones"] == {
+        prep.primary.name: {"name_or_path": name_or_path, "cache_key": prep.key, "root_digest": "d" * 64}
+    }
+    assert doc["task"] == {"name": "classification", "headline": trained.headline, "select_metric": None}
+    assert doc["timings"] == timings and doc["registry"] == "/r.sqlite"
+    assert "report" not in doc and "warnings" not in doc and "gallery_layer_weights" not in doc
 
 
 def test_gc_keeps_caches_the_registry_references(tmp_path, capsys):

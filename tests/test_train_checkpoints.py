@@ -15,7 +15,7 @@ from unipt.pipeline.cache.reader import CacheRoot
 from unipt.pipeline.cache.writer import CacheBuilder
 from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.errors import UniptError
-from unipt.train.checkpoint import CHECKPOINT_FILE, resolve_checkpoint
+from unipt.train.checkpoint import CHECKPOINT_FILE, resolve_checkpoint, resume_point
 from unipt.train.tasks import train_task
 
 LENGTHS = [4, 6, 3, 5, 7, 2, 6, 5, 4, 3, 6, 5, 4, 5, 3, 6]
@@ -84,6 +84,25 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(UniptError, match="could not be read"):
         train_task(reader, CONFIG, seed=3, progress=False, resume=checkpoint)
+
+
+def test_a_resume_point_is_the_checkpoint_read_once_with_the_runs_id_and_threads(tmp_path):
+    """What the recipe reads from a checkpoint (its run id, its thread count) and what training continues
+    from come from one read of it."""
+    reader = _reader(tmp_path / "cache")
+    checkpoint = tmp_path / "runs" / "run-a" / CHECKPOINT_FILE
+    meta = {"run_id": "run-b", "torch_threads": 3}
+    with pytest.raises(Interrupted):
+        train_task(reader, CONFIG, 3, False, checkpoint=checkpoint, meta=meta, on_epoch_end=_stop_after(1))
+    point = resume_point(checkpoint.parent)
+    assert point.path == checkpoint and point.run_id == "run-b" and point.torch_threads == 3
+    assert len(point.state["history"]) == 1  # the states training continues from, in the same read
+
+    # A checkpoint whose meta says nothing usable: the run is its folder's, the thread count unknown.
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({**state, "meta": ["not", "a", "mapping"]}, checkpoint)
+    point = resume_point(checkpoint)
+    assert point.run_id == "run-a" and point.torch_threads is None
 
 
 @pytest.mark.slow

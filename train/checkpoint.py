@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,39 @@ def resolve_checkpoint(target: str | Path) -> Path:
             "(or train.checkpoint_dir/<run_id>) or the checkpoint file itself"
         )
     return path
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """An interrupted run's last checkpoint, read once: where it is and what it holds (every
+    :data:`RESUME_KEYS`). The recipe takes the run id and thread count from it, :func:`unipt.train.fit.fit`
+    the states it continues from."""
+
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the run stored beside the states (its id, its torch thread count); {} if not a mapping."""
+        meta = self.state.get("meta")
+        return meta if isinstance(meta, dict) else {}
+
+    @property
+    def run_id(self) -> object:
+        """The id the run stored, else its folder's name; the recipe checks it is a plain name."""
+        return self.meta.get("run_id") or self.path.parent.name
+
+    @property
+    def torch_threads(self) -> int | None:
+        """The torch thread count the run's epochs ran with (None if the checkpoint does not say)."""
+        threads = self.meta.get("torch_threads")
+        return int(threads) if isinstance(threads, int) and threads > 0 else None
+
+
+def resume_point(target: str | Path) -> ResumePoint:
+    """``--resume RUN_DIR_OR_CHECKPOINT``: the checkpoint found (:func:`resolve_checkpoint`) and read."""
+    path = resolve_checkpoint(target)
+    return ResumePoint(path, load_checkpoint(path))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.cuda_support import native_bf16, no_cuda_cause, warn_if_emulated_bf16
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import say
-from unipt.train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from unipt.train.checkpoint import ResumePoint, restore_rng_states, rng_states, save_checkpoint
 
 # Settings that do not change what is computed: a run may resume with different values for them.
 _NOT_IDENTITY = (
@@ -139,28 +139,29 @@ class StepHook:
     call: Callable[[int, dict[str, float]], None]
 
 
-def fit(
-    task: Task,
-    config: TrainConfig,
-    seed: int,
-    device: torch.device,
-    progress: bool = True,
-    checkpoint: Path | None = None,
-    resume: Path | None = None,
-    meta: dict[str, Any] | None = None,
-    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-    on_step: StepHook | None = None,
-) -> FitResult:
+@dataclass
+class TrainOptions:
+    """How a training run reports and persists itself; none of it changes what is computed. It goes
+    whole from the recipe (or :func:`unipt.train.tasks.train_task`) through the task to :func:`fit`."""
+
+    progress: bool = True
+    checkpoint: Path | None = None  # written after every epoch
+    resume: ResumePoint | None = None  # the checkpoint to continue from, read (train.checkpoint)
+    meta: dict[str, Any] | None = None  # stored in each checkpoint as is (e.g. the run id)
+    # (epoch, its history record) after an epoch's checkpoint is written: e.g. a sweep reports it to its
+    # scheduler
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None
+    on_step: StepHook | None = None  # the loss every few optimiser steps (a tracking sink's loss curve)
+
+
+def fit(task: Task, config: TrainConfig, seed: int, device: torch.device, options: TrainOptions) -> FitResult:
     """Train ``task.model`` for ``config.epochs`` (fewer if early stopping fires) and load its best weights.
 
-    ``checkpoint``: where to write a checkpoint after every epoch. ``resume``: a checkpoint to continue
-    from (made with the same settings and data). ``meta`` is stored in each checkpoint as is (e.g. the
-    run id). ``on_epoch_end(epoch, record)`` runs after an epoch's checkpoint is written, with that epoch's
-    history record (train loss, ``val_*`` metrics): e.g. a sweep reports it to its scheduler. ``on_step``:
-    the loss every few steps (e.g. for a tracking sink's loss curve).
+    ``options.resume`` continues from a checkpoint made with the same settings and data; the other
+    options are in :class:`TrainOptions`.
     """
     try:
-        return _fit(task, config, seed, device, progress, checkpoint, resume, meta, on_epoch_end, on_step)
+        return _fit(task, config, seed, device, options)
     except torch.OutOfMemoryError as exc:
         raise UniptError(
             f"out of GPU memory while training with train.batch_size={config.batch_size}; lower "
@@ -173,12 +174,7 @@ def _fit(
     config: TrainConfig,
     seed: int,
     device: torch.device,
-    progress: bool,
-    checkpoint: Path | None,
-    resume: Path | None,
-    meta: dict[str, Any] | None,
-    on_epoch_end: Callable[[int, dict[str, Any]], None] | None,
-    on_step: StepHook | None = None,
+    options: TrainOptions,
 ) -> FitResult:
     model = task.model.to(device)
     if len(task.train_data) == 0:
@@ -198,9 +194,10 @@ def _fit(
     history: list[dict[str, Any]] = []
     best_state: dict[str, torch.Tensor] | None = None
     best_score, best_epoch, stopped, seconds_before = -math.inf, -1, False, 0.0
-    if resume is not None:
-        saved = load_checkpoint(resume)
-        _check_same_run(saved["identity"], identity, resume)
+    resume = options.resume.path if options.resume is not None else None
+    if options.resume is not None:
+        saved = options.resume.state
+        _check_same_run(saved["identity"], identity, options.resume.path)
         try:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -227,7 +224,7 @@ def _fit(
         total=config.epochs,
         desc="train",
         unit="epoch",
-        disable=not progress or stopped,
+        disable=not options.progress or stopped,
         dynamic_ncols=True,
     )
     for epoch in epochs:
@@ -236,7 +233,7 @@ def _fit(
         model.train()
         # Summed on the device and read once an epoch: a .item() per step would wait for the GPU each step.
         epoch_start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
-        steps = _steps(task.train_data.epoch(epoch), len(task.train_data), epoch, progress)
+        steps = _steps(task.train_data.epoch(epoch), len(task.train_data), epoch, options.progress)
         for step, batch in enumerate(steps, start=epoch * len(task.train_data) + 1):
             with autocast():
                 loss, n = task.loss(batch, device)
@@ -244,9 +241,10 @@ def _fit(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            if on_step is not None and step % on_step.every == 0:
+            if options.on_step is not None and step % options.on_step.every == 0:
                 lr = schedule.get_last_lr()[0]  # the rate this step used, before the schedule moves on
-                on_step.call(step, {"train_step_loss": loss.detach().float().item(), "train_step_lr": lr})
+                values = {"train_step_loss": loss.detach().float().item(), "train_step_lr": lr}
+                options.on_step.call(step, values)
             schedule.step()
             loss_sum += loss.detach().float() * n
             seen += n
@@ -270,12 +268,12 @@ def _fit(
         epochs.set_postfix(
             loss=f"{record['train_loss']:.4f}", **{task.score: f"{val.get(task.score, math.nan):.4f}"}
         )
-        if checkpoint is not None:
+        if options.checkpoint is not None:
             save_checkpoint(
-                checkpoint,
+                options.checkpoint,
                 {
                     "identity": identity,
-                    "meta": meta or {},
+                    "meta": options.meta or {},
                     "epoch": epoch + 1,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -291,8 +289,8 @@ def _fit(
                     "train_seconds": seconds_before + time.perf_counter() - t0,
                 },
             )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
+        if options.on_epoch_end is not None:
+            options.on_epoch_end(epoch + 1, record)
     train_seconds = seconds_before + time.perf_counter() - t0
     if best_state is None:
         raise UniptError(f"checkpoint {resume} holds no finished epoch; start the run again without --resume")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,16 @@ from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import say
 from unipt.pipeline.tasks import get_task, select_metric
-from unipt.train.fit import EpochData, FitResult, StepHook, Task, amp_dtype, fit, pick_device, precision
+from unipt.train.fit import (
+    EpochData,
+    FitResult,
+    Task,
+    TrainOptions,
+    amp_dtype,
+    fit,
+    pick_device,
+    precision,
+)
 from unipt.train.loader import Batch, CacheBatches, to_device
 from unipt.train.methods import build_model
 from unipt.train.prefetch import Moved, OnDevice, host_to_device
@@ -40,19 +48,6 @@ class TrainResult:
     # Per-split details a task reports beyond its metrics (classification: per-class scores, confusion).
     report: dict[str, Any] | None = None
     amp: str = "off"  # the autocast dtype training and evaluation ran in (FitResult.amp)
-
-
-@dataclass
-class TrainOptions:
-    """How a training run reports and persists itself; none of it changes what is computed."""
-
-    progress: bool = True
-    checkpoint: Path | None = None  # written after every epoch
-    resume: Path | None = None  # a checkpoint to continue from
-    meta: dict[str, Any] | None = None  # stored in each checkpoint as is (e.g. the run id)
-    # (epoch, its history record) after an epoch's checkpoint is written
-    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None
-    on_step: StepHook | None = None  # the loss every few optimiser steps
 
 
 @dataclass
@@ -149,10 +144,7 @@ def fit_head(
         train_data, lambda batch: batch_to_device(batch, device, model, amp), device
     )
     task = Task(model, on_device, loss, validate, score, identity or {"task": config.task})
-    fitted = fit(
-        task, config, seed, device, options.progress, options.checkpoint, options.resume, options.meta,
-        options.on_epoch_end, options.on_step,
-    )  # fmt: skip
+    fitted = fit(task, config, seed, device, options)
     test = evaluate(model, test_data, device, head, info.metrics, amp)
     report = None
     if head.report is not None:

@@ -8,11 +8,7 @@ import json
 from collections.abc import Callable
 
 from unipt.pipeline.cli.common import load_args
-
-# unipt.pipeline.experiment.plan.SAMPLE_EXAMPLES, written here too because the planner imports the training
-# stack (torch)
-# and `unipt --help` must not; tests/test_architecture.py checks that the two agree.
-SAMPLE_EXAMPLES = 256
+from unipt.pipeline.experiment.plan_sample import SAMPLE_EXAMPLES
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

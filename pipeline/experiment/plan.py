@@ -52,6 +52,7 @@ from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import ExperimentConfig, ExtractConfig
 from unipt.pipeline.data.table import TEXT_PAIR_COLUMN, backbone_inputs
 from unipt.pipeline.errors import UniptError
+from unipt.pipeline.experiment.plan_sample import SAMPLE_EXAMPLES
 from unipt.pipeline.experiment.recipe import Prepared, PreparedBackbone
 from unipt.pipeline.log import human_bytes, say
 from unipt.train.tasks import train_task
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
 
     from unipt.extract.backbones import HFTextBackbone
 
-SAMPLE_EXAMPLES = 256
 # check_space extracts no sample for a dataset this small (its worst case unknown or over the free space):
 # predicting would cost about as much as extracting it.
 SMALL_DATASET = 2 * SAMPLE_EXAMPLES

@@ -10,14 +10,20 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.hashing import sha256_json
+from unipt.pipeline.log import utc_timestamp
+
+if TYPE_CHECKING:  # only annotations: `unipt runs ls` reads records without loading the data stack
+    from unipt.pipeline.config import BackboneConfig, ExperimentConfig
+    from unipt.pipeline.data.table import DatasetTable
 
 RECORD_FILE = "record.json"
 _PACKAGES = ("unipt-cache", "torch", "transformers", "zarr", "ray", "pyarrow", "numpy")
@@ -107,6 +113,106 @@ def finite_record(doc: dict[str, Any]) -> dict[str, Any]:
     if notes:
         cleaned[UNDEFINED_KEY] = {**cleaned.get(UNDEFINED_KEY, {}), **notes}
     return cleaned
+
+
+class RecordedBackbone(Protocol):
+    """What a run record says of one backbone (the recipe's ``PreparedBackbone``)."""
+
+    name: str
+    config: BackboneConfig
+    key: str
+    key_fields: dict[str, Any]
+
+
+class RecordedTraining(Protocol):
+    """What a run record says of the training (the recipe's ``Trained``)."""
+
+    task: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    layer_weights: list[float]
+    cache_source: str
+    cache_bytes: int
+    root_digests: dict[str, str | None]
+    gallery_layer_weights: list[float] | None
+    runtime: dict[str, Any]
+    select_metric: str | None
+    report: dict[str, Any] | None
+    warnings: list[str]
+
+    @property
+    def headline(self) -> str: ...
+
+
+def run_record(
+    run_id: str,
+    config: ExperimentConfig,
+    dataset: DatasetTable,
+    backbones: Mapping[str, RecordedBackbone],
+    trained: RecordedTraining,
+    cache_hit: bool,
+    timings: dict[str, float],
+    registry: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run record (``record.json``) of a run that trained ``trained`` from the caches of ``backbones``
+    (the primary first) on ``dataset``; ``registry``: where it registers itself (``registry_id``), so a
+    later command registers it there if it stopped before that; ``extra``: lineage (rerun_of, sweep, ...).
+    Strict JSON: an undefined metric (a correlation of constant predictions) is null, with the reason."""
+    primary = next(iter(backbones.values()))
+    digests = trained.root_digests
+    doc = {
+        "run_id": run_id,
+        "created_at": utc_timestamp(),
+        "config": config.model_dump(mode="json"),
+        "seed": config.seed,
+        "task": {"name": trained.task, "headline": trained.headline, "select_metric": trained.select_metric},
+        "dataset": dataset_summary(dataset),
+        "cache": {
+            "key": primary.key,
+            "key_fields": primary.key_fields,
+            "path": trained.cache_source,
+            "hit": cache_hit,
+            "bytes_on_disk": trained.cache_bytes,
+            "root_digest": digests.get(primary.name),
+        },
+        "backbones": {
+            name: {
+                "name_or_path": b.config.name_or_path,
+                "cache_key": b.key,
+                **({"root_digest": digests[name]} if digests.get(name) else {}),
+            }
+            for name, b in backbones.items()
+        },
+        "metrics": trained.metrics,
+        **({"report": trained.report} if trained.report else {}),
+        **({"warnings": trained.warnings} if trained.warnings else {}),
+        "history": trained.history,
+        "layer_weights": trained.layer_weights,
+        # Two-cache tasks: the gallery side's UniPT weights beside the query side's.
+        **({"gallery_layer_weights": trained.gallery_layer_weights} if trained.gallery_layer_weights else {}),
+        "timings": timings,
+        "versions": package_versions(),
+        "project_commit": project_commit(),
+        "runtime": trained.runtime,
+        "registry": registry,
+        **(extra or {}),
+    }
+    return finite_record(doc)
+
+
+def dataset_summary(dataset: DatasetTable) -> dict[str, Any]:
+    """What a run record says of its dataset: where it came from, its fingerprint, splits and classes."""
+    return {
+        "source": dataset.source,
+        "fingerprint": dataset.fingerprint,
+        "num_examples": len(dataset),
+        "splits": dataset.split_counts(),
+        "label_names": dataset.label_names,
+        "class_counts": dataset.class_counts(),
+        "split_scheme": dataset.split_scheme,
+        "duplicates": dataset.duplicates,
+    }
 
 
 def write_run_record(runs_root: str | Path, record: dict[str, Any]) -> Path:

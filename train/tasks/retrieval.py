@@ -19,9 +19,9 @@ from unipt.train.contrastive import (
     evaluate_retrieval,
     paired_batches,
 )
-from unipt.train.fit import Task, amp_dtype, fit, pick_device, precision
+from unipt.train.fit import Task, TrainOptions, amp_dtype, fit, pick_device, precision
 from unipt.train.loader import Batch
-from unipt.train.loop import TrainOptions, TrainResult, final_metrics
+from unipt.train.loop import TrainResult, final_metrics
 
 
 def train(
@@ -67,10 +67,7 @@ def train(
     score, why = select_metric(info, config.select_metric, None)
     say(f"best epoch chosen by val_{score} ({why})")
     task = Task(model, train_data, loss, validate, score, identity)
-    fitted = fit(
-        task, config, seed, device, options.progress, options.checkpoint, options.resume, options.meta,
-        options.on_epoch_end, options.on_step,
-    )  # fmt: skip
+    fitted = fit(task, config, seed, device, options)
     with precision(device, amp_dtype(config.amp, device)):  # as training and validation ran
         test = evaluate_retrieval(model, test_data, device)
     metrics = final_metrics(fitted, test, info.metrics, config, model)
