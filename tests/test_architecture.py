@@ -295,7 +295,6 @@ LONG_MODULES = {
     "pipeline/data/table.py": 685,
     "pipeline/experiment/sweep.py": 647,
     "pipeline/runs/registry.py": 592,
-    "pipeline/config.py": 585,
     "pipeline/model/predict.py": 539,
     "pipeline/cli/runs.py": 529,
     "pipeline/cli/cache.py": 472,

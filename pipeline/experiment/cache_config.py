@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from unipt.pipeline.cache.provenance import CACHE_SOURCE, key_fields_of, key_of
 from unipt.pipeline.cache.reader import ActivationCache
-from unipt.pipeline.config import ExperimentConfig, apply_overrides
+from unipt.pipeline.config import ExperimentConfig, apply_overrides, upgrade
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import say
 from unipt.pipeline.runs.registry import Registry
@@ -91,6 +91,8 @@ def last_run_settings(registry: str | Path, key: str) -> tuple[str, dict[str, An
     for entry in reversed(entries):
         train = entry.config.get("train")
         if isinstance(train, dict):
+            # The run's own settings: old names, and what settings added since computed before them.
+            train = upgrade({"train": train}, stored=True)["train"]
             return entry.run_id, {"train": train, "seed": entry.config.get("seed", entry.seed)}
     return None
 
