@@ -17,6 +17,7 @@ from unipt.pipeline.config import (
     names_affecting,
     undeclared,
     upgrade,
+    upgrade_key_fields,
     validate_stored,
 )
 from unipt.pipeline.errors import UniptError
@@ -167,3 +168,11 @@ def test_a_stored_config_that_no_longer_validates_is_one_line():
             },
             "run x",
         )
+
+
+def test_a_cache_made_before_a_setting_existed_says_what_it_computed():
+    old = {"backbone": {"weights_sha256": "w"}, "layers": [0, 3], "dtype": "int8"}  # no autocast, max_length
+    fields = upgrade_key_fields(old, dtype="float16", max_length=64)
+    assert fields == {**old, "autocast": "none", "max_length": 64}  # what it recorded wins over the store
+    assert upgrade_key_fields({}, dtype="float16", max_length=64)["layers"] == "all"
+    assert "autocast" not in old  # a copy: the cache key is the hash of the fields as written

@@ -17,7 +17,7 @@ from typing import Any
 
 from unipt.pipeline.cache.identity import BackboneIdentity, cache_key
 from unipt.pipeline.cache.reader import ActivationCache
-from unipt.pipeline.config import BackboneConfig, ExperimentConfig
+from unipt.pipeline.config import BackboneConfig, ExperimentConfig, upgrade_key_fields
 from unipt.pipeline.data.bundled import is_bundled
 from unipt.pipeline.data.table import DatasetTable
 from unipt.pipeline.errors import UniptError
@@ -33,6 +33,11 @@ def key_fields_of(reader: ActivationCache) -> dict[str, Any]:
             "train it with the config it was extracted with"
         )
     return fields
+
+
+def settings_of(reader: ActivationCache) -> dict[str, Any]:
+    """The cache's key fields with the settings an older cache lacks filled in (the compatibility rules)."""
+    return upgrade_key_fields(key_fields_of(reader), dtype=reader.dtype, max_length=reader.layout.max_length)
 
 
 def key_of(reader: ActivationCache) -> str:
@@ -86,17 +91,17 @@ def identity_from_cache(reader: ActivationCache) -> BackboneIdentity:
 def setting_conflicts(config: ExperimentConfig, reader: ActivationCache) -> list[tuple[str, Any, Any]]:
     """(setting, config's value, cache's value) for each setting deciding the cache's bytes on which the
     primary backbone's config and the cache disagree."""
-    fields = key_fields_of(reader)
+    fields = settings_of(reader)
     backbone = config.primary_backbone
     conflicts = []
-    cached_layers = fields.get("layers", "all")
+    cached_layers = fields["layers"]
     # The same layers named two ways ("all", or the list it resolved to) are the same bytes.
     if backbone.layers != cached_layers and backbone.layers != reader.layers:
         conflicts.append(("backbone.layers", backbone.layers, cached_layers))
     for setting, mine, theirs in (
-        ("backbone.max_length", backbone.max_length, fields.get("max_length")),
-        ("extract.dtype", config.extract.dtype, fields.get("dtype", reader.dtype)),
-        ("extract.autocast", config.extract.autocast, fields.get("autocast", "none")),
+        ("backbone.max_length", backbone.max_length, fields["max_length"]),
+        ("extract.dtype", config.extract.dtype, fields["dtype"]),
+        ("extract.autocast", config.extract.autocast, fields["autocast"]),
     ):
         if mine != theirs:
             conflicts.append((setting, mine, theirs))

@@ -125,7 +125,9 @@ def _older_versions() -> str:
         "not exist yet: `unipt rerun`, a resumed checkpoint or sweep, and `unipt train --cache` reusing a "
         "run's settings give it what that version computed, not today's default: "
         + "; ".join(absent)
-        + ". A config file that lacks one gets the default above.\n"
+        + ". A config file that lacks one gets the default above. A cache made before `extract.autocast` "
+        "existed ran its backbone in float32 (`none`), and one that does not record its `layers`, "
+        "`max_length` or `dtype` holds every layer, its layout's length and its arrays' dtype.\n"
     )
 
 

@@ -11,7 +11,14 @@ tracking, the whole experiment); reading a file in :mod:`~unipt.pipeline.config.
 imported from here.
 """
 
-from unipt.pipeline.config.compat import AMP_ALIASES, BEFORE_IT_EXISTED, RENAMED, amp_word, upgrade
+from unipt.pipeline.config.compat import (
+    AMP_ALIASES,
+    BEFORE_IT_EXISTED,
+    RENAMED,
+    amp_word,
+    upgrade,
+    upgrade_key_fields,
+)
 from unipt.pipeline.config.declared import (
     AFFECTS,
     Affects,
@@ -66,5 +73,6 @@ __all__ = [
     "settings_affecting",
     "undeclared",
     "upgrade",
+    "upgrade_key_fields",
     "validate_stored",
 ]

@@ -24,6 +24,13 @@ today's default instead:
 5. ``train.loader_memory_mb: null``: blocks held ``block_examples`` examples whatever their bytes.
 6. ``train.view_order: 1``: a view's examples were read in the dataset's order (split, then id).
 
+The settings a cache's key fields lack (:func:`upgrade_key_fields`): a cache records the settings that
+decided its bytes, and one made before a setting existed computed what that version did:
+
+7. ``autocast: none``: the backbone ran in float32.
+8. ``dtype``, ``max_length``: the stored arrays' dtype and the layout's tokens per text.
+9. ``layers: all``: every hidden state.
+
 Compatibility that is not a config rule stays with the code it concerns: the cache formats this version
 reads (:data:`unipt.pipeline.READABLE_FORMAT_VERSIONS`: 2, 3 and 4, by
 :mod:`unipt.pipeline.cache.reader`); the cache key's ``views`` field, absent for one view so keys made
@@ -78,6 +85,12 @@ def upgrade(raw: dict[str, Any], *, stored: bool = False) -> dict[str, Any]:
             else:
                 node.setdefault(path[-1], value)
     return raw
+
+
+def upgrade_key_fields(fields: dict[str, Any], *, dtype: str, max_length: int) -> dict[str, Any]:
+    """A copy of a cache's key ``fields`` with rules 7-9 applied; ``dtype`` and ``max_length`` are what its
+    store says (its arrays' dtype, its layout). Its key is the hash of the fields as written, not these."""
+    return {"layers": "all", "max_length": max_length, "dtype": dtype, "autocast": "none"} | fields
 
 
 def amp_word(amp: Any, *, warn: bool = True) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from unipt.pipeline.cache.provenance import CACHE_SOURCE, key_fields_of, key_of
+from unipt.pipeline.cache.provenance import CACHE_SOURCE, key_of, settings_of
 from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import ExperimentConfig, apply_overrides, upgrade
 from unipt.pipeline.errors import UniptError
@@ -24,7 +24,7 @@ def config_from_cache(
 ) -> ExperimentConfig:
     """The config a cache implies: its backbone and extraction settings, ``train.*`` defaults, then
     ``overrides`` (``train.lr=5e-4``, ``seed=1``, ...) and ``storage`` settings."""
-    fields = key_fields_of(reader)
+    fields = settings_of(reader)
     layout = reader.layout
     backbone = reader.attrs.get("backbone") or {}
     raw: dict[str, Any] = {
@@ -33,12 +33,12 @@ def config_from_cache(
         "backbone": {
             "name_or_path": str(backbone.get("name") or "unknown"),
             "revision": fields["backbone"].get("revision"),
-            "layers": fields.get("layers", "all"),
-            "max_length": fields.get("max_length", layout.max_length),
+            "layers": fields["layers"],
+            "max_length": fields["max_length"],
         },
         "extract": {
-            "dtype": fields.get("dtype", reader.dtype),
-            "autocast": fields.get("autocast", "none"),
+            "dtype": fields["dtype"],
+            "autocast": fields["autocast"],
             "shard_size": layout.shard_size,
             "chunk_rows": layout.chunk_rows,
             "codec": layout.codec,
