@@ -176,3 +176,16 @@ def test_a_cache_made_before_a_setting_existed_says_what_it_computed():
     assert fields == {**old, "autocast": "none", "max_length": 64}  # what it recorded wins over the store
     assert upgrade_key_fields({}, dtype="float16", max_length=64)["layers"] == "all"
     assert "autocast" not in old  # a copy: the cache key is the hash of the fields as written
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_only_with_what_it_computed(tmp_path):
+    from unipt.train.fit import Task, _check_same_run, fit_identity
+
+    task = Task(model=None, train_data=[], loss=None, validate=dict, score="acc")
+    saved = fit_identity(TrainConfig(), 0, task)
+    for name in ("length_grouping", "loader_memory_mb", "view_order"):  # an older unipt's checkpoint
+        del saved["train"][name]
+    with pytest.raises(UniptError, match=r"train.length_grouping was False, now True"):
+        _check_same_run(saved, fit_identity(TrainConfig(), 0, task), tmp_path / "ckpt")
+    then = TrainConfig(length_grouping=False, loader_memory_mb=None, view_order=1)
+    _check_same_run(saved, fit_identity(then, 0, task), tmp_path / "ckpt")  # what it computed: resumes
