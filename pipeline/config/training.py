@@ -144,7 +144,9 @@ class TrainConfig(_Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
-        description="Training device; auto = cuda when torch sees a GPU, else cpu (said in the run).",
+        description="Training device; auto = cuda when torch sees a GPU, else cpu (said in the run). A run "
+        "may resume on another device, where float sums may differ in their last bits (`unipt rerun` keeps "
+        "a CPU run on the CPU).",
         json_schema_extra=affects(None),
     )
     probe_baseline: bool = Field(
