@@ -31,8 +31,8 @@ _TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "preprocessor_config.json",
 )
-_IN_THE_IDENTITY = ("name_or_path", "revision")  # the backbone's files, hashed, stand for them
-_IN_THE_VIEWS_FIELD = ("views", "view_seed")  # one "views" field (views_key_field), absent for one view
+THROUGH_THE_IDENTITY = ("name_or_path", "revision")  # the backbone's files, hashed, stand for them
+IN_THE_VIEWS_FIELD = ("views", "view_seed")  # one "views" field (views_key_field), absent for one view
 _VERSION_ONLY = ("dataset_fingerprint", "views")  # key fields that name a version, not activation bytes
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
@@ -161,8 +161,8 @@ def cache_key_fields(
         "backbone": backbone.key_fields(),
         # The settings declared to affect the cache (layers, max_length, dtype, autocast), but those that
         # reach the key another way: the backbone's identity, and the views field below.
-        **settings_affecting(backbone_config, "cache", but=_IN_THE_IDENTITY),
-        **settings_affecting(extract_config, "cache", but=_IN_THE_VIEWS_FIELD),
+        **settings_affecting(backbone_config, "cache", but=THROUGH_THE_IDENTITY),
+        **settings_affecting(extract_config, "cache", but=IN_THE_VIEWS_FIELD),
         # Texts are padded to a multiple of 8 of their own length (unipt.extract.backbones.hf_text): rows from
         # the longest-in-batch padding of earlier versions differ in their last bits, so not one space.
         "preprocessing": {"truncation": True, "special_tokens": True, "padding": "own_length_multiple_of_8"},

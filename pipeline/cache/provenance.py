@@ -15,9 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from unipt.pipeline.cache.identity import BackboneIdentity, cache_key
+from unipt.pipeline.cache.identity import (
+    IN_THE_VIEWS_FIELD,
+    THROUGH_THE_IDENTITY,
+    BackboneIdentity,
+    cache_key,
+)
 from unipt.pipeline.cache.reader import ActivationCache
-from unipt.pipeline.config import BackboneConfig, ExperimentConfig, upgrade_key_fields
+from unipt.pipeline.config import BackboneConfig, ExperimentConfig, settings_affecting, upgrade_key_fields
 from unipt.pipeline.data.bundled import is_bundled
 from unipt.pipeline.data.table import DatasetTable
 from unipt.pipeline.errors import UniptError
@@ -92,19 +97,16 @@ def setting_conflicts(config: ExperimentConfig, reader: ActivationCache) -> list
     """(setting, config's value, cache's value) for each setting deciding the cache's bytes on which the
     primary backbone's config and the cache disagree."""
     fields = settings_of(reader)
-    backbone = config.primary_backbone
     conflicts = []
-    cached_layers = fields["layers"]
-    # The same layers named two ways ("all", or the list it resolved to) are the same bytes.
-    if backbone.layers != cached_layers and backbone.layers != reader.layers:
-        conflicts.append(("backbone.layers", backbone.layers, cached_layers))
-    for setting, mine, theirs in (
-        ("backbone.max_length", backbone.max_length, fields["max_length"]),
-        ("extract.dtype", config.extract.dtype, fields["dtype"]),
-        ("extract.autocast", config.extract.autocast, fields["autocast"]),
+    # The settings the cache key holds as they are (each field declares whether it affects the cache).
+    for section, settings in (
+        ("backbone", settings_affecting(config.primary_backbone, "cache", but=THROUGH_THE_IDENTITY)),
+        ("extract", settings_affecting(config.extract, "cache", but=IN_THE_VIEWS_FIELD)),
     ):
-        if mine != theirs:
-            conflicts.append((setting, mine, theirs))
+        for name, mine in settings.items():
+            # The same layers named two ways ("all", or the list it resolved to) are the same bytes.
+            if mine != fields[name] and not (name == "layers" and mine == reader.layers):
+                conflicts.append((f"{section}.{name}", mine, fields[name]))
     return conflicts
 
 
