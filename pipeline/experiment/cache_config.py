@@ -74,7 +74,7 @@ def config_from_cache(
 
 def _validated(raw: dict[str, Any]) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(upgrade(raw))  # an override may use an old name, said so
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
