@@ -154,7 +154,7 @@ def _run_child(method: str, args: argparse.Namespace, overrides: list[str]) -> d
 # --- the driver --------------------------------------------------------------------------------------------
 def dataset_overrides(args: argparse.Namespace, dataset: str) -> list[str]:
     overrides = [f"dataset.source=bundled:{dataset}", f"storage.cache_root={args.cache_root}"]
-    overrides += ["train.linear_probe=false", f"backbone.max_length={args.max_length}"]
+    overrides += ["train.probe_baseline=false", f"backbone.max_length={args.max_length}"]
     if args.limit is not None:
         overrides.append(f"dataset.limit={args.limit}")
     if args.epochs is not None:

@@ -162,7 +162,7 @@ def main() -> int:
     base = [
         f"dataset.limit={args.limit}",
         f"train.epochs={args.epochs}",
-        "train.linear_probe=false",
+        "train.probe_baseline=false",
         f"storage.cache_root={args.cache_root}",
         *args.set,
     ]

@@ -76,7 +76,7 @@ def main() -> int:
     from benchmarks.online_baselines import train_online
     from unipt.pipeline import experiment
 
-    overrides = [f"storage.cache_root={args.cache_root}", "train.linear_probe=false"]
+    overrides = [f"storage.cache_root={args.cache_root}", "train.probe_baseline=false"]
     overrides += [f"dataset.limit={args.limit}"] if args.limit else []
     overrides += [f"train.epochs={args.epochs}"] if args.epochs else []
     config = load_config(args.config, overrides)
@@ -113,7 +113,7 @@ def main() -> int:
                   f"{trained.metrics['test_acc']:.4f}", flush=True)  # fmt: skip
 
     if args.online_limit:
-        online = load_config(args.config, [f"dataset.limit={args.online_limit}", "train.linear_probe=false",
+        online = load_config(args.config, [f"dataset.limit={args.online_limit}", "train.probe_baseline=false",
                                            f"train.epochs={args.online_epochs}"])  # fmt: skip
         online_prep = experiment.prepare(online)
         for seed, grouping in [(s, g) for s in args.online_seeds or args.seeds for g in (False, True)]:

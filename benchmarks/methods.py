@@ -144,7 +144,7 @@ def _child(
 # --- the driver --------------------------------------------------------------------------------------------
 def dataset_overrides(args: argparse.Namespace, limit: int | None) -> list[str]:
     # The in-run probe baseline is off: linear_probe is a method of its own here, timed like the others.
-    overrides = [f"storage.cache_root={args.cache_root}", "train.linear_probe=false"]
+    overrides = [f"storage.cache_root={args.cache_root}", "train.probe_baseline=false"]
     if limit is not None:
         overrides.append(f"dataset.limit={limit}")
     if args.epochs is not None:

@@ -86,7 +86,7 @@ def _overrides(backbone: str, size: int, cache_root: Path) -> list[str]:
         f"backbone.name_or_path={backbone}",
         f"storage.cache_root={cache_root}",
         "train.epochs=1",
-        "train.linear_probe=false",
+        "train.probe_baseline=false",
     ]
 
 

@@ -141,7 +141,7 @@ def write_config(path: Path, dataset_source: str, backbone_path: str, root: Path
         },
         "backbone": {"name_or_path": backbone_path, "max_length": 32, "batch_size": 16},
         "extract": {"shard_size": 64, "chunk_rows": 256},
-        "train": {"epochs": 12, "batch_size": 16, "lr": 1.0e-2, "block_examples": 32, "linear_probe": True},
+        "train": {"epochs": 12, "batch_size": 16, "lr": 1.0e-2, "block_examples": 32, "probe_baseline": True},
         "storage": {
             "cache_root": str(root / "cache"),
             "runs_root": str(root / "runs"),

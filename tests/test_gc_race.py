@@ -57,7 +57,7 @@ def test_a_run_finishes_while_gc_yes_runs_in_a_loop(tmp_path, tiny_bert_dir, sen
         str(sentiment_csv),
         str(tiny_bert_dir),
         tmp_path,
-        train={"epochs": 2, "batch_size": 16, "block_examples": 32, "linear_probe": False},
+        train={"epochs": 2, "batch_size": 16, "block_examples": 32, "probe_baseline": False},
     )
     cache_root, runs_root, registry = tmp_path / "cache", tmp_path / "runs", tmp_path / "registry.sqlite"
     stop = tmp_path / "stop"

@@ -29,7 +29,7 @@ TRAIN_SETTINGS = [
     "train.batch_size=16",
     "train.lr=0.01",
     "train.block_examples=32",
-    "train.linear_probe=true",
+    "train.probe_baseline=true",
 ]
 
 # A CLI command in a fresh interpreter that must never import a backbone, transformers or Ray.

@@ -123,7 +123,7 @@ def test_image_text_retrieval_end_to_end(tmp_path, tiny_vit_dir, tiny_bert_dir, 
     """`unipt run` with task retrieval: both caches extracted, UniPT per side trained contrastively."""
     path = pairs_config(tmp_path, tiny_vit_dir, tiny_bert_dir)
     config = yaml.safe_load(path.read_text())
-    config["train"].update(task="retrieval", epochs=3, batch_size=8, linear_probe=False)
+    config["train"].update(task="retrieval", epochs=3, batch_size=8, probe_baseline=False)
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path), "--no-progress"]) == 0
     captured = capsys.readouterr()

@@ -264,7 +264,7 @@ def test_a_retrieval_sweep_sorts_by_validation_rsum(
 
     path = pairs_config(tmp_path, tiny_vit_dir, tiny_bert_dir)
     config = yaml.safe_load(path.read_text())
-    config["train"].update(task="retrieval", epochs=2, batch_size=8, linear_probe=False)
+    config["train"].update(task="retrieval", epochs=2, batch_size=8, probe_baseline=False)
     path.write_text(yaml.safe_dump(config))
     code, out, err = _cli(capsys, "sweep", str(path), "--no-progress", "--grid", "train.lr=1e-2,1e-3")
     assert code == 0, err

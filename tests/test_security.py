@@ -388,7 +388,7 @@ def test_credentials_come_from_the_environment_and_are_never_recorded(
         str(sentiment_csv),
         str(tiny_bert_dir),
         tmp_path,
-        train={"epochs": 1, "linear_probe": False},
+        train={"epochs": 1, "probe_baseline": False},
         storage={"options": options},
     )
     _cache_for(config)

@@ -167,7 +167,7 @@ def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path
         dataset={"source": "bundled:mnist_5k", "id_column": None, "limit": 96},
         backbone={"name_or_path": "bundled:efficientnet-lite0", "batch_size": 32, "layers": [1, 2, 3, 5]},
         extract={"shard_size": 32, "chunk_rows": 4096},
-        train={"variant": "cnn", "epochs": 2, "batch_size": 16, "linear_probe": False},
+        train={"variant": "cnn", "epochs": 2, "batch_size": 16, "probe_baseline": False},
     )
     config = load_config(path)
     prep = experiment.prepare(config)
@@ -215,7 +215,7 @@ def test_clip4clip_variant_trains_from_a_tiny_bert_cache(ray_session, tmp_path, 
         str(sentiment_csv),
         str(tiny_bert_dir),
         tmp_path,
-        train={"variant": "clip4clip", "epochs": 2, "batch_size": 16, "linear_probe": False},
+        train={"variant": "clip4clip", "epochs": 2, "batch_size": 16, "probe_baseline": False},
     )
     config = load_config(path)
     reader = open_cache(experiment.extract(experiment.prepare(config), progress=False).path)

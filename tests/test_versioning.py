@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import make_sentiment_rows, write_csv
 from unipt.pipeline.cache.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
-from unipt.pipeline.config import BackboneConfig, DatasetConfig, ExtractConfig
+from unipt.pipeline.config import BackboneConfig, DatasetConfig, ExtractConfig, names_affecting
 from unipt.pipeline.data.table import load_dataset
 
 
@@ -126,6 +126,53 @@ def test_what_does_not_change_the_cache_bytes_keeps_the_key():
         _key(extract=EXTRACT.model_copy(update={"chunk_rows": 128, "chunks_per_file": 4})),
     ]
     assert set(same) == {_key()}
+
+
+# One other value for every backbone and extract setting (a new setting must be added here), and the settings
+# the cache must be extracted with first for that value to matter: a view seed needs views.
+OTHER_VALUES = {
+    "backbone": {
+        "layers": [0, 1, 2],
+        "max_length": 128,
+        "batch_size": 7,
+        "trust_remote_code": True,
+        "allow_pickle": True,
+    },
+    "extract": {
+        "workers": 3,
+        "shard_size": 9,
+        "dtype": "int8",
+        "autocast": "bfloat16",
+        "chunk_rows": 128,
+        "codec": "zstd",
+        "shuffle": "bit",
+        "compression_level": 5,
+        "blosc_blocksize": 0,
+        "chunks_per_file": 4,
+        "views": 2,
+        "view_seed": 1,
+    },
+}
+NEEDS = {"view_seed": {"views": 2}}
+# Declared to affect the cache, but through the backbone's identity (its files' hashes), fixed in _key.
+THROUGH_THE_IDENTITY = {"name_or_path", "revision"}
+
+
+@pytest.mark.parametrize(
+    ("section", "name"), [(section, name) for section, values in OTHER_VALUES.items() for name in values]
+)
+def test_a_setting_changes_the_cache_key_exactly_when_its_field_says_it_affects_the_cache(section, name):
+    model, base = (BackboneConfig, BACKBONE) if section == "backbone" else (ExtractConfig, EXTRACT)
+    base = base.model_copy(update=NEEDS.get(name, {}))
+    other = base.model_copy(update={name: OTHER_VALUES[section][name]})
+    changed = _key(**{section: other}) != _key(**{section: base})
+    assert changed == (name in names_affecting(model, "cache")), f"{section}.{name}"
+
+
+def test_every_backbone_and_extract_setting_is_tried_for_the_cache_key():
+    assert set(OTHER_VALUES["backbone"]) | THROUGH_THE_IDENTITY == set(BackboneConfig.model_fields)
+    assert set(OTHER_VALUES["extract"]) == set(ExtractConfig.model_fields)
+    assert THROUGH_THE_IDENTITY <= set(names_affecting(BackboneConfig, "cache"))
 
 
 def test_real_backbone_files_drive_the_identity(tmp_path, tiny_bert_dir):

@@ -19,19 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from unipt.pipeline.config import TrainConfig
+from unipt.pipeline.config import TrainConfig, names_affecting, settings_affecting, upgrade
 from unipt.pipeline.cuda_support import native_bf16, no_cuda_cause, warn_if_emulated_bf16
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import say
 from unipt.train.checkpoint import ResumePoint, restore_rng_states, rng_states, save_checkpoint
-
-# Settings that do not change what is computed: a run may resume with different values for them.
-_NOT_IDENTITY = (
-    "device", "checkpoint_dir", "linear_probe", "reader_threads", "return_freed_memory", "loader_background",
-    "keep_decoded_mb",
-)  # fmt: skip
-# What a setting added later computed in runs made before it existed, where that is not its default.
-_BEFORE_IT_EXISTED = {"length_grouping": False, "loader_memory_mb": None}
 
 
 class EpochData(Protocol):
@@ -125,8 +117,8 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 
 def fit_identity(config: TrainConfig, seed: int, task: Task) -> dict[str, Any]:
-    settings = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_IDENTITY}
-    return {"train": settings, "seed": seed, "data": task.identity}
+    # Only what changes what is computed (each field declares it): a run may resume with another device.
+    return {"train": settings_affecting(config, "training"), "seed": seed, "data": task.identity}
 
 
 @dataclass(frozen=True)
@@ -328,9 +320,11 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) 
     for section in ("train", "seed", "data"):
         was, now = saved.get(section), current.get(section)
         if section == "train" and isinstance(was, dict):
-            # A setting added after the checkpoint was written computed what its default computes.
-            defaults = {k: f.default for k, f in TrainConfig.model_fields.items() if k not in _NOT_IDENTITY}
-            defaults |= {k: v for k, v in _BEFORE_IT_EXISTED.items() if k in defaults}
+            # Old names and what settings added since computed before they existed (the compatibility
+            # rules); any other setting added after the checkpoint was written computed what its default does.
+            was = upgrade({"train": was}, stored=True)["train"]
+            fields = TrainConfig.model_fields
+            defaults = {k: fields[k].default for k in names_affecting(TrainConfig, "training")}
             was = {**{k: v for k, v in defaults.items() if k in (now or {})}, **was}
         if was == now:
             continue

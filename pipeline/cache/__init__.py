@@ -64,6 +64,7 @@ _SURFACE = {
     "key_fields_of": "provenance",
     "key_of": "provenance",
     "setting_conflicts": "provenance",
+    "settings_of": "provenance",
     "ActivationCache": "reader",
     "CacheReader": "reader",
     "CacheRoot": "reader",

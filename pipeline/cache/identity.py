@@ -14,7 +14,7 @@ from typing import Any
 
 from unipt.pipeline import FORMAT_VERSION
 from unipt.pipeline.cache.file_digests import file_sha256, files_sha256
-from unipt.pipeline.config import BackboneConfig, ExtractConfig
+from unipt.pipeline.config import BackboneConfig, ExtractConfig, settings_affecting
 from unipt.pipeline.data.augment import views_key_field
 from unipt.pipeline.data.bundled import bundled_cnn_settings, bundled_model_path, is_bundled
 from unipt.pipeline.errors import UniptError
@@ -31,6 +31,8 @@ _TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "preprocessor_config.json",
 )
+THROUGH_THE_IDENTITY = ("name_or_path", "revision")  # the backbone's files, hashed, stand for them
+IN_THE_VIEWS_FIELD = ("views", "view_seed")  # one "views" field (views_key_field), absent for one view
 _VERSION_ONLY = ("dataset_fingerprint", "views")  # key fields that name a version, not activation bytes
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
@@ -157,10 +159,10 @@ def cache_key_fields(
         "format_version": FORMAT_VERSION,
         "dataset_fingerprint": dataset_fingerprint,
         "backbone": backbone.key_fields(),
-        "layers": backbone_config.layers,
-        "max_length": backbone_config.max_length,
-        "dtype": extract_config.dtype,
-        "autocast": extract_config.autocast,
+        # The settings declared to affect the cache (layers, max_length, dtype, autocast), but those that
+        # reach the key another way: the backbone's identity, and the views field below.
+        **settings_affecting(backbone_config, "cache", but=THROUGH_THE_IDENTITY),
+        **settings_affecting(extract_config, "cache", but=IN_THE_VIEWS_FIELD),
         # Texts are padded to a multiple of 8 of their own length (unipt.extract.backbones.hf_text): rows from
         # the longest-in-batch padding of earlier versions differ in their last bits, so not one space.
         "preprocessing": {"truncation": True, "special_tokens": True, "padding": "own_length_multiple_of_8"},

@@ -15,9 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from unipt.pipeline.cache.identity import BackboneIdentity, cache_key
+from unipt.pipeline.cache.identity import (
+    IN_THE_VIEWS_FIELD,
+    THROUGH_THE_IDENTITY,
+    BackboneIdentity,
+    cache_key,
+)
 from unipt.pipeline.cache.reader import ActivationCache
-from unipt.pipeline.config import BackboneConfig, ExperimentConfig
+from unipt.pipeline.config import BackboneConfig, ExperimentConfig, settings_affecting, upgrade_key_fields
 from unipt.pipeline.data.bundled import is_bundled
 from unipt.pipeline.data.table import DatasetTable
 from unipt.pipeline.errors import UniptError
@@ -33,6 +38,11 @@ def key_fields_of(reader: ActivationCache) -> dict[str, Any]:
             "train it with the config it was extracted with"
         )
     return fields
+
+
+def settings_of(reader: ActivationCache) -> dict[str, Any]:
+    """The cache's key fields with the settings an older cache lacks filled in (the compatibility rules)."""
+    return upgrade_key_fields(key_fields_of(reader), dtype=reader.dtype, max_length=reader.layout.max_length)
 
 
 def key_of(reader: ActivationCache) -> str:
@@ -86,20 +96,17 @@ def identity_from_cache(reader: ActivationCache) -> BackboneIdentity:
 def setting_conflicts(config: ExperimentConfig, reader: ActivationCache) -> list[tuple[str, Any, Any]]:
     """(setting, config's value, cache's value) for each setting deciding the cache's bytes on which the
     primary backbone's config and the cache disagree."""
-    fields = key_fields_of(reader)
-    backbone = config.primary_backbone
+    fields = settings_of(reader)
     conflicts = []
-    cached_layers = fields.get("layers", "all")
-    # The same layers named two ways ("all", or the list it resolved to) are the same bytes.
-    if backbone.layers != cached_layers and backbone.layers != reader.layers:
-        conflicts.append(("backbone.layers", backbone.layers, cached_layers))
-    for setting, mine, theirs in (
-        ("backbone.max_length", backbone.max_length, fields.get("max_length")),
-        ("extract.dtype", config.extract.dtype, fields.get("dtype", reader.dtype)),
-        ("extract.autocast", config.extract.autocast, fields.get("autocast", "none")),
+    # The settings the cache key holds as they are (each field declares whether it affects the cache).
+    for section, settings in (
+        ("backbone", settings_affecting(config.primary_backbone, "cache", but=THROUGH_THE_IDENTITY)),
+        ("extract", settings_affecting(config.extract, "cache", but=IN_THE_VIEWS_FIELD)),
     ):
-        if mine != theirs:
-            conflicts.append((setting, mine, theirs))
+        for name, mine in settings.items():
+            # The same layers named two ways ("all", or the list it resolved to) are the same bytes.
+            if mine != fields[name] and not (name == "layers" and mine == reader.layers):
+                conflicts.append((f"{section}.{name}", mine, fields[name]))
     return conflicts
 
 

@@ -15,18 +15,27 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from unipt.pipeline.config import ExperimentConfig
+from unipt.pipeline.config import (
+    AMP_ALIASES,
+    BEFORE_IT_EXISTED,
+    RENAMED,
+    ExperimentConfig,
+    section_model,
+)
 
 INTRO = """# Configuration reference
 
-Generated from the field descriptions in `pipeline/config.py` by `python -m
+Generated from the field descriptions in `pipeline/config/` by `python -m
 unipt.pipeline.cli.config_reference >
 docs/configuration.md`; `tests/test_docs.py` keeps it current. Configs are YAML, validated strictly: an
 unknown key or a wrong type is one line, never a silent default. Any value can be overridden on the command
 line with `--set section.key=value` (e.g. `--set train.epochs=3`, `--set backbone.layers=[0,3,6]`).
 
 Required: `dataset.source` and `backbone.name_or_path` (or a `backbones` mapping). Everything else has the
-default shown. `configs/rt_minilm.yaml` is the default experiment; `configs/my_data.yaml` the smallest
+default shown. *changes* says what another value changes: *the cache* (a setting in the cache key, or in
+the dataset's fingerprint: another value is another cache), *training* (what training computes: a
+checkpoint resumes only with the same value), or nothing (where files go, speed, memory, what else is
+reported). `configs/rt_minilm.yaml` is the default experiment; `configs/my_data.yaml` the smallest
 config for your own CSV.
 
 Any Hugging Face encoder works through `from_pretrained(name_or_path)`: a local folder, or a hub id when the
@@ -54,12 +63,6 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("|", "\\|")
 
 
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The section a field opens: a model, or an optional model (``backbone``)."""
-    candidates = [annotation, *typing.get_args(annotation)]
-    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-
-
 def _default(field: Any) -> str:
     if field.json_schema_extra and "default_text" in field.json_schema_extra:
         return str(field.json_schema_extra["default_text"])
@@ -74,14 +77,21 @@ def _default(field: Any) -> str:
 def _rows(model: type[BaseModel], prefix: str) -> tuple[list[str], list[tuple[str, type[BaseModel]]]]:
     rows, sections = [], []
     for name, field in model.model_fields.items():
-        section = _section_model(field.annotation)
+        section = section_model(field.annotation)
         if section is not None:
             sections.append((prefix + name, section))
             continue
         annotation = field.annotation
         description = (field.description or "").replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| `{prefix}{name}` | {_type_name(annotation)} | {_default(field)} | {description} |")
+        changes = _CHANGES[(field.json_schema_extra or {}).get("affects")]  # type: ignore[union-attr]
+        rows.append(
+            f"| `{prefix}{name}` | {_type_name(annotation)} | {_default(field)} | {changes} | {description} |"
+        )
     return rows, sections
+
+
+# The ``changes`` column: what a field declares it affects (unipt.pipeline.config.declared).
+_CHANGES = {"cache": "the cache", "training": "training", None: "—"}
 
 
 def reference() -> str:
@@ -96,10 +106,33 @@ def reference() -> str:
         out.append(f"\n## `{title}`\n")
         if doc and prefix:
             out.append(f"{doc}\n")
-        out.append("\n| key | type | default | what it does |\n| --- | --- | --- | --- |\n")
+        out.append("\n| key | type | default | changes | what it does |\n| --- | --- | --- | --- | --- |\n")
         out.append("\n".join(rows) + "\n")
         pending.extend(sections)
-    return "".join(out)
+    return "".join(out) + _older_versions()
+
+
+def _older_versions() -> str:
+    """The compatibility rules (:mod:`unipt.pipeline.config.compat`), from its tables."""
+    renamed = [f"`{section}.{old}` is `{section}.{new}`" for (section, old), new in RENAMED.items()]
+    renamed += [f"`train.amp: {old}` is `{new}`" for old, new in AMP_ALIASES.items()]
+    absent = [f"`{'.'.join(path)}`: `{_yaml(value)}`" for path, value in BEFORE_IT_EXISTED]
+    return (
+        "\n## Configs written by older versions\n\n"
+        "Old names still load, in a file (with a deprecation warning naming the new one) and in a run "
+        "record, checkpoint or sweep state: " + "; ".join(renamed) + ".\n\n"
+        "A run record, checkpoint or sweep state stores every setting its version had, so one it lacks did "
+        "not exist yet: `unipt rerun`, a resumed checkpoint or sweep, and `unipt train --cache` reusing a "
+        "run's settings give it what that version computed, not today's default: "
+        + "; ".join(absent)
+        + ". A config file that lacks one gets the default above. A cache made before `extract.autocast` "
+        "existed ran its backbone in float32 (`none`), and one that does not record its `layers`, "
+        "`max_length` or `dtype` holds every layer, its layout's length and its arrays' dtype.\n"
+    )
+
+
+def _yaml(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from unipt.pipeline.cache.provenance import CACHE_SOURCE, key_fields_of, key_of
+from unipt.pipeline.cache.provenance import CACHE_SOURCE, key_of, settings_of
 from unipt.pipeline.cache.reader import ActivationCache
-from unipt.pipeline.config import ExperimentConfig, apply_overrides
+from unipt.pipeline.config import ExperimentConfig, apply_overrides, upgrade
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import say
 from unipt.pipeline.runs.registry import Registry
@@ -24,7 +24,7 @@ def config_from_cache(
 ) -> ExperimentConfig:
     """The config a cache implies: its backbone and extraction settings, ``train.*`` defaults, then
     ``overrides`` (``train.lr=5e-4``, ``seed=1``, ...) and ``storage`` settings."""
-    fields = key_fields_of(reader)
+    fields = settings_of(reader)
     layout = reader.layout
     backbone = reader.attrs.get("backbone") or {}
     raw: dict[str, Any] = {
@@ -33,12 +33,12 @@ def config_from_cache(
         "backbone": {
             "name_or_path": str(backbone.get("name") or "unknown"),
             "revision": fields["backbone"].get("revision"),
-            "layers": fields.get("layers", "all"),
-            "max_length": fields.get("max_length", layout.max_length),
+            "layers": fields["layers"],
+            "max_length": fields["max_length"],
         },
         "extract": {
-            "dtype": fields.get("dtype", reader.dtype),
-            "autocast": fields.get("autocast", "none"),
+            "dtype": fields["dtype"],
+            "autocast": fields["autocast"],
             "shard_size": layout.shard_size,
             "chunk_rows": layout.chunk_rows,
             "codec": layout.codec,
@@ -74,7 +74,7 @@ def config_from_cache(
 
 def _validated(raw: dict[str, Any]) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(upgrade(raw))  # an override may use an old name, said so
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
@@ -91,6 +91,8 @@ def last_run_settings(registry: str | Path, key: str) -> tuple[str, dict[str, An
     for entry in reversed(entries):
         train = entry.config.get("train")
         if isinstance(train, dict):
+            # The run's own settings: old names, and what settings added since computed before them.
+            train = upgrade({"train": train}, stored=True)["train"]
             return entry.run_id, {"train": train, "seed": entry.config.get("seed", entry.seed)}
     return None
 

@@ -711,7 +711,7 @@ def _compressed_bytes(values: np.ndarray, ext: ExtractConfig, chunk_rows: int) -
 def _cache_epoch_seconds(reader: ActivationCache, prep: Prepared) -> float:
     """Seconds of one UniPT epoch (train + val pass) on the sample cache: the second of two, past warm-up."""
     config = prep.config.train.model_copy(
-        update={"epochs": 2, "linear_probe": False, "early_stopping_patience": None}
+        update={"epochs": 2, "probe_baseline": False, "early_stopping_patience": None}
     )
     result = train_task(reader, config, prep.config.seed, progress=False)
     return float(result.history[-1]["seconds"])

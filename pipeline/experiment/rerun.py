@@ -15,11 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.reader import CacheRoot
-from unipt.pipeline.config import ExperimentConfig
+from unipt.pipeline.config import ExperimentConfig, validate_stored
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import say
 from unipt.pipeline.runs.compare import differences, result_metrics
@@ -48,29 +46,14 @@ def stored_config(old: RunEntry, registry: str) -> ExperimentConfig:
     """The config a run was made with, joined to ``registry``; a CPU run stays on the CPU."""
     raw = json.loads(json.dumps(old.config))
     raw.setdefault("storage", {})["registry"] = registry  # the new run joins the old one's registry
-    # Runs made before split schemes split by example id (scheme 1): keep it, or the split would change.
-    raw.setdefault("dataset", {}).setdefault("split", {}).setdefault("scheme", 1)
-    # Runs made before length grouping batched examples in plain shuffled order: keep it.
-    raw.setdefault("train", {}).setdefault("length_grouping", False)
-    # ... and read blocks of block_examples examples whatever their bytes.
-    raw.setdefault("train", {}).setdefault("loader_memory_mb", None)
-    # ... and read a view's examples in the dataset's order (split, then id), not segment-row order.
-    raw.setdefault("train", {}).setdefault("view_order", 1)
     if old.runtime.get("device") == "cpu" and raw.get("train", {}).get("device", "auto") == "auto":
         import torch
 
         if torch.cuda.is_available():
             # The original trained on CPU; "auto" would pick this GPU and change the numbers.
             raw.setdefault("train", {})["device"] = "cpu"
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(p) for p in problem["loc"])
-        raise UniptError(
-            f"the config stored for run {old.run_id} no longer validates ({where}: {problem['msg']}); "
-            "rerun it with the unipt version that made it"
-        ) from exc
+    # A record of an older unipt may use old names and lack settings added since: the compatibility rules.
+    return validate_stored(raw, f"run {old.run_id}")
 
 
 def _lineage(old: RunEntry, prep: experiment.Prepared, allow_new_data: bool) -> dict[str, Any]:

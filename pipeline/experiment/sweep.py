@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.config import ExperimentConfig, TrainConfig
+from unipt.pipeline.config import ExperimentConfig, TrainConfig, validate_stored
 from unipt.pipeline.cuda_support import no_cuda_cause
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.hashing import sha256_json
@@ -285,8 +285,8 @@ def trusted_spec(sweep_id: str, path: Path, registry: str | Path) -> dict[str, A
 
 def _run(spec: dict[str, Any], *, ray_address: str | None, progress: bool, resume: bool) -> SweepResult:
     started = time.perf_counter()
-    base = ExperimentConfig.model_validate(spec["base"])
-    trials = [Trial(t["params"], ExperimentConfig.model_validate(t["config"])) for t in spec["trials"]]
+    base = validate_stored(spec["base"], f"sweep {spec['sweep_id']}")  # perhaps an older unipt's state
+    trials = [Trial(t["params"], validate_stored(t["config"], "a sweep trial")) for t in spec["trials"]]
     search = Search(
         {k: Distribution(kind, tuple(args)) for k, (kind, args) in spec["distributions"].items()},
         spec["samples"],

@@ -163,6 +163,8 @@ def describe_model(
     target: dict[str, float] | None,
 ) -> ModelSpec:
     """The spec of a model trained on a cache with these attributes and ``config`` (ExperimentConfig)."""
+    from unipt.pipeline.config import upgrade_key_fields
+
     fields = attrs.get("key_fields", {})
     described = attrs.get("backbone", {})
     settings = config.primary_backbone
@@ -194,7 +196,7 @@ def describe_model(
         max_length=int(layout_max_length),
         preprocessing=dict(fields.get("preprocessing", {})),
         backbone=backbone,
-        autocast=str(fields.get("autocast", "none")),
+        autocast=str(upgrade_key_fields(fields, dtype=dtype, max_length=layout_max_length)["autocast"]),
         batch_size=settings.batch_size,
         cache_key=str(attrs.get("cache_key", "")),
         dataset_fingerprint=str(attrs.get("dataset_fingerprint", "")),

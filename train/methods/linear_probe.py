@@ -1,7 +1,7 @@
 """The linear probe as a trained method: one linear layer on the last layer's mean-pooled tokens,
 trained by the same loop (AdamW, schedule, best epoch on validation) as every other method.
 
-(The run's closed-form probe baseline, ``train.linear_probe``, fits a logistic regression with an L2
+(The run's closed-form probe baseline, ``train.probe_baseline``, fits a logistic regression with an L2
 search instead; this one is the like-for-like row of a method comparison.)
 """
 

@@ -1,5 +1,5 @@
 """Classification: cross-entropy over the label names; accuracy and macro-F1, per-class precision, recall,
-F1 and the confusion matrix; a linear probe on the last layer (``train.linear_probe``) and the majority
+F1 and the confusion matrix; a linear probe on the last layer (``train.probe_baseline``) and the majority
 class are the baselines in the same run."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def train(
 ) -> TrainResult:
     result = train_single_cache(readers, config, seed, make_head, options)
     result.metrics.update(majority_baseline(readers[0]))
-    if config.linear_probe:
+    if config.probe_baseline:
         # The probe's L2 strength is chosen by the metric that chose UniPT's best epoch.
         result.metrics.update(linear_probe(readers[0], seed, select=result.select_metric or "acc"))
     return result

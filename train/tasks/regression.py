@@ -1,7 +1,7 @@
 """Regression: one output trained with MSE on targets standardised by the train split's mean and
 standard deviation (so the loss scale does not depend on the label's units); MSE in the label's own
 units, Pearson and Spearman. Baselines in the same run: a ridge probe on the last layer
-(``train.linear_probe``) and the train mean."""
+(``train.probe_baseline``) and the train mean."""
 
 from __future__ import annotations
 
@@ -48,6 +48,6 @@ def train(
 ) -> TrainResult:
     result = train_single_cache(readers, config, seed, make_head, options)
     result.metrics.update(mean_baseline(readers[0]))
-    if config.linear_probe:
+    if config.probe_baseline:
         result.metrics.update(ridge_probe(readers[0]))
     return result
