@@ -128,6 +128,15 @@ def test_the_old_probe_key_still_loads_under_its_new_name(tmp_path, caplog):
     assert stored["train"] == {"linear_probe": False}  # upgrade works on a copy
 
 
+def test_a_sweep_over_the_old_probe_key_sweeps_the_setting_under_its_new_name():
+    from unipt.pipeline.cli.sweep import parse_grid, parse_samples
+
+    with pytest.warns(DeprecationWarning, match="write train.probe_baseline"):
+        assert parse_grid(["train.linear_probe=true,false"]) == {"train.probe_baseline": ["true", "false"]}
+    with pytest.warns(DeprecationWarning):
+        assert set(parse_samples(["train.linear_probe=uniform:0:1"])) == {"train.probe_baseline"}
+
+
 def test_old_and_new_name_together_is_one_line(tmp_path):
     path = _config_with(tmp_path, "{linear_probe: false, probe_baseline: true}")
     with pytest.raises(UniptError, match="one setting .* keep only train.probe_baseline"):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from unipt.pipeline.cli.common import load_args, show_value
 from unipt.pipeline.cli.model import load_config_or_cache
+from unipt.pipeline.config.compat import current_key
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.storage import DEFAULT_REGISTRY, DEFAULT_RUNS_ROOT
 
@@ -24,7 +25,7 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
     grid: dict[str, list[str]] = {}
     for spec in specs:
         key, sep, values = spec.partition("=")
-        key = key.strip()
+        key = current_key(key.strip())
         if not sep or not key or not values.strip():
             raise UniptError(f"--grid {spec!r} is not KEY=V1,V2,...; write it like --grid train.lr=1e-3,5e-4")
         section, _, field = key.partition(".")
@@ -70,7 +71,7 @@ def parse_samples(specs: list[str]) -> dict[str, Distribution]:
     samples: dict[str, Distribution] = {}
     for spec in specs:
         key, sep, text = spec.partition("=")
-        key = key.strip()
+        key = current_key(key.strip())
         kind, _, rest = text.partition(":")
         if not sep or kind not in DISTRIBUTIONS or not rest:
             raise UniptError(f"--sample {spec!r} is not KEY=KIND:ARGS; write it like {example}")

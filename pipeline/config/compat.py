@@ -87,6 +87,17 @@ def upgrade(raw: dict[str, Any], *, stored: bool = False) -> dict[str, Any]:
     return raw
 
 
+def current_key(key: str) -> str:
+    """A dotted setting's name today (``train.linear_probe`` -> ``train.probe_baseline``, said so), for
+    flags that name one setting outside a config (``--grid``, ``--sample``)."""
+    section, _, name = key.partition(".")
+    new = RENAMED.get((section, name))
+    if new is None:
+        return key
+    _deprecated(f"{key} is deprecated; write {section}.{new} (the same setting)")
+    return f"{section}.{new}"
+
+
 def upgrade_key_fields(fields: dict[str, Any], *, dtype: str, max_length: int) -> dict[str, Any]:
     """A copy of a cache's key ``fields`` with rules 7-9 applied; ``dtype`` and ``max_length`` are what its
     store says (its arrays' dtype, its layout). Its key is the hash of the fields as written, not these."""
