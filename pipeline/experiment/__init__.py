@@ -8,7 +8,7 @@ _SURFACE = {
     "config_for_cache": "cache_config",
     "bytes_by_dtype": "plan",
     "check_space": "plan",
-    "forward_rate": "plan",
+    "forward_rate": "forward_timing",
     "read_rate": "plan",
     "Prepared": "recipe",
     "PreparedBackbone": "recipe",
