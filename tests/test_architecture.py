@@ -290,7 +290,6 @@ LONG_MODULES = {
     "pipeline/cache/reader.py": 850,
     "pipeline/experiment/recipe.py": 819,
     "pipeline/data/table.py": 685,
-    "pipeline/experiment/sweep.py": 647,
     "pipeline/runs/registry.py": 592,
     "pipeline/config.py": 585,
     "pipeline/model/predict.py": 539,

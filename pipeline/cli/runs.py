@@ -294,7 +294,7 @@ def grid_trials(args: argparse.Namespace, grid: dict[str, list[str]]) -> list[Tr
 def parse_samples(specs: list[str]) -> dict[str, Distribution]:
     """``["train.lr=loguniform:1e-4:1e-2"]`` -> ``{"train.lr": Distribution("loguniform", (1e-4, 1e-2))}``."""
     from unipt.pipeline.config import parse_value
-    from unipt.pipeline.experiment.sweep import DISTRIBUTIONS, Distribution
+    from unipt.pipeline.experiment.trials import DISTRIBUTIONS, Distribution
 
     example = "--sample train.lr=loguniform:1e-4:1e-2 (or uniform:A:B, randint:A:B, choice:V1:V2)"
     samples: dict[str, Distribution] = {}
@@ -381,7 +381,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _table(result: SweepResult, keys: list[str]) -> None:
     """The trials, finished ones by best validation headline metric first; then stopped and failed ones,
     each failure's cause below the table."""
-    from unipt.pipeline.experiment.sweep import describe
+    from unipt.pipeline.experiment.trials import describe
 
     name = result.headline
 
