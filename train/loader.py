@@ -26,8 +26,9 @@ readers (probe, prediction) get float32 batches, upcast in the collate thread
 
 The loader holds a few blocks at once (the shuffle window and, when it works ahead, one block read ahead)
 and, working ahead, one padded batch ahead of the one training computes on; ``memory_mb`` caps the blocks'
-float16 bytes by reading fewer examples per block where examples are wide (:func:`budgeted_block_examples`),
-so a BERT-large cache does not hold gigabytes in flight. With ``train.keep_decoded_mb`` the training split's
+float16 bytes by reading fewer examples per block where examples are wide
+(:func:`~unipt.train.block_plan.budgeted_block_examples`), so a BERT-large cache does not hold gigabytes in
+flight. With ``train.keep_decoded_mb`` the training split's
 blocks stay decoded for later epochs, within their own budget. With ``return_freed_memory`` the pages
 those blocks and batches leave behind go back to the system after each large batch
 (:mod:`unipt.train.allocator`).
