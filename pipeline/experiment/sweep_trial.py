@@ -18,7 +18,6 @@ from unipt.pipeline.experiment.trials import Trial, trial_config
 
 
 @dataclass
-@dataclass
 class TrialContext:
     """Everything a trial needs, shipped once to Ray's object store."""
 
