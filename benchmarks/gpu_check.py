@@ -38,7 +38,8 @@ from benchmarks.loader_throughput import Stepper, loader_for, measure  # noqa: E
 from unipt.pipeline import experiment  # noqa: E402
 from unipt.pipeline.config import ExperimentConfig, load_config  # noqa: E402
 from unipt.pipeline.cuda_support import fast_half  # noqa: E402
-from unipt.pipeline.experiment.plan import forward_rate, read_rate  # noqa: E402
+from unipt.pipeline.experiment.forward_timing import forward_rate  # noqa: E402
+from unipt.pipeline.experiment.plan import read_rate  # noqa: E402
 from unipt.train.loader import CacheBatches  # noqa: E402
 
 

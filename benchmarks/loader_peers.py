@@ -17,7 +17,9 @@ import zarr
 from unipt.pipeline.cache.layout import layer_array_name
 from unipt.pipeline.cache.reader import CacheReader
 from unipt.pipeline.cache.view import ViewReader
-from unipt.train.loader import CacheBatches, as_float32, epoch_order, padding_mask
+from unipt.train.block_plan import epoch_order
+from unipt.train.loader import CacheBatches
+from unipt.train.padding import as_float32, padding_mask
 
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 

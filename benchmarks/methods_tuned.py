@@ -45,7 +45,7 @@ from benchmarks import methods as base  # noqa: E402
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
 from unipt.pipeline.config import load_config  # noqa: E402
 from unipt.pipeline.errors import UniptError  # noqa: E402
-from unipt.pipeline.experiment.sweep import Distribution, Search  # noqa: E402
+from unipt.pipeline.experiment.trials import Distribution, Search  # noqa: E402
 
 METHODS = base.METHODS
 FULL_FINETUNE = base.FULL_FINETUNE
@@ -89,7 +89,7 @@ TRIALS, QUICK_TRIALS = 6, 2
 FINETUNE_LRS, QUICK_FINETUNE_LRS = (3e-5, 1e-4), (1e-4, 1e-3)
 FINETUNE_EPOCHS, QUICK_FINETUNE_EPOCHS = 3, 1
 MEMORY_TICKS = (250, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000, 32000)
-ASHA = {"grace_period": 1, "reduction_factor": 2}  # unipt.pipeline.experiment.sweep's ASHA, in epochs
+ASHA = {"grace_period": 1, "reduction_factor": 2}  # unipt.pipeline.experiment.sweep_tune's ASHA, in epochs
 
 
 def search_space(method: str, quick: bool = False) -> dict[str, Distribution]:

@@ -14,9 +14,10 @@ online run reports the metric names of the cache run of its task (classification
 mse, pearson, spearman). A task that is not one model with one head (retrieval) has no online baseline.
 
 Both walk the examples in exactly the batches that :class:`~unipt.train.loader.CacheBatches` would give
-from a cache of the same dataset: the same block plan (:func:`unipt.train.loader.plan_blocks`, over the rows
-extraction would give each example) and the same seeded order (:func:`unipt.train.loader.epoch_order`), so a
-run online and a run from a float32 cache see the same batches in the same order.
+from a cache of the same dataset: the same block plan (:func:`unipt.train.block_plan.plan_blocks`, over the
+rows extraction would give each example) and the same seeded order
+(:func:`unipt.train.block_plan.epoch_order`), so a run online and a run from a float32 cache see the same
+batches in the same order.
 
 The baselines hold a backbone and a trainer at once, so they sit beside the recipe
 (:mod:`unipt.pipeline.experiment.recipe`), the one place allowed to import both stages; stage 1 never imports
@@ -45,20 +46,13 @@ from unipt.pipeline.data.bundled import bundled_cnn_settings
 from unipt.pipeline.data.table import backbone_inputs
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.tasks import get_task
+from unipt.train.block_plan import blocks_held, budgeted_block_examples, epoch_order, plan_blocks
 from unipt.train.fit import amp_dtype, precision
-from unipt.train.loader import (
-    BUDGETED_PREFETCH_BLOCKS,
-    Batch,
-    blocks_held,
-    budgeted_block_examples,
-    epoch_order,
-    padding_mask,
-    plan_blocks,
-    return_memory_after,
-)
+from unipt.train.loader import BUDGETED_PREFETCH_BLOCKS, Batch, return_memory_after
 from unipt.train.loop import TrainOptions, TrainResult, fit_head, pick_device, selection
 from unipt.train.methods import build_model
 from unipt.train.methods.unipt.transformer import masked_mean
+from unipt.train.padding import padding_mask
 from unipt.train.tasks import task_head
 
 METHODS = ("unipt-online", "full-finetune")

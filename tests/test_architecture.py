@@ -20,7 +20,7 @@ PACKAGES = ("pipeline", "extract", "train")  # the repository's folders; they in
 BOTH_STAGES_ALLOWED = {
     "pipeline/experiment/recipe.py",
     "pipeline/model/predict.py",
-    "pipeline/experiment/plan.py",
+    "pipeline/experiment/forward_timing.py",
 }
 
 
@@ -292,10 +292,6 @@ def test_nothing_imports_the_stages_by_their_bare_names(path):
 # may join them (issue 30 asks for none over 450 lines; splitting these is the work left).
 LONG_MODULES = {
     "pipeline/cache/reader.py": 850,
-    "pipeline/experiment/plan.py": 736,
-    "train/loader.py": 692,
-    "extract/runner.py": 690,
-    "pipeline/experiment/sweep.py": 647,
     "pipeline/cli/cache.py": 472,
 }
 MAX_MODULE_LINES = 450

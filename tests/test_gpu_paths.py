@@ -30,7 +30,7 @@ from unipt.pipeline.cache.layout import ShardSpec
 from unipt.pipeline.cache.reader import CacheReader, CacheRoot
 from unipt.pipeline.config import TrainConfig, load_config
 from unipt.pipeline.errors import UniptError
-from unipt.pipeline.experiment.sweep import default_parallel, gpu_share, trial_resources
+from unipt.pipeline.experiment.sweep_resources import default_parallel, gpu_share, trial_resources
 from unipt.train import checkpoint as checkpoint_module
 from unipt.train import fit as fit_module
 from unipt.train.checkpoint import CHECKPOINT_FILE

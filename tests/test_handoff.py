@@ -16,7 +16,8 @@ from unipt.pipeline import experiment
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.config import load_config
 from unipt.pipeline.experiment.rerun import rerun
-from unipt.pipeline.experiment.sweep import Trial, sweep
+from unipt.pipeline.experiment.sweep import sweep
+from unipt.pipeline.experiment.trials import Trial
 from unipt.pipeline.runs.compare import result_metrics, same_value
 from unipt.pipeline.runs.records import referenced_cache_keys
 from unipt.pipeline.runs.registry import Registry, registered_cache_keys

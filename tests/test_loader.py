@@ -15,13 +15,8 @@ from unipt.pipeline.cache.opener import open_cache
 from unipt.pipeline.cache.reader import CacheReader, CacheRoot
 from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.errors import UniptError
-from unipt.train.loader import (
-    BUDGETED_PREFETCH_BLOCKS,
-    CacheBatches,
-    budgeted_block_examples,
-    to_device,
-    works_in_background,
-)
+from unipt.train.block_plan import budgeted_block_examples
+from unipt.train.loader import BUDGETED_PREFETCH_BLOCKS, CacheBatches, to_device, works_in_background
 
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4, 6, 3, 5, 2, 7]
 SPLITS = ["train"] * 9 + ["val"] * 4
@@ -132,7 +127,7 @@ def test_to_device_upcasts_half_precision_batches():
 
 
 def test_float16_batches_are_upcast_exactly_in_pieces_and_float32_ones_are_not_copied():
-    from unipt.train.loader import as_float32
+    from unipt.train.padding import as_float32
 
     # 300 rows of 384: several of the serial pieces the cast is cut into, the last one partial.
     half = np.random.default_rng(0).standard_normal((3, 100, 384)).astype(np.float16)

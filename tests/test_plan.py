@@ -13,6 +13,7 @@ from conftest import run_cli, write_config
 
 from unipt.pipeline import experiment
 from unipt.pipeline.config import load_config
+from unipt.pipeline.experiment import cache_size, forward_timing, plan_report
 from unipt.pipeline.experiment import plan as planning
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rt_minilm.yaml"
@@ -72,11 +73,11 @@ def test_plan_predicts_every_dtype_and_writes_nothing_where_the_caches_go(tiny_c
     assert backbone["epoch_read_bytes"] / (even * 1e9) == pytest.approx(tokens / backbone["forward_tokens_s"])
     assert 0 < tokens < backbone["tokens"]  # train + val only
     # The printed plan says the same (rebuilt from the JSON: a second run would measure anew).
-    names = {f.name for f in dataclasses.fields(planning.BackbonePlan)}
-    rebuilt = planning.Plan(
-        **{k: v for k, v in result.items() if k in {f.name for f in dataclasses.fields(planning.Plan)}}
+    names = {f.name for f in dataclasses.fields(plan_report.BackbonePlan)}
+    rebuilt = plan_report.Plan(
+        **{k: v for k, v in result.items() if k in {f.name for f in dataclasses.fields(plan_report.Plan)}}
     )
-    rebuilt.backbones = [planning.BackbonePlan(**{k: v for k, v in backbone.items() if k in names})]
+    rebuilt.backbones = [plan_report.BackbonePlan(**{k: v for k, v in backbone.items() if k in names})]
     plain = "\n".join(rebuilt.lines())
     assert f"{backbone['read_gb_s']:.3g} GB/s decoded (measured on the float32 sample cache)" in plain
     assert f"forward {backbone['forward_tokens_s']:,.0f} tokens/s on cpu" in plain
@@ -89,9 +90,9 @@ def test_plan_predicts_every_dtype_and_writes_nothing_where_the_caches_go(tiny_c
 @pytest.mark.slow
 def test_check_space_is_free_when_the_worst_case_fits_or_forced(tiny_config: Path):
     prep = experiment.prepare(load_config(tiny_config))
-    worst = planning._worst_case_bytes(prep, prep.primary)
+    worst = cache_size.worst_case_bytes(prep, prep.primary)
     # 240 examples x 32 tokens x (2 layers + embeddings) x width 32 x 2 bytes, plus 1% and the small files.
-    assert worst == int(240 * 32 * 3 * 32 * 2 * 1.01) + planning.PER_EXAMPLE_OVERHEAD * 240
+    assert worst == int(240 * 32 * 3 * 32 * 2 * 1.01) + cache_size.PER_EXAMPLE_OVERHEAD * 240
     assert planning.check_space(prep) is None  # fits by the bound: no sample extracted
     assert planning.check_space(prep, force=True) is None
 
@@ -110,7 +111,7 @@ def test_check_space_extracts_no_sample_of_a_dataset_smaller_than_two_samples(tm
         return experiment.prepare(load_config(config))
 
     small = prepared(planning.SMALL_DATASET)
-    assert planning._worst_case_bytes(small, small.primary) is None
+    assert cache_size.worst_case_bytes(small, small.primary) is None
     assert planning.check_space(small) is None
     said = capsys.readouterr().err
     assert f"{planning.SMALL_DATASET} examples: extracting without predicting the cache size" in said
@@ -192,7 +193,7 @@ def test_the_forward_rate_times_only_the_backbones_forward_on_training_batches(
             return tokenizer(*args, **kwargs)
 
     backbone.model, backbone.tokenizer = Recording(), Counting()
-    rate = planning.steady_forward_rate(backbone, texts, 32, config, torch.device("cpu"))
+    rate = forward_timing.steady_forward_rate(backbone, texts, 32, config, torch.device("cpu"))
     assert timed["tokenized"] == 1  # once, before any forward
     ordered = sorted(lengths)
     one_pass = [(len(ordered[i : i + 4]), max(ordered[i : i + 4])) for i in range(0, 10, 4)]  # 4, 4, 2 inputs
@@ -203,5 +204,5 @@ def test_the_forward_rate_times_only_the_backbones_forward_on_training_batches(
     # Without length grouping: batches in the inputs' order, each padded to its longest.
     config = config.model_copy(update={"train": config.train.model_copy(update={"length_grouping": False})})
     shapes.clear()
-    planning.steady_forward_rate(backbone, texts, 32, config, torch.device("cpu"))
+    forward_timing.steady_forward_rate(backbone, texts, 32, config, torch.device("cpu"))
     assert shapes[1:4] == [(4, max(lengths[0:4])), (4, max(lengths[4:8])), (2, max(lengths[8:10]))]

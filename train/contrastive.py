@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.errors import UniptError
-from unipt.train.loader import Batch, CacheBatches, plan_blocks, to_device
+from unipt.train.block_plan import plan_blocks
+from unipt.train.loader import Batch, CacheBatches, to_device
 from unipt.train.methods.unipt.transformer import UniPT, masked_mean
 from unipt.train.metrics import match_ranks, retrieval_metrics_from_ranks
 

@@ -21,12 +21,14 @@ Training batches (:meth:`CacheBatches.for_split`) keep the cache's 16-bit rows a
 stays fp16, bf16 stays bf16) and the training thread upcasts them where it computes (:func:`to_device`):
 on CUDA after a ``non_blocking`` copy out of pinned host memory, on the CPU with torch's vectorised cast
 inside the step. Half the bytes are padded, queued and copied, and the loader threads do no casting. Other
-readers (probe, prediction) get float32 batches, upcast in the collate thread (:func:`as_float32`).
+readers (probe, prediction) get float32 batches, upcast in the collate thread
+(:func:`~unipt.train.padding.as_float32`).
 
 The loader holds a few blocks at once (the shuffle window and, when it works ahead, one block read ahead)
 and, working ahead, one padded batch ahead of the one training computes on; ``memory_mb`` caps the blocks'
-float16 bytes by reading fewer examples per block where examples are wide (:func:`budgeted_block_examples`),
-so a BERT-large cache does not hold gigabytes in flight. With ``train.keep_decoded_mb`` the training split's
+float16 bytes by reading fewer examples per block where examples are wide
+(:func:`~unipt.train.block_plan.budgeted_block_examples`), so a BERT-large cache does not hold gigabytes in
+flight. With ``train.keep_decoded_mb`` the training split's
 blocks stay decoded for later epochs, within their own budget. With ``return_freed_memory`` the pages
 those blocks and batches leave behind go back to the system after each large batch
 (:mod:`unipt.train.allocator`).
@@ -37,8 +39,6 @@ that stage's own offsets, since its H*W rows per image differ from every other s
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,8 +54,12 @@ from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.data.augment import TRAIN_SPLIT, view_for_epoch
 from unipt.pipeline.errors import UniptError
 from unipt.train.allocator import return_freed_memory
+from unipt.train.background import in_background
+from unipt.train.block_plan import blocks_held, budgeted_block_examples, epoch_order, plan_blocks
+from unipt.train.blocks import Block, blocks_over, own_rows
+from unipt.train.padding import as_float32, padding_mask
 
-T = TypeVar("T")  # what a block read gives per example
+T = TypeVar("T")  # what a layer read gives
 PREFETCH_BLOCKS = 1  # blocks read ahead of training: a deeper queue bought no speed, only memory
 # ``memory_mb`` is shared out over the blocks a loader held when the budget was introduced (this many queued):
 # kept fixed so block plans, and so the batches of earlier runs, do not move; the loader now holds fewer.
@@ -99,15 +103,6 @@ def to_device(
     return hidden, batch.mask.to(device, non_blocking=True)
 
 
-@dataclass
-class _Block:
-    """One block's decoded rows per layer, and where each of its examples' rows start and stop in them."""
-
-    rows: dict[int, np.ndarray]
-    starts: dict[int, np.ndarray]
-    stops: dict[int, np.ndarray]
-
-
 class CacheBatches:
     """Batches of one split of a cache; iterate ``epoch(n)`` once per epoch."""
 
@@ -143,7 +138,7 @@ class CacheBatches:
         # Decoded blocks kept across epochs, by (view, first example, examples), while they fit this budget:
         # none unless for_split sets it (train.keep_decoded_mb), since only it knows the training config.
         self.keep_decoded_bytes = 0
-        self._kept: dict[tuple[int, int, int], list[tuple[_Block, int]]] = {}
+        self._kept: dict[tuple[int, int, int], list[tuple[Block, int]]] = {}
         self._kept_bytes = 0
         # Pinned batches are for a CUDA copy; they keep the cache's dtype so the device does the upcast.
         self.pin_memory = pin_memory and torch.cuda.is_available()
@@ -162,6 +157,18 @@ class CacheBatches:
                 "read them separately"
             )
         self.offsets = {layer: reader.offsets_for(layer) for layer in self.layers}
+        self._plan_blocks(block_examples, memory_mb, shuffle_buffer_blocks)
+        # Augmented views (training only): epoch e reads view (e + seed) mod K of every example, each
+        # view through its own reader and offsets, made when the epoch starts.
+        self.num_views = reader.num_views if views else 1
+        self._views: dict[int, tuple[ActivationCache, dict[int, np.ndarray]]] = {0: (reader, self.offsets)}
+        first = self.offsets[self.layers[0]]
+        # Token counts decide the grouping; feature maps all have one size, so there is nothing to group.
+        self.lengths = None if self.maps else first[:, 1] - first[:, 0]
+
+    def _plan_blocks(self, block_examples: int, memory_mb: int | None, shuffle_buffer_blocks: int) -> None:
+        """The block plan over the requested layers' rows, blocks cut to fewer examples where ``memory_mb``
+        asks it."""
         distinct = list({id(o): o for o in self.offsets.values()}.values())  # token layers share one
         block_examples = budgeted_block_examples(
             block_examples,
@@ -172,13 +179,6 @@ class CacheBatches:
         self.blocks = plan_blocks(self.indices, distinct, block_examples)
         self.block_examples = block_examples
         self._plan = list(self.blocks)  # this cache's own plan (a paired cache may replace self.blocks)
-        # Augmented views (training only): epoch e reads view (e + seed) mod K of every example, each
-        # view through its own reader and offsets, made when the epoch starts.
-        self.num_views = reader.num_views if views else 1
-        self._views: dict[int, tuple[ActivationCache, dict[int, np.ndarray]]] = {0: (reader, self.offsets)}
-        first = self.offsets[self.layers[0]]
-        # Token counts decide the grouping; feature maps all have one size, so there is nothing to group.
-        self.lengths = None if self.maps else first[:, 1] - first[:, 0]
 
     @classmethod
     def for_split(
@@ -287,15 +287,15 @@ class CacheBatches:
             shuffle_buffer_blocks=self.shuffle_buffer_blocks,
             prefetch_blocks=self.prefetch_blocks,
             lengths=self.lengths if self.length_grouping else None,
-            carry=_own_rows,
+            carry=own_rows,
         )
         batches = (self._collate_and_trim(examples) for examples in order)
         if self.prefetch_blocks > 0:
             # Padding runs in its own thread too: the training thread only takes finished batches.
-            batches = _prefetch(batches, COLLATED_AHEAD, name="cache-collate")
+            batches = in_background(batches, COLLATED_AHEAD, name="cache-collate")
         yield from batches
 
-    def _kept_or_read(self, indices: np.ndarray, view: int = 0) -> list[tuple[_Block, int]]:
+    def _kept_or_read(self, indices: np.ndarray, view: int = 0) -> list[tuple[Block, int]]:
         """A block's decoded rows: kept from an earlier epoch, or read now (and kept while they fit)."""
         if not self.keep_decoded_bytes:
             return self._read_block(indices, view)
@@ -310,7 +310,7 @@ class CacheBatches:
             self._kept_bytes += size
         return items
 
-    def _read_block(self, indices: np.ndarray, view: int = 0) -> list[tuple[_Block, int]]:
+    def _read_block(self, indices: np.ndarray, view: int = 0) -> list[tuple[Block, int]]:
         """Every layer's rows of one block (of augmented view ``view``), the layers read concurrently
         (Zarr decodes off the GIL)."""
         reader, offsets = self._view(view)
@@ -329,7 +329,7 @@ class CacheBatches:
                 return reader.stored_pieces(layer_array_name(layer), base, end)
 
             starts, stops, _, _ = spans[self.layers[0]]
-            return _blocks_over(dict(zip(self.layers, self._per_layer(pieces), strict=True)), starts, stops)
+            return blocks_over(dict(zip(self.layers, self._per_layer(pieces), strict=True)), starts, stops)
 
         def read(layer: int) -> np.ndarray:
             _, _, base, end = spans[layer]
@@ -338,7 +338,7 @@ class CacheBatches:
             return reader.read_rows(layer, base, end)
 
         rows = dict(zip(self.layers, self._per_layer(read), strict=True))
-        block = _Block(
+        block = Block(
             rows,
             {layer: spans[layer][0] - spans[layer][2] for layer in self.layers},
             {layer: spans[layer][1] - spans[layer][2] for layer in self.layers},
@@ -359,13 +359,13 @@ class CacheBatches:
             return list(self._pool.map(read, self.layers))
         return [read(layer) for layer in self.layers]
 
-    def _collate_and_trim(self, examples: list[tuple[int, tuple[_Block, int]]]) -> Batch:
+    def _collate_and_trim(self, examples: list[tuple[int, tuple[Block, int]]]) -> Batch:
         batch = self._collate(examples)
         if self.return_freed_memory:
             return_memory_after(batch)  # what the blocks and batches before this one left
         return batch
 
-    def _collate(self, examples: list[tuple[int, tuple[_Block, int]]]) -> Batch:
+    def _collate(self, examples: list[tuple[int, tuple[Block, int]]]) -> Batch:
         if self.maps:
             return self._collate_maps(examples)
         first = self.layers[0]
@@ -402,7 +402,7 @@ class CacheBatches:
         tensor = torch.zeros(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
         return tensor.numpy()
 
-    def _collate_maps(self, examples: list[tuple[int, tuple[_Block, int]]]) -> Batch:
+    def _collate_maps(self, examples: list[tuple[int, tuple[Block, int]]]) -> Batch:
         hidden = []
         for layer in self.layers:
             h, w = self.grids[layer]
@@ -434,26 +434,6 @@ def works_in_background(setting: str | bool, device: torch.device) -> bool:
     return device.type != "cpu" if setting == "auto" else bool(setting)
 
 
-# Below this many elements torch runs an elementwise op in the calling thread (ATen's GRAIN_SIZE).
-_SERIAL_ELEMENTS = 32768
-
-
-def as_float32(array: np.ndarray) -> torch.Tensor:
-    """``array`` (float16 or float32) as a float32 tensor, cast by torch's vectorised code in pieces small
-    enough that each runs in this thread: numpy's float16 cast is scalar code (~1 GB/s here, the largest
-    cost of a batch before), and one whole-batch torch cast would start a second OpenMP team in the collate
-    thread, competing with the training step's threads for the same cores."""
-    source = torch.from_numpy(array)
-    if source.dtype == torch.float32:
-        return source
-    out = torch.empty(source.shape, dtype=torch.float32)
-    flat_in, flat_out = source.reshape(-1, source.shape[-1]), out.view(-1, source.shape[-1])
-    step = max(1, _SERIAL_ELEMENTS // max(1, source.shape[-1]))
-    for start in range(0, flat_in.shape[0], step):
-        flat_out[start : start + step].copy_(flat_in[start : start + step])
-    return out
-
-
 def return_memory_after(batch: Batch) -> None:
     """Hand freed memory back to the system (:mod:`unipt.train.allocator`) after a large batch: at least
     :data:`TRIM_AFTER_BATCH_VALUES` activation values, whatever their dtype. The online baseline calls it on
@@ -461,232 +441,3 @@ def return_memory_after(batch: Batch) -> None:
     values = sum(h.numel() for h in batch.hidden if h.is_floating_point())
     if values >= TRIM_AFTER_BATCH_VALUES:
         return_freed_memory()
-
-
-def blocks_held(prefetch_blocks: int, shuffle_buffer_blocks: int) -> int:
-    """Blocks a loader holds at once: the prefetch queue, the shuffle window and the block being read."""
-    return prefetch_blocks + shuffle_buffer_blocks + 1
-
-
-def budgeted_block_examples(
-    block_examples: int, values_per_example: float, memory_mb: int | None, blocks_held: int
-) -> int:
-    """``block_examples``, lowered (to 1 at least) so that ``blocks_held`` blocks of examples holding
-    ``values_per_example`` float16 values each fit in ``memory_mb`` MiB; unchanged when ``memory_mb`` is None.
-
-    A pure function of the split's shape, so an online baseline that walks the same examples (same token
-    counts, same layer widths) cuts the same blocks and sees the same batches.
-    """
-    if memory_mb is None or values_per_example <= 0:
-        return block_examples
-    fits = int(memory_mb * 2**20 // (blocks_held * values_per_example * 2))
-    return max(1, min(block_examples, fits))
-
-
-def _blocks_over(
-    pieces: dict[int, list[tuple[int, np.ndarray]]], starts: np.ndarray, stops: np.ndarray
-) -> list[tuple[_Block, int]]:
-    """One block's examples (rows ``starts[j]:stops[j]`` in every layer) over each layer's ``(first row,
-    rows)`` pieces, e.g. views into chunk files: the examples between two piece boundaries (of any layer)
-    share one :class:`_Block` over those pieces, with no copy; the few that straddle a boundary get their
-    rows joined into one of their own."""
-    cuts = np.array(sorted({first for each in pieces.values() for first, _ in each[1:]}), dtype=np.int64)
-    part = np.searchsorted(cuts, starts, side="right")
-    last = np.maximum(stops, starts + 1) - 1  # an example without rows belongs where it starts
-    whole = np.searchsorted(cuts, last, side="right") == part
-    items: list[tuple[_Block, int] | None] = [None] * len(starts)
-    for k in np.unique(part[whole]):
-        members = np.flatnonzero(whole & (part == k))
-        lo = int(starts[members[0]])
-        rows, block_starts, block_stops = {}, {}, {}
-        for layer, each in pieces.items():
-            first, piece = each[_piece_at(each, lo)]
-            rows[layer] = piece
-            block_starts[layer], block_stops[layer] = starts[members] - first, stops[members] - first
-        block = _Block(rows, block_starts, block_stops)
-        for i, member in enumerate(members):
-            items[member] = (block, i)
-    for member in np.flatnonzero(~whole):
-        start, stop = int(starts[member]), int(stops[member])
-        rows = {layer: _joined(each, start, stop) for layer, each in pieces.items()}
-        length = np.array([stop - start], np.int64)
-        zero = np.zeros(1, np.int64)
-        items[member] = (_Block(rows, dict.fromkeys(rows, zero), dict.fromkeys(rows, length)), 0)
-    return items  # type: ignore[return-value]  (every example was placed above)
-
-
-def _piece_at(pieces: list[tuple[int, np.ndarray]], row: int) -> int:
-    """The index of the piece holding ``row``."""
-    return max(0, int(np.searchsorted([first for first, _ in pieces], row, side="right")) - 1)
-
-
-def _joined(pieces: list[tuple[int, np.ndarray]], start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` copied out of the pieces that hold them."""
-    return np.concatenate([rows[max(start, first) - first : max(0, stop - first)] for first, rows in pieces])
-
-
-def _own_rows(item: tuple[_Block, int]) -> tuple[_Block, int]:
-    """An example's rows copied out of its block, so that carrying it into the next shuffle window does not
-    keep the whole block (every layer of up to ``block_examples`` examples) in memory."""
-    block, i = item
-    rows, starts, stops = {}, {}, {}
-    for layer, layer_rows in block.rows.items():
-        start, stop = int(block.starts[layer][i]), int(block.stops[layer][i])
-        rows[layer] = layer_rows[start:stop].copy()
-        starts[layer], stops[layer] = np.zeros(1, np.int64), np.array([stop - start], np.int64)
-    return _Block(rows, starts, stops), 0
-
-
-def plan_blocks(indices: np.ndarray, offsets: list[np.ndarray], block_examples: int) -> list[np.ndarray]:
-    """Cut sorted example indices into runs whose rows are back to back in every one of ``offsets``
-    (one ``[n_examples, 2]`` start/stop array per layer, of one cache or several), at most
-    ``block_examples`` long.
-
-    The seeded shuffles depend only on the block sizes, so anything that must see examples in the
-    same order as a :class:`CacheBatches` (a paired cache, an online baseline) uses this plan.
-    """
-    if len(indices) == 0:
-        return []
-    apart = np.diff(indices) != 1
-    for layer_offsets in offsets:
-        starts, stops = layer_offsets[indices, 0], layer_offsets[indices, 1]
-        apart |= starts[1:] != stops[:-1]
-    breaks = np.flatnonzero(apart) + 1
-    blocks = []
-    for run in np.split(indices, breaks):
-        blocks += [run[i : i + block_examples] for i in range(0, len(run), block_examples)]
-    return blocks
-
-
-def epoch_order(
-    blocks: list[np.ndarray],
-    read: Callable[[np.ndarray], list[T]],
-    batch_size: int,
-    shuffle: bool,
-    *,
-    seed: int,
-    epoch: int,
-    shuffle_buffer_blocks: int,
-    prefetch_blocks: int,
-    lengths: np.ndarray | None = None,
-    carry: Callable[[T], T] | None = None,
-) -> Iterator[list[tuple[int, T]]]:
-    """One epoch's batches of ``(example index, item)``, ``read(block)`` giving one item per example.
-
-    Shuffling permutes the block order, then examples within each window of ``shuffle_buffer_blocks``
-    blocks, all from one generator seeded by ``(seed, epoch)``: the order depends on the block sizes
-    (and ``lengths``) only, never on the items, so anything holding the same block plan (a cache, an
-    online baseline) sees the same batches. ``read`` runs in a background thread, ``prefetch_blocks``
-    blocks ahead (0: in the caller's thread, for reads too cheap to be worth one).
-
-    ``lengths`` (token counts by example index) turns on length grouping: each window's examples, once
-    shuffled, are sorted by length (stably, so equal lengths stay in shuffled order), cut into batches,
-    and those batches leave in a seeded random order. The batch count is unchanged (full batches, then one
-    partial batch at the end of the epoch). Without ``lengths`` the draws are exactly those made before
-    grouping existed, so ``train.length_grouping: false`` reproduces earlier runs batch for batch.
-
-    ``carry(item)``, if given, replaces each item that waits for the next window (the order is unchanged):
-    with grouping the longest examples are the ones left over, window after window, so without it a few
-    examples could keep every block they came from alive until the end of the epoch.
-    """
-    rng = np.random.default_rng([seed, epoch]) if shuffle else None
-    order = rng.permutation(len(blocks)) if rng is not None else np.arange(len(blocks))
-    items = ((blocks[i], read(blocks[i])) for i in order)
-    if prefetch_blocks > 0:
-        items = _prefetch(items, prefetch_blocks)
-    window = shuffle_buffer_blocks if shuffle else 1
-    pending: list[tuple[int, T]] = []
-    buffered: list[tuple[np.ndarray, list[T]]] = []
-    for block in items:
-        buffered.append(block)
-        if len(buffered) < window:
-            continue
-        pending += _examples_of(buffered, rng)
-        buffered = []
-        if lengths is not None and rng is not None:
-            batches, pending = _grouped(pending, lengths, batch_size, rng)
-            yield from batches
-        else:
-            while len(pending) >= batch_size:
-                yield pending[:batch_size]
-                pending = pending[batch_size:]
-        if carry is not None:
-            pending = [(index, carry(item)) for index, item in pending]
-    if buffered:
-        pending += _examples_of(buffered, rng)
-    if lengths is not None and rng is not None:
-        batches, pending = _grouped(pending, lengths, batch_size, rng)
-        yield from batches
-    for start in range(0, len(pending), batch_size):
-        yield pending[start : start + batch_size]
-
-
-def _grouped(
-    examples: list[tuple[int, T]], lengths: np.ndarray, batch_size: int, rng: np.random.Generator
-) -> tuple[list[list[tuple[int, T]]], list[tuple[int, T]]]:
-    """(full batches of similar length in a random order, the rest): the rest, fewer than a batch of the
-    longest examples, joins the next window (or ends the epoch as its one partial batch)."""
-    keys = lengths[np.fromiter((index for index, _ in examples), dtype=np.int64, count=len(examples))]
-    ranked = [examples[i] for i in np.argsort(keys, kind="stable")]
-    full = len(ranked) // batch_size * batch_size
-    batches = [ranked[start : start + batch_size] for start in range(0, full, batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))], ranked[full:]
-
-
-def padding_mask(lengths: list[int] | np.ndarray) -> torch.Tensor:
-    """[B, max(lengths)] bool, True on each row's first ``lengths[i]`` (real) tokens."""
-    lengths = torch.as_tensor(np.asarray(lengths, dtype=np.int64))
-    return torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
-
-
-def _examples_of(
-    blocks: list[tuple[np.ndarray, list[T]]], rng: np.random.Generator | None
-) -> list[tuple[int, T]]:
-    examples = [
-        (int(index), item) for indices, items in blocks for index, item in zip(indices, items, strict=True)
-    ]
-    if rng is not None:
-        examples = [examples[i] for i in rng.permutation(len(examples))]
-    return examples
-
-
-def _prefetch(source: Iterator[T], depth: int, name: str = "cache-prefetch") -> Iterator[T]:
-    """Run ``source`` in a background thread, ``depth`` items ahead (Zarr decodes off the GIL).
-
-    At most ``depth`` items exist outside the caller at once, queued or still being made: the producer
-    takes a slot before it makes an item and the caller frees it when it takes one. (A bounded queue
-    alone would hold one more: the item made while the queue is full, waiting to be put; for padded
-    BERT-large batches that is a training step's whole input.)
-    """
-    items: queue.Queue = queue.Queue()
-    slots = threading.Semaphore(max(1, depth))
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            while True:
-                while not slots.acquire(timeout=0.05):
-                    if stop.is_set():
-                        return
-                if stop.is_set():
-                    return
-                item = next(source, done)
-                items.put(item)
-                if item is done:
-                    return
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            items.put(exc)
-            items.put(done)
-
-    thread = threading.Thread(target=produce, daemon=True, name=name)
-    thread.start()
-    try:
-        while (item := items.get()) is not done:
-            slots.release()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()

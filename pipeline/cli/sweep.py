@@ -15,7 +15,8 @@ from unipt.pipeline.errors import UniptError
 from unipt.pipeline.storage import DEFAULT_REGISTRY, DEFAULT_RUNS_ROOT
 
 if TYPE_CHECKING:  # the sweep recipe imports zarr and torch: the handlers import it
-    from unipt.pipeline.experiment.sweep import Distribution, SweepResult, Trial
+    from unipt.pipeline.experiment.sweep import SweepResult
+    from unipt.pipeline.experiment.trials import Distribution, Trial
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
@@ -51,7 +52,7 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
 
 def grid_trials(args: argparse.Namespace, grid: dict[str, list[str]]) -> list[Trial]:
     """One trial per combination of the grid's values, each config loaded with its overrides."""
-    from unipt.pipeline.experiment.sweep import Trial
+    from unipt.pipeline.experiment.trials import Trial
 
     trials = []
     for values in itertools.product(*grid.values()):
@@ -65,7 +66,7 @@ def grid_trials(args: argparse.Namespace, grid: dict[str, list[str]]) -> list[Tr
 def parse_samples(specs: list[str]) -> dict[str, Distribution]:
     """``["train.lr=loguniform:1e-4:1e-2"]`` -> ``{"train.lr": Distribution("loguniform", (1e-4, 1e-2))}``."""
     from unipt.pipeline.config import parse_value
-    from unipt.pipeline.experiment.sweep import DISTRIBUTIONS, Distribution
+    from unipt.pipeline.experiment.trials import DISTRIBUTIONS, Distribution
 
     example = "--sample train.lr=loguniform:1e-4:1e-2 (or uniform:A:B, randint:A:B, choice:V1:V2)"
     samples: dict[str, Distribution] = {}
@@ -152,7 +153,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _table(result: SweepResult, keys: list[str]) -> None:
     """The trials, finished ones by best validation headline metric first; then stopped and failed ones,
     each failure's cause below the table."""
-    from unipt.pipeline.experiment.sweep import describe
+    from unipt.pipeline.experiment.trials import describe
 
     name = result.headline
 

@@ -11,7 +11,8 @@ The recipe, top to bottom (:func:`plan`):
    dataset's tokens. Per epoch (train + val tokens), two rates measured on this machine: the **read rate**
    (decoded GB/s reading the cache's rows: the real cache's when it exists, else the sample's) and the
    **forward rate** (steady tokens/s of the backbone's forward on the *training* device, in this process, on
-   training-sized batches as online training computes them: :func:`forward_rate`). The
+   training-sized batches as online training computes them:
+   :func:`~unipt.pipeline.experiment.forward_timing.forward_rate`). The
    UniPT step's own seconds are UniPT trained on the sample cache (the second epoch, past warm-up) less
    the sample's read time, scaled by tokens. An epoch from the cache = step + read (the epoch's decoded
    bytes at the read rate, not overlapped: an upper bound); online (the backbone on every batch, as the
@@ -28,16 +29,14 @@ exceeds the free space (``--force`` skips the check).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -49,202 +48,25 @@ from unipt.pipeline.cache.encoding import STORAGE_DTYPES, compressors, encode_ro
 from unipt.pipeline.cache.layout import resolve_chunk_rows
 from unipt.pipeline.cache.opener import open_cache
 from unipt.pipeline.cache.reader import ActivationCache
-from unipt.pipeline.config import ExperimentConfig, ExtractConfig
-from unipt.pipeline.data.table import TEXT_PAIR_COLUMN, backbone_inputs
+from unipt.pipeline.config import ExtractConfig
+from unipt.pipeline.data.table import TEXT_PAIR_COLUMN
 from unipt.pipeline.errors import UniptError
+from unipt.pipeline.experiment.cache_size import (
+    PER_EXAMPLE_OVERHEAD,
+    inputs_per_example,
+    tail_padding_bytes,
+    worst_case_bytes,
+)
+from unipt.pipeline.experiment.forward_timing import forward_rate
+from unipt.pipeline.experiment.plan_report import BackbonePlan, Plan
 from unipt.pipeline.experiment.plan_sample import SAMPLE_EXAMPLES
 from unipt.pipeline.experiment.recipe import Prepared, PreparedBackbone
 from unipt.pipeline.log import human_bytes, say
 from unipt.train.tasks import train_task
 
-if TYPE_CHECKING:
-    import torch
-
-    from unipt.extract.backbones import HFTextBackbone
-
 # check_space extracts no sample for a dataset this small (its worst case unknown or over the free space):
 # predicting would cost about as much as extracting it.
 SMALL_DATASET = 2 * SAMPLE_EXAMPLES
-# unipt plan times the backbone's forward for at least this long (and two passes over the sample): a GPU's
-# pass over a 256-example sample takes milliseconds, too short for one pass to be its steady rate.
-FORWARD_MIN_SECONDS = 1.0
-# What the files besides the layer arrays take per example: offsets (2 x int64), examples.parquet, metadata.
-PER_EXAMPLE_OVERHEAD = 24
-
-
-@dataclass
-class BackbonePlan:
-    """The predictions for one backbone's cache of the whole dataset."""
-
-    backbone: str
-    key: str
-    cached: bool  # the cache exists already: nothing to extract
-    examples: int
-    tokens: int  # predicted over the whole dataset
-    layers: list[int]
-    widths: list[int]
-    sample_examples: int
-    sample_tokens: int
-    bytes_by_dtype: dict[str, int]  # predicted cache size on disk per storage dtype
-    dtype: str  # the configured one
-    extract_s: float  # predicted wall seconds of the extraction (0 when cached)
-    fixed_s: float  # of which: Ray start, backbone load (measured on the sample)
-    forward_s_per_1k_tokens: float
-    cache_epoch_s: float
-    online_epoch_s: float
-    # The per-epoch verdict's parts (module doc, step 3); 0 for a backbone that does not train.
-    read_gb_s: float = 0.0  # decoded GB/s reading the cache on this machine
-    read_measured_on: str = ""  # "cache" (the real one) or "sample" (the float32 sample cache)
-    forward_tokens_s: float = 0.0  # the backbone's steady forward on the training device
-    forward_device: str = ""
-    epoch_tokens: int = 0  # train + val tokens: what one epoch reads, or recomputes online
-    epoch_read_bytes: int = 0  # decoded bytes one epoch reads from the cache (the configured dtype)
-    step_epoch_s: float = 0.0  # UniPT's own seconds per epoch (no reading, no backbone)
-
-    @property
-    def predicted_bytes(self) -> int:
-        return self.bytes_by_dtype[self.dtype]
-
-    @property
-    def epoch_read_s(self) -> float:
-        return self.epoch_read_bytes / (self.read_gb_s * 1e9) if self.read_gb_s > 0 else float("inf")
-
-    @property
-    def epoch_forward_s(self) -> float:
-        return self.epoch_tokens / self.forward_tokens_s if self.forward_tokens_s > 0 else float("inf")
-
-    @property
-    def epoch_winner(self) -> str:
-        """``"cache"`` or ``"online"``: which way one epoch is faster on this machine."""
-        return "cache" if self.cache_epoch_s <= self.online_epoch_s else "online"
-
-    @property
-    def epoch_speedup(self) -> float:
-        """How many times faster the winning way's epoch is (>= 1)."""
-        fast, slow = sorted((self.cache_epoch_s, self.online_epoch_s))
-        return slow / fast if fast > 0 else float("inf")
-
-    @property
-    def break_even_read_gb_s(self) -> float:
-        """The read rate at which reading an epoch takes as long as recomputing it with the backbone."""
-        forward = self.epoch_forward_s
-        return self.epoch_read_bytes / forward / 1e9 if 0 < forward < float("inf") else 0.0
-
-
-@dataclass
-class Plan:
-    """Every backbone's predictions, the free space where the caches go, and whether caching pays off."""
-
-    config_name: str
-    cache_root: str
-    free_bytes: int | None  # None: an object store, whose free space is not known
-    epochs: int
-    backbones: list[BackbonePlan] = field(default_factory=list)
-    sample_s: float = 0.0
-
-    @property
-    def needed_bytes(self) -> int:
-        return sum(b.predicted_bytes for b in self.backbones if not b.cached)
-
-    @property
-    def fits(self) -> bool | None:
-        return None if self.free_bytes is None else self.needed_bytes <= self.free_bytes
-
-    @property
-    def cache_total_s(self) -> float:
-        """Extract once, then every epoch from the cache (the primary backbone trains)."""
-        primary = self.backbones[0]
-        return sum(b.extract_s for b in self.backbones) + self.epochs * primary.cache_epoch_s
-
-    @property
-    def online_total_s(self) -> float:
-        return self.epochs * self.backbones[0].online_epoch_s
-
-    @property
-    def pays_off(self) -> bool:
-        return self.cache_total_s < self.online_total_s
-
-    @property
-    def break_even_epochs(self) -> int | None:
-        """The fewest epochs from which the cache is faster overall (None: never, on these timings)."""
-        primary = self.backbones[0]
-        saved = primary.online_epoch_s - primary.cache_epoch_s
-        if saved <= 0:
-            return None
-        return max(1, int(np.floor(sum(b.extract_s for b in self.backbones) / saved)) + 1)
-
-    def as_dict(self) -> dict:
-        data = asdict(self)
-        for b, row in zip(self.backbones, data["backbones"], strict=True):
-            row.update(
-                epoch_read_s=b.epoch_read_s,
-                epoch_forward_s=b.epoch_forward_s,
-                epoch_winner=b.epoch_winner,
-                epoch_speedup=b.epoch_speedup,
-                break_even_read_gb_s=b.break_even_read_gb_s,
-            )
-        return {
-            **data,
-            "needed_bytes": self.needed_bytes,
-            "fits": self.fits,
-            "cache_total_s": self.cache_total_s,
-            "online_total_s": self.online_total_s,
-            "pays_off": self.pays_off,
-            "break_even_epochs": self.break_even_epochs,
-        }
-
-    def lines(self) -> list[str]:
-        """The human-readable plan, as ``unipt plan`` prints it."""
-        out = [f"plan for {self.config_name} (measured on a sample, in {self.sample_s:.0f}s)"]
-        for b in self.backbones:
-            shape = f"{len(b.layers)} hidden states x {max(b.widths)}"
-            out.append(
-                f"{b.backbone} ({shape}): {b.examples:,} examples, ~{b.tokens:,} tokens "
-                f"(sample: {b.sample_examples} examples, {b.sample_tokens:,} tokens)"
-                + (f"; cache {b.key} exists, nothing to extract" if b.cached else "")
-            )
-            sizes = " | ".join(
-                f"{dtype} {human_bytes(n)}{' (configured)' if dtype == b.dtype else ''}"
-                for dtype, n in b.bytes_by_dtype.items()
-            )
-            out.append(f"  cache size   {sizes}")
-            out.append(
-                f"  extraction   ~{b.extract_s:.0f}s ({b.fixed_s:.0f}s start-up + "
-                f"{b.forward_s_per_1k_tokens:.2f}s per 1k tokens)"
-            )
-            if not b.epoch_tokens:  # a backbone that does not train (retrieval's gallery): no epoch
-                continue
-            on = "the cache" if b.read_measured_on == "cache" else "the float32 sample cache"
-            out.append(
-                f"  read rate    {b.read_gb_s:.3g} GB/s decoded (measured on {on}); forward "
-                f"{b.forward_tokens_s:,.0f} tokens/s on {b.forward_device}"
-            )
-            out.append(
-                f"  one epoch    from the cache ~{b.cache_epoch_s:.1f}s "
-                f"(read {human_bytes(b.epoch_read_bytes)}: {b.epoch_read_s:.1f}s "
-                f"+ step {b.step_epoch_s:.1f}s) | online ~{b.online_epoch_s:.1f}s "
-                f"({b.epoch_tokens:,} tokens through the backbone: {b.epoch_forward_s:.1f}s + step)"
-            )
-            out.append(
-                f"  per epoch    {'the cache' if b.epoch_winner == 'cache' else 'online'} wins, "
-                f"{b.epoch_speedup:.1f}x faster (the cache breaks even at a read rate of "
-                f"{b.break_even_read_gb_s:.3g} GB/s)"
-            )
-        free = "unknown (object store)" if self.free_bytes is None else human_bytes(self.free_bytes)
-        verdict = {
-            None: "",
-            True: ": fits",
-            False: f": does NOT fit ({human_bytes(self.needed_bytes)} needed)",
-        }
-        out.append(f"free space   {free} at {self.cache_root}{verdict[self.fits]}")
-        even = self.break_even_epochs
-        when = f"break-even at {even} epoch(s)" if even else "the cache never catches up on this machine"
-        out.append(
-            f"{self.epochs} epochs  extract + train from the cache ~{self.cache_total_s:.0f}s vs online "
-            f"~{self.online_total_s:.0f}s: {'caching pays off' if self.pays_off else 'online is faster'} "
-            f"({when})"
-        )
-        return out
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -305,7 +127,7 @@ def check_space(
     free = free_bytes(prep)
     if force or not missing or free is None:
         return None
-    bound = sum(_worst_case_bytes(prep, b) or float("inf") for b in missing)
+    bound = sum(worst_case_bytes(prep, b) or float("inf") for b in missing)
     if bound <= free:
         return None
     if len(prep.dataset) <= SMALL_DATASET:
@@ -342,14 +164,6 @@ def free_bytes(prep: Prepared) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------ steps
-
-
-def inputs_per_example(prep: Prepared) -> float:
-    """Backbone inputs per example: 1, plus ``extract.views - 1`` augmented views of each train example."""
-    views = prep.config.extract.views
-    if views == 1:
-        return 1.0
-    return 1 + (views - 1) * prep.dataset.split_counts()["train"] / max(1, len(prep.dataset))
 
 
 def _sample_prepared(prep: Prepared, sample: int, scratch: Path) -> Prepared:
@@ -510,96 +324,6 @@ def read_rate(
     return total, best
 
 
-def forward_rate(sampled: Prepared, name: str, config: ExperimentConfig, tokens: int) -> tuple[float, str]:
-    """(tokens/s, device): the backbone's steady forward rate over the sample's inputs on the training device
-    (``train.device``), in this process: what online training pays per token, beside UniPT's step.
-
-    A text backbone is timed as the online baseline runs it (:mod:`benchmarks.online_baselines`): the inputs
-    tokenized beforehand (online training tokenizes once, before its first epoch), batches of
-    ``train.batch_size`` padded to their longest input (length-sorted under ``train.length_grouping``), every
-    hidden state computed under training's autocast and left on the device (:func:`steady_forward_rate`).
-    Other backbones (images) are timed through their extraction ``encode`` (``tokens`` in all, as the sample
-    cache counts them), preprocessing and the copy to the host included.
-    """
-    import torch
-
-    from unipt.extract.backbones import HFTextBackbone, load_backbone
-    from unipt.train.fit import pick_device
-
-    device = pick_device(config.train.device)
-    target = sampled.backbones[name]
-    settings = target.config
-    backbone = load_backbone(experiment.load_spec(target, config.extract.autocast, device=device.type))
-    inputs = backbone_inputs(sampled.dataset.table, backbone.describe()["input"])
-    if isinstance(backbone, HFTextBackbone):
-        return steady_forward_rate(backbone, inputs, settings.max_length, config, device), device.type
-    count = int(backbone.describe()["num_hidden_states"])
-    layers = list(range(count)) if settings.layers == "all" else list(settings.layers)
-    compute = "float16" if config.extract.dtype == "float16" else "float32"
-    # Warm-up: first-call allocations and kernel choice.
-    backbone.encode(inputs[: settings.batch_size], layers, settings.max_length, settings.batch_size, compute)
-    seconds = float("inf")
-    for _ in range(2):  # the faster of two passes: a busy machine's worst moment is not the rate
-        started = time.perf_counter()
-        backbone.encode(inputs, layers, settings.max_length, settings.batch_size, compute)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = min(seconds, time.perf_counter() - started)
-    return tokens / seconds if seconds > 0 else 0.0, device.type
-
-
-def steady_forward_rate(
-    backbone: HFTextBackbone, inputs: list, max_length: int, config: ExperimentConfig, device: torch.device
-) -> float:
-    """Real tokens per second of ``backbone``'s forward over ``inputs``, batched and computed as online
-    training computes them (see :func:`forward_rate`).
-
-    Only the forward is timed: tokenizing, padding and the copy to the device happen before. One batch of
-    the largest shape warms up first (allocations, kernel choice), then passes over the batches repeat, at
-    least two and for :data:`FORWARD_MIN_SECONDS`, each ended by a device synchronize; the fastest pass gives
-    the rate, since a busy machine's worst moment is not the backbone's rate. Padding is paid for: the rate
-    counts real tokens only, as an epoch's token count does.
-    """
-    import torch
-
-    from unipt.train.fit import amp_dtype, precision
-
-    encoded = dict(backbone._tokenize(inputs, max_length))
-    keys = [key for key in encoded if backbone._accepts is None or key in backbone._accepts]
-    lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
-    order = np.argsort(lengths, kind="stable") if config.train.length_grouping else np.arange(len(lengths))
-    backbone.tokenizer.padding_side = "right"  # as the online baseline pads (a cache's layout)
-    batches = []
-    for start in range(0, len(order), config.train.batch_size):
-        picked = order[start : start + config.train.batch_size]
-        features = backbone.tokenizer.pad(
-            {key: [encoded[key][i] for i in picked] for key in keys}, return_tensors="pt"
-        )
-        batches.append({key: value.to(device) for key, value in features.items()})
-    amp = amp_dtype(config.train.amp, device)
-
-    def forward(batch: dict[str, torch.Tensor]) -> None:
-        with torch.inference_mode(), precision(device, amp):
-            backbone.model(**batch, output_hidden_states=True, return_dict=True)
-
-    def pass_seconds(todo: list[dict[str, torch.Tensor]]) -> float:
-        started = time.perf_counter()
-        for batch in todo:
-            forward(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - started
-
-    if not batches:
-        return 0.0
-    pass_seconds([max(batches, key=lambda batch: batch["input_ids"].numel())])  # warm-up
-    seconds, spent, passes = float("inf"), 0.0, 0
-    while passes < 2 or spent < FORWARD_MIN_SECONDS:
-        elapsed = pass_seconds(batches)
-        seconds, spent, passes = min(seconds, elapsed), spent + elapsed, passes + 1
-    return float(lengths.sum()) / seconds if seconds > 0 else 0.0
-
-
 def _predicted_tokens(prep: Prepared, sampled: Prepared, lengths: np.ndarray, max_length: int) -> int:
     """The dataset's token count. Text: each example's characters x the sample's tokens per character
     (over examples not cut at ``max_length``), capped at ``max_length``; otherwise the sample's mean."""
@@ -648,30 +372,10 @@ def bytes_by_dtype(reader: ActivationCache, ext: ExtractConfig) -> dict[str, int
     return totals
 
 
-def tail_padding_bytes(
-    reader: ActivationCache, ext: ExtractConfig, tokens: int, examples: int
-) -> dict[str, int]:
-    """The bytes an uncompressed cache stores past its rows: each shard's last chunk of every array is
-    written whole (compressors squeeze those zeros to nothing, so only ``codec: none`` pays them). Estimated
-    from the mean rows per shard; 0 for every dtype under a compressor."""
-    if ext.codec != "none":
-        return dict.fromkeys(STORAGE_DTYPES, 0)
-    widths = list(reader.hidden_sizes.values())
-    chunk_rows = resolve_chunk_rows(ext.chunk_rows, widths)
-    shards = max(1, -(-examples // ext.shard_size))
-    rows = tokens / shards
-    padded_rows = shards * (-(-rows // chunk_rows) * chunk_rows - rows)
-    sizes = {}
-    for dtype in STORAGE_DTYPES:
-        itemsize = np.dtype(STORAGE_DTYPES[dtype]).itemsize
-        scales = 4 * len(widths) if has_scale(dtype) else 0  # one float32 scale per row and layer
-        sizes[dtype] = int(padded_rows * (itemsize * sum(widths) + scales))
-    return sizes
-
-
 def _unpadded_compressed_bytes(values: np.ndarray, ext: ExtractConfig, chunk_rows: int) -> int:
     """``values`` stored in chunks of ``chunk_rows`` with the rest in a chunk of its own size: what the rows
-    cost without a padded last chunk (:func:`tail_padding_bytes` adds that for the whole dataset)."""
+    cost without a padded last chunk (:func:`~unipt.pipeline.experiment.cache_size.tail_padding_bytes` adds
+    that for the whole dataset)."""
     whole = len(values) // chunk_rows * chunk_rows
     total = _compressed_bytes(values[:whole], ext, chunk_rows) if whole else 0
     if whole < len(values):
@@ -715,22 +419,3 @@ def _cache_epoch_seconds(reader: ActivationCache, prep: Prepared) -> float:
     )
     result = train_task(reader, config, prep.config.seed, progress=False)
     return float(result.history[-1]["seconds"])
-
-
-def _worst_case_bytes(prep: Prepared, target: PreparedBackbone) -> int | None:
-    """Every example at ``max_length`` tokens, every value uncompressed: an upper bound read from the
-    backbone's config.json (no backbone loaded). None when the shape is not there (bundled CNN, ...)."""
-    try:
-        meta = json.loads((Path(target.identity.local_dir) / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return None
-    meta = meta.get("text_config", meta)
-    width, depth = meta.get("hidden_size"), meta.get("num_hidden_layers")
-    if not isinstance(width, int) or not isinstance(depth, int):
-        return None
-    layers = depth + 1 if target.config.layers == "all" else len(target.config.layers)
-    dtype = prep.config.extract.dtype
-    per_value = STORAGE_DTYPES[dtype].itemsize + (4 / width if has_scale(dtype) else 0)
-    rows = len(prep.dataset) * target.config.max_length * inputs_per_example(prep)
-    # Blosc adds a header per block; an incompressible chunk can grow by a few bytes per MiB: 1% covers it.
-    return int(rows * layers * width * per_value * 1.01) + PER_EXAMPLE_OVERHEAD * len(prep.dataset)
