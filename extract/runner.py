@@ -1,8 +1,7 @@
 """The extraction driver: plan shards, run them on Ray actors, commit the cache.
 
-The driver never imports ``transformers``: backbones live only in the worker processes,
-which are gone when extraction returns, so a training step in the same process holds no
-backbone in memory.
+The driver never imports ``transformers``: backbones live only in the worker processes, which are gone when
+extraction returns, so a training step in the same process holds no backbone in memory.
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from unipt.pipeline.cache.layout import (
     resolve_chunk_rows,
 )
 from unipt.pipeline.cache.locks import LeaseSet, ReadLease, exclusive
-from unipt.pipeline.cache.reader import CacheReader, CacheRoot, is_complete, read_attrs
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import CacheRoot, is_complete, read_attrs
 from unipt.pipeline.cache.space import (
     SpacePlan,
     plan_layer_subset,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import KEY, build_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.runs.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,7 +287,6 @@ def test_nothing_imports_the_stages_by_their_bare_names(path):
 # Modules still over the limit, with their length today: they may shrink, never grow, and no other module
 # may join them (issue 30 asks for none over 450 lines; splitting these is the work left).
 LONG_MODULES = {
-    "pipeline/cache/reader.py": 850,
     "pipeline/experiment/recipe.py": 819,
     "pipeline/experiment/plan.py": 736,
     "train/loader.py": 692,
@@ -298,7 +297,6 @@ LONG_MODULES = {
     "pipeline/config.py": 585,
     "pipeline/model/predict.py": 539,
     "pipeline/cli/runs.py": 529,
-    "pipeline/cli/cache.py": 472,
 }
 MAX_MODULE_LINES = 450
 

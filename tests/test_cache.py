@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import KEY, build_cache, example_table, write_scaled_store
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 from unipt.pipeline.errors import UniptError
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import KEY, build_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.runs.records import write_run_record

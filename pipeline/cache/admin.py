@@ -13,15 +13,8 @@ from unipt.pipeline.cache.checksums import Problem, verify_files
 from unipt.pipeline.cache.layout import SEGMENT_KIND, VIEW_KIND
 from unipt.pipeline.cache.locks import exclusive_if_free
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import (
-    LEASES_DIR,
-    PARTIAL_DIR,
-    SPACES_DIR,
-    TRASH_DIR,
-    CacheReader,
-    CacheRoot,
-    is_key,
-)
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import LEASES_DIR, PARTIAL_DIR, SPACES_DIR, TRASH_DIR, CacheRoot, is_key
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.storage import Location
 

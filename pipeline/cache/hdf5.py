@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.checksums import digest
 from unipt.pipeline.cache.encoding import has_scale
 from unipt.pipeline.cache.layout import layer_array_name, scale_array_name
-from unipt.pipeline.cache.reader import ActivationCache, CacheReader
+from unipt.pipeline.cache.reader import CacheReader
 from unipt.pipeline.errors import CacheDamaged, CacheMissing, UniptError
 from unipt.pipeline.extras import require
 from unipt.pipeline.hashing import sha256_json

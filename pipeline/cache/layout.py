@@ -49,7 +49,7 @@ def view_column(name: str, view: int) -> str:
     return name if view == 0 else f"{name}_{view}"
 
 
-# What a store under a cache root is (its root attribute ``kind``; see pipeline/cache/reader.py): a dataset
+# What a store under a cache root is (its root attribute ``kind``; see docs/cache-format.md): a dataset
 # version's *view*, or a *segment* of an activation space. Here, not in cache.py, so that the view
 # reader's logic (pipeline/cache/view.py) needs nothing from the module that builds on it.
 VIEW_KIND = "view"

@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.identity import BackboneIdentity, cache_key
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import BackboneConfig, ExperimentConfig
 from unipt.pipeline.data.bundled import is_bundled
 from unipt.pipeline.data.table import DatasetTable

@@ -1,8 +1,7 @@
 """Activation spaces: which inputs a space's segments hold, writing views over them, and compaction.
 
-See :mod:`unipt.pipeline.cache.reader` for the layout. The extraction driver plans with :func:`plan_space`
-(which
-inputs are held, by which segment and row; which must still be extracted), builds one new segment for
+The format is specified in ``docs/cache-format.md``. The extraction driver plans with :func:`plan_space`
+(which inputs are held, by which segment and row; which must still be extracted), builds one new segment for
 the rest with :class:`~unipt.pipeline.cache.writer.CacheBuilder`, then writes the dataset version's view with
 :func:`write_view`, all under the space's build lock.
 """
@@ -37,15 +36,8 @@ from unipt.pipeline.cache.layout import (
 )
 from unipt.pipeline.cache.layout import scale_array_name as scale_name
 from unipt.pipeline.cache.locks import ReadLease, exclusive
-from unipt.pipeline.cache.reader import (
-    PARTIAL_DIR,
-    SPACE_FILE,
-    TRASH_DIR,
-    CacheReader,
-    CacheRoot,
-    is_complete,
-    read_attrs,
-)
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import PARTIAL_DIR, SPACE_FILE, TRASH_DIR, CacheRoot, is_complete, read_attrs
 from unipt.pipeline.cache.view import gather
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 from unipt.pipeline.errors import UniptError

@@ -37,7 +37,7 @@ from unipt.pipeline.cache.layout import (
     layer_array_name,
     scale_array_name,
 )
-from unipt.pipeline.cache.reader import CacheRoot, is_complete, read_attrs
+from unipt.pipeline.cache.root import CacheRoot, is_complete, read_attrs
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import utc_timestamp
 from unipt.pipeline.storage import Location

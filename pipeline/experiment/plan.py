@@ -45,10 +45,10 @@ import zarr
 from zarr.storage import MemoryStore
 
 from unipt.pipeline import experiment
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.encoding import STORAGE_DTYPES, compressors, encode_rows, has_scale
 from unipt.pipeline.cache.layout import resolve_chunk_rows
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import ExperimentConfig, ExtractConfig
 from unipt.pipeline.data.table import TEXT_PAIR_COLUMN, backbone_inputs
 from unipt.pipeline.errors import UniptError

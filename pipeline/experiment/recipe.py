@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
 from unipt.pipeline.cache.integrity import check_examples_match, check_label_range
 from unipt.pipeline.cache.opener import open_cache
@@ -37,7 +38,7 @@ from unipt.pipeline.cache.provenance import (
     key_of,
     setting_conflicts,
 )
-from unipt.pipeline.cache.reader import ActivationCache, CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import BackboneConfig, ExperimentConfig
 from unipt.pipeline.data.table import DatasetTable, load_dataset
 from unipt.pipeline.errors import UniptError

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from unipt.pipeline import experiment
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import ExperimentConfig
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import say
