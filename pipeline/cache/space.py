@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -36,8 +35,9 @@ from unipt.pipeline.cache.layout import (
 )
 from unipt.pipeline.cache.layout import scale_array_name as scale_name
 from unipt.pipeline.cache.locks import ReadLease, exclusive
+from unipt.pipeline.cache.publish import replace
 from unipt.pipeline.cache.reader import CacheReader
-from unipt.pipeline.cache.root import PARTIAL_DIR, SPACE_FILE, TRASH_DIR, CacheRoot, is_complete, read_attrs
+from unipt.pipeline.cache.root import PARTIAL_DIR, SPACE_FILE, CacheRoot, is_complete, read_attrs
 from unipt.pipeline.cache.view import gather
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 from unipt.pipeline.errors import UniptError
@@ -258,22 +258,15 @@ def write_view(
     ).encode()
     manifest = json.dumps(seal({EXAMPLES_FILE: digest(data), METADATA_FILE: digest(meta)}, {}), indent=0)
     final = root.location(key)
-    if not root.root.is_local:
-        final.child(EXAMPLES_FILE).write_bytes(data)
-        final.child(CHECKSUMS_FILE).write_text(manifest)
-        final.child(METADATA_FILE).write_bytes(meta)  # last: `complete: true` appearing is the commit
-        return final
-    staging = root.root.child(PARTIAL_DIR, f"view-{key}-{uuid.uuid4().hex[:8]}")
+    # Object stores: written in place, and `complete: true` in zarr.json, written last, is the commit.
+    staging = (
+        root.root.child(PARTIAL_DIR, f"view-{key}-{uuid.uuid4().hex[:8]}") if root.root.is_local else final
+    )
     staging.child(EXAMPLES_FILE).write_bytes(data)
     staging.child(CHECKSUMS_FILE).write_text(manifest)
     staging.child(METADATA_FILE).write_bytes(meta)
-    if final.exists():  # a view rewritten (compaction, or a segment it named was lost): old one aside
-        trash = root.root.child(TRASH_DIR, f"{key}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(os.path.dirname(trash.url), exist_ok=True)
-        os.replace(final.url, trash.url)
-        trash.remove()
-    os.replace(staging.url, final.url)
-    return final
+    # A view rewritten (compaction, or a segment it named was lost): the old one goes to the trash first.
+    return replace(root, staging, final, key)
 
 
 def views_of(root: CacheRoot, space: str | None = None) -> dict[str, dict[str, Any]]:
