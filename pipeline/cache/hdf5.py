@@ -29,7 +29,7 @@ import pyarrow as pa
 from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.checksums import digest
 from unipt.pipeline.cache.encoding import has_scale
-from unipt.pipeline.cache.layout import layer_array_name, scale_array_name
+from unipt.pipeline.cache.layout import layer_array_name, scale_array_name, written_ranges
 from unipt.pipeline.cache.reader import CacheReader
 from unipt.pipeline.errors import CacheDamaged, CacheMissing, UniptError
 from unipt.pipeline.extras import require
@@ -80,7 +80,7 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
                 names = [layer_array_name(spec.index)]
                 if has_scale(reader.dtype):
                     names.append(scale_array_name(spec.index))
-                copies, offsets = _packed_rows(layout, reader.offsets_for(spec.index))
+                copies, offsets = _packed_rows(reader.offsets_for(spec.index))
                 rows = sum(stop - start for start, stop, _ in copies)
                 if spec.offsets_name not in f:
                     f.create_dataset(spec.offsets_name, data=offsets)
@@ -164,23 +164,27 @@ def _digest(data: np.ndarray | list[str]) -> str:
     return digest(f"{array.dtype.str}{array.shape}".encode() + array.tobytes())
 
 
-def _packed_rows(layout, offsets: np.ndarray) -> tuple[list[tuple[int, int, int]], np.ndarray]:
-    """Where each extraction shard's used rows go in the file: ``(start, stop, file_start)`` per shard
-    with rows, one after the other, and the examples' offsets moved there with them."""
-    moved = offsets.copy()
+def _packed_rows(offsets: np.ndarray) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """Where the layer's written rows (:func:`~unipt.pipeline.cache.layout.written_ranges`: each extraction
+    shard's used rows) go in the file: ``(start, stop, file_start)`` per range, one after the other, and
+    the examples' offsets moved there with them."""
     copies, at = [], 0
-    for shard in layout.shards():
-        part = offsets[shard.example_start : shard.example_stop]
-        if not len(part):
-            continue
-        start, stop = int(part[:, 0].min()), int(part[:, 1].max())
-        if stop <= start:  # no rows (empty examples): they point at an empty range
-            moved[shard.example_start : shard.example_stop] = at
-            continue
-        moved[shard.example_start : shard.example_stop] = part - start + at
+    for start, stop in written_ranges(offsets):
         copies.append((start, stop, at))
         at += stop - start
-    return copies, moved
+    return copies, _moved_offsets(offsets, copies)
+
+
+def _moved_offsets(offsets: np.ndarray, copies: list[tuple[int, int, int]]) -> np.ndarray:
+    """Each row position in ``offsets`` moved to the file: the number of copied rows before it (so an
+    empty example points at an empty range where the rows before it end)."""
+    if not copies:
+        return np.zeros_like(offsets)
+    starts, stops, ats = (np.array(column, dtype=np.int64) for column in zip(*copies, strict=True))
+    which = np.searchsorted(starts, offsets, side="right") - 1  # the last copy starting at or before
+    at = np.maximum(which, 0)
+    moved = ats[at] + np.minimum(offsets - starts[at], stops[at] - starts[at])
+    return np.where(which >= 0, moved, 0).astype(offsets.dtype, copy=False)
 
 
 class HDF5CacheReader(ActivationCache):
@@ -237,7 +241,7 @@ class HDF5CacheReader(ActivationCache):
         expected = super().expected_offsets(name)
         if expected is None or not bool(self.file.attrs.get(PACKED, False)):
             return expected
-        return _packed_rows(self.layout, expected)[1]
+        return _packed_rows(expected)[1]
 
     def _check_digest(self, name: str, data: np.ndarray | list) -> None:
         if self._digests is not None and self._digests.get(name) != _digest(data):
