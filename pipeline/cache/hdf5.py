@@ -64,54 +64,12 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
         raise UniptError(f"{out} already exists; remove it or choose another output path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    layout = reader.layout
     h5py = _h5py()
     try:
         with h5py.File(tmp, "w") as f:
-            attrs = dict(reader.attrs)
-            if attrs.pop("views", 1) > 1:  # the file holds view 0's rows only: it must not claim more
-                say(
-                    f"HDF5 export holds view 0 only; the {reader.num_views - 1} augmented view(s) stay "
-                    "in the cache"
-                )
-            f.attrs[ATTRS] = json.dumps(attrs, sort_keys=True)
-            digests: dict[str, str] = {}
-            for spec in layout.layers:
-                names = [layer_array_name(spec.index)]
-                if has_scale(reader.dtype):
-                    names.append(scale_array_name(spec.index))
-                copies, offsets = _packed_rows(reader.offsets_for(spec.index))
-                rows = sum(stop - start for start, stop, _ in copies)
-                if spec.offsets_name not in f:
-                    f.create_dataset(spec.offsets_name, data=offsets)
-                    digests[spec.offsets_name] = _digest(offsets)
-                for name in names:
-                    source = reader.stored_array(name)  # opened and read with the reader's checks
-                    target = f.create_dataset(
-                        name,
-                        shape=(rows, *source.shape[1:]),
-                        dtype=source.dtype,
-                        chunks=(max(1, min(layout.chunk_rows, rows)), *source.shape[1:]) if rows else None,
-                        compression=None if compression == "none" or not rows else compression,
-                        fletcher32=bool(rows),  # a checksum per chunk, verified by HDF5 on every read
-                        fillvalue=0,
-                    )
-                    for start, stop, at in copies:
-                        for lo in range(start, stop, _COPY_ROWS):
-                            hi = min(lo + _COPY_ROWS, stop)
-                            target[at + lo - start : at + hi - start] = reader.read_stored(name, lo, hi)
-                            if progress is not None:
-                                progress(hi - lo)
-            group = f.create_group(EXAMPLES_GROUP)
-            for column in reader.examples.column_names:
-                values = reader.examples.column(column)
-                if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-                    data = values.to_pylist()
-                    group.create_dataset(column, data=data, dtype=h5py.string_dtype())
-                else:
-                    data = values.to_numpy()
-                    group.create_dataset(column, data=data)
-                digests[f"{EXAMPLES_GROUP}/{column}"] = _digest(data)
+            f.attrs[ATTRS] = json.dumps(_exported_attrs(reader), sort_keys=True)
+            digests = _write_layers(f, reader, compression, progress)
+            digests.update(_write_examples(f, reader, h5py.string_dtype()))
             f.attrs[DIGESTS] = json.dumps(digests, sort_keys=True)
             f.attrs[PACKED] = True
         os.replace(tmp, out)
@@ -119,6 +77,76 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _exported_attrs(reader: CacheReader) -> dict[str, Any]:
+    """The store's attributes as the file keeps them: it holds view 0's rows only, so it claims no more."""
+    attrs = dict(reader.attrs)
+    if attrs.pop("views", 1) > 1:
+        say(f"HDF5 export holds view 0 only; the {reader.num_views - 1} augmented view(s) stay in the cache")
+    return attrs
+
+
+def _write_layers(f: Any, reader: CacheReader, compression: str, progress: Any) -> dict[str, str]:
+    """Every layer's (and int8 scale's) used rows, packed (:func:`_packed_rows`), and the offsets moved
+    with them; returns the sha256 of each offsets dataset."""
+    digests: dict[str, str] = {}
+    for spec in reader.layout.layers:
+        names = [layer_array_name(spec.index)]
+        if has_scale(reader.dtype):
+            names.append(scale_array_name(spec.index))
+        copies, offsets = _packed_rows(reader.offsets_for(spec.index))
+        if spec.offsets_name not in f:
+            f.create_dataset(spec.offsets_name, data=offsets)
+            digests[spec.offsets_name] = _digest(offsets)
+        for name in names:
+            _copy_rows(f, reader, name, copies, compression, progress)
+    return digests
+
+
+def _copy_rows(
+    f: Any,
+    reader: CacheReader,
+    name: str,
+    copies: list[tuple[int, int, int]],
+    compression: str,
+    progress: Any,
+) -> None:
+    """The stored array ``name``'s rows at ``copies`` into a new dataset ``name`` of ``f``, at most
+    ``_COPY_ROWS`` rows at a time."""
+    rows = sum(stop - start for start, stop, _ in copies)
+    source = reader.stored_array(name)  # opened and read with the reader's checks
+    target = f.create_dataset(
+        name,
+        shape=(rows, *source.shape[1:]),
+        dtype=source.dtype,
+        chunks=(max(1, min(reader.layout.chunk_rows, rows)), *source.shape[1:]) if rows else None,
+        compression=None if compression == "none" or not rows else compression,
+        fletcher32=bool(rows),  # a checksum per chunk, verified by HDF5 on every read
+        fillvalue=0,
+    )
+    for start, stop, at in copies:
+        for lo in range(start, stop, _COPY_ROWS):
+            hi = min(lo + _COPY_ROWS, stop)
+            target[at + lo - start : at + hi - start] = reader.read_stored(name, lo, hi)
+            if progress is not None:
+                progress(hi - lo)
+
+
+def _write_examples(f: Any, reader: CacheReader, string_dtype: Any) -> dict[str, str]:
+    """The examples table, one dataset per column in the ``examples`` group; returns each one's sha256."""
+    digests: dict[str, str] = {}
+    group = f.create_group(EXAMPLES_GROUP)
+    for column in reader.examples.column_names:
+        values = reader.examples.column(column)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            data = values.to_pylist()
+            group.create_dataset(column, data=data, dtype=string_dtype)
+        else:
+            data = values.to_numpy()
+            group.create_dataset(column, data=data)
+        digests[f"{EXAMPLES_GROUP}/{column}"] = _digest(data)
+    return digests
 
 
 class HDF5Damage(CacheDamaged):
