@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402, F401  (before Ray: see extract/runner.py)
 
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
+from unipt.pipeline.cache.activation_cache import ActivationCache  # noqa: E402
 from unipt.pipeline.cache.layout import layer_array_name, scale_array_name  # noqa: E402
-from unipt.pipeline.cache.reader import ActivationCache, CacheReader  # noqa: E402
+from unipt.pipeline.cache.reader import CacheReader  # noqa: E402
 from unipt.pipeline.cache.view import ViewReader  # noqa: E402
 from unipt.pipeline.config import load_config  # noqa: E402
 

@@ -46,7 +46,8 @@ import zarr  # noqa: E402
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
 from unipt.pipeline.cache.encoding import compressors, decode_rows  # noqa: E402
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout, layer_array_name  # noqa: E402
-from unipt.pipeline.cache.reader import CacheReader, CacheRoot  # noqa: E402
+from unipt.pipeline.cache.reader import CacheReader  # noqa: E402
+from unipt.pipeline.cache.root import CacheRoot  # noqa: E402
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard  # noqa: E402
 
 KEY = "c5" * 16

@@ -88,7 +88,8 @@ def loader_throughput(work: Path, examples: int = 6000, passes: int = 3) -> dict
 
     from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
     from unipt.pipeline.cache.opener import open_cache
-    from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+    from unipt.pipeline.cache.reader import CacheReader
+    from unipt.pipeline.cache.root import CacheRoot
     from unipt.pipeline.cache.space import write_view
     from unipt.pipeline.cache.writer import CacheBuilder, write_shard
     from unipt.pipeline.config import TrainConfig

@@ -71,8 +71,9 @@ import torch  # noqa: E402  (before Ray: see extract/runner.py)
 
 from benchmarks import loader_peers  # noqa: E402
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
+from unipt.pipeline.cache.activation_cache import ActivationCache  # noqa: E402
 from unipt.pipeline.cache.opener import open_cache  # noqa: E402
-from unipt.pipeline.cache.reader import ActivationCache, CacheReader  # noqa: E402
+from unipt.pipeline.cache.reader import CacheReader  # noqa: E402
 from unipt.pipeline.cache.view import ViewReader  # noqa: E402
 from unipt.pipeline.config import TrainConfig, load_config  # noqa: E402
 from unipt.pipeline.tasks import get_task  # noqa: E402

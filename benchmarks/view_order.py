@@ -36,7 +36,8 @@ import torch  # noqa: E402, F401  (before anything starts threads: see extract/r
 from benchmarks.common import RESULTS, machine, print_table, write_report  # noqa: E402
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout  # noqa: E402
 from unipt.pipeline.cache.opener import open_cache  # noqa: E402
-from unipt.pipeline.cache.reader import CacheReader, CacheRoot  # noqa: E402
+from unipt.pipeline.cache.reader import CacheReader  # noqa: E402
+from unipt.pipeline.cache.root import CacheRoot  # noqa: E402
 from unipt.pipeline.cache.space import write_view  # noqa: E402
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard  # noqa: E402
 from unipt.pipeline.config import ExtractConfig, TrainConfig  # noqa: E402

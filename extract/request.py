@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from unipt.extract.spec import BackboneLoadSpec
 from unipt.pipeline.cache.locks import ReadLease
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import BackboneConfig, ExtractConfig
 from unipt.pipeline.storage import Location
 

@@ -1,9 +1,8 @@
 """The extraction driver: find the dataset version's view, or plan which inputs its activation space lacks,
 extract those into a new segment (:mod:`unipt.extract.segment`) and write the view.
 
-The driver never imports ``transformers``: backbones live only in the worker processes,
-which are gone when extraction returns, so a training step in the same process holds no
-backbone in memory.
+The driver never imports ``transformers``: backbones live only in the worker processes, which are gone when
+extraction returns, so a training step in the same process holds no backbone in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ from unipt.extract.segment import extract_segment
 from unipt.pipeline.cache.identity import space_key, space_key_fields
 from unipt.pipeline.cache.layout import VIEW_KIND
 from unipt.pipeline.cache.locks import LeaseSet, ReadLease, exclusive
-from unipt.pipeline.cache.reader import CacheReader, CacheRoot, is_complete, read_attrs
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import CacheRoot, is_complete, read_attrs
 from unipt.pipeline.cache.space import (
     SpacePlan,
     plan_layer_subset,

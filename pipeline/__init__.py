@@ -6,7 +6,7 @@ Nothing here imports ``extract`` or ``train`` (except :mod:`unipt.pipeline.cli.a
 FORMAT_VERSION = 4
 """Version of the on-disk activation cache format; part of every cache key.
 
-4: activation spaces, segments and views (see :mod:`unipt.pipeline.cache.reader`): the backbone's rows are
+4: activation spaces, segments and views (specified in ``docs/cache-format.md``): the backbone's rows are
 stored once
 per input in segments (each a format-3-style Zarr store), a dataset version is a small view over them.
 3: every chunk ends in a crc32c checked on read, and the manifest (``checksums.json``) also covers

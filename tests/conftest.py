@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 from unipt.pipeline.data.bundled import bundled_model_path
 

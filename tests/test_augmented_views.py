@@ -24,7 +24,7 @@ from unipt.pipeline import experiment
 from unipt.pipeline.cache.identity import BackboneIdentity, cache_key, cache_key_fields, space_key
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.space import write_view
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 from unipt.pipeline.config import BackboneConfig, ExtractConfig, TrainConfig, load_config

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import extract_tiny, make_sentiment_rows, write_config, write_csv
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cli.app import main
 
 

@@ -16,7 +16,8 @@ import torch
 from benchmarks import accuracy, cache_size, common, loader_peers, loader_throughput, plot_tradeoff
 from tests.conftest import KEY, build_cache
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import TrainConfig
 
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4, 6, 3, 5, 2, 7, 4, 6, 3]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import KEY, build_cache, example_table, write_scaled_store
-from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
+from unipt.pipeline.cache.layout import LayerSpec, StoreLayout, written_ranges
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 from unipt.pipeline.errors import UniptError
 
@@ -50,6 +50,18 @@ def test_shard_row_spans_start_on_file_boundaries_and_never_overlap():
             assert base + capacity <= next_base
         assert all(cap >= s.num_examples * 5 for s, (_, cap) in zip(shards, spans, strict=True))
         assert layout.total_rows(layer) == spans[-1][0] + spans[-1][1]
+
+
+def test_written_ranges_are_each_shards_used_rows():
+    """One range per shard with rows, empty examples and an empty shard left out: what a read checks is on
+    disk, what the HDF5 export copies and what the planner reads."""
+    layer = LayerSpec(0, 4)
+    layout = StoreLayout((layer,), num_examples=10, max_length=5, shard_size=4, chunk_rows=8)
+    offsets = layout.offsets(layer, np.array([3, 0, 2, 5, 0, 0, 0, 0, 1, 4]))  # shards at rows 0, 24, 48
+    assert written_ranges(offsets) == [(0, 10), (48, 53)]
+    assert written_ranges(offsets[:3]) == [(0, 5)]
+    assert written_ranges(offsets[4:8]) == []
+    assert layout.files_with_rows(layout.arrays()["layer_00"], offsets) == {0, 1, 6}
 
 
 def test_incomplete_store_is_invisible_and_refused(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import KEY, build_cache
 from unipt.pipeline import FORMAT_VERSION
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.log import human_bytes
 from unipt.pipeline.runs.records import write_run_record

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import KEY, build_cache, run_cli
 
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 
 
 def test_progress_bars_stay_out_of_a_log_file(tmp_path: Path):

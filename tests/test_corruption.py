@@ -30,7 +30,7 @@ from unipt.pipeline.cache.checksums import CHECKSUMS_FILE, digest, seal, stored_
 from unipt.pipeline.cache.encoding import compressors, encode_rows
 from unipt.pipeline.cache.layout import EXAMPLES_FILE, LayerSpec, StoreLayout
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.runs.registry import Registry

@@ -26,7 +26,7 @@ from tests.conftest import KEY, build_cache, example_table, make_sentiment_rows,
 from unipt.pipeline.cache.admin import verify
 from unipt.pipeline.cache.layout import SHARD_MARKERS, LayerSpec, StoreLayout
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.config import TrainConfig

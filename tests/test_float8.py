@@ -10,7 +10,7 @@ import torch
 from tests.conftest import KEY, build_cache, write_scaled_store
 from unipt.pipeline.cache.encoding import FLOAT8_MAX, decode_rows, encode_rows
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 
 
 def _rows(seed: int = 0) -> np.ndarray:

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import KEY, build_cache, run_cli, write_config
 from unipt.pipeline.cache.admin import sweep_lock_files
 from unipt.pipeline.cache.locks import ReadLease, exclusive, exclusive_if_free
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 
 pytestmark = pytest.mark.faults
 

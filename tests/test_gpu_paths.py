@@ -27,7 +27,8 @@ from unipt.extract.spec import BackboneLoadSpec
 from unipt.extract.worker import ExtractionWorker, _check_finite
 from unipt.pipeline import cuda_support, experiment
 from unipt.pipeline.cache.layout import ShardSpec
-from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import TrainConfig, load_config
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.experiment.sweep_resources import default_parallel, gpu_share, trial_resources

@@ -12,7 +12,7 @@ from tests.conftest import KEY, build_cache
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.hdf5 import HDF5CacheReader, export_hdf5
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.config import load_config
 from unipt.pipeline.errors import UniptError

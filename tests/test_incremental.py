@@ -15,7 +15,8 @@ from tests.conftest import make_sentiment_rows, write_config, write_csv
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.space import compact, plan_layer_subset, write_space_file, write_view
 from unipt.pipeline.cache.view import ViewReader, gather
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard

@@ -12,7 +12,8 @@ import torch
 
 from tests.conftest import KEY, build_cache
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.errors import UniptError
 from unipt.train.block_plan import budgeted_block_examples

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import KEY, example_table
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 
 EXAMPLES, TOKENS, WIDTH = 7000, 32, 384  # two fp16 layers: 7000 * 32 * 384 * 2 B * 2 = 344 MB

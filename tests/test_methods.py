@@ -12,7 +12,7 @@ import torch
 from tests.conftest import KEY, build_cache, random_padded_batch
 from unipt.pipeline.cache.layout import LayerSpec
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.method_names import METHOD_NAMES

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_sentiment_rows, write_config, write_csv
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.config import ExperimentConfig
 from unipt.pipeline.errors import UniptError

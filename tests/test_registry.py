@@ -16,7 +16,7 @@ import torch
 
 from tests.conftest import KEY, build_cache
 from unipt.pipeline import experiment
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.config import load_config
 from unipt.pipeline.errors import UniptError

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import KEY, build_cache, run_cli
 from unipt.pipeline.cache.admin import verify
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.storage import Location
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from tests.conftest import make_sentiment_rows, write_config, write_csv
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.runs.compare import result_metrics, same_value
 from unipt.pipeline.runs.registry import Registry

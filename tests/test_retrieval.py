@@ -11,7 +11,7 @@ import torch
 from tests.conftest import KEY, build_cache, save_tiny_bert, write_config
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import TrainConfig, load_config
 from unipt.pipeline.errors import UniptError
 from unipt.train.contrastive import evaluate_retrieval, paired_batches, retrieval_metrics_chunked

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import KEY, build_cache, make_sentiment_rows, write_config, write_csv
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.config import BackboneConfig, load_config

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import KEY, build_cache
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.writer import CacheBuilder
 from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.errors import UniptError

@@ -7,7 +7,7 @@ import math
 
 from tests.conftest import KEY, build_cache
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import TrainConfig
 from unipt.train.tasks import train_task
 

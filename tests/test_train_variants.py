@@ -14,7 +14,8 @@ from tests.conftest import KEY, build_cache, example_table, write_config
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import CacheReader, CacheRoot
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 from unipt.pipeline.config import TrainConfig, load_config
 from unipt.pipeline.errors import UniptError

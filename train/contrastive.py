@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.errors import UniptError
 from unipt.train.block_plan import plan_blocks

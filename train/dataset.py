@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.errors import UniptError
 from unipt.train.loader import Batch, CacheBatches

@@ -10,8 +10,8 @@ requested layers are read.
 
 Rows that need no decoding (float16, float32, and bfloat16 kept as its bits) from an uncompressed local
 store are never copied into a block: a block holds read-only views into the chunk files' memory maps
-(:meth:`~unipt.pipeline.cache.reader.ActivationCache.stored_pieces`), so each row is copied once, from the
-page cache
+(:meth:`~unipt.pipeline.cache.activation_cache.ActivationCache.stored_pieces`), so each row is copied once,
+from the page cache
 straight into its batch. Padding is one slice copy (a memcpy) per example and layer, in the decoded dtype
 (a vectorised gather + scatter per source block measured no faster on this 2-core machine). With
 ``length_grouping`` the examples of each shuffle window are sorted by length before they are cut into
@@ -48,8 +48,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.layout import layer_array_name
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.data.augment import TRAIN_SPLIT, view_for_epoch
 from unipt.pipeline.errors import UniptError

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.train.loader import CacheBatches
 from unipt.train.methods.unipt.transformer import masked_mean
 from unipt.train.metrics import accuracy, macro_f1, pearson, spearman

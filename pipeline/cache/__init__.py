@@ -5,6 +5,7 @@ looks after them. The format is specified in ``docs/cache-format.md``.
 from unipt._lazy import lazy_surface
 
 _SURFACE = {
+    "ActivationCache": "activation_cache",
     "damaged_stores": "admin",
     "describe": "admin",
     "empty_trash": "admin",
@@ -65,13 +66,12 @@ _SURFACE = {
     "key_of": "provenance",
     "setting_conflicts": "provenance",
     "settings_of": "provenance",
-    "ActivationCache": "reader",
     "CacheReader": "reader",
-    "CacheRoot": "reader",
-    "TRASH_DIR": "reader",
-    "is_complete": "reader",
-    "is_key": "reader",
-    "read_attrs": "reader",
+    "CacheRoot": "root",
+    "TRASH_DIR": "root",
+    "is_complete": "root",
+    "is_key": "root",
+    "read_attrs": "root",
     "SpacePlan": "space",
     "compact": "space",
     "plan_layer_subset": "space",

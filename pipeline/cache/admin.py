@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -13,15 +11,9 @@ from unipt.pipeline.cache.checksums import Problem, verify_files
 from unipt.pipeline.cache.layout import SEGMENT_KIND, VIEW_KIND
 from unipt.pipeline.cache.locks import exclusive_if_free
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import (
-    LEASES_DIR,
-    PARTIAL_DIR,
-    SPACES_DIR,
-    TRASH_DIR,
-    CacheReader,
-    CacheRoot,
-    is_key,
-)
+from unipt.pipeline.cache.publish import move_to_trash
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import LEASES_DIR, PARTIAL_DIR, SPACES_DIR, TRASH_DIR, CacheRoot, is_key
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.storage import Location
 
@@ -290,10 +282,7 @@ def _to_trash(root: CacheRoot, location: Location, name: str) -> Location:
     link = location.symlink_below(root.root)
     if link is not None:
         raise UniptError(f"{link} became a symbolic link while gc ran; remove the link and run gc again")
-    trash = root.root.child(TRASH_DIR, f"{name}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(os.path.dirname(trash.url), exist_ok=True)
-    os.replace(location.url, trash.url)
-    return trash
+    return move_to_trash(root, location, name)
 
 
 def remove_segments(root: CacheRoot, space: str, segment_ids: list[str]) -> list[str]:

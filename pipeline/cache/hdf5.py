@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.checksums import digest
 from unipt.pipeline.cache.encoding import has_scale
-from unipt.pipeline.cache.layout import layer_array_name, scale_array_name
-from unipt.pipeline.cache.reader import ActivationCache, CacheReader
+from unipt.pipeline.cache.layout import layer_array_name, scale_array_name, written_ranges
+from unipt.pipeline.cache.reader import CacheReader
 from unipt.pipeline.errors import CacheDamaged, CacheMissing, UniptError
 from unipt.pipeline.extras import require
 from unipt.pipeline.hashing import sha256_json
@@ -63,54 +64,12 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
         raise UniptError(f"{out} already exists; remove it or choose another output path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    layout = reader.layout
     h5py = _h5py()
     try:
         with h5py.File(tmp, "w") as f:
-            attrs = dict(reader.attrs)
-            if attrs.pop("views", 1) > 1:  # the file holds view 0's rows only: it must not claim more
-                say(
-                    f"HDF5 export holds view 0 only; the {reader.num_views - 1} augmented view(s) stay "
-                    "in the cache"
-                )
-            f.attrs[ATTRS] = json.dumps(attrs, sort_keys=True)
-            digests: dict[str, str] = {}
-            for spec in layout.layers:
-                names = [layer_array_name(spec.index)]
-                if has_scale(reader.dtype):
-                    names.append(scale_array_name(spec.index))
-                copies, offsets = _packed_rows(layout, reader.offsets_for(spec.index))
-                rows = sum(stop - start for start, stop, _ in copies)
-                if spec.offsets_name not in f:
-                    f.create_dataset(spec.offsets_name, data=offsets)
-                    digests[spec.offsets_name] = _digest(offsets)
-                for name in names:
-                    source = reader.stored_array(name)  # opened and read with the reader's checks
-                    target = f.create_dataset(
-                        name,
-                        shape=(rows, *source.shape[1:]),
-                        dtype=source.dtype,
-                        chunks=(max(1, min(layout.chunk_rows, rows)), *source.shape[1:]) if rows else None,
-                        compression=None if compression == "none" or not rows else compression,
-                        fletcher32=bool(rows),  # a checksum per chunk, verified by HDF5 on every read
-                        fillvalue=0,
-                    )
-                    for start, stop, at in copies:
-                        for lo in range(start, stop, _COPY_ROWS):
-                            hi = min(lo + _COPY_ROWS, stop)
-                            target[at + lo - start : at + hi - start] = reader.read_stored(name, lo, hi)
-                            if progress is not None:
-                                progress(hi - lo)
-            group = f.create_group(EXAMPLES_GROUP)
-            for column in reader.examples.column_names:
-                values = reader.examples.column(column)
-                if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-                    data = values.to_pylist()
-                    group.create_dataset(column, data=data, dtype=h5py.string_dtype())
-                else:
-                    data = values.to_numpy()
-                    group.create_dataset(column, data=data)
-                digests[f"{EXAMPLES_GROUP}/{column}"] = _digest(data)
+            f.attrs[ATTRS] = json.dumps(_exported_attrs(reader), sort_keys=True)
+            digests = _write_layers(f, reader, compression, progress)
+            digests.update(_write_examples(f, reader, h5py.string_dtype()))
             f.attrs[DIGESTS] = json.dumps(digests, sort_keys=True)
             f.attrs[PACKED] = True
         os.replace(tmp, out)
@@ -118,6 +77,76 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _exported_attrs(reader: CacheReader) -> dict[str, Any]:
+    """The store's attributes as the file keeps them: it holds view 0's rows only, so it claims no more."""
+    attrs = dict(reader.attrs)
+    if attrs.pop("views", 1) > 1:
+        say(f"HDF5 export holds view 0 only; the {reader.num_views - 1} augmented view(s) stay in the cache")
+    return attrs
+
+
+def _write_layers(f: Any, reader: CacheReader, compression: str, progress: Any) -> dict[str, str]:
+    """Every layer's (and int8 scale's) used rows, packed (:func:`_packed_rows`), and the offsets moved
+    with them; returns the sha256 of each offsets dataset."""
+    digests: dict[str, str] = {}
+    for spec in reader.layout.layers:
+        names = [layer_array_name(spec.index)]
+        if has_scale(reader.dtype):
+            names.append(scale_array_name(spec.index))
+        copies, offsets = _packed_rows(reader.offsets_for(spec.index))
+        if spec.offsets_name not in f:
+            f.create_dataset(spec.offsets_name, data=offsets)
+            digests[spec.offsets_name] = _digest(offsets)
+        for name in names:
+            _copy_rows(f, reader, name, copies, compression, progress)
+    return digests
+
+
+def _copy_rows(
+    f: Any,
+    reader: CacheReader,
+    name: str,
+    copies: list[tuple[int, int, int]],
+    compression: str,
+    progress: Any,
+) -> None:
+    """The stored array ``name``'s rows at ``copies`` into a new dataset ``name`` of ``f``, at most
+    ``_COPY_ROWS`` rows at a time."""
+    rows = sum(stop - start for start, stop, _ in copies)
+    source = reader.stored_array(name)  # opened and read with the reader's checks
+    target = f.create_dataset(
+        name,
+        shape=(rows, *source.shape[1:]),
+        dtype=source.dtype,
+        chunks=(max(1, min(reader.layout.chunk_rows, rows)), *source.shape[1:]) if rows else None,
+        compression=None if compression == "none" or not rows else compression,
+        fletcher32=bool(rows),  # a checksum per chunk, verified by HDF5 on every read
+        fillvalue=0,
+    )
+    for start, stop, at in copies:
+        for lo in range(start, stop, _COPY_ROWS):
+            hi = min(lo + _COPY_ROWS, stop)
+            target[at + lo - start : at + hi - start] = reader.read_stored(name, lo, hi)
+            if progress is not None:
+                progress(hi - lo)
+
+
+def _write_examples(f: Any, reader: CacheReader, string_dtype: Any) -> dict[str, str]:
+    """The examples table, one dataset per column in the ``examples`` group; returns each one's sha256."""
+    digests: dict[str, str] = {}
+    group = f.create_group(EXAMPLES_GROUP)
+    for column in reader.examples.column_names:
+        values = reader.examples.column(column)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            data = values.to_pylist()
+            group.create_dataset(column, data=data, dtype=string_dtype)
+        else:
+            data = values.to_numpy()
+            group.create_dataset(column, data=data)
+        digests[f"{EXAMPLES_GROUP}/{column}"] = _digest(data)
+    return digests
 
 
 class HDF5Damage(CacheDamaged):
@@ -163,23 +192,27 @@ def _digest(data: np.ndarray | list[str]) -> str:
     return digest(f"{array.dtype.str}{array.shape}".encode() + array.tobytes())
 
 
-def _packed_rows(layout, offsets: np.ndarray) -> tuple[list[tuple[int, int, int]], np.ndarray]:
-    """Where each extraction shard's used rows go in the file: ``(start, stop, file_start)`` per shard
-    with rows, one after the other, and the examples' offsets moved there with them."""
-    moved = offsets.copy()
+def _packed_rows(offsets: np.ndarray) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """Where the layer's written rows (:func:`~unipt.pipeline.cache.layout.written_ranges`: each extraction
+    shard's used rows) go in the file: ``(start, stop, file_start)`` per range, one after the other, and
+    the examples' offsets moved there with them."""
     copies, at = [], 0
-    for shard in layout.shards():
-        part = offsets[shard.example_start : shard.example_stop]
-        if not len(part):
-            continue
-        start, stop = int(part[:, 0].min()), int(part[:, 1].max())
-        if stop <= start:  # no rows (empty examples): they point at an empty range
-            moved[shard.example_start : shard.example_stop] = at
-            continue
-        moved[shard.example_start : shard.example_stop] = part - start + at
+    for start, stop in written_ranges(offsets):
         copies.append((start, stop, at))
         at += stop - start
-    return copies, moved
+    return copies, _moved_offsets(offsets, copies)
+
+
+def _moved_offsets(offsets: np.ndarray, copies: list[tuple[int, int, int]]) -> np.ndarray:
+    """Each row position in ``offsets`` moved to the file: the number of copied rows before it (so an
+    empty example points at an empty range where the rows before it end)."""
+    if not copies:
+        return np.zeros_like(offsets)
+    starts, stops, ats = (np.array(column, dtype=np.int64) for column in zip(*copies, strict=True))
+    which = np.searchsorted(starts, offsets, side="right") - 1  # the last copy starting at or before
+    at = np.maximum(which, 0)
+    moved = ats[at] + np.minimum(offsets - starts[at], stops[at] - starts[at])
+    return np.where(which >= 0, moved, 0).astype(offsets.dtype, copy=False)
 
 
 class HDF5CacheReader(ActivationCache):
@@ -236,7 +269,7 @@ class HDF5CacheReader(ActivationCache):
         expected = super().expected_offsets(name)
         if expected is None or not bool(self.file.attrs.get(PACKED, False)):
             return expected
-        return _packed_rows(self.layout, expected)[1]
+        return _packed_rows(expected)[1]
 
     def _check_digest(self, name: str, data: np.ndarray | list) -> None:
         if self._digests is not None and self._digests.get(name) != _digest(data):

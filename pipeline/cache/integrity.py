@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.data.table import DatasetTable
 from unipt.pipeline.errors import UniptError
 

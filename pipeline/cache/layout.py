@@ -49,7 +49,7 @@ def view_column(name: str, view: int) -> str:
     return name if view == 0 else f"{name}_{view}"
 
 
-# What a store under a cache root is (its root attribute ``kind``; see pipeline/cache/reader.py): a dataset
+# What a store under a cache root is (its root attribute ``kind``; see docs/cache-format.md): a dataset
 # version's *view*, or a *segment* of an activation space. Here, not in cache.py, so that the view
 # reader's logic (pipeline/cache/view.py) needs nothing from the module that builds on it.
 VIEW_KIND = "view"
@@ -289,10 +289,8 @@ class StoreLayout:
         if array.layer is None:
             return {0}
         files: set[int] = set()
-        for shard in self.shards():
-            first, last = int(offsets[shard.example_start, 0]), int(offsets[shard.example_stop - 1, 1])
-            if last > first:
-                files.update(range(first // array.rows_per_file, (last - 1) // array.rows_per_file + 1))
+        for first, last in written_ranges(offsets):
+            files.update(range(first // array.rows_per_file, (last - 1) // array.rows_per_file + 1))
         return files
 
     def to_json(self) -> dict[str, Any]:
@@ -312,6 +310,24 @@ class StoreLayout:
             for s in data["layers"]
         )
         return cls(**fields)
+
+
+def written_ranges(offsets: np.ndarray) -> list[tuple[int, int]]:
+    """The row ranges ``(start, stop)`` of a layer that hold rows, in order, given its examples' ``offsets``
+    (``[n, 2]``, in row order): the examples' ranges merged where they touch, empty ones left out. A shard's
+    examples are packed from the start of its span, so each shard with rows is one range; the rows between
+    shards are reserved but never written (reading them is an error)."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, stops = offsets[:, 0], offsets[:, 1]
+    kept = stops > starts
+    starts, stops = starts[kept], stops[kept]
+    if not len(starts):
+        return []
+    opens = np.ones(len(starts), dtype=bool)  # an example that does not start where the one before stops
+    opens[1:] = starts[1:] != stops[:-1]
+    firsts = np.flatnonzero(opens)
+    lasts = np.append(firsts[1:] - 1, len(starts) - 1)
+    return list(zip(starts[firsts].tolist(), stops[lasts].tolist(), strict=True))
 
 
 def _is_count(value: object) -> bool:

@@ -2,8 +2,8 @@
 or a cache of format 2/3), or an HDF5 export (``.h5``/``.hdf5``).
 
 Its own module because it needs every reader: :mod:`unipt.pipeline.cache.view` and
-:mod:`unipt.pipeline.cache.hdf5` build
-on :mod:`unipt.pipeline.cache.reader`, so the dispatch cannot live in ``cache.py`` without an import loop.
+:mod:`unipt.pipeline.cache.hdf5` build on :mod:`unipt.pipeline.cache.reader`, so the dispatch cannot live
+in ``cache.py`` without an import loop.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.hdf5 import HDF5CacheReader
 from unipt.pipeline.cache.layout import VIEW_KIND
-from unipt.pipeline.cache.reader import ActivationCache, CacheReader, read_attrs
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import read_attrs
 from unipt.pipeline.cache.view import STORED_ORDER, ViewReader
 from unipt.pipeline.storage import Location
 

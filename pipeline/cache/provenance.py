@@ -15,13 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.identity import (
     IN_THE_VIEWS_FIELD,
     THROUGH_THE_IDENTITY,
     BackboneIdentity,
     cache_key,
 )
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import BackboneConfig, ExperimentConfig, settings_affecting, upgrade_key_fields
 from unipt.pipeline.data.bundled import is_bundled
 from unipt.pipeline.data.table import DatasetTable

@@ -1,8 +1,7 @@
 """Activation spaces: which inputs a space's segments hold, writing views over them, and compaction.
 
-See :mod:`unipt.pipeline.cache.reader` for the layout. The extraction driver plans with :func:`plan_space`
-(which
-inputs are held, by which segment and row; which must still be extracted), builds one new segment for
+The format is specified in ``docs/cache-format.md``. The extraction driver plans with :func:`plan_space`
+(which inputs are held, by which segment and row; which must still be extracted), builds one new segment for
 the rest with :class:`~unipt.pipeline.cache.writer.CacheBuilder`, then writes the dataset version's view with
 :func:`write_view`, all under the space's build lock.
 """
@@ -12,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -37,15 +35,9 @@ from unipt.pipeline.cache.layout import (
 )
 from unipt.pipeline.cache.layout import scale_array_name as scale_name
 from unipt.pipeline.cache.locks import ReadLease, exclusive
-from unipt.pipeline.cache.reader import (
-    PARTIAL_DIR,
-    SPACE_FILE,
-    TRASH_DIR,
-    CacheReader,
-    CacheRoot,
-    is_complete,
-    read_attrs,
-)
+from unipt.pipeline.cache.publish import replace
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import PARTIAL_DIR, SPACE_FILE, CacheRoot, is_complete, read_attrs
 from unipt.pipeline.cache.view import gather
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
 from unipt.pipeline.errors import UniptError
@@ -213,16 +205,37 @@ def write_view(
     order, each pointed at the segment row holding its input. Atomic: built beside the root and renamed
     into place locally; on object stores ``zarr.json`` (with ``complete: true``) is written last.
 
-    ``views`` (augmented views 1.., :mod:`unipt.pipeline.data.augment`) gives each example's input hash in
-    each
-    further view: its columns get the view's number as suffix (:func:`view_column`). ``layers`` (a subset
-    of the segments' layers) makes it a view of those layers only (:func:`plan_layer_subset`)."""
-    views = views or []
-    order = list(dict.fromkeys(where[h][0] for column in (hashes, *views) for h in column))  # first use
-    index = {segment: i for i, segment in enumerate(order)}
-    lengths_of = {s: readers[s].examples.column("length").to_numpy() for s in order}
+    ``views`` (augmented views 1.., :mod:`unipt.pipeline.data.augment`) gives each example's input hash
+    in each further view: its columns get the view's number as suffix (:func:`view_column`). ``layers`` (a
+    subset of the segments' layers) makes it a view of those layers only (:func:`plan_layer_subset`)."""
+    columns = [hashes, *(views or [])]
+    order = list(dict.fromkeys(where[h][0] for column in columns for h in column))  # by first use
+    segments = {s: readers[s] for s in order}
+    table = _view_table(examples, columns, where, segments)
+    first = segments[order[0]]
+    if layers is not None and list(layers) == list(first.layers):
+        layers = None  # every stored layer: an ordinary view
+    shared = {name: first.attrs[name] for name in _SHARED_ATTRS if name in first.attrs}
+    view_attrs = {
+        **(shared if layers is None else _subset_attrs(shared, layers)),
+        **attrs,
+        **_own_attrs(key, table, segments, layers, len(columns)),
+    }
+    return _commit_view(root, key, table, view_attrs)
+
+
+def _view_table(
+    examples: pa.Table,
+    columns: list[list[str]],
+    where: dict[str, tuple[str, int]],
+    segments: dict[str, CacheReader],
+) -> pa.Table:
+    """The view's ``examples.parquet``: each example's id, label and split, then per augmented view (0
+    first) its input's length, hash, segment (an index into ``segments``, in their order) and row there."""
+    index = {segment: i for i, segment in enumerate(segments)}
+    lengths_of = {s: reader.examples.column("length").to_numpy() for s, reader in segments.items()}
     table = examples.select(["example_id", "label", "split"])
-    for view, column in enumerate([hashes, *views]):
+    for view, column in enumerate(columns):
         segment = np.array([index[where[h][0]] for h in column], dtype=np.int32)
         row = np.array([where[h][1] for h in column], dtype=np.int64)
         length = np.array([lengths_of[where[h][0]][where[h][1]] for h in column], dtype=np.int32)
@@ -233,31 +246,37 @@ def write_view(
             ("row", pa.array(row, pa.int64())),
         ):
             table = table.append_column(view_column(name, view), values)
-    length = table.column("length").to_numpy()  # view 0's: what the attributes count
-    first = readers[order[0]]
-    if layers is not None and list(layers) == list(first.layers):
-        layers = None  # every stored layer: an ordinary view
-    layout = virtual_layout(first.layout, table.num_rows, layers)
-    shared = {name: first.attrs[name] for name in _SHARED_ATTRS if name in first.attrs}
-    view_attrs = {
-        **(shared if layers is None else _subset_attrs(shared, layers)),
-        **attrs,
+    return table
+
+
+def _own_attrs(
+    key: str, table: pa.Table, segments: dict[str, CacheReader], layers: list[int] | None, num_views: int
+) -> dict[str, Any]:
+    """The attributes that make a store a view: its key, its space, each segment it reads with the digest
+    of that segment's manifest (a segment replaced since is refused), its virtual layout, its counts and
+    ``complete: true``."""
+    first = next(iter(segments.values()))
+    return {
         "kind": VIEW_KIND,
         "format_version": FORMAT_VERSION,
         "cache_key": key,
-        "space_key": readers[order[0]].attrs["space_key"],
+        "space_key": first.attrs["space_key"],
         "segments": [
-            {"id": s, "checksums": digest(readers[s].location.child(CHECKSUMS_FILE).read_bytes())}
-            for s in order
+            {"id": s, "checksums": digest(reader.location.child(CHECKSUMS_FILE).read_bytes())}
+            for s, reader in segments.items()
         ],
-        "layout": layout.to_json(),
+        "layout": virtual_layout(first.layout, table.num_rows, layers).to_json(),
         "num_examples": int(table.num_rows),
-        "total_tokens": int(length.sum()),
-        **({"views": len(views) + 1} if views else {}),
+        "total_tokens": int(table.column("length").to_numpy().sum()),  # view 0's lengths
+        **({"views": num_views} if num_views > 1 else {}),
         **({"space_layers": list(first.layers)} if layers is not None else {}),
         "committed_at": utc_timestamp(),
         "complete": True,
     }
+
+
+def _commit_view(root: CacheRoot, key: str, table: pa.Table, view_attrs: dict[str, Any]) -> Location:
+    """Write the view's examples, manifest and, last, ``zarr.json``, and publish them under ``key``."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     data = buffer.getvalue()
@@ -266,22 +285,15 @@ def write_view(
     ).encode()
     manifest = json.dumps(seal({EXAMPLES_FILE: digest(data), METADATA_FILE: digest(meta)}, {}), indent=0)
     final = root.location(key)
-    if not root.root.is_local:
-        final.child(EXAMPLES_FILE).write_bytes(data)
-        final.child(CHECKSUMS_FILE).write_text(manifest)
-        final.child(METADATA_FILE).write_bytes(meta)  # last: `complete: true` appearing is the commit
-        return final
-    staging = root.root.child(PARTIAL_DIR, f"view-{key}-{uuid.uuid4().hex[:8]}")
+    # Object stores: written in place, and `complete: true` in zarr.json, written last, is the commit.
+    staging = (
+        root.root.child(PARTIAL_DIR, f"view-{key}-{uuid.uuid4().hex[:8]}") if root.root.is_local else final
+    )
     staging.child(EXAMPLES_FILE).write_bytes(data)
     staging.child(CHECKSUMS_FILE).write_text(manifest)
     staging.child(METADATA_FILE).write_bytes(meta)
-    if final.exists():  # a view rewritten (compaction, or a segment it named was lost): old one aside
-        trash = root.root.child(TRASH_DIR, f"{key}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(os.path.dirname(trash.url), exist_ok=True)
-        os.replace(final.url, trash.url)
-        trash.remove()
-    os.replace(staging.url, final.url)
-    return final
+    # A view rewritten (compaction, or a segment it named was lost): the old one goes to the trash first.
+    return replace(root, staging, final, key)
 
 
 def views_of(root: CacheRoot, space: str | None = None) -> dict[str, dict[str, Any]]:
@@ -314,59 +326,86 @@ def compact(root: CacheRoot, space: str, progress: bool = True) -> Location | No
         return None
     with contextlib.ExitStack() as held:
         readers = [held.enter_context(CacheReader(root.segment_location(space, s))) for s in segments]
-        # Every input once, in segment then row order (the oldest segment's copy of a duplicate).
-        seen: set[str] = set()
-        picks: list[tuple[int, int, str]] = []
-        for index, reader in enumerate(readers):
-            for row, value in enumerate(reader.examples.column("input_hash").to_pylist()):
-                if value not in seen:
-                    seen.add(value)
-                    picks.append((index, row, value))
-        first = readers[0]
-        data = first.layout.to_json()
-        # Every segment's row budget fits (real spaces share one max_length; images a fixed token count).
-        data.update(num_examples=len(picks), max_length=max(r.layout.max_length for r in readers))
-        layout = StoreLayout.from_json(data)
-        new_id = segment_id(space, [value for _, _, value in picks])
-        builder = CacheBuilder(root, new_id, final=root.segment_location(space, new_id))
-        attrs = {
-            name: first.attrs[name]
-            for name in ("kind", "space_key", "key_fields", "backbone", "tokenizer")
-            if name in first.attrs
-        }
-        held.enter_context(ReadLease(root.lease_location(new_id)))
+        picks = _unique_inputs(readers)
         hashes = [value for _, _, value in picks]
-        with exclusive(root.lock_location(new_id)):  # the build lock gc --include-partial respects
-            builder.create(layout, attrs)
-            done = builder.finished_shards()
-            seg_of = np.array([p[0] for p in picks], dtype=np.int64)
-            row_of = np.array([p[1] for p in picks], dtype=np.int64)
-            for shard in layout.shards():
-                if shard.shard_id not in done:
-                    _copy_shard(builder.location, layout, shard, readers, seg_of, row_of)
-            location = builder.commit(
-                layout, pa.table({"input_hash": pa.array(hashes, pa.string())}), {"compacted_from": segments}
-            )
+        new_id = segment_id(space, hashes)
+        held.enter_context(ReadLease(root.lease_location(new_id)))
+        location = _merge_segments(root, space, new_id, readers, picks, segments)
         merged = held.enter_context(CacheReader(location))
         where = {value: (new_id, row) for row, value in enumerate(hashes)}
         for key in views_of(root, space):
-            # The view's own files are all it needs: its examples and attributes, not its segments. Strict:
-            # a damaged view is refused, never resealed.
-            with CacheReader(root.location(key), view_files=True) as view:
-                keep = {
-                    name: view.attrs[name]
-                    for name in ("key_fields", "dataset_fingerprint", "label_names", "backbone")
-                    if name in view.attrs
-                }
-                examples = view.examples
-                view_hashes = examples.column("input_hash").to_pylist()
-                augmented = [
-                    examples.column(view_column("input_hash", k)).to_pylist()
-                    for k in range(1, view.num_views)
-                ]
-                layers = view.layers if "space_layers" in view.attrs else None  # a layer subset stays one
-            write_view(root, key, keep, examples, view_hashes, where, {new_id: merged}, augmented, layers)
+            _rewrite_view(root, key, where, {new_id: merged})
     return location
+
+
+def _unique_inputs(readers: list[CacheReader]) -> list[tuple[int, int, str]]:
+    """Every input of the segments once, as ``(segment index, row, input hash)``, in segment then row
+    order (a duplicate: the oldest segment's copy)."""
+    seen: set[str] = set()
+    picks: list[tuple[int, int, str]] = []
+    for index, reader in enumerate(readers):
+        for row, value in enumerate(reader.examples.column("input_hash").to_pylist()):
+            if value not in seen:
+                seen.add(value)
+                picks.append((index, row, value))
+    return picks
+
+
+def _merge_segments(
+    root: CacheRoot,
+    space: str,
+    new_id: str,
+    readers: list[CacheReader],
+    picks: list[tuple[int, int, str]],
+    segments: list[str],
+) -> Location:
+    """Build and commit the segment ``new_id`` holding the ``picks`` rows of ``readers`` (the segments
+    ``segments``, its ``compacted_from``) under its build lock, the one gc --include-partial respects."""
+    first = readers[0]
+    data = first.layout.to_json()
+    # Every segment's row budget fits (real spaces share one max_length; images a fixed token count).
+    data.update(num_examples=len(picks), max_length=max(r.layout.max_length for r in readers))
+    layout = StoreLayout.from_json(data)
+    builder = CacheBuilder(root, new_id, final=root.segment_location(space, new_id))
+    attrs = {
+        name: first.attrs[name]
+        for name in ("kind", "space_key", "key_fields", "backbone", "tokenizer")
+        if name in first.attrs
+    }
+    hashes = [value for _, _, value in picks]
+    with exclusive(root.lock_location(new_id)):
+        builder.create(layout, attrs)
+        done = builder.finished_shards()
+        seg_of = np.array([p[0] for p in picks], dtype=np.int64)
+        row_of = np.array([p[1] for p in picks], dtype=np.int64)
+        for shard in layout.shards():
+            if shard.shard_id not in done:
+                _copy_shard(builder.location, layout, shard, readers, seg_of, row_of)
+        return builder.commit(
+            layout, pa.table({"input_hash": pa.array(hashes, pa.string())}), {"compacted_from": segments}
+        )
+
+
+def _rewrite_view(
+    root: CacheRoot, key: str, where: dict[str, tuple[str, int]], segments: dict[str, CacheReader]
+) -> None:
+    """Rewrite the view ``key`` to read its inputs where ``where`` says (the merged segment): same examples,
+    labels, augmented views and layers."""
+    # The view's own files are all it needs: its examples and attributes, not its segments. Strict: a
+    # damaged view is refused, never resealed.
+    with CacheReader(root.location(key), view_files=True) as view:
+        keep = {
+            name: view.attrs[name]
+            for name in ("key_fields", "dataset_fingerprint", "label_names", "backbone")
+            if name in view.attrs
+        }
+        examples = view.examples
+        hashes = examples.column("input_hash").to_pylist()
+        augmented = [
+            examples.column(view_column("input_hash", k)).to_pylist() for k in range(1, view.num_views)
+        ]
+        layers = view.layers if "space_layers" in view.attrs else None  # a layer subset stays one
+    write_view(root, key, keep, examples, hashes, where, segments, augmented, layers)
 
 
 def _fetch(readers: list[CacheReader], name: str, index: int, lo: int, hi: int) -> np.ndarray:

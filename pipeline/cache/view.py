@@ -1,9 +1,9 @@
 """Reading a dataset version (a *view*) through the segments of its activation space.
 
 A view is a small store beside the caches (``<cache_root>/<key>/``: ``zarr.json``, ``examples.parquet``,
-``checksums.json``, no arrays; see :mod:`unipt.pipeline.cache.reader`). Its examples are in the dataset's own
-order
-(split, then id), each naming the segment and the example row there that hold its input's activations.
+``checksums.json``, no arrays; the format is specified in ``docs/cache-format.md``). Its examples are in
+the dataset's own order (split, then id), each naming the segment and the example row there that hold its
+input's activations.
 :class:`ViewReader` presents exactly the API of a self-contained cache: example ``i``'s rows of a
 layer are ``offsets_for(layer)[i]`` in a *virtual* row space where the view's examples sit back to
 back, and ``read_rows`` maps a virtual range onto the segments' rows.
@@ -40,10 +40,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.checksums import CHECKSUMS_FILE, Problem, digest
 from unipt.pipeline.cache.layout import SEGMENT_KIND, concat_ranges, layer_array_name, view_column
 from unipt.pipeline.cache.locks import LeaseSet
-from unipt.pipeline.cache.reader import ActivationCache, CacheReader, CacheRoot
+from unipt.pipeline.cache.reader import CacheReader
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.errors import CacheMissing, UniptError
 from unipt.pipeline.storage import Location
 
@@ -135,7 +137,7 @@ def gather(
 
 class ViewReader(ActivationCache):
     """A dataset version read through its activation space's segments, with the API of any
-    :class:`~unipt.pipeline.cache.reader.ActivationCache`.
+    :class:`~unipt.pipeline.cache.activation_cache.ActivationCache`.
 
     It holds readers, it is none of them: ``files`` reads the view's own store (``zarr.json``,
     ``examples.parquet``, ``checksums.json``), checked like any format-3+ store (sealed manifest, digests,

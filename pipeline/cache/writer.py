@@ -37,7 +37,8 @@ from unipt.pipeline.cache.layout import (
     layer_array_name,
     scale_array_name,
 )
-from unipt.pipeline.cache.reader import CacheRoot, is_complete, read_attrs
+from unipt.pipeline.cache.publish import publish
+from unipt.pipeline.cache.root import CacheRoot, is_complete, read_attrs
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import utc_timestamp
 from unipt.pipeline.storage import Location
@@ -132,7 +133,7 @@ class CacheBuilder:
     def publish_if_committed(self) -> Location | None:
         """Finish a commit that was interrupted between marking the store complete and publishing it."""
         if self.location != self.final and is_complete(self.location):
-            return self._publish()
+            return publish(self.location, self.final)
         return None
 
     def finished_shards(self) -> dict[int, dict[str, Any]]:
@@ -162,7 +163,7 @@ class CacheBuilder:
         with clear_disk_full(self.location, f"cache {self.key}"):
             self._write_commit(layout, examples, attrs, shards, done, lengths)
         self.location.child(SHARD_MARKERS).remove()
-        return self._publish()
+        return publish(self.location, self.final)
 
     def _write_commit(
         self,
@@ -214,20 +215,6 @@ class CacheBuilder:
         )
         # Written last, in one piece: on object stores `complete: true` appearing is the commit.
         self.location.child(METADATA_FILE).write_bytes(root_bytes)
-
-    def _publish(self) -> Location:
-        final = self.final
-        if final == self.location:
-            return final
-        os.makedirs(os.path.dirname(final.url), exist_ok=True)
-        try:
-            os.replace(self.location.url, final.url)  # one rename: the store appears whole or not at all
-        except OSError:
-            if not is_complete(final):
-                raise
-            # Another run committed the same key first; its content is the same by construction.
-            self.location.remove()
-        return final
 
 
 def _spec_using(layout: StoreLayout, offsets_name: str) -> LayerSpec:

@@ -119,7 +119,7 @@ def split_example_ids(entry: RunEntry, split: str) -> list[str]:
     (the view it trained on): what its val/test metrics were computed over, so `unipt evaluate` on those
     rows can be checked against the run."""
     from unipt.pipeline.cache.opener import open_cache
-    from unipt.pipeline.cache.reader import CacheRoot
+    from unipt.pipeline.cache.root import CacheRoot
 
     storage = entry.config.get("storage") or {}
     recorded = entry.artifacts.get("cache")

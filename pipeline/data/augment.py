@@ -8,7 +8,8 @@ its rows live in the space's segments like any input's, and view 0 is the origin
 K=4 extraction after a K=1 one extracts only views 1..3). The dataset version's view maps every example
 to its K row ranges (:mod:`unipt.pipeline.cache.space`); val and test examples are never augmented (their
 views 1..K-1 name view 0's rows), and training reads view ``(epoch + seed) mod K``
-(:meth:`unipt.pipeline.cache.reader.ActivationCache.view`, :class:`unipt.train.loader.CacheBatches`).
+(:meth:`unipt.pipeline.cache.activation_cache.ActivationCache.view`,
+:class:`unipt.train.loader.CacheBatches`).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.provenance import CACHE_SOURCE, key_of, settings_of
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import ExperimentConfig, apply_overrides, upgrade
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import say

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.encoding import STORAGE_DTYPES, has_scale
 from unipt.pipeline.cache.layout import resolve_chunk_rows
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import ExtractConfig
 from unipt.pipeline.experiment.recipe import Prepared, PreparedBackbone
 

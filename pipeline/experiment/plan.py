@@ -44,10 +44,10 @@ import zarr
 from zarr.storage import MemoryStore
 
 from unipt.pipeline import experiment
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.encoding import STORAGE_DTYPES, compressors, encode_rows, has_scale
-from unipt.pipeline.cache.layout import resolve_chunk_rows
+from unipt.pipeline.cache.layout import resolve_chunk_rows, written_ranges
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import ExtractConfig
 from unipt.pipeline.data.table import TEXT_PAIR_COLUMN
 from unipt.pipeline.errors import UniptError
@@ -318,7 +318,7 @@ def read_rate(
         started = time.perf_counter()
         for layer in reader.layers:
             offsets = reader.offsets_for(layer)[:examples]
-            for a, b in _written_ranges(offsets):
+            for a, b in written_ranges(offsets):
                 total += reader.read_rows(layer, a, b).nbytes
         best = min(best, time.perf_counter() - started)
     return total, best
@@ -361,7 +361,7 @@ def bytes_by_dtype(reader: ActivationCache, ext: ExtractConfig) -> dict[str, int
     chunk_rows = resolve_chunk_rows(ext.chunk_rows, list(reader.hidden_sizes.values()))
     for layer in reader.layers:
         rows = np.concatenate(
-            [reader.read_rows(layer, a, b) for a, b in _written_ranges(reader.offsets_for(layer))]
+            [reader.read_rows(layer, a, b) for a, b in written_ranges(reader.offsets_for(layer))]
         )
         rows = rows.astype(np.float32, copy=False)
         for dtype in STORAGE_DTYPES:
@@ -381,20 +381,6 @@ def _unpadded_compressed_bytes(values: np.ndarray, ext: ExtractConfig, chunk_row
     if whole < len(values):
         total += _compressed_bytes(values[whole:], ext, len(values) - whole)
     return total
-
-
-def _written_ranges(offsets: np.ndarray) -> list[tuple[int, int]]:
-    """Example row ranges merged where they touch: a shard's examples are packed, and the rows between
-    shards are reserved but never written (reading them is an error)."""
-    ranges: list[tuple[int, int]] = []
-    for start, stop in offsets.tolist():
-        if stop <= start:
-            continue
-        if ranges and ranges[-1][1] == start:
-            ranges[-1] = (ranges[-1][0], stop)
-        else:
-            ranges.append((start, stop))
-    return ranges
 
 
 def _compressed_bytes(values: np.ndarray, ext: ExtractConfig, chunk_rows: int) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.identity import BackboneIdentity, backbone_identity, cache_key, cache_key_fields
 from unipt.pipeline.cache.opener import open_cache
 from unipt.pipeline.cache.provenance import (
@@ -19,7 +20,7 @@ from unipt.pipeline.cache.provenance import (
     key_of,
     setting_conflicts,
 )
-from unipt.pipeline.cache.reader import ActivationCache, CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import BackboneConfig, ExperimentConfig
 from unipt.pipeline.data.table import DatasetTable, load_dataset
 from unipt.pipeline.errors import UniptError

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.opener import open_cache
 from unipt.pipeline.cache.provenance import key_fields_of, key_of
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.experiment.extraction import built_keys, extract_all, leased
 from unipt.pipeline.experiment.preparation import Prepared, check_cache_matches
 from unipt.pipeline.experiment.preparation import PreparedBackbone as PreparedBackbone  # plan.py's import

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from unipt.pipeline import experiment
-from unipt.pipeline.cache.reader import CacheRoot
+from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.config import ExperimentConfig, validate_stored
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.log import say

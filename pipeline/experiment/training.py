@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.integrity import check_examples_match, check_label_range
 from unipt.pipeline.cache.opener import open_cache
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.experiment.preparation import Prepared, PreparedBackbone
 from unipt.pipeline.log import say

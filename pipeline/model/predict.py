@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.cache.encoding import decode_rows, encode_rows
 from unipt.pipeline.cache.layout import LayerSpec
-from unipt.pipeline.cache.reader import ActivationCache
 from unipt.pipeline.config import BackboneConfig, TrainConfig
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.model.files import (

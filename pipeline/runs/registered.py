@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.runs.registry import Registry
 

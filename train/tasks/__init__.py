@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.config import TrainConfig
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.tasks import TaskInfo, get_task

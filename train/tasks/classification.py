@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor, nn
 
-from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.config import TrainConfig
 from unipt.train.loop import Head, TrainOptions, TrainResult, train_single_cache
 from unipt.train.metrics import accuracy, class_report, macro_f1

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unipt.pipeline.cache.reader import ActivationCache
+from unipt.pipeline.cache.activation_cache import ActivationCache
 from unipt.pipeline.config import TrainConfig
 from unipt.train.loop import Head, TrainOptions, TrainResult, train_single_cache
 from unipt.train.metrics import pearson, spearman
