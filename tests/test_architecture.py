@@ -318,3 +318,20 @@ def test_each_subpackage_states_its_public_surface(package):
     assert before == [] and missing == [] and len(surface) >= 3
     submodules = {p.stem for p in (ROOT / "pipeline" / package).glob("*.py")}
     assert not set(surface) & submodules
+
+
+MAX_FUNCTION_LINES = 60
+SHORT_FUNCTION_FOLDERS = ("pipeline/experiment", "pipeline/cache", "extract", "train")
+
+
+@pytest.mark.parametrize("folder", SHORT_FUNCTION_FOLDERS)
+def test_the_recipe_the_cache_and_the_stages_have_no_long_function(folder):
+    """A function you can read in one screen: longer ones are split into named steps."""
+    long = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

@@ -161,6 +161,22 @@ def fit(task: Task, config: TrainConfig, seed: int, device: torch.device, option
         ) from exc
 
 
+@dataclass
+class _Run:
+    """What one fit carries from epoch to epoch: the model and its optimizer, and what a checkpoint saves."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    stopped: bool = False
+    seconds_before: float = 0.0  # training time of the run before a resume
+
+
 def _fit(
     task: Task,
     config: TrainConfig,
@@ -168,126 +184,160 @@ def _fit(
     device: torch.device,
     options: TrainOptions,
 ) -> FitResult:
-    model = task.model.to(device)
     if len(task.train_data) == 0:
         raise UniptError("the cache has no training examples; check the dataset's split settings")
-    optimizer = adamw(model, config, device)
-    total_steps = config.epochs * len(task.train_data)
-    warmup = max(1, int(config.warmup_ratio * total_steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
     autocast_dtype = amp_dtype(config.amp, device)
     if autocast_dtype == torch.bfloat16 and config.amp == "bfloat16" and device.type == "cuda":
         warn_if_emulated_bf16("train.amp", device)
     amp = amp_name(autocast_dtype)
-    # Loss scaling is only needed for fp16: bf16 has float32's exponent range.
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    run = _start(task, config, device, autocast_dtype)
     identity = fit_identity(config, seed, task)
-
-    history: list[dict[str, Any]] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    best_score, best_epoch, stopped, seconds_before = -math.inf, -1, False, 0.0
     resume = options.resume.path if options.resume is not None else None
     if options.resume is not None:
-        saved = options.resume.state
-        _check_same_run(saved["identity"], identity, options.resume.path)
-        try:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            schedule.load_state_dict(saved["scheduler"])
-            _resume_scaler(scaler, saved, amp, resume)
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # tensors of other shapes or kinds
-            first = " ".join(str(exc).split())[:160]
-            raise UniptError(
-                f"checkpoint {resume} does not fit this run's model ({first}); train without --resume"
-            ) from exc
-        history, best_state = saved["history"], saved["best_state"]
-        best_score, best_epoch, stopped = saved["best_score"], saved["best_epoch"], saved["stopped"]
-        seconds_before = saved["train_seconds"]
-        restore_rng_states(saved["rng"])
+        _continue(run, options.resume, identity, amp)
 
     def autocast() -> Any:
         return precision(device, autocast_dtype)
 
     t0 = time.perf_counter()
-    start = len(history)
+    start = len(run.history)
     epochs = tqdm(
         range(start, config.epochs),
         initial=start,
         total=config.epochs,
         desc="train",
         unit="epoch",
-        disable=not options.progress or stopped,
+        disable=not options.progress or run.stopped,
         dynamic_ncols=True,
     )
     for epoch in epochs:
-        if stopped:
+        if run.stopped:
             break
-        model.train()
-        # Summed on the device and read once an epoch: a .item() per step would wait for the GPU each step.
-        epoch_start, loss_sum, seen = time.perf_counter(), torch.zeros((), device=device), 0
-        steps = _steps(task.train_data.epoch(epoch), len(task.train_data), epoch, options.progress)
-        for step, batch in enumerate(steps, start=epoch * len(task.train_data) + 1):
-            with autocast():
-                loss, n = task.loss(batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if options.on_step is not None and step % options.on_step.every == 0:
-                lr = schedule.get_last_lr()[0]  # the rate this step used, before the schedule moves on
-                values = {"train_step_loss": loss.detach().float().item(), "train_step_lr": lr}
-                options.on_step.call(step, values)
-            schedule.step()
-            loss_sum += loss.detach().float() * n
-            seen += n
+        epoch_start = time.perf_counter()
+        train_loss = _train_epoch(run, task, epoch, device, autocast, options)
         with autocast():
             val = task.validate()
         record = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum.item() / seen,
-            "lr": schedule.get_last_lr()[0],
+            "train_loss": train_loss,
+            "lr": run.schedule.get_last_lr()[0],
             "seconds": time.perf_counter() - epoch_start,
             **{f"val_{k}": v for k, v in val.items()},
         }
-        history.append(record)
-        score = val[task.score] if val else -record["train_loss"]
-        score = -math.inf if math.isnan(score) else score
-        if best_epoch < 0 or score > best_score:
-            best_score, best_epoch = score, epoch + 1
-            best_state = copy.deepcopy(model.state_dict())
-        elif config.early_stopping_patience is not None:
-            stopped = epoch + 1 - best_epoch >= config.early_stopping_patience
+        _keep_best(run, record, val, task.score, config.early_stopping_patience)
         epochs.set_postfix(
             loss=f"{record['train_loss']:.4f}", **{task.score: f"{val.get(task.score, math.nan):.4f}"}
         )
         if options.checkpoint is not None:
-            save_checkpoint(
-                options.checkpoint,
-                {
-                    "identity": identity,
-                    "meta": options.meta or {},
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": schedule.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "amp": amp,
-                    "rng": rng_states(),
-                    "history": history,
-                    "best_state": best_state,
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "stopped": stopped,
-                    "train_seconds": seconds_before + time.perf_counter() - t0,
-                },
-            )
+            seconds = run.seconds_before + time.perf_counter() - t0
+            save_checkpoint(options.checkpoint, _checkpoint(run, identity, options, amp, epoch + 1, seconds))
         if options.on_epoch_end is not None:
             options.on_epoch_end(epoch + 1, record)
-    train_seconds = seconds_before + time.perf_counter() - t0
-    if best_state is None:
+    train_seconds = run.seconds_before + time.perf_counter() - t0
+    if run.best_state is None:
         raise UniptError(f"checkpoint {resume} holds no finished epoch; start the run again without --resume")
-    model.load_state_dict(best_state)
-    return FitResult(history, best_epoch, train_seconds, stopped, amp)
+    run.model.load_state_dict(run.best_state)
+    return FitResult(run.history, run.best_epoch, train_seconds, run.stopped, amp)
+
+
+def _start(task: Task, config: TrainConfig, device: torch.device, autocast_dtype: torch.dtype | None) -> _Run:
+    """The model on ``device`` with AdamW, the warmup-cosine schedule over every step, and a loss scaler."""
+    model = task.model.to(device)
+    optimizer = adamw(model, config, device)
+    total_steps = config.epochs * len(task.train_data)
+    warmup = max(1, int(config.warmup_ratio * total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
+    # Loss scaling is only needed for fp16: bf16 has float32's exponent range.
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    return _Run(model, optimizer, schedule, scaler)
+
+
+def _continue(run: _Run, resume: ResumePoint, identity: dict[str, Any], amp: str) -> None:
+    """Load a checkpoint of the same run into ``run``: weights, optimizer, schedule, history and RNGs."""
+    saved = resume.state
+    _check_same_run(saved["identity"], identity, resume.path)
+    try:
+        run.model.load_state_dict(saved["model"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.schedule.load_state_dict(saved["scheduler"])
+        _resume_scaler(run.scaler, saved, amp, resume.path)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # tensors of other shapes or kinds
+        first = " ".join(str(exc).split())[:160]
+        raise UniptError(
+            f"checkpoint {resume.path} does not fit this run's model ({first}); train without --resume"
+        ) from exc
+    run.history, run.best_state = saved["history"], saved["best_state"]
+    run.best_score, run.best_epoch, run.stopped = saved["best_score"], saved["best_epoch"], saved["stopped"]
+    run.seconds_before = saved["train_seconds"]
+    restore_rng_states(saved["rng"])
+
+
+def _train_epoch(
+    run: _Run,
+    task: Task,
+    epoch: int,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    options: TrainOptions,
+) -> float:
+    """One pass over the training batches; the mean training loss."""
+    run.model.train()
+    # Summed on the device and read once an epoch: a .item() per step would wait for the GPU each step.
+    loss_sum, seen = torch.zeros((), device=device), 0
+    steps = _steps(task.train_data.epoch(epoch), len(task.train_data), epoch, options.progress)
+    for step, batch in enumerate(steps, start=epoch * len(task.train_data) + 1):
+        with autocast():
+            loss, n = task.loss(batch, device)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        if options.on_step is not None and step % options.on_step.every == 0:
+            lr = run.schedule.get_last_lr()[0]  # the rate this step used, before the schedule moves on
+            values = {"train_step_loss": loss.detach().float().item(), "train_step_lr": lr}
+            options.on_step.call(step, values)
+        run.schedule.step()
+        loss_sum += loss.detach().float() * n
+        seen += n
+    return loss_sum.item() / seen
+
+
+def _keep_best(
+    run: _Run, record: dict[str, Any], val: dict[str, float], score_name: str, patience: int | None
+) -> None:
+    """Add the epoch to the history; keep its weights when its score is the best so far (a NaN score never
+    is), or stop once ``patience`` epochs have passed without a better one."""
+    run.history.append(record)
+    score = val[score_name] if val else -record["train_loss"]
+    score = -math.inf if math.isnan(score) else score
+    if run.best_epoch < 0 or score > run.best_score:
+        run.best_score, run.best_epoch = score, record["epoch"]
+        run.best_state = copy.deepcopy(run.model.state_dict())
+    elif patience is not None:
+        run.stopped = record["epoch"] - run.best_epoch >= patience
+
+
+def _checkpoint(
+    run: _Run, identity: dict[str, Any], options: TrainOptions, amp: str, epoch: int, seconds: float
+) -> dict[str, Any]:
+    """Everything a resume needs to continue after ``epoch`` as if the run had never stopped."""
+    return {
+        "identity": identity,
+        "meta": options.meta or {},
+        "epoch": epoch,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.schedule.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "amp": amp,
+        "rng": rng_states(),
+        "history": run.history,
+        "best_state": run.best_state,
+        "best_score": run.best_score,
+        "best_epoch": run.best_epoch,
+        "stopped": run.stopped,
+        "train_seconds": seconds,
+    }
 
 
 def _resume_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], amp: str, path: Path) -> None:
