@@ -184,10 +184,10 @@ def _fit(
     device: torch.device,
     options: TrainOptions,
 ) -> FitResult:
-    if len(task.train_data) == 0:
+    if not len(task.train_data):
         raise UniptError("the cache has no training examples; check the dataset's split settings")
     autocast_dtype = amp_dtype(config.amp, device)
-    if autocast_dtype == torch.bfloat16 and config.amp == "bfloat16" and device.type == "cuda":
+    if config.amp == "bfloat16" and device.type == "cuda":
         warn_if_emulated_bf16("train.amp", device)
     amp = amp_name(autocast_dtype)
     run = _start(task, config, device, autocast_dtype)
@@ -225,9 +225,7 @@ def _fit(
             **{f"val_{k}": v for k, v in val.items()},
         }
         _keep_best(run, record, val, task.score, config.early_stopping_patience)
-        epochs.set_postfix(
-            loss=f"{record['train_loss']:.4f}", **{task.score: f"{val.get(task.score, math.nan):.4f}"}
-        )
+        epochs.set_postfix(loss=f"{train_loss:.4f}", **{task.score: f"{val.get(task.score, math.nan):.4f}"})
         if options.checkpoint is not None:
             seconds = run.seconds_before + time.perf_counter() - t0
             save_checkpoint(options.checkpoint, _checkpoint(run, identity, options, amp, epoch + 1, seconds))
