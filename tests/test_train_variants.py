@@ -127,7 +127,10 @@ def test_the_cnn_refusal_suggests_stages_that_fit(tmp_path):
     fitting = tuple(spec for spec in specs if spec.index in (0, 1, 2, 6, 7, 8))
     build_map_cache(CacheRoot(tmp_path / "fit"), fitting, n=2)
     fit_reader = open_cache(CacheRoot(tmp_path / "fit").location(KEY))
-    assert build_model(fit_reader, TrainConfig(variant="cnn")) is not None
+    config = TrainConfig(variant="cnn", epochs=1, batch_size=2)
+    trained = train_task(fit_reader, config, seed=0, progress=False)
+    assert len(trained.history) == 1 and math.isfinite(trained.history[0]["train_loss"])
+    assert isinstance(trained.model, UniPTCNNClassifier)
 
 
 @pytest.mark.slow
