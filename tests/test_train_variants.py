@@ -208,7 +208,9 @@ def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path
     assert features.shape == (len(reader.split_indices("train")), reader.hidden_sizes[reader.layers[-1]])
     np.testing.assert_allclose(features[0].numpy(), want, rtol=1e-5, atol=1e-6)
     probe = linear_probe(reader)
-    assert 0.0 <= probe["probe_test_acc"] <= 1.0
+    # Ten digits (chance 0.1): EfficientNet's pooled last stage separates them, so the probe gets most right
+    # (0.76 of the 25 test digits when written).
+    assert probe["probe_test_acc"] >= 0.5, probe
 
 
 @pytest.mark.slow
