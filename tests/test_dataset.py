@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import extract_tiny, make_sentiment_rows, write_config, write_csv
+from conftest import Extraction, make_sentiment_rows, write_config, write_csv
 
 from unipt.pipeline.cache.opener import open_cache
 from unipt.pipeline.cache.reader import CacheRoot
@@ -21,11 +21,9 @@ from unipt.train.loader import CacheBatches
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory, tiny_bert_dir, ray_session) -> str:
-    root = tmp_path_factory.mktemp("dataset")
-    _, _, key = extract_tiny(root, tiny_bert_dir)
-    return str(CacheRoot(root / "cache").location(key))
+@pytest.fixture
+def tiny_cache(shared_extraction: Extraction) -> str:
+    return str(shared_extraction.view)
 
 
 @pytest.mark.slow
