@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import KEY, build_cache, example_table, write_config
+from tests.conftest import KEY, Extraction, build_cache, example_table, write_config
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
 from unipt.pipeline.cache.opener import open_cache
@@ -214,20 +214,15 @@ def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path
 
 
 @pytest.mark.slow
-def test_clip4clip_variant_trains_from_a_tiny_bert_cache(ray_session, tmp_path, tiny_bert_dir, sentiment_csv):
-    path = write_config(
-        tmp_path / "text.yaml",
-        str(sentiment_csv),
-        str(tiny_bert_dir),
-        tmp_path,
-        train={"variant": "clip4clip", "epochs": 2, "batch_size": 16, "linear_probe": False},
+def test_clip4clip_variant_trains_from_a_tiny_bert_cache(shared_extraction: Extraction):
+    config = TrainConfig(
+        variant="clip4clip", epochs=2, batch_size=16, lr=1e-2, block_examples=32, linear_probe=False
     )
-    config = load_config(path)
-    reader = open_cache(experiment.extract(experiment.prepare(config), progress=False).path)
-    assert reader.layers == [0, 1, 2]
-    result = train_task(reader, config.train, seed=0, progress=False)
-    assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)
-    assert 0.0 <= result.metrics["test_acc"] <= 1.0
-    assert len(result.layer_weights) == 2  # embeddings and layer 1; layer 2 is the anchor
-    with pytest.raises(UniptError, match="holds token sequences"):
-        train_task(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
+    with open_cache(shared_extraction.view) as reader:
+        assert reader.layers == [0, 1, 2]
+        result = train_task(reader, config, seed=0, progress=False)
+        assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)
+        assert 0.0 <= result.metrics["test_acc"] <= 1.0
+        assert len(result.layer_weights) == 2  # embeddings and layer 1; layer 2 is the anchor
+        with pytest.raises(UniptError, match="holds token sequences"):
+            train_task(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
