@@ -16,6 +16,7 @@ from unipt.pipeline.data.table import load_dataset
 from unipt.pipeline.errors import UniptError
 
 
+@pytest.mark.slow  # the bundled data set
 def test_rotten_tomatoes_is_split_by_movie():
     ds = load_dataset(DatasetConfig(source="bundled:rotten_tomatoes"))
     assert ds.label_names == ["fresh", "rotten"]
