@@ -62,6 +62,7 @@ def test_several_dataloader_workers_are_refused_in_one_line(tiny_cache: str):
             next(iter(loader))
 
 
+@pytest.mark.e2e  # extracts and trains
 @pytest.mark.slow
 def test_the_docs_own_loop_example_trains_a_head_well_above_chance(tmp_path, ray_session, capsys):
     """The docs' 20 lines as written, on the real MiniLM: its mean-pooled last layer separates the

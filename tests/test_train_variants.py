@@ -159,6 +159,7 @@ def test_training_each_variant_on_small_synthetic_caches(tmp_path, map_cache):
 # --- real backbones, through the real extraction path ------------------------------------------------------
 
 
+@pytest.mark.e2e  # extracts and trains
 @pytest.mark.slow
 def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path):
     """EfficientNet-Lite0 stages 1, 2, 3, 5 of 96 MNIST digits: grids 56/28/14/7, ratios 8/4/2 (as C2-C5)."""
