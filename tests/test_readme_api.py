@@ -20,7 +20,11 @@ def python_api_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_python_api_example_runs(shared_extraction, tmp_path):
+def test_the_readme_python_api_example_runs(shared_extraction, tmp_path, monkeypatch):
+    # The cache-alone run has no config: its runs and registry go to ./.unipt (or $UNIPT_HOME, read at
+    # import), which would be the checkout's own: a later session's shared cache, the same key, then
+    # fails the digest check against the runs registered there.
+    monkeypatch.chdir(tmp_path)
     code = python_api_example()
     call = 'load_config("configs/rt_minilm.yaml", ["dataset.limit=600", "train.epochs=2"])'
     assert call in code  # the substitution below must stay in step with the README
@@ -40,3 +44,4 @@ def test_the_readme_python_api_example_runs(shared_extraction, tmp_path):
     # From the cache alone with another learning rate: a run of its own that says so.
     assert again.run_dir.is_dir() and again.run_dir != result.run_dir
     assert read_run_record(again.run_dir)["config"]["train"]["lr"] == 5e-4
+    assert again.run_dir.resolve().parent == (tmp_path / ".unipt" / "runs").resolve()
