@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT saved like a hub model, a small labelled CSV, a Ray session."""
+"""Shared fixtures: a tiny random BERT saved like a hub model, a small labelled CSV, a Ray session, and one
+extraction of the tiny BERT that every test which only reads a cache shares."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +197,77 @@ def extract_tiny(root: Path, tiny_bert_dir: Path) -> tuple[Path, Path, str]:
     assert main(["extract", str(config), "--no-progress"]) == 0
     (key,) = CacheRoot(root / "cache").keys()
     return config, data, key
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """A committed `unipt extract` of :func:`extract_tiny`: the folder holding it, its config and data file
+    (both in ``root``), its cache key and the backbone it ran. The config's cache root is ``root/cache``."""
+
+    root: Path
+    config: Path
+    data: Path
+    key: str
+    backbone: Path
+
+    @property
+    def cache_root(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def view(self) -> Path:
+        """The view's store: what ``--cache`` and :func:`open_cache` take."""
+        return self.cache_root / self.key
+
+    @property
+    def segment(self) -> Path:
+        """The one segment of the view's activation space: the Zarr store that holds the chunks."""
+        (segment,) = (self.cache_root / "spaces").glob("*/segments/*")
+        return segment
+
+    def config_in(self, where: Path, **sections: dict) -> Path:
+        """A config of the same data, backbone and extract settings, so it reads this cache, that keeps its
+        runs and registry under ``where``; ``sections`` change other settings as in :func:`write_config`."""
+        storage = {**sections.pop("storage", {}), "cache_root": str(self.cache_root)}
+        path = where / "shared-extraction.yaml"
+        return write_config(path, str(self.data), str(self.backbone), where, storage=storage, **sections)
+
+    def copy_cache(self, where: Path) -> Path:
+        """The cache root (views and spaces, not its leases) copied to ``where/cache``, for a test that
+        changes a cache: gc, damage, relabelling, re-extraction. A local copy takes milliseconds."""
+        copy = where / "cache"
+        shutil.copytree(self.cache_root, copy, ignore=shutil.ignore_patterns(".partial", ".leases"))
+        return copy
+
+
+def _files_of(root: Path) -> dict[str, tuple[int, int]]:
+    """Each file under root (less the read leases a reader takes and gives back): its size and mtime."""
+    return {
+        str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and ".leases" not in path.relative_to(root).parts
+    }
+
+
+@pytest.fixture(scope="session")
+def _extracted_once(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Extraction:
+    root = tmp_path_factory.mktemp("shared-extraction")
+    return Extraction(root, *extract_tiny(root, tiny_bert_dir), backbone=tiny_bert_dir)
+
+
+@pytest.fixture
+def shared_extraction(_extracted_once: Extraction, request: pytest.FixtureRequest) -> Iterator[Extraction]:
+    """The session's one real extraction (Ray, the tiny BERT, 60 rows, layers 0-2), for tests that only read
+    its cache: info, ls, verify, export, train or predict from it. Runs trained from it must go to the
+    test's own ``--runs-root`` and ``--registry``; a test that changes a cache copies it first
+    (:meth:`Extraction.copy_cache`). After each test, any file added, removed or rewritten under its folder
+    fails that test, so one test cannot change what the next one reads."""
+    before = _files_of(_extracted_once.root)
+    yield _extracted_once
+    after = _files_of(_extracted_once.root)
+    rewritten = {name for name in before.keys() & after.keys() if before[name] != after[name]}
+    changed = sorted(set(before) ^ set(after) | rewritten)
+    assert not changed, f"{request.node.nodeid} changed the shared extraction: {changed[:5]}; copy it first"
 
 
 def build_cache(

@@ -275,6 +275,7 @@ def text_versions(tmp_path_factory, tiny_bert_dir):
     return prep
 
 
+@pytest.mark.e2e  # extracts and trains
 @pytest.mark.slow
 def test_k3_text_views_after_k1_reuse_view_zero_and_hold_the_noised_encodings(
     ray_session, text_versions, tiny_bert_dir, capfd

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import extract_tiny, make_sentiment_rows, write_config, write_csv
+from tests.conftest import Extraction, make_sentiment_rows, write_config, write_csv
 from unipt.pipeline.cache.opener import open_cache
 from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cli.app import main
@@ -158,12 +158,16 @@ def test_config_that_is_not_a_mapping(tmp_path, capsys):
 # --- caches --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def extracted(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One real extraction (Ray, tiny BERT) that the cache tests below reuse or damage."""
-    root = tmp_path_factory.mktemp("extracted")
-    config, data, key = extract_tiny(root, tiny_bert_dir)
-    return {"root": root, "config": config, "data": data, "store": root / "cache" / key}
+@pytest.fixture
+def extracted(shared_extraction: Extraction) -> dict:
+    """The session's one real extraction (Ray, tiny BERT): the cache tests below read it, or copy and damage
+    it."""
+    return {
+        "root": shared_extraction.root,
+        "config": shared_extraction.config,
+        "data": shared_extraction.data,
+        "store": shared_extraction.view,
+    }
 
 
 @pytest.mark.slow
@@ -214,6 +218,7 @@ def test_truncated_chunk_file(extracted, tmp_path, capsys):
     chunk = segment / "layer_01" / "c" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:100])  # a copy cut short
     args = ["--cache-root", str(cache), "--runs-root", str(tmp_path / "runs")]
+    args += ["--registry", str(tmp_path / "registry.sqlite")]  # not the shared extraction's own
     line = _error_line(capsys, "train", str(extracted["config"]), *args)
     assert "layer_01 rows" in line and "could not be read" in line
     assert "run `unipt cache verify" in line and "re-extract if it is damaged" in line

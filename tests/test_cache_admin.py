@@ -83,7 +83,9 @@ def test_ls_and_info_describe_the_cache(tmp_path, capsys):
     assert info["key"] == KEY and info["layers"] == [0, 2] and info["hidden_sizes"] == {"0": 4, "2": 6}
     assert info["dtype"] == "int8" and info["examples"] == len(LENGTHS)
     assert info["total_tokens"] == sum(LENGTHS) and info["format_version"] == FORMAT_VERSION
-    assert info["bytes_on_disk"] > 0 and info["codec"]["chunk_rows"] == 8
+    assert info["codec"]["chunk_rows"] == 8
+    files = [path for path in (tmp_path / KEY).rglob("*") if path.is_file()]
+    assert info["bytes_on_disk"] == sum(path.stat().st_size for path in files)  # every file of the store
 
 
 def test_info_on_a_missing_cache_is_one_clear_line(tmp_path, capsys):

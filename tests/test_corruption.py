@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from tests.conftest import KEY, build_cache, example_table, extract_tiny
+from tests.conftest import KEY, Extraction, build_cache, example_table
 from unipt.pipeline.cache.admin import verify
 from unipt.pipeline.cache.checksums import CHECKSUMS_FILE, digest, seal, stored_root_digest, trailers_of
 from unipt.pipeline.cache.encoding import compressors, encode_rows
@@ -38,13 +38,16 @@ from unipt.pipeline.runs.registry import Registry
 pytestmark = pytest.mark.faults
 
 
-@pytest.fixture(scope="module")
-def extracted(ray_session, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("extracted")
-    config, _, key = extract_tiny(root, tiny_bert_dir)
+@pytest.fixture
+def extracted(shared_extraction: Extraction) -> dict:
+    """The session's shared extraction; each test copies its cache root (:func:`_copy`) before damaging it."""
     # The view names one segment of its activation space: that Zarr store is what the damage hits.
-    (segment,) = (root / "cache" / "spaces").glob("*/segments/*")
-    return {"config": config, "root": root / "cache", "store": segment, "key": key}
+    return {
+        "config": shared_extraction.config,
+        "root": shared_extraction.cache_root,
+        "store": shared_extraction.segment,
+        "key": shared_extraction.key,
+    }
 
 
 def _copy(extracted: dict, tmp_path: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import extract_tiny, make_sentiment_rows, write_config, write_csv
+from conftest import Extraction, make_sentiment_rows, write_config, write_csv
 
 from unipt.pipeline.cache.opener import open_cache
 from unipt.pipeline.cache.root import CacheRoot
@@ -21,11 +21,9 @@ from unipt.train.loader import CacheBatches
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory, tiny_bert_dir, ray_session) -> str:
-    root = tmp_path_factory.mktemp("dataset")
-    _, _, key = extract_tiny(root, tiny_bert_dir)
-    return str(CacheRoot(root / "cache").location(key))
+@pytest.fixture
+def tiny_cache(shared_extraction: Extraction) -> str:
+    return str(shared_extraction.view)
 
 
 @pytest.mark.slow
@@ -64,6 +62,7 @@ def test_several_dataloader_workers_are_refused_in_one_line(tiny_cache: str):
             next(iter(loader))
 
 
+@pytest.mark.e2e  # extracts and trains
 @pytest.mark.slow
 def test_the_docs_own_loop_example_trains_a_head_well_above_chance(tmp_path, ray_session, capsys):
     """The docs' 20 lines as written, on the real MiniLM: its mean-pooled last layer separates the

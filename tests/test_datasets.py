@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +16,7 @@ from unipt.pipeline.data.table import load_dataset
 from unipt.pipeline.errors import UniptError
 
 
+@pytest.mark.slow  # the bundled data set
 def test_rotten_tomatoes_is_split_by_movie():
     ds = load_dataset(DatasetConfig(source="bundled:rotten_tomatoes"))
     assert ds.label_names == ["fresh", "rotten"]
@@ -64,6 +68,40 @@ def test_fingerprint_changes_with_one_row_or_the_split(tmp_path):
         DatasetConfig(source=str(tmp_path / "a.csv"), id_column="id", split=SplitConfig(seed=1))
     )
     assert len({base.fingerprint, edited.fingerprint, resplit.fingerprint}) == 3
+
+
+# A fixed six-row table as a user would write it, and its fingerprint, computed once (2026-12-07). The
+# fingerprint is part of every cache key and run record: a new value means every cache and run made
+# before no longer matches its data, so it may change only with a deliberate format change.
+FIXED_CSV = """id,text,label
+r0,a great film,pos
+r1,a dull plot,neg
+r2,the actors were superb,pos
+r3,boring and tedious,neg
+r4,"funny, and moving",pos
+r5,weak story,neg
+"""
+FIXED_FINGERPRINT = "b13a90919c2cf8b9ad5fe45e65acf07b0cbd78284b7e57c484d83c4a1251798c"
+
+
+def test_the_fingerprint_of_a_fixed_table_is_pinned_and_the_same_in_another_process(tmp_path):
+    """Pinned, not compared within one process: another interpreter, with another string-hash seed,
+    computes the same value."""
+    path = tmp_path / "fixed.csv"
+    path.write_text(FIXED_CSV)
+    assert load_dataset(DatasetConfig(source=str(path), id_column="id")).fingerprint == FIXED_FINGERPRINT
+    code = (
+        "import sys\n"
+        "from unipt.pipeline.config import DatasetConfig\n"
+        "from unipt.pipeline.data.table import load_dataset\n"
+        "print(load_dataset(DatasetConfig(source=sys.argv[1], id_column='id')).fingerprint)\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() == FIXED_FINGERPRINT
 
 
 def test_limit_is_a_seeded_sample(tmp_path):

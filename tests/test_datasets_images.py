@@ -24,6 +24,7 @@ def mnist():
     return load_dataset(MNIST)
 
 
+@pytest.mark.slow  # the bundled data set
 def test_mnist_5k_is_an_image_table(mnist):
     assert mnist.input_kind == "image" and mnist.input_columns == ["image"]
     assert mnist.table.column_names == ["example_id", "image", "label", "split"]
@@ -37,6 +38,7 @@ def test_mnist_5k_is_an_image_table(mnist):
     assert image_array(first).shape == (28, 28, 1)
 
 
+@pytest.mark.slow  # the bundled data set
 def test_images_and_labels_are_the_csv_rows(mnist):
     raw = pa_csv.read_csv(
         bundled_data_path("bundled:mnist_5k"), read_options=pa_csv.ReadOptions(autogenerate_column_names=True)
@@ -58,6 +60,7 @@ def test_text_datasets_say_text(sentiment_csv):
     assert ds.input_kind == "text" and ds.input_columns == ["text"]
 
 
+@pytest.mark.slow  # the bundled data set
 def test_ids_and_fingerprint_come_from_the_pixels(mnist):
     raw = _mnist_5k(bundled_data_path("bundled:mnist_5k"))
     assert load_dataset(MNIST).fingerprint == mnist.fingerprint  # same data, same fingerprint
@@ -79,6 +82,7 @@ def test_ids_and_fingerprint_come_from_the_pixels(mnist):
     assert resplit.fingerprint != mnist.fingerprint
 
 
+@pytest.mark.slow  # the bundled data set
 def test_limit_is_a_seeded_sample_of_images(mnist):
     one = load_dataset(MNIST.model_copy(update={"limit": 50}))
     two = load_dataset(MNIST.model_copy(update={"limit": 50}))
@@ -88,6 +92,7 @@ def test_limit_is_a_seeded_sample_of_images(mnist):
     )
 
 
+@pytest.mark.slow  # the bundled data set
 def test_bad_images_are_one_line_errors():
     raw = _mnist_5k(bundled_data_path("bundled:mnist_5k"))
     broken = list(raw.images)

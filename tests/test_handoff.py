@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_sentiment_rows, write_config, write_csv
+from tests.conftest import Extraction, make_sentiment_rows, write_config, write_csv
 from unipt.pipeline import experiment
 from unipt.pipeline.cli.app import main
 from unipt.pipeline.config import load_config
@@ -56,16 +56,18 @@ def _record(run_dir: Path) -> dict:
 
 
 @pytest.fixture
-def cluster_cache(tmp_path, tiny_bert_dir, ray_session):
-    """The 'cluster': data and backbone next to each other, one extraction and one normal run. Returns
-    (config path, normal run's record, the cache's location)."""
-    backbone = shutil.copytree(tiny_bert_dir, tmp_path / "cluster" / "model")
-    data = write_csv(tmp_path / "cluster" / "reviews.csv", make_sentiment_rows(160))
-    config = write_config(
-        tmp_path / "cluster.yaml", str(data), str(backbone), tmp_path / "cluster", train={"epochs": 3}
-    )
+def cluster_cache(tmp_path, shared_extraction: Extraction):
+    """The 'cluster': data, backbone and their cache next to each other (copies of the session's shared
+    extraction, since the tests delete them) and one normal run from that cache. Returns (config path,
+    normal run's record, the cache's location)."""
+    cluster = tmp_path / "cluster"
+    backbone = shutil.copytree(shared_extraction.backbone, cluster / "model")
+    data = shutil.copy(shared_extraction.data, cluster / "reviews.csv")
+    shared_extraction.copy_cache(cluster)
+    config = write_config(tmp_path / "cluster.yaml", str(data), str(backbone), cluster, train={"epochs": 3})
     prep = experiment.prepare(load_config(config))
     normal = experiment.run(prep, progress=False)
+    assert normal.cache_hit  # the copied cache: the same data and backbone, wherever they are
     return config, _record(normal.run_dir), prep.cache_root.location(prep.key)
 
 

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import KEY, build_cache
+from tests.conftest import KEY, Extraction, build_cache
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.hdf5 import HDF5CacheReader, export_hdf5
 from unipt.pipeline.cache.opener import open_cache
@@ -128,9 +128,12 @@ def test_not_a_cache_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.e2e
-def test_training_on_the_hdf5_export_gives_the_same_results(ray_session, tiny_config, tmp_path, capsys):
-    prep = experiment.prepare(load_config(tiny_config, ["train.epochs=3"]))
-    zarr_path = experiment.extract(prep, progress=False).path
+def test_training_on_the_hdf5_export_gives_the_same_results(shared_extraction: Extraction, tmp_path, capsys):
+    config = shared_extraction.config
+    registry = ["--registry", str(tmp_path / "registry.sqlite")]
+    overrides = [f"storage.runs_root={tmp_path / 'runs'}", f"storage.registry={registry[1]}"]
+    prep = experiment.prepare(load_config(config, ["train.epochs=3", *overrides]))
+    zarr_path = experiment.extract(prep, progress=False).path  # the shared cache: a hit
     from_zarr = experiment.train(prep, progress=False)
 
     out = tmp_path / "cache.h5"
@@ -158,11 +161,12 @@ def test_training_on_the_hdf5_export_gives_the_same_results(ray_session, tiny_co
     code = main(
         [
             "train",
-            str(tiny_config),
+            str(config),
             "--set",
             "train.epochs=3",
             "--runs-root",
             str(runs),
+            *registry,
             "--cache",
             str(out),
             "--no-progress",
@@ -177,10 +181,9 @@ def test_training_on_the_hdf5_export_gives_the_same_results(ray_session, tiny_co
 
 
 @pytest.mark.slow
-def test_hdf5_export_of_another_dataset_is_refused_for_training(ray_session, tiny_config, tmp_path):
-    prep = experiment.prepare(load_config(tiny_config))
-    experiment.extract(prep, progress=False)
-    out = export_hdf5(open_cache(prep.cache_root.location(prep.key)), tmp_path / "c.h5")
+def test_hdf5_export_of_another_dataset_is_refused_for_training(shared_extraction: Extraction, tmp_path):
+    with open_cache(shared_extraction.view) as reader:
+        out = export_hdf5(reader, tmp_path / "c.h5")
     with pytest.raises(UniptError, match="built for another dataset fingerprint"):
         open_cache(out, expect={"dataset_fingerprint": "0" * 64})
 

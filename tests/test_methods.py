@@ -141,12 +141,19 @@ SPLITS = ["train"] * 20 + ["val"] * 6 + ["test"] * 6
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_trains_from_a_cache_through_the_task_registry(tmp_path, method):
-    build_cache(CacheRoot(tmp_path), LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=8, splits=SPLITS)
+    # Labels alternate (chance: 0.5) and every token carries its label (each feature shifted by +-0.75): a
+    # method that trains at all gets the test split right. Not the linear probe: its LayerNorm removes a
+    # shift that every feature shares, so this label is invisible to it by design.
+    build_cache(
+        CacheRoot(tmp_path), LENGTHS, {0: 8, 1: 8, 2: 8}, shard_size=8, splits=SPLITS, label_shift=0.75
+    )
     reader = open_cache(CacheRoot(tmp_path).location(KEY))
-    config = TrainConfig(method=method, epochs=2, batch_size=4, block_examples=4, side_reduction=2)
+    config = TrainConfig(method=method, epochs=2, batch_size=4, block_examples=4, side_reduction=2, lr=3e-2)
     result = train_task(reader, config, seed=0, progress=False)
     unipt = train_task(reader, config.model_copy(update={"method": "unipt"}), seed=0, progress=False)
-    assert math.isfinite(result.metrics["val_acc"]) and 0.0 <= result.metrics["test_acc"] <= 1.0
+    assert math.isfinite(result.metrics["val_acc"]) and math.isfinite(result.metrics["test_acc"])
+    learners = [unipt] if method == "linear_probe" else [unipt, result]
+    assert all(learned.metrics["test_acc"] >= 5 / 6 for learned in learners), result.metrics
     assert len(result.layer_weights) == 3  # every layer, not UniPT's layers beside the anchor
     assert result.metrics["trainable_params"] != unipt.metrics["trainable_params"]
     assert type(result.model) is type(build_model(reader, config))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_sentiment_rows, save_tiny_bert, write_config, write_csv
+from tests.conftest import Extraction, make_sentiment_rows, save_tiny_bert, write_config, write_csv
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.opener import open_cache
 from unipt.pipeline.cli.app import main
@@ -33,6 +33,15 @@ def _trained(tmp_path, tiny_bert_dir, dtype: str):
         tmp_path / "c.yaml", str(data), str(tiny_bert_dir), tmp_path, train={"epochs": 3},
         extract={"dtype": dtype},
     )  # fmt: skip
+    return _run(config_path)
+
+
+def _trained_on_shared(shared: Extraction, tmp_path):
+    """A run of 3 epochs from the session's shared float16 cache (a cache hit), recorded under tmp_path."""
+    return _run(shared.config_in(tmp_path, train={"epochs": 3}))
+
+
+def _run(config_path):
     config = load_config(config_path)
     prep = experiment.prepare(config)
     return config_path, prep, experiment.run(prep, progress=False)
@@ -70,8 +79,10 @@ def test_predicting_raw_text_gives_the_cache_logits_and_the_recorded_accuracy(
     assert metrics["acc"] == pytest.approx(run.trained.metrics["test_acc"])
 
 
-def test_export_predict_and_evaluate_from_the_command_line(tmp_path, tiny_bert_dir, ray_session, capsys):
-    config_path, prep, run = _trained(tmp_path, tiny_bert_dir, "float16")
+def test_export_predict_and_evaluate_from_the_command_line(
+    tmp_path, tiny_bert_dir, shared_extraction, capsys
+):
+    config_path, prep, run = _trained_on_shared(shared_extraction, tmp_path)
     registry = str(tmp_path / "registry.sqlite")
     out = tmp_path / "exported"
     assert main(["export", run.run_id[:18], "--out", str(out), "--registry", registry]) == 0
@@ -136,9 +147,9 @@ def _umask() -> int:
 
 
 def test_save_pretrained_and_from_pretrained_round_trip_with_a_model_card(
-    tmp_path, tiny_bert_dir, ray_session
+    tmp_path, tiny_bert_dir, shared_extraction
 ):
-    _, prep, run = _trained(tmp_path, tiny_bert_dir, "float16")
+    _, prep, run = _trained_on_shared(shared_extraction, tmp_path)
     model = TunedModel.from_pretrained(run.run_dir, device="cpu")
     saved = model.save_pretrained(tmp_path / "saved")
     assert sorted(p.name for p in saved.iterdir()) == sorted([MODEL_CARD, MODEL_WEIGHTS, CARD_FILE])
@@ -189,8 +200,8 @@ def test_save_pretrained_and_from_pretrained_round_trip_with_a_model_card(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved.")]  # no staging left behind
 
 
-def test_predict_refuses_a_backbone_whose_weights_differ(tmp_path, tiny_bert_dir, ray_session, capsys):
-    _, prep, run = _trained(tmp_path, tiny_bert_dir, "float16")
+def test_predict_refuses_a_backbone_whose_weights_differ(tmp_path, tiny_bert_dir, shared_extraction, capsys):
+    _, prep, run = _trained_on_shared(shared_extraction, tmp_path)
     other = save_tiny_bert(tmp_path / "other-bert", seed=1)
     code = main(["predict", str(run.run_dir), "--text", "fine", "--backbone", str(other), "--no-progress"])
     err = capsys.readouterr().err

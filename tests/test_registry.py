@@ -103,14 +103,15 @@ def test_parallel_processes_register_without_losing_runs(tmp_path):
 
 
 @pytest.mark.e2e
-def test_runs_ls_show_diff_after_real_runs(tiny_config, tmp_path, capsys, ray_session):
+def test_runs_ls_show_diff_after_real_runs(shared_extraction, tmp_path, capsys):
+    config = shared_extraction.config_in(tmp_path)  # reads the shared cache; runs and registry here
     registry = str(tmp_path / "registry.sqlite")
     code, out, _ = _cli(capsys, "runs", "ls", "--registry", registry)
     assert code == 0 and out == ""
 
-    assert _cli(capsys, "run", str(tiny_config), *FAST)[0] == 0
+    assert _cli(capsys, "run", str(config), *FAST)[0] == 0
     (first,) = (p.name for p in (tmp_path / "runs").iterdir())
-    assert _cli(capsys, "train", str(tiny_config), *FAST, "--set", "train.lr=0.003")[0] == 0
+    assert _cli(capsys, "train", str(config), *FAST, "--set", "train.lr=0.003")[0] == 0
     # Run ids start with the second they were made in, so two quick runs need not sort in run order.
     (second,) = (p.name for p in (tmp_path / "runs").iterdir() if p.name != first)
 
@@ -248,9 +249,10 @@ def _registered(registry: Path) -> set[str]:
 
 
 @pytest.mark.e2e
-def test_a_run_stopped_before_registration_is_registered_later(tiny_config, tmp_path, capsys, ray_session):
+def test_a_run_stopped_before_registration_is_registered_later(shared_extraction, tmp_path, capsys):
+    config = shared_extraction.config_in(tmp_path)  # reads the shared cache; runs and registry here
     registry, runs = tmp_path / "registry.sqlite", tmp_path / "runs"
-    assert _cli(capsys, "run", str(tiny_config), *FAST)[0] == 0
+    assert _cli(capsys, "run", str(config), *FAST)[0] == 0
     (run_dir,) = runs.iterdir()
     run_id = run_dir.name
     with Registry(registry) as reg:
@@ -260,7 +262,7 @@ def test_a_run_stopped_before_registration_is_registered_later(tiny_config, tmp_
     # --resume of it: registered now, its recorded result shown, nothing trained again.
     _unregister(registry, run_id)
     assert _registered(registry) == set()
-    code, out, err = _cli(capsys, "train", str(tiny_config), *FAST, "--resume", str(run_dir))
+    code, out, err = _cli(capsys, "train", str(config), *FAST, "--resume", str(run_dir))
     assert code == 0, err
     assert f"run {run_id} had finished" in err and "stopped before registering itself" in err
     record = json.loads((run_dir / "record.json").read_text())
@@ -272,7 +274,7 @@ def test_a_run_stopped_before_registration_is_registered_later(tiny_config, tmp_
     assert [p.name for p in runs.iterdir()] == [run_id]
 
     # Once registered, --resume refuses as before, saying where to look.
-    code, _, err = _cli(capsys, "train", str(tiny_config), *FAST, "--resume", str(run_dir))
+    code, _, err = _cli(capsys, "train", str(config), *FAST, "--resume", str(run_dir))
     assert code == 2 and "already finished" in err and f"unipt runs show {run_id}" in err
 
     # `unipt runs register DIR`, and again (nothing to do).
@@ -284,7 +286,7 @@ def test_a_run_stopped_before_registration_is_registered_later(tiny_config, tmp_
 
     # The next `unipt train` with this registry registers it before it trains its own run.
     _unregister(registry, run_id)
-    code, _, err = _cli(capsys, "train", str(tiny_config), *FAST)
+    code, _, err = _cli(capsys, "train", str(config), *FAST)
     assert code == 0 and "registered 1 finished run(s) that had stopped before registering themselves" in err
     assert err.index(run_id) < err.index("training on")
     assert run_id in _registered(registry) and len(_registered(registry)) == 2

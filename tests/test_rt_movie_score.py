@@ -28,6 +28,7 @@ def dataset():
     return load_dataset(DatasetConfig(source=SOURCE), task="regression")
 
 
+@pytest.mark.slow  # the bundled data set
 def test_targets_are_each_movies_share_of_fresh_reviews(dataset, corpus):
     reviews, fresh = Counter(r["movie_name"] for r in corpus), Counter()
     fresh.update(r["movie_name"] for r in corpus if r["category"] == "fresh")
@@ -57,6 +58,7 @@ def test_targets_are_each_movies_share_of_fresh_reviews(dataset, corpus):
     assert all(n > 0 for n in dataset.split_counts().values())
 
 
+@pytest.mark.slow  # the bundled data set
 def test_deterministic(dataset):
     again = load_dataset(DatasetConfig(source=SOURCE), task="regression")
     assert again.fingerprint == dataset.fingerprint and again.table.equals(dataset.table)

@@ -276,6 +276,7 @@ def _movies_of_snippets() -> dict[str, set[str]]:
     return movies
 
 
+@pytest.mark.slow  # the bundled data set
 def test_rt_same_movie_is_balanced_split_by_movie_and_deterministic():
     ds = load_dataset(DatasetConfig(source="bundled:rt_same_movie"))
     assert ds.label_names == ["different", "same"] and 5_500 < len(ds) < 6_500

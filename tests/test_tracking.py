@@ -19,8 +19,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData  # noqa: E402
 
-from tests.conftest import make_sentiment_rows, run_cli, write_config, write_csv  # noqa: E402
-from unipt.pipeline import experiment  # noqa: E402
+from tests.conftest import Extraction, run_cli  # noqa: E402
 from unipt.pipeline.cli.app import main  # noqa: E402
 from unipt.pipeline.config import load_config  # noqa: E402
 from unipt.pipeline.errors import UniptError  # noqa: E402
@@ -43,16 +42,11 @@ def _step(metric) -> int:
     return metric.step
 
 
-@pytest.fixture(scope="module")
-def extracted(tmp_path_factory, tiny_bert_dir, ray_session) -> Path:
-    """A config whose cache is extracted (once for the module)."""
-    root = tmp_path_factory.mktemp("tracking")
-    data = write_csv(root / "reviews.csv", make_sentiment_rows(120))
-    config = write_config(root / "c.yaml", str(data), str(tiny_bert_dir), root, train={"epochs": EPOCHS})
-    prep = experiment.prepare(load_config(config))
-    for result in experiment.extract_all(prep, progress=False).values():
-        result.release()
-    return config
+@pytest.fixture
+def extracted(shared_extraction: Extraction, tmp_path: Path) -> Path:
+    """A config that reads the session's shared cache, trains EPOCHS epochs and keeps its runs and registry
+    under the test's tmp_path."""
+    return shared_extraction.config_in(tmp_path, train={"epochs": EPOCHS})
 
 
 def test_a_run_goes_to_mlflow_and_tensorboard_and_the_registry_knows_where(extracted, tmp_path):

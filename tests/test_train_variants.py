@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import KEY, build_cache, example_table, write_config
+from tests.conftest import KEY, Extraction, build_cache, example_table, write_config
 from unipt.pipeline import experiment
 from unipt.pipeline.cache.layout import LayerSpec, StoreLayout
 from unipt.pipeline.cache.opener import open_cache
@@ -128,7 +128,10 @@ def test_the_cnn_refusal_suggests_stages_that_fit(tmp_path):
     fitting = tuple(spec for spec in specs if spec.index in (0, 1, 2, 6, 7, 8))
     build_map_cache(CacheRoot(tmp_path / "fit"), fitting, n=2)
     fit_reader = open_cache(CacheRoot(tmp_path / "fit").location(KEY))
-    assert build_model(fit_reader, TrainConfig(variant="cnn")) is not None
+    config = TrainConfig(variant="cnn", epochs=1, batch_size=2)
+    trained = train_task(fit_reader, config, seed=0, progress=False)
+    assert len(trained.history) == 1 and math.isfinite(trained.history[0]["train_loss"])
+    assert isinstance(trained.model, UniPTCNNClassifier)
 
 
 @pytest.mark.slow
@@ -157,6 +160,7 @@ def test_training_each_variant_on_small_synthetic_caches(tmp_path, map_cache):
 # --- real backbones, through the real extraction path ------------------------------------------------------
 
 
+@pytest.mark.e2e  # extracts and trains
 @pytest.mark.slow
 def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path):
     """EfficientNet-Lite0 stages 1, 2, 3, 5 of 96 MNIST digits: grids 56/28/14/7, ratios 8/4/2 (as C2-C5)."""
@@ -206,24 +210,21 @@ def test_cnn_variant_trains_from_a_real_efficientnet_cache(ray_session, tmp_path
     assert features.shape == (len(reader.split_indices("train")), reader.hidden_sizes[reader.layers[-1]])
     np.testing.assert_allclose(features[0].numpy(), want, rtol=1e-5, atol=1e-6)
     probe = linear_probe(reader)
-    assert 0.0 <= probe["probe_test_acc"] <= 1.0
+    # Ten digits (chance 0.1): EfficientNet's pooled last stage separates them, so the probe gets most right
+    # (0.76 of the 25 test digits when written).
+    assert probe["probe_test_acc"] >= 0.5, probe
 
 
 @pytest.mark.slow
-def test_clip4clip_variant_trains_from_a_tiny_bert_cache(ray_session, tmp_path, tiny_bert_dir, sentiment_csv):
-    path = write_config(
-        tmp_path / "text.yaml",
-        str(sentiment_csv),
-        str(tiny_bert_dir),
-        tmp_path,
-        train={"variant": "clip4clip", "epochs": 2, "batch_size": 16, "probe_baseline": False},
+def test_clip4clip_variant_trains_from_a_tiny_bert_cache(shared_extraction: Extraction):
+    config = TrainConfig(
+        variant="clip4clip", epochs=2, batch_size=16, lr=1e-2, block_examples=32, probe_baseline=False
     )
-    config = load_config(path)
-    reader = open_cache(experiment.extract(experiment.prepare(config), progress=False).path)
-    assert reader.layers == [0, 1, 2]
-    result = train_task(reader, config.train, seed=0, progress=False)
-    assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)
-    assert 0.0 <= result.metrics["test_acc"] <= 1.0
-    assert len(result.layer_weights) == 2  # embeddings and layer 1; layer 2 is the anchor
-    with pytest.raises(UniptError, match="holds token sequences"):
-        train_task(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)
+    with open_cache(shared_extraction.view) as reader:
+        assert reader.layers == [0, 1, 2]
+        result = train_task(reader, config, seed=0, progress=False)
+        assert len(result.history) == 2 and all(math.isfinite(h["train_loss"]) for h in result.history)
+        assert 0.0 <= result.metrics["test_acc"] <= 1.0
+        assert len(result.layer_weights) == 2  # embeddings and layer 1; layer 2 is the anchor
+        with pytest.raises(UniptError, match="holds token sequences"):
+            train_task(reader, TrainConfig(variant="cnn", epochs=1), seed=0, progress=False)

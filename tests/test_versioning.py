@@ -68,6 +68,7 @@ def test_an_explicit_split_column_is_part_of_the_fingerprint(tmp_path):
 BBC_NEWS_200 = "d1c5405bcfe19f79d52549f34eb9132a978850967eaf80b97df7b6642b2664c4"
 
 
+@pytest.mark.slow  # the bundled data set
 def test_bundled_dataset_fingerprint_is_stable():
     """Pinned, not compared within one process: the same across processes, machines and releases."""
     assert load_dataset(DatasetConfig(source="bundled:bbc_news", limit=200)).fingerprint == BBC_NEWS_200
