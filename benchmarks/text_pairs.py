@@ -3,9 +3,8 @@
 ``bundled:rt_same_movie``: are two Rotten Tomatoes critic snippets about the same movie? ~6k balanced
 pairs, split by movie, each pair encoded together by all-MiniLM-L6-v2 (configs/rt_pairs_minilm.yaml).
 The cache is extracted once (``unipt.pipeline.experiment.extract``, a hit when ``unipt run`` built it
-before);
-then UniPT is trained with each seed, and every run also fits its linear probe (last layer, mean-pooled)
-and reports the majority class, as ``unipt run``'s summary line does.
+before); then UniPT is trained with each seed, and every run also fits its linear probe (last layer,
+mean-pooled) and reports the majority class, as ``unipt run``'s summary line does.
 
     python benchmarks/text_pairs.py                      # seeds 0 1 2, the whole dataset
     python benchmarks/text_pairs.py --seeds 0 --set dataset.limit=2000   # a quicker look

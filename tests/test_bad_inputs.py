@@ -2,8 +2,7 @@
 with no traceback, and leaves no cache (committed or partial) and no run record behind.
 
 Every test drives ``unipt.pipeline.cli.app.main`` in-process, as `unipt run/extract/train` would run. Errors
-in
-the data or the config stop before Ray starts; the ones that need a backbone (layer range, long
+in the data or the config stop before Ray starts; the ones that need a backbone (layer range, long
 texts) run the real Ray extraction on the tiny BERT of tests/conftest.py.
 """
 

@@ -223,9 +223,9 @@ class ActivationCache(ABC):
     def stored_pieces(self, name: str, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
         """Rows ``start:stop`` of a stored array as stored, as ``(first row, rows)`` pieces that cover the
         range in order. Where a store is read out of memory maps (:mod:`unipt.pipeline.cache.chunk_reader`)
-        each piece
-        is a read-only view into one chunk file's map, so the rows are copied once, by the caller, straight
-        to where they go (the loader's padded batch); elsewhere one piece, read as :meth:`read_stored` reads.
+        each piece is a read-only view into one chunk file's map, so the rows are copied once, by the caller,
+        straight to where they go (the loader's padded batch); elsewhere one piece, read as
+        :meth:`read_stored` reads.
         """
         return [(start, self.read_stored(name, start, stop))]
 

@@ -7,8 +7,7 @@ chunk it touches, from the page cache into the caller's array. zarr-python's per
 event loop, buffer prototypes, a fresh array per chunk, the checking store) cost ~10x the copy itself.
 
 The checks stay those of the Zarr path (:class:`~unipt.pipeline.cache.checksums.ReadChecks`), each done once
-per chunk
-file and reader, before any of its bytes is handed out:
+per chunk file and reader, before any of its bytes is handed out:
 
 - a chunk the layout says holds rows must exist (a missing one in reserved but unused rows reads as zeros,
   the arrays' fill value, exactly as through Zarr);

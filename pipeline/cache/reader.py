@@ -55,8 +55,7 @@ class CacheReader(ActivationCache):
 
     Every read is checked (format 3): each chunk's crc32c (Zarr's codec) and, through
     :class:`~unipt.pipeline.cache.checksums.CheckedStore`, that a chunk the layout says holds rows exists and
-    is the
-    one written at its position. At open, the manifest's seal and the digests of the root ``zarr.json``
+    is the one written at its position. At open, the manifest's seal and the digests of the root ``zarr.json``
     and ``examples.parquet`` are checked, and the root attributes against their layout; each array's
     ``zarr.json`` is checked (digest, dtype, shape, chunking, codecs) when the array is first opened.
     Version 2 caches get the metadata cross-checks only; ``unipt cache verify`` is their check.
@@ -118,9 +117,8 @@ class CacheReader(ActivationCache):
     def take_stored(self, name: str, rows: np.ndarray) -> np.ndarray | None:
         """The stored rows at indices ``rows`` (any order) of array ``name``, and only those, where the store
         reads out of memory maps (:mod:`unipt.pipeline.cache.chunk_reader`): what a view reads of a segment,
-        so a view
-        of part of a space copies no row it does not use. None where reads go through Zarr, which decodes
-        whole chunks: read runs of rows there (:func:`unipt.pipeline.cache.view.gather`)."""
+        so a view of part of a space copies no row it does not use. None where reads go through Zarr, which
+        decodes whole chunks: read runs of rows there (:func:`unipt.pipeline.cache.view.gather`)."""
         spec = self._specs.get(name)
         if spec is None or self._mapped is None or not self._mapped.covers(spec):
             return None

@@ -3,9 +3,8 @@
 A view is a small store beside the caches (``<cache_root>/<key>/``: ``zarr.json``, ``examples.parquet``,
 ``checksums.json``, no arrays; the format is specified in ``docs/cache-format.md``). Its examples are in
 the dataset's own order (split, then id), each naming the segment and the example row there that hold its
-input's activations.
-:class:`ViewReader` presents exactly the API of a self-contained cache: example ``i``'s rows of a
-layer are ``offsets_for(layer)[i]`` in a *virtual* row space where the view's examples sit back to
+input's activations. :class:`ViewReader` presents exactly the API of a self-contained cache: example ``i``'s
+rows of a layer are ``offsets_for(layer)[i]`` in a *virtual* row space where the view's examples sit back to
 back, and ``read_rows`` maps a virtual range onto the segments' rows.
 
 Why a virtual, gap-free row space: the loader cuts blocks where rows stop being back to back, and its
@@ -142,8 +141,7 @@ class ViewReader(ActivationCache):
     It holds readers, it is none of them: ``files`` reads the view's own store (``zarr.json``,
     ``examples.parquet``, ``checksums.json``), checked like any format-3+ store (sealed manifest, digests,
     attributes against the layout), and ``segments`` holds a :class:`~unipt.pipeline.cache.reader.CacheReader`
-    per
-    segment the view names (each with its own checks and read lease), each checked to be the very
+    per segment the view names (each with its own checks and read lease), each checked to be the very
     segment the view was written against (the digest of its ``checksums.json``). :meth:`close` lets go
     of all of them.
     """

@@ -1,8 +1,7 @@
 """Redo a registered run from its stored config, and compare what it gives with what it gave.
 
 The rerun goes through the recipe (:mod:`unipt.pipeline.experiment.recipe`) like any run: the dataset is
-reloaded
-and refused if it changed (unless the caller allows new data: then the new run is linked to the old),
+reloaded and refused if it changed (unless the caller allows new data: then the new run is linked to the old),
 a removed cache is rebuilt, and training restores the original run's torch thread count so CPU sums
 come out bit for bit. On a machine that holds only the run's cache (no dataset source, no backbone
 files), the rerun trains from that cache alone and says the dataset was not re-checked.

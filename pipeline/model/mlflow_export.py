@@ -6,8 +6,8 @@ The MLflow model is a *loader-module* pyfunc: its ``MLmodel`` file names
 its data is the exported model folder (``model.safetensors``, ``model.json``, ``README.md``). MLflow loads
 it by importing that module from the installed unipt-cache and calling its ``_load_pyfunc`` on the folder,
 which is :meth:`unipt.pipeline.model.predict.TunedModel.from_pretrained`: the folder holds data only. The
-other two pyfunc
-styles were ruled out because each puts code into the model's files: ``python_model=<object>`` cloudpickles
+other two pyfunc styles were ruled out because each puts code into the model's files:
+``python_model=<object>`` cloudpickles
 the object (``python_model.pkl``, unpickled on load), and models-from-code copies a ``.py`` file into the
 model that MLflow executes on load. Either way a file anyone may have replaced would decide what runs.
 

@@ -1,8 +1,7 @@
 """What MLflow imports to load a unipt pyfunc model (the ``loader_module`` that
 :mod:`unipt.pipeline.model.mlflow_export`
 writes into ``MLmodel``): the exported folder becomes a :class:`unipt.pipeline.model.predict.TunedModel`,
-which
-predicts from a DataFrame of texts as ``unipt predict`` does. Loading reads data only (see
+which predicts from a DataFrame of texts as ``unipt predict`` does. Loading reads data only (see
 :mod:`unipt.pipeline.model.mlflow_export` for why it is a loader module).
 """
 

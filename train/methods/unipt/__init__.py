@@ -6,8 +6,7 @@
 - ``clip4clip`` (:mod:`.clip4clip`): the official CLIP4Clip form, its output added back to the last layer.
 
 :func:`build` is the ``unipt`` entry of the method registry (:mod:`unipt.train.methods`): it checks the
-variant
-against the cache it will read and builds the variant's classifier from the table :data:`VARIANTS`.
+variant against the cache it will read and builds the variant's classifier from the table :data:`VARIANTS`.
 """
 
 from __future__ import annotations
