@@ -10,8 +10,8 @@ Each dataset's cache is extracted once (``unipt.pipeline.experiment.extract``); 
 ``train.method`` (linear_probe, scalar_mix, lst, unipt) trains from that same cache with each seed through
 the recipe (``unipt.pipeline.experiment.train``), and full fine-tuning of the backbone (a linear layer
 into the task's head, at ``train.lr / 10``, ``benchmarks.online_baselines.train_online``) runs once, seed 0,
-for every dataset: it trains the config's ``train.task`` with the head, metrics and best-epoch rule of the cache
-runs, so its row is regression too on ``rt_movie_score`` (a task with no online baseline, such as
+for every dataset: it trains the config's ``train.task`` with the head, metrics and best-epoch rule of the
+cache runs, so its row is regression too on ``rt_movie_score`` (a task with no online baseline, such as
 retrieval, is skipped with a note). Every (dataset, method, seed) trains in a fresh Python process, so
 its peak RSS is that training's alone. Recorded per run: the task's headline test metric (accuracy, or
 Pearson for regression) and its val value, trainable parameters, peak RSS, median seconds per epoch (each
