@@ -3,7 +3,7 @@
 What it measures: for each layout (compressor, chunk_rows, sharding on/off, stored dtype) it writes
 the per-layer activations of real Rotten Tomatoes snippets (bundled MiniLM, layers 0/3/6 by
 default) as 2-D Zarr v3 arrays ``[total_tokens, hidden]`` chunked along rows, like
-``pipeline/cache/reader.py`` does, into a LocalStore under a temp dir, then reports medians over
+``pipeline/cache/writer.py`` does, into a LocalStore under a temp dir, then reports medians over
 ``--reps`` writes (and ``--read-passes`` read passes after each write) of:
 
 * ratio      uncompressed bytes / bytes of all files in the store (also per layer);
