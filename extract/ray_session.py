@@ -137,9 +137,13 @@ def _probe(address: str, host_port: str) -> None:
 def same_command() -> str:
     """The command this process runs, as the user would type it again (``unipt extract ...``)."""
     argv = sys.argv
-    if argv and (Path(argv[0]).name == "unipt" or argv[0].endswith(os.path.join("pipeline", "cli.py"))):
+    if argv and (Path(argv[0]).name == "unipt" or argv[0].endswith(_CLI_MAINS)):
         return "`unipt " + shlex.join(argv[1:]) + "`"
     return "the same command"
+
+
+# What sys.argv[0] is under `python -m unipt` and `python -m unipt.pipeline.cli`.
+_CLI_MAINS = (os.path.join("unipt", "__main__.py"), os.path.join("pipeline", "cli", "__main__.py"))
 
 
 def _reachable(host: str, port: int) -> bool:

@@ -63,3 +63,22 @@ def test_unipt_run_works_from_a_folder_of_user_files_named_like_the_stages(tmp_p
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "run " in done.stdout
+
+
+@pytest.mark.parametrize(
+    "argv0",
+    [
+        "/venv/bin/unipt",
+        os.path.join("site-packages", "unipt", "__main__.py"),  # python -m unipt
+        os.path.join(
+            "site-packages", "unipt", "pipeline", "cli", "__main__.py"
+        ),  # python -m unipt.pipeline.cli
+    ],
+)
+def test_an_error_names_the_command_to_run_again_whichever_way_unipt_was_started(monkeypatch, argv0):
+    from unipt.extract.ray_session import same_command
+
+    monkeypatch.setattr(sys, "argv", [argv0, "extract", "my config.yaml", "--no-progress"])
+    assert same_command() == "`unipt extract 'my config.yaml' --no-progress`"
+    monkeypatch.setattr(sys, "argv", ["my_script.py", "x"])
+    assert same_command() == "the same command"
