@@ -68,8 +68,9 @@ def parse_attrs(attrs: Any, source: str) -> CacheAttrs:
         return CacheAttrs.model_validate(attrs)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "the attributes"
+        where = ".".join(str(part) for part in first["loc"])
+        what = f"attribute {where} is" if where else "attributes are"
         raise CacheDamaged(
-            f"cache {source}: zarr.json attribute {where} is malformed ({first['msg']}); "
+            f"cache {source}: zarr.json {what} malformed ({first['msg']}); "
             f"run `unipt cache verify {source}` and re-extract it"
         ) from exc
