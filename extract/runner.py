@@ -260,7 +260,7 @@ def _view_attrs(request: ExtractionRequest, first: CacheReader) -> dict[str, Any
     }
     if TEXT_PAIR_COLUMN in request.examples.column_names:  # a model trained on it must be given pairs too
         attrs["input"] = "text_pair"
-    attrs["backbone"] = {**first.attrs.get("backbone", {}), "name": request.backbone_name}
+    attrs["backbone"] = {**first.meta.backbone, "name": request.backbone_name}
     return attrs
 
 

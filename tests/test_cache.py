@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import KEY, build_cache, example_table, write_scaled_store
-from unipt.pipeline.cache.layout import LayerSpec, StoreLayout, written_ranges
+from unipt.pipeline import FORMAT_VERSION
+from unipt.pipeline.cache.attrs import parse_attrs
+from unipt.pipeline.cache.checksums import CHECKSUMS_FILE, digest
+from unipt.pipeline.cache.layout import (
+    METADATA_FILE,
+    SEGMENT_KIND,
+    VIEW_KIND,
+    LayerSpec,
+    StoreLayout,
+    written_ranges,
+)
 from unipt.pipeline.cache.opener import open_cache
 from unipt.pipeline.cache.root import CacheRoot
 from unipt.pipeline.cache.writer import CacheBuilder, write_shard
-from unipt.pipeline.errors import UniptError
+from unipt.pipeline.cli.app import main
+from unipt.pipeline.errors import CacheDamaged, UniptError
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -318,3 +330,82 @@ def test_a_chunk_that_is_a_symlink_is_not_followed(tmp_path):
     reader = open_cache(root.location(KEY))
     with pytest.raises(UniptError, match=r"layer_00 chunk 0 \(rows 0-7\): the chunk file cannot be opened"):
         reader.read_example(0, 0)
+
+
+# --- typed root attributes (cache/attrs.py) ---------------------------------------------------------------
+
+
+def _root_attrs(store: Path) -> dict:
+    return json.loads((store / METADATA_FILE).read_text())["attributes"]
+
+
+@pytest.mark.slow
+def test_a_real_segment_and_view_parse_to_typed_attributes_and_keep_every_one(shared_extraction):
+    segment_attrs = _root_attrs(shared_extraction.segment)
+    view_attrs = _root_attrs(shared_extraction.view)
+    segment = parse_attrs(segment_attrs, "segment")
+    view = parse_attrs(view_attrs, "view")
+    # Nothing read is dropped or changed: dumped back, each is the dict on disk.
+    assert segment.model_dump(exclude_unset=True) == segment_attrs
+    assert view.model_dump(exclude_unset=True) == view_attrs
+    assert segment.kind == SEGMENT_KIND and view.kind == VIEW_KIND
+    assert segment.complete and view.complete
+    assert segment.format_version == view.format_version == FORMAT_VERSION
+    assert segment.space_key == view.space_key == shared_extraction.segment.parent.parent.name
+    assert view.cache_key == shared_extraction.key and view.segments[0].id == shared_extraction.segment.name
+    checksums = (shared_extraction.segment / CHECKSUMS_FILE).read_bytes()
+    assert [ref.checksums for ref in view.segments] == [digest(checksums)]
+    assert segment.dataset_fingerprint is None  # a segment belongs to its space, not to a dataset version
+    assert view.dataset_fingerprint == view.key_fields["dataset_fingerprint"]
+    assert segment.layers == view.layers == [0, 1, 2] and segment.tokenizer["class"] == "BertTokenizer"
+    with open_cache(shared_extraction.view) as reader:
+        assert reader.meta == view and reader.segments[0].meta == segment
+        assert reader.meta.total_tokens == sum(reader.examples.column("length").to_pylist())
+        assert reader.num_views == 1 and reader.label_names == view.label_names
+
+
+def test_attributes_of_format_2_parse_with_the_defaults_readers_assumed(tmp_path):
+    root = CacheRoot(tmp_path)
+    build_cache(root, [3, 4], {0: 4})
+    written = _root_attrs(tmp_path / KEY)
+    with open_cache(root.location(KEY)) as reader:  # format 4, self-contained: no kind, no space
+        assert reader.meta.num_examples == 2 and reader.meta.key_fields == {"dataset_fingerprint": "f1"}
+        assert reader.meta.kind is None and reader.meta.segments == []
+    format_2 = {name: written[name] for name in _FORMAT_2_ATTRS} | {"format_version": 2, "note": "kept"}
+    old = parse_attrs(format_2, "old")
+    assert old.format_version == 2 and old.layers == [0] and old.total_tokens == 7
+    assert (old.kind, old.space_key, old.committed_at, old.dataset_fingerprint, old.tokenizer) == (None,) * 5
+    assert (old.views, old.key_fields, old.backbone, old.segments, old.grids) == (1, {}, {}, [], {})
+    assert old.model_extra == {"note": "kept"}  # a newer or older version's attribute is kept, not refused
+
+
+# What a cache of format 2 has at its root (tests/test_corruption.py builds a whole one).
+_FORMAT_2_ATTRS = (
+    "cache_key", "complete", "label_names", "layout", "layers", "hidden_sizes", "grids", "dtype",
+    "max_length", "num_examples", "total_tokens",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "where"),
+    [
+        ("total_tokens", "many", "attribute total_tokens is"),
+        ("complete", "yes", "attribute complete is"),
+        ("views", 0, "attribute views is"),
+        ("hidden_sizes", {"0": 4.5}, "attribute hidden_sizes.0 is"),
+        ("segments", [{"checksums": "ab"}], "attribute segments.0.id is"),
+    ],
+)
+def test_a_malformed_attribute_is_refused_in_one_line(tmp_path, capsys, name, value, where):
+    root = CacheRoot(tmp_path)
+    build_cache(root, [3, 4], {0: 4})
+    path = tmp_path / KEY / METADATA_FILE
+    meta = json.loads(path.read_text())
+    meta["attributes"][name] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CacheDamaged, match=rf"zarr.json {where} malformed \(.+\); run `unipt cache verify"):
+        open_cache(root.location(KEY))
+    assert main(["cache", "info", str(tmp_path / KEY)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unipt: error: cache ") and len(err.strip().splitlines()) == 1
+    assert "pydantic" not in err and "Traceback" not in err

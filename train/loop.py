@@ -82,7 +82,7 @@ def train_single_cache(
     train_labels = reader.labels()[splits[0].indices]
     head = make_head(list(reader.label_names), train_labels)
     model = build_model(reader, config, num_outputs=head.outputs).to(device)
-    identity = {"cache_key": reader.attrs.get("cache_key")}  # where the cache lives may change
+    identity = {"cache_key": reader.meta.cache_key}  # where the cache lives may change
     select = selection(config, train_labels)
     return fit_head(
         model, *splits, config, head, device, options, seed=seed, identity=identity, select=select

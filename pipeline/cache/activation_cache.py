@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from functools import cached_property
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from unipt.pipeline import READABLE_FORMAT_VERSIONS
+from unipt.pipeline.cache.attrs import CacheAttrs, parse_attrs
 from unipt.pipeline.cache.encoding import decode_rows, has_scale
 from unipt.pipeline.cache.layout import (
     EXAMPLES_FILE,
@@ -50,10 +52,16 @@ class ActivationCache(ABC):
         0  # which augmented view this reader reads (unipt.pipeline.data.augment); 0: the inputs as is
     )
 
+    @cached_property
+    def meta(self) -> CacheAttrs:
+        """The root attributes, typed (parsed once; :attr:`attrs` keeps them as read, for what prints them
+        all). A malformed attribute is one CacheDamaged line."""
+        return parse_attrs(self.attrs, self.source)
+
     @property
     def num_views(self) -> int:
         """Augmented views stored per example (``extract.views``); 1 for caches without them."""
-        return int(self.attrs.get("views", 1))
+        return self.meta.views
 
     def view(self, view: int) -> ActivationCache:
         """This cache as read through augmented view ``view`` (same examples, labels and splits; each
@@ -68,18 +76,19 @@ class ActivationCache(ABC):
         return name
 
     def _validate(self, expect: dict[str, Any] | None) -> None:
-        if not self.attrs.get("complete"):
+        meta = self.meta
+        if not meta.complete:
             raise CacheMissing(
                 f"cache {self.source} is incomplete (extraction did not finish); rerun `unipt extract`"
             )
-        version = self.attrs.get("format_version")
-        if version not in READABLE_FORMAT_VERSIONS:
+        version = meta.format_version
+        if version is None or version not in READABLE_FORMAT_VERSIONS:
             raise UniptError(
                 f"cache {self.source} has format version {version}, this unipt reads versions "
                 f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; re-extract it"
             )
-        self.format_version: int = int(version)
-        stored = self.attrs.get("key_fields", {})
+        self.format_version: int = version
+        stored = meta.key_fields
         for field, wanted in (expect or {}).items():
             have = stored.get(field)
             if have != wanted:
@@ -88,7 +97,9 @@ class ActivationCache(ABC):
                     f"({short(have)} != {short(wanted)}); re-extract for this config"
                 )
         try:
-            self.layout = StoreLayout.from_json(self.attrs["layout"])
+            if meta.layout is None:
+                raise KeyError("layout")
+            self.layout = StoreLayout.from_json(meta.layout)
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise self._damaged("zarr.json", f"its layout attribute is unreadable ({exc})") from exc
         except UniptError as exc:  # numbers no real cache has: refused before they size anything
@@ -96,7 +107,7 @@ class ActivationCache(ABC):
         self.dtype: str = self.layout.dtype
         self.layers: list[int] = [spec.index for spec in self.layout.layers]
         self.hidden_sizes: dict[int, int] = {spec.index: spec.width for spec in self.layout.layers}
-        self.label_names: list[str] = list(self.attrs.get("label_names", []))
+        self.label_names: list[str] = list(meta.label_names)
         self._offsets: dict[str, np.ndarray] = {}
         self._expected_offsets: dict[str, np.ndarray] = {}
 
@@ -107,14 +118,14 @@ class ActivationCache(ABC):
 
     def attribute_problems(self) -> list[str]:
         """Where the root attributes contradict their own layout (or, once loaded, the examples table)."""
-        layout, attrs = self.layout, self.attrs
+        layout, meta = self.layout, self.meta
         claims = {
-            "dtype": (attrs.get("dtype"), layout.dtype),
-            "layers": (attrs.get("layers"), [s.index for s in layout.layers]),
-            "hidden_sizes": (attrs.get("hidden_sizes"), {str(s.index): s.width for s in layout.layers}),
-            "grids": (attrs.get("grids", {}), {str(s.index): list(s.grid) for s in layout.layers if s.grid}),
-            "max_length": (attrs.get("max_length"), layout.max_length),
-            "num_examples": (attrs.get("num_examples"), layout.num_examples),
+            "dtype": (meta.dtype, layout.dtype),
+            "layers": (meta.layers, [s.index for s in layout.layers]),
+            "hidden_sizes": (meta.hidden_sizes, {str(s.index): s.width for s in layout.layers}),
+            "grids": (meta.grids, {str(s.index): list(s.grid) for s in layout.layers if s.grid}),
+            "max_length": (meta.max_length, layout.max_length),
+            "num_examples": (meta.num_examples, layout.num_examples),
         }
         problems = [
             f"attribute {name} is {short(have)} but the layout says {short(want)}"
@@ -131,10 +142,10 @@ class ActivationCache(ABC):
                 )
             elif "length" in examples.column_names:
                 total = int(pc.sum(examples.column("length")).as_py() or 0)
-                if total != attrs.get("total_tokens"):
+                if total != meta.total_tokens:
                     problems.append(
                         f"examples.parquet lengths sum to {total}, attribute total_tokens is "
-                        f"{attrs.get('total_tokens')}"
+                        f"{meta.total_tokens}"
                     )
         return problems
 

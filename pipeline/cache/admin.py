@@ -25,15 +25,15 @@ _ROOT_FOLDERS = (PARTIAL_DIR, LEASES_DIR, TRASH_DIR, SPACES_DIR)
 
 def describe(reader: CacheReader) -> dict[str, Any]:
     """What ``unipt cache info`` prints: identity, shape, layout and size of one cache."""
-    attrs = reader.attrs
+    meta = reader.meta
     layout = reader.layout
-    backbone = attrs.get("backbone", {})
+    backbone = meta.backbone
     return {
-        "key": attrs.get("cache_key"),
+        "key": meta.cache_key,
         "location": reader.source,
-        "format_version": attrs.get("format_version"),
-        "committed_at": attrs.get("committed_at"),
-        "dataset_fingerprint": attrs.get("dataset_fingerprint"),
+        "format_version": meta.format_version,
+        "committed_at": meta.committed_at,
+        "dataset_fingerprint": meta.dataset_fingerprint,
         "backbone": {
             key: backbone.get(key)
             for key in (
@@ -45,15 +45,15 @@ def describe(reader: CacheReader) -> dict[str, Any]:
                 "tokenizer_sha256",
             )
         },
-        "tokenizer": attrs.get("tokenizer"),
+        "tokenizer": meta.tokenizer,
         "layers": reader.layers,
         "hidden_sizes": {str(k): v for k, v in reader.hidden_sizes.items()},
-        "grids": attrs.get("grids", {}),
+        "grids": meta.grids,
         "dtype": reader.dtype,
         "max_length": layout.max_length,
         "examples": reader.num_examples,
         "splits": {s: int(len(reader.split_indices(s))) for s in ("train", "val", "test")},
-        "total_tokens": attrs.get("total_tokens"),
+        "total_tokens": meta.total_tokens,
         "label_names": reader.label_names,
         "codec": {
             "codec": layout.codec,
@@ -73,13 +73,13 @@ def _view_part(reader: CacheReader) -> dict[str, Any]:
     from unipt.pipeline.cache.view import ViewReader
 
     if not isinstance(reader, ViewReader):
-        return {"kind": reader.attrs.get("kind", "cache")}
+        return {"kind": reader.meta.kind or "cache"}
     return {
         "kind": VIEW_KIND,
         "space": reader.space,
         "segments": [
-            {"id": entry["id"], "inputs": segment.num_examples, "bytes_on_disk": segment.nbytes_on_disk()}
-            for entry, segment in zip(reader.attrs.get("segments", []), reader.segments, strict=True)
+            {"id": entry.id, "inputs": segment.num_examples, "bytes_on_disk": segment.nbytes_on_disk()}
+            for entry, segment in zip(reader.meta.segments, reader.segments, strict=True)
         ],
         "view_bytes_on_disk": reader.own_bytes(),
     }

@@ -82,7 +82,8 @@ def export_hdf5(reader: CacheReader, out: str | Path, compression: str = "lzf", 
 def _exported_attrs(reader: CacheReader) -> dict[str, Any]:
     """The store's attributes as the file keeps them: it holds view 0's rows only, so it claims no more."""
     attrs = dict(reader.attrs)
-    if attrs.pop("views", 1) > 1:
+    attrs.pop("views", None)
+    if reader.num_views > 1:
         say(f"HDF5 export holds view 0 only; the {reader.num_views - 1} augmented view(s) stay in the cache")
     return attrs
 

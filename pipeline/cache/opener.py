@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from unipt.pipeline.cache.activation_cache import ActivationCache
+from unipt.pipeline.cache.attrs import parse_attrs
 from unipt.pipeline.cache.hdf5 import HDF5CacheReader
 from unipt.pipeline.cache.layout import VIEW_KIND
 from unipt.pipeline.cache.reader import CacheReader
@@ -36,6 +37,6 @@ def open_cache(
         return HDF5CacheReader(target, expect=expect)
     location = target if isinstance(target, Location) else Location(target, options)
     attrs = read_attrs(location)
-    if attrs is not None and attrs.get("kind") == VIEW_KIND:
+    if attrs is not None and parse_attrs(attrs, str(location)).kind == VIEW_KIND:
         return ViewReader(location, expect=expect, options=options, strict=strict, view_order=view_order)
     return CacheReader(location, expect=expect, options=options, strict=strict)

@@ -31,8 +31,8 @@ CACHE_SOURCE = "cache:"  # dataset.source of a config made from a cache alone
 
 
 def key_fields_of(reader: ActivationCache) -> dict[str, Any]:
-    fields = reader.attrs.get("key_fields")
-    if not isinstance(fields, dict) or "backbone" not in fields:
+    fields = reader.meta.key_fields
+    if "backbone" not in fields:
         raise UniptError(
             f"cache {reader.source} does not record what it was built from (no key_fields); "
             "train it with the config it was extracted with"
@@ -47,7 +47,7 @@ def settings_of(reader: ActivationCache) -> dict[str, Any]:
 
 def key_of(reader: ActivationCache) -> str:
     """The key of the cache actually read (what run records and `unipt cache gc` must see)."""
-    key = reader.attrs.get("cache_key")
+    key = reader.meta.cache_key
     return str(key) if key else cache_key(key_fields_of(reader))
 
 
@@ -77,14 +77,14 @@ def backbone_is_here(config: BackboneConfig) -> bool:
 
 def dataset_from_cache(reader: ActivationCache, source: str) -> DatasetTable:
     """The dataset as training sees it: ids, labels and splits from ``examples.parquet``."""
-    fingerprint = reader.attrs.get("dataset_fingerprint") or key_fields_of(reader).get("dataset_fingerprint")
+    fingerprint = reader.meta.dataset_fingerprint or key_fields_of(reader).get("dataset_fingerprint")
     return DatasetTable(reader.examples, list(reader.label_names), str(fingerprint), source)
 
 
 def identity_from_cache(reader: ActivationCache) -> BackboneIdentity:
     fields = key_fields_of(reader)["backbone"]
     return BackboneIdentity(
-        name=str((reader.attrs.get("backbone") or {}).get("name") or "unknown"),
+        name=str(reader.meta.backbone.get("name") or "unknown"),
         revision=fields.get("revision"),
         weights_sha256=fields.get("weights_sha256", ""),
         config_sha256=fields.get("config_sha256", ""),

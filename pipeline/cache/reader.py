@@ -87,7 +87,7 @@ class CacheReader(ActivationCache):
                     f"no activation cache at {self.source}; run `unipt extract` (or `unipt run`) first"
                 )
             self._root_bytes, self.attrs = root
-            if self.attrs.get("kind") == VIEW_KIND and not view_files:
+            if self.meta.kind == VIEW_KIND and not view_files:
                 # A view's arrays live in its segments: read alone, its store would look empty.
                 raise UniptError(
                     f"cache {self.source} is a view over an activation space; open it with "

@@ -260,7 +260,7 @@ def _own_attrs(
         "kind": VIEW_KIND,
         "format_version": FORMAT_VERSION,
         "cache_key": key,
-        "space_key": first.attrs["space_key"],
+        "space_key": first.meta.space_key,
         "segments": [
             {"id": s, "checksums": digest(reader.location.child(CHECKSUMS_FILE).read_bytes())}
             for s, reader in segments.items()

@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from unipt.pipeline.cache.activation_cache import ActivationCache
+from unipt.pipeline.cache.attrs import SegmentRef
 from unipt.pipeline.cache.checksums import CHECKSUMS_FILE, Problem, digest
 from unipt.pipeline.cache.layout import SEGMENT_KIND, concat_ranges, layer_array_name, view_column
 from unipt.pipeline.cache.locks import LeaseSet
@@ -171,9 +172,9 @@ class ViewReader(ActivationCache):
         try:
             self._validate(None)  # the layout and what follows from it; ``files`` checked ``expect``
             self._specs = self.layout.arrays()
-            self.space: str = str(self.attrs.get("space_key", ""))
+            self.space: str = self.meta.space_key or ""
             root = parent_of(self.location)
-            for entry in self.attrs.get("segments", []):
+            for entry in self.meta.segments:
                 self.segments.append(self._open_segment(root, entry, options, strict))
         except BaseException:
             self.close()
@@ -187,23 +188,22 @@ class ViewReader(ActivationCache):
             reader.close()
 
     def _open_segment(
-        self, root: Location, entry: dict[str, Any], options: dict[str, Any] | None, strict: bool
+        self, root: Location, entry: SegmentRef, options: dict[str, Any] | None, strict: bool
     ) -> CacheReader:
-        location = CacheRoot(root).segment_location(self.space, str(entry["id"]))
+        location = CacheRoot(root).segment_location(self.space, entry.id)
         try:
             segment = CacheReader(location, options=options, strict=strict)
         except CacheMissing as exc:
             raise CacheMissing(
-                f"cache {self.source} is a view over segment {entry['id']} of activation space "
+                f"cache {self.source} is a view over segment {entry.id} of activation space "
                 f"{self.space}, which is not at {location}; run `unipt extract` for this config (it "
                 "re-extracts only what is missing), or copy the whole cache root, not just the view"
             ) from exc
         try:
-            attrs = segment.attrs
-            if attrs.get("kind") != SEGMENT_KIND or attrs.get("space_key") != self.space:
+            if segment.meta.kind != SEGMENT_KIND or segment.meta.space_key != self.space:
                 raise self._damaged("zarr.json", f"names {location} as a segment of its space, but it is not")
             if strict and (problem := _segment_problem(location, entry)):
-                raise self._damaged(f"segment {entry['id']}", problem)
+                raise self._damaged(f"segment {entry.id}", problem)
         except BaseException:
             segment.close()
             raise
@@ -275,7 +275,7 @@ class ViewReader(ActivationCache):
                 if not np.array_equal(lengths, virtual[mine, 1] - virtual[mine, 0]):
                     raise self._damaged(
                         "examples.parquet",
-                        f"disagrees with segment {self.attrs['segments'][index]['id']} on token counts",
+                        f"disagrees with segment {self.meta.segments[index].id} on token counts",
                     )
             self._mappings[offsets_name] = _Mapping(virtual[:, 0], virtual[:, 1], segment, pstart)
         return self._mappings[offsets_name]
@@ -370,9 +370,9 @@ class ViewReader(ActivationCache):
             self.files.examples  # noqa: B018
         except UniptError as exc:
             problems.append(Problem("examples.parquet", "examples.parquet", str(exc)))
-        for entry, segment in zip(self.attrs.get("segments", []), self.segments, strict=False):
+        for entry, segment in zip(self.meta.segments, self.segments, strict=False):
             if problem := _segment_problem(segment.location, entry):  # a segment resealed in place
-                problems.append(Problem("zarr.json", f"segment {entry.get('id')}", problem))
+                problems.append(Problem("zarr.json", f"segment {entry.id}", problem))
         return problems
 
     def root_digest(self) -> str | None:
@@ -387,16 +387,16 @@ class ViewReader(ActivationCache):
         return self.files.nbytes_on_disk()
 
 
-def _segment_problem(location: Location, entry: dict[str, Any]) -> str | None:
+def _segment_problem(location: Location, entry: SegmentRef) -> str | None:
     """Why the segment at ``location`` is not the one the view's ``entry`` names (by the digest of its
     checksums.json, which a view always records: without it a resealed segment would pass), or None."""
-    if not entry.get("checksums"):
+    if not entry.checksums:
         return "is named in the view's zarr.json without the digest of its checksums.json"
     try:
         raw = location.child(CHECKSUMS_FILE).read_bytes()
     except FileNotFoundError:
         return f"has no {CHECKSUMS_FILE}"
-    if digest(raw) != entry["checksums"]:
+    if digest(raw) != entry.checksums:
         return "is not the segment this view was written against (its checksums differ)"
     return None
 

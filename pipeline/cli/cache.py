@@ -86,14 +86,14 @@ def _listed_cache(key: str, reader: CacheReader | ViewReader) -> dict:
     return {
         "key": key,
         "kind": "view" if segments is not None else "cache",
-        "backbone": reader.attrs.get("backbone", {}).get("name"),
+        "backbone": reader.meta.backbone.get("name"),
         "dtype": reader.dtype,
         "examples": reader.num_examples,
-        "tokens": reader.attrs.get("total_tokens", 0),
+        "tokens": reader.meta.total_tokens or 0,
         "bytes": reader.nbytes_on_disk(),
         "own_bytes": reader.own_bytes() if segments is not None else reader.nbytes_on_disk(),
-        "committed_at": reader.attrs.get("committed_at", ""),
-        "space": reader.attrs.get("space_key") if segments is not None else None,
+        "committed_at": reader.meta.committed_at or "",
+        "space": reader.meta.space_key if segments is not None else None,
         "segments": len(segments) if segments is not None else 1,
         "format_version": reader.format_version,
     }
@@ -110,9 +110,9 @@ def _listed_space(root: CacheRoot, space: str) -> dict:
                 {
                     "id": segment,
                     "inputs": reader.num_examples,
-                    "tokens": reader.attrs.get("total_tokens", 0),
+                    "tokens": reader.meta.total_tokens or 0,
                     "bytes": location.size(),
-                    "committed_at": reader.attrs.get("committed_at", ""),
+                    "committed_at": reader.meta.committed_at or "",
                 }
             )
     return {"space": space, "bytes": sum(s["bytes"] for s in segments), "segments": segments}

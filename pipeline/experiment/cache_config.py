@@ -26,7 +26,7 @@ def config_from_cache(
     ``overrides`` (``train.lr=5e-4``, ``seed=1``, ...) and ``storage`` settings."""
     fields = settings_of(reader)
     layout = reader.layout
-    backbone = reader.attrs.get("backbone") or {}
+    backbone = reader.meta.backbone
     raw: dict[str, Any] = {
         "name": f"cache-{key_of(reader)[:12]}",
         "dataset": {"source": f"{CACHE_SOURCE}{reader.source}"},

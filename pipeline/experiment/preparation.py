@@ -134,7 +134,7 @@ def check_cache_matches(prep: Prepared, reader: ActivationCache, backbone_checke
             f"cache {source} was built with {setting} {_shown(theirs)}, the config says {_shown(mine)}; "
             f"drop {setting} (the cache decides it) or extract a cache with it"
         )
-    cached_fp = reader.attrs.get("dataset_fingerprint") or key_fields_of(reader).get("dataset_fingerprint")
+    cached_fp = reader.meta.dataset_fingerprint or key_fields_of(reader).get("dataset_fingerprint")
     if prep.dataset.fingerprint != cached_fp:
         raise UniptError(
             f"cache {source} was built for another dataset (fingerprint {str(cached_fp)[:12]}, the config's "

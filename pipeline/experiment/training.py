@@ -203,7 +203,7 @@ def model_spec(prep: Prepared, reader: ActivationCache) -> ModelSpec:
         target = {"mean": float(labels.mean()), "std": float(labels.std()) or 1.0}
     grids = {layer: list(reader.layer_spec(layer).grid or []) for layer in reader.layers}
     return describe_model(
-        reader.attrs,
+        reader.meta,
         reader.layers,
         reader.hidden_sizes,
         {layer: grid for layer, grid in grids.items() if grid},

@@ -19,11 +19,14 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unipt.pipeline.errors import UniptError
 from unipt.pipeline.runs.registry import Registry
 from unipt.pipeline.storage import DEFAULT_REGISTRY
+
+if TYPE_CHECKING:
+    from unipt.pipeline.cache.attrs import CacheAttrs
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CARD = "model.json"
@@ -151,7 +154,7 @@ def check_spec(spec: ModelSpec) -> None:
 
 
 def describe_model(
-    attrs: dict[str, Any],
+    attrs: CacheAttrs,
     reader_layers: list[int],
     hidden_sizes: dict[int, int],
     grids: dict[int, list[int]],
@@ -165,19 +168,19 @@ def describe_model(
     """The spec of a model trained on a cache with these attributes and ``config`` (ExperimentConfig)."""
     from unipt.pipeline.config import upgrade_key_fields
 
-    fields = attrs.get("key_fields", {})
-    described = attrs.get("backbone", {})
+    fields = attrs.key_fields
+    described = attrs.backbone
     settings = config.primary_backbone
     backbone = {
         "name_or_path": settings.name_or_path,
         **fields.get("backbone", {}),
         "model_type": described.get("model_type"),
-        "tokenizer": (attrs.get("tokenizer") or {}).get("class"),
+        "tokenizer": (attrs.tokenizer or {}).get("class"),
         "image_size": described.get("image_size"),
         "trust_remote_code": settings.trust_remote_code,
         "allow_pickle": settings.allow_pickle,
     }
-    input_kind = str(attrs.get("input") or described.get("input", "text"))  # the view says text_pair
+    input_kind = str(attrs.input or described.get("input", "text"))  # the view says text_pair
     return ModelSpec(
         task=config.train.task,
         variant=config.train.variant,
@@ -198,8 +201,8 @@ def describe_model(
         backbone=backbone,
         autocast=str(upgrade_key_fields(fields, dtype=dtype, max_length=layout_max_length)["autocast"]),
         batch_size=settings.batch_size,
-        cache_key=str(attrs.get("cache_key", "")),
-        dataset_fingerprint=str(attrs.get("dataset_fingerprint", "")),
+        cache_key=attrs.cache_key or "",
+        dataset_fingerprint=attrs.dataset_fingerprint or "",
         target=target,
         columns=training_columns(config.dataset, input_kind),
     )

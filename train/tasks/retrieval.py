@@ -61,8 +61,8 @@ def train(
 
     info = get_task(config.task)
     identity = {
-        "query": {"cache_key": query_reader.attrs.get("cache_key")},
-        "gallery": {"cache_key": gallery_reader.attrs.get("cache_key")},
+        "query": {"cache_key": query_reader.meta.cache_key},
+        "gallery": {"cache_key": gallery_reader.meta.cache_key},
     }
     score, why = select_metric(info, config.select_metric, None)
     say(f"best epoch chosen by val_{score} ({why})")
