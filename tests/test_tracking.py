@@ -243,3 +243,14 @@ def test_export_mlflow_writes_a_pyfunc_folder_that_predicts_as_the_run(extracted
 def test_a_step_interval_below_one_is_refused(extracted):
     with pytest.raises(UniptError, match="tracking.log_every_steps"):
         load_config(extracted, ["tracking.log_every_steps=0"])
+
+
+def test_a_tracker_asked_to_log_the_model_without_a_way_to_refuses_before_any_training(tmp_path):
+    from unipt.pipeline.config import TrackingConfig
+    from unipt.pipeline.model.mlflow_export import log_pyfunc_model
+    from unipt.pipeline.runs.tracking import Tracker
+
+    config = TrackingConfig(mlflow=str(tmp_path / "mlruns"), mlflow_log_model=True)
+    with pytest.raises(UniptError, match="no way to log the model"):
+        Tracker(config, "run-1")
+    assert Tracker(config, "run-1", log_model=log_pyfunc_model).enabled

@@ -69,6 +69,11 @@ class Tracker:
         self.run_id = run_id
         # How the tuned model is logged (tracking.mlflow_log_model): given by the recipe, which knows the
         # model files (unipt.pipeline.model), so run tracking does not import them.
+        if config.mlflow_log_model and log_model is None:  # said before training, not after it
+            raise UniptError(
+                "tracking.mlflow_log_model is true but this tracker was given no way to log the "
+                "model; pass log_model=unipt.pipeline.model.mlflow_export.log_pyfunc_model to Tracker"
+            )
         self._log_model = log_model
         self.mlflow_run_id: str | None = None
         self._mlflow: Any = None  # an MlflowClient
@@ -152,12 +157,7 @@ class Tracker:
                 if (run_dir / name).is_file():
                     self._mlflow.log_artifact(self.mlflow_run_id, str(run_dir / name))
             if self.config.mlflow_log_model:
-                if self._log_model is None:
-                    raise UniptError(
-                        "tracking.mlflow_log_model is true but this tracker was given no way to log the "
-                        "model; pass log_model=unipt.pipeline.model.mlflow_export.log_pyfunc_model to Tracker"
-                    )
-                self._log_model(self._mlflow, self.mlflow_run_id, run_dir)
+                self._log_model(self._mlflow, self.mlflow_run_id, run_dir)  # checked in __init__
             self._mlflow.set_terminated(self.mlflow_run_id, "FINISHED")
         if self._tensorboard is not None:
             for key, value in finals.items():
